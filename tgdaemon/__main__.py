@@ -1,0 +1,3 @@
+from tgdaemon.cli import main
+
+raise SystemExit(main())
