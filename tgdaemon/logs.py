@@ -1,0 +1,87 @@
+"""Logging set-up: a ``tgdaemon.*`` tree, text or JSON lines, and a last line of defence.
+
+Code never logs secrets or phone numbers in the first place; the redacting filter only catches
+what a third-party message might carry (Telethon logs request reprs at DEBUG).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from typing import IO
+
+ROOT = "tgdaemon"
+
+# Phone numbers (+ and 7+ digits, spaces allowed) and long hex/base64 blobs (keys, sessions).
+_PHONE = re.compile(r"\+\d[\d \-]{6,}\d")
+_BLOB = re.compile(r"[A-Za-z0-9+/=_\-]{40,}")
+
+
+def redact(text: str) -> str:
+    return _BLOB.sub("[redacted]", _PHONE.sub("[phone]", text))
+
+
+class RedactingFilter(logging.Filter):
+    """Renders the message once, redacted, so formatters never see raw arguments."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message or record.args:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: what journald-forwarding and log shippers want."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        account = getattr(record, "account", None)
+        if account is not None:
+            entry["account"] = account
+        if record.exc_info:
+            entry["exc"] = redact(self.formatException(record.exc_info))
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(level: str = "info", fmt: str = "text", stream: IO[str] | None = None) -> None:
+    """Configure the root logger once for the process (CLI and daemon)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        # systemd adds its own timestamp; keep the line short.
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # Telethon reports every connect at INFO: 10,000 lines per restart of a fleet.
+    logging.getLogger("telethon").setLevel(logging.WARNING)
+    logging.getLogger("tgdaemon.telethon").setLevel(
+        logging.DEBUG if level == "debug" else logging.WARNING)
+
+
+def account_logger(name: str) -> logging.LoggerAdapter[logging.Logger]:
+    """Per-account log context without a Logger object per account (10,000 of them would
+    live forever in logging's manager): one shared logger, the account as a prefix/field."""
+    return _AccountAdapter(logging.getLogger(f"{ROOT}.account"), {"account": name})
+
+
+class _AccountAdapter(logging.LoggerAdapter[logging.Logger]):
+    def process(self, msg: object, kwargs: dict) -> tuple[object, dict]:  # type: ignore[override]
+        account = self.extra["account"] if self.extra else "?"
+        kwargs.setdefault("extra", {})["account"] = account
+        return f"[{account}] {msg}", kwargs

@@ -1,0 +1,41 @@
+"""A daemon-wide limit on new connections, so a restart of thousands of accounts is polite.
+
+Virtual scheduling (GCRA): each caller is given the next free slot and sleeps until it. No
+background task and no polling: 10,000 waiting workers cost 10,000 sleeping coroutines, which
+they are anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+
+class ConnectRateLimiter:
+    """``rate`` connections per second with bursts of up to ``burst``; rate 0 = unlimited."""
+
+    def __init__(
+        self, rate: float, burst: int = 1, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if rate < 0 or burst < 1:
+            raise ValueError("rate must be >= 0 and burst >= 1")
+        self._interval = 0.0 if rate == 0 else 1.0 / rate
+        self._tolerance = self._interval * (burst - 1)
+        self._clock = clock
+        self._tat = 0.0  # theoretical arrival time of the next request
+
+    def reserve(self) -> float:
+        """Take the next slot; return how long the caller must wait for it (pure bookkeeping)."""
+        if self._interval == 0:
+            return 0.0
+        now = self._clock()
+        tat = max(self._tat, now)
+        delay = max(0.0, tat - self._tolerance - now)
+        self._tat = tat + self._interval
+        return delay
+
+    async def acquire(self) -> None:
+        delay = self.reserve()
+        if delay > 0:
+            await asyncio.sleep(delay)

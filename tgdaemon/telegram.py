@@ -1,0 +1,118 @@
+"""Building Telethon clients the daemon can supervise.
+
+Telethon's defaults suit a script, not a supervisor: it sleeps through flood waits silently,
+reconnects a few times and then gives up for good, and swaps RPC errors for
+``ValueError('Request was unsuccessful')``. The settings here hand every one of those decisions
+to the worker, which owns reconnection, backoff and flood waits (see ``tgdaemon.worker``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, cast
+
+from telethon import TelegramClient, functions
+from telethon.crypto import rsa
+from telethon.network import ConnectionTcpFull
+
+if TYPE_CHECKING:
+    from telethon.sessions.abstract import Session
+
+    from tgdaemon.config import AccountConfig, Config, Proxy
+
+log = logging.getLogger("tgdaemon.telegram")
+
+#: One shared logger tree for Telethon's own messages: a logger per account and Telethon
+#: module would cost 10,000 x ~10 logger objects.
+TELETHON_LOGGER = "tgdaemon.telethon"
+
+
+class ManagedClient(TelegramClient):
+    """A stock Telethon client with one change: a DC switch keeps the login.
+
+    Telethon's ``_switch_dc`` (telegrambaseclient.py:770) drops the auth key and connects to the
+    new DC unauthorised, which turns a USER_MIGRATE of a logged-in account into a lost login.
+    Here an authorised client exports its authorisation before the switch and imports it on the
+    new DC, as Telegram's own apps do.
+    """
+
+    async def _switch_dc(self, new_dc: int) -> Any:
+        exported = None
+        if self._authorized:
+            try:
+                exported = await self(functions.auth.ExportAuthorizationRequest(dc_id=new_dc))
+            except Exception as exc:  # the switch still happens; the worker sees the outcome
+                log.warning("could not export authorisation to DC %d: %s", new_dc,
+                            type(exc).__name__)
+        result = await super()._switch_dc(new_dc)
+        if exported is not None:
+            await self(functions.auth.ImportAuthorizationRequest(
+                id=exported.id, bytes=exported.bytes))
+        return result
+
+
+def client_class() -> type[ManagedClient]:
+    """A fresh subclass per daemon: ``TelegramClient._config`` is a class-level cache of
+    help.getConfig, and two daemons (or tests) in one process must not share it."""
+    return cast(type[ManagedClient], type("ManagedClient", (ManagedClient,), {"_config": None}))
+
+
+def trust_server_keys(config: Config) -> None:
+    """Add the configured server RSA keys (process-wide in Telethon; adding twice is harmless)."""
+    for path in config.telegram.rsa_keys:
+        rsa.add_key(path.read_text(), old=False)
+
+
+def telethon_proxy(proxy: Proxy | None) -> Any:
+    if proxy is None:
+        return None
+    return proxy.telethon_proxy()
+
+
+def build_client(
+    cls: type[ManagedClient],
+    session: Session,
+    config: Config,
+    account: AccountConfig,
+    *,
+    api_hash: str,
+) -> ManagedClient:
+    """A client whose failures all surface to the worker (see module docstring)."""
+    policy = config.policy
+    return cls(
+        session,
+        config.telegram.api_id,
+        api_hash,
+        connection=ConnectionTcpFull,
+        use_ipv6=config.telegram.use_ipv6,
+        proxy=telethon_proxy(account.proxy),
+        timeout=int(max(1, policy.connect_timeout)),
+        request_retries=1,  # two tries: enough for Telethon to follow a *_MIGRATE
+        connection_retries=0,  # one attempt per connect(); the worker backs off
+        retry_delay=0,
+        auto_reconnect=False,  # the worker reconnects, forever, with jittered backoff
+        flood_sleep_threshold=0,  # every flood wait reaches the worker to be counted
+        raise_last_call_error=True,
+        device_model=account.device_model,
+        system_version=account.system_version,
+        app_version=account.app_version,
+        lang_code=account.lang_code,
+        system_lang_code=account.system_lang_code,
+        base_logger=TELETHON_LOGGER,
+        receive_updates=True,
+        catch_up=False,
+        entity_cache_limit=256,
+    )
+
+
+def local_update_pts(client: TelegramClient) -> int | None:
+    """The account pts the client has processed, or None before the update state is known.
+
+    Reads Telethon's private MessageBox (1.45: _updates/messagebox.py:237): there is no public
+    accessor, and comparing it with updates.getState is the only way to see a silent stall.
+    """
+    box = getattr(client, "_message_box", None)
+    if box is None or box.is_empty():
+        return None
+    state, _channels = box.session_state()
+    return int(state.pts)
