@@ -1,0 +1,721 @@
+"""Configuration: one TOML file, parsed once into frozen dataclasses.
+
+Validation collects *every* problem and raises them together, one per line, each as
+``"<file>: <key path>: <what>"``; operators fix them all in one go. Array items are
+**0-based** (``accounts[0]`` is the first ``[[accounts]]`` table). Unknown keys are errors at
+every level, so a typo never silently falls back to a default.
+
+Relative paths (``state_dir``, ``master_key_file``, ``http_token_file``, ``api_hash_file``,
+``rsa_keys``) are resolved against the directory of the config file. File path values may use
+``${CREDENTIALS_DIRECTORY}`` (systemd ``LoadCredential=``). The state directory may be
+overridden by ``TGDAEMON_STATE_DIR`` and, above that, by the command line (``load_config``).
+
+Secrets (api_hash, phone numbers, proxy passwords, MTProxy secrets) never appear in reprs or
+in error messages.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import string
+import tomllib
+import types
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from tgdaemon.exceptions import AccountError, ConfigError
+
+__all__ = [
+    "AccountConfig",
+    "Address",
+    "Config",
+    "ConfigDiff",
+    "ConfigValidationError",
+    "DaemonConfig",
+    "PolicyConfig",
+    "Proxy",
+    "RetryLimits",
+    "RsaKey",
+    "TelegramConfig",
+    "diff_config",
+    "load_config",
+    "parse_config",
+]
+
+STATE_DIR_ENV = "TGDAEMON_STATE_DIR"
+NAME_RE = re.compile(r"[a-z0-9_-]{1,32}")
+_PLUGIN_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", re.ASCII)
+_HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?")
+_LANG_RE = re.compile(r"[A-Za-z]{2,8}([-_][A-Za-z0-9]{1,8})?")
+_HEX32_RE = re.compile(r"[0-9a-fA-F]{32}")
+_TOML_POS_RE = re.compile(r"^(?P<msg>.*) \(at (?P<where>line \d+, column \d+|end of document)\)$")
+_FILE_VARS = ("CREDENTIALS_DIRECTORY",)
+
+FileReader = Callable[[Path], bytes]
+
+
+class ConfigValidationError(ConfigError):
+    """One or more problems in the config file; ``problems`` holds one line each."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems: tuple[str, ...] = tuple(problems)
+        super().__init__("\n".join(self.problems))
+
+
+# --------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True)
+class Address:
+    """A ``host:port`` endpoint; IPv6 hosts are stored without brackets."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """An outgoing proxy for one account; credentials are kept out of the repr."""
+
+    scheme: str  # "socks5" | "socks4" | "http" | "mtproxy"
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    secret: str | None = field(default=None, repr=False)  # MTProxy secret (hex)
+
+
+@dataclass(frozen=True)
+class RsaKey:
+    """An extra server public key (PKCS#1 PEM), e.g. a local test DC's key."""
+
+    path: Path
+    pem: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    state_dir: Path = Path("/var/lib/tgdaemon")
+    master_key_file: Path | None = None
+    http_listen: Address | None = Address("127.0.0.1", 9464)  # None: HTTP disabled
+    http_token_file: Path | None = None
+    log_level: str = "info"
+    log_format: str = "text"
+    connect_rate: float = 20.0  # 0 = unlimited
+    connect_burst: int = 50
+    drain_timeout: float = 10.0
+    metrics_histograms: str = "account"
+
+
+@dataclass(frozen=True)
+class TelegramConfig:
+    api_id: int
+    api_hash: str = field(repr=False)
+    api_hash_file: Path | None = None
+    rsa_keys: tuple[RsaKey, ...] = ()
+    use_ipv6: bool = False
+    # DC id -> addresses to try in order; empty means Telethon's built-in production DCs.
+    servers: Mapping[int, tuple[Address, ...]] = field(
+        default_factory=lambda: types.MappingProxyType({})
+    )
+
+
+@dataclass(frozen=True)
+class RetryLimits:
+    """Maximum consecutive attempts per error category; 0 means unlimited."""
+
+    network: int = 0
+    server: int = 0
+    flood_wait: int = 0
+    unknown: int = 10
+    client: int = 1
+
+    def for_category(self, category: str) -> int:
+        """Limit for a category value (``"network"``, ...); categories without one: 0."""
+        return int(getattr(self, category, 0)) if category in _RETRY_KEYS else 0
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    heartbeat_interval: float = 30.0
+    stale_after: float = 90.0
+    connect_timeout: float = 15.0
+    request_timeout: float = 15.0
+    backoff_base: float = 1.0
+    backoff_cap: float = 60.0
+    backoff_jitter: str = "full"
+    # Longest FLOOD_WAIT slept through quietly; a longer one still waits, but the account is
+    # shown parked in state flood_wait until the deadline, then retried.
+    flood_sleep_max: int = 3600
+    failover_after: int = 3
+    update_gap_heartbeats: int = 2
+    retry_limits: RetryLimits = RetryLimits()
+
+
+@dataclass(frozen=True)
+class AccountConfig:
+    name: str
+    phone: str | None = field(default=None, repr=False)
+    enabled: bool = True
+    device_model: str = "tgdaemon"
+    system_version: str = "Linux"
+    app_version: str = "0.1.0"
+    lang_code: str = "en"
+    system_lang_code: str = "en"
+    proxy: Proxy | None = None
+    plugins: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    daemon: DaemonConfig
+    telegram: TelegramConfig
+    policy: PolicyConfig
+    accounts: tuple[AccountConfig, ...]
+
+    def account(self, name: str) -> AccountConfig:
+        for acc in self.accounts:
+            if acc.name == name:
+                return acc
+        raise AccountError(f"no account named {name!r} in {self.path}")
+
+    @property
+    def enabled_accounts(self) -> tuple[AccountConfig, ...]:
+        return tuple(a for a in self.accounts if a.enabled)
+
+
+_RETRY_KEYS = ("network", "server", "flood_wait", "unknown", "client")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(
+    path: Path,
+    *,
+    env: Mapping[str, str] = os.environ,
+    state_dir: Path | None = None,
+    read_file: FileReader = Path.read_bytes,
+) -> Config:
+    """Read and validate ``path``. ``state_dir`` (from the CLI) beats ``TGDAEMON_STATE_DIR``,
+    which beats the file. Raises :class:`ConfigValidationError` listing every problem."""
+    path = Path(path)
+    try:
+        raw = read_file(path)
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise ConfigValidationError([f"{path}: cannot read: {why}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigValidationError([f"{path}: not UTF-8 (byte {e.start})"]) from None
+    except tomllib.TOMLDecodeError as e:
+        m = _TOML_POS_RE.match(str(e))
+        where, msg = (m["where"], m["msg"]) if m else ("syntax", str(e))
+        raise ConfigValidationError([f"{path}: {where}: TOML syntax error: {msg}"]) from None
+    return parse_config(data, path=path, env=env, state_dir=state_dir, read_file=read_file)
+
+
+def parse_config(
+    data: Mapping[str, Any],
+    *,
+    path: Path,
+    env: Mapping[str, str] = os.environ,
+    state_dir: Path | None = None,
+    read_file: FileReader = Path.read_bytes,
+) -> Config:
+    """Validate already-parsed TOML. Only reads the files the config names (api_hash_file,
+    rsa_keys), through ``read_file``."""
+    p = _Parser(Path(path), env, read_file)
+    root = p.table(data, "", ("daemon", "telegram", "policy", "accounts"))
+    daemon = p.daemon(root.get("daemon", {}), state_dir)
+    if "telegram" not in root:
+        p.err("telegram", "required section missing")
+    telegram = p.telegram(root.get("telegram", {}))
+    policy = p.policy(root.get("policy", {}))
+    accounts = p.accounts(root.get("accounts", []))
+    if p.problems:
+        raise ConfigValidationError(p.problems)
+    assert telegram is not None  # no problems => telegram parsed
+    return Config(Path(path), daemon, telegram, policy, accounts)
+
+
+class _Parser:
+    """Accumulates problems while converting plain TOML data into the dataclasses."""
+
+    def __init__(self, path: Path, env: Mapping[str, str], read_file: FileReader) -> None:
+        self.path = path
+        self.base = path.parent
+        self.env = env
+        self.read_file = read_file
+        self.problems: list[str] = []
+
+    def err(self, key: str, what: str) -> None:
+        self.problems.append(f"{self.path}: {key}: {what}")
+
+    # ---- generic helpers
+
+    def table(self, value: Any, key: str, allowed: Iterable[str]) -> dict[str, Any]:
+        """Check ``value`` is a table with only ``allowed`` keys; return it (or {})."""
+        if not isinstance(value, Mapping):
+            self.err(key or "<root>", f"must be a table, not {_tname(value)}")
+            return {}
+        allowed = tuple(allowed)
+        for k in value:
+            if k not in allowed:
+                hint = difflib.get_close_matches(str(k), allowed, n=1)
+                more = f" (did you mean {hint[0]!r}?)" if hint else ""
+                self.err(_join(key, k), f"unknown key{more}")
+        return dict(value)
+
+    def get(self, tbl: Mapping[str, Any], prefix: str, key: str, kind: type, default: Any) -> Any:
+        """Typed lookup: bools are not ints, ints are accepted as floats."""
+        if key not in tbl:
+            return default
+        v = tbl[key]
+        ok = (
+            isinstance(v, bool)
+            if kind is bool
+            else (isinstance(v, int | float) and not isinstance(v, bool))
+            if kind is float
+            else (isinstance(v, int) and not isinstance(v, bool))
+            if kind is int
+            else isinstance(v, kind)
+        )
+        if not ok:
+            self.err(_join(prefix, key), f"must be {_KIND_NAMES[kind]}, not {_tname(v)}")
+            return default
+        return float(v) if kind is float else v
+
+    def choice(self, tbl: Mapping[str, Any], prefix: str, key: str, choices: tuple[str, ...],
+               default: str) -> str:
+        v = self.get(tbl, prefix, key, str, default)
+        if v.lower() not in choices:
+            self.err(_join(prefix, key), f"must be one of {'|'.join(choices)}, not {_short(v)}")
+            return default
+        return v.lower()
+
+    def number(self, tbl: Mapping[str, Any], prefix: str, key: str, kind: type, default: Any,
+               *, minimum: float, exclusive: bool = False) -> Any:
+        v = self.get(tbl, prefix, key, kind, default)
+        if exclusive and not v > minimum:
+            self.err(_join(prefix, key), f"must be > {minimum:g}, not {v:g}")
+            return default
+        if v < minimum:
+            self.err(_join(prefix, key), f"must be >= {minimum:g}, not {v:g}")
+            return default
+        return v
+
+    def file_path(self, tbl: Mapping[str, Any], prefix: str, key: str) -> Path | None:
+        """Optional path ("" = unset), ${CREDENTIALS_DIRECTORY} expanded, relative to config."""
+        v = self.get(tbl, prefix, key, str, "")
+        return self.resolve(v, _join(prefix, key)) if v else None
+
+    def resolve(self, value: str, key: str) -> Path | None:
+        try:
+            expanded = string.Template(value).substitute(
+                {k: self.env[k] for k in _FILE_VARS if k in self.env}
+            )
+        except (KeyError, ValueError) as e:
+            what = f"${e.args[0]} is not set" if isinstance(e, KeyError) else "bad $-placeholder"
+            self.err(key, f"{what} (only ${{{', '.join(_FILE_VARS)}}} may be used)")
+            return None
+        p = Path(expanded).expanduser()
+        return p if p.is_absolute() else self.base / p
+
+    def read(self, p: Path, key: str) -> bytes | None:
+        try:
+            return self.read_file(p)
+        except OSError as e:
+            self.err(key, f"cannot read {p}: {e.strerror or type(e).__name__}")
+            return None
+
+    def address(self, value: Any, key: str) -> Address | None:
+        if not isinstance(value, str):
+            self.err(key, f"must be a string \"host:port\", not {_tname(value)}")
+            return None
+        addr = _parse_address(value)
+        if addr is None:
+            self.err(key, f"must be \"host:port\" or \"[ipv6]:port\" (port 1-65535), "
+                          f"not {_short(value)}")
+        return addr
+
+    # ---- sections
+
+    def daemon(self, value: Any, override: Path | None) -> DaemonConfig:
+        d = DaemonConfig()
+        t = self.table(value, "daemon", (
+            "state_dir", "master_key_file", "http_listen", "http_token_file", "log_level",
+            "log_format", "connect_rate", "connect_burst", "drain_timeout", "metrics_histograms",
+        ))
+        state_dir: Path | None = d.state_dir
+        raw_state = self.get(t, "daemon", "state_dir", str, "")
+        env_state = self.env.get(STATE_DIR_ENV, "")
+        if "state_dir" in t and not raw_state:
+            self.err("daemon.state_dir", "must not be empty")
+        if override is not None:
+            state_dir = Path(override)
+        elif env_state:
+            state_dir = Path(env_state)
+            if not state_dir.is_absolute():
+                self.err(STATE_DIR_ENV, "must be an absolute path")
+        elif raw_state:
+            state_dir = self.resolve(raw_state, "daemon.state_dir")
+        listen_raw = self.get(t, "daemon", "http_listen", str, str(d.http_listen))
+        listen = self.address(listen_raw, "daemon.http_listen") if listen_raw else None
+        return DaemonConfig(
+            state_dir=state_dir or d.state_dir,
+            master_key_file=self.file_path(t, "daemon", "master_key_file"),
+            http_listen=listen,
+            http_token_file=self.file_path(t, "daemon", "http_token_file"),
+            log_level=self.choice(t, "daemon", "log_level",
+                                  ("debug", "info", "warning", "error"), d.log_level),
+            log_format=self.choice(t, "daemon", "log_format", ("text", "json"), d.log_format),
+            connect_rate=self.number(t, "daemon", "connect_rate", float, d.connect_rate,
+                                     minimum=0),
+            connect_burst=self.number(t, "daemon", "connect_burst", int, d.connect_burst,
+                                      minimum=1),
+            drain_timeout=self.number(t, "daemon", "drain_timeout", float, d.drain_timeout,
+                                      minimum=0, exclusive=True),
+            metrics_histograms=self.choice(t, "daemon", "metrics_histograms",
+                                           ("account", "fleet"), d.metrics_histograms),
+        )
+
+    def telegram(self, value: Any) -> TelegramConfig | None:
+        t = self.table(value, "telegram", (
+            "api_id", "api_hash", "api_hash_file", "rsa_keys", "use_ipv6", "servers",
+        ))
+        api_id = self.get(t, "telegram", "api_id", int, 0)
+        if "api_id" not in t:
+            self.err("telegram.api_id", "required")
+        elif api_id <= 0:
+            self.err("telegram.api_id", "must be a positive integer")
+        api_hash, hash_file = self._api_hash(t)
+        rsa_keys = self._rsa_keys(t.get("rsa_keys", []))
+        servers = self._servers(t.get("servers", {}))
+        use_ipv6 = self.get(t, "telegram", "use_ipv6", bool, False)
+        if api_hash is None:
+            return None
+        return TelegramConfig(api_id, api_hash, hash_file, rsa_keys, use_ipv6, servers)
+
+    def _api_hash(self, t: Mapping[str, Any]) -> tuple[str | None, Path | None]:
+        inline = self.get(t, "telegram", "api_hash", str, "")
+        file_raw = self.get(t, "telegram", "api_hash_file", str, "")
+        has_file = bool(file_raw)
+        hash_file = self.resolve(file_raw, "telegram.api_hash_file") if has_file else None
+        if inline and has_file:
+            self.err("telegram.api_hash", "set exactly one of api_hash and api_hash_file")
+            return None, hash_file
+        if not inline and not has_file:
+            self.err("telegram.api_hash", "required (or telegram.api_hash_file)")
+            return None, None
+        key = "telegram.api_hash"
+        if has_file:
+            key = "telegram.api_hash_file"
+            raw = self.read(hash_file, key) if hash_file is not None else None
+            if raw is None:
+                return None, hash_file
+            try:
+                inline = raw.decode("ascii").strip()
+            except UnicodeDecodeError:
+                inline = ""
+        if not _HEX32_RE.fullmatch(inline):
+            # Never echo the value: it is a credential.
+            self.err(key, "must be 32 hexadecimal characters")
+            return None, hash_file
+        return inline.lower(), hash_file
+
+    def _rsa_keys(self, value: Any) -> tuple[RsaKey, ...]:
+        if not isinstance(value, list):
+            self.err("telegram.rsa_keys", f"must be an array of paths, not {_tname(value)}")
+            return ()
+        keys = []
+        for i, item in enumerate(value):
+            key = f"telegram.rsa_keys[{i}]"
+            if not isinstance(item, str) or not item:
+                self.err(key, f"must be a non-empty path string, not {_tname(item)}")
+                continue
+            p = self.resolve(item, key)
+            raw = self.read(p, key) if p is not None else None
+            if p is None or raw is None:
+                continue
+            pem = _check_pkcs1(raw)
+            if pem is None:
+                self.err(key, f"{p} is not a PKCS#1 PEM RSA public key "
+                              "(-----BEGIN RSA PUBLIC KEY-----)")
+                continue
+            keys.append(RsaKey(p, pem))
+        return tuple(keys)
+
+    def _servers(self, value: Any) -> Mapping[int, tuple[Address, ...]]:
+        if not isinstance(value, Mapping):
+            self.err("telegram.servers", f"must be a table, not {_tname(value)}")
+            return types.MappingProxyType({})
+        out: dict[int, tuple[Address, ...]] = {}
+        for dc_key_raw, addrs in value.items():
+            dc_key = str(dc_key_raw)
+            key = f"telegram.servers.{dc_key}"
+            if not (dc_key.isascii() and dc_key.isdigit() and 0 < int(dc_key) < 10_000):
+                self.err(key, "keys must be DC ids (integers 1-9999)")
+                continue
+            if not isinstance(addrs, list) or not addrs:
+                self.err(key, "must be a non-empty array of \"host:port\" strings")
+                continue
+            parsed = [self.address(a, f"{key}[{i}]") for i, a in enumerate(addrs)]
+            if all(parsed):
+                out[int(dc_key)] = tuple(a for a in parsed if a is not None)
+        return types.MappingProxyType(dict(sorted(out.items())))
+
+    def policy(self, value: Any) -> PolicyConfig:
+        d = PolicyConfig()
+        t = self.table(value, "policy", (
+            "heartbeat_interval", "stale_after", "connect_timeout", "request_timeout",
+            "backoff_base", "backoff_cap", "backoff_jitter", "flood_sleep_max", "failover_after",
+            "update_gap_heartbeats", "retry_limits",
+        ))
+
+        def pos(key: str, kind: type = float, minimum: float = 0, exclusive: bool = True) -> Any:
+            return self.number(t, "policy", key, kind, getattr(d, key), minimum=minimum,
+                               exclusive=exclusive)
+
+        heartbeat = pos("heartbeat_interval")
+        stale = pos("stale_after")
+        if stale <= heartbeat:
+            self.err("policy.stale_after", f"must be > heartbeat_interval ({heartbeat:g})")
+        base = pos("backoff_base")
+        cap = pos("backoff_cap")
+        if cap < base:
+            self.err("policy.backoff_cap", f"must be >= backoff_base ({base:g})")
+        limits = self.table(t.get("retry_limits", {}), "policy.retry_limits", _RETRY_KEYS)
+        dl = RetryLimits()
+        return PolicyConfig(
+            heartbeat_interval=heartbeat,
+            stale_after=stale,
+            connect_timeout=pos("connect_timeout"),
+            request_timeout=pos("request_timeout"),
+            backoff_base=base,
+            backoff_cap=cap,
+            backoff_jitter=self.choice(t, "policy", "backoff_jitter", ("full", "none"),
+                                       d.backoff_jitter),
+            flood_sleep_max=pos("flood_sleep_max", int, 0, False),
+            failover_after=pos("failover_after", int, 1, False),
+            update_gap_heartbeats=pos("update_gap_heartbeats", int, 1, False),
+            retry_limits=RetryLimits(**{
+                k: self.number(limits, "policy.retry_limits", k, int, getattr(dl, k), minimum=0)
+                for k in _RETRY_KEYS
+            }),
+        )
+
+    def accounts(self, value: Any) -> tuple[AccountConfig, ...]:
+        if not isinstance(value, list):
+            self.err("accounts", f"must be an array of tables ([[accounts]]), not {_tname(value)}")
+            return ()
+        out: list[AccountConfig] = []
+        seen: dict[str, int] = {}
+        for i, item in enumerate(value):
+            acc = self.account(item, f"accounts[{i}]")
+            if acc is None:
+                continue
+            if acc.name in seen:
+                self.err(f"accounts[{i}].name",
+                         f"duplicate name {acc.name!r} (also accounts[{seen[acc.name]}])")
+                continue
+            seen[acc.name] = i
+            out.append(acc)
+        return tuple(out)
+
+    def account(self, value: Any, prefix: str) -> AccountConfig | None:
+        d = AccountConfig(name="")
+        n_before = len(self.problems)
+        t = self.table(value, prefix, (
+            "name", "phone", "enabled", "device_model", "system_version", "app_version",
+            "lang_code", "system_lang_code", "proxy", "plugins",
+        ))
+        name = self.get(t, prefix, "name", str, "")
+        if "name" not in t:
+            self.err(f"{prefix}.name", "required")
+        elif not NAME_RE.fullmatch(name):
+            self.err(f"{prefix}.name", f"must match {NAME_RE.pattern}")
+        phone = self._phone(t, prefix)
+        texts = {}
+        for key in ("device_model", "system_version", "app_version"):
+            v = self.get(t, prefix, key, str, getattr(d, key))
+            if not v.strip() or len(v) > 64 or not v.isprintable():
+                self.err(f"{prefix}.{key}", "must be 1-64 printable characters")
+            texts[key] = v
+        for key in ("lang_code", "system_lang_code"):
+            v = self.get(t, prefix, key, str, getattr(d, key))
+            if not _LANG_RE.fullmatch(v):
+                self.err(f"{prefix}.{key}", f"must be a language code like \"en\" or \"pt-br\", "
+                                            f"not {_short(v)}")
+            texts[key] = v.lower()
+        proxy_raw = self.get(t, prefix, "proxy", str, "")
+        proxy = self._proxy(proxy_raw, f"{prefix}.proxy") if proxy_raw else None
+        plugins = self._plugins(t.get("plugins", []), f"{prefix}.plugins")
+        enabled = self.get(t, prefix, "enabled", bool, True)
+        if len(self.problems) != n_before:
+            return None
+        return AccountConfig(name=name, phone=phone, enabled=enabled, proxy=proxy,
+                             plugins=plugins, **texts)
+
+    def _phone(self, t: Mapping[str, Any], prefix: str) -> str | None:
+        v = self.get(t, prefix, "phone", str, "")
+        if not v:
+            return None
+        digits = re.sub(r"[\s().-]", "", v)
+        if not re.fullmatch(r"\+?[0-9]{5,15}", digits):
+            # Never echo the value: phone numbers are personal data.
+            self.err(f"{prefix}.phone", "must be an international number (+ and 5-15 digits)")
+            return None
+        return "+" + digits.lstrip("+")
+
+    def _plugins(self, value: Any, key: str) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            self.err(key, f"must be an array of \"pkg.module:function\" strings, "
+                          f"not {_tname(value)}")
+            return ()
+        out = []
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not _PLUGIN_RE.fullmatch(item):
+                self.err(f"{key}[{i}]", f"must look like \"pkg.module:function\", "
+                                        f"not {_short(item)}")
+            elif item in out:
+                self.err(f"{key}[{i}]", f"duplicate plugin {item!r}")
+            else:
+                out.append(item)
+        return tuple(out)
+
+    def _proxy(self, value: str, key: str) -> Proxy | None:
+        # Error messages below never include the URL: it may carry a password or secret.
+        try:
+            u = urlsplit(value)
+            host, port = u.hostname, u.port
+        except ValueError:
+            self.err(key, "not a valid proxy URL")
+            return None
+        scheme = u.scheme.lower()
+        if scheme not in ("socks5", "socks4", "http", "mtproxy"):
+            self.err(key, "scheme must be socks5://, socks4://, http:// or mtproxy://")
+            return None
+        if not host or port is None or not 0 < port < 65536 or _parse_address(
+            f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        ) is None:
+            self.err(key, "must include host and port (scheme://[user:pass@]host:port)")
+            return None
+        if (u.path not in ("", "/")) or u.query or u.fragment:
+            self.err(key, "must not have a path, query or fragment")
+            return None
+        user = unquote(u.username) if u.username else None
+        password = unquote(u.password) if u.password is not None else None
+        if scheme == "mtproxy":
+            if password is not None or not user or not _is_mtproxy_secret(user):
+                self.err(key, "mtproxy needs mtproxy://SECRET@host:port with a hex secret")
+                return None
+            return Proxy(scheme, host, port, secret=user.lower())
+        return Proxy(scheme, host, port, username=user, password=password)
+
+
+# --------------------------------------------------------------------------- diff
+
+
+@dataclass(frozen=True)
+class ConfigDiff:
+    """What a reload (SIGHUP) means for the running fleet. Only *enabled* accounts count:
+    enabled->disabled (or deleted) is ``removed``, disabled->enabled (or new) is ``added``;
+    accounts disabled in both configs appear nowhere. Names are sorted."""
+
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[str, ...]
+    unchanged: tuple[str, ...]
+    policy_changed: bool
+    telegram_changed: bool
+    daemon_changed: bool
+
+
+def diff_config(old: Config, new: Config) -> ConfigDiff:
+    """Pure comparison; ``telegram_changed`` affects every account, which the caller handles."""
+    before = {a.name: a for a in old.accounts if a.enabled}
+    after = {a.name: a for a in new.accounts if a.enabled}
+    both = before.keys() & after.keys()
+    return ConfigDiff(
+        added=tuple(sorted(after.keys() - before.keys())),
+        removed=tuple(sorted(before.keys() - after.keys())),
+        changed=tuple(sorted(n for n in both if before[n] != after[n])),
+        unchanged=tuple(sorted(n for n in both if before[n] == after[n])),
+        policy_changed=old.policy != new.policy,
+        telegram_changed=old.telegram != new.telegram,
+        daemon_changed=old.daemon != new.daemon,
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+_KIND_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+
+
+def _tname(v: Any) -> str:
+    return {
+        bool: "a boolean", int: "an integer", float: "a float", str: "a string",
+        list: "an array", dict: "a table",
+    }.get(type(v), type(v).__name__)
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _join(prefix: str, key: Any) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _parse_address(value: str) -> Address | None:
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            return None
+        port_s = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return None
+    else:
+        host, sep, port_s = value.rpartition(":")
+        if not sep or not _HOST_RE.fullmatch(host):
+            return None
+    if not (port_s.isascii() and port_s.isdigit()) or not 0 < int(port_s) < 65536:
+        return None
+    return Address(host, int(port_s))
+
+
+def _check_pkcs1(raw: bytes) -> str | None:
+    """The PEM text if it is a PKCS#1 RSA public key as Telethon's ``rsa.add_key`` loads it."""
+    import rsa  # Telethon's own dependency; imported lazily, only when keys are configured
+
+    try:
+        pem = raw.decode("ascii")
+        rsa.PublicKey.load_pkcs1(pem.encode("ascii"))
+    except Exception:  # rsa raises ValueError, pyasn1 errors, ... for bad input
+        return None
+    return pem
+
+
+def _is_mtproxy_secret(secret: str) -> bool:
+    s = secret.lower()
+    if not re.fullmatch(r"[0-9a-f]+", s) or len(s) % 2:
+        return False
+    if len(s) == 32:
+        return True
+    # dd-prefixed (padded) or ee-prefixed (fake TLS, followed by the hex domain name)
+    return s[:2] in ("dd", "ee") and len(s) >= 34
