@@ -395,10 +395,10 @@ class _Parser:
         t = self.table(value, "telegram", (
             "api_id", "api_hash", "api_hash_file", "rsa_keys", "use_ipv6", "servers",
         ))
-        api_id = self.get(t, "telegram", "api_id", int, 0)
+        api_id = self.get(t, "telegram", "api_id", int, None)
         if "api_id" not in t:
             self.err("telegram.api_id", "required")
-        elif api_id <= 0:
+        elif api_id is not None and api_id <= 0:
             self.err("telegram.api_id", "must be a positive integer")
         api_hash, hash_file = self._api_hash(t)
         rsa_keys = self._rsa_keys(t.get("rsa_keys", []))
@@ -406,7 +406,7 @@ class _Parser:
         use_ipv6 = self.get(t, "telegram", "use_ipv6", bool, False)
         if api_hash is None:
             return None
-        return TelegramConfig(api_id, api_hash, hash_file, rsa_keys, use_ipv6, servers)
+        return TelegramConfig(api_id or 0, api_hash, hash_file, rsa_keys, use_ipv6, servers)
 
     def _api_hash(self, t: Mapping[str, Any]) -> tuple[str | None, Path | None]:
         inline = self.get(t, "telegram", "api_hash", str, "")
@@ -523,20 +523,23 @@ class _Parser:
         out: list[AccountConfig] = []
         seen: dict[str, int] = {}
         for i, item in enumerate(value):
-            acc = self.account(item, f"accounts[{i}]")
-            if acc is None:
-                continue
-            if acc.name in seen:
+            name = item.get("name") if isinstance(item, Mapping) else None
+            if isinstance(name, str) and name in seen:
                 self.err(f"accounts[{i}].name",
-                         f"duplicate name {acc.name!r} (also accounts[{seen[acc.name]}])")
-                continue
-            seen[acc.name] = i
-            out.append(acc)
+                         f"duplicate name {name!r} (also accounts[{seen[name]}])")
+            elif isinstance(name, str):
+                seen[name] = i
+            acc = self.account(item, f"accounts[{i}]")
+            if acc is not None:
+                out.append(acc)
         return tuple(out)
 
     def account(self, value: Any, prefix: str) -> AccountConfig | None:
         d = AccountConfig(name="")
         n_before = len(self.problems)
+        if not isinstance(value, Mapping):
+            self.err(prefix, f"must be a table, not {_tname(value)}")
+            return None
         t = self.table(value, prefix, (
             "name", "phone", "enabled", "device_model", "system_version", "app_version",
             "lang_code", "system_lang_code", "proxy", "plugins",

@@ -1,0 +1,411 @@
+"""One account's worker: connect, validate, heartbeat, and recover from every failure itself.
+
+A worker never lets an exception escape to its siblings: it classifies each failure
+(``tgdaemon.errors``) and applies that category's recovery — backoff and reconnect, an exact
+flood wait, parking the account, following a DC migration. Parked accounts end their task and
+hold no connection: a revoked account costs nothing and sends nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from telethon import functions, types
+
+from tgdaemon.errors import Category, Classified, classify, recovery_for
+from tgdaemon.exceptions import DecryptionError
+from tgdaemon.logs import account_logger
+from tgdaemon.session import StoreSession
+from tgdaemon.status import PARKED_STATES, State, UserInfo
+from tgdaemon.telegram import ManagedClient, build_client, local_update_pts
+
+if TYPE_CHECKING:
+    from tgdaemon.config import AccountConfig, Config
+    from tgdaemon.dcs import DcDirectory
+    from tgdaemon.metrics import Metrics
+    from tgdaemon.ratelimit import ConnectRateLimiter
+    from tgdaemon.status import StatusBoard
+    from tgdaemon.store import SessionData, Store
+
+#: How often heartbeats refresh last_used/last_checked in the store (the status board always
+#: has the live value): 10,000 accounts writing every heartbeat would be 300 writes a second.
+STORE_TOUCH_INTERVAL = 600.0
+#: Bound on tearing down a client: a wedged one is abandoned and replaced.
+CLOSE_TIMEOUT = 5.0
+
+
+class UpdateStallError(ConnectionError):
+    """Updates stopped arriving although the connection answers: reconnect (a NETWORK fault)."""
+
+
+class NotAuthorizedError(Exception):
+    """The server answered but the session is not logged in (getUsers returned no user)."""
+
+
+@dataclass(frozen=True)
+class WorkerDeps:
+    """What every worker shares; passed in so tests can supply their own clock or store."""
+
+    config: Config
+    api_hash: str
+    store: Store
+    board: StatusBoard
+    metrics: Metrics
+    limiter: ConnectRateLimiter
+    directory: DcDirectory
+    client_cls: type[ManagedClient]
+    clock: Callable[[], float] = time.time
+    monotonic: Callable[[], float] = time.monotonic
+    rng: random.Random = field(default_factory=random.Random)
+
+
+class AccountWorker:
+    """Owns one account's client for the lifetime of its task (see module docstring)."""
+
+    def __init__(
+        self,
+        account: AccountConfig,
+        deps: WorkerDeps,
+        session_data: SessionData | DecryptionError | None,
+    ) -> None:
+        self.account = account
+        self.name = account.name
+        self.deps = deps
+        self.log = account_logger(account.name)
+        self.client: ManagedClient | None = None
+        self.session: StoreSession | None = None
+        self.state = State.STARTING
+        #: Monotonic time of the last proof of progress (a heartbeat, a finished connect).
+        self.last_progress = deps.monotonic()
+        #: Monotonic deadline of a deliberate wait (backoff, flood wait); the watchdog ignores
+        #: a worker that is waiting on purpose.
+        self.waiting_until: float | None = None
+        self.connected = asyncio.Event()
+        self._initial = session_data
+        self._address_index = 0
+        self._network_failures = 0
+        self._catch_ups = 0
+        self._last_store_touch = 0.0
+        self._plugins = list(self._load_plugins())
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The task body. Returns when the account is parked or stopped; never raises except
+        CancelledError (the supervisor's stop)."""
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must not take the fleet down
+            self.log.exception("worker failed unexpectedly: %s", type(exc).__name__)
+            self._set_state(State.STOPPED, f"internal error: {type(exc).__name__}")
+        finally:
+            await self._close_client()
+
+    def parked(self) -> bool:
+        return self.state in PARKED_STATES
+
+    async def _run(self) -> None:
+        initial = self._initial
+        if isinstance(initial, DecryptionError):
+            # Never overwrite a record we cannot read: no session object is created for it.
+            self._set_state(State.NEEDS_LOGIN, "stored session cannot be decrypted",
+                            last_error_category="auth", last_error_message=str(initial))
+            return
+        if initial is None or initial.auth_key is None:
+            self._set_state(State.NEEDS_LOGIN, f"no session: run `tgdaemon login {self.name}`")
+            await self._persist(status=State.NEEDS_LOGIN.value)
+            return
+        self.session = StoreSession(self.deps.store, self.name, initial)
+        self.deps.board.update(self.name, dc_id=initial.dc_id)
+        attempts: dict[Category, int] = {}
+        while True:
+            self._set_state(State.RECONNECTING if attempts else State.CONNECTING, "connecting")
+            try:
+                await self._connect()
+                await self._validate()
+                attempts.clear()
+                self._network_failures = 0
+                self._catch_ups = 0
+                self._set_state(State.CONNECTED, "validated")
+                await self._run_plugins()
+                await self._serve()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not await self._recover(exc, attempts):
+                    return
+
+    # -- failure handling ------------------------------------------------------------------
+
+    async def _recover(self, exc: BaseException, attempts: dict[Category, int]) -> bool:
+        """Apply the recovery for ``exc``; False when the worker must end (parked/stopped)."""
+        c = _classify(exc)
+        attempt = attempts.get(c.category, 0)
+        attempts[c.category] = attempt + 1
+        policy = self.deps.config.policy
+        rec = recovery_for(c, attempt, policy, self.deps.rng)
+        self.deps.metrics.error(self.name, c.category.value)
+        self.deps.board.update(self.name, last_error_category=c.category.value,
+                               last_error_message=c.message)
+        self.log.info("%s error (%s), recovery: %s", c.category.value, c.code, rec.action)
+
+        if rec.action == "park":
+            state = State(c.park_state or State.NEEDS_LOGIN.value)
+            self._set_state(state, c.code)
+            await self._close_client()
+            await self._persist(status=state.value, last_error_category=c.category.value)
+            return False
+        if rec.action == "fail":
+            self._set_state(State.STOPPED, f"{c.code}: retries exhausted")
+            await self._close_client()
+            await self._persist(status=State.STOPPED.value, last_error_category=c.category.value)
+            return False
+        if rec.action == "wait":
+            await self._flood_wait(c, rec.delay or 0.0)
+            return True
+        if rec.action == "migrate" and c.new_dc is not None:
+            await self._migrate(c.new_dc)
+            return True
+        # retry: reconnect after a jittered, capped delay
+        if c.category is Category.NETWORK:
+            self._note_network_failure()
+        self._set_state(State.RECONNECTING, c.code)
+        self.deps.metrics.reconnect(self.name)
+        await self._close_client()
+        await self._deliberate_wait(rec.delay or 0.0)
+        return True
+
+    async def _flood_wait(self, c: Classified, delay: float) -> None:
+        seconds = c.wait_seconds or 0
+        deadline = self.deps.clock() + delay
+        self.deps.metrics.flood_wait(self.name, seconds)
+        self._set_state(State.FLOOD_WAIT, f"{c.code} {seconds}s", flood_wait_until=deadline)
+        await self._deliberate_wait(delay)
+        self.deps.board.update(self.name, flood_wait_until=None)
+
+    async def _migrate(self, new_dc: int) -> None:
+        assert self.session is not None
+        addresses = self.deps.directory.addresses(new_dc)
+        if not addresses:
+            raise ConnectionError(f"no known address for DC {new_dc}")
+        host, port = addresses[0]
+        self.session.set_dc(new_dc, host, port)
+        await self.session.flush()
+        self.deps.board.update(self.name, dc_id=new_dc)
+        await self._persist(dc_id=new_dc)
+        await self._close_client()
+
+    def _note_network_failure(self) -> None:
+        """Move to the DC's next address after ``failover_after`` consecutive failures."""
+        self._network_failures += 1
+        if self.session is None or self._network_failures < self.deps.config.policy.failover_after:
+            return
+        dc_id = self.session.dc_id
+        addresses = self.deps.directory.addresses(dc_id)
+        if len(addresses) < 2:
+            return
+        current = (self.session.server_address, self.session.port)
+        index = addresses.index(current) if current in addresses else -1
+        host, port = addresses[(index + 1) % len(addresses)]
+        self.log.warning("failing over DC %d to its next address after %d network failures",
+                         dc_id, self._network_failures)
+        self.session.set_dc(dc_id, host, port)
+        self._network_failures = 0
+        self.deps.metrics.failover(self.name)
+
+    async def _deliberate_wait(self, delay: float) -> None:
+        if delay <= 0:
+            return
+        self.waiting_until = self.deps.monotonic() + delay
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            self.waiting_until = None
+            self.last_progress = self.deps.monotonic()
+
+    # -- connection ------------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        assert self.session is not None
+        policy = self.deps.config.policy
+        if self.client is not None and self.client.is_connected():
+            return
+        # Waiting for a connect slot is a deliberate wait, not a stuck worker.
+        delay = self.deps.limiter.reserve()
+        await self._deliberate_wait(delay)
+        if self.client is None:
+            self.client = build_client(self.deps.client_cls, self.session, self.deps.config,
+                                       self.account, api_hash=self.deps.api_hash)
+        client = self.client
+        try:
+            await asyncio.wait_for(client.connect(), policy.connect_timeout)
+        except BaseException:
+            # A connect that hung (a stall mid key exchange) leaves Telethon's sender in an
+            # unknown state: abandon this client object and build a fresh one next time.
+            await self._close_client()
+            raise
+        # A fresh auth key must be durable before anything binds it to a user.
+        await self.session.flush()
+        self.last_progress = self.deps.monotonic()
+
+    async def _validate(self) -> None:
+        """A real call (users.getUsers([self])) proves the session is logged in."""
+        assert self.client is not None
+        assert self.session is not None
+        users = await self._rpc(functions.users.GetUsersRequest([types.InputUserSelf()]))
+        me = users[0] if users else None
+        if not isinstance(me, types.User):
+            raise NotAuthorizedError("server returned no user for this session")
+        now = self.deps.clock()
+        dc_id = self.session.dc_id
+        self.deps.board.update(
+            self.name,
+            user=UserInfo(me.id, me.username, me.first_name),
+            dc_id=dc_id,
+            last_checked=now,
+            last_error_category=None,
+            last_error_message=None,
+        )
+        self._last_store_touch = now
+        await self._persist(user_id=me.id, username=me.username, first_name=me.first_name,
+                            status=State.CONNECTED.value, dc_id=dc_id, last_checked=now,
+                            last_used=now, last_error_category=None)
+        await self._refresh_directory()
+
+    async def _refresh_directory(self) -> None:
+        """Learn every DC's addresses from help.getConfig once per daemon (shared cache)."""
+        assert self.client is not None
+        directory = self.deps.directory
+        if not directory.needs_refresh():
+            return
+        async with directory.refreshing() as should_fetch:
+            if should_fetch:
+                cfg = await self._rpc(functions.help.GetConfigRequest())
+                await directory.update_from_config(cfg)
+
+    async def _serve(self) -> None:
+        """Heartbeat until the connection fails; every exit is an exception to recover from."""
+        assert self.client is not None
+        policy = self.deps.config.policy
+        gap_streak = 0
+        while True:
+            interval = policy.heartbeat_interval * self.deps.rng.uniform(0.9, 1.1)
+            await self._wait_unless_disconnected(interval)
+            started = self.deps.monotonic()
+            # updates.getState is the heartbeat: a real encrypted round trip that proves the
+            # connection works *and* tells the server's update state, in one RPC per account.
+            server = await self._rpc(functions.updates.GetStateRequest())
+            latency = self.deps.monotonic() - started
+            now = self.deps.clock()
+            self.last_progress = self.deps.monotonic()
+            self.deps.metrics.observe_latency(self.name, latency)
+            self.deps.metrics.heartbeat(self.name, now)
+            self.deps.board.update(self.name, latency=latency, last_checked=now)
+            if now - self._last_store_touch >= STORE_TOUCH_INTERVAL:
+                self._last_store_touch = now
+                await self._persist(last_checked=now, last_used=now)
+            local = local_update_pts(self.client)
+            gap_streak = gap_streak + 1 if local is not None and server.pts > local else 0
+            if gap_streak >= policy.update_gap_heartbeats:
+                gap_streak = 0
+                await self._on_update_gap(server.pts, local)
+
+    async def _on_update_gap(self, server_pts: int, local_pts: int | None) -> None:
+        assert self.client is not None
+        self.deps.metrics.update_gap(self.name)
+        self.log.warning("update stream gap: server pts %d, client pts %s", server_pts, local_pts)
+        if self._catch_ups == 0:
+            self._catch_ups += 1
+            await self.client.catch_up()  # getDifference fetches what was missed
+            return
+        # A second gap on the same connection: updates are not flowing; start over.
+        raise UpdateStallError("updates stopped arriving on this connection")
+
+    async def _wait_unless_disconnected(self, seconds: float) -> None:
+        assert self.client is not None
+        try:
+            await asyncio.wait_for(self.client.disconnected, seconds)
+        except TimeoutError:
+            return
+        raise ConnectionError("connection closed")
+
+    async def _rpc(self, request: Any) -> Any:
+        assert self.client is not None
+        return await asyncio.wait_for(self.client(request), self.deps.config.policy.request_timeout)
+
+    async def _close_client(self) -> None:
+        self.connected.clear()
+        client = self.client
+        if client is None:
+            return
+        try:
+            await asyncio.wait_for(client.disconnect(), CLOSE_TIMEOUT)
+        except Exception as exc:  # a wedged client is dropped, not awaited forever
+            self.log.warning("client did not close cleanly (%s); replacing it",
+                             type(exc).__name__)
+            self.client = None
+
+    # -- plugins ---------------------------------------------------------------------------
+
+    def _load_plugins(self) -> list[tuple[str, Callable[..., Any]]]:
+        loaded = []
+        for spec in self.account.plugins:
+            module_name, _, attr = spec.partition(":")
+            try:
+                loaded.append((spec, getattr(importlib.import_module(module_name), attr)))
+            except Exception as exc:
+                self.log.error("plugin %s cannot be loaded: %s", spec, type(exc).__name__)
+                self.deps.metrics.plugin_error(self.name)
+        return loaded
+
+    async def _run_plugins(self) -> None:
+        """Called after each (re)connect; a plugin's failure is logged and counted, never fatal."""
+        for spec, setup in self._plugins:
+            try:
+                result = setup(self.client, self.account)
+                if inspect.isawaitable(result):
+                    await asyncio.wait_for(result, self.deps.config.policy.request_timeout)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.log.exception("plugin %s failed", spec)
+                self.deps.metrics.plugin_error(self.name)
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def _set_state(self, state: State, reason: str, **fields: Any) -> None:
+        if state is State.CONNECTED:
+            self.connected.set()
+        else:
+            self.connected.clear()
+        if state is not State.FLOOD_WAIT:
+            fields.setdefault("flood_wait_until", None)
+        previous = self.state
+        self.state = state
+        self.deps.board.update(self.name, state=state, reason=reason, **fields)
+        if state is not previous:
+            self.log.info("state %s -> %s (%s)", previous.value, state.value, reason)
+
+    async def _persist(self, **fields: Any) -> None:
+        """Metadata is best effort (sessions are not): a failed write is logged, not fatal."""
+        try:
+            await self.deps.store.update_account(self.name, **fields)
+        except Exception as exc:
+            self.log.warning("could not record account metadata: %s", type(exc).__name__)
+
+
+def _classify(exc: BaseException) -> Classified:
+    if isinstance(exc, NotAuthorizedError):
+        from telethon.errors import UnauthorizedError
+
+        return classify(UnauthorizedError(request=None, message="AUTH_KEY_UNREGISTERED"))
+    return classify(exc)
