@@ -24,19 +24,25 @@ REFRESH_AFTER = 3600.0
 class DcDirectory:
     def __init__(
         self,
-        configured: Mapping[int, Sequence[Address]],
+        configured: Mapping[int, Sequence[Any]],
         store: Store,
         *,
         use_ipv6: bool = False,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._configured = {dc: list(addrs) for dc, addrs in configured.items()}
+        self._configured: dict[int, list[Address]] = {}
+        self.configure(configured)
         self._learned: dict[int, list[Address]] = {}
         self._store = store
         self._use_ipv6 = use_ipv6
         self._monotonic = monotonic
         self._fetched_at: float | None = None
         self._lock = asyncio.Lock()
+
+    def configure(self, configured: Mapping[int, Sequence[Any]]) -> None:
+        """Set the configured addresses (``config.Address`` values), e.g. after a reload."""
+        self._configured = {
+            dc: [(a.host, a.port) for a in addrs] for dc, addrs in configured.items()}
 
     async def load(self) -> None:
         """Read the cached lists of every DC (called once at start-up)."""

@@ -1,0 +1,176 @@
+"""The supervisor: owns one worker task per enabled account, restarts stuck ones, applies reloads.
+
+Every task it starts it also cancels and awaits. Workers handle their own errors, so the tasks
+are kept in a plain dict rather than a TaskGroup (whose first failure would cancel every sibling).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tgdaemon.config import diff_config
+from tgdaemon.exceptions import AccountError, DecryptionError
+from tgdaemon.status import PARKED_STATES, State
+from tgdaemon.worker import AccountWorker, WorkerDeps
+
+if TYPE_CHECKING:
+    from tgdaemon.config import AccountConfig, Config
+    from tgdaemon.store import SessionData
+    from tgdaemon.telegram import ManagedClient
+
+log = logging.getLogger("tgdaemon.supervisor")
+
+#: States in which a worker is expected to make progress (heartbeats, connect attempts).
+WATCHED_STATES = frozenset(
+    {State.STARTING, State.CONNECTING, State.CONNECTED, State.RECONNECTING})
+
+
+@dataclass
+class _Slot:
+    worker: AccountWorker
+    task: asyncio.Task[None]
+
+
+class Supervisor:
+    def __init__(self, deps: WorkerDeps) -> None:
+        self.deps = deps
+        self._slots: dict[str, _Slot] = {}
+
+    # -- start / stop ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start a worker for every enabled account, reading all sessions in one pass."""
+        sessions = await self.deps.store.load_sessions()
+        for account in self.deps.config.accounts:
+            if account.enabled:
+                self._spawn(account, sessions.get(account.name))
+            else:
+                self._mark_disabled(account.name)
+
+    async def stop(self, timeout: float) -> None:
+        """Cancel every worker and wait up to ``timeout`` for them to close their clients."""
+        names = list(self._slots)
+        await self._stop_many(names, timeout)
+
+    async def _stop_many(self, names: list[str], timeout: float) -> None:
+        slots = [self._slots.pop(name) for name in names if name in self._slots]
+        for slot in slots:
+            slot.task.cancel()
+        if not slots:
+            return
+        _done, pending = await asyncio.wait([s.task for s in slots], timeout=timeout)
+        if pending:
+            log.warning("%d workers did not stop within %.1fs", len(pending), timeout)
+        for slot in slots:
+            if slot.worker.session is not None:
+                try:
+                    await asyncio.wait_for(slot.worker.session.flush(), timeout)
+                except Exception as exc:
+                    log.error("session of %s not flushed: %s", slot.worker.name,
+                              type(exc).__name__)
+            if slot.worker.state not in PARKED_STATES:
+                self.deps.board.update(slot.worker.name, state=State.STOPPED, reason="stopped")
+
+    def _spawn(
+        self, account: AccountConfig, session: SessionData | DecryptionError | None
+    ) -> None:
+        self.deps.metrics.add_account(account.name)
+        worker = AccountWorker(account, self.deps, session)
+        task = asyncio.create_task(worker.run(), name=f"worker:{account.name}")
+        self._slots[account.name] = _Slot(worker, task)
+
+    def _mark_disabled(self, name: str) -> None:
+        self.deps.metrics.add_account(name)
+        self.deps.board.update(name, state=State.DISABLED, reason="disabled in config")
+
+    async def _restart(self, name: str, *, timeout: float) -> None:
+        account = self.deps.config.account(name)
+        await self._stop_many([name], timeout)
+        session = await self._load_session(name)
+        self._spawn(account, session)
+
+    async def _load_session(self, name: str) -> SessionData | DecryptionError | None:
+        try:
+            return await self.deps.store.load_session(name)
+        except DecryptionError as exc:
+            return exc
+
+    # -- watchdog --------------------------------------------------------------------------
+
+    async def check(self) -> int:
+        """Restart workers whose last progress is older than ``stale_after`` (unless they wait
+        on purpose), and any whose task died; returns how many were restarted."""
+        policy = self.deps.config.policy
+        now = self.deps.monotonic()
+        stale: list[str] = []
+        for name, slot in self._slots.items():
+            worker = slot.worker
+            if slot.task.done():
+                continue  # parked or stopped on purpose: restarting would be a retry loop
+            if worker.waiting_until is not None and now < worker.waiting_until + policy.stale_after:
+                continue
+            if worker.state in WATCHED_STATES and now - worker.last_progress > policy.stale_after:
+                stale.append(name)
+        for name in stale:
+            log.warning("worker %s made no progress for %.0fs: restarting", name,
+                        now - self._slots[name].worker.last_progress)
+            self.deps.metrics.worker_restart(name)
+            await self._restart(name, timeout=self.deps.config.policy.connect_timeout)
+        return len(stale)
+
+    # -- reload ----------------------------------------------------------------------------
+
+    async def apply(self, new: Config) -> None:
+        """Apply a new config as a diff: unchanged accounts keep their connection.
+
+        Policy changes reach running workers at their next step (they read ``deps.config``);
+        changed Telegram settings (api id, servers) restart every account."""
+        diff = diff_config(self.deps.config, new)
+        self.deps = dataclasses.replace(self.deps, config=new)
+        self.deps.directory.configure(new.telegram.servers)
+        timeout = new.daemon.drain_timeout
+        changed = diff.changed
+        if diff.telegram_changed:
+            changed = tuple(sorted({*diff.changed, *diff.unchanged}))
+        await self._stop_many([n for n in (*diff.removed, *changed) if n in self._slots], timeout)
+        for slot in self._slots.values():
+            slot.worker.deps = self.deps
+        for name in (*diff.added, *changed):
+            self._spawn(new.account(name), await self._load_session(name))
+        names = {a.name for a in new.accounts}
+        for name in diff.removed:
+            if name not in names:
+                self.deps.board.remove(name)
+                self.deps.metrics.remove_account(name)
+        for account in new.accounts:
+            if not account.enabled:
+                self._mark_disabled(account.name)
+        # Parked accounts get one fresh try on reload: the operator may have logged them in.
+        for name, slot in list(self._slots.items()):
+            if slot.task.done() and slot.worker.state in PARKED_STATES:
+                await self._restart(name, timeout=timeout)
+        log.info("config applied: %d added, %d removed, %d changed, %d unchanged",
+                 len(diff.added), len(diff.removed), len(changed),
+                 0 if diff.telegram_changed else len(diff.unchanged))
+
+    # -- library access --------------------------------------------------------------------
+
+    def worker(self, name: str) -> AccountWorker:
+        slot = self._slots.get(name)
+        if slot is None:
+            raise AccountError(f"account {name!r} is not running")
+        return slot.worker
+
+    async def client(self, name: str, timeout: float) -> ManagedClient:
+        """The connected client of ``name``, waiting up to ``timeout`` for it to connect."""
+        worker = self.worker(name)
+        await asyncio.wait_for(worker.connected.wait(), timeout)
+        assert worker.client is not None
+        return worker.client
+
+    def names(self) -> list[str]:
+        return list(self._slots)
