@@ -41,7 +41,6 @@ __all__ = [
     "PolicyConfig",
     "Proxy",
     "RetryLimits",
-    "RsaKey",
     "TelegramConfig",
     "diff_config",
     "load_config",
@@ -93,13 +92,20 @@ class Proxy:
     password: str | None = field(default=None, repr=False)
     secret: str | None = field(default=None, repr=False)  # MTProxy secret (hex)
 
-
-@dataclass(frozen=True)
-class RsaKey:
-    """An extra server public key (PKCS#1 PEM), e.g. a local test DC's key."""
-
-    path: Path
-    pem: str = field(repr=False)
+    def telethon_proxy(self) -> dict[str, Any] | tuple[str, int, str]:
+        """The ``proxy=`` argument for ``TelegramClient``. socks/http need the ``python-socks``
+        package; MTProxy also needs ``connection=ConnectionTcpMTProxyRandomizedIntermediate``."""
+        if self.scheme == "mtproxy":
+            assert self.secret is not None
+            return (self.host, self.port, self.secret)
+        return {
+            "proxy_type": self.scheme,
+            "addr": self.host,
+            "port": self.port,
+            "username": self.username,
+            "password": self.password,
+            "rdns": True,
+        }
 
 
 @dataclass(frozen=True)
@@ -121,7 +127,8 @@ class TelegramConfig:
     api_id: int
     api_hash: str = field(repr=False)
     api_hash_file: Path | None = None
-    rsa_keys: tuple[RsaKey, ...] = ()
+    # PKCS#1 PEM files of extra server keys (content checked at load time).
+    rsa_keys: tuple[Path, ...] = ()
     use_ipv6: bool = False
     # DC id -> addresses to try in order; empty means Telethon's built-in production DCs.
     servers: Mapping[int, tuple[Address, ...]] = field(
@@ -435,7 +442,7 @@ class _Parser:
             return None, hash_file
         return inline.lower(), hash_file
 
-    def _rsa_keys(self, value: Any) -> tuple[RsaKey, ...]:
+    def _rsa_keys(self, value: Any) -> tuple[Path, ...]:
         if not isinstance(value, list):
             self.err("telegram.rsa_keys", f"must be an array of paths, not {_tname(value)}")
             return ()
@@ -449,12 +456,11 @@ class _Parser:
             raw = self.read(p, key) if p is not None else None
             if p is None or raw is None:
                 continue
-            pem = _check_pkcs1(raw)
-            if pem is None:
+            if not _is_pkcs1(raw):
                 self.err(key, f"{p} is not a PKCS#1 PEM RSA public key "
                               "(-----BEGIN RSA PUBLIC KEY-----)")
                 continue
-            keys.append(RsaKey(p, pem))
+            keys.append(p)
         return tuple(keys)
 
     def _servers(self, value: Any) -> Mapping[int, tuple[Address, ...]]:
@@ -702,16 +708,15 @@ def _parse_address(value: str) -> Address | None:
     return Address(host, int(port_s))
 
 
-def _check_pkcs1(raw: bytes) -> str | None:
-    """The PEM text if it is a PKCS#1 RSA public key as Telethon's ``rsa.add_key`` loads it."""
+def _is_pkcs1(raw: bytes) -> bool:
+    """True if Telethon's ``rsa.add_key`` (``rsa.PublicKey.load_pkcs1``) will accept it."""
     import rsa  # Telethon's own dependency; imported lazily, only when keys are configured
 
     try:
-        pem = raw.decode("ascii")
-        rsa.PublicKey.load_pkcs1(pem.encode("ascii"))
+        rsa.PublicKey.load_pkcs1(raw)
     except Exception:  # rsa raises ValueError, pyasn1 errors, ... for bad input
-        return None
-    return pem
+        return False
+    return True
 
 
 def _is_mtproxy_secret(secret: str) -> bool:
