@@ -1,0 +1,235 @@
+"""The daemon: wires store, status, metrics, HTTP and the supervisor together, and runs them.
+
+``Daemon`` is also the library entry point (the seed document's ``getClient``)::
+
+    async with Daemon(config) as d:
+        client = await d.client("alice", timeout=30)
+
+Start-up follows aiohttp's contract: each part that started registers its own cleanup, and
+stop runs exactly those cleanups in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import resource
+import signal
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+
+from tgdaemon.config import Config, load_config
+from tgdaemon.crypto import KeyRing, load_keyring
+from tgdaemon.dcs import DcDirectory
+from tgdaemon.exceptions import ConfigError
+from tgdaemon.http import HttpServer, build_app
+from tgdaemon.metrics import Metrics
+from tgdaemon.notify import Notifier
+from tgdaemon.ratelimit import ConnectRateLimiter
+from tgdaemon.status import StatusBoard
+from tgdaemon.store import Store
+from tgdaemon.supervisor import Supervisor
+from tgdaemon.telegram import client_class, trust_server_keys
+from tgdaemon.worker import WorkerDeps
+
+if TYPE_CHECKING:
+    from tgdaemon.telegram import ManagedClient
+
+log = logging.getLogger("tgdaemon.daemon")
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        registry: CollectorRegistry | None = None,
+        keyring: KeyRing | None = None,
+        env: Mapping[str, str] = os.environ,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._keyring = keyring
+        self._env = env
+        self._clock = clock
+        self._monotonic = monotonic
+        self._rng = rng or random.Random()
+        self._stack = contextlib.AsyncExitStack()
+        self.board = StatusBoard(clock=clock)
+        self.metrics = Metrics(self.registry, self.board,
+                               histograms=config.daemon.metrics_histograms)
+        self.store: Store | None = None
+        self.supervisor: Supervisor | None = None
+        self.http: HttpServer | None = None
+        self._ready = False
+
+    async def __aenter__(self) -> Daemon:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+
+    async def _start(self) -> None:
+        config = self.config
+        keyring = self._keyring or load_keyring(key_file=config.daemon.master_key_file,
+                                                env=self._env)
+        trust_server_keys(config)
+        self.store = await Store.open(config.daemon.state_dir, keyring, clock=self._clock)
+        self._stack.push_async_callback(self.store.close)
+
+        directory = DcDirectory(config.telegram.servers, self.store,
+                                use_ipv6=config.telegram.use_ipv6, monotonic=self._monotonic)
+        await directory.load()
+        deps = WorkerDeps(
+            config=config,
+            store=self.store,
+            board=self.board,
+            metrics=self.metrics,
+            limiter=ConnectRateLimiter(config.daemon.connect_rate, config.daemon.connect_burst,
+                                       clock=self._monotonic),
+            directory=directory,
+            client_cls=client_class(),
+            clock=self._clock,
+            monotonic=self._monotonic,
+            rng=self._rng,
+        )
+        self.supervisor = Supervisor(deps)
+        await self.supervisor.start()
+        self._stack.push_async_callback(self._stop_supervisor)
+
+        listen = config.daemon.http_listen
+        if listen is not None:
+            token = None
+            if config.daemon.http_token_file is not None:
+                token = config.daemon.http_token_file.read_text().strip() or None
+            app = build_app(board=self.board, registry=self.registry, ready=self.ready,
+                            token=token)
+            self.http = HttpServer(app, listen.host, listen.port)
+            await self.http.start()
+            self._stack.push_async_callback(self.http.stop)
+            log.info("HTTP listening on %s:%d", listen.host, self.http.port)
+        self._ready = True
+        log.info("daemon started: %s", self.board.summary())
+
+    async def _stop_supervisor(self) -> None:
+        assert self.supervisor is not None
+        self._ready = False
+        await self.supervisor.stop(self.config.daemon.drain_timeout)
+
+    async def stop(self) -> None:
+        await self._stack.aclose()
+
+    def ready(self) -> bool:
+        return self._ready
+
+    def summary(self) -> str:
+        return self.board.summary()
+
+    async def client(self, name: str, timeout: float = 30.0) -> ManagedClient:
+        """The account's managed, connected client (waits for it to connect)."""
+        assert self.supervisor is not None, "daemon not started"
+        return await self.supervisor.client(name, timeout)
+
+    async def check(self) -> int:
+        """The supervisor's health check: restarts stuck workers."""
+        assert self.supervisor is not None
+        return await self.supervisor.check()
+
+    async def reload(self) -> bool:
+        """Re-read the config file; an invalid one is reported and the old one keeps running."""
+        assert self.supervisor is not None
+        try:
+            new = load_config(self.config.path, env=self._env)
+        except ConfigError as exc:
+            log.error("reload rejected, keeping the running configuration:\n%s", exc)
+            self.metrics.config_reload(False)
+            return False
+        if new.daemon.state_dir != self.config.daemon.state_dir:
+            log.error("reload rejected: daemon.state_dir cannot change while running")
+            self.metrics.config_reload(False)
+            return False
+        trust_server_keys(new)
+        await self.supervisor.apply(new)
+        logging.getLogger().setLevel(new.daemon.log_level.upper())
+        self.config = new
+        self.metrics.config_reload(True)
+        return True
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """10,000 sockets do not fit in the usual soft limit of 1,024: take the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft, hard
+
+
+def _tick(notifier: Notifier, config: Config) -> float:
+    """How often the supervisor checks its workers: often enough for systemd's watchdog and
+    to catch a stale worker within a quarter of ``stale_after``."""
+    return min(notifier.watchdog_interval or 5.0, 5.0, max(0.5, config.policy.stale_after / 4))
+
+
+async def serve(config: Config, *, env: Mapping[str, str] = os.environ) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads. Returns the process exit code."""
+    notifier = Notifier(env)
+    loop = asyncio.get_running_loop()
+    wake = asyncio.Event()
+    flags = {"stop": False, "reload": False}
+
+    def on_signal(flag: str) -> None:
+        flags[flag] = True
+        wake.set()
+
+    for sig, flag in ((signal.SIGTERM, "stop"), (signal.SIGINT, "stop"), (signal.SIGHUP, "reload")):
+        loop.add_signal_handler(sig, on_signal, flag)
+    try:
+        async with Daemon(config, env=env) as daemon:
+            notifier.ready(daemon.summary())
+            tick = _tick(notifier, config)
+            last_status = ""
+            while not flags["stop"]:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), tick)
+                wake.clear()
+                if flags["stop"]:
+                    break
+                if flags["reload"]:
+                    flags["reload"] = False
+                    notifier.reloading()
+                    await daemon.reload()
+                    notifier.ready(daemon.summary())
+                    tick = _tick(notifier, daemon.config)
+                await daemon.check()
+                # Only after the health check ran: a blocked loop never gets here.
+                notifier.watchdog()
+                status = daemon.summary()
+                if status != last_status:
+                    notifier.status(status)
+                    last_status = status
+            log.info("stopping: draining workers")
+            notifier.stopping()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    log.info("stopped")
+    return 0
