@@ -104,12 +104,15 @@ class ServerRsaKey:
         return self._private_pem
 
     def decrypt_raw(self, block: bytes) -> bytes:
-        """Textbook RSA (what Telethon 1.45 sends), via the CRT for speed."""
+        """Textbook RSA (what Telethon 1.45 sends), via the CRT; returns the 255-byte block."""
         c = int.from_bytes(block, "big")
         m1 = pow(c, self._dp, self._p)
         m2 = pow(c, self._dq, self._q)
         h = (self._qinv * (m1 - m2)) % self._p
-        return (m2 + h * self._q).to_bytes(256, "big")
+        m = m2 + h * self._q
+        if m >= 1 << (255 * 8):
+            raise HandshakeError("RSA block out of range")
+        return m.to_bytes(255, "big")
 
 
 class HandshakeError(Exception):
@@ -145,7 +148,10 @@ class Handshake:
         self._check_nonces(req)
         if req.public_key_fingerprint != key.fingerprint:  # type: ignore[attr-defined]
             raise HandshakeError("unknown RSA fingerprint")
-        plain = key.decrypt_raw(req.encrypted_data)  # type: ignore[attr-defined]
+        block = req.encrypted_data  # type: ignore[attr-defined]
+        if len(block) != 256:
+            raise HandshakeError("bad RSA block length")
+        plain = key.decrypt_raw(block)
         reader = BinaryReader(plain[20:])
         inner = reader.tgread_object()
         if not isinstance(inner, tl.PQInnerData):
@@ -184,7 +190,10 @@ class Handshake:
         self._check_nonces(req)
         if not self.tmp_key:
             raise HandshakeError("set_client_DH_params before req_DH_params")
-        plain = AES.decrypt_ige(req.encrypted_data, self.tmp_key, self.tmp_iv)  # type: ignore[attr-defined]
+        data = req.encrypted_data  # type: ignore[attr-defined]
+        if not data or len(data) % 16:
+            raise HandshakeError("bad client_DH_inner_data length")
+        plain = AES.decrypt_ige(data, self.tmp_key, self.tmp_iv)
         inner = BinaryReader(plain[20:]).tgread_object()
         if not isinstance(inner, tl.ClientDHInnerData):
             raise HandshakeError("client_DH_inner_data expected")
@@ -212,7 +221,12 @@ def key_id_of(key: bytes) -> int:
 
 
 def decrypt_client_message(key: bytes, body: bytes) -> bytes:
-    """Decrypt a client→server MTProto 2.0 payload (after auth_key_id); checks msg_key."""
+    """Decrypt a client→server MTProto 2.0 packet (auth_key_id included); checks msg_key.
+
+    Lengths are checked first: libssl's IGE aborts the whole process on a partial block.
+    """
+    if len(body) < 24 + 32 or (len(body) - 24) % 16:
+        raise ValueError("bad encrypted message length")
     msg_key = body[8:24]
     aes_key, aes_iv = MTProtoState._calc_key(key, msg_key, True)
     plain = AES.decrypt_ige(body[24:], aes_key, aes_iv)

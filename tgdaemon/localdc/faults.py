@@ -24,6 +24,9 @@ KINDS: frozenset[str] = frozenset(
 
 #: Methods that ``"*"`` does not match: keepalive must survive an rpc_error fault on "*".
 PING_METHODS = frozenset(("ping", "ping_delay_disconnect"))
+#: Pseudo-method of service messages (new_session_created, bad_server_salt): only ``None``.
+SERVICE_METHOD = "msg_service"
+_NOT_STAR = PING_METHODS | {SERVICE_METHOD}
 
 _ERROR_CODES: tuple[tuple[str, int], ...] = (
     (r"FLOOD_WAIT_\d+|FLOOD_PREMIUM_WAIT_\d+|SLOWMODE_WAIT_\d+", 420),
@@ -109,7 +112,7 @@ class MethodNames:
         if pattern is None:
             return True
         if pattern == "*":
-            return self.tl not in PING_METHODS
+            return self.tl not in _NOT_STAR
         return pattern in (self.tl, self.cls, self.qualified)
 
 

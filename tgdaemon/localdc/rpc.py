@@ -1,0 +1,391 @@
+"""RPC method handlers of the local DC: what each Telegram method answers.
+
+Handlers are synchronous and pure apart from the :class:`World` they read and change (the
+user registry, login codes, SRP challenges, update history). They return a TL object, or
+raw bytes where the result type has no serializer (``Vector``/``Bool``), or raise
+:class:`RpcFail`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import secrets
+import struct
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from telethon.tl import functions as fn
+from telethon.tl import types as tl
+from telethon.tl.types import account as tl_account
+from telethon.tl.types import auth as tl_auth
+from telethon.tl.types import updates as tl_updates
+from telethon.tl.types import users as tl_users
+
+from tgdaemon.localdc.crypto import SrpChallenge, SrpVerifier, srp_challenge, srp_check
+from tgdaemon.localdc.faults import MethodNames
+
+if TYPE_CHECKING:
+    from tgdaemon.localdc.store import Store, UserRecord
+
+VECTOR = 0x1CB5C415
+BOOL_TRUE = 0x997275B5
+BOOL_FALSE = 0xBC799737
+SERVICE_USER_ID = 777000
+HISTORY_LIMIT = 200
+
+_SPECIAL_NAMES = {
+    "ReqPqRequest": "req_pq",
+    "ReqPqMultiRequest": "req_pq_multi",
+    "ReqDHParamsRequest": "req_DH_params",
+    "SetClientDHParamsRequest": "set_client_DH_params",
+    "PingDelayDisconnectRequest": "ping_delay_disconnect",
+    "DestroySessionRequest": "destroy_session",
+    "DestroyAuthKeyRequest": "destroy_auth_key",
+    "GetFutureSaltsRequest": "get_future_salts",
+    "RpcDropAnswerRequest": "rpc_drop_answer",
+}
+
+
+class RpcFail(Exception):
+    """An RPC error answer (code + Telegram's upper-case message)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"{code} {message}")
+        self.code = code
+        self.message = message
+
+
+@functools.cache
+def names_for_class(cls: type) -> MethodNames:
+    """TL name, class name and namespaced class name of a Telethon request class."""
+    mod = cls.__module__
+    ns = "" if mod == "telethon.tl.functions" else mod.rsplit(".", 1)[1]
+    name = cls.__name__
+    base = name.removesuffix("Request")
+    tl_name = _SPECIAL_NAMES.get(name) or (
+        (f"{ns}." if ns else "") + base[:1].lower() + base[1:]
+    )
+    return MethodNames(tl=tl_name, cls=name, qualified=f"{ns}.{name}" if ns else name)
+
+
+def method_names(obj: object) -> MethodNames:
+    return names_for_class(type(obj))
+
+
+def vector(items: list[Any]) -> bytes:
+    return struct.pack("<Ii", VECTOR, len(items)) + b"".join(bytes(x) for x in items)
+
+
+def boolean(value: bool) -> bytes:
+    return struct.pack("<I", BOOL_TRUE if value else BOOL_FALSE)
+
+
+def normalize_phone(phone: str) -> str:
+    return re.sub(r"\D", "", phone or "")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+@dataclass
+class Ctx:
+    """Where a request came from."""
+
+    dc_id: int
+    key_id: int
+    user_id: int | None
+
+
+@dataclass
+class World:
+    """Shared, DC-independent server state that handlers read and change."""
+
+    store: Store
+    addresses: Callable[[], dict[int, tuple[str, int]]]
+    bind_key: Callable[[int, int | None], None]
+    push: Callable[[int, tl.TypeUpdates, int | None], None]
+    fixed_code: str | None = "12345"
+    codes: dict[str, tuple[str, str]] = field(default_factory=dict)  # phone -> (hash, code)
+    last_codes: dict[str, str] = field(default_factory=dict)
+    pending_2fa: dict[int, str] = field(default_factory=dict)  # key_id -> phone
+    srp: dict[int, tuple[str, SrpChallenge, SrpVerifier]] = field(default_factory=dict)
+    exports: dict[bytes, tuple[int, int]] = field(default_factory=dict)  # token -> (uid, dc)
+    history: dict[int, deque[tuple[int, tl.Message]]] = field(default_factory=dict)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def user(self, ctx: Ctx) -> UserRecord:
+        if ctx.user_id is None or ctx.user_id not in self.store.users:
+            raise RpcFail(401, "AUTH_KEY_UNREGISTERED")
+        return self.store.users[ctx.user_id]
+
+    def tl_user(self, rec: UserRecord, viewer: int | None) -> tl.User:
+        is_self = rec.id == viewer
+        return tl.User(
+            id=rec.id,
+            is_self=is_self,
+            access_hash=rec.access_hash,
+            first_name=rec.first_name,
+            phone=rec.phone if is_self else None,
+            status=tl.UserStatusRecently(),
+        )
+
+    @staticmethod
+    def service_user() -> tl.User:
+        return tl.User(id=SERVICE_USER_ID, access_hash=1, first_name="Telegram (localdc)",
+                       verified=True, support=True)
+
+    def state(self, rec: UserRecord) -> tl_updates.State:
+        return tl_updates.State(pts=rec.pts, qts=0, date=_now(), seq=0, unread_count=0)
+
+    def authorize(self, ctx: Ctx, rec: UserRecord) -> tl_auth.Authorization:
+        self.bind_key(ctx.key_id, rec.id)
+        ctx.user_id = rec.id
+        self.pending_2fa.pop(ctx.key_id, None)
+        return tl_auth.Authorization(user=self.tl_user(rec, rec.id))
+
+    def new_message(self, user_id: int, text: str, *, out: bool, peer: int,
+                    exclude_key: int | None) -> tl.Message:
+        """Store a message for ``user_id``, bump pts and push the update to its sessions."""
+        pts = self.store.bump_pts(user_id)
+        msg = tl.Message(
+            id=pts, peer_id=tl.PeerUser(peer), date=_now(), message=text, out=out,
+            from_id=tl.PeerUser(user_id if out else peer),
+        )
+        self.history.setdefault(user_id, deque(maxlen=HISTORY_LIMIT)).append((pts, msg))
+        users = [self.tl_user(self.store.users[user_id], user_id)]
+        if peer == SERVICE_USER_ID:
+            users.append(self.service_user())
+        upd = tl.Updates(updates=[tl.UpdateNewMessage(message=msg, pts=pts, pts_count=1)],
+                         users=users, chats=[], date=_now(), seq=0)
+        self.push(user_id, upd, exclude_key)
+        return msg
+
+    # -- dispatch ----------------------------------------------------------------------------
+
+    def handle(self, ctx: Ctx, req: Any) -> Any:
+        handler = _HANDLERS.get(type(req))
+        if handler is None:
+            raise RpcFail(400, "LOCALDC_METHOD_NOT_IMPLEMENTED")
+        return handler(self, ctx, req)
+
+
+_HANDLERS: dict[type, Callable[[World, Ctx, Any], Any]] = {}
+
+
+def _handles(cls: type) -> Callable[[Callable[[World, Ctx, Any], Any]],
+                                    Callable[[World, Ctx, Any], Any]]:
+    def deco(f: Callable[[World, Ctx, Any], Any]) -> Callable[[World, Ctx, Any], Any]:
+        _HANDLERS[cls] = f
+        return f
+    return deco
+
+
+# -- help --------------------------------------------------------------------------------------
+
+
+@_handles(fn.help.GetConfigRequest)
+def _get_config(w: World, ctx: Ctx, req: Any) -> tl.Config:
+    now = _now()
+    return tl.Config(
+        date=now, expires=now + timedelta(hours=1), test_mode=False, this_dc=ctx.dc_id,
+        dc_options=[tl.DcOption(id=i, ip_address=h, port=p)
+                    for i, (h, p) in sorted(w.addresses().items())],
+        dc_txt_domain_name="localdc.invalid", chat_size_max=200, megagroup_size_max=200000,
+        forwarded_count_max=100, online_update_period_ms=210000, offline_blur_timeout_ms=5000,
+        offline_idle_timeout_ms=30000, online_cloud_timeout_ms=300000,
+        notify_cloud_delay_ms=30000, notify_default_delay_ms=1500, push_chat_period_ms=60000,
+        push_chat_limit=2, edit_time_limit=172800, revoke_time_limit=172800,
+        revoke_pm_time_limit=172800, rating_e_decay=2419200, stickers_recent_limit=200,
+        channels_read_media_period=604800, call_receive_timeout_ms=20000,
+        call_ring_timeout_ms=90000, call_connect_timeout_ms=30000,
+        call_packet_timeout_ms=10000, me_url_prefix="https://localdc.invalid/",
+        caption_length_max=1024, message_length_max=4096, webfile_dc_id=1,
+    )
+
+
+@_handles(fn.help.GetNearestDcRequest)
+def _nearest_dc(w: World, ctx: Ctx, req: Any) -> tl.NearestDc:
+    return tl.NearestDc(country="ZZ", this_dc=ctx.dc_id, nearest_dc=ctx.dc_id)
+
+
+# -- users / updates ---------------------------------------------------------------------------
+
+
+def _resolve_user(w: World, me: UserRecord, inp: Any) -> UserRecord | None:
+    if isinstance(inp, (tl.InputUserSelf, tl.InputPeerSelf)):
+        return me
+    uid = getattr(inp, "user_id", None)
+    return w.store.users.get(uid) if isinstance(uid, int) else None
+
+
+@_handles(fn.users.GetUsersRequest)
+def _get_users(w: World, ctx: Ctx, req: Any) -> bytes:
+    me = w.user(ctx)
+    found = [_resolve_user(w, me, i) for i in req.id]
+    return vector([w.tl_user(u, me.id) for u in found if u is not None])
+
+
+@_handles(fn.users.GetFullUserRequest)
+def _get_full_user(w: World, ctx: Ctx, req: Any) -> tl_users.UserFull:
+    me = w.user(ctx)
+    target = _resolve_user(w, me, req.id)
+    if target is None:
+        raise RpcFail(400, "USER_ID_INVALID")
+    full = tl.UserFull(id=target.id, settings=tl.PeerSettings(),
+                       notify_settings=tl.PeerNotifySettings(), common_chats_count=0)
+    return tl_users.UserFull(full_user=full, chats=[], users=[w.tl_user(target, me.id)])
+
+
+@_handles(fn.updates.GetStateRequest)
+def _get_state(w: World, ctx: Ctx, req: Any) -> tl_updates.State:
+    return w.state(w.user(ctx))
+
+
+@_handles(fn.updates.GetDifferenceRequest)
+def _get_difference(w: World, ctx: Ctx, req: Any) -> Any:
+    me = w.user(ctx)
+    if req.pts >= me.pts:
+        return tl_updates.DifferenceEmpty(date=_now(), seq=0)
+    msgs = [m for pts, m in w.history.get(me.id, ()) if pts > req.pts]
+    return tl_updates.Difference(
+        new_messages=msgs, new_encrypted_messages=[], other_updates=[], chats=[],
+        users=[w.tl_user(me, me.id), w.service_user()], state=w.state(me),
+    )
+
+
+# -- login -------------------------------------------------------------------------------------
+
+
+def _sent_code(code_hash: str, code: str) -> tl_auth.SentCode:
+    return tl_auth.SentCode(type=tl_auth.SentCodeTypeApp(length=len(code)),
+                            phone_code_hash=code_hash)
+
+
+@_handles(fn.auth.SendCodeRequest)
+def _send_code(w: World, ctx: Ctx, req: Any) -> tl_auth.SentCode:
+    phone = normalize_phone(req.phone_number)
+    if len(phone) < 5:
+        raise RpcFail(400, "PHONE_NUMBER_INVALID")
+    code = w.fixed_code or f"{secrets.randbelow(100000):05d}"
+    code_hash = secrets.token_hex(8)
+    w.codes[phone] = (code_hash, code)
+    w.last_codes[phone] = code
+    return _sent_code(code_hash, code)
+
+
+@_handles(fn.auth.ResendCodeRequest)
+def _resend_code(w: World, ctx: Ctx, req: Any) -> tl_auth.SentCode:
+    phone = normalize_phone(req.phone_number)
+    entry = w.codes.get(phone)
+    if entry is None or entry[0] != req.phone_code_hash:
+        raise RpcFail(400, "PHONE_CODE_EXPIRED")
+    return _sent_code(*entry)
+
+
+@_handles(fn.auth.SignInRequest)
+def _sign_in(w: World, ctx: Ctx, req: Any) -> tl_auth.Authorization:
+    phone = normalize_phone(req.phone_number)
+    entry = w.codes.get(phone)
+    if entry is None or entry[0] != req.phone_code_hash:
+        raise RpcFail(400, "PHONE_CODE_EXPIRED")
+    if not req.phone_code:
+        raise RpcFail(400, "PHONE_CODE_EMPTY")
+    if not secrets.compare_digest(req.phone_code, entry[1]):
+        raise RpcFail(400, "PHONE_CODE_INVALID")
+    del w.codes[phone]
+    if phone in w.store.passwords:
+        w.pending_2fa[ctx.key_id] = phone
+        raise RpcFail(401, "SESSION_PASSWORD_NEEDED")
+    return w.authorize(ctx, w.store.get_or_create_user(phone, ctx.dc_id))
+
+
+@_handles(fn.account.GetPasswordRequest)
+def _get_password(w: World, ctx: Ctx, req: Any) -> tl_account.Password:
+    phone = w.pending_2fa.get(ctx.key_id)
+    if phone is None and ctx.user_id in w.store.users:
+        phone = w.store.users[ctx.user_id].phone
+    if phone is None:
+        raise RpcFail(401, "AUTH_KEY_UNREGISTERED")
+    verifier = w.store.passwords.get(phone)
+    new_algo = SrpVerifier(os.urandom(32), os.urandom(16), b"").algo
+    new_secure = tl.SecurePasswordKdfAlgoSHA512(salt=os.urandom(8))
+    if verifier is None:
+        return tl_account.Password(new_algo=new_algo, new_secure_algo=new_secure,
+                                   secure_random=os.urandom(32), has_password=False)
+    challenge = srp_challenge(verifier)
+    w.srp[ctx.key_id] = (phone, challenge, verifier)
+    return tl_account.Password(
+        new_algo=new_algo, new_secure_algo=new_secure, secure_random=os.urandom(32),
+        has_password=True, current_algo=verifier.algo, srp_B=challenge.srp_b,
+        srp_id=challenge.srp_id,
+    )
+
+
+@_handles(fn.auth.CheckPasswordRequest)
+def _check_password(w: World, ctx: Ctx, req: Any) -> tl_auth.Authorization:
+    entry = w.srp.pop(ctx.key_id, None)
+    pw = req.password
+    if entry is None or not isinstance(pw, tl.InputCheckPasswordSRP):
+        raise RpcFail(400, "SRP_ID_INVALID")
+    phone, challenge, verifier = entry
+    if pw.srp_id != challenge.srp_id:
+        raise RpcFail(400, "SRP_ID_INVALID")
+    if not srp_check(verifier, challenge, pw.A, pw.M1):
+        raise RpcFail(400, "PASSWORD_HASH_INVALID")
+    return w.authorize(ctx, w.store.get_or_create_user(phone, ctx.dc_id))
+
+
+@_handles(fn.auth.LogOutRequest)
+def _log_out(w: World, ctx: Ctx, req: Any) -> tl_auth.LoggedOut:
+    w.user(ctx)
+    w.bind_key(ctx.key_id, None)
+    ctx.user_id = None
+    return tl_auth.LoggedOut()
+
+
+@_handles(fn.auth.ExportAuthorizationRequest)
+def _export_authorization(w: World, ctx: Ctx, req: Any) -> tl_auth.ExportedAuthorization:
+    me = w.user(ctx)
+    if req.dc_id not in w.addresses():
+        raise RpcFail(400, "DC_ID_INVALID")
+    token = os.urandom(32)
+    w.exports[token] = (me.id, req.dc_id)
+    return tl_auth.ExportedAuthorization(id=me.id, bytes=token)
+
+
+@_handles(fn.auth.ImportAuthorizationRequest)
+def _import_authorization(w: World, ctx: Ctx, req: Any) -> tl_auth.Authorization:
+    entry = w.exports.pop(req.bytes, None)
+    if entry is None or entry != (req.id, ctx.dc_id) or req.id not in w.store.users:
+        raise RpcFail(400, "AUTH_BYTES_INVALID")
+    return w.authorize(ctx, w.store.users[req.id])
+
+
+# -- messages ----------------------------------------------------------------------------------
+
+
+@_handles(fn.messages.SendMessageRequest)
+def _send_message(w: World, ctx: Ctx, req: Any) -> tl.UpdateShortSentMessage:
+    me = w.user(ctx)
+    peer = req.peer
+    if not (isinstance(peer, tl.InputPeerSelf)
+            or (isinstance(peer, tl.InputPeerUser) and peer.user_id == me.id)):
+        raise RpcFail(400, "PEER_ID_INVALID")
+    if not req.message:
+        raise RpcFail(400, "MESSAGE_EMPTY")
+    msg = w.new_message(me.id, req.message, out=True, peer=me.id, exclude_key=ctx.key_id)
+    return tl.UpdateShortSentMessage(id=msg.id, pts=msg.id, pts_count=1, date=msg.date,
+                                     out=True)
+
+
+@_handles(fn.account.UpdateStatusRequest)
+def _update_status(w: World, ctx: Ctx, req: Any) -> bytes:
+    w.user(ctx)
+    return boolean(True)

@@ -1,0 +1,598 @@
+"""The local MTProto data centre: TCP listeners, connections and the in-process API.
+
+One asyncio stream handler per TCP connection (no threads, no polling); all protocol work is
+synchronous inside it, so a connection costs one task plus its buffers. This is a stand-in
+for tests and demos, never Telegram.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+import time
+from collections import Counter
+from hashlib import sha256
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from telethon.errors import TypeNotFoundError
+from telethon.extensions import BinaryReader
+from telethon.tl import functions as fn
+from telethon.tl import types as tl
+from telethon.tl.core import GzipPacked
+from telethon.tl.tlobject import TLRequest
+
+from tgdaemon.localdc import transport
+from tgdaemon.localdc.crypto import (
+    Handshake,
+    HandshakeError,
+    decrypt_client_message,
+    encrypt_server_message,
+    key_id_of,
+)
+from tgdaemon.localdc.faults import Fault, FaultBook, MethodNames, Scope
+from tgdaemon.localdc.rpc import (
+    SERVICE_USER_ID,
+    Ctx,
+    RpcFail,
+    World,
+    method_names,
+    normalize_phone,
+)
+from tgdaemon.localdc.store import AuthKeyRecord, Store
+
+log = logging.getLogger("tgdaemon.localdc")
+
+BANNER = "localdc is a LOCAL STAND-IN for Telegram's data centres; it is NOT Telegram"
+
+RPC_RESULT = 0xF35C6D01
+MSG_CONTAINER = 0x73F1F8DC
+GZIP_PACKED = 0x3072CFA1
+MSGS_ACK = 0x62D6B459
+SERVICE = MethodNames(tl="msg_service", cls="", qualified="")
+_WRAPPERS = (
+    fn.InvokeWithLayerRequest,
+    fn.InitConnectionRequest,
+    fn.InvokeWithoutUpdatesRequest,
+    fn.InvokeAfterMsgRequest,
+    fn.InvokeAfterMsgsRequest,
+    fn.InvokeWithTakeoutRequest,
+)
+_HANDSHAKE = (fn.ReqPqMultiRequest, fn.ReqPqRequest, fn.ReqDHParamsRequest,
+              fn.SetClientDHParamsRequest)
+_WRITE_BUFFER_LIMIT = 8 * 1024 * 1024
+
+
+def _salt_for(key: bytes) -> int:
+    """Server salt of a key: stable across restarts, so a restart costs no extra round trip."""
+    return struct.unpack("<q", sha256(b"localdc-salt" + key[:32]).digest()[:8])[0]
+
+
+class _Conn:
+    """One client TCP connection and its MTProto session state."""
+
+    __slots__ = ("codec", "dc_id", "handshake", "key_id", "last_msg_id", "ping_timer",
+                 "salt", "seq", "session_id", "task", "writer")
+
+    def __init__(self, dc_id: int, writer: asyncio.StreamWriter) -> None:
+        self.dc_id = dc_id
+        self.writer = writer
+        self.codec: transport.Codec | None = None
+        self.handshake: Handshake | None = None
+        self.key_id: int | None = None
+        self.salt = 0
+        self.session_id: int | None = None
+        self.seq = 0
+        self.last_msg_id = 0
+        self.ping_timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<localdc conn dc={self.dc_id} key={self.key_id}>"
+
+    def next_msg_id(self, response: bool, skew: float) -> int:
+        t = time.time() + skew
+        mid = (int(t * 2**32) & ~3) | (1 if response else 3)
+        if 0 <= self.last_msg_id - mid < 2**32:  # same instant: stay unique and increasing
+            mid = (self.last_msg_id & ~3) + 4 | (1 if response else 3)
+        self.last_msg_id = mid
+        return mid
+
+    def next_seq(self, content_related: bool) -> int:
+        if content_related:
+            self.seq += 1
+            return self.seq * 2 - 1
+        return self.seq * 2
+
+    def write(self, payload: bytes, delay: float = 0.0) -> None:
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, self._write_now, payload)
+        else:
+            self._write_now(payload)
+
+    def _write_now(self, payload: bytes) -> None:
+        if self.codec is None or self.writer.is_closing():
+            return
+        self.writer.write(self.codec.encode(payload))
+        if self.writer.transport.get_write_buffer_size() > _WRITE_BUFFER_LIMIT:
+            log.warning("localdc: client not reading, dropping %r", self)
+            self.abort()
+
+    def abort(self) -> None:
+        if self.ping_timer is not None:
+            self.ping_timer.cancel()
+            self.ping_timer = None
+        if not self.writer.is_closing():
+            self.writer.transport.abort()
+
+
+class LocalDC:
+    """A local MTProto server with ``dcs`` data centres sharing one user registry.
+
+    ``port``: DC k listens on ``port + k - 1``; ``0`` picks free ports. ``code``: the login
+    code every ``auth.sendCode`` "sends" (``None`` = a random code per request, readable with
+    :meth:`last_code`). ``control_port``: also serve the HTTP/JSON control API (0 = free port).
+    """
+
+    def __init__(
+        self,
+        state_dir: Path | None,
+        dcs: int = 1,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        code: str | None = "12345",
+        control_port: int | None = None,
+    ) -> None:
+        if dcs < 1:
+            raise ValueError("dcs must be >= 1")
+        self.state_dir = state_dir
+        self.dcs = dcs
+        self.host = host
+        self.port = port
+        self.code = code
+        self.control_port = control_port
+        self.faults = FaultBook()
+        self._store: Store | None = None
+        self._world: World | None = None
+        self._servers: dict[int, asyncio.base_events.Server] = {}
+        self._addresses: dict[int, tuple[str, int]] = {}
+        self._conns: set[_Conn] = set()
+        self._counts: dict[tuple[int, int | None], Counter[str]] = {}
+        self._control: Any = None
+        self.control_url: str | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._servers:
+            raise RuntimeError("LocalDC already started")
+        log.warning(BANNER)
+        self._store = Store(self.state_dir)
+        self._world = World(
+            store=self._store,
+            addresses=lambda: self.addresses,
+            bind_key=self._bind_key,
+            push=self._push,
+            fixed_code=self.code,
+        )
+        advertised = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
+        try:
+            for dc_id in range(1, self.dcs + 1):
+                port = 0 if self.port == 0 else self.port + dc_id - 1
+                server = await asyncio.start_server(
+                    lambda r, w, d=dc_id: self._serve(d, r, w), self.host, port,
+                    limit=2**16, backlog=1024,
+                )
+                self._servers[dc_id] = server
+                self._addresses[dc_id] = (advertised, server.sockets[0].getsockname()[1])
+            if self.control_port is not None:
+                from tgdaemon.localdc.control import start_control
+
+                self._control, self.control_url = await start_control(
+                    self, self.host if advertised == self.host else "127.0.0.1",
+                    self.control_port,
+                )
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("localdc listening: %s", self._addresses)
+
+    async def stop(self) -> None:
+        if self._control is not None:
+            await self._control.cleanup()
+            self._control = None
+            self.control_url = None
+        for server in self._servers.values():
+            server.close()
+        tasks = [c.task for c in self._conns if c.task is not None]
+        for conn in list(self._conns):
+            conn.abort()
+        for server in self._servers.values():
+            await server.wait_closed()
+        self._servers.clear()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    async def __aenter__(self) -> LocalDC:
+        await self.start()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    # -- public API --------------------------------------------------------------------------
+
+    @property
+    def addresses(self) -> dict[int, tuple[str, int]]:
+        return dict(self._addresses)
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise RuntimeError("LocalDC is not started")
+        return self._store
+
+    @property
+    def world(self) -> World:
+        if self._world is None:
+            raise RuntimeError("LocalDC is not started")
+        return self._world
+
+    @property
+    def rsa_public_pem(self) -> str:
+        return self.store.rsa_key.public_pem
+
+    @property
+    def rsa_fingerprint(self) -> int:
+        return self.store.rsa_key.fingerprint
+
+    def info(self) -> dict[str, Any]:
+        """The CLI info-file content."""
+        return {
+            "dcs": [{"id": i, "host": h, "port": p}
+                    for i, (h, p) in sorted(self.addresses.items())],
+            "rsa_public_key": self.rsa_public_pem,
+            "control_url": self.control_url,
+            "code": self.code,
+        }
+
+    def set_password(self, phone: str, password: str | None) -> None:
+        """Set (or remove, with None) the 2FA password of a phone, user or not yet."""
+        from tgdaemon.localdc.crypto import SrpVerifier
+
+        verifier = SrpVerifier.create(password) if password is not None else None
+        self.store.set_password(normalize_phone(phone), verifier)
+
+    def last_code(self, phone: str) -> str | None:
+        return self.world.last_codes.get(normalize_phone(phone))
+
+    def user_id(self, phone: str) -> int | None:
+        return self.store.users_by_phone.get(normalize_phone(phone))
+
+    def inject(self, fault: Fault) -> int:
+        fault_id = self.faults.add(fault)
+        log.info("localdc fault %d injected: %s", fault_id, fault)
+        return fault_id
+
+    def clear(self, fault_id: int | None = None) -> int:
+        return self.faults.clear(fault_id)
+
+    def drop_connections(self, dc_id: int | None = None, user_id: int | None = None,
+                         auth_key_id: int | None = None) -> int:
+        """Abort matching TCP connections now (clients see a reset); returns how many."""
+        n = 0
+        for conn in list(self._conns):
+            if dc_id is not None and conn.dc_id != dc_id:
+                continue
+            if auth_key_id is not None and conn.key_id != auth_key_id:
+                continue
+            if user_id is not None and self._conn_user(conn) != user_id:
+                continue
+            conn.abort()
+            n += 1
+        log.info("localdc dropped %d connection(s)", n)
+        return n
+
+    def forget_auth_key(self, auth_key_id: int | None = None, *, user_id: int | None = None,
+                        dc_id: int | None = None) -> int:
+        """Delete matching auth keys: their next message is answered with transport -404."""
+        if auth_key_id is None and user_id is None and dc_id is None:
+            raise ValueError("forget_auth_key needs auth_key_id, user_id or dc_id")
+        doomed = [
+            rec.key_id for rec in self.store.auth_keys.values()
+            if (auth_key_id is None or rec.key_id == auth_key_id)
+            and (user_id is None or rec.user_id == user_id)
+            and (dc_id is None or rec.dc_id == dc_id)
+        ]
+        for key_id in doomed:
+            self.store.delete_auth_key(key_id)
+        log.info("localdc forgot %d auth key(s)", len(doomed))
+        return len(doomed)
+
+    def auth_key_ids(self, user_id: int | None = None, dc_id: int | None = None) -> list[int]:
+        return [r.key_id for r in self.store.auth_keys.values()
+                if (user_id is None or r.user_id == user_id)
+                and (dc_id is None or r.dc_id == dc_id)]
+
+    def push_update(self, user_id: int, text: str = "ping from localdc", *,
+                    updates: tl.TypeUpdates | None = None) -> int | None:
+        """Deliver a new incoming message (from service user 777000) to the user's sessions.
+
+        Returns the message id; with ``updates`` given, pushes that object as is (no pts).
+        """
+        if updates is not None:
+            self._push(user_id, updates, None)
+            return None
+        if user_id not in self.store.users:
+            raise KeyError(f"unknown user {user_id}")
+        msg = self.world.new_message(user_id, text, out=False, peer=SERVICE_USER_ID,
+                                     exclude_key=None)
+        return msg.id
+
+    def counters(self, dc_id: int | None = None, user_id: int | None = None) -> dict[str, Any]:
+        """Summed counters; method counts are under ``"requests"`` keyed by TL name
+        (``"users.getUsers"``, ``"ping"``, ``"req_pq_multi"``)."""
+        total: Counter[str] = Counter()
+        for (d, u), c in self._counts.items():
+            if (dc_id is None or d == dc_id) and (user_id is None or u == user_id):
+                total.update(c)
+        out: dict[str, Any] = {k: 0 for k in (
+            "connections_accepted", "connections_refused", "connections", "key_exchanges",
+            "auth_key_not_found", "stalled", "rpc_errors_injected", "updates_pushed",
+            "updates_muted")}
+        requests: dict[str, int] = {}
+        for k, v in total.items():
+            if k.startswith("req:"):
+                requests[k[4:]] = v
+            else:
+                out[k] = v
+        out["requests"] = requests
+        return out
+
+    def connection_count(self, dc_id: int | None = None) -> int:
+        return sum(1 for c in self._conns if dc_id is None or c.dc_id == dc_id)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _count(self, dc_id: int, user_id: int | None, what: str, n: int = 1) -> None:
+        key = (dc_id, user_id)
+        c = self._counts.get(key)
+        if c is None:
+            c = self._counts[key] = Counter()
+        c[what] += n
+
+    def _conn_user(self, conn: _Conn) -> int | None:
+        if conn.key_id is None or self._store is None:
+            return None
+        rec = self._store.auth_keys.get(conn.key_id)
+        return rec.user_id if rec else None
+
+    def _scope(self, conn: _Conn) -> Scope:
+        return Scope(conn.dc_id, self._conn_user(conn), conn.key_id)
+
+    def _bind_key(self, key_id: int, user_id: int | None) -> None:
+        self.store.update_auth_key(key_id, user_id=user_id)
+
+    def _push(self, user_id: int, updates: tl.TypeUpdates, exclude_key: int | None) -> None:
+        body = bytes(updates)
+        for conn in list(self._conns):
+            if conn.session_id is None or conn.key_id == exclude_key:
+                continue
+            if self._conn_user(conn) != user_id:
+                continue
+            scope = self._scope(conn)
+            if self.faults.match("mute_updates", scope):
+                self._count(conn.dc_id, user_id, "updates_muted")
+                continue
+            rec = self.store.auth_keys[conn.key_id]  # type: ignore[index]
+            self._count(conn.dc_id, user_id, "updates_pushed")
+            self._send_encrypted(conn, rec, body, content_related=True, response=False)
+
+    async def _serve(self, dc_id: int, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        conn = _Conn(dc_id, writer)
+        conn.task = asyncio.current_task()
+        self._conns.add(conn)
+        self._count(dc_id, None, "connections_accepted")
+        try:
+            if self.faults.match("refuse", Scope(dc_id)):
+                self._count(dc_id, None, "connections_refused")
+                return
+            conn.codec = await transport.detect(reader)
+            while True:
+                payload = await conn.codec.read(reader)
+                self._on_packet(conn, payload)
+        except (asyncio.IncompleteReadError, ConnectionError, transport.TransportError,
+                HandshakeError) as exc:
+            log.debug("localdc connection %r ended: %s", conn, type(exc).__name__)
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("localdc: unexpected error on %r", conn)
+        finally:
+            self._conns.discard(conn)
+            conn.abort()
+            writer.close()
+
+    def _on_packet(self, conn: _Conn, payload: bytes) -> None:
+        if len(payload) < 8:
+            raise transport.TransportError("packet too short")
+        (key_id,) = struct.unpack("<Q", payload[:8])
+        if key_id == 0:
+            self._on_plain(conn, payload)
+            return
+        rec = self.store.auth_keys.get(key_id)
+        if rec is None or rec.dc_id != conn.dc_id:
+            self._count(conn.dc_id, None, "auth_key_not_found")
+            conn.write(struct.pack("<i", -404))
+            return
+        if conn.key_id != key_id:
+            conn.key_id = key_id
+            conn.salt = _salt_for(rec.key)
+            conn.session_id = None
+            scope = self._scope(conn)
+            self._count(conn.dc_id, scope.user_id, "connections")
+            if self.faults.match("refuse", scope):
+                self._count(conn.dc_id, scope.user_id, "connections_refused")
+                conn.abort()
+                return
+        try:
+            plain = decrypt_client_message(rec.key, payload)
+        except ValueError:
+            log.warning("localdc: undecryptable message on %r, closing", conn)
+            conn.abort()
+            return
+        salt, session_id, msg_id, seqno, length = struct.unpack("<qqqii", plain[:32])
+        body = plain[32:32 + length]
+        # A stall on everything (method=None) also silences service messages; the requests
+        # themselves are then stalled (and the fault's shots used up) in _on_request.
+        silent = self.faults.match("stall", self._scope(conn), SERVICE, consume=False)
+        if conn.session_id != session_id:
+            conn.session_id = session_id
+            conn.seq = 0
+            if not silent:
+                self._send_encrypted(conn, rec, bytes(tl.NewSessionCreated(
+                    first_msg_id=msg_id, unique_id=struct.unpack("<q", os.urandom(8))[0],
+                    server_salt=conn.salt)), content_related=False, response=False)
+        if salt != conn.salt and not silent:
+            self._send_encrypted(conn, rec, bytes(tl.BadServerSalt(
+                bad_msg_id=msg_id, bad_msg_seqno=seqno, error_code=48,
+                new_server_salt=conn.salt)), content_related=False, response=True)
+            return
+        self._on_message(conn, rec, msg_id, body)
+
+    def _on_message(self, conn: _Conn, rec: AuthKeyRecord, msg_id: int, body: bytes) -> None:
+        (cid,) = struct.unpack("<I", body[:4])
+        if cid == MSG_CONTAINER:
+            reader = BinaryReader(body[4:])
+            for _ in range(reader.read_int()):
+                inner_id = reader.read_long()
+                reader.read_int()  # seqno
+                inner = reader.read(reader.read_int())
+                self._on_message(conn, rec, inner_id, inner)
+            return
+        if cid == GZIP_PACKED:
+            data = GzipPacked.from_reader(BinaryReader(body[4:])).data
+            self._on_message(conn, rec, msg_id, data)
+            return
+        if cid == MSGS_ACK:
+            return
+        try:
+            obj = BinaryReader(body).tgread_object()
+        except TypeNotFoundError:
+            self._reply(conn, rec, msg_id, bytes(tl.RpcError(400, "INPUT_CONSTRUCTOR_INVALID")))
+            return
+        if isinstance(obj, (fn.PingRequest, fn.PingDelayDisconnectRequest)):
+            self._on_ping(conn, rec, msg_id, obj)
+        elif isinstance(obj, TLRequest):
+            self._on_request(conn, rec, msg_id, obj)
+
+    def _on_ping(self, conn: _Conn, rec: AuthKeyRecord, msg_id: int, ping: Any) -> None:
+        names = method_names(ping)
+        scope = self._scope(conn)
+        self._count(conn.dc_id, scope.user_id, "req:" + names.tl)
+        if self.faults.match("stall", scope, names):
+            self._count(conn.dc_id, scope.user_id, "stalled")
+            return
+        if isinstance(ping, fn.PingDelayDisconnectRequest):
+            if conn.ping_timer is not None:
+                conn.ping_timer.cancel()
+            conn.ping_timer = asyncio.get_running_loop().call_later(
+                ping.disconnect_delay, conn.abort)
+        pong = bytes(tl.Pong(msg_id=msg_id, ping_id=ping.ping_id))
+        self._send_encrypted(conn, rec, pong, content_related=True, response=True,
+                             delay=self._latency(scope, names))
+
+    def _on_request(self, conn: _Conn, rec: AuthKeyRecord, msg_id: int, req: Any) -> None:
+        layer = None
+        while isinstance(req, _WRAPPERS):
+            if isinstance(req, fn.InvokeWithLayerRequest):
+                layer = req.layer
+            req = req.query
+        if layer is not None and rec.layer != layer:
+            rec = self.store.update_auth_key(rec.key_id, layer=layer) or rec
+        names = method_names(req)
+        scope = self._scope(conn)
+        self._count(conn.dc_id, scope.user_id, "req:" + names.tl)
+        if self.faults.match("stall", scope, names):
+            self._count(conn.dc_id, scope.user_id, "stalled")
+            return
+        delay = self._latency(scope, names)
+        fault = self.faults.match("rpc_error", scope, names)
+        if fault is not None:
+            self._count(conn.dc_id, scope.user_id, "rpc_errors_injected")
+            result = bytes(tl.RpcError(fault.error_code, fault.error))
+        else:
+            ctx = Ctx(dc_id=conn.dc_id, key_id=rec.key_id, user_id=scope.user_id)
+            try:
+                answer = self.world.handle(ctx, req)
+                result = answer if isinstance(answer, bytes) else bytes(answer)
+            except RpcFail as exc:
+                result = bytes(tl.RpcError(exc.code, exc.message))
+            except Exception:
+                log.exception("localdc: handler for %s failed", names.tl)
+                result = bytes(tl.RpcError(500, "INTERNAL"))
+        self._reply(conn, rec, msg_id, result, delay)
+
+    def _reply(self, conn: _Conn, rec: AuthKeyRecord, msg_id: int, result: bytes,
+               delay: float = 0.0) -> None:
+        body = struct.pack("<Iq", RPC_RESULT, msg_id) + result
+        self._send_encrypted(conn, rec, body, content_related=True, response=True, delay=delay)
+
+    def _latency(self, scope: Scope, names: MethodNames) -> float:
+        fault = self.faults.match("latency", scope, names)
+        return fault.seconds if fault else 0.0
+
+    def _skew(self, scope: Scope) -> float:
+        fault = self.faults.match("clock_skew", scope, consume=False)
+        return fault.seconds if fault else 0.0
+
+    def _send_encrypted(self, conn: _Conn, rec: AuthKeyRecord, body: bytes, *,
+                        content_related: bool, response: bool, delay: float = 0.0) -> None:
+        msg_id = conn.next_msg_id(response, self._skew(self._scope(conn)))
+        plain = struct.pack("<qqqii", conn.salt, conn.session_id or 0, msg_id,
+                            conn.next_seq(content_related), len(body)) + body
+        conn.write(encrypt_server_message(rec.key, rec.key_id, plain), delay)
+
+    def _on_plain(self, conn: _Conn, payload: bytes) -> None:
+        if len(payload) < 20:
+            raise transport.TransportError("plain message too short")
+        _, length = struct.unpack("<qi", payload[8:20])
+        req = BinaryReader(payload[20:20 + length]).tgread_object()
+        if not isinstance(req, _HANDSHAKE):
+            raise HandshakeError(f"unexpected plain message {type(req).__name__}")
+        names = method_names(req)
+        scope = Scope(conn.dc_id)
+        self._count(conn.dc_id, None, "req:" + names.tl)
+        if self.faults.match("stall", scope, names):
+            self._count(conn.dc_id, None, "stalled")
+            return
+        delay = self._latency(scope, names)
+        skew = self._skew(scope)
+        if isinstance(req, (fn.ReqPqMultiRequest, fn.ReqPqRequest)):
+            conn.handshake = Handshake()
+            answer: Any = conn.handshake.res_pq(req, self.store.rsa_key.fingerprint)
+        elif conn.handshake is None:
+            raise HandshakeError("key exchange step out of order")
+        elif isinstance(req, fn.ReqDHParamsRequest):
+            answer = conn.handshake.server_dh_params(req, self.store.rsa_key, skew)
+        else:
+            answer, key = conn.handshake.dh_gen(req)
+            conn.handshake = None
+            key_id = key_id_of(key)
+            self.store.put_auth_key(AuthKeyRecord(key_id, conn.dc_id, key))
+            self._count(conn.dc_id, None, "key_exchanges")
+            log.info("localdc: new auth key %d on DC %d", key_id, conn.dc_id)
+        data = bytes(answer)
+        msg_id = conn.next_msg_id(True, skew)
+        conn.write(struct.pack("<qqi", 0, msg_id, len(data)) + data, delay)
+
+
+__all__ = ["BANNER", "LocalDC"]
