@@ -1,0 +1,239 @@
+"""A Telethon session persisted, encrypted, through :class:`tgdaemon.store.Store`.
+
+Telethon drives sessions synchronously (property setters, ``save()``; an awaitable result
+makes it warn on every call), so every change is *submitted* to the store's writer without
+blocking and made durable in the background.  The daemon awaits :meth:`StoreSession.flush`
+at the points where durability matters: after ``connect()`` (a new auth key) and before a
+login binds the key to a user.
+
+Built on :class:`~telethon.sessions.MemorySession` because its lookup logic
+(``get_input_entity``) is what the client expects; only the entity cache is replaced, by a
+bounded LRU, since MemorySession's unbounded set grows for the lifetime of a client.
+Persisted: DC, address, port, auth key, own user id and the general update state.
+Not persisted: other entities, channel update states, takeout id, file cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+from collections import OrderedDict
+from typing import Any
+
+from telethon import utils
+from telethon.crypto import AuthKey
+from telethon.sessions import MemorySession
+from telethon.tl import types
+from telethon.tl.types import PeerChannel, PeerChat, PeerUser
+
+from tgdaemon.exceptions import StoreError, TgdaemonError
+from tgdaemon.store import SessionData, Store
+
+log = logging.getLogger("tgdaemon.session")
+
+_Row = tuple[int, int, Any, Any, Any]  # (marked id, access hash, username, phone, name)
+
+
+class StoreSession(MemorySession):
+    """Telethon session for one account, saved through the store's single writer."""
+
+    def __init__(
+        self,
+        store: Store,
+        account: str,
+        data: SessionData | None,
+        *,
+        entity_cache_size: int = 256,
+    ) -> None:
+        super().__init__()
+        if entity_cache_size < 1:
+            raise ValueError("entity_cache_size must be at least 1")
+        self._store = store
+        self._account = account
+        self._entity_cache_size = entity_cache_size
+        self._lru: OrderedDict[int, _Row] = OrderedDict()
+        self._self_id: int | None = None
+        self._outstanding: set[asyncio.Future[None]] = set()
+        self._last_submitted: SessionData | None = data
+        self._error: BaseException | None = None
+        if data is not None:
+            self._dc_id = data.dc_id
+            self._server_address = data.server_address
+            self._port = data.port
+            self._auth_key = AuthKey(data.auth_key) if data.auth_key else None
+            self._self_id = data.user_id
+            if data.pts is not None:
+                self._update_states[0] = types.updates.State(
+                    pts=data.pts, qts=data.qts or 0, seq=data.seq or 0, unread_count=0,
+                    date=datetime.datetime.fromtimestamp(data.date or 0, tz=datetime.UTC),
+                )
+
+    def __repr__(self) -> str:
+        return f"StoreSession(account={self._account!r}, dc={self._dc_id})"
+
+    @property
+    def account(self) -> str:
+        return self._account
+
+    @property
+    def user_id(self) -> int | None:
+        return self._self_id
+
+    # -- persistence -------------------------------------------------------------------
+
+    def snapshot(self) -> SessionData | None:
+        """The persistent part of the session now (None until a DC is known)."""
+        if not self._server_address:
+            return None
+        key = self._auth_key.key if self._auth_key else None  # the sender may mutate it
+        state = self._update_states.get(0)
+        return SessionData(
+            dc_id=self._dc_id,
+            server_address=self._server_address,
+            port=self._port or 0,
+            auth_key=bytes(key) if key else None,
+            user_id=self._self_id,
+            pts=state.pts if state else None,
+            qts=state.qts if state else None,
+            date=int(state.date.timestamp()) if state and state.date else None,
+            seq=state.seq if state else None,
+        )
+
+    def _submit(self) -> None:
+        data = self.snapshot()
+        if data is None or data == self._last_submitted:
+            return
+        try:
+            fut = self._store.submit_session(self._account, data)
+        except TgdaemonError as exc:
+            # Called from inside Telethon: raising would break its flow; flush() reports it.
+            if self._error is None:
+                log.error("account %s: session change not saved: %s", self._account, exc)
+            self._error = exc
+            return
+        self._last_submitted = data
+        self._track(fut)
+
+    def _track(self, fut: asyncio.Future[None]) -> None:
+        if fut in self._outstanding:
+            return
+        self._outstanding.add(fut)
+        fut.add_done_callback(self._done)
+
+    def _done(self, fut: asyncio.Future[None]) -> None:
+        self._outstanding.discard(fut)
+        exc = None if fut.cancelled() else fut.exception()
+        if exc is not None:
+            self._error = exc
+            self._last_submitted = None  # resubmit on the next save()/flush()
+
+    async def flush(self) -> None:
+        """Make the current session state durable; raise if it could not be written."""
+        # An earlier failure cleared _last_submitted, so this resubmits; its fate decides.
+        self._error = None
+        self._submit()  # no-op unless something changed or an earlier write failed
+        while self._outstanding:
+            await asyncio.wait(list(self._outstanding))  # wait() never cancels them
+        if self._error is not None:
+            exc, self._error = self._error, None
+            if isinstance(exc, TgdaemonError):
+                raise exc
+            raise StoreError(f"account {self._account}: session not saved: {exc}") from exc
+
+    # -- Telethon's synchronous API ------------------------------------------------------
+
+    def set_dc(self, dc_id: int, server_address: str, port: int) -> None:
+        super().set_dc(dc_id, server_address, port)
+        self._submit()
+
+    @MemorySession.auth_key.setter  # type: ignore[attr-defined, untyped-decorator]
+    def auth_key(self, value: AuthKey | None) -> None:
+        self._auth_key = value
+        self._submit()
+
+    def set_update_state(self, entity_id: int, state: Any) -> None:
+        # Written on the next save()/close(): Telethon sets states in bursts, then saves.
+        super().set_update_state(entity_id, state)
+
+    def save(self) -> None:
+        self._submit()
+
+    def close(self) -> None:
+        self._submit()
+
+    def delete(self) -> None:
+        """Called by ``log_out()``: the key is dead, drop the stored session."""
+        self._auth_key = None
+        self._self_id = None
+        self._update_states.clear()
+        self._lru.clear()
+        try:
+            fut = self._store.submit_delete(self._account)
+        except TgdaemonError as exc:
+            log.error("account %s: session not deleted: %s", self._account, exc)
+            self._error = exc
+            return
+        self._last_submitted = self.snapshot()  # flush() must not resurrect the record
+        self._track(fut)
+
+    def clone(self, to_instance: Any = None) -> MemorySession:
+        # Telethon clones for CDN/exported senders: those must never overwrite our record.
+        return to_instance or MemorySession()
+
+    # -- bounded entity cache ----------------------------------------------------------
+
+    def process_entities(self, tlo: Any) -> None:
+        changed_self = False
+        for row in self._entities_to_rows(tlo):
+            if row[0] == 0:  # Telethon's marker for the own user: InputPeerUser(0, self_id)
+                if row[1] != self._self_id:
+                    self._self_id = row[1]
+                    changed_self = True
+                continue
+            self._lru[row[0]] = row
+            self._lru.move_to_end(row[0])
+        while len(self._lru) > self._entity_cache_size:
+            self._lru.popitem(last=False)
+        if changed_self:
+            self._submit()  # the own user id is what makes the session "logged in"
+
+    def get_input_entity(self, key: Any) -> Any:
+        if isinstance(key, int) and not isinstance(key, bool) and key == 0:
+            if self._self_id is None:
+                raise ValueError("Could not find input entity with key ", key)
+            return types.InputPeerUser(0, self._self_id)
+        return super().get_input_entity(key)
+
+    def _find(self, index: int, value: Any) -> tuple[int, int] | None:
+        for row in reversed(self._lru.values()):
+            if row[index] == value:
+                self._lru.move_to_end(row[0])
+                return row[0], row[1]
+        return None
+
+    def get_entity_rows_by_phone(self, phone: Any) -> tuple[int, int] | None:
+        return self._find(3, phone)
+
+    def get_entity_rows_by_username(self, username: Any) -> tuple[int, int] | None:
+        return self._find(2, username)
+
+    def get_entity_rows_by_name(self, name: Any) -> tuple[int, int] | None:
+        return self._find(4, name)
+
+    def get_entity_rows_by_id(self, id: int, exact: bool = True) -> tuple[int, int] | None:
+        if exact:
+            ids: tuple[int, ...] = (id,)
+        else:
+            ids = (utils.get_peer_id(PeerUser(id)), utils.get_peer_id(PeerChat(id)),
+                   utils.get_peer_id(PeerChannel(id)))
+        for i in ids:
+            row = self._lru.get(i)
+            if row is not None:
+                self._lru.move_to_end(i)
+                return row[0], row[1]
+        return None
+
+    @property
+    def entity_count(self) -> int:
+        return len(self._lru)
