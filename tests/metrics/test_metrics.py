@@ -1,0 +1,413 @@
+"""tgdaemon.metrics: values, labels, zero-start, removal, both histogram modes, fast renderer."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tgdaemon.metrics import ERROR_CATEGORIES, LATENCY_BUCKETS, Metrics, render
+from tgdaemon.status import State, StatusBoard, UserInfo
+
+ACCOUNT_FAMILIES = {
+    "tgdaemon_account_up",
+    "tgdaemon_account_state",
+    "tgdaemon_errors",
+    "tgdaemon_reconnects",
+    "tgdaemon_flood_wait_seconds",
+    "tgdaemon_dc_failovers",
+    "tgdaemon_worker_restarts",
+    "tgdaemon_update_gaps",
+}
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def scrape(registry: CollectorRegistry, *, fast: bool = False) -> dict[str, object]:
+    text = (render(registry) if fast else generate_latest(registry)).decode()
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def samples(registry: CollectorRegistry, sample_name: str, **labels: str) -> list[float]:
+    """Values of every sample named ``sample_name`` whose labels include ``labels``."""
+    out = []
+    for family in scrape(registry).values():
+        for s in family.samples:
+            if s.name == sample_name and labels.items() <= s.labels.items():
+                out.append(s.value)
+    return out
+
+
+def value(registry: CollectorRegistry, sample_name: str, **labels: str) -> float:
+    found = samples(registry, sample_name, **labels)
+    assert len(found) == 1, (sample_name, labels, found)
+    return found[0]
+
+
+@pytest.fixture
+def board() -> StatusBoard:
+    return StatusBoard(clock=FakeClock())
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(params=["fleet", "account"])
+def metrics(request, registry, board, clock) -> Metrics:
+    return Metrics(registry, board, histograms=request.param, version="9.9.9", clock=clock)
+
+
+def test_new_account_has_every_counter_at_zero(metrics, registry):
+    metrics.add_account("alice")
+    fams = scrape(registry)
+    assert fams.keys() >= ACCOUNT_FAMILIES
+    for category in ERROR_CATEGORIES:
+        assert value(registry, "tgdaemon_errors_total", account="alice", category=category) == 0
+    for name in ("reconnects", "flood_wait_seconds", "dc_failovers", "worker_restarts",
+                 "update_gaps"):  # fmt: skip
+        assert value(registry, f"tgdaemon_{name}_total", account="alice") == 0
+    # Nothing measured yet: no heartbeat timestamp rather than "stale since 1970".
+    assert samples(registry, "tgdaemon_heartbeat_timestamp_seconds", account="alice") == []
+
+
+def test_counters_count(metrics, registry):
+    metrics.add_account("alice")
+    metrics.add_account("bob")
+    metrics.error("alice", "auth")
+    metrics.error("alice", "auth")
+    metrics.error("alice", "flood_wait")
+    metrics.reconnect("alice")
+    metrics.flood_wait("alice", 30)
+    metrics.flood_wait("alice", 2.5)
+    metrics.failover("alice")
+    metrics.worker_restart("alice")
+    metrics.worker_restart("alice")
+    metrics.update_gap("alice")
+    metrics.heartbeat("alice", 1_700_000_123.5)
+
+    assert value(registry, "tgdaemon_errors_total", account="alice", category="auth") == 2
+    assert value(registry, "tgdaemon_errors_total", account="alice", category="flood_wait") == 1
+    assert value(registry, "tgdaemon_errors_total", account="alice", category="network") == 0
+    assert value(registry, "tgdaemon_reconnects_total", account="alice") == 1
+    assert value(registry, "tgdaemon_flood_wait_seconds_total", account="alice") == 32.5
+    assert value(registry, "tgdaemon_dc_failovers_total", account="alice") == 1
+    assert value(registry, "tgdaemon_worker_restarts_total", account="alice") == 2
+    assert value(registry, "tgdaemon_update_gaps_total", account="alice") == 1
+    assert value(registry, "tgdaemon_heartbeat_timestamp_seconds", account="alice") == (
+        1_700_000_123.5
+    )
+    # bob is untouched
+    assert sum(samples(registry, "tgdaemon_errors_total", account="bob")) == 0
+    assert value(registry, "tgdaemon_reconnects_total", account="bob") == 0
+
+
+def test_unknown_category_counts_as_unknown(metrics, registry):
+    metrics.add_account("alice")
+    metrics.error("alice", "martian")
+    assert value(registry, "tgdaemon_errors_total", account="alice", category="unknown") == 1
+    categories = {
+        s.labels["category"] for s in scrape(registry)["tgdaemon_errors"].samples
+    }
+    assert categories == set(ERROR_CATEGORIES)
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf, 0.0])
+def test_flood_wait_never_decreases_or_poisons(metrics, registry, bad):
+    metrics.add_account("alice")
+    metrics.flood_wait("alice", 5)
+    metrics.flood_wait("alice", bad)
+    assert value(registry, "tgdaemon_flood_wait_seconds_total", account="alice") == 5
+
+
+@pytest.mark.parametrize("bad", [-0.5, math.nan, math.inf])
+def test_bad_latency_and_heartbeat_are_dropped(metrics, registry, bad):
+    metrics.add_account("alice")
+    metrics.observe_latency("alice", bad)
+    assert sum(samples(registry, "tgdaemon_rpc_latency_seconds_count")) == 0
+    assert samples(registry, "tgdaemon_rpc_last_latency_seconds") == []
+    if not math.isfinite(bad):
+        metrics.heartbeat("alice", bad)
+        assert samples(registry, "tgdaemon_heartbeat_timestamp_seconds") == []
+
+
+def test_state_and_up_are_read_from_the_board_at_scrape_time(metrics, registry, board):
+    metrics.add_account("alice")
+    assert value(registry, "tgdaemon_account_up", account="alice") == 0
+    states = samples(registry, "tgdaemon_account_state", account="alice")
+    assert len(states) == len(State)
+    assert sum(states) == 0  # no status published yet
+
+    board.update("alice", state=State.CONNECTED)
+    assert value(registry, "tgdaemon_account_up", account="alice") == 1
+    assert value(registry, "tgdaemon_account_state", account="alice", state="connected") == 1
+
+    board.update("alice", state=State.FLOOD_WAIT)
+    assert value(registry, "tgdaemon_account_up", account="alice") == 0
+    assert value(registry, "tgdaemon_account_state", account="alice", state="flood_wait") == 1
+    assert value(registry, "tgdaemon_account_state", account="alice", state="connected") == 0
+    assert sum(samples(registry, "tgdaemon_account_state", account="alice")) == 1
+
+
+def test_board_accounts_without_add_account_are_not_exported(metrics, registry, board):
+    board.update("ghost", state=State.CONNECTED)
+    assert samples(registry, "tgdaemon_account_up", account="ghost") == []
+
+
+def test_remove_account_drops_every_series_and_ignores_late_reports(metrics, registry, board):
+    metrics.add_account("alice")
+    metrics.add_account("bob")
+    board.update("alice", state=State.CONNECTED)
+    metrics.observe_latency("alice", 0.1)
+    metrics.heartbeat("alice", 1.0)
+    metrics.remove_account("alice")
+    for method in (metrics.reconnect, metrics.failover, metrics.worker_restart,
+                   metrics.update_gap):  # fmt: skip
+        method("alice")
+    metrics.error("alice", "auth")
+    metrics.observe_latency("alice", 0.2)
+    metrics.flood_wait("alice", 3)
+    metrics.heartbeat("alice", 2.0)
+
+    for family in scrape(registry).values():
+        for s in family.samples:
+            assert s.labels.get("account") != "alice", s
+    assert metrics.accounts() == ["bob"]
+    # Re-adding starts again from zero.
+    metrics.add_account("alice")
+    assert value(registry, "tgdaemon_reconnects_total", account="alice") == 0
+
+
+def test_add_account_is_idempotent(metrics, registry):
+    metrics.add_account("alice")
+    metrics.reconnect("alice")
+    metrics.add_account("alice")
+    assert value(registry, "tgdaemon_reconnects_total", account="alice") == 1
+
+
+@pytest.mark.parametrize("name", ["+15551234567", "15551234567", "+44 20 7946 0958", ""])
+def test_phone_numbers_are_refused_as_labels_without_echoing_them(metrics, name):
+    with pytest.raises(ValueError, match="phone number") as info:
+        metrics.add_account(name)
+    if name:
+        assert name not in str(info.value)
+    assert metrics.accounts() == []
+
+
+def test_only_allowed_labels_and_no_user_data(metrics, registry, board):
+    metrics.add_account("alice")
+    board.update(
+        "alice",
+        state=State.CONNECTED,
+        user=UserInfo(id=777000123, username="secret_handle", first_name="Alice Realname"),
+        last_error_category="auth",
+        last_error_message="AUTH_KEY_UNREGISTERED",
+    )
+    metrics.observe_latency("alice", 0.1)
+    text = generate_latest(registry).decode() + render(registry).decode()
+    for needle in ("secret_handle", "Alice Realname", "777000123", "AUTH_KEY"):
+        assert needle not in text
+    allowed = {"account", "state", "category", "le", "version", "python", "telethon"}
+    for family in scrape(registry).values():
+        for s in family.samples:
+            assert set(s.labels) <= allowed, s
+
+
+def test_families_follow_prometheus_naming(metrics, registry):
+    metrics.add_account("alice")
+    metrics.observe_latency("alice", 0.1)
+    metrics.heartbeat("alice", 1.0)
+    text = render(registry).decode()
+    helps = {line.split()[2] for line in text.splitlines() if line.startswith("# HELP")}
+    types = dict(
+        line.split()[2:4] for line in text.splitlines() if line.startswith("# TYPE")
+    )
+    assert helps == set(types)
+    for name, typ in types.items():
+        assert name.startswith("tgdaemon_")
+        if typ == "counter":
+            assert name.endswith("_total"), name
+        else:
+            assert not name.endswith("_total"), name
+    assert types["tgdaemon_rpc_latency_seconds"] == "histogram"
+    assert types["tgdaemon_heartbeat_timestamp_seconds"] == "gauge"
+
+
+def test_fleet_histogram_mode(registry, board):
+    m = Metrics(registry, board, histograms="fleet")
+    assert m.histograms == "fleet"
+    m.add_account("alice")
+    m.add_account("bob")
+    m.observe_latency("alice", 0.1)  # le is inclusive: counts in the 0.1 bucket
+    m.observe_latency("bob", 0.7)
+    m.observe_latency("bob", 60.0)
+    assert value(registry, "tgdaemon_rpc_latency_seconds_bucket", le="0.05") == 0
+    assert value(registry, "tgdaemon_rpc_latency_seconds_bucket", le="0.1") == 1
+    assert value(registry, "tgdaemon_rpc_latency_seconds_bucket", le="1.0") == 2
+    assert value(registry, "tgdaemon_rpc_latency_seconds_bucket", le="+Inf") == 3
+    assert value(registry, "tgdaemon_rpc_latency_seconds_count") == 3
+    assert value(registry, "tgdaemon_rpc_latency_seconds_sum") == pytest.approx(60.8)
+    for s in scrape(registry)["tgdaemon_rpc_latency_seconds"].samples:
+        assert "account" not in s.labels
+    assert value(registry, "tgdaemon_rpc_last_latency_seconds", account="bob") == 60.0
+    assert value(registry, "tgdaemon_rpc_last_latency_seconds", account="alice") == 0.1
+
+
+def test_account_histogram_mode(registry, board):
+    m = Metrics(registry, board, histograms="account")
+    m.add_account("alice")
+    m.add_account("bob")
+    m.observe_latency("alice", 0.1)
+    m.observe_latency("alice", 0.3)
+    buckets = samples(registry, "tgdaemon_rpc_latency_seconds_bucket", account="alice")
+    assert len(buckets) == len(LATENCY_BUCKETS) + 1
+    assert buckets == sorted(buckets)  # cumulative
+    assert value(registry, "tgdaemon_rpc_latency_seconds_bucket", account="alice", le="0.2") == 1
+    assert value(registry, "tgdaemon_rpc_latency_seconds_count", account="alice") == 2
+    assert value(registry, "tgdaemon_rpc_latency_seconds_sum", account="alice") == (
+        pytest.approx(0.4)
+    )
+    assert value(registry, "tgdaemon_rpc_latency_seconds_count", account="bob") == 0
+    assert "tgdaemon_rpc_last_latency_seconds" not in scrape(registry)
+
+
+def test_invalid_options_are_refused(registry, board):
+    with pytest.raises(ValueError, match="histograms"):
+        Metrics(registry, board, histograms="per-dc")
+    with pytest.raises(ValueError, match="buckets"):
+        Metrics(CollectorRegistry(), board, buckets=(1.0, 0.5))
+    with pytest.raises(ValueError, match="buckets"):
+        Metrics(CollectorRegistry(), board, buckets=(1.0, math.inf))
+
+
+def test_registering_twice_in_one_registry_is_refused(registry, board):
+    Metrics(registry, board)
+    with pytest.raises(ValueError, match="Duplicated"):
+        Metrics(registry, board)
+
+
+def test_config_reload_gauges(metrics, registry, clock):
+    started = clock.now
+    assert value(registry, "tgdaemon_config_reload_success") == 1
+    assert value(registry, "tgdaemon_config_last_reload_success_timestamp_seconds") == started
+    clock.now += 60
+    metrics.config_reload(False)
+    assert value(registry, "tgdaemon_config_reload_success") == 0
+    assert value(registry, "tgdaemon_config_last_reload_success_timestamp_seconds") == started
+    clock.now += 60
+    metrics.config_reload(True)
+    assert value(registry, "tgdaemon_config_reload_success") == 1
+    assert value(registry, "tgdaemon_config_last_reload_success_timestamp_seconds") == (
+        started + 120
+    )
+
+
+def test_build_info(metrics, registry):
+    (build,) = scrape(registry)["tgdaemon_build_info"].samples
+    assert build.value == 1
+    assert build.labels["version"] == "9.9.9"
+    assert build.labels["telethon"].startswith("1.")
+    assert build.labels["python"].count(".") == 2
+
+
+def test_no_accounts_still_renders(metrics, registry):
+    fams = scrape(registry, fast=True)
+    assert "tgdaemon_build_info" in fams
+    assert "tgdaemon_account_up" not in fams
+    assert render(registry).decode().count("# HELP") == len(fams)
+
+
+def _populate(metrics: Metrics, board: StatusBoard, names: list[str]) -> None:
+    for i, name in enumerate(names):
+        metrics.add_account(name)
+        board.update(name, state=list(State)[i % len(State)])
+        metrics.error(name, ERROR_CATEGORIES[i % len(ERROR_CATEGORIES)])
+        metrics.observe_latency(name, 0.01 * (i + 1))
+        metrics.flood_wait(name, i + 0.25)
+        if i % 2:
+            metrics.heartbeat(name, 1_700_000_000.0 + i)
+
+
+def test_render_matches_generate_latest_with_other_collectors(metrics, registry, board):
+    other = Counter("other_things", "Something else in the registry.", registry=registry)
+    other.inc(3)
+    _populate(metrics, board, [f"acct-{i}" for i in range(25)])
+    fast = list(text_string_to_metric_families(render(registry).decode()))
+    slow = list(text_string_to_metric_families(generate_latest(registry).decode()))
+    assert fast == slow
+    assert "other_things" in {f.name for f in fast}
+
+
+# Any text with a letter in it (so never phone-like): quotes, backslashes, newlines, UTF-8.
+_label_text = st.text(
+    st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12
+).filter(lambda s: any(c.isalpha() for c in s))
+
+
+@settings(max_examples=30, deadline=None)
+@given(names=st.lists(_label_text, min_size=1, max_size=5, unique=True))
+def test_render_escapes_like_generate_latest(names):
+    board = StatusBoard(clock=FakeClock())
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, board, histograms="account")
+    _populate(metrics, board, names)
+    fast = list(text_string_to_metric_families(render(registry).decode()))
+    slow = list(text_string_to_metric_families(generate_latest(registry).decode()))
+    assert fast == slow
+
+
+def test_scrape_in_a_thread_while_the_loop_mutates(registry, board):
+    """The HTTP layer renders off-loop: concurrent add/remove must not break a scrape."""
+    metrics = Metrics(registry, board)
+    for i in range(3000):  # long enough iterations for the GIL to switch mid-copy
+        metrics.add_account(f"base-{i}")
+    errors: list[BaseException] = []
+    scrapes = 0
+    stop = threading.Event()
+
+    def scraper() -> None:
+        nonlocal scrapes
+        try:
+            while not stop.is_set():
+                list(registry.collect())
+                scrapes += 1
+        except BaseException as exc:  # the failure being tested for
+            errors.append(exc)
+
+    thread = threading.Thread(target=scraper)
+    thread.start()
+    try:
+        for round_ in range(400):
+            names = [f"a{round_}-{i}" for i in range(50)]
+            for name in names:
+                metrics.add_account(name)
+                board.update(name, state=State.CONNECTED)
+            for name in names:
+                metrics.remove_account(name)
+                board.remove(name)
+            if errors:
+                break
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert errors == []
+    assert scrapes > 0
+    render(registry)  # and the fast path still works on what is left
