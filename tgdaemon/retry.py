@@ -17,8 +17,8 @@ from typing import Any
 
 JITTERS = ("full", "none")
 
-# 2**64 * any sane base is far beyond any cap; stop exponentiating to avoid float overflow.
-_MAX_EXPONENT = 64
+# 2.0**1024 raises OverflowError; base * 2.0**1023 at worst becomes inf, which min() caps.
+_MAX_EXPONENT = 1023
 
 
 def backoff_delay(
@@ -36,7 +36,7 @@ def backoff_delay(
         raise ValueError("base and cap must be >= 0")
     if jitter not in JITTERS:
         raise ValueError(f"jitter must be one of {', '.join(JITTERS)}")
-    ceiling = cap if attempt > _MAX_EXPONENT else min(cap, base * 2.0**attempt)
+    ceiling = min(cap, base * 2.0 ** min(attempt, _MAX_EXPONENT))
     if jitter == "none":
         return ceiling
     return rng.uniform(0.0, ceiling)
@@ -56,14 +56,15 @@ def flood_wait_delay(seconds: int, rng: random.Random, *, jitter_max: float = 1.
 
 
 def backoff_wait_gen(
-    *, base: float, cap: float, jitter: str, rng: random.Random
+    *, base: float, cap: float, jitter_mode: str, rng: random.Random
 ) -> Generator[float, Any, None]:
     """``backoff`` wait generator yielding :func:`backoff_delay` for attempts 0, 1, 2, ...
 
-    Use with ``jitter=None`` in the decorator: the jitter is already applied here.
+    Use with ``jitter=None`` in the decorator: the jitter is already applied here
+    (``jitter_mode`` is named so because the decorator owns the ``jitter`` keyword).
     """
     yield  # type: ignore[misc]  # backoff primes the generator with send(None)
     attempt = 0
     while True:
-        yield backoff_delay(attempt, base=base, cap=cap, jitter=jitter, rng=rng)
+        yield backoff_delay(attempt, base=base, cap=cap, jitter=jitter_mode, rng=rng)
         attempt += 1
