@@ -20,7 +20,7 @@ import resource
 import signal
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
@@ -28,7 +28,6 @@ from tgdaemon.config import Config, load_config
 from tgdaemon.crypto import KeyRing, load_keyring
 from tgdaemon.dcs import DcDirectory
 from tgdaemon.exceptions import ConfigError
-from tgdaemon.http import HttpServer, build_app
 from tgdaemon.metrics import Metrics
 from tgdaemon.notify import Notifier
 from tgdaemon.ratelimit import ConnectRateLimiter
@@ -69,7 +68,7 @@ class Daemon:
                                histograms=config.daemon.metrics_histograms)
         self.store: Store | None = None
         self.supervisor: Supervisor | None = None
-        self.http: HttpServer | None = None
+        self.http: Any = None  # tgdaemon.http.HttpServer when listening
         self._ready = False
 
     async def __aenter__(self) -> Daemon:
@@ -116,6 +115,8 @@ class Daemon:
 
         listen = config.daemon.http_listen
         if listen is not None:
+            from tgdaemon.http import HttpServer, build_app
+
             token = None
             if config.daemon.http_token_file is not None:
                 token = config.daemon.http_token_file.read_text().strip() or None

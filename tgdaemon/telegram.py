@@ -74,15 +74,13 @@ def build_client(
     session: Session,
     config: Config,
     account: AccountConfig,
-    *,
-    api_hash: str,
 ) -> ManagedClient:
     """A client whose failures all surface to the worker (see module docstring)."""
     policy = config.policy
     return cls(
         session,
         config.telegram.api_id,
-        api_hash,
+        config.telegram.api_hash,
         connection=ConnectionTcpFull,
         use_ipv6=config.telegram.use_ipv6,
         proxy=telethon_proxy(account.proxy),
@@ -115,4 +113,4 @@ def local_update_pts(client: TelegramClient) -> int | None:
     if box is None or box.is_empty():
         return None
     state, _channels = box.session_state()
-    return int(state.pts)
+    return int(state["pts"])

@@ -54,7 +54,6 @@ class WorkerDeps:
     """What every worker shares; passed in so tests can supply their own clock or store."""
 
     config: Config
-    api_hash: str
     store: Store
     board: StatusBoard
     metrics: Metrics
@@ -244,7 +243,7 @@ class AccountWorker:
         await self._deliberate_wait(delay)
         if self.client is None:
             self.client = build_client(self.deps.client_cls, self.session, self.deps.config,
-                                       self.account, api_hash=self.deps.api_hash)
+                                       self.account)
         client = self.client
         try:
             await asyncio.wait_for(client.connect(), policy.connect_timeout)
@@ -405,7 +404,5 @@ class AccountWorker:
 
 def _classify(exc: BaseException) -> Classified:
     if isinstance(exc, NotAuthorizedError):
-        from telethon.errors import UnauthorizedError
-
-        return classify(UnauthorizedError(request=None, message="AUTH_KEY_UNREGISTERED"))
+        return Classified(Category.AUTH, "NOT_AUTHORIZED", str(exc), park_state="needs_login")
     return classify(exc)

@@ -1,0 +1,182 @@
+"""Shared fixtures: a running local DC, a temp state dir, a key ring, daemon configs.
+
+Everything talks real MTProto over TCP on 127.0.0.1 to ``tgdaemon.localdc`` with stock
+Telethon; nothing here mocks Telethon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tgdaemon.config import Config, load_config
+from tgdaemon.crypto import KeyRing, generate_keyring, write_key_file
+from tgdaemon.localdc import LocalDC
+from tgdaemon.localdc.testing import API_HASH, API_ID, telethon_isolation
+
+WaitUntil = Callable[..., Awaitable[None]]
+
+
+async def wait_for_condition(
+    predicate: Callable[[], bool | Awaitable[bool]],
+    timeout: float = 10.0,
+    message: str = "condition",
+) -> None:
+    """Poll a condition (sync or async) until it holds; fail on timeout (never a bare sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message} not met within {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def wait_until() -> WaitUntil:
+    return wait_for_condition
+
+
+@pytest.fixture
+def isolated_telethon() -> Iterator[None]:
+    """Telethon's trusted RSA keys and help.getConfig cache are process-wide: reset both."""
+    with telethon_isolation():
+        yield
+
+
+@pytest.fixture
+async def localdc(tmp_path: Path, isolated_telethon: None) -> AsyncIterator[LocalDC]:
+    async with LocalDC(tmp_path / "localdc", dcs=2) as dc:
+        yield dc
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def keyring() -> KeyRing:
+    return generate_keyring()
+
+
+@pytest.fixture
+def key_file(tmp_path: Path, keyring: KeyRing) -> Path:
+    path = tmp_path / "master.key"
+    write_key_file(path, keyring)
+    return path
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+def render_config(
+    *,
+    localdc: LocalDC,
+    state_dir: Path,
+    key_file: Path,
+    rsa_file: Path,
+    accounts: list[dict[str, Any]],
+    policy: dict[str, Any] | None = None,
+    daemon: dict[str, Any] | None = None,
+    servers: dict[int, list[str]] | None = None,
+) -> str:
+    """A complete TOML config pointing at ``localdc``; tests override what they exercise."""
+    if servers is None:
+        servers = {dc: [f"{h}:{p}"] for dc, (h, p) in localdc.addresses.items()}
+    daemon_cfg = {
+        "state_dir": state_dir,
+        "master_key_file": key_file,
+        "http_listen": "127.0.0.1:0",
+        "log_level": "debug",
+        "connect_rate": 0.0,
+        "drain_timeout": 5.0,
+        **(daemon or {}),
+    }
+    policy_cfg = {
+        "heartbeat_interval": 0.5,
+        "stale_after": 5.0,
+        "connect_timeout": 3.0,
+        "request_timeout": 3.0,
+        "backoff_base": 0.1,
+        "backoff_cap": 0.5,
+        **(policy or {}),
+    }
+    lines = ["[daemon]"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in daemon_cfg.items()]
+    lines += ["", "[telegram]", f"api_id = {API_ID}", f'api_hash = "{API_HASH}"',
+              f"rsa_keys = [{_toml_value(rsa_file)}]", "", "[telegram.servers]"]
+    lines += [f'"{dc}" = {_toml_value(addrs)}' for dc, addrs in servers.items()]
+    lines += ["", "[policy]"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in policy_cfg.items()]
+    for account in accounts:
+        lines += ["", "[[accounts]]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in account.items()]
+    return "\n".join(lines) + "\n"
+
+
+ConfigFactory = Callable[..., Config]
+
+
+@pytest.fixture
+def make_config(
+    tmp_path: Path, localdc: LocalDC, state_dir: Path, key_file: Path
+) -> ConfigFactory:
+    """Write a config file for ``localdc`` and load it through the real loader."""
+    rsa_file = tmp_path / "localdc_rsa.pem"
+    rsa_file.write_text(localdc.rsa_public_pem)
+    path = tmp_path / "tgdaemon.toml"
+
+    def factory(accounts: list[dict[str, Any]], **kw: Any) -> Config:
+        path.write_text(render_config(localdc=localdc, state_dir=state_dir, key_file=key_file,
+                                      rsa_file=rsa_file, accounts=accounts, **kw))
+        return load_config(path)
+
+    return factory
+
+
+def phone_for(name: str) -> str:
+    """A fake test number per account name (99966 is Telegram's test prefix)."""
+    return "+99966" + str(10000 + sum(ord(c) * (i + 1) for i, c in enumerate(name)) % 90000)
+
+
+LoginFn = Callable[..., Awaitable[int]]
+
+
+@pytest.fixture
+def login_account(localdc: LocalDC) -> LoginFn:
+    """Log an account in through the CLI's own login flow, answering its prompts."""
+    from tgdaemon.cli import login
+
+    async def do_login(config: Config, name: str, password: str | None = None) -> int:
+        phone = config.account(name).phone or phone_for(name)
+
+        def secret(prompt: str) -> str:
+            if "password" in prompt.lower():
+                assert password is not None, "account has 2FA but no password given"
+                return password
+            code = localdc.last_code(phone)
+            assert code is not None
+            return code
+
+        return await login(config, name, prompt=lambda _p: phone, secret=secret)
+
+    return do_login

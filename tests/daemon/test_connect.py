@@ -1,0 +1,66 @@
+"""Daemon against the local DC: connect, validate, heartbeat, metrics, status."""
+
+from __future__ import annotations
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import phone_for
+from tgdaemon.daemon import Daemon
+from tgdaemon.status import State
+
+
+async def _at_least(value, minimum: float) -> bool:
+    return (await value) >= minimum
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return None
+
+
+async def test_connect_validate_heartbeat(make_config, login_account, localdc, wait_until):
+    config = make_config([{"name": "alice", "phone": phone_for("alice")},
+                          {"name": "bob", "phone": phone_for("bob")}])
+    alice_id = await login_account(config, "alice")
+    await login_account(config, "bob")
+
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: daemon.board.counts()[State.CONNECTED] == 2, 15,
+                         "both accounts connected")
+        alice = daemon.board.get("alice")
+        assert alice is not None
+        assert alice.user is not None
+        assert alice.user.id == alice_id
+        assert alice.dc_id == 1
+
+        url = f"http://127.0.0.1:{daemon.http.port}"
+        async with aiohttp.ClientSession() as http:
+
+            async def latency_count() -> float:
+                async with http.get(f"{url}/metrics") as r:
+                    text = await r.text()
+                return sample(text, "tgdaemon_rpc_latency_seconds_count", account="alice") or 0
+
+            await wait_until(lambda: _at_least(latency_count(), 2), 10,
+                             "two heartbeat latencies in /metrics")
+
+            async with http.get(f"{url}/status") as r:
+                body = await r.json()
+        accounts = body["accounts"] if isinstance(body, dict) else body
+        by_name = {a["account"]: a for a in accounts}
+        assert by_name["alice"]["state"] == "connected"
+        assert by_name["alice"]["user"]["id"] == str(alice_id)
+
+    record = None
+    from tgdaemon.crypto import load_keyring
+    from tgdaemon.store import Store
+    async with await Store.open(config.daemon.state_dir,
+                                load_keyring(key_file=config.daemon.master_key_file)) as store:
+        record = await store.get_account("alice")
+    assert record is not None
+    assert record.user_id == alice_id
+    assert record.last_checked is not None
