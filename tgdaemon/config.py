@@ -347,14 +347,14 @@ class _Parser:
             self.err(key, f"cannot read {p}: {e.strerror or type(e).__name__}")
             return None
 
-    def address(self, value: Any, key: str) -> Address | None:
+    def address(self, value: Any, key: str, *, min_port: int = 1) -> Address | None:
         if not isinstance(value, str):
             self.err(key, f"must be a string \"host:port\", not {_tname(value)}")
             return None
-        addr = _parse_address(value)
+        addr = _parse_address(value, min_port=min_port)
         if addr is None:
-            self.err(key, f"must be \"host:port\" or \"[ipv6]:port\" (port 1-65535), "
-                          f"not {_short(value)}")
+            self.err(key, f"must be \"host:port\" or \"[ipv6]:port\" "
+                          f"(port {min_port}-65535), not {_short(value)}")
         return addr
 
     # ---- sections
@@ -379,7 +379,9 @@ class _Parser:
         elif raw_state:
             state_dir = self.resolve(raw_state, "daemon.state_dir")
         listen_raw = self.get(t, "daemon", "http_listen", str, str(d.http_listen))
-        listen = self.address(listen_raw, "daemon.http_listen") if listen_raw else None
+        # Port 0 binds an ephemeral port (tests, several daemons on one host).
+        listen = (self.address(listen_raw, "daemon.http_listen", min_port=0)
+                  if listen_raw else None)
         return DaemonConfig(
             state_dir=state_dir or d.state_dir,
             master_key_file=self.file_path(t, "daemon", "master_key_file"),
@@ -689,7 +691,7 @@ def _join(prefix: str, key: Any) -> str:
     return f"{prefix}.{key}" if prefix else str(key)
 
 
-def _parse_address(value: str) -> Address | None:
+def _parse_address(value: str, *, min_port: int = 1) -> Address | None:
     if value.startswith("["):
         host, sep, rest = value[1:].partition("]")
         if not sep or not rest.startswith(":"):
@@ -703,7 +705,7 @@ def _parse_address(value: str) -> Address | None:
         host, sep, port_s = value.rpartition(":")
         if not sep or not _HOST_RE.fullmatch(host):
             return None
-    if not (port_s.isascii() and port_s.isdigit()) or not 0 < int(port_s) < 65536:
+    if not (port_s.isascii() and port_s.isdigit()) or not min_port <= int(port_s) < 65536:
         return None
     return Address(host, int(port_s))
 

@@ -107,6 +107,15 @@ def test_empty_http_listen_disables_http() -> None:
     assert parse(minimal(daemon={"http_listen": ""})).daemon.http_listen is None
 
 
+def test_http_listen_may_use_an_ephemeral_port_but_servers_may_not() -> None:
+    cfg = parse(minimal(daemon={"http_listen": "127.0.0.1:0"}))
+    assert cfg.daemon.http_listen == Address("127.0.0.1", 0)
+    assert problems(minimal(telegram={"servers": {"1": ["127.0.0.1:0"]}})) == (
+        f"{CFG}: telegram.servers.1[0]: must be \"host:port\" or \"[ipv6]:port\" "
+        "(port 1-65535), not '127.0.0.1:0'",
+    )
+
+
 def test_state_dir_precedence_cli_over_env_over_file(tmp_path: Path) -> None:
     data = minimal(daemon={"state_dir": "state"})
     assert parse(data).daemon.state_dir == CFG.parent / "state"
@@ -213,7 +222,7 @@ def test_all_problems_reported_together() -> None:
                   {"name": "x", "lang_code": "english!", "device_model": ""}, 7],
     )
     assert problems(data) == (
-        f"{CFG}: daemon.http_listen: must be \"host:port\" or \"[ipv6]:port\" (port 1-65535), "
+        f"{CFG}: daemon.http_listen: must be \"host:port\" or \"[ipv6]:port\" (port 0-65535), "
         "not 'localhost'",
         f"{CFG}: daemon.log_level: must be one of debug|info|warning|error, not 'loud'",
         f"{CFG}: daemon.connect_burst: must be >= 1, not 0",
