@@ -1,8 +1,8 @@
 """Prometheus metrics for the whole fleet, from one custom collector.
 
 Why one collector and not labelled ``Counter``/``Gauge`` objects: at 10,000 accounts the
-labelled objects cost ~6 KB per account per ten metrics (a child object, a lock and a
-``_created`` series each) and render ~2x the lines; here an account is one ``__slots__``
+labelled objects cost ~18 KB per account (a child object, a lock and a ``_created`` series
+per metric) and render 2x the lines; here an account (~0.8 KB) is one ``__slots__``
 object of plain numbers, ``account_up``/``account_state`` are read from the
 :class:`~tgdaemon.status.StatusBoard` at scrape time, and an update is an attribute increment
 (numbers: ``bench/metrics_scrape.py``). :func:`render` then formats the text ~10x faster than
@@ -96,6 +96,7 @@ class _Slots:
         "histogram",
         "labels",
         "last_latency",
+        "plugin_errors",
         "reconnects",
         "update_gaps",
         "worker_restarts",
@@ -110,6 +111,7 @@ class _Slots:
         self.failovers = 0
         self.worker_restarts = 0
         self.update_gaps = 0
+        self.plugin_errors = 0
         self.heartbeat: float | None = None
         self.last_latency: float | None = None
         self.histogram = histogram
@@ -234,6 +236,11 @@ class Metrics:
         if (slot := self._slots.get(name)) is not None:
             slot.update_gaps += 1
 
+    def plugin_error(self, name: str) -> None:
+        """A user plugin failed to load or run (the worker logs it and carries on)."""
+        if (slot := self._slots.get(name)) is not None:
+            slot.plugin_errors += 1
+
     def config_reload(self, ok: bool) -> None:
         self._reload_ok = ok
         if ok:
@@ -263,6 +270,7 @@ class Metrics:
                 slot.failovers,
                 slot.worker_restarts,
                 slot.update_gaps,
+                slot.plugin_errors,
                 slot.heartbeat,
                 slot.last_latency,
                 None if slot.histogram is None else tuple(slot.histogram.buckets),
@@ -345,6 +353,11 @@ class Metrics:
                 "Gaps detected in the account's update sequence (updates were re-fetched).",
                 _get_gaps,
             ),
+            (
+                "plugin_errors",
+                "Failures of the account's user plugins to load or run.",
+                _get_plugin_errors,
+            ),
         ):
             fams.append(_AccountFamily(p + name, doc, "counter", rows, get))
         fams.append(
@@ -390,6 +403,7 @@ class _Row(NamedTuple):
     failovers: int
     worker_restarts: int
     update_gaps: int
+    plugin_errors: int
     heartbeat: float | None
     last_latency: float | None
     buckets: tuple[int, ...] | None
@@ -421,6 +435,10 @@ def _get_restarts(r: _Row) -> int:
 
 def _get_gaps(r: _Row) -> int:
     return r.update_gaps
+
+
+def _get_plugin_errors(r: _Row) -> int:
+    return r.plugin_errors
 
 
 class _LazyFamily(Metric):

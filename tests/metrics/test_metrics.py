@@ -23,6 +23,7 @@ ACCOUNT_FAMILIES = {
     "tgdaemon_dc_failovers",
     "tgdaemon_worker_restarts",
     "tgdaemon_update_gaps",
+    "tgdaemon_plugin_errors",
 }
 
 
@@ -82,7 +83,7 @@ def test_new_account_has_every_counter_at_zero(metrics, registry):
     for category in ERROR_CATEGORIES:
         assert value(registry, "tgdaemon_errors_total", account="alice", category=category) == 0
     for name in ("reconnects", "flood_wait_seconds", "dc_failovers", "worker_restarts",
-                 "update_gaps"):  # fmt: skip
+                 "update_gaps", "plugin_errors"):  # fmt: skip
         assert value(registry, f"tgdaemon_{name}_total", account="alice") == 0
     # Nothing measured yet: no heartbeat timestamp rather than "stale since 1970".
     assert samples(registry, "tgdaemon_heartbeat_timestamp_seconds", account="alice") == []
@@ -101,6 +102,7 @@ def test_counters_count(metrics, registry):
     metrics.worker_restart("alice")
     metrics.worker_restart("alice")
     metrics.update_gap("alice")
+    metrics.plugin_error("alice")
     metrics.heartbeat("alice", 1_700_000_123.5)
 
     assert value(registry, "tgdaemon_errors_total", account="alice", category="auth") == 2
@@ -111,6 +113,7 @@ def test_counters_count(metrics, registry):
     assert value(registry, "tgdaemon_dc_failovers_total", account="alice") == 1
     assert value(registry, "tgdaemon_worker_restarts_total", account="alice") == 2
     assert value(registry, "tgdaemon_update_gaps_total", account="alice") == 1
+    assert value(registry, "tgdaemon_plugin_errors_total", account="alice") == 1
     assert value(registry, "tgdaemon_heartbeat_timestamp_seconds", account="alice") == (
         1_700_000_123.5
     )
@@ -179,7 +182,7 @@ def test_remove_account_drops_every_series_and_ignores_late_reports(metrics, reg
     metrics.heartbeat("alice", 1.0)
     metrics.remove_account("alice")
     for method in (metrics.reconnect, metrics.failover, metrics.worker_restart,
-                   metrics.update_gap):  # fmt: skip
+                   metrics.update_gap, metrics.plugin_error):  # fmt: skip
         method("alice")
     metrics.error("alice", "auth")
     metrics.observe_latency("alice", 0.2)
