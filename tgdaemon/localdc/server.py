@@ -8,8 +8,10 @@ for tests and demos, never Telegram.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import socket
 import struct
 import time
 from collections import Counter
@@ -120,6 +122,15 @@ class _Conn:
         if self.writer.transport.get_write_buffer_size() > _WRITE_BUFFER_LIMIT:
             log.warning("localdc: client not reading, dropping %r", self)
             self.abort()
+
+    def reset(self) -> None:
+        """Abort with a TCP RST (SO_LINGER 0): the client sees ECONNRESET, an I/O error it
+        retries, like a refused or crashed server, rather than a clean EOF."""
+        sock = self.writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.abort()
 
     def abort(self) -> None:
         if self.ping_timer is not None:
@@ -404,6 +415,7 @@ class LocalDC:
         try:
             if self.faults.match("refuse", Scope(dc_id)):
                 self._count(dc_id, None, "connections_refused")
+                conn.reset()
                 return
             conn.codec = await transport.detect(reader)
             while True:
@@ -441,7 +453,7 @@ class LocalDC:
             self._count(conn.dc_id, scope.user_id, "connections")
             if self.faults.match("refuse", scope):
                 self._count(conn.dc_id, scope.user_id, "connections_refused")
-                conn.abort()
+                conn.reset()
                 return
         try:
             plain = decrypt_client_message(rec.key, payload)
