@@ -1,0 +1,150 @@
+"""Recovery per error category, each against the local DC with real faults."""
+
+from __future__ import annotations
+
+import time
+
+from tests.conftest import phone_for
+from tgdaemon.daemon import Daemon
+from tgdaemon.localdc import Fault
+from tgdaemon.status import State
+
+
+async def _fleet(make_config, login_account, names, **kw):
+    config = make_config([{"name": n, "phone": phone_for(n)} for n in names],
+                         daemon={"http_listen": ""}, **kw)
+    ids = {n: await login_account(config, n) for n in names}
+    return config, ids
+
+
+def _state(daemon: Daemon, name: str) -> State | None:
+    status = daemon.board.get(name)
+    return None if status is None else status.state
+
+
+def _metric(daemon: Daemon, name: str, account: str) -> float:
+    value = daemon.registry.get_sample_value(name, {"account": account})
+    assert value is not None, f"{name} has no series for {account}"
+    return value
+
+
+def _connected(daemon: Daemon, name: str) -> bool:
+    return _state(daemon, name) is State.CONNECTED
+
+
+async def test_stall_detected_within_two_heartbeats_and_recovered(
+        make_config, login_account, localdc, wait_until):
+    config, _ = await _fleet(make_config, login_account, ["alice"],
+                             policy={"heartbeat_interval": 0.5, "request_timeout": 0.5})
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: _connected(daemon, "alice"), 10, "connected")
+        fault = localdc.inject(Fault("stall", method=None))
+        started = time.monotonic()
+        await wait_until(lambda: not _connected(daemon, "alice"), 5, "stall detected")
+        detected_after = time.monotonic() - started
+        # two heartbeat intervals (with their 10 % jitter) plus the request timeout
+        assert detected_after <= 2 * 0.55 + 0.5 + 0.3
+        localdc.clear(fault)
+        await wait_until(lambda: _connected(daemon, "alice"), 10, "reconnected")
+        assert _metric(daemon, "tgdaemon_reconnects_total", "alice") >= 1
+
+
+async def test_flood_wait_is_honoured_exactly(make_config, login_account, localdc, wait_until):
+    config, ids = await _fleet(make_config, login_account, ["alice"],
+                               policy={"heartbeat_interval": 0.3})
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: _connected(daemon, "alice"), 10, "connected")
+        localdc.inject(Fault("rpc_error", user_id=ids["alice"], method="updates.getState",
+                             error="FLOOD_WAIT_2", times=1))
+        await wait_until(lambda: _state(daemon, "alice") is State.FLOOD_WAIT, 5, "flood wait")
+        status = daemon.board.get("alice")
+        assert status is not None
+        assert status.flood_wait_until is not None
+        deadline = status.flood_wait_until
+        assert deadline - time.time() > 1.5
+        before = localdc.counters(user_id=ids["alice"])["requests"].get("updates.getState", 0)
+        await wait_until(lambda: time.time() >= deadline - 0.05, 5, "deadline")
+        during = localdc.counters(user_id=ids["alice"])["requests"].get("updates.getState", 0)
+        assert during == before, "a request reached the server before the flood-wait deadline"
+        await wait_until(lambda: _connected(daemon, "alice"), 5, "back after the wait")
+        await wait_until(
+            lambda: localdc.counters(user_id=ids["alice"])["requests"].get(
+                "updates.getState", 0) > before, 5, "heartbeats resumed")
+        assert _metric(daemon, "tgdaemon_flood_wait_seconds_total", "alice") == 2
+
+
+async def test_revoked_session_is_parked_without_retry_storm(
+        make_config, login_account, localdc, wait_until):
+    config, ids = await _fleet(make_config, login_account, ["alice", "bob"])
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: _connected(daemon, "alice") and _connected(daemon, "bob"),
+                         10, "both connected")
+        localdc.inject(Fault("rpc_error", user_id=ids["alice"], method="*",
+                             error="SESSION_REVOKED"))
+        await wait_until(lambda: _state(daemon, "alice") is State.NEEDS_LOGIN, 5, "parked")
+        accepted = localdc.counters(user_id=ids["alice"])["connections_accepted"]
+        requests = sum(localdc.counters(user_id=ids["alice"])["requests"].values())
+        bob_before = localdc.counters(user_id=ids["bob"])["requests"].get("updates.getState", 0)
+        # Bob keeps heartbeating while Alice sends nothing at all.
+        await wait_until(
+            lambda: localdc.counters(user_id=ids["bob"])["requests"].get(
+                "updates.getState", 0) >= bob_before + 4, 10, "bob heartbeats")
+        assert localdc.counters(user_id=ids["alice"])["connections_accepted"] == accepted
+        assert sum(localdc.counters(user_id=ids["alice"])["requests"].values()) == requests
+        assert _connected(daemon, "bob")
+        status = daemon.board.get("alice")
+        assert status is not None
+        assert status.last_error_category == "auth"
+
+
+async def test_forgotten_auth_key_parks_account(make_config, login_account, localdc, wait_until):
+    config, ids = await _fleet(make_config, login_account, ["alice"])
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: _connected(daemon, "alice"), 10, "connected")
+        localdc.forget_auth_key(user_id=ids["alice"])
+        await wait_until(lambda: _state(daemon, "alice") is State.NEEDS_LOGIN, 10, "parked")
+
+
+async def test_user_migrate_moves_account_and_persists_dc(
+        make_config, login_account, localdc, wait_until):
+    config, ids = await _fleet(make_config, login_account, ["alice"])
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: _connected(daemon, "alice"), 10, "connected")
+        localdc.inject(Fault("rpc_error", user_id=ids["alice"], method="users.getUsers",
+                             error="USER_MIGRATE_2", times=1))
+        localdc.drop_connections(user_id=ids["alice"])
+        await wait_until(lambda: (s := daemon.board.get("alice")) is not None
+                         and s.dc_id == 2 and s.state is State.CONNECTED, 10, "on DC 2")
+        assert daemon.store is not None
+        stored = await daemon.store.load_session("alice")
+        assert stored is not None
+        assert stored.dc_id == 2
+        assert stored.port == localdc.addresses[2][1]
+
+
+async def test_one_bad_session_does_not_stop_the_others(
+        make_config, login_account, localdc, wait_until, keyring):
+    config, _ = await _fleet(make_config, login_account, ["alice", "bob"])
+    from tgdaemon.crypto import load_keyring
+    from tgdaemon.store import DB_NAME, Store
+
+    ring = load_keyring(key_file=config.daemon.master_key_file)
+    async with await Store.open(config.daemon.state_dir, ring) as store:
+        good = await store.load_session("bob")
+        assert good is not None
+    # Copy bob's encrypted record over alice's: it must fail to decrypt (bound to bob).
+    import sqlite3
+
+    db = sqlite3.connect(config.daemon.state_dir / DB_NAME)
+    tables = [r[0] for r in db.execute("select name from sqlite_master where type='table'")]
+    assert "sessions" in tables
+    db.execute("update sessions set record = (select record from sessions where account = 'bob') "
+               "where account = 'alice'")
+    db.commit()
+    db.close()
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: _connected(daemon, "bob"), 10, "bob connected")
+        assert _state(daemon, "alice") is State.NEEDS_LOGIN
+        status = daemon.board.get("alice")
+        assert status is not None
+        assert "decrypt" in (status.reason + (status.last_error_message or "")).lower()
