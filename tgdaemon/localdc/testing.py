@@ -77,13 +77,25 @@ def make_client(
     ``session``: None → a fresh MemorySession; a str → a StringSession (its own DC address
     is kept if it has one). Trusts the localdc RSA key. Extra kwargs go to TelegramClient.
     """
-    trust_localdc(dc.rsa_public_pem)
+    return _client(dc.rsa_public_pem, dc.addresses, dc_id, session, kwargs)
+
+
+def client_for_info(info: dict[str, Any], dc_id: int = 1, session: Session | str | None = None,
+                    **kwargs: Any) -> TelegramClient:
+    """Like :func:`make_client`, for a localdc in another process, from its CLI info file."""
+    addresses = {int(d["id"]): (str(d["host"]), int(d["port"])) for d in info["dcs"]}
+    return _client(str(info["rsa_public_key"]), addresses, dc_id, session, kwargs)
+
+
+def _client(pem: str, addresses: dict[int, tuple[str, int]], dc_id: int,
+            session: Session | str | None, kwargs: dict[str, Any]) -> TelegramClient:
+    trust_localdc(pem)
     if session is None:
         session = MemorySession()
     elif isinstance(session, str):
         session = StringSession(session)
     if not session.server_address:
-        host, port = dc.addresses[dc_id]
+        host, port = addresses[dc_id]
         session.set_dc(dc_id, host, port)
     opts = {**CLIENT_DEFAULTS, **kwargs}
     return TelegramClient(session, API_ID, API_HASH, **opts)
