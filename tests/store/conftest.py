@@ -1,13 +1,12 @@
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from tgdaemon.crypto import KeyRing, generate_keyring
-from tgdaemon.store import SessionData, Store
+from tgdaemon.store import Store
 
 
 @pytest.fixture
@@ -27,10 +26,3 @@ async def store(state_dir: Path, ring: KeyRing) -> AsyncIterator[Store]:
         yield s
     finally:
         await s.close()
-
-
-def make_session(seq: int = 0, *, dc_id: int = 2, user_id: int | None = None) -> SessionData:
-    return SessionData(
-        dc_id=dc_id, server_address="149.154.167.51", port=443, auth_key=os.urandom(256),
-        user_id=user_id, pts=seq, qts=0, date=1_700_000_000, seq=seq,
-    )

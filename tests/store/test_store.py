@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import make_session
+from storehelpers import make_session
 
 from tgdaemon.crypto import generate_keyring, record_key_id
 from tgdaemon.exceptions import AccountError, DecryptionError, StateLockedError, StoreError

@@ -1,0 +1,65 @@
+"""Child process for the crash tests: writes sessions (or rotates) until SIGKILLed.
+
+Usage: _store_crash_worker.py write STATE_DIR KEY_FILE N_ACCOUNTS
+       _store_crash_worker.py rotate STATE_DIR KEY_FILE
+
+``write`` prints ``ok NAME SEQ`` only after the store reported the write durable, so the
+parent knows exactly which writes must survive the kill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import sys
+from pathlib import Path
+
+from tgdaemon.crypto import load_keyring
+from tgdaemon.store import DeviceInfo, SessionData, Store
+
+
+async def write(state_dir: Path, key_file: Path, n: int) -> None:
+    store = await Store.open(state_dir, load_keyring(key_file=key_file, env={}))
+    names = [f"acct{i:03d}" for i in range(n)]
+    existing = {a.name for a in await store.list_accounts()}
+    for name in names:
+        if name not in existing:
+            await store.ensure_account(name, DeviceInfo("crash", "test", "1"))
+    loaded = await store.load_sessions()
+    seq = 1 + max((d.pts or 0 for d in loaded.values() if isinstance(d, SessionData)), default=0)
+    rng = random.Random()
+    out = sys.stdout
+    while True:
+        batch = rng.sample(names, rng.randint(1, n))
+        futs = []
+        for name in batch:
+            data = SessionData(2, "149.154.167.51", 443, os.urandom(256), user_id=seq, pts=seq)
+            futs.append((name, seq, store.submit_session(name, data)))
+            seq += 1
+        if rng.random() < 0.2:
+            await store.update_account(batch[0], last_used=float(seq), status="active")
+        await asyncio.gather(*(f for _, _, f in futs))
+        out.write("".join(f"ok {name} {s}\n" for name, s, _ in futs))
+        out.flush()
+
+
+async def rotate(state_dir: Path, key_file: Path) -> None:
+    ring = load_keyring(key_file=key_file, env={})
+    store = await Store.open(state_dir, ring)
+    print("ready", flush=True)
+    count = await store.rotate(ring)
+    print(f"done {count}", flush=True)
+    await store.close()
+
+
+def main() -> None:
+    mode, state_dir, key_file = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    if mode == "write":
+        asyncio.run(write(state_dir, key_file, int(sys.argv[4])))
+    else:
+        asyncio.run(rotate(state_dir, key_file))
+
+
+if __name__ == "__main__":
+    main()
