@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SYSDEPS := $(VENV)/.system-deps
 
 .PHONY: test lint demo demo-chaos bench soak clean
 
@@ -12,12 +13,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# Real peers for tests and the demo (Prometheus, systemd-analyze, Chromium), from Debian.
+$(SYSDEPS): scripts/install-system-deps.sh | $(STAMP)
+	bash scripts/install-system-deps.sh
+	touch $(SYSDEPS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: $(STAMP)
+test: $(STAMP) $(SYSDEPS)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+# The daemon with three demo accounts on the local stand-in DC, scraped by a real Prometheus.
+demo: $(STAMP) $(SYSDEPS)
+	$(BIN)/python scripts/demo.py
+
+# The same, with faults injected (drops, a flood wait, a revoked key) to watch recovery.
+demo-chaos: $(STAMP) $(SYSDEPS)
+	$(BIN)/python scripts/demo.py --chaos
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
