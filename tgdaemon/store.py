@@ -25,7 +25,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -446,6 +446,23 @@ class Store:
         record = await self.get_account(name)
         assert record is not None
         return record
+
+    async def ensure_accounts(self, accounts: Mapping[str, DeviceInfo | None]) -> None:
+        """:meth:`ensure_account` for many accounts in one transaction (start-up with 10,000)."""
+        for name in accounts:
+            _check_name(name)
+        now = self._clock()
+        async with self._transaction() as conn:
+            await conn.executemany(
+                "INSERT INTO accounts (name, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                [(name, now) for name in accounts],
+            )
+            await conn.executemany(
+                "UPDATE accounts SET device_model=?, system_version=?, app_version=? "
+                "WHERE name=? AND device_model IS NULL",
+                [(d.device_model, d.system_version, d.app_version, n)
+                 for n, d in accounts.items() if d is not None],
+            )
 
     async def get_account(self, name: str) -> AccountRecord | None:
         rows = await self._read(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE name=?", (name,))

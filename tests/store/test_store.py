@@ -378,3 +378,15 @@ async def test_record_key_id_helper(store: Store, ring) -> None:
     with sqlite3.connect(store.path) as db:
         (rec,) = db.execute("SELECT record FROM sessions").fetchone()
     assert record_key_id(rec) == ring.active.key_id
+
+
+async def test_ensure_accounts_in_bulk(store: Store) -> None:
+    dev = DeviceInfo("m", "s", "a")
+    await store.ensure_account("existing", DeviceInfo("keep", "me", "1"))
+    await store.ensure_accounts({f"n{i:05d}": dev for i in range(3000)} | {"existing": dev,
+                                                                           "bare": None})
+    accounts = {a.name: a for a in await store.list_accounts()}
+    assert len(accounts) == 3002
+    assert accounts["n00042"].device == dev
+    assert accounts["bare"].device is None
+    assert accounts["existing"].device == DeviceInfo("keep", "me", "1")

@@ -59,7 +59,6 @@ def test_sigkill_while_writing_sessions(tmp_path: Path) -> None:
     write_key_file(key_file, ring)
     committed: dict[str, int] = {}
     acked_total = 0
-    started = time.monotonic()
     for i in range(KILLS):
         proc = spawn("write", str(state), str(key_file), "20")
         assert proc.stdout is not None
@@ -94,7 +93,6 @@ def test_sigkill_while_writing_sessions(tmp_path: Path) -> None:
 
     final = asyncio.run(reopen())
     assert all(isinstance(v, SessionData) for v in final.values())
-    assert time.monotonic() - started < 25 * max(1, KILLS / 50)
 
 
 def populate(state: Path, ring: KeyRing, n: int) -> None:
