@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import gzip
 import hashlib
 import hmac
 import json
@@ -175,11 +176,32 @@ def _json(data: object, status: int = 200) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     app = request.app
+    gzipped = _accepts_gzip(request.headers.get("Accept-Encoding", ""))
     loop = asyncio.get_running_loop()
-    body = await loop.run_in_executor(app[RENDER_EXECUTOR], render, app[REGISTRY])
-    response = web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
-    response.enable_compression()  # only applies if the client sent Accept-Encoding
-    return response
+    body = await loop.run_in_executor(app[RENDER_EXECUTOR], _render, app[REGISTRY], gzipped)
+    headers = {"Content-Type": CONTENT_TYPE_PLAIN_0_0_4, "Vary": "Accept-Encoding"}
+    if gzipped:
+        headers["Content-Encoding"] = "gzip"
+    return web.Response(body=body, headers=headers)
+
+
+def _render(registry: CollectorRegistry, gzipped: bool) -> bytes:
+    """Runs in the render thread. Level 1: 16 MB of text gzips ~25x in ~0.1 s (level 6: 0.4 s)."""
+    body = render(registry)
+    return gzip.compress(body, compresslevel=1, mtime=0) if gzipped else body
+
+
+def _accepts_gzip(accept_encoding: str) -> bool:
+    for item in accept_encoding.split(","):
+        coding, _, params = item.strip().partition(";")
+        if coding.strip().lower() in ("gzip", "x-gzip"):
+            params = params.strip()
+            q = params.removeprefix("q=").strip() if params.startswith("q=") else "1"
+            try:
+                return float(q) > 0
+            except ValueError:
+                return False
+    return False
 
 
 async def _healthz(request: web.Request) -> web.Response:
