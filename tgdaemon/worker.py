@@ -192,16 +192,16 @@ class AccountWorker:
         self.deps.board.update(self.name, flood_wait_until=None)
 
     async def _migrate(self, new_dc: int) -> None:
+        """Follow a *_MIGRATE that Telethon raised instead of following itself (it does so for
+        PHONE/NETWORK_MIGRATE of a logged-in account): the same switch, login carried over."""
+        assert self.client is not None
         assert self.session is not None
-        addresses = self.deps.directory.addresses(new_dc)
-        if not addresses:
-            raise ConnectionError(f"no known address for DC {new_dc}")
-        host, port = addresses[0]
-        self.session.set_dc(new_dc, host, port)
+        policy = self.deps.config.policy
+        await asyncio.wait_for(self.client._switch_dc(new_dc),
+                               policy.connect_timeout + policy.request_timeout)
         await self.session.flush()
         self.deps.board.update(self.name, dc_id=new_dc)
         await self._persist(dc_id=new_dc)
-        await self._close_client()
 
     def _note_network_failure(self) -> None:
         """Move to the DC's next address after ``failover_after`` consecutive failures."""
