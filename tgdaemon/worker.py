@@ -153,41 +153,43 @@ class AccountWorker:
         policy = self.deps.config.policy
         rec = recovery_for(c, attempt, policy, self.deps.rng)
         self.deps.metrics.error(self.name, c.category.value)
-        self.deps.board.update(self.name, last_error_category=c.category.value,
-                               last_error_message=c.message)
+        # The error travels with the state change: one status message, not two.
+        error = {"last_error_category": c.category.value, "last_error_message": c.message}
         self.log.info("%s error (%s), recovery: %s", c.category.value, c.code, rec.action)
 
         if rec.action == "park":
             state = State(c.park_state or State.NEEDS_LOGIN.value)
-            self._set_state(state, c.code)
+            self._set_state(state, c.code, **error)
             await self._close_client()
             await self._persist(status=state.value, last_error_category=c.category.value)
             return False
         if rec.action == "fail":
-            self._set_state(State.STOPPED, f"{c.code}: retries exhausted")
+            self._set_state(State.STOPPED, f"{c.code}: retries exhausted", **error)
             await self._close_client()
             await self._persist(status=State.STOPPED.value, last_error_category=c.category.value)
             return False
         if rec.action == "wait":
-            await self._flood_wait(c, rec.delay or 0.0)
+            await self._flood_wait(c, rec.delay or 0.0, error)
             return True
         if rec.action == "migrate" and c.new_dc is not None:
+            self.deps.board.update(self.name, **error)
             await self._migrate(c.new_dc)
             return True
         # retry: reconnect after a jittered, capped delay
         if c.category is Category.NETWORK:
             self._note_network_failure()
-        self._set_state(State.RECONNECTING, c.code)
+        self._set_state(State.RECONNECTING, c.code, **error)
         self.deps.metrics.reconnect(self.name)
         await self._close_client()
         await self._deliberate_wait(rec.delay or 0.0)
         return True
 
-    async def _flood_wait(self, c: Classified, delay: float) -> None:
+    async def _flood_wait(self, c: Classified, delay: float, error: dict[str, Any]) -> None:
         seconds = c.wait_seconds or 0
         deadline = self.deps.clock() + delay
         self.deps.metrics.flood_wait(self.name, seconds)
-        self._set_state(State.FLOOD_WAIT, f"{c.code} {seconds}s", flood_wait_until=deadline)
+        self._set_state(State.FLOOD_WAIT, f"{c.code} {seconds}s", flood_wait_until=deadline,
+                        **error)
         await self._deliberate_wait(delay)
         self.deps.board.update(self.name, flood_wait_until=None)
 
