@@ -49,6 +49,7 @@ __all__ = [
 
 STATE_DIR_ENV = "TGDAEMON_STATE_DIR"
 NAME_RE = re.compile(r"[a-z0-9_-]{1,32}")
+_DIGITS_ONLY = re.compile(r"[0-9_-]{7,}")
 _PLUGIN_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", re.ASCII)
 _HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?")
 _LANG_RE = re.compile(r"[A-Za-z]{2,8}([-_][A-Za-z0-9]{1,8})?")
@@ -557,6 +558,10 @@ class _Parser:
             self.err(f"{prefix}.name", "required")
         elif not NAME_RE.fullmatch(name):
             self.err(f"{prefix}.name", f"must match {NAME_RE.pattern}")
+        elif _DIGITS_ONLY.fullmatch(name):
+            # The name is a metric label and a log field: it must not be a phone number.
+            self.err(f"{prefix}.name", "must not be all digits (it would look like a phone "
+                                       "number in metrics and logs)")
         phone = self._phone(t, prefix)
         texts = {}
         for key in ("device_model", "system_version", "app_version"):

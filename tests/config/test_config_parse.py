@@ -307,3 +307,13 @@ def test_validation_error_is_a_config_error_with_exit_code_78() -> None:
     with pytest.raises(ConfigError) as info:
         parse({})
     assert info.value.exit_code == 78
+
+
+def test_account_name_that_looks_like_a_phone_number_is_rejected(tmp_path) -> None:
+    data = {"telegram": {"api_id": 1, "api_hash": "0" * 32},
+            "accounts": [{"name": "15550100"}, {"name": "alice7"}]}
+    with pytest.raises(ConfigValidationError) as info:
+        parse_config(data, path=tmp_path / "c.toml", env={})
+    expected = (f"{tmp_path / 'c.toml'}: accounts[0].name: must not be all digits "
+                "(it would look like a phone number in metrics and logs)")
+    assert info.value.problems == (expected,)
