@@ -1,0 +1,1 @@
+"""Benchmarks of tgdaemon against plain Telethon on the local stand-in DC (``make bench``)."""

@@ -1,0 +1,253 @@
+"""One measured fleet process: tgdaemon, or the plain-Telethon baseline, on the same sessions.
+
+Run by ``bench/run.py`` (``python -m bench.fleet daemon|baseline ...``), one process each, so
+resident memory and CPU time read from /proc belong to that fleet alone. The process reports
+on stdout as JSON lines (``base`` once imported, ``http``, ``all_connected``), samples how
+many accounts are connected and counts TCP connect attempts per wall-clock second (a wrapper
+around Telethon's ``Connection.connect``, the same in both fleets), and writes that timeline
+to ``--timeline`` when SIGTERM stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from bench.procfs import rss_kb
+
+log = logging.getLogger("tgdaemon.bench.fleet")
+
+#: Sampling period while accounts are still connecting (the connect time is read from it).
+FAST_SAMPLE = 0.05
+
+
+def emit(event: str, **fields: Any) -> None:
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+class AttemptProbe:
+    """Counts Telethon TCP connection attempts per second (connects and reconnects alike)."""
+
+    def __init__(self) -> None:
+        self.per_second: Counter[int] = Counter()
+
+    def install(self) -> None:
+        from telethon.network.connection.connection import Connection
+
+        original = Connection.connect
+        per_second = self.per_second
+
+        async def counting_connect(conn: Any, *args: Any, **kwargs: Any) -> Any:
+            per_second[int(time.time())] += 1
+            return await original(conn, *args, **kwargs)
+
+        Connection.connect = counting_connect  # type: ignore[method-assign]
+
+
+class Fleet:
+    """What the sampling loop needs from either kind of fleet."""
+
+    size: int
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    def connected(self) -> int:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+
+class DaemonFleet(Fleet):
+    """tgdaemon in-process, as ``serve()`` runs it: Daemon plus the supervisor's check tick."""
+
+    def __init__(self, config_path: Path) -> None:
+        from tgdaemon.config import load_config
+        from tgdaemon.daemon import Daemon, raise_open_file_limit
+        from tgdaemon.logs import setup_logging
+
+        self.config = load_config(config_path)
+        setup_logging(self.config.daemon.log_level, self.config.daemon.log_format)
+        raise_open_file_limit()
+        self.size = len(self.config.enabled_accounts)
+        self.daemon = Daemon(self.config, env={})
+        self._ticker: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        from tgdaemon.daemon import _tick
+        from tgdaemon.notify import Notifier
+
+        await self.daemon.start()
+        emit("http", port=self.daemon.http.port)
+        self._ticker = asyncio.create_task(self._check_loop(_tick(Notifier({}), self.config)))
+
+    async def _check_loop(self, tick: float) -> None:
+        while True:
+            await asyncio.sleep(tick)
+            await self.daemon.check()
+
+    def connected(self) -> int:
+        from tgdaemon.status import State
+
+        return self.daemon.board.counts()[State.CONNECTED]
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        await self.daemon.stop()
+
+
+class BaselineFleet(Fleet):
+    """N stock ``TelegramClient`` objects with default settings, plus what a script would add:
+    one request per account every heartbeat interval (updates.getState, as tgdaemon sends)."""
+
+    def __init__(self, state_dir: Path, key_file: Path, rsa_files: list[Path],
+                 heartbeat: float, log_level: str) -> None:
+        import resource
+
+        from telethon import TelegramClient
+        from telethon.crypto import rsa
+
+        logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        for path in rsa_files:
+            rsa.add_key(path.read_text(), old=False)
+        self._client_cls = TelegramClient
+        self._state_dir = state_dir
+        self._key_file = key_file
+        self._heartbeat = heartbeat
+        self._clients: list[Any] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._rng = random.Random()
+        self.size = 0
+
+    async def load(self) -> None:
+        from telethon.crypto import AuthKey
+        from telethon.sessions import MemorySession
+
+        from tgdaemon.crypto import load_keyring
+        from tgdaemon.store import SessionData, Store
+
+        store = await Store.open(self._state_dir, load_keyring(key_file=self._key_file, env={}),
+                                 lock=False)
+        try:
+            sessions = await store.load_sessions()
+        finally:
+            await store.close()
+        for data in sessions.values():
+            assert isinstance(data, SessionData)
+            assert data.auth_key is not None
+            session = MemorySession()
+            session.set_dc(data.dc_id, data.server_address, data.port)
+            session.auth_key = AuthKey(data.auth_key)
+            self._clients.append(self._client_cls(session, 1, "0123456789abcdef" * 2))
+        self.size = len(self._clients)
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._run(c)) for c in self._clients]
+
+    async def _run(self, client: Any) -> None:
+        from telethon import functions
+
+        try:
+            await client.connect()
+        except Exception as exc:
+            log.warning("baseline client did not connect: %s", type(exc).__name__)
+            return
+        while True:
+            await asyncio.sleep(self._heartbeat * self._rng.uniform(0.9, 1.1))
+            with contextlib.suppress(Exception):
+                await client(functions.updates.GetStateRequest())
+
+    def connected(self) -> int:
+        return sum(1 for c in self._clients if c._sender._transport_connected())
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.wait_for(
+            asyncio.gather(*(c.disconnect() for c in self._clients), return_exceptions=True), 30)
+
+
+async def sample(fleet: Fleet, stop: asyncio.Event, interval: float,
+                 clock: Callable[[], float] = time.time) -> list[tuple[float, int]]:
+    """Connected-count samples until ``stop``; emits ``all_connected`` the first time all are."""
+    samples: list[tuple[float, int]] = []
+    started = time.monotonic()
+    reported = False
+    while not stop.is_set():
+        count = fleet.connected()
+        samples.append((clock(), count))
+        if not reported and count >= fleet.size:
+            reported = True
+            emit("all_connected", seconds=time.monotonic() - started, n=count)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval if reported else FAST_SAMPLE)
+    return samples
+
+
+async def run(args: argparse.Namespace) -> int:
+    probe = AttemptProbe()
+    probe.install()
+    fleet: Fleet
+    if args.mode == "daemon":
+        import tgdaemon.http  # noqa: F401  (imported before the base mark, like the rest)
+
+        fleet = DaemonFleet(args.config)
+    else:
+        baseline = BaselineFleet(args.state_dir, args.key_file, args.rsa_file, args.heartbeat,
+                                 args.log_level)
+        await baseline.load()
+        fleet = baseline
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    emit("base", rss_kb=rss_kb(os.getpid()), n=fleet.size)
+    sampler: Awaitable[list[tuple[float, int]]] = asyncio.create_task(
+        sample(fleet, stop, args.sample_interval))
+    await fleet.start()
+    samples = await sampler
+    await fleet.stop()
+    args.timeline.write_text(json.dumps({
+        "n": fleet.size,
+        "samples": samples,
+        "attempts": sorted(probe.per_second.items()),
+    }))
+    emit("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__)
+    p.add_argument("mode", choices=("daemon", "baseline"))
+    p.add_argument("--config", type=Path, help="daemon: tgdaemon config file")
+    p.add_argument("--state-dir", type=Path, help="baseline: tgdaemon state dir to read")
+    p.add_argument("--key-file", type=Path, help="baseline: master key file")
+    p.add_argument("--rsa-file", type=Path, action="append", default=[])
+    p.add_argument("--heartbeat", type=float, default=30.0)
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--sample-interval", type=float, default=1.0)
+    p.add_argument("--timeline", type=Path, required=True)
+    return asyncio.run(run(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
