@@ -1,0 +1,174 @@
+"""A real Prometheus scrapes a live daemon attached to the local DC.
+
+Every PromQL expression of the Grafana dashboard and of the alert rules is evaluated by that
+Prometheus and must succeed and return data; then faults injected through the local DC (a
+revoked key, a long FLOOD_WAIT), a rejected config reload and a dead scrape target make the
+matching alerts fire in Prometheus' own ``/api/v1/alerts``.
+
+The rules are loaded from a copy of config/prometheus-alerts.yml whose ``for:`` durations are
+rewritten to 1s (Prometheus cannot override ``for:``); expressions, labels and annotations
+are the shipped ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import phone_for
+from tests.observability.promhelpers import (
+    ALERTS,
+    PROMETHEUS,
+    Prometheus,
+    alert_names,
+    dashboard_queries,
+    finite_values,
+    free_port,
+    load_dashboard,
+    prometheus_config,
+    running_prometheus,
+    selectors,
+    substitute,
+    with_short_for,
+)
+from tgdaemon.config import Config
+from tgdaemon.daemon import Daemon
+from tgdaemon.localdc import Fault
+from tgdaemon.status import State
+
+pytestmark = pytest.mark.skipif(not os.access(PROMETHEUS, os.X_OK),
+                                reason=f"Prometheus not installed at {PROMETHEUS} "
+                                       "(scripts/install-system-deps.sh installs it)")
+
+NAMES = ("alice", "bob", "carol")
+
+
+@dataclass(frozen=True)
+class Live:
+    config: Config
+    daemon: Daemon
+    prom: Prometheus
+    ids: dict[str, int]
+    instance: str
+    dead_instance: str
+
+
+@contextlib.asynccontextmanager
+async def live_stack(tmp_path: Path, make_config: Any, login_account: Any,
+                     wait_until: Any) -> AsyncIterator[Live]:
+    """Three logged-in accounts in a running daemon, scraped every second by Prometheus
+    together with a second target of the same job that nothing listens on."""
+    config = make_config([{"name": n, "phone": phone_for(n)} for n in NAMES])
+    ids = {n: await login_account(config, n) for n in NAMES}
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: daemon.board.counts()[State.CONNECTED] == len(NAMES), 15,
+                         "all accounts connected")
+        instance = f"127.0.0.1:{daemon.http.port}"
+        dead = f"127.0.0.1:{free_port()}"
+        rules = tmp_path / "alerts-short-for.yml"
+        rules.write_text(with_short_for(ALERTS.read_text(), "1s"))
+        prom_config = tmp_path / "prometheus.yml"
+        prom_config.write_text(prometheus_config([instance, dead], rules))
+        async with running_prometheus(prom_config, tmp_path / "tsdb",
+                                      tmp_path / "prometheus.log") as prom:
+
+            async def target_up() -> bool:
+                return any(t["labels"]["instance"] == instance and t["health"] == "up"
+                           for t in await prom.targets())
+
+            await wait_until(target_up, 15, "Prometheus scraped the daemon")
+            yield Live(config, daemon, prom, ids, instance, dead)
+
+
+async def test_every_dashboard_and_alert_expression_returns_data(
+        tmp_path, make_config, login_account, wait_until):
+    async with live_stack(tmp_path, make_config, login_account, wait_until) as live:
+        prom = live.prom
+        variables = {"instance": live.instance, "account": "|".join(NAMES),
+                     "__rate_interval": "10s"}
+        queries = dashboard_queries(load_dashboard())
+        assert len(queries) >= 15
+        for q in queries:
+            expr = substitute(q.expr, variables)
+
+            async def has_data(expr: str = expr) -> bool:
+                return bool(finite_values(await prom.query(expr)))  # raises on a bad query
+
+            await wait_until(has_data, 20, f"data for panel {q.panel!r} {q.ref}: {expr}")
+
+        # Prometheus' own evaluation of the loaded rules: all healthy, none missing.
+        async def evaluated() -> bool:
+            return all(r["health"] != "unknown" for r in await prom.alerting_rules())
+
+        await wait_until(evaluated, 10, "every rule evaluated once")
+        rules = await prom.alerting_rules()
+        assert sorted(r["name"] for r in rules) == sorted(alert_names(ALERTS.read_text()))
+        for rule in rules:
+            assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
+            await prom.query(rule["query"])  # evaluates without error
+            # An alert is quiet when healthy; "returns data" means its inputs exist: every
+            # selector it reads has series in this Prometheus.
+            found = selectors(rule["query"])
+            assert found, rule["query"]
+            for selector in found:
+                data = await prom.query(selector)
+                assert data["result"], f"{rule['name']}: no series for {selector}"
+
+
+def _firing(alerts: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    return {(a["labels"]["alertname"], a["labels"].get("account", a["labels"]["instance"]))
+            for a in alerts if a["state"] == "firing"}
+
+
+async def test_alerts_fire_in_prometheus(tmp_path, make_config, login_account, localdc,
+                                         wait_until):
+    async with live_stack(tmp_path, make_config, login_account, wait_until) as live:
+        prom = live.prom
+
+        async def quiet_for_healthy_accounts() -> bool:
+            rules = await prom.alerting_rules()
+            return bool(rules) and all(r["health"] == "ok" for r in rules)
+
+        await wait_until(quiet_for_healthy_accounts, 10, "rules evaluated")
+        before = await prom.alerts()
+        assert not [a for a in before if "account" in a["labels"]], before
+
+        localdc.inject(Fault("rpc_error", user_id=live.ids["alice"], method="*",
+                             error="SESSION_REVOKED"))
+        localdc.inject(Fault("rpc_error", user_id=live.ids["bob"], method="updates.getState",
+                             error="FLOOD_WAIT_600", times=1))
+        live.config.path.write_text("this is [not valid toml\n")
+        assert await live.daemon.reload() is False
+
+        expected = {
+            ("TgdaemonAccountNeedsLogin", "alice"),
+            ("TgdaemonFloodWaitHigh", "bob"),
+            ("TgdaemonAccountDown", "bob"),
+            ("TgdaemonScrapeFailing", live.dead_instance),
+            ("TgdaemonConfigReloadFailed", live.instance),
+        }
+
+        async def all_firing() -> bool:
+            return expected <= _firing(await prom.alerts())
+
+        try:
+            await wait_until(all_firing, 25, "alerts firing")
+        except AssertionError:
+            raise AssertionError(f"firing: {_firing(await prom.alerts())}") from None
+
+        assert live.daemon.board.get("alice").state is State.NEEDS_LOGIN
+        alerts = await prom.alerts()
+        firing = _firing(alerts)
+        # alice's own alert, not the generic "down" one; carol stays quiet.
+        assert ("TgdaemonAccountDown", "alice") not in firing
+        assert not [a for a in alerts if a["labels"].get("account") == "carol"]
+        needs_login = next(a for a in alerts
+                           if a["labels"]["alertname"] == "TgdaemonAccountNeedsLogin")
+        assert "tgdaemon login alice" in needs_login["annotations"]["description"]
+        assert needs_login["labels"]["severity"] == "warning"
