@@ -2,10 +2,10 @@
 
 Run by ``bench/run.py`` (``python -m bench.fleet daemon|baseline ...``), one process each, so
 resident memory and CPU time read from /proc belong to that fleet alone. The process reports
-on stdout as JSON lines (``base`` once imported, ``http``, ``all_connected``), samples how
-many accounts are connected and counts TCP connect attempts per wall-clock second (a wrapper
-around Telethon's ``Connection.connect``, the same in both fleets), and writes that timeline
-to ``--timeline`` when SIGTERM stops it.
+on stdout as JSON lines (``base`` once imported, ``http``, ``all_connected``, ``count`` on
+every change), samples how many accounts are connected and counts TCP connect attempts per
+wall-clock second (a wrapper around Telethon's ``Connection.connect``, the same in both
+fleets), and writes that timeline to ``--timeline`` when SIGTERM stops it.
 """
 
 from __future__ import annotations
@@ -193,9 +193,13 @@ async def sample(fleet: Fleet, stop: asyncio.Event, interval: float,
     samples: list[tuple[float, int]] = []
     started = time.monotonic()
     reported = False
+    last = -1
     while not stop.is_set():
         count = fleet.connected()
         samples.append((clock(), count))
+        if count != last:  # lets the orchestrator follow recovery live
+            emit("count", n=count, at=clock())
+            last = count
         if not reported and count >= fleet.size:
             reported = True
             emit("all_connected", seconds=time.monotonic() - started, n=count)

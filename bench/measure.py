@@ -1,0 +1,158 @@
+"""One measured fleet run: start, connect, idle window, scrape, optional outage, stop.
+
+Returns plain dicts (JSON-ready) so repeats can be aggregated and written as they are.
+"""
+
+from __future__ import annotations
+
+import gzip
+import statistics
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.procfs import cpu_mark, cpu_percent, rss_kb
+from bench.procs import FleetProcess, LocalDcProcess
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What one fleet run does after all accounts are connected."""
+
+    settle: float  # seconds after all connected before the idle window
+    window: float  # idle CPU window
+    scrapes: int  # /metrics scrapes (daemon only)
+    outage: float | None  # seconds of total localdc outage, or None
+    recovery_timeout: float
+    connect_timeout: float
+    idle: bool = True  # False: no idle window and no scrape (connect time, outage)
+    tail: float = 5.0  # seconds still sampled after recovery, for the plot
+
+
+def progress(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def scrape(port: int, times: int) -> dict[str, Any]:
+    """Median wall time of GET /metrics (plain and gzip), body sizes and series counts."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    plain_t, gzip_t = [], []
+    body = b""
+    gz_size = 0
+    for _ in range(times):
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(url, timeout=60) as r:
+            body = r.read()
+        plain_t.append(time.perf_counter() - t0)
+        req = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=60) as r:
+            gz = r.read()
+        gzip_t.append(time.perf_counter() - t0)
+        gz_size = len(gz)
+    lines = [ln for ln in gzip.decompress(gz).decode().splitlines() if ln and ln[0] != "#"]
+    return {
+        "seconds": statistics.median(plain_t),
+        "seconds_gzip": statistics.median(gzip_t),
+        "bytes": len(body),
+        "bytes_gzip": gz_size,
+        "series": len(lines),
+        "account_series": sum(1 for ln in lines if 'account="' in ln),
+    }
+
+
+def run_fleet(
+    fleet: FleetProcess,
+    n: int,
+    dcs: Sequence[LocalDcProcess],
+    plan: RunPlan,
+) -> dict[str, Any]:
+    """Drive one started fleet process through the plan; always stops it."""
+    out: dict[str, Any] = {}
+    try:
+        base = fleet.wait_event("base", 300)
+        out["rss_base_kb"] = base["rss_kb"]
+        if base["n"] != n:
+            raise RuntimeError(f"fleet has {base['n']} accounts, expected {n}")
+        out["connect_s"] = fleet.wait_event("all_connected", plan.connect_timeout)["seconds"]
+        progress(f"  all {n} connected in {out['connect_s']:.2f}s")
+        if plan.idle:
+            _idle(fleet, n, dcs, plan, out)
+        if plan.outage:
+            out["outage"] = _outage(fleet, n, dcs, plan)
+    finally:
+        timeline = fleet.stop()
+    if plan.outage and "outage" in out:
+        out["outage"].update(_recovery_stats(timeline, n, out["outage"]))
+    return out
+
+
+def _idle(fleet: FleetProcess, n: int, dcs: Sequence[LocalDcProcess], plan: RunPlan,
+          out: dict[str, Any]) -> None:
+    time.sleep(plan.settle)  # a measurement window, not a wait for a condition
+    t0 = time.monotonic()
+    marks = [cpu_mark(fleet.pid, t0)] + [cpu_mark(d.pid, t0) for d in dcs]
+    time.sleep(plan.window)
+    t1 = time.monotonic()
+    ends = [cpu_mark(fleet.pid, t1)] + [cpu_mark(d.pid, t1) for d in dcs]
+    out["cpu_pct"] = cpu_percent(marks[0], ends[0])
+    out["dc_cpu_pct"] = [cpu_percent(a, b) for a, b in zip(marks[1:], ends[1:], strict=True)]
+    out["rss_kb"] = rss_kb(fleet.pid)
+    out["rss_per_account_kb"] = (out["rss_kb"] - out["rss_base_kb"]) / n
+    fleet.drain()
+    out["connected_after_window"] = fleet.last_count["n"]
+    progress(f"  idle: {out['cpu_pct']:.2f}% CPU, "
+             f"{out['rss_per_account_kb']:.1f} KB/account, localdc "
+             + ", ".join(f"{c:.2f}%" for c in out["dc_cpu_pct"]))
+    if "http" in fleet.events and plan.scrapes:
+        out["scrape"] = scrape(fleet.events["http"]["port"], plan.scrapes)
+        progress(f"  /metrics {out['scrape']['seconds']:.3f}s "
+                 f"{out['scrape']['bytes'] / 1024:.0f} KB")
+
+
+def _outage(fleet: FleetProcess, n: int, dcs: Sequence[LocalDcProcess],
+            plan: RunPlan) -> dict[str, Any]:
+    assert plan.outage is not None
+    progress(f"  outage: killing {len(dcs)} localdc process(es) for {plan.outage:.0f}s")
+    t_kill = time.time()
+    for d in dcs:
+        d.kill()
+    time.sleep(plan.outage)  # the outage itself
+    for d in dcs:
+        d.start()
+    t_back = time.time()
+    reached = fleet.wait_count(n, t_back, plan.recovery_timeout)
+    fleet.drain()
+    if reached is None:
+        progress(f"  not recovered within {plan.recovery_timeout:.0f}s "
+                 f"({fleet.last_count['n']}/{n} connected)")
+    else:
+        progress(f"  recovered {reached - t_back:.1f}s after the outage ended")
+    # Keep sampling a little so the plot shows the tail.
+    time.sleep(plan.tail)
+    return {"t_kill": t_kill, "t_back": t_back, "seconds": plan.outage,
+            "recovered_s": None if reached is None else reached - t_back,
+            "connected_at_end": fleet.last_count["n"]}
+
+
+def _recovery_stats(timeline: dict[str, Any], n: int, outage: dict[str, Any]) -> dict[str, Any]:
+    t_kill = outage["t_kill"]
+    attempts = {int(s): c for s, c in timeline["attempts"] if s >= int(t_kill)}
+    peak = max(attempts.values(), default=0)
+    return {
+        "attempts_total": sum(attempts.values()),
+        "attempts_peak_per_s": peak,
+        "attempts_peak_fraction": peak / n if n else 0.0,
+        "timeline": {
+            "connected": [(t - t_kill, c) for t, c in timeline["samples"] if t >= t_kill - 5],
+            "attempts": sorted((s - t_kill, c) for s, c in attempts.items()),
+        },
+    }
+
+
+def start_fleet(mode: str, workdir: Path, tag: str, args: list[str]) -> FleetProcess:
+    return FleetProcess([mode, *args], workdir / f"{tag}.log", workdir / f"{tag}.timeline.json")

@@ -1,0 +1,188 @@
+"""``make bench``: tgdaemon vs N plain Telethon clients on the local DC, written to RESULTS.md.
+
+For each fleet size N: seed N users + bound auth keys in fresh localdc state and the same
+keys as encrypted tgdaemon sessions (no key exchange anywhere), start the localdc process(es),
+then per repeat run, one after the other and each in its own process:
+
+* tgdaemon with ``connect_rate = 0`` (unlimited): connect time, idle window, /metrics
+  scrapes, and (first repeat, outage sizes) a total outage of every localdc process;
+* tgdaemon with the default connect rate (first repeat, N <= --default-rate-max): connect
+  time only;
+* the baseline (stock TelegramClient, default settings, getState every heartbeat): connect
+  time, idle window, outage.
+
+Run ``.venv/bin/python bench/run.py --help``; ``--smoke`` is the seconds-long variant the
+test suite runs so the harness does not rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.measure import RunPlan, progress, run_fleet, start_fleet
+from bench.procs import LocalDcProcess
+from bench.report import machine_info, plot_outages, write_results
+from bench.seed import plan_dc_procs, render_config, seed_fleet
+from tgdaemon.config import DaemonConfig
+from tgdaemon.crypto import generate_keyring, write_key_file
+
+HERE = Path(__file__).resolve().parent
+#: Every localdc process serves only its own DC, but getConfig from one process names its
+#: other (empty) DCs too; failover to such an address would reach a process without the key.
+#: Real Telegram has no such split, so failover is disabled for the bench (see RESULTS.md).
+BENCH_POLICY_EXTRA = {"failover_after": 1_000_000}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000])
+    p.add_argument("--repeats", type=int, default=3, help="repeats for N < --large")
+    p.add_argument("--large", type=int, default=10000)
+    p.add_argument("--large-repeats", type=int, default=1)
+    p.add_argument("--heartbeat", type=float, default=30.0)
+    p.add_argument("--window", type=float, default=30.0, help="idle CPU window, seconds")
+    p.add_argument("--settle", type=float, default=5.0)
+    p.add_argument("--scrapes", type=int, default=5)
+    p.add_argument("--default-rate-max", type=int, default=1000,
+                   help="measure the default connect rate up to this N")
+    p.add_argument("--outage", type=float, default=30.0)
+    p.add_argument("--outage-sizes", type=int, nargs="*", default=[1000, 10000])
+    p.add_argument("--recovery-timeout", type=float, default=90.0)
+    p.add_argument("--no-default-rate-outage", action="store_true",
+                   help="no outage in the default-rate run")
+    p.add_argument("--tail", type=float, default=5.0, help="sampling after recovery")
+    p.add_argument("--dc-procs", type=int, default=2, help="localdc processes")
+    p.add_argument("--log-level", default="info", help="daemon and baseline log level")
+    p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    p.add_argument("--json", type=Path, default=HERE / "results.json")
+    p.add_argument("--plot", type=Path, default=HERE / "outage.png")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--workdir", type=Path, default=None, help="keep state and logs here")
+    p.add_argument("--smoke", action="store_true", help="N=20, seconds-long windows")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.repeats, args.window, args.settle = [20], 1, 1.0, 0.2
+        args.scrapes, args.outage, args.outage_sizes = 2, 1.0, [20]
+        args.default_rate_max, args.dc_procs, args.recovery_timeout = 20, 1, 20.0
+        args.no_plot, args.tail, args.no_default_rate_outage = True, 0.2, True
+    return args
+
+
+def raise_nofile() -> None:
+    """Children inherit it: each localdc holds up to N sockets."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def daemon_args(config: Path) -> list[str]:
+    return ["--config", str(config)]
+
+
+def bench_size(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Every run for one fleet size; localdc processes live for all of them."""
+    work = root / f"n{n}"
+    work.mkdir(parents=True)
+    ring = generate_keyring()
+    key_file = work / "master.key"
+    write_key_file(key_file, ring)
+    specs = plan_dc_procs(work, args.dc_procs)
+    state = work / "state"
+    t0 = time.monotonic()
+    names, rsa_files = asyncio.run(seed_fleet(n, specs, state, ring))
+    progress(f"N={n}: seeded {len(names)} users, keys and sessions in "
+             f"{time.monotonic() - t0:.1f}s over {len(specs)} localdc process(es)")
+    policy = {"heartbeat_interval": args.heartbeat, **BENCH_POLICY_EXTRA}
+    configs = {}
+    for label, rate in (("unlimited", {"connect_rate": 0.0}), ("default", {})):
+        path = work / f"tgdaemon-{label}.toml"
+        path.write_text(render_config(
+            state_dir=state, key_file=key_file, rsa_files=rsa_files, procs=specs, names=names,
+            daemon={"log_level": args.log_level, **rate}, policy=policy))
+        configs[label] = path
+    base_args = ["--state-dir", str(state), "--key-file", str(key_file),
+                 "--heartbeat", str(args.heartbeat), "--log-level", args.log_level]
+    for f in rsa_files:
+        base_args += ["--rsa-file", str(f)]
+    dcs = [LocalDcProcess(s, work) for s in specs]
+    repeats = args.large_repeats if n >= args.large else args.repeats
+    d = DaemonConfig()
+    default_connect_budget = 120 + 2 * n / d.connect_rate
+    result: dict[str, Any] = {"n": n, "repeats": repeats, "daemon": [], "baseline": [],
+                              "daemon_default_rate": []}
+    try:
+        for dc in dcs:
+            dc.start()
+        for r in range(repeats):
+            outage = args.outage if (r == 0 and n in args.outage_sizes) else None
+            plan = RunPlan(args.settle, args.window, args.scrapes, outage,
+                           args.recovery_timeout, connect_timeout=120 + n / 50, tail=args.tail)
+            progress(f"N={n} repeat {r + 1}/{repeats}: tgdaemon, connect_rate unlimited")
+            fleet = start_fleet("daemon", work, f"daemon-{r}", daemon_args(configs["unlimited"]))
+            result["daemon"].append(run_fleet(fleet, n, dcs, plan))
+            if r == 0 and n <= args.default_rate_max:
+                progress(f"N={n}: tgdaemon, default connect_rate {d.connect_rate:g}/s "
+                         f"(burst {d.connect_burst})")
+                fleet = start_fleet("daemon", work, f"daemon-default-{r}",
+                                    daemon_args(configs["default"]))
+                # No idle window (the unlimited run has it); the outage again, since the
+                # limiter is what keeps a fleet-wide reconnect from being a herd.
+                quick = RunPlan(0, 0, 0, None if args.no_default_rate_outage else outage,
+                                max(args.recovery_timeout, default_connect_budget),
+                                connect_timeout=default_connect_budget, idle=False,
+                                tail=args.tail)
+                result["daemon_default_rate"].append(run_fleet(fleet, n, dcs, quick))
+            progress(f"N={n} repeat {r + 1}/{repeats}: baseline (plain Telethon)")
+            fleet = start_fleet("baseline", work, f"baseline-{r}", base_args)
+            result["baseline"].append(run_fleet(fleet, n, dcs, plan))
+    finally:
+        for dc in dcs:
+            dc.stop()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    raise_nofile()
+    started = time.monotonic()
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="tgdaemon-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"machine": machine_info(), "args": {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "sizes": [], "not_run": []}
+    try:
+        for n in args.sizes:
+            try:
+                results["sizes"].append(bench_size(n, args, root))
+            except Exception as exc:  # report what ran; say what did not and why
+                progress(f"N={n} failed: {exc}")
+                results["not_run"].append(f"N={n}: failed: {exc}")
+                if args.smoke:
+                    raise
+    finally:
+        results["wall_seconds"] = time.monotonic() - started
+        if args.workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    plot = None
+    if not args.no_plot:
+        plot = plot_outages(results, args.plot)
+    args.json.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    write_results(results, args.out, plot)
+    progress(f"done in {results['wall_seconds']:.0f}s: {args.out}")
+    return 0 if not results["not_run"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
