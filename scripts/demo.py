@@ -383,8 +383,8 @@ Press Ctrl-C to stop everything.""", flush=True)
             if code not in (0, -signal.SIGTERM):
                 print(f"  {child.name} exited with code {code}; see {child.log}", flush=True)
         self.children.clear()
-        (self.state_dir / "pids.json").unlink(missing_ok=True)
-        if self._lock is not None:
+        if self._lock is not None:  # only the owner of the state directory cleans it
+            (self.state_dir / "pids.json").unlink(missing_ok=True)
             self._lock.close()
             self._lock = None
 
