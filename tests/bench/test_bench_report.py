@@ -1,0 +1,78 @@
+"""Pure parts of the bench: /proc readers, spreads, ratios, target verdicts, RESULTS.md."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bench.procfs import CpuMark, cpu_percent, cpu_seconds, rss_kb
+from bench.report import ratio, spread, target_lines, write_results
+
+
+def test_proc_readers_see_this_process() -> None:
+    assert rss_kb(os.getpid()) > 1000
+    assert cpu_seconds(os.getpid()) > 0
+
+
+def test_proc_readers_of_a_gone_process_are_zero() -> None:
+    assert rss_kb(2**22 + 12345) == 0
+    assert cpu_seconds(2**22 + 12345) == 0.0
+
+
+def test_cpu_percent_is_of_one_core() -> None:
+    assert cpu_percent(CpuMark(1, 10.0, 100.0), CpuMark(1, 10.5, 110.0)) == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="different"):
+        cpu_percent(CpuMark(1, 0, 0), CpuMark(2, 1, 1))
+
+
+def test_spread_and_ratio() -> None:
+    assert spread([3.0, 1.0, 2.0]) == "2.00 (1.00-3.00)"
+    assert spread([1.5]) == "1.50"
+    assert spread([None]) == "-"
+    assert ratio(3.0, 2.0) == "1.50x"
+    assert ratio(1.0, 0.0) == "-"
+
+
+def _run(rss: float, cpu: float, **extra: object) -> dict:
+    return {"rss_per_account_kb": rss, "rss_kb": 100_000, "rss_base_kb": 50_000,
+            "cpu_pct": cpu, "connect_s": 30.0, "dc_cpu_pct": [1.0, 2.0], **extra}
+
+
+def _results(n: int, daemon: dict, baseline: dict) -> dict:
+    return {
+        "machine": {"nproc": 2, "cpu": "x", "ram_gb": 1.0, "python": "3.11", "telethon": "1.45.0",
+                    "tgdaemon": "0.1.0", "kernel": "k", "date": "d"},
+        "args": {"dc_procs": 2, "heartbeat": 30.0, "log_level": "info", "window": 30.0,
+                 "settle": 5.0, "outage": 30.0},
+        "sizes": [{"n": n, "repeats": 1, "daemon": [daemon], "baseline": [baseline],
+                   "daemon_default_rate": []}],
+        "not_run": [], "wall_seconds": 60.0,
+    }
+
+
+def test_targets_met_and_missed_at_10000() -> None:
+    scrape = {"seconds": 0.5, "seconds_gzip": 0.6, "bytes": 1, "bytes_gzip": 1, "series": 1,
+              "account_series": 1}
+    good = target_lines(_results(10000, _run(50, 10, scrape=scrape), _run(45, 9)))[0]
+    assert "MISSED" not in good
+    bad = target_lines(_results(10000, _run(80, 30, scrape=scrape), _run(45, 9)))[0]
+    assert "≤ 64 KB/account **MISSED**" in bad
+    assert "idle CPU ≤ 25 % **MISSED**" in bad
+
+
+def test_outage_verdicts() -> None:
+    outage = {"seconds": 30, "recovered_s": None, "connected_at_end": 10,
+              "attempts_peak_fraction": 0.5, "attempts_peak_per_s": 500, "attempts_total": 9}
+    line = target_lines(_results(1000, _run(50, 1, outage=outage), _run(45, 1)))[0]
+    assert "outage recovery ≤ 60 s (never) **MISSED**" in line
+    assert "(50.0 %) **MISSED**" in line
+
+
+def test_write_results(tmp_path: Path) -> None:
+    out = tmp_path / "RESULTS.md"
+    write_results(_results(100, _run(50, 1), _run(40, 1)), out, None)
+    text = out.read_text()
+    assert "## N = 100 accounts (1 repeat(s))" in text
+    assert "| RSS per account, KB (incremental) | 50.0 | 40.0 | 1.25x |" in text
