@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +93,19 @@ async def test_every_dashboard_and_alert_expression_returns_data(
         prom = live.prom
         variables = {"instance": live.instance, "account": "|".join(NAMES),
                      "__rate_interval": "10s"}
-        queries = dashboard_queries(load_dashboard())
+        dashboard = load_dashboard()
+        # Template variables: label_values(<selector>, <label>) must list our values.
+        for var in dashboard["templating"]["list"]:
+            if var["type"] != "query":
+                continue
+            m = re.fullmatch(r"label_values\((.+), (\w+)\)", var["definition"])
+            assert m is not None, var["definition"]
+            selector, label = substitute(m.group(1), variables), m.group(2)
+            data = await prom.query(f"count by ({label}) ({selector})")
+            values = {s["metric"].get(label) for s in data["result"]}
+            expected = {"instance": {live.instance}, "account": set(NAMES)}[var["name"]]
+            assert values == expected, (var["name"], values)
+        queries = dashboard_queries(dashboard)
         assert len(queries) >= 15
         for q in queries:
             expr = substitute(q.expr, variables)
