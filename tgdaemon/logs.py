@@ -17,7 +17,9 @@ ROOT = "tgdaemon"
 
 # Phone numbers (+ and 7+ digits, spaces allowed) and long hex/base64 blobs (keys, sessions).
 _PHONE = re.compile(r"\+\d[\d \-]{6,}\d")
-_BLOB = re.compile(r"[A-Za-z0-9+/=_\-]{40,}")
+# No "/" in the class: session strings and key files use urlsafe base64, and "/" would make
+# every long file path look like a secret.
+_BLOB = re.compile(r"[A-Za-z0-9+=_\-]{40,}")
 
 
 def redact(text: str) -> str:
@@ -70,6 +72,8 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: IO[str] | None
     root.setLevel(level.upper())
     # Telethon reports every connect at INFO: 10,000 lines per restart of a fleet.
     logging.getLogger("telethon").setLevel(logging.WARNING)
+    # aiosqlite logs every statement with its parameters at DEBUG.
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)
     logging.getLogger("tgdaemon.telethon").setLevel(
         logging.DEBUG if level == "debug" else logging.WARNING)
 

@@ -93,8 +93,11 @@ class SessionData:
     seq: int | None = None
 
     def __post_init__(self) -> None:
-        if self.auth_key is not None and len(self.auth_key) != _AUTH_KEY_SIZE:
-            raise ValueError(f"auth key must be {_AUTH_KEY_SIZE} bytes")
+        # Telethon keeps the DH result as its shortest big-endian bytes: about one key in 256
+        # is 255 bytes (a leading zero byte dropped) and its key id is computed over exactly
+        # those bytes, so they are stored as they are.
+        if self.auth_key is not None and not 0 < len(self.auth_key) <= _AUTH_KEY_SIZE:
+            raise ValueError(f"auth key must be 1 to {_AUTH_KEY_SIZE} bytes")
         if not 0 <= self.port <= 65535:
             raise ValueError("port out of range")
 

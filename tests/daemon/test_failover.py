@@ -10,7 +10,6 @@ import socket
 from pathlib import Path
 from types import TracebackType
 
-import pytest
 from telethon import events
 
 from tests.conftest import phone_for, render_config
@@ -316,8 +315,6 @@ async def test_update_gap_is_detected_and_caught_up(
 # -- a fresh key made during recovery ----------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="StoreSession/SessionData reject auth keys shorter than "
-                   "256 bytes with a ValueError raised inside Telethon's key callback")
 async def test_fresh_auth_key_with_leading_zero_byte_is_persisted(tmp_path, keyring):
     """Telethon stores g^ab as minimal big-endian bytes (authenticator.py: AuthKey(
     get_byte_array(gab))): about one key exchange in 256 yields a 255-byte key. localdc does

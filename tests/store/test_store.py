@@ -220,7 +220,12 @@ def test_session_data_repr_hides_auth_key() -> None:
     assert repr(data.auth_key)[2:20] not in repr(data)
     assert SessionData.from_bytes(data.to_bytes()) == data
     with pytest.raises(ValueError, match="256"):
-        SessionData(2, "1.2.3.4", 443, b"short")
+        SessionData(2, "1.2.3.4", 443, b"x" * 257)
+    with pytest.raises(ValueError, match="256"):
+        SessionData(2, "1.2.3.4", 443, b"")
+    # a 255-byte key (Telethon drops a leading zero byte of g^ab) is kept as it is
+    short = SessionData(2, "1.2.3.4", 443, b"\x01" * 255)
+    assert SessionData.from_bytes(short.to_bytes()).auth_key == b"\x01" * 255
 
 
 async def test_session_round_trip_is_durable_and_encrypted(state_dir: Path, ring) -> None:
