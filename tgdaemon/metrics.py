@@ -13,9 +13,10 @@ Labels: ``account`` is the config name only (never a phone number, username or s
 
 Threading: every mutator runs on the event loop; :meth:`Metrics.collect` may run in another
 thread (the HTTP layer renders off-loop so a 10,000-account scrape does not stall
-heartbeats). It therefore copies dicts with single C-level calls and tolerates an account
-vanishing mid-scrape; a scrape may see an observation half-applied (sum before bucket), which
-Prometheus tolerates; ``_count`` is derived from the buckets so the histogram stays coherent.
+heartbeats). Adding/removing accounts and the scrape's copy of the account table share a
+lock (the hot paths only touch one account's numbers and take no lock). A scrape may see an
+observation half-applied (sum before bucket), which Prometheus tolerates; ``_count`` is
+derived from the buckets so the histogram stays coherent.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import logging
 import math
 import platform
 import re
+import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
@@ -160,6 +162,9 @@ class Metrics:
         self._le = [*(_fmt_le(b) for b in self._bounds), "+Inf"]
         self._fleet = None if self._per_account else _Histogram(len(self._bounds) + 1)
         self._slots: dict[str, _Slots] = {}
+        # Guards the dict's *shape* against a scrape thread copying it. Not "atomic in C":
+        # a GC pass during the copy can run finalizers and switch threads mid-iteration.
+        self._slots_lock = threading.Lock()
         self._build_labels = {"version": version, **_versions()}
         self._clock = clock
         # The daemon only runs with a valid configuration: the initial load counts as a success.
@@ -181,10 +186,13 @@ class Metrics:
             # The name itself is not repeated: it may be exactly what must not leak.
             raise ValueError("account label must be a config name, not empty or a phone number")
         hist = _Histogram(len(self._bounds) + 1) if self._per_account else None
-        self._slots[name] = _Slots(name, hist)
+        slot = _Slots(name, hist)
+        with self._slots_lock:
+            self._slots[name] = slot
 
     def remove_account(self, name: str) -> None:
-        self._slots.pop(name, None)
+        with self._slots_lock:
+            self._slots.pop(name, None)
 
     def accounts(self) -> list[str]:
         return sorted(self._slots)
@@ -258,6 +266,8 @@ class Metrics:
         The copy is the consistency point; :func:`render` asks the families for text
         lines (fast path), ``generate_latest`` asks for ``samples`` (built on demand).
         """
+        with self._slots_lock:
+            items = sorted(self._slots.items())
         rows = [
             _Row(
                 name,
@@ -276,8 +286,7 @@ class Metrics:
                 None if slot.histogram is None else tuple(slot.histogram.buckets),
                 0.0 if slot.histogram is None else slot.histogram.total,
             )
-            # sorted(dict.items()) is one C-level copy: safe against concurrent add/remove.
-            for name, slot in sorted(self._slots.items())
+            for name, slot in items
         ]
         fleet = None
         if self._fleet is not None:
