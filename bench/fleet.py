@@ -134,6 +134,9 @@ class BaselineFleet(Fleet):
         self._key_file = key_file
         self._heartbeat = heartbeat
         self._clients: list[Any] = []
+        #: Clients whose connect() returned (InitConnection and get_me done): "connected"
+        #: means the same as for tgdaemon, a session that has answered a request.
+        self._up: list[Any] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._rng = random.Random()
         self.size = 0
@@ -171,13 +174,14 @@ class BaselineFleet(Fleet):
         except Exception as exc:
             log.warning("baseline client did not connect: %s", type(exc).__name__)
             return
+        self._up.append(client)
         while True:
             await asyncio.sleep(self._heartbeat * self._rng.uniform(0.9, 1.1))
             with contextlib.suppress(Exception):
                 await client(functions.updates.GetStateRequest())
 
     def connected(self) -> int:
-        return sum(1 for c in self._clients if c._sender._transport_connected())
+        return sum(1 for c in self._up if c._sender._transport_connected())
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import itertools
 import os
 import platform
 import statistics
@@ -111,6 +112,21 @@ def size_rows(size: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def marginal_rows(sizes: Sequence[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    ordered = sorted(sizes, key=lambda s: s["n"])
+    for small, large in itertools.pairwise(ordered):
+        vals = []
+        for key in ("daemon", "baseline"):
+            a = median(_col(small[key], lambda r: r["rss_kb"]))
+            b = median(_col(large[key], lambda r: r["rss_kb"]))
+            vals.append(None if a is None or b is None else (b - a) / (large["n"] - small["n"]))
+        rows.append([f"N = {small['n']:,} and {large['n']:,}",
+                     "-" if vals[0] is None else f"{vals[0]:.1f}",
+                     "-" if vals[1] is None else f"{vals[1]:.1f}", ratio(vals[0], vals[1])])
+    return rows
+
+
 def outage_rows(size: dict[str, Any]) -> list[list[str]]:
     rows = []
     for label, runs in (("tgdaemon, unlimited rate", size["daemon"]),
@@ -169,8 +185,9 @@ def write_results(results: dict[str, Any], path: Path, plot: Path | None) -> Non
         "with default settings, all `connect()`ed at once, plus `updates.getState` every "
         f"{a['heartbeat']:g} s ±10 % (the request tgdaemon's heartbeat sends).",
         f"- Idle window {a['window']:g} s after {a['settle']:g} s settling. Connected = "
-        "tgdaemon state `connected` (validated by users.getUsers); baseline: the sender's "
-        "transport is connected.",
+        "tgdaemon state `connected` (validated by users.getUsers); baseline: `connect()` "
+        "returned (InitConnection and get_me answered) and the sender's transport is up "
+        "(Telethon reconnects it on its own until its retries run out).",
         "- Connect attempts are counted in both processes by wrapping Telethon's "
         "`Connection.connect` (one per TCP connect, first or re-).",
         "- Outage: every localdc process is SIGKILLed (all connections reset, ports closed), "
@@ -187,6 +204,13 @@ def write_results(results: dict[str, Any], path: Path, plot: Path | None) -> Non
         lines += [f"## N = {size['n']:,} accounts ({size['repeats']} repeat(s))", ""]
         lines += _table(["metric", "tgdaemon", "baseline", "ratio"], size_rows(size))
         lines.append("")
+    mrows = marginal_rows(results["sizes"])
+    if mrows:
+        lines += ["## Marginal memory per account between sizes", "",
+                  "(RSS at the larger N - RSS at the smaller N) / difference in N, medians: "
+                  "the fixed cost of the process (HTTP server, threads, SQLite) cancels out.", ""]
+        lines += _table(["between", "tgdaemon, KB", "baseline, KB", "ratio"], mrows)
+        lines.append("")
     orows = [r for s in results["sizes"] for r in outage_rows(s)]
     if orows:
         lines += ["## Total outage recovery", ""]
@@ -198,8 +222,7 @@ def write_results(results: dict[str, Any], path: Path, plot: Path | None) -> Non
             lines += [f"![outage]({plot.name})", ""]
     lines += ["## Targets (issue 5)", "", *target_lines(results), ""]
     lines += ["## Not run", ""]
-    lines += [f"- {x}" for x in results["not_run"]] or ["- nothing skipped by failure"]
-    lines += [f"- {x}" for x in results.get("notes", [])]
+    lines += [f"- {x}" for x in results.get("failed", []) + results["not_run"]] or ["- -"]
     path.write_text("\n".join(lines) + "\n")
 
 

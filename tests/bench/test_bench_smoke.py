@@ -31,6 +31,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict, Path]:
 
 def test_every_fleet_connects_and_is_measured(smoke: tuple[str, dict, Path]) -> None:
     _md, results, _work = smoke
+    assert results["failed"] == []
     assert results["not_run"] == []
     (size,) = results["sizes"]
     assert size["n"] == 20
