@@ -33,5 +33,11 @@ demo: $(STAMP) $(SYSDEPS)
 demo-chaos: $(STAMP) $(SYSDEPS)
 	$(BIN)/python scripts/demo.py --chaos
 
+# Random faults + SIGKILLs for SOAK_SECONDS (default 600), then the store's kill test at 500
+# kills; writes bench/SOAK.md.
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py
+	TGDAEMON_CRASH_KILLS=500 $(BIN)/pytest -q --timeout=1800 tests/store/test_store_crash.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

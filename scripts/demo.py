@@ -100,9 +100,10 @@ class Child:
         return self.proc.wait()
 
 
-def spawn(name: str, argv: list[str], log: Path, env: dict[str, str] | None = None) -> Child:
+def spawn(name: str, argv: list[str], log: Path, env: dict[str, str] | None = None,
+          *, append: bool = False) -> Child:
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("wb") as out:
+    with log.open("ab" if append else "wb") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 start_new_session=True, preexec_fn=_die_with_parent,
                                 env=env, cwd=ROOT)
@@ -162,6 +163,9 @@ class Demo:
     children: list[Child] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     user_ids: dict[str, int] = field(default_factory=dict)
+    accounts: tuple[str, ...] = ACCOUNTS
+    #: DC 1's port (DC k on +k-1); fixed so a restarted local DC comes back at the same place.
+    localdc_port: int = 0
     _lock: TextIO | None = None
 
     @property
@@ -233,13 +237,15 @@ class Demo:
                                 (f"; see {child.log}" if child else ""))
             self.stop.wait(0.1)
 
-    def start_localdc(self) -> None:
+    def start_localdc(self, *, append_log: bool = False) -> None:
         info_file = self.state_dir / "localdc.json"
+        info_file.unlink(missing_ok=True)
         child = spawn("localdc", [
-            sys.executable, "-m", "tgdaemon.localdc", "--host", "127.0.0.1", "--port", "0",
+            sys.executable, "-m", "tgdaemon.localdc", "--host", "127.0.0.1",
+            "--port", str(self.localdc_port),
             "--dcs", "2", "--state-dir", str(self.state_dir / "localdc"),
             "--info-file", str(info_file), "--control-port", "0", "--code", LOGIN_CODE,
-        ], self.logs / "localdc.log")
+        ], self.logs / "localdc.log", append=append_log)
         self.children.append(child)
         self._record_pids()
         self.wait_for("the local DC", info_file.exists, 30, child)
@@ -275,7 +281,7 @@ class Demo:
             address = f"{dc['host']}:{dc['port']}"
             lines.append(f'"{dc["id"]}" = [{_toml(address)}]')
         lines += ["", "[policy]"] + [f"{k} = {_toml(v)}" for k, v in policy.items()]
-        for i, name in enumerate(ACCOUNTS):
+        for i, name in enumerate(self.accounts):
             lines += ["", "[[accounts]]", f"name = {_toml(name)}", f"phone = {_toml(_phone(i))}"]
         path = self.state_dir / "tgdaemon.toml"
         path.write_text("\n".join(lines) + "\n")
@@ -294,16 +300,16 @@ class Demo:
             return str(self.info.get("code") or LOGIN_CODE)
 
         async def run() -> None:
-            for name in ACCOUNTS:
+            for name in self.accounts:
                 self.user_ids[name] = await login(config, name, prompt=lambda _p: "",
                                                   secret=secret)
                 print(f"  logged in {name} (user {self.user_ids[name]})", flush=True)
 
         asyncio.run(run())
 
-    def start_daemon(self, config_path: Path) -> None:
+    def start_daemon(self, config_path: Path, *, append_log: bool = False) -> None:
         child = spawn("daemon", [sys.executable, "-m", "tgdaemon", "run", "--config",
-                                 str(config_path)], self.logs / "daemon.log")
+                                 str(config_path)], self.logs / "daemon.log", append=append_log)
         self.children.append(child)
         self._record_pids()
         self.wait_for("the daemon's /readyz", lambda: http_ok(f"{self.daemon_url}/readyz"),
@@ -335,7 +341,7 @@ class Demo:
         print("starting the local stand-in DC ...", flush=True)
         self.start_localdc()
         config_path = self.write_config()
-        print(f"logging in {len(ACCOUNTS)} demo accounts through the local DC ...", flush=True)
+        print(f"logging in {len(self.accounts)} demo accounts through the local DC ...", flush=True)
         self.login_accounts(config_path)
         print("starting the daemon ...", flush=True)
         self.start_daemon(config_path)
