@@ -141,16 +141,6 @@ def http_ok(url: str) -> bool:
         return False
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-
-
 # -- the demo -----------------------------------------------------------------------------------
 
 
@@ -253,7 +243,6 @@ class Demo:
 
     def write_config(self) -> Path:
         from tgdaemon.cli import main as tgdaemon_cli
-        from tgdaemon.localdc.testing import API_HASH, API_ID
 
         rsa_file = self.state_dir / "localdc_rsa.pem"
         rsa_file.write_text(self.info["rsa_public_key"])
@@ -273,18 +262,15 @@ class Demo:
         }
         policy = {"heartbeat_interval": 2.0, "stale_after": 10.0, "connect_timeout": 5.0,
                   "request_timeout": 4.0, "backoff_base": 0.5, "backoff_cap": 5.0}
-        lines = ["# Written by scripts/demo.py for the local stand-in DC.", "[daemon]"]
-        lines += [f"{k} = {_toml(v)}" for k, v in daemon.items()]
-        lines += ["", "[telegram]", f"api_id = {API_ID}", f"api_hash = {_toml(API_HASH)}",
-                  f"rsa_keys = [{_toml(rsa_file)}]", "", "[telegram.servers]"]
-        for dc in self.info["dcs"]:
-            address = f"{dc['host']}:{dc['port']}"
-            lines.append(f'"{dc["id"]}" = [{_toml(address)}]')
-        lines += ["", "[policy]"] + [f"{k} = {_toml(v)}" for k, v in policy.items()]
-        for i, name in enumerate(self.accounts):
-            lines += ["", "[[accounts]]", f"name = {_toml(name)}", f"phone = {_toml(_phone(i))}"]
+        from tgdaemon.localdc.testing import daemon_config_toml
+
+        servers = {dc["id"]: [f"{dc['host']}:{dc['port']}"] for dc in self.info["dcs"]}
+        accounts = [{"name": name, "phone": _phone(i)} for i, name in enumerate(self.accounts)]
+        text = daemon_config_toml(servers=servers, rsa_files=[rsa_file], accounts=accounts,
+                                  daemon=daemon, policy=policy,
+                                  header="Written by scripts/demo.py for the local stand-in DC.")
         path = self.state_dir / "tgdaemon.toml"
-        path.write_text("\n".join(lines) + "\n")
+        path.write_text(text)
         return path
 
     def login_accounts(self, config_path: Path) -> None:

@@ -18,7 +18,8 @@ import pytest
 from tgdaemon.config import Config, load_config
 from tgdaemon.crypto import KeyRing, generate_keyring, write_key_file
 from tgdaemon.localdc import LocalDC
-from tgdaemon.localdc.testing import API_HASH, API_ID, telethon_isolation
+from tgdaemon.localdc.testing import daemon_config_toml, telethon_isolation
+from tgdaemon.store import Store
 
 WaitUntil = Callable[..., Awaitable[None]]
 
@@ -70,22 +71,26 @@ def keyring() -> KeyRing:
 
 
 @pytest.fixture
+def ring(keyring: KeyRing) -> KeyRing:
+    """The store and session tests' name for the key ring."""
+    return keyring
+
+
+@pytest.fixture
+async def store(state_dir: Path, keyring: KeyRing) -> AsyncIterator[Store]:
+    """An open store in the temp state dir, closed (writes drained) at teardown."""
+    s = await Store.open(state_dir, keyring)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
 def key_file(tmp_path: Path, keyring: KeyRing) -> Path:
     path = tmp_path / "master.key"
     write_key_file(path, keyring)
     return path
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(value)
 
 
 def render_config(
@@ -120,17 +125,8 @@ def render_config(
         "backoff_cap": 0.5,
         **(policy or {}),
     }
-    lines = ["[daemon]"]
-    lines += [f"{k} = {_toml_value(v)}" for k, v in daemon_cfg.items()]
-    lines += ["", "[telegram]", f"api_id = {API_ID}", f'api_hash = "{API_HASH}"',
-              f"rsa_keys = [{_toml_value(rsa_file)}]", "", "[telegram.servers]"]
-    lines += [f'"{dc}" = {_toml_value(addrs)}' for dc, addrs in servers.items()]
-    lines += ["", "[policy]"]
-    lines += [f"{k} = {_toml_value(v)}" for k, v in policy_cfg.items()]
-    for account in accounts:
-        lines += ["", "[[accounts]]"]
-        lines += [f"{k} = {_toml_value(v)}" for k, v in account.items()]
-    return "\n".join(lines) + "\n"
+    return daemon_config_toml(servers=servers, rsa_files=[rsa_file], accounts=accounts,
+                              daemon=daemon_cfg, policy=policy_cfg)
 
 
 ConfigFactory = Callable[..., Config]

@@ -9,7 +9,9 @@ restores both.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from telethon import TelegramClient, errors
@@ -127,3 +129,39 @@ async def login(client: TelegramClient, dc: LocalDC, phone: str,
             raise
         user = await client.sign_in(password=password)
     return user  # type: ignore[return-value]
+
+
+# -- daemon configs for a local DC (tests, make demo, make soak, make bench) -------------------
+
+
+def toml_value(value: Any) -> str:
+    """A TOML literal for the simple values a daemon config holds."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def daemon_config_toml(
+    *,
+    servers: Mapping[int, Sequence[str]],
+    rsa_files: Sequence[Path],
+    accounts: Sequence[Mapping[str, Any]],
+    daemon: Mapping[str, Any],
+    policy: Mapping[str, Any],
+    header: str = "",
+) -> str:
+    """A complete ``tgdaemon`` config whose servers are a local DC's (``servers``: DC id ->
+    ``host:port`` addresses in failover order)."""
+    lines = [f"# {header}"] if header else []
+    lines += ["[daemon]", *(f"{k} = {toml_value(v)}" for k, v in daemon.items()), "",
+              "[telegram]", f"api_id = {API_ID}", f"api_hash = {toml_value(API_HASH)}",
+              f"rsa_keys = {toml_value(list(rsa_files))}", "", "[telegram.servers]"]
+    lines += [f'"{dc}" = {toml_value(list(addrs))}' for dc, addrs in servers.items()]
+    lines += ["", "[policy]", *(f"{k} = {toml_value(v)}" for k, v in policy.items())]
+    for account in accounts:
+        lines += ["", "[[accounts]]", *(f"{k} = {toml_value(v)}" for k, v in account.items())]
+    return "\n".join(lines) + "\n"
