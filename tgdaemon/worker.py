@@ -249,10 +249,12 @@ class AccountWorker:
         client = self.client
         try:
             await asyncio.wait_for(client.connect(), policy.connect_timeout)
-        except BaseException:
-            # A connect that hung (a stall mid key exchange) leaves Telethon's sender in an
-            # unknown state: abandon this client object and build a fresh one next time.
+        except BaseException as exc:
             await self._close_client()
+            if isinstance(exc, TimeoutError):
+                # A connect that hung (a stall mid key exchange) leaves Telethon's sender in
+                # an unknown state: abandon this client object, build a fresh one next time.
+                self.client = None
             raise
         # A fresh auth key must be durable before anything binds it to a user.
         await self.session.flush()

@@ -211,3 +211,29 @@ def test_unknown_account_is_a_clear_error(make_config, command: str) -> None:
     assert result.returncode != 0
     assert "nobody" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_status_command_prints_the_running_daemons_table(
+        make_config, login_account, localdc, wait_until) -> None:
+    import socket
+
+    from tgdaemon.daemon import Daemon
+    from tgdaemon.status import State
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = make_config([{"name": "alice", "phone": phone_for("alice")}],
+                         daemon={"http_listen": f"127.0.0.1:{port}"})
+    uid = await login_account(config, "alice")
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: (s := daemon.board.get("alice")) is not None
+                         and s.state is State.CONNECTED, 10, "connected")
+        code, out, err = await arun_cli("status", "--config", str(config.path))
+    assert code == 0, err
+    header, row = out.splitlines()[:2]
+    assert header.split() == ["NAME", "STATE", "USER", "DC", "LATENCY", "LAST", "ERROR"]
+    assert row.split()[:4] == ["alice", "connected", str(uid), "1"]
+    code, _out, err = await arun_cli("status", "--config", str(config.path))
+    assert code != 0
+    assert "not reachable" in err
