@@ -158,3 +158,34 @@ async def test_one_bad_session_does_not_stop_the_others(
         status = daemon.board.get("alice")
         assert status is not None
         assert "decrypt" in (status.reason + (status.last_error_message or "")).lower()
+
+
+async def test_wrong_master_key_parks_accounts_and_overwrites_nothing(
+        make_config, login_account, localdc, wait_until, tmp_path) -> None:
+    from tgdaemon.crypto import generate_keyring, load_keyring, write_key_file
+    from tgdaemon.store import DB_NAME
+
+    config, _ = await _fleet(make_config, login_account, ["alice"])
+    db_path = config.daemon.state_dir / DB_NAME
+
+    def stored_record() -> bytes:
+        import sqlite3
+
+        db = sqlite3.connect(db_path)
+        try:
+            return db.execute("select record from sessions where account='alice'").fetchone()[0]
+        finally:
+            db.close()
+
+    before = stored_record()
+    accepted = localdc.counters()["connections_accepted"]
+    wrong = tmp_path / "wrong.key"
+    write_key_file(wrong, generate_keyring())
+    async with Daemon(config, keyring=load_keyring(key_file=wrong)) as daemon:
+        await wait_until(lambda: _state(daemon, "alice") is State.NEEDS_LOGIN, 5, "parked")
+        status = daemon.board.get("alice")
+        assert status is not None
+        assert "decrypt" in status.reason
+        assert "alice" in (status.last_error_message or "")
+    assert stored_record() == before
+    assert localdc.counters()["connections_accepted"] == accepted  # never even connected
