@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procfs import cpu_mark, cpu_percent, rss_kb
-from bench.procs import FleetProcess, LocalDcProcess
+from bench.procs import ChildError, FleetProcess, LocalDcProcess
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,17 @@ def run_fleet(
         out["rss_base_kb"] = base["rss_kb"]
         if base["n"] != n:
             raise RuntimeError(f"fleet has {base['n']} accounts, expected {n}")
-        out["connect_s"] = fleet.wait_event("all_connected", plan.connect_timeout)["seconds"]
+        try:
+            out["connect_s"] = fleet.wait_event("all_connected", plan.connect_timeout)["seconds"]
+        except ChildError:
+            # Not a harness failure: the fleet did not converge. Recorded, then stopped.
+            fleet.drain()
+            out["connect_s"] = None
+            out["connected_at_timeout"] = fleet.last_count["n"]
+            out["connect_timeout_s"] = plan.connect_timeout
+            progress(f"  NOT all connected within {plan.connect_timeout:.0f}s: "
+                     f"{out['connected_at_timeout']}/{n}")
+            return out
         progress(f"  all {n} connected in {out['connect_s']:.2f}s")
         if plan.idle:
             _idle(fleet, n, dcs, plan, out)

@@ -93,7 +93,11 @@ def size_rows(size: dict[str, Any]) -> list[list[str]]:
     row("RSS per account, KB (incremental)", lambda r: r["rss_per_account_kb"], "{:.1f}")
     row("RSS total, MB", lambda r: r["rss_kb"] / 1024, "{:.0f}")
     row("idle CPU, % of one core", lambda r: r["cpu_pct"])
-    row("connect all, unlimited rate, s", lambda r: r["connect_s"])
+    fast = fast_label(size)
+    dcon, bcon = _connect_cells(d, size["n"]), _connect_cells(b, size["n"])
+    rows.append([f"connect all from stored sessions, {fast}, s", dcon, bcon,
+                 ratio(median(_col(d, lambda r: r["connect_s"])),
+                       median(_col(b, lambda r: r["connect_s"])))])
     rows.append(["connect all, default rate (20/s, burst 50), s",
                  spread(_col(dr, lambda r: r["connect_s"])), "no limiter", ""])
     row("localdc CPU during idle window, % per process",
@@ -112,9 +116,25 @@ def size_rows(size: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def fast_label(size: dict[str, Any]) -> str:
+    rate = size.get("fast_rate", 0.0)
+    return "unlimited rate" if not rate else f"connect_rate {rate:g}/s"
+
+
+def _connect_cells(runs: Sequence[dict[str, Any]], n: int) -> str:
+    cell = spread(_col(runs, lambda r: r["connect_s"]))
+    failed = [r for r in runs if r.get("connect_s") is None and "connected_at_timeout" in r]
+    if failed:
+        r = failed[0]
+        note = (f"NOT converged in {len(failed)} run(s): {r['connected_at_timeout']:,}/{n:,} "
+                f"connected after {r['connect_timeout_s']:.0f} s")
+        cell = note if cell == "-" else f"{cell}; {note}"
+    return cell
+
+
 def marginal_rows(sizes: Sequence[dict[str, Any]]) -> list[list[str]]:
     rows = []
-    ordered = sorted(sizes, key=lambda s: s["n"])
+    ordered = sorted((s for s in sizes if not s.get("variant")), key=lambda s: s["n"])
     for small, large in itertools.pairwise(ordered):
         vals = []
         for key in ("daemon", "baseline"):
@@ -129,7 +149,7 @@ def marginal_rows(sizes: Sequence[dict[str, Any]]) -> list[list[str]]:
 
 def outage_rows(size: dict[str, Any]) -> list[list[str]]:
     rows = []
-    for label, runs in (("tgdaemon, unlimited rate", size["daemon"]),
+    for label, runs in ((f"tgdaemon, {fast_label(size)}", size["daemon"]),
                         ("tgdaemon, default rate", size["daemon_default_rate"]),
                         ("baseline", size["baseline"])):
         for r in runs:
@@ -201,7 +221,8 @@ def write_results(results: dict[str, Any], path: Path, plot: Path | None) -> Non
         "",
     ]
     for size in results["sizes"]:
-        lines += [f"## N = {size['n']:,} accounts ({size['repeats']} repeat(s))", ""]
+        variant = f", tgdaemon at {size['variant']}" if size.get("variant") else ""
+        lines += [f"## N = {size['n']:,} accounts{variant} ({size['repeats']} repeat(s))", ""]
         lines += _table(["metric", "tgdaemon", "baseline", "ratio"], size_rows(size))
         lines.append("")
     mrows = marginal_rows(results["sizes"])
@@ -221,6 +242,8 @@ def write_results(results: dict[str, Any], path: Path, plot: Path | None) -> Non
         if plot is not None:
             lines += [f"![outage]({plot.name})", ""]
     lines += ["## Targets (issue 5)", "", *target_lines(results), ""]
+    if results.get("notes"):
+        lines += ["## Notes", "", *(f"- {x}" for x in results["notes"]), ""]
     lines += ["## Not run", ""]
     lines += [f"- {x}" for x in results.get("failed", []) + results["not_run"]] or ["- -"]
     path.write_text("\n".join(lines) + "\n")
@@ -256,7 +279,7 @@ def target_lines(results: dict[str, Any]) -> list[str]:
             if scr is not None:
                 checks.append(_check(f"/metrics ≤ {TARGET_SCRAPE_S:g} s ({scr:.3f} s)",
                                      scr <= TARGET_SCRAPE_S))
-        for label, runs in (("unlimited", d), ("default rate", size["daemon_default_rate"])):
+        for label, runs in ((fast_label(size), d), ("default rate", size["daemon_default_rate"])):
             o = next((r["outage"] for r in runs if r.get("outage")), None)
             if o:
                 rec = o.get("recovered_s")
@@ -268,7 +291,8 @@ def target_lines(results: dict[str, Any]) -> list[str]:
                     f"{label}: peak attempts ≤ 10 % of N per second "
                     f"({100 * o.get('attempts_peak_fraction', 0):.1f} %)",
                     o.get("attempts_peak_fraction", 1) <= 0.10))
-        out.append(f"- N = {n:,}: " + "; ".join(checks))
+        variant = f" ({size['variant']})" if size.get("variant") else ""
+        out.append(f"- N = {n:,}{variant}: " + "; ".join(checks))
     return out
 
 
@@ -292,7 +316,7 @@ def plot_outages(results: dict[str, Any], path: Path) -> Path | None:
     """Connected accounts and connect attempts per second around the outage, per N."""
     sizes = [s for s in results["sizes"]
              if any(r.get("outage") for r in s["daemon"] + s["baseline"])]
-    fleets = (("tgdaemon, unlimited rate", "daemon", "tab:blue"),
+    fleets = (("tgdaemon, fast rate", "daemon", "tab:blue"),
               ("tgdaemon, default rate", "daemon_default_rate", "tab:green"),
               ("plain Telethon", "baseline", "tab:orange"))
     if not sizes or not ensure_matplotlib():
@@ -309,6 +333,8 @@ def plot_outages(results: dict[str, Any], path: Path) -> Path | None:
         top, bottom = axes[0][col], axes[1][col]
         outage = 0.0
         for label, key, color in fleets:
+            if key == "daemon":
+                label = f"tgdaemon, {fast_label(size)}"
             o = next((r["outage"] for r in size[key] if r.get("outage")), None)
             if not o or "timeline" not in o:
                 continue

@@ -53,6 +53,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--large", type=int, default=10000)
     p.add_argument("--large-repeats", type=int, default=1)
     p.add_argument("--heartbeat", type=float, default=30.0)
+    p.add_argument("--fast-rate", type=float, default=0.0,
+                   help="connect_rate of the main tgdaemon run (0 = unlimited)")
+    p.add_argument("--connect-timeout", type=float, default=None,
+                   help="give up on 'all connected' after this long (default 120 + N/50 s)")
+    p.add_argument("--fleets", nargs="+", default=["daemon", "baseline"],
+                   choices=["daemon", "baseline"])
+    p.add_argument("--note", action="append", default=[],
+                   help="a sentence for RESULTS.md (e.g. what an earlier pass showed)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other sizes already in --json (re-run some sizes only)")
     p.add_argument("--window", type=float, default=30.0, help="idle CPU window, seconds")
     p.add_argument("--settle", type=float, default=5.0)
     p.add_argument("--scrapes", type=int, default=5)
@@ -108,7 +118,7 @@ def bench_size(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
              f"{time.monotonic() - t0:.1f}s over {len(specs)} localdc process(es)")
     policy = {"heartbeat_interval": args.heartbeat, **BENCH_POLICY_EXTRA}
     configs = {}
-    for label, rate in (("unlimited", {"connect_rate": 0.0}), ("default", {})):
+    for label, rate in (("unlimited", {"connect_rate": args.fast_rate}), ("default", {})):
         path = work / f"tgdaemon-{label}.toml"
         path.write_text(render_config(
             state_dir=state, key_file=key_file, rsa_files=rsa_files, procs=specs, names=names,
@@ -123,18 +133,24 @@ def bench_size(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     d = DaemonConfig()
     default_connect_budget = 120 + 2 * n / d.connect_rate
     result: dict[str, Any] = {"n": n, "repeats": repeats, "daemon": [], "baseline": [],
-                              "daemon_default_rate": []}
+                              "daemon_default_rate": [], "fast_rate": args.fast_rate,
+                              "variant": f"connect_rate {args.fast_rate:g}/s"
+                              if args.fast_rate else None}
     try:
         for dc in dcs:
             dc.start()
         for r in range(repeats):
             outage = args.outage if (r == 0 and n in args.outage_sizes) else None
             plan = RunPlan(args.settle, args.window, args.scrapes, outage,
-                           args.recovery_timeout, connect_timeout=120 + n / 50, tail=args.tail)
-            progress(f"N={n} repeat {r + 1}/{repeats}: tgdaemon, connect_rate unlimited")
-            fleet = start_fleet("daemon", work, f"daemon-{r}", daemon_args(configs["unlimited"]))
-            result["daemon"].append(run_fleet(fleet, n, dcs, plan))
-            if r == 0 and n <= args.default_rate_max:
+                           args.recovery_timeout, tail=args.tail,
+                           connect_timeout=args.connect_timeout or 120 + n / 50)
+            if "daemon" in args.fleets:
+                progress(f"N={n} repeat {r + 1}/{repeats}: tgdaemon, connect_rate "
+                         f"{args.fast_rate:g} (0 = unlimited)")
+                fleet = start_fleet("daemon", work, f"daemon-{r}",
+                                    daemon_args(configs["unlimited"]))
+                result["daemon"].append(run_fleet(fleet, n, dcs, plan))
+            if r == 0 and n <= args.default_rate_max and "daemon" in args.fleets:
                 progress(f"N={n}: tgdaemon, default connect_rate {d.connect_rate:g}/s "
                          f"(burst {d.connect_burst})")
                 fleet = start_fleet("daemon", work, f"daemon-default-{r}",
@@ -146,9 +162,10 @@ def bench_size(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
                                 connect_timeout=default_connect_budget, idle=False,
                                 tail=args.tail)
                 result["daemon_default_rate"].append(run_fleet(fleet, n, dcs, quick))
-            progress(f"N={n} repeat {r + 1}/{repeats}: baseline (plain Telethon)")
-            fleet = start_fleet("baseline", work, f"baseline-{r}", base_args)
-            result["baseline"].append(run_fleet(fleet, n, dcs, plan))
+            if "baseline" in args.fleets:
+                progress(f"N={n} repeat {r + 1}/{repeats}: baseline (plain Telethon)")
+                fleet = start_fleet("baseline", work, f"baseline-{r}", base_args)
+                result["baseline"].append(run_fleet(fleet, n, dcs, plan))
     finally:
         for dc in dcs:
             dc.stop()
@@ -167,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"machine": machine_info(), "args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "sizes": [], "not_run": [], "failed": []}
+        "sizes": [], "not_run": [], "failed": [], "notes": list(args.note)}
     d = DaemonConfig()
     for n in args.sizes:
         if n > args.default_rate_max:
@@ -195,6 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     plot = None
     if not args.no_plot:
         plot = plot_outages(results, args.plot)
+    if args.merge and args.json.exists():
+        old = json.loads(args.json.read_text())
+        ran = {(s["n"], s.get("variant")) for s in results["sizes"]}
+        results["sizes"] = sorted(
+            [s for s in old["sizes"] if (s["n"], s.get("variant")) not in ran]
+            + results["sizes"], key=lambda s: (s["n"], s.get("variant") or ""))
+        results["not_run"] = old.get("not_run", []) + [
+            x for x in results["not_run"] if x not in old.get("not_run", [])]
+        results["failed"] = old.get("failed", []) + results["failed"]
+        results["notes"] = old.get("notes", []) + results.get("notes", [])
+        results["wall_seconds"] += old.get("wall_seconds", 0)
     args.json.write_text(json.dumps(results, indent=1, default=str) + "\n")
     write_results(results, args.out, plot)
     progress(f"done in {results['wall_seconds']:.0f}s: {args.out}")
