@@ -56,6 +56,27 @@ class AttemptProbe:
         Connection.connect = counting_connect  # type: ignore[method-assign]
 
 
+class GcProbe:
+    """Wall time spent in full (generation 2) garbage collections, with when they ran."""
+
+    def __init__(self) -> None:
+        self.full: list[tuple[float, float]] = []  # (wall clock at start, seconds)
+        self._started = 0.0
+
+    def install(self) -> None:
+        import gc
+
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.full.append((time.time(), time.perf_counter() - self._started))
+
+
 class Fleet:
     """What the sampling loop needs from either kind of fleet."""
 
@@ -192,8 +213,11 @@ class BaselineFleet(Fleet):
 
 
 async def sample(fleet: Fleet, stop: asyncio.Event, interval: float,
-                 clock: Callable[[], float] = time.time) -> list[tuple[float, int]]:
+                 clock: Callable[[], float] = time.time,
+                 freeze_gc: bool = False) -> list[tuple[float, int]]:
     """Connected-count samples until ``stop``; emits ``all_connected`` the first time all are."""
+    import gc
+
     samples: list[tuple[float, int]] = []
     started = time.monotonic()
     reported = False
@@ -207,6 +231,9 @@ async def sample(fleet: Fleet, stop: asyncio.Event, interval: float,
         if not reported and count >= fleet.size:
             reported = True
             emit("all_connected", seconds=time.monotonic() - started, n=count)
+            if freeze_gc:  # the experiment: move the settled heap out of the GC's sight
+                gc.collect()
+                gc.freeze()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval if reported else FAST_SAMPLE)
     return samples
@@ -215,22 +242,27 @@ async def sample(fleet: Fleet, stop: asyncio.Event, interval: float,
 async def run(args: argparse.Namespace) -> int:
     probe = AttemptProbe()
     probe.install()
+    gc_probe = GcProbe()
+    gc_probe.install()
     fleet: Fleet
     if args.mode == "daemon":
         import tgdaemon.http  # noqa: F401  (imported before the base mark, like the rest)
 
         fleet = DaemonFleet(args.config)
+        base_rss = rss_kb(os.getpid())
     else:
         baseline = BaselineFleet(args.state_dir, args.key_file, args.rsa_file, args.heartbeat,
                                  args.log_level)
+        # Before the N clients exist: they are the per-account cost being measured.
+        base_rss = rss_kb(os.getpid())
         await baseline.load()
         fleet = baseline
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    emit("base", rss_kb=rss_kb(os.getpid()), n=fleet.size)
+    emit("base", rss_kb=base_rss, n=fleet.size)
     sampler: Awaitable[list[tuple[float, int]]] = asyncio.create_task(
-        sample(fleet, stop, args.sample_interval))
+        sample(fleet, stop, args.sample_interval, freeze_gc=args.gc_freeze))
     await fleet.start()
     samples = await sampler
     await fleet.stop()
@@ -238,6 +270,7 @@ async def run(args: argparse.Namespace) -> int:
         "n": fleet.size,
         "samples": samples,
         "attempts": sorted(probe.per_second.items()),
+        "gc_full": gc_probe.full,
     }))
     emit("stopped")
     return 0
@@ -254,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="info")
     p.add_argument("--sample-interval", type=float, default=1.0)
     p.add_argument("--timeline", type=Path, required=True)
+    p.add_argument("--gc-freeze", action="store_true",
+                   help="experiment: gc.freeze() once all accounts are connected")
     return asyncio.run(run(p.parse_args(argv)))
 
 

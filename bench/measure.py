@@ -98,6 +98,11 @@ def run_fleet(
         timeline = fleet.stop()
     if plan.outage and "outage" in out:
         out["outage"].update(_recovery_stats(timeline, n, out["outage"]))
+    if "window_wall" in out:
+        a, b = out.pop("window_wall")
+        full = [d for t, d in timeline.get("gc_full", []) if a <= t <= b]
+        out["gc_full_count"] = len(full)
+        out["gc_full_pct"] = 100.0 * sum(full) / (b - a) if b > a else 0.0
     return out
 
 
@@ -105,6 +110,7 @@ def _idle(fleet: FleetProcess, n: int, dcs: Sequence[LocalDcProcess], plan: RunP
           out: dict[str, Any]) -> None:
     time.sleep(plan.settle)  # a measurement window, not a wait for a condition
     t0 = time.monotonic()
+    out["window_wall"] = (time.time(), time.time() + plan.window)
     marks = [cpu_mark(fleet.pid, t0)] + [cpu_mark(d.pid, t0) for d in dcs]
     time.sleep(plan.window)
     t1 = time.monotonic()

@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="connect_rate of the main tgdaemon run (0 = unlimited)")
     p.add_argument("--connect-timeout", type=float, default=None,
                    help="give up on 'all connected' after this long (default 120 + N/50 s)")
+    p.add_argument("--gc-freeze", action="store_true",
+                   help="experiment: the main tgdaemon run calls gc.freeze() once connected")
     p.add_argument("--fleets", nargs="+", default=["daemon", "baseline"],
                    choices=["daemon", "baseline"])
     p.add_argument("--note", action="append", default=[],
@@ -93,14 +95,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def variant(args: argparse.Namespace) -> str | None:
+    parts = [f"connect_rate {args.fast_rate:g}/s"] if args.fast_rate else []
+    parts += ["gc.freeze() once connected"] if args.gc_freeze else []
+    return ", ".join(parts) or None
+
+
 def raise_nofile() -> None:
     """Children inherit it: each localdc holds up to N sockets."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def daemon_args(config: Path) -> list[str]:
-    return ["--config", str(config)]
+def daemon_args(config: Path, gc_freeze: bool = False) -> list[str]:
+    return ["--config", str(config), *(["--gc-freeze"] if gc_freeze else [])]
 
 
 def bench_size(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -134,8 +142,7 @@ def bench_size(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     default_connect_budget = 120 + 2 * n / d.connect_rate
     result: dict[str, Any] = {"n": n, "repeats": repeats, "daemon": [], "baseline": [],
                               "daemon_default_rate": [], "fast_rate": args.fast_rate,
-                              "variant": f"connect_rate {args.fast_rate:g}/s"
-                              if args.fast_rate else None}
+                              "variant": variant(args)}
     try:
         for dc in dcs:
             dc.start()
@@ -148,7 +155,7 @@ def bench_size(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 progress(f"N={n} repeat {r + 1}/{repeats}: tgdaemon, connect_rate "
                          f"{args.fast_rate:g} (0 = unlimited)")
                 fleet = start_fleet("daemon", work, f"daemon-{r}",
-                                    daemon_args(configs["unlimited"]))
+                                    daemon_args(configs["unlimited"], args.gc_freeze))
                 result["daemon"].append(run_fleet(fleet, n, dcs, plan))
             if r == 0 and n <= args.default_rate_max and "daemon" in args.fleets:
                 progress(f"N={n}: tgdaemon, default connect_rate {d.connect_rate:g}/s "
@@ -176,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report_only:
         results = json.loads(args.json.read_text())
+        if args.note:
+            results["notes"] = results.get("notes", []) + args.note
+            args.json.write_text(json.dumps(results, indent=1, default=str) + "\n")
         write_results(results, args.out, None if args.no_plot else plot_outages(results, args.plot))
         return 0
     raise_nofile()
