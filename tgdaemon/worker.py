@@ -92,6 +92,8 @@ class AccountWorker:
         self._network_failures = 0
         self._catch_ups = 0
         self._last_store_touch = 0.0
+        #: ``client.disconnected`` of the current connection (see _wait_unless_disconnected).
+        self._disconnected: asyncio.Future[None] | None = None
         self._plugins = list(self._load_plugins())
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -258,6 +260,7 @@ class AccountWorker:
             raise
         # A fresh auth key must be durable before anything binds it to a user.
         await self.session.flush()
+        self._disconnected = client.disconnected
         self.last_progress = self.deps.monotonic()
 
     async def _validate(self) -> None:
@@ -334,12 +337,24 @@ class AccountWorker:
         raise UpdateStallError("updates stopped arriving on this connection")
 
     async def _wait_unless_disconnected(self, seconds: float) -> None:
-        assert self.client is not None
-        try:
-            await asyncio.wait_for(self.client.disconnected, seconds)
-        except TimeoutError:
-            return
-        raise ConnectionError("connection closed")
+        """Sleep ``seconds`` unless the connection drops first.
+
+        ``client.disconnected`` builds a new pair of ``asyncio.shield`` futures on every call,
+        and a timed-out wait on one leaves a callback on Telethon's underlying future forever:
+        one leaked callback per heartbeat per account. So the future is taken once per
+        connection and waited on with ``asyncio.wait``, which removes its callback."""
+        if self._disconnected is None:
+            return await asyncio.sleep(seconds)
+        done, _pending = await asyncio.wait((self._disconnected,), timeout=seconds)
+        if done:
+            raise ConnectionError("connection closed")
+
+    def _forget_disconnected(self) -> None:
+        fut, self._disconnected = self._disconnected, None
+        if fut is not None and not fut.done():
+            fut.cancel()  # the shield's cancel detaches it from Telethon's future
+        elif fut is not None and not fut.cancelled():
+            fut.exception()  # retrieved: no "exception was never retrieved" warning
 
     async def _rpc(self, request: Any) -> Any:
         assert self.client is not None
@@ -347,6 +362,7 @@ class AccountWorker:
 
     async def _close_client(self) -> None:
         self.connected.clear()
+        self._forget_disconnected()
         client = self.client
         if client is None:
             return
