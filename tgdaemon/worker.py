@@ -415,10 +415,12 @@ class AccountWorker:
             self.log.info("state %s -> %s (%s)", previous.value, state.value, reason)
 
     async def _persist(self, **fields: Any) -> None:
-        """Metadata is best effort (sessions are not): a failed write is logged, not fatal."""
+        """Queue a metadata update for the store's writer, which batches it with every other
+        account's. Metadata is best effort (sessions are not): the writer logs a failure, the
+        worker does not wait for the disk."""
         try:
-            await self.deps.store.update_account(self.name, **fields)
-        except Exception as exc:
+            self.deps.store.submit_account(self.name, **fields)
+        except Exception as exc:  # the store is closing: the daemon is stopping anyway
             self.log.warning("could not record account metadata: %s", type(exc).__name__)
 
 

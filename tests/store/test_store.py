@@ -395,3 +395,24 @@ async def test_ensure_accounts_in_bulk(store: Store) -> None:
     assert accounts["n00042"].device == dev
     assert accounts["bare"].device is None
     assert accounts["existing"].device == DeviceInfo("keep", "me", "1")
+
+
+async def test_submitted_metadata_is_batched_with_sessions(state_dir: Path, ring) -> None:
+    async with await Store.open(state_dir, ring) as s:
+        await s.ensure_accounts({f"a{i}": None for i in range(300)})
+        futures = [s.submit_account(f"a{i}", status="connected", user_id=i) for i in range(300)]
+        session = make_session(7, user_id=7)
+        futures.append(s.submit_session("a7", session))
+        futures.append(s.submit_account("a7", username="seven"))  # merges into a7's write
+        unknown = s.submit_account("nobody", status="connected")
+        await asyncio.wait(futures)
+        assert all(f.exception() is None for f in futures)
+        with pytest.raises(AccountError):
+            await unknown
+        a7 = await s.get_account("a7")
+        assert a7 is not None
+        assert (a7.status, a7.user_id, a7.username) == ("connected", 7, "seven")
+        assert (await s.load_session("a7")) == session
+        a299 = await s.get_account("a299")
+        assert a299 is not None
+        assert a299.user_id == 299
