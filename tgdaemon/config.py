@@ -119,6 +119,7 @@ class DaemonConfig:
     log_format: str = "text"
     connect_rate: float = 20.0  # 0 = unlimited
     connect_burst: int = 50
+    connect_concurrency: int = 100  # connects (handshake + validation) in flight at once
     drain_timeout: float = 10.0
     metrics_histograms: str = "account"
 
@@ -364,7 +365,8 @@ class _Parser:
         d = DaemonConfig()
         t = self.table(value, "daemon", (
             "state_dir", "master_key_file", "http_listen", "http_token_file", "log_level",
-            "log_format", "connect_rate", "connect_burst", "drain_timeout", "metrics_histograms",
+            "log_format", "connect_rate", "connect_burst", "connect_concurrency", "drain_timeout",
+            "metrics_histograms",
         ))
         state_dir: Path | None = d.state_dir
         raw_state = self.get(t, "daemon", "state_dir", str, "")
@@ -395,6 +397,8 @@ class _Parser:
                                      minimum=0),
             connect_burst=self.number(t, "daemon", "connect_burst", int, d.connect_burst,
                                       minimum=1),
+            connect_concurrency=self.number(t, "daemon", "connect_concurrency", int,
+                                            d.connect_concurrency, minimum=1),
             drain_timeout=self.number(t, "daemon", "drain_timeout", float, d.drain_timeout,
                                       minimum=0, exclusive=True),
             metrics_histograms=self.choice(t, "daemon", "metrics_histograms",

@@ -102,6 +102,7 @@ class Daemon:
             board=self.board,
             metrics=self.metrics,
             limiter=ConnectRateLimiter(config.daemon.connect_rate, config.daemon.connect_burst,
+                                       concurrency=config.daemon.connect_concurrency,
                                        clock=self._monotonic),
             directory=directory,
             client_cls=client_class(),

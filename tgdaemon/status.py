@@ -93,6 +93,9 @@ class AccountStatus:
         }
 
 
+_HEARTBEAT_FIELDS = frozenset({"latency", "last_checked"})
+
+
 def _without_heartbeat(status: AccountStatus) -> AccountStatus:
     return dataclasses.replace(status, latency=None, last_checked=None)
 
@@ -156,6 +159,10 @@ class StatusBoard:
     def update(self, account: str, **changes: Any) -> AccountStatus:
         """Apply ``changes`` to the account's status; publish it when something changed."""
         old = self._status.get(account)
+        if old is not None and changes.keys() <= _HEARTBEAT_FIELDS:
+            # The hot path (every heartbeat of every account): stored, never pushed.
+            self._status[account] = dataclasses.replace(old, **changes)
+            return self._status[account]
         base = old if old is not None else AccountStatus(account=account)
         new = dataclasses.replace(base, **changes)
         if new == old:

@@ -9,11 +9,13 @@ hold no connection: a revoked account costs nothing and sends nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import inspect
+import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -131,8 +133,9 @@ class AccountWorker:
         while True:
             self._set_state(State.RECONNECTING if attempts else State.CONNECTING, "connecting")
             try:
-                await self._connect()
-                await self._validate()
+                async with self._connect_slot():
+                    await self._connect()
+                    await self._validate()
                 attempts.clear()
                 self._network_failures = 0
                 self._catch_ups = 0
@@ -236,6 +239,25 @@ class AccountWorker:
             self.last_progress = self.deps.monotonic()
 
     # -- connection ------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _connect_slot(self) -> AsyncIterator[None]:
+        """Hold one of the daemon's connects-in-flight slots; queueing for it is a deliberate
+        wait (the watchdog leaves a worker alone while thousands connect before it)."""
+        slots = self.deps.limiter.in_flight
+        if slots is None:
+            yield
+            return
+        self.waiting_until = math.inf
+        try:
+            await slots.acquire()
+        finally:
+            self.waiting_until = None
+            self.last_progress = self.deps.monotonic()
+        try:
+            yield
+        finally:
+            slots.release()
 
     async def _connect(self) -> None:
         assert self.session is not None
@@ -357,8 +379,11 @@ class AccountWorker:
             fut.exception()  # retrieved: no "exception was never retrieved" warning
 
     async def _rpc(self, request: Any) -> Any:
+        """One RPC bounded by ``request_timeout`` (Telethon has no request timeout of its own).
+        ``asyncio.timeout`` rather than ``wait_for``: no extra Task per heartbeat."""
         assert self.client is not None
-        return await asyncio.wait_for(self.client(request), self.deps.config.policy.request_timeout)
+        async with asyncio.timeout(self.deps.config.policy.request_timeout):
+            return await self.client(request)
 
     async def _close_client(self) -> None:
         self.connected.clear()

@@ -64,3 +64,32 @@ async def test_connect_validate_heartbeat(make_config, login_account, localdc, w
     assert record is not None
     assert record.user_id == alice_id
     assert record.last_checked is not None
+
+
+async def test_connects_in_flight_are_capped(make_config, login_account, localdc, wait_until,
+                                             monkeypatch):
+    """connect_concurrency bounds simultaneous connects even with an unlimited rate."""
+    names = [f"c{i}" for i in range(4)]
+    config = make_config([{"name": n, "phone": phone_for(n)} for n in names],
+                         daemon={"http_listen": "", "connect_concurrency": 1})
+    for n in names:
+        await login_account(config, n)
+    in_flight, peak = 0, 0
+    from tgdaemon import worker as worker_module
+
+    original = worker_module.AccountWorker._validate
+
+    async def counting(self):
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            await original(self)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(worker_module.AccountWorker, "_validate", counting)
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: daemon.board.counts()[State.CONNECTED] == 4, 15,
+                         "all connected")
+    assert peak == 1
