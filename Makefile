@@ -33,6 +33,12 @@ demo: $(STAMP) $(SYSDEPS)
 demo-chaos: $(STAMP) $(SYSDEPS)
 	$(BIN)/python scripts/demo.py --chaos
 
+# tgdaemon vs plain Telethon at N = 100, 1,000, 10,000 on the local DC: bench/RESULTS.md
+# (about 25 minutes on 2 cores; see bench/run.py --help for smaller runs).
+bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/python bench/run.py
+
 # Random faults + SIGKILLs for SOAK_SECONDS (default 600), then the store's kill test at 500
 # kills; writes bench/SOAK.md.
 soak: $(STAMP)
