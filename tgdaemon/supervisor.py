@@ -103,7 +103,8 @@ class Supervisor:
 
     async def check(self) -> int:
         """Restart workers whose last progress is older than ``stale_after`` (unless they wait
-        on purpose), and any whose task died; returns how many were restarted."""
+        on purpose); returns how many were restarted. Workers that ended (parked, or stopped
+        after their retries) are left alone: restarting them would be a retry loop."""
         policy = self.deps.config.policy
         now = self.deps.monotonic()
         stale: list[str] = []
@@ -149,9 +150,10 @@ class Supervisor:
         for account in new.accounts:
             if not account.enabled:
                 self._mark_disabled(account.name)
-        # Parked accounts get one fresh try on reload: the operator may have logged them in.
+        # Ended workers (parked, or stopped after their retries) get one fresh try on reload:
+        # the operator may have logged them in or fixed what was wrong.
         for name, slot in list(self._slots.items()):
-            if slot.task.done() and slot.worker.state in PARKED_STATES:
+            if slot.task.done():
                 await self._restart(name, timeout=timeout)
         log.info("config applied: %d added, %d removed, %d changed, %d unchanged",
                  len(diff.added), len(diff.removed), len(changed),
