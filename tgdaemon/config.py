@@ -17,6 +17,7 @@ in error messages.
 from __future__ import annotations
 
 import difflib
+import functools
 import ipaddress
 import os
 import re
@@ -193,10 +194,15 @@ class Config:
     accounts: tuple[AccountConfig, ...]
 
     def account(self, name: str) -> AccountConfig:
-        for acc in self.accounts:
-            if acc.name == name:
-                return acc
-        raise AccountError(f"no account named {name!r} in {self.path}")
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise AccountError(f"no account named {name!r} in {self.path}") from None
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, AccountConfig]:
+        """O(1) lookups: a reload of 10,000 accounts looks every one of them up."""
+        return {a.name: a for a in self.accounts}
 
     @property
     def enabled_accounts(self) -> tuple[AccountConfig, ...]:

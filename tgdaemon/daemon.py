@@ -218,10 +218,18 @@ async def serve(config: Config, *, env: Mapping[str, str] = os.environ) -> int:
                 if flags["reload"]:
                     flags["reload"] = False
                     notifier.reloading()
-                    await daemon.reload()
+                    try:
+                        await daemon.reload()
+                    except Exception:  # the running fleet must survive a failed reload
+                        log.exception("reload failed; the running configuration stays")
+                        daemon.metrics.config_reload(False)
                     notifier.ready(daemon.summary())
                     tick = _tick(notifier, daemon.config)
-                await daemon.check()
+                try:
+                    await daemon.check()
+                except Exception:  # no WATCHDOG=1 this tick: systemd notices if it persists
+                    log.exception("health check failed")
+                    continue
                 # Only after the health check ran: a blocked loop never gets here.
                 notifier.watchdog()
                 status = daemon.summary()

@@ -19,6 +19,8 @@ Address = tuple[str, int]
 
 #: How long a fetched dc_options list is trusted before one worker refreshes it.
 REFRESH_AFTER = 3600.0
+#: After a failed refresh, how long before another worker tries.
+RETRY_AFTER = 300.0
 
 
 class DcDirectory:
@@ -56,6 +58,10 @@ class DcDirectory:
         merged = list(self._configured.get(dc_id, ()))
         merged += [a for a in self._learned.get(dc_id, ()) if a not in merged]
         return merged
+
+    def postpone(self) -> None:
+        """A refresh failed: do not let every other worker retry it right away."""
+        self._fetched_at = self._monotonic() - REFRESH_AFTER + RETRY_AFTER
 
     def needs_refresh(self) -> bool:
         return self._fetched_at is None or (

@@ -11,7 +11,7 @@ import logging
 import re
 import sys
 import time
-from typing import IO
+from typing import IO, Any
 
 ROOT = "tgdaemon"
 
@@ -35,6 +35,14 @@ class RedactingFilter(logging.Filter):
         if cleaned != message or record.args:
             record.msg, record.args = cleaned, None
         return True
+
+
+class TextFormatter(logging.Formatter):
+    """Plain lines; tracebacks pass the same redaction as messages (a plugin's exception may
+    carry anything)."""
+
+    def formatException(self, ei: Any) -> str:
+        return redact(super().formatException(ei))
 
 
 class JsonFormatter(logging.Formatter):
@@ -63,7 +71,7 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: IO[str] | None
         handler.setFormatter(JsonFormatter())
     else:
         # systemd adds its own timestamp; keep the line short.
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -16,9 +16,11 @@ Not persisted: other entities, channel update states, takeout id, file cache.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 from telethon import utils
@@ -57,6 +59,7 @@ class StoreSession(MemorySession):
         self._outstanding: set[asyncio.Future[None]] = set()
         self._last_submitted: SessionData | None = data
         self._error: BaseException | None = None
+        self._holding = 0  # > 0 inside holding_writes()
         if data is not None:
             self._dc_id = data.dc_id
             self._server_address = data.server_address
@@ -100,7 +103,21 @@ class StoreSession(MemorySession):
             seq=state.seq if state else None,
         )
 
+    @contextlib.contextmanager
+    def holding_writes(self) -> Iterator[None]:
+        """Keep changes in memory only until the block ends (then submit the final state):
+        a DC switch must not make its keyless intermediate state durable."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+            if not self._holding:
+                self._submit()
+
     def _submit(self) -> None:
+        if self._holding:
+            return
         data = self.snapshot()
         if data is None or data == self._last_submitted:
             return

@@ -621,6 +621,7 @@ class Store:
 
     async def _write_batch(self, batch: dict[str, _Pending]) -> None:
         failed: dict[str, BaseException] = {}
+        quiet: dict[str, BaseException] = {}  # metadata for an account without a row
         try:
             async with self._lock, self._tx_locked(durable=True) as conn:
                 names = list(batch)
@@ -639,7 +640,7 @@ class Store:
                         updates.setdefault(columns, []).append((*item.meta.values(), name))
                     if item.data is _NO_SESSION:
                         if item.meta and name not in existing:
-                            failed[name] = AccountError(f"no account named {name!r}")
+                            quiet[name] = AccountError(f"no account named {name!r}")
                         continue
                     if item.data is None:
                         deletes.append((name,))
@@ -678,6 +679,8 @@ class Store:
             if name in failed:
                 log.error("session write refused: %s", failed[name])
                 item.future.set_exception(failed[name])
+            elif name in quiet:
+                item.future.set_exception(quiet[name])
             else:
                 item.future.set_result(None)
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from tgdaemon.config import diff_config
 from tgdaemon.exceptions import AccountError, DecryptionError
 from tgdaemon.status import PARKED_STATES, State
-from tgdaemon.worker import AccountWorker, WorkerDeps
+from tgdaemon.worker import CLOSE_TIMEOUT, AccountWorker, WorkerDeps
 
 if TYPE_CHECKING:
     from tgdaemon.config import AccountConfig, Config
@@ -57,23 +57,34 @@ class Supervisor:
         await self._stop_many(names, timeout)
 
     async def _stop_many(self, names: list[str], timeout: float) -> None:
+        """Cancel the workers and wait for them: ``timeout`` is when stragglers are reported;
+        they are still awaited (their client close is bounded), so a replacement never runs
+        beside a worker that may still hold the same auth key (AUTH_KEY_DUPLICATED)."""
         slots = [self._slots.pop(name) for name in names if name in self._slots]
-        for slot in slots:
-            slot.task.cancel()
         if not slots:
             return
-        _done, pending = await asyncio.wait([s.task for s in slots], timeout=timeout)
-        if pending:
-            log.warning("%d workers did not stop within %.1fs", len(pending), timeout)
         for slot in slots:
-            if slot.worker.session is not None:
-                try:
-                    await asyncio.wait_for(slot.worker.session.flush(), timeout)
-                except Exception as exc:
-                    log.error("session of %s not flushed: %s", slot.worker.name,
-                              type(exc).__name__)
+            slot.task.cancel()
+        tasks = [s.task for s in slots]
+        _done, pending = await asyncio.wait(tasks, timeout=timeout)
+        if pending:
+            log.warning("%d workers did not stop within %.1fs; waiting for them", len(pending),
+                        timeout)
+            _done, pending = await asyncio.wait(pending, timeout=2 * CLOSE_TIMEOUT + 5)
+            if pending:  # pragma: no cover - a worker ignoring cancellation is a bug
+                log.error("%d workers ignore cancellation", len(pending))
+        flushes = [asyncio.ensure_future(s.worker.session.flush())
+                   for s in slots if s.worker.session is not None]
+        if flushes:
+            _done, unflushed = await asyncio.wait(flushes, timeout=timeout)
+            for fut in unflushed:
+                fut.cancel()
+            failed = len(unflushed) + sum(1 for f in _done if f.exception() is not None)
+            if failed:
+                log.error("%d sessions could not be flushed on stop", failed)
+        for slot in slots:
             if slot.worker.state not in PARKED_STATES:
-                self.deps.board.update(slot.worker.name, state=State.STOPPED, reason="stopped")
+                slot.worker._set_state(State.STOPPED, "stopped")
 
     def _spawn(
         self, account: AccountConfig, session: SessionData | DecryptionError | None
@@ -129,34 +140,34 @@ class Supervisor:
         """Apply a new config as a diff: unchanged accounts keep their connection.
 
         Policy changes reach running workers at their next step (they read ``deps.config``);
-        changed Telegram settings (api id, servers) restart every account."""
+        changed Telegram settings (api id, servers) restart every account. Ended workers
+        (parked, or stopped after their retries) get one fresh try: the operator may have
+        logged them in or fixed what was wrong."""
         diff = diff_config(self.deps.config, new)
         self.deps = dataclasses.replace(self.deps, config=new)
         self.deps.directory.configure(new.telegram.servers)
-        timeout = new.daemon.drain_timeout
         changed = diff.changed
         if diff.telegram_changed:
             changed = tuple(sorted({*diff.changed, *diff.unchanged}))
-        await self._stop_many([n for n in (*diff.removed, *changed) if n in self._slots], timeout)
+        ended = [n for n, slot in self._slots.items()
+                 if slot.task.done() and n not in diff.removed and n not in changed]
+        await self._stop_many([n for n in (*diff.removed, *changed, *ended) if n in self._slots],
+                              new.daemon.drain_timeout)
         for slot in self._slots.values():
             slot.worker.deps = self.deps
-        for name in (*diff.added, *changed):
-            self._spawn(new.account(name), await self._load_session(name))
+        to_start = (*diff.added, *changed, *ended)
+        sessions = await self.deps.store.load_sessions() if to_start else {}
+        for name in to_start:
+            self._spawn(new.account(name), sessions.get(name))
         names = {a.name for a in new.accounts}
-        for name in diff.removed:
-            if name not in names:
-                self.deps.board.remove(name)
-                self.deps.metrics.remove_account(name)
+        for name in {s.account for s in self.deps.board.snapshot()} - names:
+            self.deps.board.remove(name)
+            self.deps.metrics.remove_account(name)
         for account in new.accounts:
             if not account.enabled:
                 self._mark_disabled(account.name)
-        # Ended workers (parked, or stopped after their retries) get one fresh try on reload:
-        # the operator may have logged them in or fixed what was wrong.
-        for name, slot in list(self._slots.items()):
-            if slot.task.done():
-                await self._restart(name, timeout=timeout)
-        log.info("config applied: %d added, %d removed, %d changed, %d unchanged",
-                 len(diff.added), len(diff.removed), len(changed),
+        log.info("config applied: %d added, %d removed, %d changed, %d retried, %d unchanged",
+                 len(diff.added), len(diff.removed), len(changed), len(ended),
                  0 if diff.telegram_changed else len(diff.unchanged))
 
     # -- library access --------------------------------------------------------------------

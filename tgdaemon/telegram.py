@@ -8,10 +8,12 @@ to the worker, which owns reconnection, backoff and flood waits (see ``tgdaemon.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any, cast
 
 from telethon import TelegramClient, functions
+from telethon._updates.messagebox import ENTRY_ACCOUNT
 from telethon.crypto import rsa
 from telethon.network import ConnectionTcpFull
 
@@ -37,17 +39,28 @@ class ManagedClient(TelegramClient):
     """
 
     async def _switch_dc(self, new_dc: int) -> Any:
-        exported = None
-        if self._authorized:
+        if not self._authorized:
+            return await super()._switch_dc(new_dc)
+        # Raises before anything changes when the old DC cannot export: no switch then.
+        exported = await self(functions.auth.ExportAuthorizationRequest(dc_id=new_dc))
+        session = self.session
+        old_dc = (session.dc_id, session.server_address, session.port)
+        old_key = self._sender.auth_key.key
+        # Telethon stores the new DC with *no* key before the import: that state must never
+        # be the durable one, or a crash or a failed import loses the login.
+        hold = getattr(session, "holding_writes", contextlib.nullcontext)
+        with hold():
             try:
-                exported = await self(functions.auth.ExportAuthorizationRequest(dc_id=new_dc))
-            except Exception as exc:  # the switch still happens; the worker sees the outcome
-                log.warning("could not export authorisation to DC %d: %s", new_dc,
-                            type(exc).__name__)
-        result = await super()._switch_dc(new_dc)
-        if exported is not None:
-            await self(functions.auth.ImportAuthorizationRequest(
-                id=exported.id, bytes=exported.bytes))
+                result = await super()._switch_dc(new_dc)
+                await self(functions.auth.ImportAuthorizationRequest(
+                    id=exported.id, bytes=exported.bytes))
+            except BaseException:
+                # Back to the old DC and its working key (the sender shares the AuthKey
+                # object with the session); the worker reconnects there.
+                self._sender.auth_key.key = old_key
+                session.set_dc(*old_dc)
+                session.auth_key = self._sender.auth_key
+                raise
         return result
 
 
@@ -106,11 +119,10 @@ def build_client(
 def local_update_pts(client: TelegramClient) -> int | None:
     """The account pts the client has processed, or None before the update state is known.
 
-    Reads Telethon's private MessageBox (1.45: _updates/messagebox.py:237): there is no public
-    accessor, and comparing it with updates.getState is the only way to see a silent stall.
+    Reads Telethon's private MessageBox (1.45: _updates/messagebox.py:237, ``map``): there is
+    no public accessor, and comparing it with updates.getState is the only way to see a silent
+    stall. (``session_state()`` would build a dict of every channel on each heartbeat.)
     """
     box = getattr(client, "_message_box", None)
-    if box is None or box.is_empty():
-        return None
-    state, _channels = box.session_state()
-    return int(state["pts"])
+    entry = None if box is None else box.map.get(ENTRY_ACCOUNT)
+    return None if entry is None else int(entry.pts)

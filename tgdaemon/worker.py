@@ -90,8 +90,12 @@ class AccountWorker:
         self.waiting_until: float | None = None
         self.connected = asyncio.Event()
         self._initial = session_data
-        self._address_index = 0
+        #: Whether the store has a row for this account (metadata writes need one).
+        self._known_to_store = session_data is not None
         self._network_failures = 0
+        #: Consecutive failures per category; cleared by the first heartbeat of a connection,
+        #: not by connecting: a server that accepts and then drops must still see backoff grow.
+        self._attempts: dict[Category, int] = {}
         self._catch_ups = 0
         self._last_store_touch = 0.0
         #: ``client.disconnected`` of the current connection (see _wait_unless_disconnected).
@@ -112,6 +116,7 @@ class AccountWorker:
             self._set_state(State.STOPPED, f"internal error: {type(exc).__name__}")
         finally:
             await self._close_client()
+            self.client = None  # an ended worker (parked, stopped) holds no Telethon state
 
     def parked(self) -> bool:
         return self.state in PARKED_STATES
@@ -129,15 +134,13 @@ class AccountWorker:
             return
         self.session = StoreSession(self.deps.store, self.name, initial)
         self.deps.board.update(self.name, dc_id=initial.dc_id)
-        attempts: dict[Category, int] = {}
+        attempts = self._attempts
         while True:
             self._set_state(State.RECONNECTING if attempts else State.CONNECTING, "connecting")
             try:
                 async with self._connect_slot():
                     await self._connect()
                     await self._validate()
-                attempts.clear()
-                self._network_failures = 0
                 self._catch_ups = 0
                 self._set_state(State.CONNECTED, "validated")
                 await self._run_plugins()
@@ -178,7 +181,12 @@ class AccountWorker:
             return True
         if rec.action == "migrate" and c.new_dc is not None:
             self.deps.board.update(self.name, **error)
-            await self._migrate(c.new_dc)
+            try:
+                await self._migrate(c.new_dc)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # e.g. the new DC is down: back off and retry as usual
+                return await self._recover(exc, attempts)
             return True
         # retry: reconnect after a jittered, capped delay
         if c.category is Category.NETWORK:
@@ -207,6 +215,7 @@ class AccountWorker:
         await asyncio.wait_for(self.client._switch_dc(new_dc),
                                policy.connect_timeout + policy.request_timeout)
         await self.session.flush()
+        self._watch_connection(self.client)
         self.deps.board.update(self.name, dc_id=new_dc)
         await self._persist(dc_id=new_dc)
 
@@ -263,6 +272,8 @@ class AccountWorker:
         assert self.session is not None
         policy = self.deps.config.policy
         if self.client is not None and self.client.is_connected():
+            if self._disconnected is None or self._disconnected.done():
+                self._watch_connection(self.client)  # e.g. after a DC switch
             return
         # Waiting for a connect slot is a deliberate wait, not a stuck worker.
         delay = self.deps.limiter.reserve()
@@ -282,7 +293,7 @@ class AccountWorker:
             raise
         # A fresh auth key must be durable before anything binds it to a user.
         await self.session.flush()
-        self._disconnected = client.disconnected
+        self._watch_connection(client)
         self.last_progress = self.deps.monotonic()
 
     async def _validate(self) -> None:
@@ -316,16 +327,23 @@ class AccountWorker:
         if not directory.needs_refresh():
             return
         async with directory.refreshing() as should_fetch:
-            if should_fetch:
+            if not should_fetch:
+                return
+            try:
                 cfg = await self._rpc(functions.help.GetConfigRequest())
                 await directory.update_from_config(cfg)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # optional: configured addresses still work
+                directory.postpone()
+                self.log.warning("could not refresh DC addresses: %s", type(exc).__name__)
 
     async def _serve(self) -> None:
         """Heartbeat until the connection fails; every exit is an exception to recover from."""
         assert self.client is not None
-        policy = self.deps.config.policy
         gap_streak = 0
         while True:
+            policy = self.deps.config.policy  # a reload's new values apply at the next beat
             interval = policy.heartbeat_interval * self.deps.rng.uniform(0.9, 1.1)
             await self._wait_unless_disconnected(interval)
             started = self.deps.monotonic()
@@ -335,6 +353,9 @@ class AccountWorker:
             latency = self.deps.monotonic() - started
             now = self.deps.clock()
             self.last_progress = self.deps.monotonic()
+            if self._attempts:
+                self._attempts.clear()
+                self._network_failures = 0
             self.deps.metrics.observe_latency(self.name, latency)
             self.deps.metrics.heartbeat(self.name, now)
             self.deps.board.update(self.name, latency=latency, last_checked=now)
@@ -369,7 +390,15 @@ class AccountWorker:
             return await asyncio.sleep(seconds)
         done, _pending = await asyncio.wait((self._disconnected,), timeout=seconds)
         if done:
+            if self.client is not None and self.client.is_connected():
+                # Telethon reconnected under us (a DC switch): watch the new connection.
+                self._watch_connection(self.client)
+                return
             raise ConnectionError("connection closed")
+
+    def _watch_connection(self, client: ManagedClient) -> None:
+        self._forget_disconnected()
+        self._disconnected = client.disconnected
 
     def _forget_disconnected(self) -> None:
         fut, self._disconnected = self._disconnected, None
@@ -438,11 +467,22 @@ class AccountWorker:
         self.deps.board.update(self.name, state=state, reason=reason, **fields)
         if state is not previous:
             self.log.info("state %s -> %s (%s)", previous.value, state.value, reason)
+            # Batched by the store; the CLI reads it to refuse touching an active account.
+            self._submit_status(state)
+
+    def _submit_status(self, state: State) -> None:
+        if self._known_to_store:
+            try:
+                self.deps.store.submit_account(self.name, status=state.value)
+            except Exception as exc:  # the store is closing: the daemon is stopping anyway
+                self.log.debug("status not recorded: %s", type(exc).__name__)
 
     async def _persist(self, **fields: Any) -> None:
         """Queue a metadata update for the store's writer, which batches it with every other
         account's. Metadata is best effort (sessions are not): the writer logs a failure, the
         worker does not wait for the disk."""
+        if not self._known_to_store:
+            return
         try:
             self.deps.store.submit_account(self.name, **fields)
         except Exception as exc:  # the store is closing: the daemon is stopping anyway

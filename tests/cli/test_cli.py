@@ -237,3 +237,31 @@ async def test_status_command_prints_the_running_daemons_table(
     code, _out, err = await arun_cli("status", "--config", str(config.path))
     assert code != 0
     assert "not reachable" in err
+
+
+async def test_cli_refuses_an_account_the_running_daemon_uses(
+        make_config, login_account, localdc, wait_until) -> None:
+    from tgdaemon.cli import login as cli_login
+    from tgdaemon.daemon import Daemon
+    from tgdaemon.exceptions import AccountError
+    from tgdaemon.status import State
+
+    config = make_config([{"name": "alice", "phone": phone_for("alice")},
+                          {"name": "bob", "phone": phone_for("bob"), "enabled": False}],
+                         daemon={"http_listen": ""})
+    await login_account(config, "alice")
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: (s := daemon.board.get("alice")) is not None
+                         and s.state is State.CONNECTED, 10, "connected")
+        assert daemon.store is not None
+
+        async def recorded_connected() -> bool:
+            record = await daemon.store.get_account("alice")
+            return record is not None and record.status == "connected"
+
+        await wait_until(recorded_connected, 5, "status recorded")
+        with pytest.raises(AccountError, match="running daemon"):
+            await cli_login(config, "alice", prompt=lambda _p: "", secret=lambda _p: "")
+        # an account the daemon does not run can still be logged in beside it
+        uid = await login_account(config, "bob")
+        assert uid == localdc.user_id(phone_for("bob"))

@@ -130,6 +130,37 @@ async def test_user_migrate_moves_account_and_persists_dc(
         assert stored is not None
         assert stored.dc_id == 2
         assert stored.port == localdc.addresses[2][1]
+        # The switch replaced the connection under the worker: it follows it, heartbeats
+        # go on over DC 2, and no extra reconnect is made (only the one the drop caused).
+        await wait_until(lambda: localdc.counters(dc_id=2)["requests"].get(
+            "updates.getState", 0) >= 3, 10, "heartbeats on DC 2")
+        assert _metric(daemon, "tgdaemon_reconnects_total", "alice") == 1
+
+
+async def test_failed_migration_keeps_the_old_login(
+        make_config, login_account, localdc, wait_until):
+    """The import on the new DC fails: the old DC and key stay the durable session and the
+    account comes back there instead of being parked as needs_login."""
+    config, ids = await _fleet(make_config, login_account, ["alice"])
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: _connected(daemon, "alice"), 10, "connected")
+        assert daemon.store is not None
+        before = await daemon.store.load_session("alice")
+        assert before is not None
+        localdc.inject(Fault("rpc_error", method="auth.importAuthorization",
+                             error="AUTH_BYTES_INVALID", times=1))
+        localdc.inject(Fault("rpc_error", user_id=ids["alice"], method="users.getUsers",
+                             error="USER_MIGRATE_2", times=1))
+        localdc.drop_connections(user_id=ids["alice"])
+        await wait_until(lambda: localdc.counters()["rpc_errors_injected"] >= 2, 10,
+                         "both faults fired")
+        await wait_until(lambda: _connected(daemon, "alice"), 10, "back on the old DC")
+        status = daemon.board.get("alice")
+        assert status is not None
+        assert status.dc_id == 1
+        after = await daemon.store.load_session("alice")
+        assert after is not None
+        assert (after.dc_id, after.auth_key) == (1, before.auth_key)
 
 
 async def test_one_bad_session_does_not_stop_the_others(
