@@ -29,6 +29,10 @@ log = logging.getLogger("tgdaemon.telegram")
 TELETHON_LOGGER = "tgdaemon.telethon"
 
 
+class MigrationFailedError(ConnectionError):
+    """A DC switch failed and was rolled back; the session is back on its old DC."""
+
+
 class ManagedClient(TelegramClient):
     """A stock Telethon client with one change: a DC switch keeps the login.
 
@@ -54,12 +58,18 @@ class ManagedClient(TelegramClient):
                 result = await super()._switch_dc(new_dc)
                 await self(functions.auth.ImportAuthorizationRequest(
                     id=exported.id, bytes=exported.bytes))
-            except BaseException:
+            except BaseException as exc:
                 # Back to the old DC and its working key (the sender shares the AuthKey
                 # object with the session); the worker reconnects there.
                 self._sender.auth_key.key = old_key
                 session.set_dc(*old_dc)
                 session.auth_key = self._sender.auth_key
+                if isinstance(exc, Exception):
+                    # Whatever the import's error, the account is intact on its old DC: a
+                    # connection-level failure, retried with backoff, not a client bug.
+                    raise MigrationFailedError(
+                        f"could not carry the login to DC {new_dc}: {type(exc).__name__}"
+                    ) from exc
                 raise
         return result
 
