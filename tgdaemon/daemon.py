@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -167,6 +168,10 @@ class Daemon:
             log.error("reload rejected: daemon.state_dir cannot change while running")
             self.metrics.config_reload(False)
             return False
+        if dataclasses.replace(new.daemon, log_level=self.config.daemon.log_level) \
+                != self.config.daemon:
+            log.warning("[daemon] settings other than log_level changed: they take effect at "
+                        "the next restart")
         trust_server_keys(new)
         await self.supervisor.apply(new)
         logging.getLogger().setLevel(new.daemon.log_level.upper())
