@@ -65,7 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a sentence for RESULTS.md (e.g. what an earlier pass showed)")
     p.add_argument("--merge", action="store_true",
                    help="keep the other sizes already in --json (re-run some sizes only)")
-    p.add_argument("--window", type=float, default=30.0, help="idle CPU window, seconds")
+    # 60 s: Telethon's keepalive (ping + session save) runs every 60 s per client; a shorter
+    # window can miss it for one fleet and not the other.
+    p.add_argument("--window", type=float, default=60.0, help="idle CPU window, seconds")
     p.add_argument("--settle", type=float, default=5.0)
     p.add_argument("--scrapes", type=int, default=5)
     p.add_argument("--default-rate-max", type=int, default=1000,

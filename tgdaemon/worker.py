@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import importlib
 import inspect
+import logging
 import math
 import random
 import time
@@ -163,7 +164,11 @@ class AccountWorker:
         self.deps.metrics.error(self.name, c.category.value)
         # The error travels with the state change: one status message, not two.
         error = {"last_error_category": c.category.value, "last_error_message": c.message}
-        self.log.info("%s error (%s), recovery: %s", c.category.value, c.code, rec.action)
+        # The first failure of a streak at INFO, the rest at DEBUG: during an outage 10,000
+        # accounts retrying must not write thousands of lines a second.
+        self.log.log(logging.INFO if attempt == 0 else logging.DEBUG,
+                     "%s error (%s), recovery: %s (attempt %d)", c.category.value, c.code,
+                     rec.action, attempt + 1)
 
         if rec.action == "park":
             state = State(c.park_state or State.NEEDS_LOGIN.value)
