@@ -23,10 +23,9 @@ from tgdaemon.crypto import KeyRing
 from tgdaemon.localdc.crypto import key_id_of
 from tgdaemon.localdc.store import AuthKeyRecord
 from tgdaemon.localdc.store import Store as DcStore
+from tgdaemon.localdc.testing import daemon_config_toml
 from tgdaemon.store import SessionData, Store
 
-API_ID = 1
-API_HASH = "0123456789abcdef0123456789abcdef"
 HOST = "127.0.0.1"
 
 
@@ -140,16 +139,6 @@ async def seed_fleet(
     return [name for name, _ in sessions], rsa_files
 
 
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def render_config(
     *,
     state_dir: Path,
@@ -165,11 +154,6 @@ def render_config(
         "state_dir": state_dir, "master_key_file": key_file, "http_listen": f"{HOST}:0",
         **daemon,
     }
-    lines = ["[daemon]", *(f"{k} = {_toml(v)}" for k, v in daemon_cfg.items()), "",
-             "[telegram]", f"api_id = {API_ID}", f'api_hash = "{API_HASH}"',
-             f"rsa_keys = {_toml(list(rsa_files))}", "", "[telegram.servers]"]
-    lines += [f'"{p.dc_id}" = {_toml([f"{HOST}:{p.port}"])}' for p in procs]
-    lines += ["", "[policy]", *(f"{k} = {_toml(v)}" for k, v in policy.items())]
-    for name in names:
-        lines += ["", "[[accounts]]", f'name = "{name}"']
-    return "\n".join(lines) + "\n"
+    return daemon_config_toml(
+        servers={p.dc_id: [f"{HOST}:{p.port}"] for p in procs}, rsa_files=rsa_files,
+        accounts=[{"name": name} for name in names], daemon=daemon_cfg, policy=policy)
