@@ -261,18 +261,21 @@ class SrpVerifier:
 
     @property
     def algo(self) -> tl.PasswordKdfAlgoSHA256SHA256PBKDF2HMACSHA512iter100000SHA256ModPow:
-        return tl.PasswordKdfAlgoSHA256SHA256PBKDF2HMACSHA512iter100000SHA256ModPow(
-            salt1=self.salt1, salt2=self.salt2, g=DH_G, p=DH_PRIME_BYTES
-        )
+        return _srp_algo(self.salt1, self.salt2)
 
     @classmethod
     def create(cls, password: str) -> SrpVerifier:
         salt1, salt2 = os.urandom(40), os.urandom(16)
-        algo = tl.PasswordKdfAlgoSHA256SHA256PBKDF2HMACSHA512iter100000SHA256ModPow(
-            salt1=salt1, salt2=salt2, g=DH_G, p=DH_PRIME_BYTES
-        )
-        x = int.from_bytes(compute_hash(algo, password), "big")
+        x = int.from_bytes(compute_hash(_srp_algo(salt1, salt2), password), "big")
         return cls(salt1, salt2, big_num_for_hash(pow(DH_G, x, DH_PRIME)))
+
+
+def _srp_algo(
+    salt1: bytes, salt2: bytes
+) -> tl.PasswordKdfAlgoSHA256SHA256PBKDF2HMACSHA512iter100000SHA256ModPow:
+    """Telegram's KDF description with these salts over the 2048-bit prime."""
+    return tl.PasswordKdfAlgoSHA256SHA256PBKDF2HMACSHA512iter100000SHA256ModPow(
+        salt1=salt1, salt2=salt2, g=DH_G, p=DH_PRIME_BYTES)
 
 
 def _h(*parts: bytes) -> bytes:
