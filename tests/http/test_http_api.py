@@ -24,6 +24,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import wait_for_condition
 from tgdaemon.exceptions import ConfigError
 from tgdaemon.http import (
     CLOSE_OVERFLOW,
@@ -97,11 +98,7 @@ def token_protocol(token: str = TOKEN) -> str:
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.005)
+    await wait_for_condition(predicate, timeout)
 
 
 # -- /status ----------------------------------------------------------------------------------
