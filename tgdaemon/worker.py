@@ -101,6 +101,8 @@ class AccountWorker:
         self._last_store_touch = 0.0
         #: ``client.disconnected`` of the current connection (see _wait_unless_disconnected).
         self._disconnected: asyncio.Future[None] | None = None
+        #: The heartbeat sleep in progress, woken early by a disconnect.
+        self._sleeper: asyncio.Future[None] | None = None
         self._plugins = list(self._load_plugins())
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -388,28 +390,50 @@ class AccountWorker:
         """Sleep ``seconds`` unless the connection drops first.
 
         ``client.disconnected`` builds a new pair of ``asyncio.shield`` futures on every call,
-        and a timed-out wait on one leaves a callback on Telethon's underlying future forever:
-        one leaked callback per heartbeat per account. So the future is taken once per
-        connection and waited on with ``asyncio.wait``, which removes its callback."""
-        if self._disconnected is None:
+        and a timed-out wait on one leaves a callback on Telethon's underlying future forever
+        (one leaked callback per heartbeat per account). So the future is taken once per
+        connection with one callback that wakes this sleep; the sleep itself is one future
+        and one timer, like ``asyncio.sleep`` (``asyncio.wait`` cost 13 % of the idle CPU at
+        10,000 accounts in allocations and the garbage collection they trigger)."""
+        watched = self._disconnected
+        if watched is None:
             return await asyncio.sleep(seconds)
-        done, _pending = await asyncio.wait((self._disconnected,), timeout=seconds)
-        if done:
-            if self.client is not None and self.client.is_connected():
-                # Telethon reconnected under us (a DC switch): watch the new connection.
-                self._watch_connection(self.client)
+        if not watched.done():
+            loop = asyncio.get_running_loop()
+            sleeper: asyncio.Future[None] = loop.create_future()
+            timer = loop.call_later(seconds, _wake, sleeper)
+            self._sleeper = sleeper
+            try:
+                await sleeper
+            finally:
+                timer.cancel()
+                self._sleeper = None
+            if not watched.done():
                 return
-            raise ConnectionError("connection closed")
+        if self.client is not None and self.client.is_connected():
+            # Telethon reconnected under us (a DC switch): watch the new connection.
+            self._watch_connection(self.client)
+            return
+        raise ConnectionError("connection closed")
 
     def _watch_connection(self, client: ManagedClient) -> None:
         self._forget_disconnected()
-        self._disconnected = client.disconnected
+        watched = client.disconnected
+        watched.add_done_callback(self._on_disconnected)
+        self._disconnected = watched
+
+    def _on_disconnected(self, _watched: asyncio.Future[None]) -> None:
+        if self._sleeper is not None:
+            _wake(self._sleeper)
 
     def _forget_disconnected(self) -> None:
         fut, self._disconnected = self._disconnected, None
-        if fut is not None and not fut.done():
+        if fut is None:
+            return
+        fut.remove_done_callback(self._on_disconnected)
+        if not fut.done():
             fut.cancel()  # the shield's cancel detaches it from Telethon's future
-        elif fut is not None and not fut.cancelled():
+        elif not fut.cancelled():
             fut.exception()  # retrieved: no "exception was never retrieved" warning
 
     async def _rpc(self, request: Any) -> Any:
@@ -492,6 +516,11 @@ class AccountWorker:
             self.deps.store.submit_account(self.name, **fields)
         except Exception as exc:  # the store is closing: the daemon is stopping anyway
             self.log.warning("could not record account metadata: %s", type(exc).__name__)
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _classify(exc: BaseException) -> Classified:
