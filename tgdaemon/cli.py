@@ -215,11 +215,12 @@ def cmd_rotate_key(ns: argparse.Namespace) -> int:
     if target is None or (ns.out is None and os.environ.get("CREDENTIALS_DIRECTORY")):
         raise AccountError("the key does not come from a key file: pass --out PATH for the new "
                            "key ring, then install it (e.g. with systemd-creds encrypt)")
-    # The new ring is durable before any record uses it: a crash leaves old records readable.
-    write_key_file(target, new, overwrite=True)
-
     async def run() -> int:
+        # Open (and lock) the store first: with a daemon running, fail before touching keys.
         async with await Store.open(config.daemon.state_dir, new) as store:
+            # The new ring is durable before any record uses it: a crash leaves every record
+            # readable (the new ring keeps the old keys).
+            write_key_file(target, new, overwrite=True)
             return await store.rotate(new)
 
     count = asyncio.run(run())

@@ -22,7 +22,12 @@ _PHONE = re.compile(r"\+\d[\d \-]{6,}\d")
 _BLOB = re.compile(r"[A-Za-z0-9+=_\-]{40,}")
 
 
+# Telethon's DEBUG reprs of requests: phone_number='4915…', phone_code='12345', password=…
+_FIELD = re.compile(r"\b(phone_number|phone_code|phone|password|code)=('[^']*'|\"[^\"]*\"|\S+)")
+
+
 def redact(text: str) -> str:
+    text = _FIELD.sub(lambda m: f"{m.group(1)}=[redacted]", text)
     return _BLOB.sub("[redacted]", _PHONE.sub("[phone]", text))
 
 

@@ -265,3 +265,19 @@ async def test_cli_refuses_an_account_the_running_daemon_uses(
         # an account the daemon does not run can still be logged in beside it
         uid = await login_account(config, "bob")
         assert uid == localdc.user_id(phone_for("bob"))
+
+
+async def test_rotate_key_refuses_while_the_daemon_runs_and_leaves_the_key(
+        make_config, login_account, localdc, wait_until) -> None:
+    from tgdaemon.daemon import Daemon
+
+    config = make_config([{"name": "ivy", "phone": phone_for("ivy")}],
+                         daemon={"http_listen": ""})
+    await login_account(config, "ivy")
+    key_path = Path(config.daemon.master_key_file)
+    before = key_path.read_bytes()  # noqa: ASYNC240 - a tiny local file
+    async with Daemon(config):
+        code, _out, err = await arun_cli("rotate-key", "--config", str(config.path))
+    assert code == 75, err
+    assert "Traceback" not in err
+    assert key_path.read_bytes() == before  # noqa: ASYNC240
