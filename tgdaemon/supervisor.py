@@ -184,6 +184,3 @@ class Supervisor:
         await asyncio.wait_for(worker.connected.wait(), timeout)
         assert worker.client is not None
         return worker.client
-
-    def names(self) -> list[str]:
-        return list(self._slots)

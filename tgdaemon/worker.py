@@ -26,7 +26,7 @@ from tgdaemon.errors import Category, Classified, classify, recovery_for
 from tgdaemon.exceptions import DecryptionError
 from tgdaemon.logs import account_logger
 from tgdaemon.session import StoreSession
-from tgdaemon.status import PARKED_STATES, State, UserInfo
+from tgdaemon.status import State, UserInfo
 from tgdaemon.telegram import ManagedClient, build_client, local_update_pts
 
 if TYPE_CHECKING:
@@ -120,9 +120,6 @@ class AccountWorker:
         finally:
             await self._close_client()
             self.client = None  # an ended worker (parked, stopped) holds no Telethon state
-
-    def parked(self) -> bool:
-        return self.state in PARKED_STATES
 
     async def _run(self) -> None:
         initial = self._initial

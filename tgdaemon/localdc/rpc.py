@@ -280,21 +280,24 @@ def _send_code(w: World, ctx: Ctx, req: Any) -> tl_auth.SentCode:
     return _sent_code(code_hash, code)
 
 
-@_handles(fn.auth.ResendCodeRequest)
-def _resend_code(w: World, ctx: Ctx, req: Any) -> tl_auth.SentCode:
+def _pending_code(w: World, req: Any) -> tuple[str, tuple[str, str]]:
+    """The phone and its (code hash, code) sent by auth.sendCode, or PHONE_CODE_EXPIRED."""
     phone = normalize_phone(req.phone_number)
     entry = w.codes.get(phone)
     if entry is None or entry[0] != req.phone_code_hash:
         raise RpcFail(400, "PHONE_CODE_EXPIRED")
+    return phone, entry
+
+
+@_handles(fn.auth.ResendCodeRequest)
+def _resend_code(w: World, ctx: Ctx, req: Any) -> tl_auth.SentCode:
+    _phone, entry = _pending_code(w, req)
     return _sent_code(*entry)
 
 
 @_handles(fn.auth.SignInRequest)
 def _sign_in(w: World, ctx: Ctx, req: Any) -> tl_auth.Authorization:
-    phone = normalize_phone(req.phone_number)
-    entry = w.codes.get(phone)
-    if entry is None or entry[0] != req.phone_code_hash:
-        raise RpcFail(400, "PHONE_CODE_EXPIRED")
+    phone, entry = _pending_code(w, req)
     if not req.phone_code:
         raise RpcFail(400, "PHONE_CODE_EMPTY")
     if not secrets.compare_digest(req.phone_code, entry[1]):

@@ -508,10 +508,8 @@ class LocalDC:
 
     def _on_ping(self, conn: _Conn, rec: AuthKeyRecord, msg_id: int, ping: Any) -> None:
         names = method_names(ping)
-        scope = self._scope(conn)
-        self._count(conn.dc_id, scope.user_id, "req:" + names.tl)
-        if self.faults.match("stall", scope, names):
-            self._count(conn.dc_id, scope.user_id, "stalled")
+        scope = self._admit(conn, names)
+        if scope is None:
             return
         if isinstance(ping, fn.PingDelayDisconnectRequest):
             if conn.ping_timer is not None:
@@ -522,6 +520,15 @@ class LocalDC:
         self._send_encrypted(conn, rec, pong, content_related=True, response=True,
                              delay=self._latency(scope, names))
 
+    def _admit(self, conn: _Conn, names: MethodNames) -> Scope | None:
+        """Count a request by method; None when a stall fault swallows it."""
+        scope = self._scope(conn)
+        self._count(conn.dc_id, scope.user_id, "req:" + names.tl)
+        if self.faults.match("stall", scope, names):
+            self._count(conn.dc_id, scope.user_id, "stalled")
+            return None
+        return scope
+
     def _on_request(self, conn: _Conn, rec: AuthKeyRecord, msg_id: int, req: Any) -> None:
         layer = None
         while isinstance(req, _WRAPPERS):
@@ -531,10 +538,8 @@ class LocalDC:
         if layer is not None and rec.layer != layer:
             rec = self.store.update_auth_key(rec.key_id, layer=layer) or rec
         names = method_names(req)
-        scope = self._scope(conn)
-        self._count(conn.dc_id, scope.user_id, "req:" + names.tl)
-        if self.faults.match("stall", scope, names):
-            self._count(conn.dc_id, scope.user_id, "stalled")
+        scope = self._admit(conn, names)
+        if scope is None:
             return
         delay = self._latency(scope, names)
         fault = self.faults.match("rpc_error", scope, names)
