@@ -98,12 +98,6 @@ class Supervisor:
         self.deps.metrics.add_account(name)
         self.deps.board.update(name, state=State.DISABLED, reason="disabled in config")
 
-    async def _restart(self, name: str, *, timeout: float) -> None:
-        account = self.deps.config.account(name)
-        await self._stop_many([name], timeout)
-        session = await self._load_session(name)
-        self._spawn(account, session)
-
     async def _load_session(self, name: str) -> SessionData | DecryptionError | None:
         try:
             return await self.deps.store.load_session(name)
@@ -131,7 +125,10 @@ class Supervisor:
             log.warning("worker %s made no progress for %.0fs: restarting", name,
                         now - self._slots[name].worker.last_progress)
             self.deps.metrics.worker_restart(name)
-            await self._restart(name, timeout=self.deps.config.policy.connect_timeout)
+        # One stop for all of them: stuck workers are awaited together, not one by one.
+        await self._stop_many(stale, policy.connect_timeout)
+        for name in stale:
+            self._spawn(self.deps.config.account(name), await self._load_session(name))
         return len(stale)
 
     # -- reload ----------------------------------------------------------------------------
