@@ -111,10 +111,21 @@ def _idle(fleet: FleetProcess, n: int, dcs: Sequence[LocalDcProcess], plan: RunP
     time.sleep(plan.settle)  # a measurement window, not a wait for a condition
     t0 = time.monotonic()
     out["window_wall"] = (time.time(), time.time() + plan.window)
+    served = [d.requests() for d in dcs]
     marks = [cpu_mark(fleet.pid, t0)] + [cpu_mark(d.pid, t0) for d in dcs]
     time.sleep(plan.window)
     t1 = time.monotonic()
     ends = [cpu_mark(fleet.pid, t1)] + [cpu_mark(d.pid, t1) for d in dcs]
+    # What the fleet asked of the servers in the window, per account and minute: the same
+    # work for both fleets, or the CPU comparison is not like for like.
+    per_min = 60.0 / (t1 - t0) / n
+    requests: dict[str, float] = {}
+    for d, before in zip(dcs, served, strict=True):
+        for method, count in d.requests().items():
+            delta = count - before.get(method, 0)
+            if delta:
+                requests[method] = requests.get(method, 0.0) + delta * per_min
+    out["requests_per_account_min"] = requests
     out["cpu_pct"] = cpu_percent(marks[0], ends[0])
     out["dc_cpu_pct"] = [cpu_percent(a, b) for a, b in zip(marks[1:], ends[1:], strict=True)]
     out["rss_kb"] = rss_kb(fleet.pid)
@@ -123,7 +134,9 @@ def _idle(fleet: FleetProcess, n: int, dcs: Sequence[LocalDcProcess], plan: RunP
     out["connected_after_window"] = fleet.last_count["n"]
     progress(f"  idle: {out['cpu_pct']:.2f}% CPU, "
              f"{out['rss_per_account_kb']:.1f} KB/account, localdc "
-             + ", ".join(f"{c:.2f}%" for c in out["dc_cpu_pct"]))
+             + ", ".join(f"{c:.2f}%" for c in out["dc_cpu_pct"])
+             + "; requests/account/min " + ", ".join(
+                 f"{m} {v:.2f}" for m, v in sorted(requests.items())))
     if "http" in fleet.events and plan.scrapes:
         out["scrape"] = scrape(fleet.events["http"]["port"], plan.scrapes)
         progress(f"  /metrics {out['scrape']['seconds']:.3f}s "

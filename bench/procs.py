@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
@@ -49,7 +50,7 @@ class LocalDcProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tgdaemon.localdc", "--state-dir", str(spec.state_dir),
                  "--info-file", str(spec.info_file), "--port", str(spec.base_port),
-                 "--dcs", str(spec.dc_id), "--log-level", "WARNING"],
+                 "--dcs", str(spec.dc_id), "--log-level", "WARNING", "--control-port", "0"],
                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         deadline = time.monotonic() + timeout
@@ -60,6 +61,12 @@ class LocalDcProcess:
                 raise ChildError(f"localdc {spec.dc_id} not up in {timeout}s; see {self.log_path}")
             time.sleep(0.05)
         self.info = json.loads(spec.info_file.read_text())
+
+    def requests(self) -> dict[str, int]:
+        """Requests served so far, by TL method name (the control API's counters)."""
+        url = f"{self.info['control_url']}/counters"
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return dict(json.loads(r.read())["requests"])
 
     def kill(self) -> None:
         """The outage: SIGKILL, so the kernel resets every connection at once."""

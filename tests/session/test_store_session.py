@@ -217,3 +217,52 @@ async def test_telethon_client_uses_session_without_warnings(store: Store, state
     assert client2.session.get_input_entity(0) == types.InputPeerUser(0, 31337)
     await client2.disconnect()
     await client2.session.flush()
+
+
+def state(pts: int, qts: int = 0) -> types.updates.State:
+    when = datetime.datetime(2024, 5, 1, tzinfo=datetime.UTC)
+    return types.updates.State(pts, qts, when, 1, unread_count=0)
+
+
+async def test_update_state_alone_is_written_at_most_every_interval(store: Store) -> None:
+    from tgdaemon.session import UPDATE_STATE_INTERVAL
+
+    await store.ensure_account("a")
+    clock = [1000.0]
+    sess = StoreSession(store, "a", None, monotonic=lambda: clock[0])
+    sess.set_dc(2, "1.2.3.4", 443)
+    sess.set_update_state(0, state(1))
+    await sess.flush()
+    sess.set_update_state(0, state(2))
+    sess.save()  # Telethon's 60-second save: too soon for a state-only change
+    assert not store._pending
+    clock[0] += UPDATE_STATE_INTERVAL
+    sess.save()
+    assert store._pending
+    await sess.flush()
+    assert (await store.load_session("a")).pts == 2  # type: ignore[union-attr]
+    # A key change is written at once, whatever the state's schedule.
+    sess.set_update_state(0, state(3))
+    sess.auth_key = AuthKey(os.urandom(256))
+    assert store._pending
+    await sess.flush()
+    assert (await store.load_session("a")).pts == 3  # type: ignore[union-attr]
+    # close() (a clean stop) writes a pending state change at once.
+    sess.set_update_state(0, state(4))
+    sess.save()
+    assert not store._pending
+    sess.close()
+    await sess.flush()
+    assert (await store.load_session("a")).pts == 4  # type: ignore[union-attr]
+
+
+async def test_telethon_empty_state_is_no_change(store: Store) -> None:
+    """Telethon saves pts=0/qts=0 for "no state yet"; that is not worth a write."""
+    await store.ensure_account("a")
+    sess = StoreSession(store, "a", None)
+    sess.set_dc(2, "1.2.3.4", 443)
+    await sess.flush()
+    sess.set_update_state(0, state(0))
+    sess.save()
+    assert not store._pending
+    assert sess.snapshot().pts is None  # type: ignore[union-attr]
