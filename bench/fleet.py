@@ -155,7 +155,7 @@ class BaselineFleet(Fleet):
         self._key_file = key_file
         self._heartbeat = heartbeat
         self._clients: list[Any] = []
-        #: Clients whose connect() returned (InitConnection and get_me done): "connected"
+        #: Clients whose connect() returned (InitConnection answered): "connected"
         #: means the same as for tgdaemon, a session that has answered a request.
         self._up: list[Any] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -163,6 +163,9 @@ class BaselineFleet(Fleet):
         self.size = 0
 
     async def load(self) -> None:
+        import datetime
+
+        from telethon import types
         from telethon.crypto import AuthKey
         from telethon.sessions import MemorySession
 
@@ -181,6 +184,10 @@ class BaselineFleet(Fleet):
             session = MemorySession()
             session.set_dc(data.dc_id, data.server_address, data.port)
             session.auth_key = AuthKey(data.auth_key)
+            if data.pts is not None:  # the update state the session was stored with
+                session.set_update_state(0, types.updates.State(
+                    pts=data.pts, qts=data.qts or 0, seq=data.seq or 0, unread_count=0,
+                    date=datetime.datetime.fromtimestamp(data.date or 0, tz=datetime.UTC)))
             self._clients.append(self._client_cls(session, 1, "0123456789abcdef" * 2))
         self.size = len(self._clients)
 

@@ -103,6 +103,8 @@ def size_rows(size: dict[str, Any]) -> list[list[str]]:
     row("time in full GC during idle window, % of wall", lambda r: r["gc_full_pct"])
     rows.append(["localdc CPU during idle window, % per process (median)",
                  _per_proc(d), _per_proc(b), ""])
+    row("requests served per account and minute in the idle window (all localdc)",
+        lambda r: sum(r["requests_per_account_min"].values()))
     rows.append(["/metrics scrape, s (plain / gzip)",
                  spread(_col(d, lambda r: r["scrape"]["seconds"]), "{:.3f}") + " / "
                  + spread(_col(d, lambda r: r["scrape"]["seconds_gzip"]), "{:.3f}"), "-", ""])
@@ -202,7 +204,9 @@ def write_results(results: dict[str, Any], path: Path, plot: Path | None) -> Non
         "",
         f"- Sessions are pre-created: N users and N auth keys bound to them are written into "
         f"the localdc store(s) before they start, the same keys into tgdaemon's encrypted "
-        f"store. Nothing performs a key exchange. {a['dc_procs']} localdc process(es), "
+        f"store, each with the update state a login leaves (pts, date), as the baseline's "
+        f"MemorySessions get it too. Nothing performs a key exchange. "
+        f"{a['dc_procs']} localdc process(es), "
         "accounts round-robin; their CPU is reported per process.",
         "- Each fleet runs alone in its own process (`bench/fleet.py`): RSS is VmRSS from "
         "/proc, CPU is utime+stime from /proc over the idle window. Incremental RSS per "
@@ -214,7 +218,7 @@ def write_results(results: dict[str, Any], path: Path, plot: Path | None) -> Non
         f"{a['heartbeat']:g} s ±10 % (the request tgdaemon's heartbeat sends).",
         f"- Idle window {a['window']:g} s after {a['settle']:g} s settling. Connected = "
         "tgdaemon state `connected` (validated by users.getUsers); baseline: `connect()` "
-        "returned (InitConnection and get_me answered) and the sender's transport is up "
+        "returned (InitConnection answered) and the sender's transport is up "
         "(Telethon reconnects it on its own until its retries run out).",
         "- Connect attempts are counted in both processes by wrapping Telethon's "
         "`Connection.connect` (one per TCP connect, first or re-).",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,10 +87,11 @@ def plan_dc_procs(workdir: Path, count: int) -> list[DcProc]:
 
 def seed_localdc(
     proc: DcProc, indices: Sequence[int]
-) -> tuple[str, list[tuple[int, int, bytes]]]:
+) -> tuple[str, list[tuple[int, int, bytes, int]]]:
     """Create users and bound auth keys in ``proc``'s store (the process must not run yet).
 
-    Returns the server's public RSA key (PEM) and ``(index, user_id, auth_key)`` per account."""
+    Returns the server's public RSA key (PEM) and ``(index, user_id, auth_key, pts)`` per
+    account."""
     store = DcStore(proc.state_dir)
     out = []
     try:
@@ -98,7 +100,7 @@ def seed_localdc(
             user = store.get_or_create_user(fake_phone(i), proc.dc_id)
             key = os.urandom(256)
             store.put_auth_key(AuthKeyRecord(key_id_of(key), proc.dc_id, key, user.id))
-            out.append((i, user.id, key))
+            out.append((i, user.id, key, user.pts))
     finally:
         store.close()
     return pem, out
@@ -126,14 +128,19 @@ async def seed_fleet(
     Returns the account names and one RSA public key file per localdc process."""
     sessions: list[tuple[str, SessionData]] = []
     rsa_files: list[Path] = []
+    now = int(time.time())
     for k, proc in enumerate(procs):
         pem, seeded = seed_localdc(proc, range(k, n, len(procs)))
         rsa_file = proc.state_dir.with_name(proc.state_dir.name + "_rsa.pem")
         rsa_file.write_text(pem)
         rsa_files.append(rsa_file)
-        for i, user_id, key in seeded:
+        for i, user_id, key, pts in seeded:
+            # The update state a login leaves in a session (Telethon's _on_login): without
+            # it both fleets' clients would fetch it on connect and tgdaemon would then write
+            # every session once, inside the idle window.
             sessions.append((account_name(i), SessionData(
-                proc.dc_id, HOST, proc.port, auth_key=key, user_id=user_id)))
+                proc.dc_id, HOST, proc.port, auth_key=key, user_id=user_id,
+                pts=pts, qts=0, date=now, seq=0)))
     sessions.sort()
     await seed_sessions(state_dir, ring, sessions)
     return [name for name, _ in sessions], rsa_files
