@@ -122,8 +122,12 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
 
 def cmd_check_config(ns: argparse.Namespace) -> int:
+    from tgdaemon.config import config_warnings
+
     config = _load(ns)
     enabled = sum(a.enabled for a in config.accounts)
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{config.path}: ok ({len(config.accounts)} accounts, {enabled} enabled)")
     return 0
 

@@ -211,6 +211,23 @@ class Config:
 
 _RETRY_KEYS = ("network", "server", "flood_wait", "unknown", "client")
 
+#: The worker's heartbeat wait is jittered up to this factor of ``heartbeat_interval``.
+HEARTBEAT_JITTER = 1.1
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Settings that are valid but probably not what the operator wants (logged at start and
+    on reload, printed by ``check-config``): they do not stop the daemon."""
+    out = []
+    p = config.policy
+    slowest = HEARTBEAT_JITTER * p.heartbeat_interval + p.request_timeout
+    if p.stale_after < slowest:
+        out.append(
+            f"{config.path}: policy.stale_after ({p.stale_after:g}) is below the longest gap "
+            f"between two answered heartbeats (1.1 x heartbeat_interval + request_timeout = "
+            f"{slowest:g}): the watchdog may restart workers that are only slow")
+    return out
+
 
 # --------------------------------------------------------------------------- loading
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
-from tgdaemon.config import Config, load_config
+from tgdaemon.config import Config, config_warnings, load_config
 from tgdaemon.crypto import KeyRing, load_keyring
 from tgdaemon.dcs import DcDirectory
 from tgdaemon.exceptions import ConfigError
@@ -88,6 +88,8 @@ class Daemon:
 
     async def _start(self) -> None:
         config = self.config
+        for warning in config_warnings(config):
+            log.warning("%s", warning)
         keyring = self._keyring or load_keyring(key_file=config.daemon.master_key_file,
                                                 env=self._env)
         trust_server_keys(config)
@@ -172,6 +174,8 @@ class Daemon:
                 != self.config.daemon:
             log.warning("[daemon] settings other than log_level changed: they take effect at "
                         "the next restart")
+        for warning in config_warnings(new):
+            log.warning("%s", warning)
         trust_server_keys(new)
         await self.supervisor.apply(new)
         logging.getLogger().setLevel(new.daemon.log_level.upper())

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from telethon import functions, types
 
+from tgdaemon.config import HEARTBEAT_JITTER
 from tgdaemon.errors import Category, Classified, classify, recovery_for
 from tgdaemon.exceptions import DecryptionError
 from tgdaemon.logs import account_logger
@@ -348,7 +349,8 @@ class AccountWorker:
         gap_streak = 0
         while True:
             policy = self.deps.config.policy  # a reload's new values apply at the next beat
-            interval = policy.heartbeat_interval * self.deps.rng.uniform(0.9, 1.1)
+            jitter = self.deps.rng.uniform(2 - HEARTBEAT_JITTER, HEARTBEAT_JITTER)
+            interval = policy.heartbeat_interval * jitter
             await self._wait_unless_disconnected(interval)
             started = self.deps.monotonic()
             # updates.getState is the heartbeat: a real encrypted round trip that proves the

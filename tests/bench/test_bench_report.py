@@ -65,9 +65,14 @@ def test_targets_met_and_missed_at_10000() -> None:
 def test_outage_verdicts() -> None:
     outage = {"seconds": 30, "recovered_s": None, "connected_at_end": 10,
               "attempts_peak_fraction": 0.5, "attempts_peak_per_s": 500, "attempts_total": 9}
-    line = target_lines(_results(1000, _run(50, 1, outage=outage), _run(45, 1)))[0]
+    results = _results(1000, _run(50, 1, outage=outage), _run(45, 1))
+    line = target_lines(results)[0]
     assert "outage recovery ≤ 60 s (never) **MISSED**" in line
-    assert "(50.0 %) **MISSED**" in line
+    # connect_rate = 0: the herd defence is off, so the peak is shown, not judged.
+    assert "(50.0 %): limiter off, not a target" in line
+    results["sizes"][0]["fast_rate"] = 250.0
+    limited = target_lines(results)[0]
+    assert "(50.0 %) **MISSED**" in limited
 
 
 def test_write_results(tmp_path: Path) -> None:

@@ -68,6 +68,16 @@ def test_check_config_ok_and_broken(make_config, tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_check_config_prints_warnings_and_still_passes(make_config) -> None:
+    config = make_config([{"name": "alice"}], policy={"heartbeat_interval": 10.0,
+                                                      "stale_after": 12.0})
+    result = run_cli("check-config", "--config", str(config.path))
+    assert result.returncode == 0, result.stderr
+    assert "warning:" in result.stderr
+    assert "policy.stale_after (12)" in result.stderr
+    assert "ok" in result.stdout
+
+
 def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
     result = run_cli("check-config", "--config", str(tmp_path / "nope.toml"))
     assert result.returncode == 78

@@ -17,6 +17,7 @@ from tgdaemon.config import (
     PolicyConfig,
     Proxy,
     RetryLimits,
+    config_warnings,
     parse_config,
 )
 from tgdaemon.exceptions import AccountError, ConfigError
@@ -280,6 +281,22 @@ def test_ints_are_accepted_for_float_keys() -> None:
     cfg = parse(minimal(policy={"heartbeat_interval": 10, "stale_after": 25}))
     assert cfg.policy.heartbeat_interval == 10.0
     assert isinstance(cfg.policy.heartbeat_interval, float)
+
+
+def test_defaults_have_no_warnings() -> None:
+    assert config_warnings(parse(minimal())) == []
+
+
+def test_stale_after_below_a_slow_heartbeat_is_a_warning_not_an_error() -> None:
+    # 1.1 x 20 + 15 = 37 s can pass between two answered heartbeats of a healthy worker.
+    cfg = parse(minimal(policy={"heartbeat_interval": 20, "stale_after": 30,
+                                "request_timeout": 15}))
+    (warning,) = config_warnings(cfg)
+    assert warning.startswith(f"{CFG}: policy.stale_after (30)")
+    assert "37" in warning
+    ok = parse(minimal(policy={"heartbeat_interval": 20, "stale_after": 37,
+                               "request_timeout": 15}))
+    assert config_warnings(ok) == []
 
 
 def test_secrets_stay_out_of_reprs_and_errors() -> None:

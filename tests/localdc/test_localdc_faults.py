@@ -28,6 +28,39 @@ async def test_flood_wait_raises_with_seconds(localdc, clients, phone):
         await client(GET_SELF)
     assert info.value.seconds == 120
     assert localdc.counters()["rpc_errors_injected"] == 1
+    # Like Telegram, the method stays refused until the deadline, with the time left; every
+    # request inside the wait, of any method, is counted for the client that should not send.
+    # Telethon refuses the same request locally until the deadline (client/users.py:47);
+    # forget that, so the request reaches the server.
+    client._flood_waited_requests.clear()
+    with pytest.raises(errors.FloodWaitError) as again:
+        await client(GET_SELF)
+    assert 119 <= again.value.seconds <= 120
+    await client(functions.updates.GetStateRequest())  # another method is answered...
+    await client(ping())  # ...and a ping is no request
+    counters = localdc.counters()
+    assert counters["requests_during_flood_wait"] == 2
+    assert counters["rpc_errors_injected"] == 1
+
+
+async def test_flood_wait_ends_at_its_deadline(localdc, clients, phone, wait_until):
+    client = clients(localdc, flood_sleep_threshold=0)
+    await login(client, localdc, phone)
+    localdc.inject(Fault("rpc_error", method="users.getUsers", error="FLOOD_WAIT_1", times=1))
+    started = time.monotonic()
+    with pytest.raises(errors.FloodWaitError):
+        await client(GET_SELF)
+
+    async def answered() -> bool:
+        client._flood_waited_requests.clear()  # ask the server each time, not Telethon's cache
+        try:
+            await client(GET_SELF)
+        except errors.FloodWaitError:
+            return False
+        return True
+
+    await wait_until(answered, 5.0, "the flood wait to end")
+    assert time.monotonic() - started >= 1.0
 
 
 @pytest.mark.parametrize(

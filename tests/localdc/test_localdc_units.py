@@ -10,7 +10,7 @@ from telethon.tl import functions
 
 from tgdaemon.localdc import Fault
 from tgdaemon.localdc.crypto import ServerRsaKey, SrpVerifier
-from tgdaemon.localdc.faults import FaultBook, Scope, error_code_for
+from tgdaemon.localdc.faults import FaultBook, Scope, error_code_for, flood_wait_seconds
 from tgdaemon.localdc.rpc import names_for_class
 from tgdaemon.localdc.store import AuthKeyRecord, UserRecord
 from tgdaemon.localdc.testing import login, telethon_isolation, trust_localdc
@@ -105,3 +105,12 @@ async def test_other_transports(localdc, clients, phone, connection):
     client = clients(localdc, connection=connection)
     user = await login(client, localdc, phone)
     assert (await client.get_me()).id == user.id
+
+
+@pytest.mark.parametrize(
+    ("message", "seconds"),
+    [("FLOOD_WAIT_30", 30), ("FLOOD_PREMIUM_WAIT_5", 5), ("SLOWMODE_WAIT_9", 0),
+     ("FLOOD_WAIT_X", 0), ("USER_MIGRATE_3", 0)],
+)
+def test_flood_wait_seconds(message, seconds):
+    assert flood_wait_seconds(message) == seconds

@@ -38,6 +38,12 @@ _ERROR_CODES: tuple[tuple[str, int], ...] = (
 )
 
 
+def flood_wait_seconds(message: str) -> int:
+    """N of ``FLOOD_WAIT_N``/``FLOOD_PREMIUM_WAIT_N`` (0 for any other error)."""
+    m = re.fullmatch(r"FLOOD_(?:PREMIUM_)?WAIT_(\d+)", message)
+    return int(m[1]) if m else 0
+
+
 def error_code_for(message: str) -> int:
     """Telegram's numeric code for an error message (400 when unknown)."""
     for pattern, code in _ERROR_CODES:

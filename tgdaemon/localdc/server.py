@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import struct
@@ -35,7 +36,7 @@ from tgdaemon.localdc.crypto import (
     encrypt_server_message,
     key_id_of,
 )
-from tgdaemon.localdc.faults import Fault, FaultBook, MethodNames, Scope
+from tgdaemon.localdc.faults import Fault, FaultBook, MethodNames, Scope, flood_wait_seconds
 from tgdaemon.localdc.rpc import (
     SERVICE_USER_ID,
     Ctx,
@@ -172,6 +173,8 @@ class LocalDC:
         self._addresses: dict[int, tuple[str, int]] = {}
         self._conns: set[_Conn] = set()
         self._counts: dict[tuple[int, int | None], Counter[str]] = {}
+        #: (dc, user) -> (monotonic deadline, method) of the flood wait last answered.
+        self._flood_until: dict[tuple[int, int], tuple[float, str]] = {}
         self._control: Any = None
         self.control_url: str | None = None
 
@@ -357,6 +360,7 @@ class LocalDC:
         out: dict[str, Any] = {k: 0 for k in (
             "connections_accepted", "connections_refused", "connections", "key_exchanges",
             "auth_key_not_found", "stalled", "rpc_errors_injected", "updates_pushed",
+            "requests_during_flood_wait",
             "updates_muted")}
         requests: dict[str, int] = {}
         for k, v in total.items():
@@ -542,10 +546,19 @@ class LocalDC:
         if scope is None:
             return
         delay = self._latency(scope, names)
+        left = 0 if scope.user_id is None else self._flooded(conn.dc_id, scope.user_id, names)
+        if left:
+            # Like Telegram: the method stays refused until the deadline, with the time left.
+            self._reply(conn, rec, msg_id, bytes(tl.RpcError(420, f"FLOOD_WAIT_{left}")), delay)
+            return
         fault = self.faults.match("rpc_error", scope, names)
         if fault is not None:
             self._count(conn.dc_id, scope.user_id, "rpc_errors_injected")
             result = bytes(tl.RpcError(fault.error_code, fault.error))
+            wait = flood_wait_seconds(fault.error)
+            if wait and scope.user_id is not None:
+                self._flood_until[(conn.dc_id, scope.user_id)] = (
+                    time.monotonic() + wait, names.tl)
         else:
             ctx = Ctx(dc_id=conn.dc_id, key_id=rec.key_id, user_id=scope.user_id)
             try:
@@ -557,6 +570,22 @@ class LocalDC:
                 log.exception("localdc: handler for %s failed", names.tl)
                 result = bytes(tl.RpcError(500, "INTERNAL"))
         self._reply(conn, rec, msg_id, result, delay)
+
+    def _flooded(self, dc_id: int, user_id: int, names: MethodNames) -> int:
+        """Seconds left of this user's flood wait if ``names`` is the refused method, else 0.
+
+        Any request inside a flood wait is counted (``requests_during_flood_wait``): a
+        client that honours the wait sends nothing, of any method, before the deadline."""
+        entry = self._flood_until.get((dc_id, user_id))
+        if entry is None:
+            return 0
+        until, method = entry
+        left = until - time.monotonic()
+        if left <= 0:
+            del self._flood_until[(dc_id, user_id)]
+            return 0
+        self._count(dc_id, user_id, "requests_during_flood_wait")
+        return math.ceil(left) if method == names.tl else 0
 
     def _reply(self, conn: _Conn, rec: AuthKeyRecord, msg_id: int, result: bytes,
                delay: float = 0.0) -> None:
