@@ -10,7 +10,7 @@ import statistics
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,8 @@ class RunPlan:
     connect_timeout: float
     idle: bool = True  # False: no idle window and no scrape (connect time, outage)
     tail: float = 5.0  # seconds still sampled after recovery, for the plot
+    flood: int | None = None  # FLOOD_WAIT_<flood> for a tenth of the accounts, or None
+    heartbeat: float = 30.0  # the fleets' request interval (bounds the storm's waits)
 
 
 def progress(msg: str) -> None:
@@ -92,6 +94,8 @@ def run_fleet(
         progress(f"  all {n} connected in {out['connect_s']:.2f}s")
         if plan.idle:
             _idle(fleet, n, dcs, plan, out)
+        if plan.flood:
+            out["flood"] = _flood_storm(dcs, plan)
         if plan.outage:
             out["outage"] = _outage(fleet, n, dcs, plan)
     finally:
@@ -141,6 +145,54 @@ def _idle(fleet: FleetProcess, n: int, dcs: Sequence[LocalDcProcess], plan: RunP
         out["scrape"] = scrape(fleet.events["http"]["port"], plan.scrapes)
         progress(f"  /metrics {out['scrape']['seconds']:.3f}s "
                  f"{out['scrape']['bytes'] / 1024:.0f} KB")
+
+
+def _flood_storm(dcs: Sequence[LocalDcProcess], plan: RunPlan) -> dict[str, Any]:
+    """FLOOD_WAIT_<plan.flood> on the next updates.getState of every tenth account; the local
+    DCs count any request from those accounts before their deadline, and the first one after
+    it (the account resumed)."""
+    assert plan.flood is not None
+    picked = [d.users[::10] for d in dcs]
+    total = sum(len(p) for p in picked)
+    before = [d.counters() for d in dcs]
+
+    def delta(key: str) -> int:
+        return sum(d.counters()[key] - b[key] for d, b in zip(dcs, before, strict=True))
+
+    t0 = time.monotonic()
+    for d, users in zip(dcs, picked, strict=True):
+        for uid in users:
+            d.inject({"kind": "rpc_error", "user_id": uid, "method": "updates.getState",
+                      "error": f"FLOOD_WAIT_{plan.flood}", "times": 1})
+    progress(f"  flood storm: FLOOD_WAIT_{plan.flood} armed for {total} accounts "
+             f"in {time.monotonic() - t0:.1f}s")
+    # Every flooded account meets its error at its next request (one heartbeat at most),
+    # then may resume once its deadline has passed.
+    hit = _wait_for(lambda: delta("rpc_errors_injected") >= total, 1.2 * plan.heartbeat + 30)
+    resumed = _wait_for(lambda: delta("flood_waits_resumed") >= total,
+                        plan.flood + 1.2 * plan.heartbeat + 60)
+    out = {
+        "accounts": total, "seconds": plan.flood,
+        "errors_served": delta("rpc_errors_injected"),
+        "requests_during_wait": delta("requests_during_flood_wait"),
+        "resumed": delta("flood_waits_resumed"),
+        "all_hit_s": None if hit is None else hit - t0,
+        "all_resumed_s": None if resumed is None else resumed - t0,
+    }
+    progress(f"  flood storm: {out['errors_served']}/{total} flooded, "
+             f"{out['requests_during_wait']} requests before a deadline, "
+             f"{out['resumed']} resumed")
+    return out
+
+
+def _wait_for(done: Callable[[], bool], timeout: float) -> float | None:
+    """Poll ``done`` once a second; the monotonic time it held, or None after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(1.0)
+    return time.monotonic()
 
 
 def _outage(fleet: FleetProcess, n: int, dcs: Sequence[LocalDcProcess],

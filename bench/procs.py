@@ -36,6 +36,8 @@ class LocalDcProcess:
         self.log_path = log_dir / f"localdc{spec.dc_id}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
+        #: User ids seeded into this process's store (the flood storm picks from them).
+        self.users: list[int] = []
 
     @property
     def pid(self) -> int:
@@ -62,11 +64,21 @@ class LocalDcProcess:
             time.sleep(0.05)
         self.info = json.loads(spec.info_file.read_text())
 
+    def counters(self) -> dict[str, Any]:
+        """The control API's counters (requests by TL method under ``"requests"``)."""
+        with urllib.request.urlopen(f"{self.info['control_url']}/counters", timeout=30) as r:
+            return dict(json.loads(r.read()))
+
     def requests(self) -> dict[str, int]:
-        """Requests served so far, by TL method name (the control API's counters)."""
-        url = f"{self.info['control_url']}/counters"
-        with urllib.request.urlopen(url, timeout=30) as r:
-            return dict(json.loads(r.read())["requests"])
+        """Requests served so far, by TL method name."""
+        return dict(self.counters()["requests"])
+
+    def inject(self, fault: dict[str, Any]) -> int:
+        req = urllib.request.Request(f"{self.info['control_url']}/faults",
+                                     data=json.dumps(fault).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return int(json.loads(r.read())["id"])
 
     def kill(self) -> None:
         """The outage: SIGKILL, so the kernel resets every connection at once."""

@@ -178,6 +178,24 @@ def outage_rows(size: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def flood_rows(size: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for label, runs in ((f"tgdaemon, {fast_label(size)}", size["daemon"]),
+                        ("baseline", size["baseline"])):
+        for r in runs:
+            f = r.get("flood")
+            if not f:
+                continue
+            resumed = f.get("all_resumed_s")
+            rows.append([
+                str(size["n"]), label, f"{f['errors_served']} of {f['accounts']}",
+                str(f["requests_during_wait"]),
+                f"{f['resumed']}" + (f" (all {resumed:.0f} s after arming)"
+                                     if resumed is not None else " (not all within timeout)"),
+            ])
+    return rows
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows]
@@ -253,6 +271,18 @@ def write_results(results: dict[str, Any], path: Path, plot: Path | None) -> Non
         lines.append("")
         if plot is not None:
             lines += [f"![outage]({plot.name})", ""]
+    frows = [r for s in results["sizes"] for r in flood_rows(s)]
+    if frows:
+        wait = next(r["flood"]["seconds"] for s in results["sizes"]
+                    for r in s["daemon"] + s["baseline"] if r.get("flood"))
+        lines += ["## Flood-wait storm", "",
+                  f"After the idle window, every tenth account gets FLOOD_WAIT_{wait} on its "
+                  "next updates.getState. The local DC keeps each wait until its deadline, "
+                  "counts every request (any method; pings are not requests) an account sends "
+                  "before it, and the first one after it (the account resumed).", ""]
+        lines += _table(["N", "fleet", "accounts flooded", "requests before the deadline "
+                         "(server-side)", "resumed after the deadline"], frows)
+        lines.append("")
     lines += ["## Targets (issue 5)", "", *target_lines(results), ""]
     if results.get("notes"):
         lines += ["## Notes", "", *(f"- {x}" for x in results["notes"]), ""]
@@ -312,6 +342,15 @@ def target_lines(results: dict[str, Any]) -> list[str]:
                     checks.append(f"{text}: limiter off, not a target")
                 else:
                     checks.append(_check(text, peak <= 0.10))
+        for label, runs in ((fast_label(size), d),):
+            f = next((r["flood"] for r in runs if r.get("flood")), None)
+            if f:
+                checks.append(_check(
+                    f"{label}: flood storm, no request before a deadline "
+                    f"({f['requests_during_wait']} from {f['errors_served']} flooded accounts), "
+                    f"all resumed ({f['resumed']}/{f['accounts']})",
+                    f["requests_during_wait"] == 0 and f["errors_served"] == f["accounts"]
+                    and f["resumed"] == f["accounts"]))
         variant = f" ({size['variant']})" if size.get("variant") else ""
         out.append(f"- N = {n:,}{variant}: " + "; ".join(checks))
     return out

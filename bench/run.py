@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--outage", type=float, default=30.0)
     p.add_argument("--outage-sizes", type=int, nargs="*", default=[1000, 10000])
     p.add_argument("--recovery-timeout", type=float, default=90.0)
+    p.add_argument("--flood-sizes", type=int, nargs="*", default=[1000, 10000],
+                   help="sizes with a flood-wait storm (a tenth of the accounts)")
+    p.add_argument("--flood-wait", type=int, default=30, help="FLOOD_WAIT_N of the storm")
     p.add_argument("--no-default-rate-outage", action="store_true",
                    help="no outage in the default-rate run")
     p.add_argument("--tail", type=float, default=5.0, help="sampling after recovery")
@@ -94,6 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.scrapes, args.outage, args.outage_sizes = 2, 1.0, [20]
         args.default_rate_max, args.dc_procs, args.recovery_timeout = 20, 1, 20.0
         args.no_plot, args.tail, args.no_default_rate_outage = True, 0.2, True
+        args.flood_sizes, args.flood_wait, args.heartbeat = [20], 1, 1.0
     return args
 
 
@@ -123,7 +127,7 @@ def bench_size(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     specs = plan_dc_procs(work, args.dc_procs)
     state = work / "state"
     t0 = time.monotonic()
-    names, rsa_files = asyncio.run(seed_fleet(n, specs, state, ring))
+    names, rsa_files, users = asyncio.run(seed_fleet(n, specs, state, ring))
     progress(f"N={n}: seeded {len(names)} users, keys and sessions in "
              f"{time.monotonic() - t0:.1f}s over {len(specs)} localdc process(es)")
     policy = {"heartbeat_interval": args.heartbeat, **BENCH_POLICY_EXTRA}
@@ -139,6 +143,8 @@ def bench_size(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     for f in rsa_files:
         base_args += ["--rsa-file", str(f)]
     dcs = [LocalDcProcess(s, work) for s in specs]
+    for dc, seeded in zip(dcs, users, strict=True):
+        dc.users = seeded
     repeats = args.large_repeats if n >= args.large else args.repeats
     d = DaemonConfig()
     default_connect_budget = 120 + 2 * n / d.connect_rate
@@ -150,9 +156,11 @@ def bench_size(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
             dc.start()
         for r in range(repeats):
             outage = args.outage if (r == 0 and n in args.outage_sizes) else None
+            flood = args.flood_wait if (r == 0 and n in args.flood_sizes) else None
             plan = RunPlan(args.settle, args.window, args.scrapes, outage,
                            args.recovery_timeout, tail=args.tail,
-                           connect_timeout=args.connect_timeout or 120 + n / 50)
+                           connect_timeout=args.connect_timeout or 120 + n / 50,
+                           flood=flood, heartbeat=args.heartbeat)
             if "daemon" in args.fleets:
                 progress(f"N={n} repeat {r + 1}/{repeats}: tgdaemon, connect_rate "
                          f"{args.fast_rate:g} (0 = unlimited)")

@@ -122,18 +122,21 @@ async def seed_sessions(
 
 async def seed_fleet(
     n: int, procs: Sequence[DcProc], state_dir: Path, ring: KeyRing
-) -> tuple[list[str], list[Path]]:
+) -> tuple[list[str], list[Path], list[list[int]]]:
     """Users, keys and sessions for ``n`` accounts spread round-robin over ``procs``.
 
-    Returns the account names and one RSA public key file per localdc process."""
+    Returns the account names, one RSA public key file per localdc process and the user ids
+    each localdc process holds."""
     sessions: list[tuple[str, SessionData]] = []
     rsa_files: list[Path] = []
+    users: list[list[int]] = []
     now = int(time.time())
     for k, proc in enumerate(procs):
         pem, seeded = seed_localdc(proc, range(k, n, len(procs)))
         rsa_file = proc.state_dir.with_name(proc.state_dir.name + "_rsa.pem")
         rsa_file.write_text(pem)
         rsa_files.append(rsa_file)
+        users.append([user_id for _i, user_id, _key, _pts in seeded])
         for i, user_id, key, pts in seeded:
             # The update state a login leaves in a session (Telethon's _on_login): without
             # it both fleets' clients would fetch it on connect and tgdaemon would then write
@@ -143,7 +146,7 @@ async def seed_fleet(
                 pts=pts, qts=0, date=now, seq=0)))
     sessions.sort()
     await seed_sessions(state_dir, ring, sessions)
-    return [name for name, _ in sessions], rsa_files
+    return [name for name, _ in sessions], rsa_files, users
 
 
 def render_config(

@@ -81,3 +81,15 @@ def test_write_results(tmp_path: Path) -> None:
     text = out.read_text()
     assert "## N = 100 accounts (1 repeat(s))" in text
     assert "| RSS per account, KB (incremental) | 50.0 | 40.0 | 1.25x |" in text
+
+
+def test_flood_storm_verdict() -> None:
+    flood = {"accounts": 100, "seconds": 30, "errors_served": 100, "requests_during_wait": 0,
+             "resumed": 100, "all_hit_s": 31.0, "all_resumed_s": 70.0}
+    line = target_lines(_results(1000, _run(50, 1, flood=flood), _run(45, 1)))[0]
+    assert "flood storm, no request before a deadline (0 from 100 flooded accounts), " \
+        "all resumed (100/100) **met**" in line
+    early = {**flood, "requests_during_wait": 3}
+    line = target_lines(_results(1000, _run(50, 1, flood=early), _run(45, 1)))[0]
+    assert "(3 from 100 flooded accounts)" in line
+    assert line.rstrip().endswith("**MISSED**")

@@ -64,6 +64,18 @@ def test_outage_recovers_and_counts_attempts(smoke: tuple[str, dict, Path]) -> N
         assert outage["timeline"]["connected"]
 
 
+def test_flood_storm_is_honoured_and_counted_server_side(smoke: tuple[str, dict, Path]) -> None:
+    md, results, _work = smoke
+    size = results["sizes"][0]
+    for run in (size["daemon"][0], size["baseline"][0]):
+        flood = run["flood"]
+        assert flood["accounts"] == 2  # a tenth of 20
+        assert flood["errors_served"] == 2
+        assert flood["requests_during_wait"] == 0
+        assert flood["resumed"] == 2
+    assert "## Flood-wait storm" in md
+
+
 def test_results_markdown_has_table_and_machine(smoke: tuple[str, dict, Path]) -> None:
     md, _results, _work = smoke
     assert "## Machine" in md

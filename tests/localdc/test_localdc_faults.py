@@ -61,6 +61,7 @@ async def test_flood_wait_ends_at_its_deadline(localdc, clients, phone, wait_unt
 
     await wait_until(answered, 5.0, "the flood wait to end")
     assert time.monotonic() - started >= 1.0
+    assert localdc.counters()["flood_waits_resumed"] == 1
 
 
 @pytest.mark.parametrize(

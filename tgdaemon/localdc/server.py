@@ -360,7 +360,7 @@ class LocalDC:
         out: dict[str, Any] = {k: 0 for k in (
             "connections_accepted", "connections_refused", "connections", "key_exchanges",
             "auth_key_not_found", "stalled", "rpc_errors_injected", "updates_pushed",
-            "requests_during_flood_wait",
+            "requests_during_flood_wait", "flood_waits_resumed",
             "updates_muted")}
         requests: dict[str, int] = {}
         for k, v in total.items():
@@ -583,6 +583,7 @@ class LocalDC:
         left = until - time.monotonic()
         if left <= 0:
             del self._flood_until[(dc_id, user_id)]
+            self._count(dc_id, user_id, "flood_waits_resumed")  # first request after it
             return 0
         self._count(dc_id, user_id, "requests_during_flood_wait")
         return math.ceil(left) if method == names.tl else 0
