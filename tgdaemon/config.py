@@ -161,7 +161,9 @@ class PolicyConfig:
     connect_timeout: float = 15.0
     request_timeout: float = 15.0
     backoff_base: float = 1.0
-    backoff_cap: float = 60.0
+    # After a long outage the last account is back within about backoff_cap of the network
+    # returning (full jitter draws up to the cap): 30 s keeps a fleet's recovery under a minute.
+    backoff_cap: float = 30.0
     backoff_jitter: str = "full"
     # Longest FLOOD_WAIT slept through quietly; a longer one still waits, but the account is
     # shown parked in state flood_wait until the deadline, then retried.
