@@ -123,7 +123,7 @@ def test_diff_flags_sections() -> None:
     new = config(
         {"name": "a"},
         daemon={"log_level": "debug"},
-        policy={"backoff_cap": 30.0},
+        policy={"backoff_cap": 45.0},
         telegram={"api_id": 1, "api_hash": HASH, "servers": {"1": ["127.0.0.1:1"]}},
     )
     d = diff_config(old, new)
