@@ -13,7 +13,7 @@ import platform
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,42 +157,41 @@ def marginal_rows(sizes: Sequence[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
-def outage_rows(size: dict[str, Any]) -> list[list[str]]:
-    rows = []
+def _phase_runs(size: dict[str, Any], key: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(fleet label, result) of every run of ``size`` that measured the phase ``key``."""
     for label, runs in ((f"tgdaemon, {fast_label(size)}", size["daemon"]),
                         ("tgdaemon, default rate", size["daemon_default_rate"]),
                         ("baseline", size["baseline"])):
         for r in runs:
-            o = r.get("outage")
-            if not o:
-                continue
-            rec = o.get("recovered_s")
-            rows.append([
-                str(size["n"]), label, f"{o['seconds']:.0f}",
-                f"{rec:.1f}" if rec is not None else f"not within timeout "
-                f"({o['connected_at_end']}/{size['n']} connected)",
-                f"{o.get('attempts_peak_per_s', 0)} "
-                f"({100 * o.get('attempts_peak_fraction', 0):.1f} %)",
-                str(o.get("attempts_total", "-")),
-            ])
+            if r.get(key):
+                yield label, r[key]
+
+
+def outage_rows(size: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for label, o in _phase_runs(size, "outage"):
+        rec = o.get("recovered_s")
+        rows.append([
+            str(size["n"]), label, f"{o['seconds']:.0f}",
+            f"{rec:.1f}" if rec is not None else f"not within timeout "
+            f"({o['connected_at_end']}/{size['n']} connected)",
+            f"{o.get('attempts_peak_per_s', 0)} "
+            f"({100 * o.get('attempts_peak_fraction', 0):.1f} %)",
+            str(o.get("attempts_total", "-")),
+        ])
     return rows
 
 
 def flood_rows(size: dict[str, Any]) -> list[list[str]]:
     rows = []
-    for label, runs in ((f"tgdaemon, {fast_label(size)}", size["daemon"]),
-                        ("baseline", size["baseline"])):
-        for r in runs:
-            f = r.get("flood")
-            if not f:
-                continue
-            resumed = f.get("all_resumed_s")
-            rows.append([
-                str(size["n"]), label, f"{f['errors_served']} of {f['accounts']}",
-                str(f["requests_during_wait"]),
-                f"{f['resumed']}" + (f" (all {resumed:.0f} s after arming)"
-                                     if resumed is not None else " (not all within timeout)"),
-            ])
+    for label, f in _phase_runs(size, "flood"):
+        resumed = f.get("all_resumed_s")
+        rows.append([
+            str(size["n"]), label, f"{f['errors_served']} of {f['accounts']}",
+            str(f["requests_during_wait"]),
+            f"{f['resumed']}" + (f" (all {resumed:.0f} s after arming)"
+                                 if resumed is not None else " (not all within timeout)"),
+        ])
     return rows
 
 
