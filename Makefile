@@ -34,7 +34,7 @@ demo-chaos: $(STAMP) $(SYSDEPS)
 	$(BIN)/python scripts/demo.py --chaos
 
 # tgdaemon vs plain Telethon at N = 100, 1,000, 10,000 on the local DC: bench/RESULTS.md
-# (about 45 minutes on 2 cores; see bench/run.py --help for smaller runs). The second run is
+# (about 40 minutes on 2 cores; see bench/run.py --help for smaller runs). The second run is
 # N = 10,000 at connect_rate 250/s (N/40), the rate a large fleet should set: it recovers all
 # accounts within 60 s of an outage without a herd; the default 20/s suits small fleets.
 bench: $(STAMP)
