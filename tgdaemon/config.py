@@ -226,8 +226,8 @@ def config_warnings(config: Config) -> list[str]:
     if p.stale_after < slowest:
         out.append(
             f"{config.path}: policy.stale_after ({p.stale_after:g}) is below the longest gap "
-            f"between two answered heartbeats (1.1 x heartbeat_interval + request_timeout = "
-            f"{slowest:g}): the watchdog may restart workers that are only slow")
+            f"between two answered heartbeats ({HEARTBEAT_JITTER:g} x heartbeat_interval + "
+            f"request_timeout = {slowest:g}): the watchdog may restart workers that are only slow")
     return out
 
 
