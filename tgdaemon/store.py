@@ -258,6 +258,10 @@ async def _migrate(conn: aiosqlite.Connection, db_path: Path, clock: Callable[[]
     for m in MIGRATIONS[version:]:
         await conn.execute("BEGIN IMMEDIATE")
         try:
+            (now_at,) = await _one(conn, "PRAGMA user_version")
+            if now_at >= m.version:  # another daemon sharing the file applied it meanwhile
+                await conn.execute("COMMIT")
+                continue
             for statement in m.statements:
                 await conn.execute(statement)
             await conn.execute(
