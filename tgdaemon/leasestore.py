@@ -428,7 +428,7 @@ class PgLeaseStore(LeaseStore):
 
     @contextlib.asynccontextmanager
     async def _conn(self) -> AsyncIterator[Any]:
-        import asyncpg  # type: ignore[import-untyped]
+        import asyncpg
 
         try:
             async with self._pool.acquire() as conn:
