@@ -33,6 +33,7 @@ import aiosqlite
 
 from tgdaemon.exceptions import StoreError
 from tgdaemon.migrations import PG_MIGRATIONS, unapplied
+from tgdaemon.store import immediate_transaction
 
 #: Placeholder epoch meaning "no lease": never equal to a stored one (those start at 1).
 NO_EPOCH = -1
@@ -189,26 +190,8 @@ class SqliteLeaseStore(LeaseStore):
 
     @contextlib.asynccontextmanager
     async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock:
-            conn = self._conn
-            try:
-                await conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise StoreError(f"lease store {self.path}: {exc}") from None
-            try:
-                yield conn
-            except BaseException as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    await conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
-                    raise StoreError(f"lease store {self.path}: {exc}") from None
-                raise
-            try:
-                await conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    await conn.execute("ROLLBACK")
-                raise StoreError(f"lease store {self.path}: commit failed: {exc}") from None
+        async with self._lock, immediate_transaction(self._conn, f"lease store {self.path}"):
+            yield self._conn
 
     async def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         async with self._lock:
