@@ -89,23 +89,32 @@ def container_binds(paths: list[Path]) -> list[tuple[Path, str]]:
     return binds
 
 
-def venv_dropin(paths: list[Path]) -> str:
-    """``ExecStart=`` at this venv. ``ProtectHome=yes`` hides /root and /home and
-    ``PrivateTmp=yes`` hides /tmp, so a venv or interpreter there (pyenv, a clone in a home
-    directory) is made visible, read-only and alone: ``ProtectHome=tmpfs`` keeps every other
-    home directory hidden. A bind's source is looked up after PrivateTmp= replaced /tmp
-    (measured: status 226/NAMESPACE), hence the alias outside /tmp as the source there.
-    The shipped unit's sandbox is otherwise unchanged."""
-    shipped = re.search(r"^ExecStart=/usr/bin/tgdaemon (.*)$", UNIT.read_text(), re.M)
-    assert shipped, "the shipped ExecStart= changed: update this test"
-    lines = ["[Service]", "ExecStart=", f"ExecStart={TGDAEMON} {shipped[1]}"]
+def sandbox_binds(paths: list[Path]) -> list[str]:
+    """Unit settings that make ``paths`` visible, read-only and alone, in the sandbox.
+
+    ``ProtectHome=yes`` hides /root and /home and ``PrivateTmp=yes`` (also implied by
+    ``DynamicUser=yes``) hides /tmp, so a venv or interpreter there (pyenv, a clone in a home
+    directory or under /tmp) needs them: ``ProtectHome=tmpfs`` keeps every other home
+    directory hidden. A bind's source is looked up after PrivateTmp= replaced /tmp (measured:
+    status 226/NAMESPACE), hence the alias outside /tmp as the source there."""
+    settings = []
     if any(is_under(p, h) for p in paths for h in HOME_DIRS):
-        lines.append("ProtectHome=tmpfs")
+        settings.append("ProtectHome=tmpfs")
     for i, p in enumerate(paths):
         if any(is_under(p, h) for h in HOME_DIRS):
-            lines.append(f"BindReadOnlyPaths={p}")
+            settings.append(f"BindReadOnlyPaths={p}")
         elif any(is_under(p, t) for t in TMP_DIRS):
-            lines.append(f"BindReadOnlyPaths={ALIASES}/{i}:{p}")
+            settings.append(f"BindReadOnlyPaths={ALIASES}/{i}:{p}")
+    return settings
+
+
+def venv_dropin(paths: list[Path]) -> str:
+    """``ExecStart=`` at this venv, plus :func:`sandbox_binds`; the shipped unit's sandbox is
+    otherwise unchanged."""
+    shipped = re.search(r"^ExecStart=/usr/bin/tgdaemon (.*)$", UNIT.read_text(), re.M)
+    assert shipped, "the shipped ExecStart= changed: update this test"
+    lines = ["[Service]", "ExecStart=", f"ExecStart={TGDAEMON} {shipped[1]}",
+             *sandbox_binds(paths)]
     return "\n".join(lines) + "\n"
 
 
@@ -252,6 +261,7 @@ def cli_login(fleet: Fleet, name: str) -> str:
         "--property=User=tgdaemon", "--property=StateDirectory=tgdaemon",
         "--property=StateDirectoryMode=0700", "--setenv=TGDAEMON_STATE_DIR=/var/lib/tgdaemon",
         f"--property=LoadCredentialEncrypted={CREDENTIAL_NAME}:{ENCRYPTED_KEY}",
+        *(f"--property={setting}" for setting in sandbox_binds(paths_to_bind())),
         str(TGDAEMON), "login", name, "--config", CONFIG, input=fleet.code + "\n", timeout=60)
     return proc.stdout + proc.stderr
 
