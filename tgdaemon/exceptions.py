@@ -50,5 +50,24 @@ class AccountError(TgdaemonError):
     exit_code = 67  # EX_NOUSER
 
 
+class InputError(TgdaemonError):
+    """A prompt got no answer (end of input): nothing was changed."""
+
+    exit_code = 66  # EX_NOINPUT
+
+
+class TelegramUnavailableError(TgdaemonError):
+    """Telegram could not be reached, stalled past the timeout, or failed (5xx), after
+    retries: nothing was changed locally; try again later."""
+
+    exit_code = 69  # EX_UNAVAILABLE
+
+
+class TelegramRefusedError(TgdaemonError):
+    """Telegram answered a request with an error (invalid phone, flood wait, ...)."""
+
+    exit_code = 76  # EX_PROTOCOL
+
+
 # Unexpected failures (bugs) end the process with this code; systemd restarts it.
 EXIT_UNEXPECTED = 70  # EX_SOFTWARE

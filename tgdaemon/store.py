@@ -164,7 +164,23 @@ def _check_name(name: str) -> None:
         raise AccountError("account names must be 1-128 printable characters")
 
 
-def _decode_session(name: str, record: bytes, ring: KeyRing) -> SessionData:
+#: Selects a session record without ever decoding it as text: a record that is not a BLOB
+#: (written as TEXT by some other tool) comes back as None plus its SQLite type, instead of
+#: making sqlite3 fail with an error message that quotes the record's bytes.
+_RECORD_COLUMNS = "CASE typeof(record) WHEN 'blob' THEN record END, typeof(record)"
+
+
+def _not_blob(name: str, kind: str) -> DecryptionError:
+    return DecryptionError(
+        f"session record of account {name!r} is stored as {kind.upper()}, not as an encrypted "
+        "BLOB (written by another tool?); log the account in again"
+    )
+
+
+def _decode_session(name: str, record: bytes | None, ring: KeyRing, kind: str = "blob"
+                    ) -> SessionData:
+    if record is None:
+        raise _not_blob(name, kind)
     plain = ring.decrypt(record, account=name, purpose=SESSION_PURPOSE)
     try:
         return SessionData.from_bytes(plain)
@@ -321,6 +337,8 @@ class Store:
         self._wake = asyncio.Event()
         self._closing = False
         self._closed = False
+        #: The database refuses writes (read-only file or mount): the daemon reports not ready.
+        self.read_only = False
         self._writer = asyncio.get_running_loop().create_task(
             self._write_loop(), name="tgdaemon-store-writer"
         )
@@ -574,22 +592,24 @@ class Store:
         futures = [b[name].future for b in (self._pending, self._inflight) if name in b]
         if futures:
             await asyncio.wait(futures)
-        rows = await self._read("SELECT record FROM sessions WHERE account=?", (name,))
+        rows = await self._read(
+            f"SELECT {_RECORD_COLUMNS} FROM sessions WHERE account=?", (name,))
         if not rows:
             return None
-        return _decode_session(name, rows[0][0], self._keyring)
+        return _decode_session(name, rows[0][0], self._keyring, rows[0][1])
 
     async def load_sessions(self) -> dict[str, SessionData | DecryptionError]:
         """Every stored session, decrypted off the event loop; failures are returned per account."""
         await self.flush()
-        rows = await self._read("SELECT account, record FROM sessions ORDER BY account")
+        rows = await self._read(
+            f"SELECT account, {_RECORD_COLUMNS} FROM sessions ORDER BY account")
         ring = self._keyring
 
         def decode_all() -> dict[str, SessionData | DecryptionError]:
             out: dict[str, SessionData | DecryptionError] = {}
-            for name, record in rows:
+            for name, record, kind in rows:
                 try:
-                    out[name] = _decode_session(name, record, ring)
+                    out[name] = _decode_session(name, record, ring, kind)
                 except DecryptionError as exc:
                     out[name] = exc
             return out
@@ -598,8 +618,9 @@ class Store:
 
     async def session_key_ids(self) -> dict[str, str | None]:
         """Key id of every stored session record (for rotation status; no decryption)."""
-        rows = await self._read("SELECT account, record FROM sessions")
-        return {name: record_key_id(record) for name, record in rows}
+        rows = await self._read(f"SELECT account, {_RECORD_COLUMNS} FROM sessions")
+        return {name: None if record is None else record_key_id(record)
+                for name, record, _kind in rows}
 
     async def _write_loop(self) -> None:
         while True:
@@ -713,12 +734,15 @@ class Store:
         """
         async with self._lock:
             async with self._tx_locked(durable=True) as conn:
-                rows = await conn.execute_fetchall("SELECT account, record FROM sessions")
+                rows = await conn.execute_fetchall(
+                    f"SELECT account, {_RECORD_COLUMNS} FROM sessions")
                 target = new_ring.active.key_id
 
                 def reencrypt() -> list[tuple[bytes, str]]:
                     out = []
-                    for name, record in rows:
+                    for name, record, kind in rows:
+                        if record is None:
+                            raise _not_blob(name, kind)
                         if record_key_id(record) == target:
                             continue
                         plain = new_ring.decrypt(record, account=name, purpose=SESSION_PURPOSE)
