@@ -38,6 +38,13 @@ class StoreError(TgdaemonError):
     exit_code = 74  # EX_IOERR
 
 
+class StateAccessError(StoreError):
+    """The state directory or database cannot be used as it is (permissions, a read-only
+    mount, a truncated database): an operator must act, so systemd must not retry."""
+
+    exit_code = 78
+
+
 class StateLockedError(StoreError):
     """Another process already uses this state directory."""
 
