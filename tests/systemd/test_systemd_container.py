@@ -20,6 +20,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,14 @@ import pytest
 
 from tests.conftest import phone_for, wait_for_condition
 from tests.leakscan import secrets_found
-from tests.systemd.nspawn import HOME_DIRS, Container, ContainerUnavailable, booted, is_under
+from tests.systemd.nspawn import (
+    HOME_DIRS,
+    MASKED,
+    Container,
+    ContainerUnavailable,
+    booted,
+    is_under,
+)
 from tgdaemon.crypto import CREDENTIAL_NAME, KeyRing, generate_keyring, write_key_file
 from tgdaemon.exceptions import ConfigError
 from tgdaemon.localdc.testing import daemon_config_toml
@@ -277,6 +285,9 @@ def box() -> Iterator[Container]:
 
 @pytest.fixture(scope="module")
 def fleet(box: Container, tmp_path_factory: pytest.TempPathFactory) -> Fleet:
+    # Nothing the host enabled (PostgreSQL, Prometheus, proxies...) runs in the container.
+    active = box.systemctl("is-active", *MASKED, check=False).stdout.split()
+    assert set(active) <= {"inactive"}, dict(zip(MASKED, active, strict=True))
     info = start_localdc(box)
     keyring = generate_keyring()
     fleet = Fleet(box, keyring, str(info["code"]), {})
@@ -290,9 +301,10 @@ def fleet(box: Container, tmp_path_factory: pytest.TempPathFactory) -> Fleet:
             PLAIN_KEY, ENCRYPTED_KEY)
     shutil.copy(UNIT, box.path(f"/etc/systemd/system/{SERVICE}"))
     fleet.dropin("10-venv.conf", venv_dropin(paths_to_bind()))
-    logins = ""
-    for name in ("alice", "bob"):
-        logins += cli_login(fleet, name)
+    names = ("alice", "bob")
+    with ThreadPoolExecutor(len(names)) as pool:  # two interpreters start at once
+        logins = "".join(pool.map(lambda name: cli_login(fleet, name), names))
+    for name in names:
         assert f"logged in {name}" in logins, logins
         user = fleet.http(f"{CONTROL}/user", {"phone": phone_for(name)})["user_id"]
         assert isinstance(user, int)
@@ -469,6 +481,16 @@ async def test_bad_config_fails_without_restarting(fleet: Fleet) -> None:
         fleet.box.systemctl("reset-failed", SERVICE, check=False)
 
 
+async def push_three(fleet: Fleet, name: str) -> None:
+    """Three new messages for ``name``, delivered to the daemon and past two heartbeats."""
+    pushed = int(fleet.counters(name)["updates_pushed"])
+    for i in range(3):
+        fleet.http(f"{CONTROL}/push", {"user_id": fleet.user_ids[name], "text": f"msg {i}"})
+    await wait_for_condition(lambda: int(fleet.counters(name)["updates_pushed"]) >= pushed + 3,
+                             15, "updates delivered to the daemon")
+    await fleet.more_heartbeats(name, 2)
+
+
 async def test_stop_flushes_sessions(fleet: Fleet, tmp_path: Path) -> None:
     if fleet.show("ActiveState")["ActiveState"] == "active":
         fleet.box.systemctl("stop", SERVICE)
@@ -477,16 +499,9 @@ async def test_stop_flushes_sessions(fleet: Fleet, tmp_path: Path) -> None:
     assert before.pts is not None
     invocation = await running(fleet, "alice")
 
-    # Three new messages move alice's pts; the session writes an update-state-only change at
-    # most every UPDATE_STATE_INTERVAL (300 s), so only the stop can have written them.
-    uid = fleet.user_ids["alice"]
-    pushed = int(fleet.counters("alice")["updates_pushed"])
-    for i in range(3):
-        fleet.http(f"{CONTROL}/push", {"user_id": uid, "text": f"before stop {i}"})
-    await wait_for_condition(lambda: int(fleet.counters("alice")["updates_pushed"]) >= pushed + 3,
-                             15, "updates delivered to the daemon")
-    await fleet.more_heartbeats("alice", 2)
-
+    # Three new messages move alice's pts; an update-state-only change is written at most
+    # every UPDATE_STATE_INTERVAL (300 s), so it is the stop that writes it.
+    await push_three(fleet, "alice")
     fleet.box.systemctl("stop", SERVICE)
     props = fleet.show("ActiveState", "Result", "ExecMainCode", "ExecMainStatus")
     assert props["ActiveState"] == "inactive", props
@@ -499,6 +514,16 @@ async def test_stop_flushes_sessions(fleet: Fleet, tmp_path: Path) -> None:
     log = fleet.journal(invocation)
     assert "stopping: draining workers" in log, log
     assert "could not be flushed" not in log, log
+
+    # The contrast: the same three messages, then SIGKILL instead of a stop: nothing written.
+    await running(fleet, "alice")
+    await push_three(fleet, "alice")
+    fleet.box.systemctl("kill", "--signal=SIGKILL", SERVICE)
+    await fleet.wait_state("activating", "auto-restart")  # Restart=on-failure, in 5 s...
+    fleet.box.systemctl("stop", SERVICE)  # ...cancelled
+    killed = await fleet.stored_session("alice", tmp_path)
+    assert killed is not None
+    assert killed.pts == after.pts, (after.pts, killed.pts)
 
     # Nothing secret reached the journal in any run of the unit.
     leaks = secrets_found(fleet.journal(), phones=[phone_for(n) for n in fleet.user_ids],
