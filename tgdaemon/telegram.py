@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, cast
 from telethon import TelegramClient, functions
 from telethon._updates.messagebox import ENTRY_ACCOUNT
 from telethon.crypto import rsa
-from telethon.network import ConnectionTcpFull
+
+from tgdaemon.connection import connection_for
 
 if TYPE_CHECKING:
     from telethon.sessions.abstract import Session
@@ -104,7 +105,7 @@ def build_client(
         session,
         config.telegram.api_id,
         config.telegram.api_hash,
-        connection=ConnectionTcpFull,
+        connection=connection_for(account.proxy),  # follows the proxy type; frames capped
         use_ipv6=config.telegram.use_ipv6,
         proxy=telethon_proxy(account.proxy),
         timeout=int(max(1, policy.connect_timeout)),
