@@ -288,7 +288,10 @@ class AccountWorker:
                                        self.account)
         client = self.client
         try:
-            await asyncio.wait_for(client.connect(), policy.connect_timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that
+            # arrives as connect() fails, and the stopped worker would reconnect forever.
+            async with asyncio.timeout(policy.connect_timeout):
+                await client.connect()
         except BaseException as exc:
             await self._close_client()
             if isinstance(exc, TimeoutError):
@@ -449,7 +452,8 @@ class AccountWorker:
         if client is None:
             return
         try:
-            await asyncio.wait_for(client.disconnect(), CLOSE_TIMEOUT)
+            async with asyncio.timeout(CLOSE_TIMEOUT):  # not wait_for: see _connect
+                await client.disconnect()
         except Exception as exc:  # a wedged client is dropped, not awaited forever
             self.log.warning("client did not close cleanly (%s); replacing it",
                              type(exc).__name__)

@@ -45,6 +45,7 @@ class HostileServer:
         self.connections = 0
         self.sent: list[int] = []
         self.server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -52,6 +53,7 @@ class HostileServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self._writers.append(writer)
         index = len(self.sent)
         self.sent.append(0)
         try:
@@ -67,8 +69,13 @@ class HostileServer:
             writer.close()
 
     async def stop(self) -> None:
+        """Close the listener and reset every connection (a client mid-connect must not wait
+        for a graceful close of a socket the server floods)."""
         if self.server is not None:
             self.server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+        if self.server is not None:
             await self.server.wait_closed()
 
 
@@ -105,6 +112,7 @@ async def test_huge_frame_is_refused_memory_stays_bounded_and_account_reconnects
             assert entry.state not in (State.STOPPED, State.NEEDS_LOGIN)
             assert "FrameTooLarge" in (entry.last_error_message or "")
             peak_growth_mib = (_status_kib("VmHWM") - rss_before) / 1024
+            await hostile.stop()
     finally:
         await hostile.stop()
     # Per connection, only what fits in socket buffers got out before the client hung up;
