@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the tests and the demo use as real peers: Prometheus (server + promtool),
-# systemd-analyze, and Chromium for the status page test. Idempotent: installs only what is
+# systemd-analyze, Chromium for the status page test, microsocks (SOCKS5 with user/password)
+# and tinyproxy (HTTP CONNECT) for the proxy tests. Idempotent: installs only what is
 # missing, so a developer machine that has them pays nothing.
 set -euo pipefail
 
@@ -8,6 +9,9 @@ need=()
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v microsocks >/dev/null 2>&1 || need+=(microsocks)
+# tinyproxy lives in /usr/bin on Debian 12 (/usr/sbin on older releases, off a user's PATH)
+command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/sbin/tinyproxy ] || need+=(tinyproxy)
 if [ "${TGDAEMON_SKIP_BROWSER:-0}" != 1 ]; then
   command -v chromium >/dev/null 2>&1 || need+=(chromium)
 fi

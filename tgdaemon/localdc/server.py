@@ -31,6 +31,8 @@ from telethon.tl.tlobject import TLRequest
 
 from tgdaemon.localdc import transport
 from tgdaemon.localdc.crypto import (
+    DH_PRIME,
+    SHORT_KEY_MODULUS,
     Handshake,
     HandshakeError,
     decrypt_client_message,
@@ -165,6 +167,8 @@ class LocalDC:
     ``mtproxy_secret``: also listen as an MTProxy with this hex secret (32 hex digits, or
     ``dd`` + 32 to accept only padded intermediate, as such proxies do) on ``mtproxy_port``
     (0 = a free port): obfuscated2 connections whose header names the DC to serve.
+    ``short_auth_keys``: test option, every new auth key is a value below 2^2040 (see
+    :data:`~tgdaemon.localdc.crypto.SHORT_KEY_MODULUS`), still stored and hashed as 256 bytes.
     """
 
     def __init__(
@@ -177,6 +181,7 @@ class LocalDC:
         control_port: int | None = None,
         mtproxy_secret: str | None = None,
         mtproxy_port: int = 0,
+        short_auth_keys: bool = False,
     ) -> None:
         if dcs < 1:
             raise ValueError("dcs must be >= 1")
@@ -195,6 +200,7 @@ class LocalDC:
             if len(self._mtproxy_key) != 16:
                 raise ValueError("mtproxy_secret must be 16 bytes of hex, or dd + 16 bytes")
         self.mtproxy_port = mtproxy_port
+        self._dh_prime = SHORT_KEY_MODULUS if short_auth_keys else DH_PRIME
         self.mtproxy_address: tuple[str, int] | None = None
         self._mtproxy_server: asyncio.base_events.Server | None = None
         self.faults = FaultBook()
@@ -698,7 +704,7 @@ class LocalDC:
         delay = self._latency(scope, names)
         skew = self._skew(scope)
         if isinstance(req, (fn.ReqPqMultiRequest, fn.ReqPqRequest)):
-            conn.handshake = Handshake()
+            conn.handshake = Handshake(prime=self._dh_prime)
             answer: Any = conn.handshake.res_pq(req, self.store.rsa_key.fingerprint)
         elif conn.handshake is None:
             raise HandshakeError("key exchange step out of order")
