@@ -173,7 +173,7 @@ class ObfuscatedCodec(Codec):
 
 
 def _ctr(key: bytes, iv: bytes) -> _Ctr:
-    return Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()  # type: ignore[return-value]
+    return Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
 
 
 async def accept_obfuscated(reader: ByteSource, secret: bytes) -> tuple[int, ObfuscatedCodec]:
