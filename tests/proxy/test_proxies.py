@@ -10,9 +10,11 @@ when the proxy does. Proxy passwords reach no log, status, metric or error messa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -138,16 +140,25 @@ async def test_socks5_wrong_password_is_a_network_fault(
     no_leaks(logs + messages, wrong_password, SOCKS_PASSWORD)
 
 
+@contextlib.asynccontextmanager
+async def proxied_and_connected(make_config: Any, login_account: Any, wait_until: Any,
+                                name: str, proxy_url: str) -> AsyncIterator[int]:
+    """Log ``name`` in through ``proxy_url`` and run a daemon until it is connected; yields
+    the account's user id."""
+    config = make_config([{"name": name, "phone": phone_for(name), "proxy": proxy_url}],
+                         daemon={"http_listen": ""})
+    user_id = await login_account(config, name)
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: connected(daemon, name), 20,
+                         f"connected through {proxy_url.partition(':')[0]}")
+        yield user_id
+
+
 async def test_http_connect_through_tinyproxy(make_config, login_account, localdc, tinyproxy,
                                               wait_until):
     proxy = await tinyproxy([port for _, port in localdc.addresses.values()])
-    config = make_config([{"name": "carol", "phone": phone_for("carol"),
-                           "proxy": f"http://127.0.0.1:{proxy.port}"}],
-                         daemon={"http_listen": ""})
-    user_id = await login_account(config, "carol")
-    async with Daemon(config) as daemon:
-        await wait_until(lambda: connected(daemon, "carol"), 20,
-                         "connected through HTTP CONNECT")
+    async with proxied_and_connected(make_config, login_account, wait_until, "carol",
+                                     f"http://127.0.0.1:{proxy.port}") as user_id:
         assert_connections_come_from(localdc, user_id, proxy)
 
 
@@ -158,13 +169,8 @@ async def test_http_connect_through_tinyproxy(make_config, login_account, locald
 async def test_mtproxy_secret_kinds(make_config, login_account, localdc, wait_until,
                                     secret, transport):
     host, port = localdc.mtproxy_address
-    config = make_config([{"name": "dave", "phone": phone_for("dave"),
-                           "proxy": f"mtproxy://{secret}@{host}:{port}"}],
-                         daemon={"http_listen": ""})
-    user_id = await login_account(config, "dave")
-    async with Daemon(config) as daemon:
-        await wait_until(lambda: connected(daemon, "dave"), 20,
-                         "connected through MTProxy")
+    async with proxied_and_connected(make_config, login_account, wait_until, "dave",
+                                     f"mtproxy://{secret}@{host}:{port}") as user_id:
         conns = localdc.connections(user_id)
         assert conns
         assert {(c.via, c.transport) for c in conns} == {("mtproxy", transport)}
