@@ -21,8 +21,8 @@ import functools
 import ipaddress
 import math
 import os
-import stat
 import re
+import stat
 import string
 import tomllib
 import types

@@ -53,7 +53,8 @@ def test_an_empty_or_blank_token_file_is_a_config_error(tmp_path: Path, content:
     assert problem.startswith(f"daemon.http_token_file: {token} ")
     result = check_config(path)
     assert result.returncode == 78, result
-    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
     assert "http_token_file" in result.stderr
 
 
@@ -88,13 +89,13 @@ def test_the_token_is_read_at_load_time_and_kept_out_of_reprs(tmp_path: Path):
 ])
 def test_check_config_rejects_values_that_fail_later(tmp_path: Path, section: str, line: str,
                                                      expected: str):
-    kw = {section: line if section != "telegram" else line}
-    path = write_config(tmp_path, **kw)
+    path = write_config(tmp_path, **{section: line})
     found = problems(path)
     assert any(p.startswith(expected) for p in found), found
     result = check_config(path)
     assert result.returncode == 78, result
-    assert expected in result.stderr and "Traceback" not in result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_the_largest_int32_api_id_is_accepted(tmp_path: Path):
@@ -154,5 +155,5 @@ def test_allowed_hosts_are_normalised_and_replace_the_default():
 
 @pytest.mark.parametrize("bad", [["host:9464"], [""], [3], "localhost", ["a b"]])
 def test_allowed_hosts_reject_what_is_not_a_host(bad: Any):
-    with pytest.raises(ConfigValidationError, match="daemon.http_allowed_hosts"):
+    with pytest.raises(ConfigValidationError, match=r"daemon\.http_allowed_hosts"):
         parse({"http_allowed_hosts": bad})
