@@ -539,9 +539,10 @@ class _GuardedSite(web.TCPSite):
         self._pending -= 1
 
     def _expire(self, handler: web.RequestHandler) -> None:
-        if self._unstarted.pop(id(handler), None) is handler and handler.transport is not None:
+        transport = handler.transport
+        if self._unstarted.pop(id(handler), None) is handler and transport is not None:
             handler.force_close()
-            handler.transport.close()
+            transport.close()
 
 
 class HttpServer:
