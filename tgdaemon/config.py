@@ -33,12 +33,14 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from tgdaemon.exceptions import AccountError, ConfigError
+from tgdaemon.lifecycle import HEARTBEAT_JITTER, longest_heartbeat_gap
 
 __all__ = [
     "AccountConfig",
     "Address",
     "Config",
     "ConfigDiff",
+    "ConfigHolder",
     "ConfigValidationError",
     "DaemonConfig",
     "PolicyConfig",
@@ -191,8 +193,8 @@ class PolicyConfig:
     # returning (full jitter draws up to the cap): 30 s keeps a fleet's recovery under a minute.
     backoff_cap: float = 30.0
     backoff_jitter: str = "full"
-    # Longest FLOOD_WAIT slept through quietly; a longer one still waits, but the account is
-    # shown parked in state flood_wait until the deadline, then retried.
+    # Longest FLOOD_WAIT waited out on an open connection; a longer one closes the connection
+    # and reconnects at the deadline (tgdaemon.lifecycle.recovery_for).
     flood_sleep_max: int = 3600
     failover_after: int = 3
     update_gap_heartbeats: int = 2
@@ -243,10 +245,6 @@ INT32_MAX = 2**31 - 1
 #: Host names that are always local, whatever the listen address.
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
-#: The worker's heartbeat wait is jittered up to this factor of ``heartbeat_interval``.
-HEARTBEAT_JITTER = 1.1
-
-
 def config_warnings(config: Config) -> list[str]:
     """Settings that are valid but probably not what the operator wants (logged at start and
     on reload, printed by ``check-config``): they do not stop the daemon."""
@@ -265,7 +263,7 @@ def config_warnings(config: Config) -> list[str]:
             out.append(f"{config.path}: {key}: {path} has mode {mode:04o}; other users can "
                        f"read it: chmod 600 {path}")
     p = config.policy
-    slowest = HEARTBEAT_JITTER * p.heartbeat_interval + p.request_timeout
+    slowest = longest_heartbeat_gap(p)
     if p.stale_after < slowest:
         out.append(
             f"{config.path}: policy.stale_after ({p.stale_after:g}) is below the longest gap "
@@ -760,8 +758,13 @@ class _Parser:
         user = unquote(u.username) if u.username else None
         password = unquote(u.password) if u.password is not None else None
         if scheme == "mtproxy":
+            if user and len(user) > 32 and user[:2].lower() == "ee":
+                self.err(key, "fake-TLS (ee) MTProxy secrets are not supported (Telethon 1.45 "
+                              "has no fake-TLS transport); use the proxy's dd secret")
+                return None
             if password is not None or not user or not _is_mtproxy_secret(user):
-                self.err(key, "mtproxy needs mtproxy://SECRET@host:port with a hex secret")
+                self.err(key, "mtproxy needs mtproxy://SECRET@host:port with a hex secret "
+                              "(32 hex digits, or dd + 32)")
                 return None
             return Proxy(scheme, host, port, secret=user.lower())
         return Proxy(scheme, host, port, username=user, password=password)
@@ -782,7 +785,6 @@ class ConfigDiff:
     unchanged: tuple[str, ...]
     policy_changed: bool
     telegram_changed: bool
-    daemon_changed: bool
 
 
 def diff_config(old: Config, new: Config) -> ConfigDiff:
@@ -797,8 +799,17 @@ def diff_config(old: Config, new: Config) -> ConfigDiff:
         unchanged=tuple(sorted(n for n in both if before[n] == after[n])),
         policy_changed=old.policy != new.policy,
         telegram_changed=old.telegram != new.telegram,
-        daemon_changed=old.daemon != new.daemon,
     )
+
+
+class ConfigHolder:
+    """The running configuration, in one place: the daemon, the supervisor and every worker
+    read ``current`` when they need a setting, so a reload is one assignment."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, config: Config) -> None:
+        self.current = config
 
 
 # --------------------------------------------------------------------------- helpers
@@ -864,7 +875,6 @@ def _is_mtproxy_secret(secret: str) -> bool:
     s = secret.lower()
     if not re.fullmatch(r"[0-9a-f]+", s) or len(s) % 2:
         return False
-    if len(s) == 32:
-        return True
-    # dd-prefixed (padded) or ee-prefixed (fake TLS, followed by the hex domain name)
-    return s[:2] in ("dd", "ee") and len(s) >= 34
+    # 16 bytes (obfuscated) or "dd" + 16 bytes (padded intermediate). Fake-TLS "ee" secrets
+    # are refused by the caller with their own message.
+    return len(s) == 32 or (s[:2] == "dd" and len(s) == 34)
