@@ -136,26 +136,6 @@ class LoopLagMonitor:
             self._recent.append(self.last)
 
 
-# -- typed application state -----------------------------------------------------------------
-
-BOARD = web.AppKey("board", StatusBoard)
-REGISTRY = web.AppKey("registry", CollectorRegistry)
-READY = web.AppKey("ready", Callable[[], bool])
-TOKEN = web.AppKey("token", str | None)
-WS_QUEUE_SIZE = web.AppKey("ws_queue_size", int)
-LOOP_LAG = web.AppKey("loop_lag", LoopLagMonitor)
-RENDER_EXECUTOR = web.AppKey("render_executor", ThreadPoolExecutor)
-SUBSCRIPTIONS = web.AppKey("subscriptions", set[Subscription])
-PAGE = web.AppKey("page", bytes)
-PAGE_CSP = web.AppKey("page_csp", str)
-ALLOWED_HOSTS = web.AppKey("allowed_hosts", frozenset[str])
-LIMITS = web.AppKey("limits", HttpLimits)
-ENCODER = web.AppKey("encoder", "StatusEncoder")
-#: Connections (by id) that have not yet sent a complete request head: the head timer closes
-#: those still here when it fires; the first request takes its connection out.
-UNSTARTED = web.AppKey("unstarted", dict[int, web.RequestHandler])
-
-
 class StatusEncoder:
     """Each status becomes JSON text once, however many subscribers receive it; a snapshot is
     the cached texts joined. Keyed by account, checked by identity: a changed status is a new
@@ -178,6 +158,26 @@ class StatusEncoder:
             keep = {s.account for s in statuses}
             self._cache = {k: v for k, v in self._cache.items() if k in keep}
         return '{"type": "snapshot", "accounts": [' + ", ".join(texts) + "]}"
+
+
+# -- typed application state -----------------------------------------------------------------
+
+BOARD = web.AppKey("board", StatusBoard)
+REGISTRY = web.AppKey("registry", CollectorRegistry)
+READY: web.AppKey[Callable[[], bool]] = web.AppKey("ready")
+TOKEN: web.AppKey[str | None] = web.AppKey("token")
+WS_QUEUE_SIZE = web.AppKey("ws_queue_size", int)
+LOOP_LAG = web.AppKey("loop_lag", LoopLagMonitor)
+RENDER_EXECUTOR = web.AppKey("render_executor", ThreadPoolExecutor)
+SUBSCRIPTIONS: web.AppKey[set[Subscription]] = web.AppKey("subscriptions")
+PAGE = web.AppKey("page", bytes)
+PAGE_CSP = web.AppKey("page_csp", str)
+ALLOWED_HOSTS = web.AppKey("allowed_hosts", frozenset[str])
+LIMITS = web.AppKey("limits", HttpLimits)
+ENCODER = web.AppKey("encoder", StatusEncoder)
+#: Connections (by id) that have not yet sent a complete request head: the head timer closes
+#: those still here when it fires; the first request takes its connection out.
+UNSTARTED = web.AppKey("unstarted", dict[int, web.RequestHandler])
 
 
 def build_app(
@@ -240,7 +240,8 @@ async def _render_executor_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _close_subscriptions(app: web.Application) -> None:
-    for sub in tuple(app[SUBSCRIPTIONS]):
+    subscriptions: set[Subscription] = app[SUBSCRIPTIONS]
+    for sub in tuple(subscriptions):
         sub.close()
 
 
