@@ -47,6 +47,8 @@ class ManagedClient(TelegramClient):
     keeps 1 key in 256 one byte short, which no longer matches the server's once stored.
     """
 
+    _sender: Any  # Telethon's MTProtoSender until __init__ replaces it
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._sender = PaddedKeySender.replacing(self._sender)
