@@ -13,7 +13,6 @@ import os
 import re
 import secrets
 import struct
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -32,12 +31,12 @@ from tgdaemon.localdc.store import ClientRecord
 
 if TYPE_CHECKING:
     from tgdaemon.localdc.store import Store, UserRecord
+    from tgdaemon.localdc.updates import UpdateHistory
 
 VECTOR = 0x1CB5C415
 BOOL_TRUE = 0x997275B5
 BOOL_FALSE = 0xBC799737
 SERVICE_USER_ID = 777000
-HISTORY_LIMIT = 200
 
 _SPECIAL_NAMES = {
     "ReqPqRequest": "req_pq",
@@ -116,6 +115,7 @@ class World:
     addresses: Callable[[], dict[int, tuple[str, int]]]
     bind_key: Callable[[int, int | None], None]
     push: Callable[[int, tl.TypeUpdates, int | None], None]
+    history: UpdateHistory
     fixed_code: str | None = "12345"
     codes: dict[str, tuple[str, str]] = field(default_factory=dict)  # phone -> (hash, code)
     last_codes: dict[str, str] = field(default_factory=dict)
@@ -123,7 +123,6 @@ class World:
     srp: dict[int, tuple[str, SrpChallenge, SrpVerifier]] = field(default_factory=dict)
     # token -> (uid, dc, authorization hash of the exporting key)
     exports: dict[bytes, tuple[int, int, int | None]] = field(default_factory=dict)
-    history: dict[int, deque[tuple[int, tl.Message]]] = field(default_factory=dict)
     #: Seconds a login must be old before it may terminate other sessions (Telegram: about
     #: a day, FRESH_RESET_AUTHORISATION_FORBIDDEN before that). 0 = no such limit.
     fresh_reset_after: int = 0
@@ -194,20 +193,22 @@ class World:
 
     def new_message(self, user_id: int, text: str, *, out: bool, peer: int,
                     exclude_key: int | None) -> tl.Message:
-        """Store a message for ``user_id``, bump pts and push the update to its sessions."""
-        pts = self.store.bump_pts(user_id)
+        """Store a message for ``user_id`` (its pts moves on) and push it to its sessions."""
         msg = tl.Message(
-            id=pts, peer_id=tl.PeerUser(peer), date=_now(), message=text, out=out,
-            from_id=tl.PeerUser(user_id if out else peer),
+            id=self.history.next_message_id(user_id), peer_id=tl.PeerUser(peer), date=_now(),
+            message=text, out=out, from_id=tl.PeerUser(user_id if out else peer),
         )
-        self.history.setdefault(user_id, deque(maxlen=HISTORY_LIMIT)).append((pts, msg))
-        users = [self.tl_user(self.store.users[user_id], user_id)]
-        if peer == SERVICE_USER_ID:
-            users.append(self.service_user())
-        upd = tl.Updates(updates=[tl.UpdateNewMessage(message=msg, pts=pts, pts_count=1)],
-                         users=users, chats=[], date=_now(), seq=0)
-        self.push(user_id, upd, exclude_key)
+        upd = self.history.record(
+            user_id, lambda pts: tl.UpdateNewMessage(message=msg, pts=pts, pts_count=1))
+        self.deliver(user_id, [upd], exclude_key)
         return msg
+
+    def deliver(self, user_id: int, updates: list[tl.TypeUpdate],
+                exclude_key: int | None = None) -> None:
+        """Push recorded updates to the user's sessions (all but ``exclude_key``'s)."""
+        users = [self.tl_user(self.store.users[user_id], user_id), self.service_user()]
+        self.push(user_id, tl.Updates(updates=updates, users=users, chats=[], date=_now(),
+                                      seq=0), exclude_key)
 
     # -- dispatch ----------------------------------------------------------------------------
 
@@ -288,18 +289,6 @@ def _get_full_user(w: World, ctx: Ctx, req: Any) -> tl_users.UserFull:
 @_handles(fn.updates.GetStateRequest)
 def _get_state(w: World, ctx: Ctx, req: Any) -> tl_updates.State:
     return w.state(w.user(ctx))
-
-
-@_handles(fn.updates.GetDifferenceRequest)
-def _get_difference(w: World, ctx: Ctx, req: Any) -> Any:
-    me = w.user(ctx)
-    if req.pts >= me.pts:
-        return tl_updates.DifferenceEmpty(date=_now(), seq=0)
-    msgs = [m for pts, m in w.history.get(me.id, ()) if pts > req.pts]
-    return tl_updates.Difference(
-        new_messages=msgs, new_encrypted_messages=[], other_updates=[], chats=[],
-        users=[w.tl_user(me, me.id), w.service_user()], state=w.state(me),
-    )
 
 
 # -- login -------------------------------------------------------------------------------------
@@ -426,8 +415,8 @@ def _send_message(w: World, ctx: Ctx, req: Any) -> tl.UpdateShortSentMessage:
     if not req.message:
         raise RpcFail(400, "MESSAGE_EMPTY")
     msg = w.new_message(me.id, req.message, out=True, peer=me.id, exclude_key=ctx.key_id)
-    return tl.UpdateShortSentMessage(id=msg.id, pts=msg.id, pts_count=1, date=msg.date,
-                                     out=True)
+    pts = w.store.users[me.id].pts
+    return tl.UpdateShortSentMessage(id=msg.id, pts=pts, pts_count=1, date=msg.date, out=True)
 
 
 @_handles(fn.account.UpdateStatusRequest)
