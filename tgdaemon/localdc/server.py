@@ -38,6 +38,7 @@ from tgdaemon.localdc.crypto import (
     key_id_of,
 )
 from tgdaemon.localdc.faults import Fault, FaultBook, MethodNames, Scope, flood_wait_seconds
+from tgdaemon.localdc.keyuse import KeyUse
 from tgdaemon.localdc.rpc import (
     SERVICE_USER_ID,
     Ctx,
@@ -174,6 +175,8 @@ class LocalDC:
         self.history_limit = history_limit
         self.slice_limit = slice_limit
         self.faults = FaultBook()
+        #: Live connections and session ids per auth key (AUTH_KEY_DUPLICATED).
+        self.key_use = KeyUse()
         self._store: Store | None = None
         self._world: World | None = None
         self._servers: dict[int, asyncio.base_events.Server] = {}
@@ -182,6 +185,7 @@ class LocalDC:
         self._counts: dict[tuple[int, int | None], Counter[str]] = {}
         #: (dc, user) -> (monotonic deadline, method) of the flood wait last answered.
         self._flood_until: dict[tuple[int, int], tuple[float, str]] = {}
+        self._duplicate_logged: set[int] = set()
         self._control: Any = None
         self.control_url: str | None = None
 
@@ -387,7 +391,7 @@ class LocalDC:
             "connections_accepted", "connections_refused", "connections", "key_exchanges",
             "auth_key_not_found", "stalled", "rpc_errors_injected", "updates_pushed",
             "requests_during_flood_wait", "flood_waits_resumed",
-            "updates_muted")}
+            "updates_muted", "auth_key_duplicated")}
         requests: dict[str, int] = {}
         for k, v in total.items():
             if k.startswith("req:"):
@@ -461,6 +465,7 @@ class LocalDC:
             log.exception("localdc: unexpected error on %r", conn)
         finally:
             self._conns.discard(conn)
+            self.key_use.detach(conn, conn.key_id)
             conn.abort()
             writer.close()
 
@@ -477,6 +482,8 @@ class LocalDC:
             conn.write(struct.pack("<i", -404))
             return
         if conn.key_id != key_id:
+            self.key_use.detach(conn, conn.key_id)
+            self.key_use.attach(conn, key_id)
             conn.key_id = key_id
             conn.salt = _salt_for(rec.key)
             conn.session_id = None
@@ -500,6 +507,11 @@ class LocalDC:
         if conn.session_id != session_id:
             conn.session_id = session_id
             conn.seq = 0
+            if self.key_use.session(conn, key_id, session_id) and \
+                    key_id not in self._duplicate_logged:
+                self._duplicate_logged.add(key_id)
+                log.warning("localdc: auth key %d used by two connections with different "
+                            "session ids at once: AUTH_KEY_DUPLICATED from now on", key_id)
             if not silent:
                 self._send_encrypted(conn, rec, bytes(tl.NewSessionCreated(
                     first_msg_id=msg_id, unique_id=struct.unpack("<q", os.urandom(8))[0],
@@ -575,6 +587,11 @@ class LocalDC:
         if scope is None:
             return
         delay = self._latency(scope, names)
+        if rec.key_id in self.key_use.duplicated:
+            # Like Telegram: the key was used concurrently and is invalidated for good.
+            self._count(conn.dc_id, scope.user_id, "auth_key_duplicated")
+            self._reply(conn, rec, msg_id, bytes(tl.RpcError(406, "AUTH_KEY_DUPLICATED")), delay)
+            return
         left = 0 if scope.user_id is None else self._flooded(conn.dc_id, scope.user_id, names)
         if left:
             # Like Telegram: the method stays refused until the deadline, with the time left.
