@@ -36,9 +36,10 @@ class OnNewAuthorization(StrEnum):
     TERMINATE = "terminate"  # also log out every session not ours and not allow-listed
 
 
-#: An updateNewAuthorization triggers a look at the list, but not more often than this: an
-#: attacker logging in repeatedly must not turn into a request storm.
-EVENT_CHECK_GAP = 30.0
+#: An updateNewAuthorization triggers a look at the list, but not more often than this: a
+#: burst of logins (or of announcements) costs at most one account.getAuthorizations per
+#: account every few seconds, and a second login right after a first is still seen quickly.
+EVENT_CHECK_GAP = 5.0
 #: Telegram refuses resets from a young session (FRESH_RESET_AUTHORISATION_FORBIDDEN); retry
 #: after this long rather than at the next (hours away) periodic check.
 FRESH_RETRY = 3600.0
@@ -108,7 +109,7 @@ def assess(
     """Compare a fresh list of sessions with the previous look.
 
     ``known`` is the set of hashes seen at the previous look, or None for the first look
-    since the daemon started: then a session counts as new when it was created after
+    since the daemon started: then a session counts as new when it was created at or after
     ``since`` (the account's last proof of life before this run), so a login that happened
     while the daemon was stopped is still reported. With TERMINATE, every session that is not
     ours and not allow-listed is to be logged out, new or not: an operator who asks for it
@@ -118,7 +119,9 @@ def assess(
     listed = tuple(sessions)
     others = [s for s in listed if not s.current]
     if known is None:
-        new = tuple(s for s in others if s.created > since)
+        # >=: Telegram's dates are whole seconds; a login in the same second as our last
+        # proof of life is reported (a false alarm beats a missed takeover).
+        new = tuple(s for s in others if s.created >= since)
     else:
         new = tuple(s for s in others if s.hash not in known)
     terminate: tuple[SessionInfo, ...] = ()

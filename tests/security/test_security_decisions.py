@@ -31,6 +31,8 @@ ALERT, TERMINATE = OnNewAuthorization.ALERT, OnNewAuthorization.TERMINATE
         ((OURS, PHONE, EVIL), None, 200.0, ALERT, (), (EVIL,), ()),
         ((OURS, PHONE, EVIL), None, 10.0, ALERT, (), (PHONE, EVIL), ()),
         ((OURS,), None, 0.0, ALERT, (), (), ()),
+        ((OURS, PHONE, EVIL), None, 500.0, ALERT, (), (EVIL,), ()),  # same second: new
+        ((OURS, PHONE, EVIL), None, 501.0, ALERT, (), (), ()),
         # later looks: new = hash not seen before, whatever its date
         ((OURS, PHONE, EVIL), frozenset({11}), 1e12, ALERT, (), (EVIL,), ()),
         ((OURS, PHONE, EVIL), frozenset({11, 22}), 0.0, ALERT, (), (), ()),
