@@ -28,8 +28,10 @@ async def wait_for_condition(
     predicate: Callable[[], bool | Awaitable[bool]],
     timeout: float = 10.0,
     message: str = "condition",
+    interval: float = 0.02,
 ) -> None:
-    """Poll a condition (sync or async) until it holds; fail on timeout (never a bare sleep)."""
+    """Poll a condition (sync or async) until it holds; fail on timeout (never a bare sleep).
+    A predicate that starts processes wants a longer ``interval``."""
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
@@ -39,7 +41,7 @@ async def wait_for_condition(
             return
         if time.monotonic() > deadline:
             raise AssertionError(f"{message} not met within {timeout}s")
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(interval)
 
 
 @pytest.fixture

@@ -60,6 +60,7 @@ CONTROL = "http://127.0.0.1:4480"
 STATUS = "http://127.0.0.1:9464/status"
 READYZ = "http://127.0.0.1:9464/readyz"
 WATCHDOG_SEC = 3
+POLL = 0.1
 #: systemd's range for dynamic users (DynamicUser=).
 DYNAMIC_UIDS = range(61184, 65520)
 #: GET (no body) or POST (JSON body) from inside the container; prints the JSON reply.
@@ -67,6 +68,13 @@ _HTTP = ("import json, sys, urllib.request as u\n"
          "data = sys.argv[2].encode() if len(sys.argv) > 2 else None\n"
          "req = u.Request(sys.argv[1], data, {'Content-Type': 'application/json'})\n"
          "print(u.urlopen(req, timeout=5).read().decode())\n")
+
+
+async def until(predicate: Any, timeout: float, message: str) -> None:
+    """:func:`wait_for_condition` at a pace fit for predicates that start processes in the
+    container (each poll is an nsenter, often a Python too): a tight loop would take the CPU
+    the daemon under test needs."""
+    await wait_for_condition(predicate, timeout, message, interval=POLL)
 
 
 # -- the container and what runs in it ---------------------------------------------------------
@@ -181,7 +189,7 @@ class Fleet:
         def reached() -> bool:
             state = self.show("ActiveState", "SubState")
             return (state["ActiveState"], state["SubState"]) == (active, sub)
-        await wait_for_condition(reached, timeout, f"{SERVICE} {active} ({sub})")
+        await until(reached, timeout, f"{SERVICE} {active} ({sub})")
 
     # -- peers inside the container
 
@@ -199,7 +207,7 @@ class Fleet:
         return {a["account"]: a["state"] for a in json.loads(proc.stdout)["accounts"]}
 
     async def wait_connected(self, *names: str, timeout: float = 30.0) -> None:
-        await wait_for_condition(
+        await until(
             lambda: all(self.status().get(n) == "connected" for n in names), timeout,
             f"{', '.join(names)} connected")
 
@@ -213,9 +221,9 @@ class Fleet:
     def heartbeats(self, name: str) -> int:
         return int(self.counters(name)["requests"].get("updates.getState", 0))
 
-    async def more_heartbeats(self, name: str, n: int, timeout: float = 20.0) -> None:
+    async def more_heartbeats(self, name: str, n: int, timeout: float = 30.0) -> None:
         start = self.heartbeats(name)
-        await wait_for_condition(lambda: self.heartbeats(name) >= start + n, timeout,
+        await until(lambda: self.heartbeats(name) >= start + n, timeout,
                                  f"{n} more heartbeats from {name}")
 
     # -- the store, read from a copy (the service's files stay untouched)
@@ -352,7 +360,7 @@ async def test_notify_start_as_dynamic_user_in_the_sandbox(fleet: Fleet) -> None
     # STATUS= reaches systemd through NOTIFY_SOCKET from inside the sandbox.
     assert re.fullmatch(r"1 account: 1 [a-z_]+", props["StatusText"]), props["StatusText"]
     await fleet.wait_connected("alice")
-    await wait_for_condition(lambda: fleet.show("StatusText")["StatusText"]
+    await until(lambda: fleet.show("StatusText")["StatusText"]
                              == "1 account: 1 connected", 15, "STATUS= 1 connected")
 
     # The master key came from the credential systemd decrypted for the unit.
@@ -414,7 +422,7 @@ async def test_reload_keeps_connections(fleet: Fleet) -> None:
     # A broken file: rejected, the running config stays.
     fleet.write(CONFIG, config_toml("alice", "bob") + "\n[policy\n")
     fleet.box.systemctl("reload", SERVICE)
-    await wait_for_condition(lambda: "reload rejected" in fleet.journal(invocation), 15,
+    await until(lambda: "reload rejected" in fleet.journal(invocation), 15,
                              "rejected reload logged")
     await fleet.more_heartbeats("alice", 2)
     assert fleet.show("ActiveState")["ActiveState"] == "active"
@@ -448,7 +456,7 @@ async def test_watchdog_restarts_a_blocked_daemon(fleet: Fleet) -> None:
         assert int(fleet.show("NRestarts")["NRestarts"]) == restarts
 
         fleet.box.systemctl("kill", "--kill-who=main", "--signal=SIGSTOP", SERVICE)
-        await wait_for_condition(
+        await until(
             lambda: int(fleet.show("NRestarts")["NRestarts"]) == restarts + 1
             and fleet.show("ActiveState")["ActiveState"] == "active", 40,
             "restart by the watchdog")
@@ -486,7 +494,7 @@ async def push_three(fleet: Fleet, name: str) -> None:
     pushed = int(fleet.counters(name)["updates_pushed"])
     for i in range(3):
         fleet.http(f"{CONTROL}/push", {"user_id": fleet.user_ids[name], "text": f"msg {i}"})
-    await wait_for_condition(lambda: int(fleet.counters(name)["updates_pushed"]) >= pushed + 3,
+    await until(lambda: int(fleet.counters(name)["updates_pushed"]) >= pushed + 3,
                              15, "updates delivered to the daemon")
     await fleet.more_heartbeats(name, 2)
 
