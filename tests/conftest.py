@@ -105,6 +105,7 @@ def render_config(
     policy: dict[str, Any] | None = None,
     daemon: dict[str, Any] | None = None,
     servers: dict[int, list[str]] | None = None,
+    security: dict[str, Any] | None = None,
 ) -> str:
     """A complete TOML config pointing at ``localdc``; tests override what they exercise."""
     if servers is None:
@@ -128,7 +129,7 @@ def render_config(
         **(policy or {}),
     }
     return daemon_config_toml(servers=servers, rsa_files=[rsa_file], accounts=accounts,
-                              daemon=daemon_cfg, policy=policy_cfg)
+                              daemon=daemon_cfg, policy=policy_cfg, security=security)
 
 
 ConfigFactory = Callable[..., Config]
