@@ -134,7 +134,7 @@ class DaemonConfig:
     connect_burst: int = 50
     connect_concurrency: int = 100  # connects (handshake + validation) in flight at once
     drain_timeout: float = 10.0
-    metrics_histograms: str = "account"
+    metrics_histograms: str = "fleet"
 
 
 def allowed_hosts(daemon: DaemonConfig) -> tuple[str, ...]:
