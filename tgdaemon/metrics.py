@@ -100,7 +100,9 @@ class _Slots:
         "last_latency",
         "plugin_errors",
         "reconnects",
+        "unknown_objects",
         "update_gaps",
+        "updates_recovered",
         "worker_restarts",
     )
 
@@ -114,6 +116,8 @@ class _Slots:
         self.worker_restarts = 0
         self.update_gaps = 0
         self.plugin_errors = 0
+        self.updates_recovered = 0
+        self.unknown_objects = 0
         self.heartbeat: float | None = None
         self.last_latency: float | None = None
         self.histogram = histogram
@@ -245,6 +249,16 @@ class Metrics:
         if (slot := self._slots.get(name)) is not None:
             slot.update_gaps += 1
 
+    def updates_recovered(self, name: str, count: int) -> None:
+        """Updates a catch-up (getDifference) handed to the account's handlers."""
+        if (slot := self._slots.get(name)) is not None and count > 0:
+            slot.updates_recovered += count
+
+    def unknown_object(self, name: str) -> None:
+        """A server object the pinned Telethon cannot parse, skipped."""
+        if (slot := self._slots.get(name)) is not None:
+            slot.unknown_objects += 1
+
     def plugin_error(self, name: str) -> None:
         """A user plugin failed to load or run (the worker logs it and carries on)."""
         if (slot := self._slots.get(name)) is not None:
@@ -282,6 +296,8 @@ class Metrics:
                 slot.worker_restarts,
                 slot.update_gaps,
                 slot.plugin_errors,
+                slot.updates_recovered,
+                slot.unknown_objects,
                 slot.heartbeat,
                 slot.last_latency,
                 None if slot.histogram is None else tuple(slot.histogram.buckets),
@@ -368,6 +384,16 @@ class Metrics:
                 "Failures of the account's user plugins to load or run.",
                 _get_plugin_errors,
             ),
+            (
+                "updates_recovered",
+                "Updates the account missed and got back by catching up (getDifference).",
+                _get_recovered,
+            ),
+            (
+                "unknown_objects",
+                "Server objects the pinned Telethon could not parse, skipped.",
+                _get_unknown,
+            ),
         ):
             fams.append(_AccountFamily(p + name, doc, "counter", rows, get))
         fams.append(
@@ -414,6 +440,8 @@ class _Row(NamedTuple):
     worker_restarts: int
     update_gaps: int
     plugin_errors: int
+    updates_recovered: int
+    unknown_objects: int
     heartbeat: float | None
     last_latency: float | None
     buckets: tuple[int, ...] | None
@@ -449,6 +477,14 @@ def _get_gaps(r: _Row) -> int:
 
 def _get_plugin_errors(r: _Row) -> int:
     return r.plugin_errors
+
+
+def _get_recovered(r: _Row) -> int:
+    return r.updates_recovered
+
+
+def _get_unknown(r: _Row) -> int:
+    return r.unknown_objects
 
 
 class _LazyFamily(Metric):

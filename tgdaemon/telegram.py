@@ -13,9 +13,10 @@ import logging
 from typing import TYPE_CHECKING, Any, cast
 
 from telethon import TelegramClient, functions
-from telethon._updates.messagebox import ENTRY_ACCOUNT
 from telethon.crypto import rsa
 from telethon.network import ConnectionTcpFull
+
+from tgdaemon.updates import CatchUpBox, UpdateGate
 
 if TYPE_CHECKING:
     from telethon.sessions.abstract import Session
@@ -34,13 +35,41 @@ class MigrationFailedError(ConnectionError):
 
 
 class ManagedClient(TelegramClient):
-    """A stock Telethon client with one change: a DC switch keeps the login.
+    """A stock Telethon client with two changes.
 
-    Telethon's ``_switch_dc`` (telegrambaseclient.py:770) drops the auth key and connects to the
-    new DC unauthorised, which turns a USER_MIGRATE of a logged-in account into a lost login.
-    Here an authorised client exports its authorisation before the switch and imports it on the
-    new DC, as Telegram's own apps do.
+    A DC switch keeps the login: Telethon's ``_switch_dc`` (telegrambaseclient.py:770) drops
+    the auth key and connects to the new DC unauthorised, which turns a USER_MIGRATE of a
+    logged-in account into a lost login. Here an authorised client exports its authorisation
+    before the switch and imports it on the new DC, as Telegram's own apps do.
+
+    Catch-ups are reported and can wait for handlers (``tgdaemon.updates``): the MessageBox is
+    a :class:`CatchUpBox`, and with ``hold_updates=True`` every connect holds update processing
+    until :meth:`release_updates`.
     """
+
+    def __init__(self, *args: Any, hold_updates: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._message_box = CatchUpBox(self._log["messagebox"])
+        self._hold_updates = hold_updates
+        self.update_gate = UpdateGate(held=hold_updates)
+
+    @property
+    def catch_up_box(self) -> CatchUpBox:
+        box: CatchUpBox = self._message_box
+        return box
+
+    async def connect(self) -> None:
+        if self._hold_updates and not self.is_connected():
+            self.update_gate.close()
+        await super().connect()
+
+    def release_updates(self) -> None:
+        """Let this connection's update loop start (the catch-up first)."""
+        self.update_gate.release()
+
+    async def _update_loop(self) -> None:
+        await self.update_gate.wait()
+        await super()._update_loop()
 
     async def _switch_dc(self, new_dc: int) -> Any:
         if not self._authorized:
@@ -53,6 +82,8 @@ class ManagedClient(TelegramClient):
         # Telethon stores the new DC with *no* key before the import: that state must never
         # be the durable one, or a crash or a failed import loses the login.
         hold = getattr(session, "holding_writes", contextlib.nullcontext)
+        # The switch reconnects (which holds updates); handlers already in place stay so.
+        released = self.update_gate.released
         with hold():
             try:
                 result = await super()._switch_dc(new_dc)
@@ -71,6 +102,8 @@ class ManagedClient(TelegramClient):
                         f"could not carry the login to DC {new_dc}: {type(exc).__name__}"
                     ) from exc
                 raise
+        if released:
+            self.release_updates()
         return result
 
 
@@ -121,18 +154,22 @@ def build_client(
         system_lang_code=account.system_lang_code,
         base_logger=TELETHON_LOGGER,
         receive_updates=True,
-        catch_up=False,
+        # Resume from the session's stored update state on every connect (tgdaemon.updates).
+        catch_up=True,
+        hold_updates=True,
         entity_cache_limit=256,
     )
 
 
 def local_update_pts(client: TelegramClient) -> int | None:
-    """The account pts the client has processed, or None before the update state is known.
+    """The account pts the client has processed, or None before the update state is known
+    or while a difference is being fetched.
 
     Reads Telethon's private MessageBox (1.45: _updates/messagebox.py:237, ``map``): there is
     no public accessor, and comparing it with updates.getState is the only way to see a silent
     stall. (``session_state()`` would build a dict of every channel on each heartbeat.)
     """
     box = getattr(client, "_message_box", None)
-    entry = None if box is None else box.map.get(ENTRY_ACCOUNT)
-    return None if entry is None else int(entry.pts)
+    if isinstance(box, CatchUpBox):
+        return box.account_pts()
+    return None

@@ -29,6 +29,7 @@ from tgdaemon.logs import account_logger
 from tgdaemon.session import StoreSession
 from tgdaemon.status import State, UserInfo
 from tgdaemon.telegram import ManagedClient, build_client, local_update_pts
+from tgdaemon.updates import UpdateReporter
 
 if TYPE_CHECKING:
     from tgdaemon.config import AccountConfig, Config
@@ -105,6 +106,7 @@ class AccountWorker:
         #: The heartbeat sleep in progress, woken early by a disconnect.
         self._sleeper: asyncio.Future[None] | None = None
         self._plugins = list(self._load_plugins())
+        self._updates = UpdateReporter(account.name, deps.metrics, self.log)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -286,6 +288,7 @@ class AccountWorker:
         if self.client is None:
             self.client = build_client(self.deps.client_cls, self.session, self.deps.config,
                                        self.account)
+            self._updates.attach(self.client)
         client = self.client
         try:
             await asyncio.wait_for(client.connect(), policy.connect_timeout)
@@ -480,6 +483,9 @@ class AccountWorker:
             except Exception:
                 self.log.exception("plugin %s failed", spec)
                 self.deps.metrics.plugin_error(self.name)
+        if self.client is not None:
+            # Handlers are in place: the catch-up of this connection may start.
+            self.client.release_updates()
 
     # -- reporting -------------------------------------------------------------------------
 
