@@ -154,6 +154,9 @@ def build_client(
         system_lang_code=account.system_lang_code,
         base_logger=TELETHON_LOGGER,
         receive_updates=True,
+        # Handlers see updates one at a time, in the server's order (a catch-up of many
+        # updates would otherwise interleave); a plugin with slow work runs its own task.
+        sequential_updates=True,
         # Resume from the session's stored update state on every connect (tgdaemon.updates).
         catch_up=True,
         hold_updates=True,

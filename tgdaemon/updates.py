@@ -82,7 +82,7 @@ class CatchUpBox(MessageBox):  # type: ignore[misc]
         skipped = 0
         if isinstance(diff, types.updates.DifferenceTooLong) and before is not None:
             skipped = max(0, diff.pts - before)
-        self._add(ENTRY_ACCOUNT, len(result[0]), skipped)
+        self._add(ENTRY_ACCOUNT, _real_updates(result[0]), skipped)
         self._finish(ENTRY_ACCOUNT)
         return result
 
@@ -98,7 +98,7 @@ class CatchUpBox(MessageBox):  # type: ignore[misc]
         skipped = 0
         if isinstance(diff, types.updates.ChannelDifferenceTooLong) and before is not None:
             skipped = max(0, diff.dialog.pts - before)
-        self._add(entry, len(result[0]), skipped)
+        self._add(entry, _real_updates(result[0]), skipped)
         self._finish(entry)
         return result
 
@@ -113,6 +113,13 @@ class CatchUpBox(MessageBox):  # type: ignore[misc]
             return None
         entry = self.map.get(ENTRY_ACCOUNT)
         return None if entry is None else int(entry.pts)
+
+
+def _real_updates(updates: list[Any]) -> int:
+    """How many updates a difference handed over. Telethon 1.45 feeds an empty
+    ``other_updates`` to its MessageBox as ``Updates(updates=[])``, which comes back as one
+    pseudo-update (the container itself): not something the server held for us."""
+    return sum(1 for u in updates if not isinstance(u, types.Updates))
 
 
 class UpdateGate:
