@@ -72,7 +72,9 @@ class ManagedClient(TelegramClient):
         await super()._update_loop()
 
     async def _switch_dc(self, new_dc: int) -> Any:
-        if not self._authorized:
+        # A session resumed with catch_up never calls get_me(), so ``_authorized`` may still be
+        # unknown: the own user id restored from the session says it is logged in.
+        if self._authorized is False or not (self._authorized or self._mb_entity_cache.self_id):
             return await super()._switch_dc(new_dc)
         # Raises before anything changes when the old DC cannot export: no switch then.
         exported = await self(functions.auth.ExportAuthorizationRequest(dc_id=new_dc))
