@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
-from tgdaemon.config import Config, config_warnings, load_config
+from tgdaemon.config import Config, ConfigHolder, allowed_hosts, config_warnings, load_config
 from tgdaemon.crypto import KeyRing, load_keyring
 from tgdaemon.dcs import DcDirectory
 from tgdaemon.exceptions import ConfigError
 from tgdaemon.metrics import Metrics
 from tgdaemon.notify import Notifier
 from tgdaemon.ratelimit import ConnectRateLimiter
+from tgdaemon.records import RecordsCollector, check_records
 from tgdaemon.status import StatusBoard
 from tgdaemon.store import Store
 from tgdaemon.supervisor import Supervisor
@@ -56,7 +57,8 @@ class Daemon:
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
-        self.config = config
+        #: The running configuration; a reload replaces ``settings.current``.
+        self.settings = ConfigHolder(config)
         self.registry = registry if registry is not None else CollectorRegistry()
         self._keyring = keyring
         self._env = env
@@ -65,12 +67,18 @@ class Daemon:
         self._rng = rng or random.Random()
         self._stack = contextlib.AsyncExitStack()
         self.board = StatusBoard(clock=clock)
-        self.metrics = Metrics(self.registry, self.board,
-                               histograms=config.daemon.metrics_histograms)
+        self.metrics = Metrics(
+            self.registry, self.board, histograms=config.daemon.metrics_histograms,
+            heartbeat_interval=lambda: self.settings.current.policy.heartbeat_interval)
         self.store: Store | None = None
         self.supervisor: Supervisor | None = None
         self.http: Any = None  # tgdaemon.http.HttpServer when listening
+        self.records = RecordsCollector(self.registry)
         self._ready = False
+
+    @property
+    def config(self) -> Config:
+        return self.settings.current
 
     async def __aenter__(self) -> Daemon:
         await self.start()
@@ -95,15 +103,14 @@ class Daemon:
         trust_server_keys(config)
         self.store = await Store.open(config.daemon.state_dir, keyring, clock=self._clock)
         self._stack.push_async_callback(self.store.close)
+        await self.check_records()
 
         directory = DcDirectory(config.telegram.servers, self.store,
                                 use_ipv6=config.telegram.use_ipv6, monotonic=self._monotonic)
         await directory.load()
         deps = WorkerDeps(
-            config=config,
+            settings=self.settings,
             store=self.store,
-            board=self.board,
-            metrics=self.metrics,
             limiter=ConnectRateLimiter(config.daemon.connect_rate, config.daemon.connect_burst,
                                        concurrency=config.daemon.connect_concurrency,
                                        clock=self._monotonic),
@@ -113,7 +120,7 @@ class Daemon:
             monotonic=self._monotonic,
             rng=self._rng,
         )
-        self.supervisor = Supervisor(deps)
+        self.supervisor = Supervisor(deps, board=self.board, metrics=self.metrics)
         await self.supervisor.start()
         self._stack.push_async_callback(self._stop_supervisor)
 
@@ -121,11 +128,9 @@ class Daemon:
         if listen is not None:
             from tgdaemon.http import HttpServer, build_app
 
-            token = None
-            if config.daemon.http_token_file is not None:
-                token = config.daemon.http_token_file.read_text().strip() or None
             app = build_app(board=self.board, registry=self.registry, ready=self.ready,
-                            token=token)
+                            token=config.daemon.http_token,
+                            allowed_hosts=allowed_hosts(config.daemon))
             self.http = HttpServer(app, listen.host, listen.port)
             await self.http.start()
             self._stack.push_async_callback(self.http.stop)
@@ -142,7 +147,22 @@ class Daemon:
         await self._stack.aclose()
 
     def ready(self) -> bool:
-        return self._ready
+        """Ready once started, unless the store cannot be used: no stored session decrypts
+        (wrong master key) or the database refuses writes."""
+        report = self.records.report
+        if report is not None and report.none_readable:
+            return False
+        return self._ready and not (self.store is not None and self.store.read_only)
+
+    async def check_records(self) -> None:
+        """Measure the stored records against the key ring: one ERROR line for the fleet
+        (not one per account) when some cannot be decrypted."""
+        assert self.store is not None
+        report = await check_records(self.store)
+        self.records.report = report
+        problem = report.problem()
+        if problem is not None:
+            log.error("%s%s", problem, "; not ready" if report.none_readable else "")
 
     def summary(self) -> str:
         return self.board.summary()
@@ -177,9 +197,9 @@ class Daemon:
         for warning in config_warnings(new):
             log.warning("%s", warning)
         trust_server_keys(new)
-        await self.supervisor.apply(new)
+        await self.check_records()  # e.g. after `tgdaemon login --force` replaced records
+        await self.supervisor.apply(new)  # makes ``new`` the running configuration
         logging.getLogger().setLevel(new.daemon.log_level.upper())
-        self.config = new
         self.metrics.config_reload(True)
         return True
 

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 from telethon import TelegramClient, functions
 from telethon.crypto import rsa
-from telethon.network import ConnectionTcpFull
 
+from tgdaemon.connection import connection_for
+from tgdaemon.handshake import PaddedKeySender
 from tgdaemon.updates import CatchUpBox, UpdateGate
 
 if TYPE_CHECKING:
@@ -42,13 +43,19 @@ class ManagedClient(TelegramClient):
     logged-in account into a lost login. Here an authorised client exports its authorisation
     before the switch and imports it on the new DC, as Telegram's own apps do.
 
+    New auth keys are always 256 bytes (:mod:`tgdaemon.handshake`): Telethon's own exchange
+    keeps 1 key in 256 one byte short, which no longer matches the server's once stored.
+
     Catch-ups are reported and can wait for handlers (``tgdaemon.updates``): the MessageBox is
     a :class:`CatchUpBox`, and with ``hold_updates=True`` every connect holds update processing
     until :meth:`release_updates`.
     """
 
+    _sender: Any  # Telethon's MTProtoSender until __init__ replaces it
+
     def __init__(self, *args: Any, hold_updates: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._sender = PaddedKeySender.replacing(self._sender)
         self._message_box = CatchUpBox(self._log["messagebox"])
         self._hold_updates = hold_updates
         self.update_gate = UpdateGate(held=hold_updates)
@@ -139,7 +146,7 @@ def build_client(
         session,
         config.telegram.api_id,
         config.telegram.api_hash,
-        connection=ConnectionTcpFull,
+        connection=connection_for(account.proxy),  # follows the proxy type; frames capped
         use_ipv6=config.telegram.use_ipv6,
         proxy=telethon_proxy(account.proxy),
         timeout=int(max(1, policy.connect_timeout)),

@@ -26,17 +26,15 @@ Private Telethon internals read here (1.45): ``client._message_box``,
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from telethon._updates.messagebox import ENTRY_ACCOUNT, MessageBox
 from telethon.errors import TypeNotFoundError
 from telethon.tl import types
 
 if TYPE_CHECKING:
-    from tgdaemon.metrics import Metrics
     from tgdaemon.telegram import ManagedClient
 
 
@@ -173,42 +171,24 @@ _WARNED_CONSTRUCTORS: set[int] = set()
 _WARNED_LIMIT = 256
 
 
-class UpdateReporter:
-    """Turns one account's catch-ups and unknown objects into metrics and log lines.
+def first_sighting(constructor_id: int) -> bool:
+    """True the first time this process meets ``constructor_id`` (bounded memory)."""
+    if constructor_id in _WARNED_CONSTRUCTORS or len(_WARNED_CONSTRUCTORS) >= _WARNED_LIMIT:
+        return False
+    _WARNED_CONSTRUCTORS.add(constructor_id)
+    return True
 
-    A catch-up that recovered updates is one INFO line with the count (never the content); an
-    empty one is DEBUG (every connect catches up). A "too long" answer is a WARNING: those
-    updates can only be re-read from history. An unknown constructor is one WARNING per id and
-    process, then DEBUG."""
 
-    __slots__ = ("_log", "_metrics", "_name")
+class UpdateSink(Protocol):
+    """Where one account's catch-ups and unknown objects are reported
+    (:class:`tgdaemon.reporter.AccountReporter`)."""
 
-    def __init__(self, name: str, metrics: Metrics, log: logging.LoggerAdapter[Any]) -> None:
-        self._name = name
-        self._metrics = metrics
-        self._log = log
+    def caught_up(self, report: CatchUp) -> None: ...
 
-    def attach(self, client: ManagedClient) -> None:
-        client.catch_up_box.on_catch_up = self.on_catch_up
-        guard_unknown_objects(client, self.on_unknown)
+    def unknown_object(self, constructor_id: int) -> None: ...
 
-    def on_catch_up(self, report: CatchUp) -> None:
-        where = "account" if report.channel is None else f"channel {report.channel}"
-        self._metrics.updates_recovered(self._name, report.recovered)
-        if report.skipped:
-            self._log.warning(
-                "%s difference too long: %d updates skipped (the server keeps no more); "
-                "%d recovered", where, report.skipped, report.recovered)
-        else:
-            self._log.log(logging.INFO if report.recovered else logging.DEBUG,
-                          "caught up (%s): %d updates recovered", where, report.recovered)
 
-    def on_unknown(self, constructor_id: int) -> None:
-        self._metrics.unknown_object(self._name)
-        first = (constructor_id not in _WARNED_CONSTRUCTORS
-                 and len(_WARNED_CONSTRUCTORS) < _WARNED_LIMIT)
-        if first:
-            _WARNED_CONSTRUCTORS.add(constructor_id)
-        self._log.log(logging.WARNING if first else logging.DEBUG,
-                      "skipped a server object of unknown constructor %08x (newer layer than "
-                      "this Telethon); the connection stays up", constructor_id)
+def observe_updates(client: ManagedClient, sink: UpdateSink) -> None:
+    """Report ``client``'s catch-ups and skipped unknown objects to ``sink``."""
+    client.catch_up_box.on_catch_up = sink.caught_up
+    guard_unknown_objects(client, sink.unknown_object)
