@@ -150,8 +150,9 @@ class AccountWorker:
                     UserInfo(me.id, me.username, me.first_name), self.session.dc_id,
                     DeviceInfo(a.device_model, a.system_version, a.app_version))
                 await self._plugins.run(self.client, self.policy.request_timeout)
-                # Handlers are in place: this connection's catch-up may start.
-                self.client.release_updates()
+                if self.client is not None:
+                    # Handlers are in place: this connection's catch-up may start.
+                    self.client.release_updates()
                 await self._serve()
             except asyncio.CancelledError:
                 raise
