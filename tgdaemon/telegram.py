@@ -70,6 +70,13 @@ class ManagedClient(TelegramClient):
             self.update_gate.close()
         await super().connect()
 
+    def _session_has_user(self) -> bool:
+        try:
+            self.session.get_input_entity(0)  # Telethon's own-user marker (see StoreSession)
+        except ValueError:
+            return False
+        return True
+
     def release_updates(self) -> None:
         """Let this connection's update loop start (the catch-up first)."""
         self.update_gate.release()
@@ -80,8 +87,8 @@ class ManagedClient(TelegramClient):
 
     async def _switch_dc(self, new_dc: int) -> Any:
         # A session resumed with catch_up never calls get_me(), so ``_authorized`` may still be
-        # unknown: the own user id restored from the session says it is logged in.
-        if self._authorized is False or not (self._authorized or self._mb_entity_cache.self_id):
+        # unknown: the own user id stored in the session says it is logged in.
+        if self._authorized is False or not (self._authorized or self._session_has_user()):
             return await super()._switch_dc(new_dc)
         # Raises before anything changes when the old DC cannot export: no switch then.
         exported = await self(functions.auth.ExportAuthorizationRequest(dc_id=new_dc))
