@@ -331,7 +331,7 @@ class _Parser:
 
     def choice(self, tbl: Mapping[str, Any], prefix: str, key: str, choices: tuple[str, ...],
                default: str) -> str:
-        v = self.get(tbl, prefix, key, str, default)
+        v: str = self.get(tbl, prefix, key, str, default)
         if v.lower() not in choices:
             self.err(_join(prefix, key), f"must be one of {'|'.join(choices)}, not {_short(v)}")
             return default

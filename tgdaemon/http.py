@@ -97,12 +97,14 @@ class LoopLagMonitor:
 
 BOARD = web.AppKey("board", StatusBoard)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
-READY = web.AppKey("ready", Callable[[], bool])
-TOKEN = web.AppKey("token", str | None)
+# Keys whose type is not a plain class are declared by annotation (AppKey's second argument
+# must be a class).
+READY: web.AppKey[Callable[[], bool]] = web.AppKey("ready")
+TOKEN: web.AppKey[str | None] = web.AppKey("token")
 WS_QUEUE_SIZE = web.AppKey("ws_queue_size", int)
 LOOP_LAG = web.AppKey("loop_lag", LoopLagMonitor)
 RENDER_EXECUTOR = web.AppKey("render_executor", ThreadPoolExecutor)
-SUBSCRIPTIONS = web.AppKey("subscriptions", set[Subscription])
+SUBSCRIPTIONS: web.AppKey[set[Subscription]] = web.AppKey("subscriptions")
 PAGE = web.AppKey("page", bytes)
 PAGE_CSP = web.AppKey("page_csp", str)
 
@@ -161,7 +163,8 @@ async def _render_executor_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _close_subscriptions(app: web.Application) -> None:
-    for sub in tuple(app[SUBSCRIPTIONS]):
+    subscriptions = app[SUBSCRIPTIONS]
+    for sub in tuple(subscriptions):
         sub.close()
 
 
