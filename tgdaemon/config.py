@@ -661,8 +661,13 @@ class _Parser:
         user = unquote(u.username) if u.username else None
         password = unquote(u.password) if u.password is not None else None
         if scheme == "mtproxy":
+            if user and len(user) > 32 and user[:2].lower() == "ee":
+                self.err(key, "fake-TLS (ee) MTProxy secrets are not supported (Telethon 1.45 "
+                              "has no fake-TLS transport); use the proxy's dd secret")
+                return None
             if password is not None or not user or not _is_mtproxy_secret(user):
-                self.err(key, "mtproxy needs mtproxy://SECRET@host:port with a hex secret")
+                self.err(key, "mtproxy needs mtproxy://SECRET@host:port with a hex secret "
+                              "(32 hex digits, or dd + 32)")
                 return None
             return Proxy(scheme, host, port, secret=user.lower())
         return Proxy(scheme, host, port, username=user, password=password)
@@ -765,7 +770,6 @@ def _is_mtproxy_secret(secret: str) -> bool:
     s = secret.lower()
     if not re.fullmatch(r"[0-9a-f]+", s) or len(s) % 2:
         return False
-    if len(s) == 32:
-        return True
-    # dd-prefixed (padded) or ee-prefixed (fake TLS, followed by the hex domain name)
-    return s[:2] in ("dd", "ee") and len(s) >= 34
+    # 16 bytes (obfuscated) or "dd" + 16 bytes (padded intermediate). Fake-TLS "ee" secrets
+    # are refused by the caller with their own message.
+    return len(s) == 32 or (s[:2] == "dd" and len(s) == 34)

@@ -32,6 +32,7 @@ from tgdaemon.exceptions import ConfigError
 from tgdaemon.metrics import Metrics
 from tgdaemon.notify import Notifier
 from tgdaemon.ratelimit import ConnectRateLimiter
+from tgdaemon.records import RecordsCollector, check_records
 from tgdaemon.status import StatusBoard
 from tgdaemon.store import Store
 from tgdaemon.supervisor import Supervisor
@@ -72,6 +73,7 @@ class Daemon:
         self.store: Store | None = None
         self.supervisor: Supervisor | None = None
         self.http: Any = None  # tgdaemon.http.HttpServer when listening
+        self.records = RecordsCollector(self.registry)
         self._ready = False
 
     @property
@@ -101,6 +103,7 @@ class Daemon:
         trust_server_keys(config)
         self.store = await Store.open(config.daemon.state_dir, keyring, clock=self._clock)
         self._stack.push_async_callback(self.store.close)
+        await self.check_records()
 
         directory = DcDirectory(config.telegram.servers, self.store,
                                 use_ipv6=config.telegram.use_ipv6, monotonic=self._monotonic)
@@ -146,7 +149,22 @@ class Daemon:
         await self._stack.aclose()
 
     def ready(self) -> bool:
-        return self._ready
+        """Ready once started, unless the store cannot be used: no stored session decrypts
+        (wrong master key) or the database refuses writes."""
+        report = self.records.report
+        if report is not None and report.none_readable:
+            return False
+        return self._ready and not (self.store is not None and self.store.read_only)
+
+    async def check_records(self) -> None:
+        """Measure the stored records against the key ring: one ERROR line for the fleet
+        (not one per account) when some cannot be decrypted."""
+        assert self.store is not None
+        report = await check_records(self.store)
+        self.records.report = report
+        problem = report.problem()
+        if problem is not None:
+            log.error("%s%s", problem, "; not ready" if report.none_readable else "")
 
     def summary(self) -> str:
         return self.board.summary()
@@ -181,6 +199,7 @@ class Daemon:
         for warning in config_warnings(new):
             log.warning("%s", warning)
         trust_server_keys(new)
+        await self.check_records()  # e.g. after `tgdaemon login --force` replaced records
         await self.supervisor.apply(new)  # makes ``new`` the running configuration
         logging.getLogger().setLevel(new.daemon.log_level.upper())
         self.metrics.config_reload(True)
