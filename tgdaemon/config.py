@@ -16,6 +16,7 @@ in error messages.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import ipaddress
@@ -213,7 +214,8 @@ class Config:
         return tuple(a for a in self.accounts if a.enabled)
 
 
-_RETRY_KEYS = ("network", "server", "flood_wait", "unknown", "client")
+#: The categories with a retry limit: the fields of RetryLimits (a subset of lifecycle.Category).
+_RETRY_KEYS = tuple(f.name for f in dataclasses.fields(RetryLimits))
 
 def config_warnings(config: Config) -> list[str]:
     """Settings that are valid but probably not what the operator wants (logged at start and
