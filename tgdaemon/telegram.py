@@ -47,7 +47,7 @@ class ManagedClient(TelegramClient):  # type: ignore[misc]  # Telethon is untype
     keeps 1 key in 256 one byte short, which no longer matches the server's once stored.
     """
 
-    _sender: PaddedKeySender
+    _sender: Any  # Telethon's MTProtoSender until __init__ replaces it
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -22,6 +22,8 @@ MTPROXY_KEY = "0123456789abcdef0123456789abcdef"
 SOCKS_USER = "tgd"
 #: Distinctive, so the leak scan cannot miss it (and cannot match anything by chance).
 SOCKS_PASSWORD = "Pr0xyPa55-zq81"
+HTTP_USER = "tgdh"
+HTTP_PASSWORD = "Http9Pa55-vw27"
 
 
 def free_port() -> int:
@@ -95,7 +97,8 @@ TinyproxyFactory = Callable[[list[int]], Awaitable[ProxyProcess]]
 
 @pytest.fixture
 async def tinyproxy(tmp_path: Path) -> AsyncIterator[TinyproxyFactory]:
-    """HTTP CONNECT proxy (Debian's tinyproxy), allowing CONNECT only to the given ports."""
+    """HTTP CONNECT proxy (Debian's tinyproxy) with basic auth (HTTP_USER/HTTP_PASSWORD),
+    allowing CONNECT only to the given ports."""
     started: list[ProxyProcess] = []
 
     async def start(connect_ports: list[int]) -> ProxyProcess:
@@ -104,7 +107,8 @@ async def tinyproxy(tmp_path: Path) -> AsyncIterator[TinyproxyFactory]:
         conf = tmp_path / f"tinyproxy-{port}.conf"
         lines = [f"Port {port}", "Listen 127.0.0.1", "Timeout 600", "MaxClients 100",
                  "Allow 127.0.0.1", "LogLevel Warning", f"LogFile \"{tmp_path}/tinyproxy.log\"",
-                 f"PidFile \"{tmp_path}/tinyproxy-{port}.pid\"", "DisableViaHeader Yes"]
+                 f"PidFile \"{tmp_path}/tinyproxy-{port}.pid\"", "DisableViaHeader Yes",
+                 f"BasicAuth {HTTP_USER} {HTTP_PASSWORD}"]
         lines += [f"ConnectPort {p}" for p in connect_ports]
         if os.getuid() == 0:  # tinyproxy drops root; the temp dir must stay writable for it
             lines += ["User root", "Group root"]

@@ -24,6 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import phone_for
 from tests.leakscan import secrets_found
 from tests.proxy.conftest import (
+    HTTP_PASSWORD,
+    HTTP_USER,
     MTPROXY_KEY,
     SOCKS_PASSWORD,
     SOCKS_USER,
@@ -77,6 +79,10 @@ def state(daemon: Daemon, account: str) -> Any:
     return entry
 
 
+def log_text(caplog: Any) -> str:
+    return "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
+
+
 def no_leaks(text: str, *passwords: str) -> None:
     from tgdaemon.crypto import generate_keyring
 
@@ -116,7 +122,7 @@ async def test_socks5_with_password_dead_proxy_backs_off_and_recovers(
                 status_text = json.dumps(await r.json())
             async with http.get(f"{base}/metrics") as r:
                 metrics_text = await r.text()
-    logs = "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
+    logs = log_text(caplog)
     no_leaks("\n".join([logs, status_text, metrics_text, repr(config)]), SOCKS_PASSWORD)
 
 
@@ -136,7 +142,7 @@ async def test_socks5_wrong_password_is_a_network_fault(
         assert entry.state in (State.RECONNECTING, State.CONNECTING), entry.state
         assert entry.last_error_category == "network"
         messages = f"{entry.last_error_message} {entry.reason}"
-    logs = "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
+    logs = log_text(caplog)
     no_leaks(logs + messages, wrong_password, SOCKS_PASSWORD)
 
 
@@ -154,12 +160,15 @@ async def proxied_and_connected(make_config: Any, login_account: Any, wait_until
         yield user_id
 
 
-async def test_http_connect_through_tinyproxy(make_config, login_account, localdc, tinyproxy,
-                                              wait_until):
+async def test_http_connect_with_password_through_tinyproxy(
+        make_config, login_account, localdc, tinyproxy, wait_until, caplog):
+    caplog.set_level(logging.DEBUG)
     proxy = await tinyproxy([port for _, port in localdc.addresses.values()])
+    url = f"http://{HTTP_USER}:{HTTP_PASSWORD}@127.0.0.1:{proxy.port}"
     async with proxied_and_connected(make_config, login_account, wait_until, "carol",
-                                     f"http://127.0.0.1:{proxy.port}") as user_id:
+                                     url) as user_id:
         assert_connections_come_from(localdc, user_id, proxy)
+    no_leaks(log_text(caplog), HTTP_PASSWORD)
 
 
 @pytest.mark.parametrize(("secret", "transport"), [
@@ -167,13 +176,15 @@ async def test_http_connect_through_tinyproxy(make_config, login_account, locald
     (MTPROXY_KEY, "obfuscated2/intermediate"),
 ])
 async def test_mtproxy_secret_kinds(make_config, login_account, localdc, wait_until,
-                                    secret, transport):
+                                    secret, transport, caplog):
+    caplog.set_level(logging.DEBUG)
     host, port = localdc.mtproxy_address
     async with proxied_and_connected(make_config, login_account, wait_until, "dave",
                                      f"mtproxy://{secret}@{host}:{port}") as user_id:
         conns = localdc.connections(user_id)
         assert conns
         assert {(c.via, c.transport) for c in conns} == {("mtproxy", transport)}
+    no_leaks(log_text(caplog), secret, MTPROXY_KEY)
 
 
 async def test_mtproxy_wrong_secret_and_dead_proxy_are_network_faults(
