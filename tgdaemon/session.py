@@ -54,7 +54,7 @@ UPDATE_STATE_INTERVAL = 300.0
 MAX_CHANNEL_STATES = 1000
 
 
-class StoreSession(MemorySession):
+class StoreSession(MemorySession):  # type: ignore[misc]  # Telethon is untyped (Any)
     """Telethon session for one account, saved through the store's single writer."""
 
     def __init__(
@@ -213,7 +213,7 @@ class StoreSession(MemorySession):
         super().set_dc(dc_id, server_address, port)
         self._submit()
 
-    @MemorySession.auth_key.setter  # type: ignore[attr-defined, untyped-decorator]
+    @MemorySession.auth_key.setter  # type: ignore[untyped-decorator]  # Telethon is untyped
     def auth_key(self, value: AuthKey | None) -> None:
         self._auth_key = value
         self._submit()
