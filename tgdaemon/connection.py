@@ -10,7 +10,9 @@ drops the connection and the worker backs off and reconnects (a NETWORK fault).
 
 Proxies: SOCKS5/SOCKS4/HTTP CONNECT go through ``python-socks`` with the ordinary (full)
 transport; MTProxy needs Telethon's obfuscated MTProxy transport, padded intermediate for a
-``dd`` secret, intermediate for a plain 16-byte one.
+``dd`` secret, intermediate for a plain 16-byte one, here with OpenSSL's AES-CTR instead of
+Telethon's pure-Python one. Fake-TLS (``ee``) secrets have no Telethon transport: the config
+refuses them.
 """
 
 from __future__ import annotations
