@@ -20,7 +20,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,9 +117,9 @@ def _children(pid: int) -> list[tuple[int, str]]:
     return found
 
 
-def _wait(predicate: object, timeout: float, what: str, nspawn: subprocess.Popen[bytes],
-          console: Path) -> None:
-    assert callable(predicate)
+def _wait(predicate: Callable[[], bool], timeout: float, what: str,
+          nspawn: subprocess.Popen[bytes], console: Path) -> None:
+    """Wait for the boot to reach a point; a dead nspawn or a timeout is a reason to skip."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if nspawn.poll() is not None:
