@@ -73,8 +73,10 @@ def names_for_class(cls: type) -> MethodNames:
     return MethodNames(tl=tl_name, cls=name, qualified=f"{ns}.{name}" if ns else name)
 
 
-def method_names(obj: object) -> MethodNames:
-    return names_for_class(type(obj))
+def method_names(obj: Any) -> MethodNames:
+    """Names of a TL request object (Telethon's objects are untyped)."""
+    # mypy does not see a class as Hashable through functools.cache's signature.
+    return names_for_class(type(obj))  # type: ignore[arg-type]
 
 
 def vector(items: list[Any]) -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -77,7 +78,8 @@ _WRITE_BUFFER_LIMIT = 8 * 1024 * 1024
 
 def _salt_for(key: bytes) -> int:
     """Server salt of a key: stable across restarts, so a restart costs no extra round trip."""
-    return struct.unpack("<q", sha256(b"localdc-salt" + key[:32]).digest()[:8])[0]
+    salt: int = struct.unpack("<q", sha256(b"localdc-salt" + key[:32]).digest()[:8])[0]
+    return salt
 
 
 @dataclass(frozen=True)
@@ -248,7 +250,7 @@ class LocalDC:
             for dc_id in range(1, self.dcs + 1):
                 port = 0 if self.port == 0 else self.port + dc_id - 1
                 server = await asyncio.start_server(
-                    lambda r, w, d=dc_id: self._serve(d, r, w), self.host, port,
+                    functools.partial(self._serve, dc_id), self.host, port,
                     limit=2**16, backlog=1024,
                 )
                 self._servers[dc_id] = server
@@ -502,7 +504,8 @@ class LocalDC:
             if self.faults.match("mute_updates", scope):
                 self._count(conn.dc_id, user_id, "updates_muted")
                 continue
-            rec = self.store.auth_keys[conn.key_id]  # type: ignore[index]
+            assert conn.key_id is not None  # a connection with a session has a key
+            rec = self.store.auth_keys[conn.key_id]
             self._count(conn.dc_id, user_id, "updates_pushed")
             self._send_encrypted(conn, rec, body, content_related=True, response=False)
 
@@ -689,6 +692,7 @@ class LocalDC:
         if fault is not None:
             self._count(conn.dc_id, scope.user_id, "rpc_errors_injected")
             result = bytes(tl.RpcError(fault.error_code, fault.error))
+            assert fault.error is not None  # Fault requires one for rpc_error
             wait = flood_wait_seconds(fault.error)
             if wait and scope.user_id is not None:
                 self._flood_until[(conn.dc_id, scope.user_id)] = (
