@@ -29,6 +29,7 @@ from telethon.tl import types as tl
 from telethon.tl.core import GzipPacked
 from telethon.tl.tlobject import TLRequest
 
+from tgdaemon.localdc import account as _account  # noqa: F401  (registers its handlers)
 from tgdaemon.localdc import transport
 from tgdaemon.localdc.crypto import (
     DH_PRIME,
@@ -656,6 +657,8 @@ class LocalDC:
         while isinstance(req, _WRAPPERS):
             if isinstance(req, fn.InvokeWithLayerRequest):
                 layer = req.layer
+            elif isinstance(req, fn.InitConnectionRequest):
+                self.world.note_client(rec.key_id, req)
             req = req.query
         if layer is not None and rec.layer != layer:
             rec = self.store.update_auth_key(rec.key_id, layer=layer) or rec

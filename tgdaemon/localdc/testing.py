@@ -153,6 +153,7 @@ def daemon_config_toml(
     daemon: Mapping[str, Any],
     policy: Mapping[str, Any],
     header: str = "",
+    security: Mapping[str, Any] | None = None,
 ) -> str:
     """A complete ``tgdaemon`` config whose servers are a local DC's (``servers``: DC id ->
     ``host:port`` addresses in failover order)."""
@@ -162,6 +163,8 @@ def daemon_config_toml(
               f"rsa_keys = {toml_value(list(rsa_files))}", "", "[telegram.servers]"]
     lines += [f'"{dc}" = {toml_value(list(addrs))}' for dc, addrs in servers.items()]
     lines += ["", "[policy]", *(f"{k} = {toml_value(v)}" for k, v in policy.items())]
+    if security:
+        lines += ["", "[security]", *(f"{k} = {toml_value(v)}" for k, v in security.items())]
     for account in accounts:
         lines += ["", "[[accounts]]", *(f"{k} = {toml_value(v)}" for k, v in account.items())]
     return "\n".join(lines) + "\n"
