@@ -30,6 +30,7 @@ from tgdaemon.exceptions import (
     StateLockedError,
     TgdaemonError,
 )
+from tgdaemon.lifecycle import OWNED_STATES, Setup
 
 if TYPE_CHECKING:
     from tgdaemon.config import Config
@@ -349,7 +350,7 @@ async def login(config: Config, name: str, *, prompt: Prompt, secret: Prompt,
                 raise AccountError(f"login of {name!r} did not complete")
             await session.flush()
             await store.update_account(name, user_id=me.id, username=me.username,
-                                       first_name=me.first_name, status="logged_in",
+                                       first_name=me.first_name, status=Setup.LOGGED_IN.value,
                                        dc_id=session.dc_id, last_used=time.time(),
                                        last_error_category=None)
             return int(me.id)
@@ -391,7 +392,7 @@ async def logout(config: Config, name: str, *, force: bool = False) -> bool:
                                     "locally anyway") from None
                 print(f"tgdaemon: warning: {exc}", file=sys.stderr)
         await store.delete_session(name)
-        await store.update_account(name, status="logged_out")
+        await store.update_account(name, status=Setup.LOGGED_OUT.value)
         return confirmed
 
 
@@ -457,8 +458,6 @@ async def _open_store(config: Config) -> tuple[Store, bool, RecordReport]:
 async def _check_not_active(store: Store, name: str, daemon_running: bool) -> None:
     if daemon_running:
         record = await store.get_account(name)
-        from tgdaemon.lifecycle import OWNED_STATES
-
         # In these states the running daemon owns the session: the CLI must not touch it.
         if record is not None and record.status in OWNED_STATES:
             raise AccountError(

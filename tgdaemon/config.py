@@ -16,6 +16,7 @@ in error messages.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import ipaddress
@@ -263,11 +264,13 @@ class Config:
         return tuple(a for a in self.accounts if a.enabled)
 
 
-_RETRY_KEYS = ("network", "server", "flood_wait", "unknown", "client")
+#: The categories with a retry limit: the fields of RetryLimits (a subset of lifecycle.Category).
+_RETRY_KEYS = tuple(f.name for f in dataclasses.fields(RetryLimits))
 #: Telegram's api_id is an MTProto ``int`` (32-bit signed).
 INT32_MAX = 2**31 - 1
 #: Host names that are always local, whatever the listen address.
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+
 
 def config_warnings(config: Config) -> list[str]:
     """Settings that are valid but probably not what the operator wants (logged at start and
@@ -408,7 +411,7 @@ class _Parser:
 
     def choice(self, tbl: Mapping[str, Any], prefix: str, key: str, choices: tuple[str, ...],
                default: str) -> str:
-        v = self.get(tbl, prefix, key, str, default)
+        v: str = self.get(tbl, prefix, key, str, default)
         if v.lower() not in choices:
             self.err(_join(prefix, key), f"must be one of {'|'.join(choices)}, not {_short(v)}")
             return default

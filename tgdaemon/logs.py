@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import MutableMapping
 from typing import IO, Any
 
 from tgdaemon.logvolume import NoiseFilter
@@ -86,7 +87,8 @@ def account_logger(name: str) -> logging.LoggerAdapter[logging.Logger]:
 
 
 class _AccountAdapter(logging.LoggerAdapter[logging.Logger]):
-    def process(self, msg: object, kwargs: dict) -> tuple[object, dict]:  # type: ignore[override]
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]
+                ) -> tuple[Any, MutableMapping[str, Any]]:
         account = self.extra["account"] if self.extra else "?"
         kwargs.setdefault("extra", {})["account"] = account
         return f"[{account}] {msg}", kwargs

@@ -522,7 +522,7 @@ class _LazyFamily(Metric):
         self._built = None
         self.rows = rows
 
-    @property  # type: ignore[override]
+    @property
     def samples(self) -> list[Sample]:
         if self._built is None:
             self._built = list(self._samples())
@@ -664,13 +664,19 @@ def _has_samples(family: Metric) -> bool:
 def _num(value: float | bool) -> str:
     """A sample value in the text format: ints and finite floats as Python prints them."""
     if type(value) is float and not math.isfinite(value):
-        return floatToGoString(value)
+        return _go_float(value)
     return repr(int(value)) if type(value) is bool else repr(value)
 
 
 def _fmt_le(bound: float) -> str:
     """Go's float text for ``le`` (1.0, 2.5, 10.0), so series match generate_latest's."""
-    return floatToGoString(bound)
+    return _go_float(bound)
+
+
+def _go_float(value: float) -> str:
+    # prometheus_client leaves this helper unannotated.
+    text: str = floatToGoString(value)  # type: ignore[no-untyped-call]
+    return text
 
 
 def _escape_label(value: str) -> str:
@@ -701,5 +707,5 @@ def render(registry: CollectorRegistry) -> bytes:
             out.append(f"# TYPE {family.exposed_name} {family.type}\n")
             out.extend(family.lines())
         else:
-            out.append(generate_latest(_One(family)).decode())  # type: ignore[arg-type]
+            out.append(generate_latest(_One(family)).decode())
     return "".join(out).encode()

@@ -35,7 +35,7 @@ class MigrationFailedError(ConnectionError):
     """A DC switch failed and was rolled back; the session is back on its old DC."""
 
 
-class ManagedClient(TelegramClient):
+class ManagedClient(TelegramClient):  # type: ignore[misc]  # Telethon is untyped (Any)
     """A stock Telethon client with two changes.
 
     A DC switch keeps the login: Telethon's ``_switch_dc`` (telegrambaseclient.py:770) drops
