@@ -460,13 +460,21 @@ async def _session_client(
     data = None if fresh else await store.load_session(name)
     session = StoreSession(store, name, data or _initial_session(config))
     client = build_client(client_class(), session, config, config.account(name))
+
+    async def close() -> None:
+        await client.disconnect()
+        # Telethon keeps the error that ended a connection in a future nobody awaits;
+        # retrieve it, or asyncio prints it with a traceback when the process exits.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.disconnected, 1.0)
+
     try:
         await call("connect", client.connect, policy=config.policy,
-                   timeout=config.policy.connect_timeout, cleanup=client.disconnect)
+                   timeout=config.policy.connect_timeout, cleanup=close)
         await session.flush()  # a fresh auth key is durable before the login binds it
         yield client, session
     finally:
-        await client.disconnect()
+        await close()
         await session.flush()
 
 
