@@ -314,9 +314,8 @@ def cmd_status(ns: argparse.Namespace) -> int:
         raise AccountError("daemon.http_listen is disabled: no status endpoint to ask")
     host = f"[{listen.host}]" if ":" in listen.host else listen.host
     request = urllib.request.Request(f"http://{host}:{listen.port}/status")
-    if config.daemon.http_token_file is not None:
-        token = config.daemon.http_token_file.read_text().strip()
-        request.add_header("Authorization", f"Bearer {token}")
+    if config.daemon.http_token is not None:
+        request.add_header("Authorization", f"Bearer {config.daemon.http_token}")
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             body = json.load(response)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
-from tgdaemon.config import Config, ConfigHolder, config_warnings, load_config
+from tgdaemon.config import Config, ConfigHolder, allowed_hosts, config_warnings, load_config
 from tgdaemon.crypto import KeyRing, load_keyring, remove_stale_temp_files
 from tgdaemon.dcs import DcDirectory
 from tgdaemon.exceptions import ConfigError
@@ -130,11 +130,9 @@ class Daemon:
         if listen is not None:
             from tgdaemon.http import HttpServer, build_app
 
-            token = None
-            if config.daemon.http_token_file is not None:
-                token = config.daemon.http_token_file.read_text().strip() or None
             app = build_app(board=self.board, registry=self.registry, ready=self.ready,
-                            token=token)
+                            token=config.daemon.http_token,
+                            allowed_hosts=allowed_hosts(config.daemon))
             self.http = HttpServer(app, listen.host, listen.port)
             await self.http.start()
             self._stack.push_async_callback(self.http.stop)

@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 
 from tgdaemon.exceptions import AccountError, DecryptionError, TgdaemonError
+from tgdaemon.handshake import AUTH_KEY_BYTES, padded_auth_key
 from tgdaemon.store import AccountRecord, DeviceInfo, SessionData, Store
 
 _STRING_VERSION = "1"
@@ -32,8 +33,11 @@ def _validated(
 ) -> SessionData:
     if not key or not any(key):
         raise SessionImportError("the session has no auth key (it was never connected)")
-    if len(key) != 256:
+    if len(key) > AUTH_KEY_BYTES:
         raise SessionImportError(f"the session's auth key is {len(key)} bytes, expected 256")
+    # Shorter: the key's number kept as minimal bytes (Telethon does that 1 time in 256). The
+    # server hashes the 256-byte form: left-padding gives the same number, the right bytes.
+    key = padded_auth_key(bytes(key))
     if not 0 < dc_id < 10_000 or not 0 < port <= 65535 or not address:
         raise SessionImportError("the session has no valid data center address")
     pts, qts, date, seq = state if state else (None, None, None, None)

@@ -199,8 +199,8 @@ class AccountWorker:
         assert self.client is not None
         assert self.session is not None
         policy = self.policy
-        await asyncio.wait_for(self.client._switch_dc(new_dc),
-                               policy.connect_timeout + policy.request_timeout)
+        async with asyncio.timeout(policy.connect_timeout + policy.request_timeout):
+            await self.client._switch_dc(new_dc)  # not wait_for: see _connect
         await self.session.flush()
         self._watch.watch(self.client)
         self.report.dc(self.session.dc_id)
@@ -265,7 +265,10 @@ class AccountWorker:
                                        self.deps.settings.current, self.account)
         client = self.client
         try:
-            await asyncio.wait_for(client.connect(), self.policy.connect_timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that
+            # arrives as connect() fails, and the stopped worker would reconnect forever.
+            async with asyncio.timeout(self.policy.connect_timeout):
+                await client.connect()
         except BaseException as exc:
             await self._close_client()
             if isinstance(exc, TimeoutError):
@@ -342,7 +345,8 @@ class AccountWorker:
         if client is None:
             return
         try:
-            await asyncio.wait_for(client.disconnect(), CLOSE_TIMEOUT)
+            async with asyncio.timeout(CLOSE_TIMEOUT):  # not wait_for: see _connect
+                await client.disconnect()
         except Exception as exc:  # a wedged client is dropped, not awaited forever
             self.log.warning("client did not close cleanly (%s); replacing it",
                              type(exc).__name__)

@@ -159,9 +159,11 @@ def _make_root(root: Path, masked: Sequence[str]) -> None:
 
 
 @contextlib.contextmanager
-def booted(binds_ro: Sequence[Path], masked: Sequence[str] = MASKED) -> Iterator[Container]:
+def booted(binds_ro: Sequence[tuple[Path, str]],
+           masked: Sequence[str] = MASKED) -> Iterator[Container]:
     """Boot a container, yield it, power it off and delete its root directory.
 
+    ``binds_ro``: (host path, path inside) pairs, bound read-only besides ``/usr``.
     Raises :class:`ContainerUnavailable` (a reason to skip) when it cannot boot here."""
     reason = unavailable_reason()
     if reason is not None:
@@ -173,7 +175,7 @@ def booted(binds_ro: Sequence[Path], masked: Sequence[str] = MASKED) -> Iterator
     init_pid = 0
     try:
         _make_root(root, masked)
-        binds = [f"--bind-ro={p}" for p in ("/usr", *(str(b) for b in binds_ro))]
+        binds = ["--bind-ro=/usr", *(f"--bind-ro={host}:{inner}" for host, inner in binds_ro)]
         binds += [f"--bind-ro=/{d}" for d in ("bin", "lib", "lib64", "sbin")
                   if Path("/" + d).is_dir() and not Path("/" + d).is_symlink()]
         with console.open("wb") as out:

@@ -64,8 +64,13 @@ _HTTP = ("import json, sys, urllib.request as u\n"
 # -- the container and what runs in it ---------------------------------------------------------
 
 
+TMP_DIRS = (Path("/tmp"), Path("/var/tmp"))
+#: Where a path that PrivateTmp= would hide is bound a second time inside the container.
+ALIASES = "/opt/tgd-bind"
+
+
 def paths_to_bind() -> list[Path]:
-    """The clone, the venv and the interpreter it was made from: read-only, same paths."""
+    """The clone, the venv and the interpreter it was made from (outside /usr)."""
     wanted = [ROOT, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()]
     binds: list[Path] = []
     for path in wanted:
@@ -75,19 +80,41 @@ def paths_to_bind() -> list[Path]:
     return binds
 
 
-def venv_dropin(binds: list[Path]) -> str:
-    """``ExecStart=`` at this venv. ``ProtectHome=yes`` hides /root and /home, and
-    ``PrivateTmp=yes`` hides /tmp, so a venv or interpreter there (pyenv, a clone in a home
-    directory) is made visible read-only, alone: ``ProtectHome=tmpfs`` keeps every other home
-    directory hidden. The shipped unit's sandbox is otherwise unchanged."""
+def container_binds(paths: list[Path]) -> list[tuple[Path, str]]:
+    """Each path at the same place inside (the venv's paths are absolute); those under /tmp
+    also under :data:`ALIASES`, the source the unit's bind needs (see :func:`venv_dropin`)."""
+    binds = [(p, str(p)) for p in paths]
+    binds += [(p, f"{ALIASES}/{i}") for i, p in enumerate(paths)
+              if any(is_under(p, t) for t in TMP_DIRS)]
+    return binds
+
+
+def sandbox_binds(paths: list[Path]) -> list[str]:
+    """Unit settings that make ``paths`` visible, read-only and alone, in the sandbox.
+
+    ``ProtectHome=yes`` hides /root and /home and ``PrivateTmp=yes`` (also implied by
+    ``DynamicUser=yes``) hides /tmp, so a venv or interpreter there (pyenv, a clone in a home
+    directory or under /tmp) needs them: ``ProtectHome=tmpfs`` keeps every other home
+    directory hidden. A bind's source is looked up after PrivateTmp= replaced /tmp (measured:
+    status 226/NAMESPACE), hence the alias outside /tmp as the source there."""
+    settings = []
+    if any(is_under(p, h) for p in paths for h in HOME_DIRS):
+        settings.append("ProtectHome=tmpfs")
+    for i, p in enumerate(paths):
+        if any(is_under(p, h) for h in HOME_DIRS):
+            settings.append(f"BindReadOnlyPaths={p}")
+        elif any(is_under(p, t) for t in TMP_DIRS):
+            settings.append(f"BindReadOnlyPaths={ALIASES}/{i}:{p}")
+    return settings
+
+
+def venv_dropin(paths: list[Path]) -> str:
+    """``ExecStart=`` at this venv, plus :func:`sandbox_binds`; the shipped unit's sandbox is
+    otherwise unchanged."""
     shipped = re.search(r"^ExecStart=/usr/bin/tgdaemon (.*)$", UNIT.read_text(), re.M)
     assert shipped, "the shipped ExecStart= changed: update this test"
-    lines = ["[Service]", "ExecStart=", f"ExecStart={TGDAEMON} {shipped[1]}"]
-    hidden = [p for p in binds if any(is_under(p, h) for h in (*HOME_DIRS, Path("/tmp"),
-                                                                 Path("/var/tmp")))]
-    if any(is_under(p, h) for p in hidden for h in HOME_DIRS):
-        lines.append("ProtectHome=tmpfs")
-    lines += [f"BindReadOnlyPaths={p}" for p in hidden]
+    lines = ["[Service]", "ExecStart=", f"ExecStart={TGDAEMON} {shipped[1]}",
+             *sandbox_binds(paths)]
     return "\n".join(lines) + "\n"
 
 
@@ -234,6 +261,7 @@ def cli_login(fleet: Fleet, name: str) -> str:
         "--property=User=tgdaemon", "--property=StateDirectory=tgdaemon",
         "--property=StateDirectoryMode=0700", "--setenv=TGDAEMON_STATE_DIR=/var/lib/tgdaemon",
         f"--property=LoadCredentialEncrypted={CREDENTIAL_NAME}:{ENCRYPTED_KEY}",
+        *(f"--property={setting}" for setting in sandbox_binds(paths_to_bind())),
         str(TGDAEMON), "login", name, "--config", CONFIG, input=fleet.code + "\n", timeout=60)
     return proc.stdout + proc.stderr
 
@@ -241,7 +269,7 @@ def cli_login(fleet: Fleet, name: str) -> str:
 @pytest.fixture(scope="module")
 def box() -> Iterator[Container]:
     try:
-        with booted(paths_to_bind()) as container:
+        with booted(container_binds(paths_to_bind())) as container:
             yield container
     except ContainerUnavailable as exc:
         pytest.skip(f"systemd cannot boot in a container here: {exc}")
