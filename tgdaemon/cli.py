@@ -25,6 +25,7 @@ from tgdaemon import __version__
 from tgdaemon.exceptions import (
     EXIT_UNEXPECTED,
     AccountError,
+    BadInputError,
     DecryptionError,
     InputError,
     StateLockedError,
@@ -341,6 +342,7 @@ async def login(config: Config, name: str, *, prompt: Prompt, secret: Prompt,
     Every request has the policy's timeout and transient failures are retried
     (:mod:`tgdaemon.oneshot`). A stored session this key ring cannot decrypt is never
     replaced without ``force``: it may be the only good copy (a wrong master key)."""
+    from telethon import utils
     from telethon.errors import (
         PasswordHashInvalidError,
         PhoneCodeExpiredError,
@@ -368,6 +370,10 @@ async def login(config: Config, name: str, *, prompt: Prompt, secret: Prompt,
             phone = account.phone or prompt("Phone number (international format): ").strip()
             if not phone:
                 raise InputError("no phone number given")
+            if utils.parse_phone(phone) is None:
+                # The input is not echoed: it may be a phone number with a typo.
+                raise BadInputError("that is not a phone number (expected digits in "
+                                    "international format, e.g. +44 20 7946 0000)")
             await call("auth.sendCode", lambda: client.send_code_request(phone), policy=policy)
             for attempt in range(3):
                 code = secret("Login code (input hidden): ").strip()

@@ -71,6 +71,13 @@ async def test_login_errors_are_one_line_each(make_config, localdc) -> None:
     assert code == 66, err
     assert "end of input" in err
     assert "Traceback" not in err
+    # not a phone number at all: refused before anything is sent, without echoing it
+    code, _out, err = await arun_cli("login", "jay", "--config", str(config.path),
+                                     stdin="my phone\n")
+    assert code == 65, err
+    assert "not a phone number" in err
+    assert "my phone" not in err
+    assert "Traceback" not in err
     # an invalid phone number: Telegram's refusal, not a traceback
     localdc.inject(Fault("rpc_error", method="auth.sendCode", error="PHONE_NUMBER_INVALID"))
     code, _out, err = await arun_cli("login", "jay", "--config", str(config.path),
