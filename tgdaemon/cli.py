@@ -130,12 +130,14 @@ def _load(ns: argparse.Namespace) -> Config:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    from tgdaemon.daemon import raise_open_file_limit, serve
+    from tgdaemon.daemon import serve
+    from tgdaemon.fdlimit import budget, ensure_open_file_limit
+    from tgdaemon.http import HttpLimits
     from tgdaemon.logs import setup_logging
 
     config = _load(ns)
     setup_logging(config.daemon.log_level, config.daemon.log_format)
-    raise_open_file_limit()
+    ensure_open_file_limit(budget(config, HttpLimits().max_connections))
     return asyncio.run(serve(config))
 
 
