@@ -16,6 +16,7 @@ in error messages.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import ipaddress
@@ -34,6 +35,7 @@ from urllib.parse import unquote, urlsplit
 
 from tgdaemon.exceptions import AccountError, ConfigError
 from tgdaemon.lifecycle import HEARTBEAT_JITTER, longest_heartbeat_gap
+from tgdaemon.security import OnNewAuthorization
 
 __all__ = [
     "AccountConfig",
@@ -46,6 +48,7 @@ __all__ = [
     "PolicyConfig",
     "Proxy",
     "RetryLimits",
+    "SecurityConfig",
     "TelegramConfig",
     "diff_config",
     "load_config",
@@ -202,6 +205,21 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """The authorization watch (``tgdaemon.security``)."""
+
+    on_new_authorization: OnNewAuthorization = OnNewAuthorization.ALERT
+    # Seconds between two looks at an account's sessions (account.getAuthorizations); the
+    # fleet's first looks are spread over one interval. updateNewAuthorization triggers a
+    # look at once, whatever this says.
+    check_interval: float = 4 * 3600.0
+    # Glob patterns (case-insensitive) on a session's device or app: never terminated.
+    allow: tuple[str, ...] = ()
+    # Whether log lines may carry the IP address of a foreign session (personal data).
+    log_ip: bool = False
+
+
+@dataclass(frozen=True)
 class AccountConfig:
     name: str
     phone: str | None = field(default=None, repr=False)
@@ -213,6 +231,8 @@ class AccountConfig:
     system_lang_code: str = "en"
     proxy: Proxy | None = None
     plugins: tuple[str, ...] = ()
+    # None: [security].on_new_authorization applies.
+    on_new_authorization: OnNewAuthorization | None = None
 
 
 @dataclass(frozen=True)
@@ -222,6 +242,11 @@ class Config:
     telegram: TelegramConfig
     policy: PolicyConfig
     accounts: tuple[AccountConfig, ...]
+    security: SecurityConfig = SecurityConfig()
+
+    def on_new_authorization(self, account: AccountConfig) -> OnNewAuthorization:
+        """The account's own setting, else the fleet's."""
+        return account.on_new_authorization or self.security.on_new_authorization
 
     def account(self, name: str) -> AccountConfig:
         try:
@@ -239,11 +264,13 @@ class Config:
         return tuple(a for a in self.accounts if a.enabled)
 
 
-_RETRY_KEYS = ("network", "server", "flood_wait", "unknown", "client")
+#: The categories with a retry limit: the fields of RetryLimits (a subset of lifecycle.Category).
+_RETRY_KEYS = tuple(f.name for f in dataclasses.fields(RetryLimits))
 #: Telegram's api_id is an MTProto ``int`` (32-bit signed).
 INT32_MAX = 2**31 - 1
 #: Host names that are always local, whatever the listen address.
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+
 
 def config_warnings(config: Config) -> list[str]:
     """Settings that are valid but probably not what the operator wants (logged at start and
@@ -321,17 +348,18 @@ def parse_config(
     """Validate already-parsed TOML. Only reads the files the config names (api_hash_file,
     rsa_keys), through ``read_file``."""
     p = _Parser(Path(path), env, read_file)
-    root = p.table(data, "", ("daemon", "telegram", "policy", "accounts"))
+    root = p.table(data, "", ("daemon", "telegram", "policy", "security", "accounts"))
     daemon = p.daemon(root.get("daemon", {}), state_dir)
     if "telegram" not in root:
         p.err("telegram", "required section missing")
     telegram = p.telegram(root.get("telegram", {}))
     policy = p.policy(root.get("policy", {}))
+    security = p.security(root.get("security", {}))
     accounts = p.accounts(root.get("accounts", []))
     if p.problems:
         raise ConfigValidationError(p.problems)
     assert telegram is not None  # no problems => telegram parsed
-    return Config(Path(path), daemon, telegram, policy, accounts)
+    return Config(Path(path), daemon, telegram, policy, accounts, security)
 
 
 class _Parser:
@@ -383,7 +411,7 @@ class _Parser:
 
     def choice(self, tbl: Mapping[str, Any], prefix: str, key: str, choices: tuple[str, ...],
                default: str) -> str:
-        v = self.get(tbl, prefix, key, str, default)
+        v: str = self.get(tbl, prefix, key, str, default)
         if v.lower() not in choices:
             self.err(_join(prefix, key), f"must be one of {'|'.join(choices)}, not {_short(v)}")
             return default
@@ -649,6 +677,34 @@ class _Parser:
             }),
         )
 
+    def security(self, value: Any) -> SecurityConfig:
+        d = SecurityConfig()
+        t = self.table(value, "security",
+                       ("on_new_authorization", "check_interval", "allow", "log_ip"))
+        allow = t.get("allow", [])
+        if not isinstance(allow, list) or not all(
+            isinstance(x, str) and x.strip() and x.isprintable() for x in allow
+        ):
+            self.err("security.allow", "must be an array of non-empty glob patterns")
+            allow = []
+        return SecurityConfig(
+            on_new_authorization=self._on_new_authorization(t, "security")
+            or d.on_new_authorization,
+            # At most one look a minute: a typo must not turn into a request storm.
+            check_interval=self.number(t, "security", "check_interval", float,
+                                       d.check_interval, minimum=60),
+            allow=tuple(allow),
+            log_ip=self.get(t, "security", "log_ip", bool, d.log_ip),
+        )
+
+    def _on_new_authorization(self, t: Mapping[str, Any], prefix: str
+                              ) -> OnNewAuthorization | None:
+        if "on_new_authorization" not in t:
+            return None
+        choices = tuple(a.value for a in OnNewAuthorization)
+        return OnNewAuthorization(self.choice(t, prefix, "on_new_authorization", choices,
+                                              OnNewAuthorization.ALERT.value))
+
     def accounts(self, value: Any) -> tuple[AccountConfig, ...]:
         if not isinstance(value, list):
             self.err("accounts", f"must be an array of tables ([[accounts]]), not {_tname(value)}")
@@ -675,7 +731,7 @@ class _Parser:
             return None
         t = self.table(value, prefix, (
             "name", "phone", "enabled", "device_model", "system_version", "app_version",
-            "lang_code", "system_lang_code", "proxy", "plugins",
+            "lang_code", "system_lang_code", "proxy", "plugins", "on_new_authorization",
         ))
         name = self.get(t, prefix, "name", str, "")
         if "name" not in t:
@@ -703,10 +759,11 @@ class _Parser:
         proxy = self._proxy(proxy_raw, f"{prefix}.proxy") if proxy_raw else None
         plugins = self._plugins(t.get("plugins", []), f"{prefix}.plugins")
         enabled = self.get(t, prefix, "enabled", bool, True)
+        on_new = self._on_new_authorization(t, prefix)
         if len(self.problems) != n_before:
             return None
         return AccountConfig(name=name, phone=phone, enabled=enabled, proxy=proxy,
-                             plugins=plugins, **texts)
+                             plugins=plugins, on_new_authorization=on_new, **texts)
 
     def _phone(self, t: Mapping[str, Any], prefix: str) -> str | None:
         v = self.get(t, prefix, "phone", str, "")

@@ -29,6 +29,7 @@ from tgdaemon.config import Config, ConfigHolder, allowed_hosts, config_warnings
 from tgdaemon.crypto import KeyRing, load_keyring, remove_stale_temp_files
 from tgdaemon.dcs import DcDirectory
 from tgdaemon.exceptions import ConfigError
+from tgdaemon.logvolume import NoiseCollector
 from tgdaemon.metrics import Metrics
 from tgdaemon.notify import Notifier
 from tgdaemon.ratelimit import ConnectRateLimiter
@@ -60,6 +61,7 @@ class Daemon:
         #: The running configuration; a reload replaces ``settings.current``.
         self.settings = ConfigHolder(config)
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.registry.register(NoiseCollector())
         self._keyring = keyring
         self._env = env
         self._clock = clock
