@@ -5,28 +5,16 @@ printed or written to the info file."""
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import sys
-import time
-from pathlib import Path
 
 from telethon.network import ConnectionTcpMTProxyRandomizedIntermediate
 
+from tests.localdc.test_localdc_control import _wait_file
 from tests.proxy.conftest import MTPROXY_KEY
 from tgdaemon.localdc.testing import client_for_info
 
 SECRET = "dd" + MTPROXY_KEY
-
-
-async def _wait_info(path: Path, timeout: float = 20) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            assert time.monotonic() < deadline, "info file not written in time"
-            await asyncio.sleep(0.05)
 
 
 async def test_cli_mtproxy_port_serves_stock_telethon(tmp_path, isolated_telethon):
@@ -36,7 +24,7 @@ async def test_cli_mtproxy_port_serves_stock_telethon(tmp_path, isolated_teletho
         "--info-file", str(info_file), "--mtproxy-secret", SECRET,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
-        info = await _wait_info(info_file)
+        info = await _wait_file(info_file)
         mtproxy = info["mtproxy"]
         assert mtproxy["host"] == "127.0.0.1"
         for secret, works in ((SECRET, True), ("dd" + "e" * 32, False)):
