@@ -13,6 +13,7 @@ import time
 from collections.abc import MutableMapping
 from typing import IO, Any
 
+from tgdaemon.logvolume import NoiseFilter
 from tgdaemon.redact import redact
 
 ROOT = "tgdaemon"
@@ -63,6 +64,8 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: IO[str] | None
     else:
         # systemd adds its own timestamp; keep the line short.
         handler.setFormatter(TextFormatter("%(levelname)s %(name)s: %(message)s"))
+    # First: a record demoted and dropped is not worth redacting.
+    handler.addFilter(NoiseFilter())
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -110,6 +110,16 @@ class Ctx:
 
 
 @dataclass
+class LoginTokenState:
+    """A login token exported by a new key, until it expires or is used."""
+
+    key_id: int
+    dc_id: int
+    expires: float  # unix time
+    user_id: int | None = None  # set by auth.acceptLoginToken
+
+
+@dataclass
 class World:
     """Shared, DC-independent server state that handlers read and change."""
 
@@ -128,6 +138,11 @@ class World:
     #: Seconds a login must be old before it may terminate other sessions (Telegram: about
     #: a day, FRESH_RESET_AUTHORISATION_FORBIDDEN before that). 0 = no such limit.
     fresh_reset_after: int = 0
+    #: Pushes an update to the connections of one auth key (a key not yet logged in, which
+    #: ``push`` by user cannot reach): updateLoginToken.
+    push_key: Callable[[int, tl.TypeUpdates], None] | None = None
+    #: auth.exportLoginToken tokens: token -> the pending login (see localdc.account).
+    login_tokens: dict[bytes, LoginTokenState] = field(default_factory=dict)
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -240,6 +240,7 @@ class LocalDC:
             addresses=lambda: self.addresses,
             bind_key=self._bind_key,
             push=self._push,
+            push_key=self._push_key,
             history=UpdateHistory(self._store, history_limit=self.history_limit,
                                   slice_limit=self.slice_limit),
             fixed_code=self.code,
@@ -339,6 +340,9 @@ class LocalDC:
             "rsa_public_key": self.rsa_public_pem,
             "control_url": self.control_url,
             "code": self.code,
+            # The MTProxy port, if any (its secret is the operator's: never written here).
+            "mtproxy": None if self.mtproxy_address is None else {
+                "host": self.mtproxy_address[0], "port": self.mtproxy_address[1]},
         }
 
     def set_password(self, phone: str, password: str | None) -> None:
@@ -507,6 +511,13 @@ class LocalDC:
             rec = self.store.auth_keys[conn.key_id]
             self._count(conn.dc_id, user_id, "updates_pushed")
             self._send_encrypted(conn, rec, body, content_related=True, response=False)
+
+    def _push_key(self, key_id: int, updates: tl.TypeUpdates) -> None:
+        body = bytes(updates)
+        for conn in list(self._conns):
+            if conn.session_id is not None and conn.key_id == key_id:
+                rec = self.store.auth_keys[key_id]
+                self._send_encrypted(conn, rec, body, content_related=True, response=False)
 
     async def _serve(self, dc_id: int | None, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
