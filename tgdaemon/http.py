@@ -90,8 +90,11 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         query = "?[redacted]" if request.query_string else ""
-        self.logger.info('%s "%s %s%s" %d %d %.3fs', request.remote, request.method,
-                         request.path, query, response.status, response.body_length, time)
+        # key=value: bare runs of numbers ("200 7540 0.001") would look like a phone number
+        # to the redactor.
+        self.logger.info('%s "%s %s%s" status=%d bytes=%d time=%.3fs', request.remote,
+                         request.method, request.path, query, response.status,
+                         response.body_length, time)
 
 
 class LoopLagMonitor:
