@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from tgdaemon.apiconfig import ApiConfig, parse_api
 from tgdaemon.exceptions import AccountError, ConfigError
 
 __all__ = [
@@ -194,6 +195,7 @@ class Config:
     telegram: TelegramConfig
     policy: PolicyConfig
     accounts: tuple[AccountConfig, ...]
+    api: ApiConfig = field(default_factory=ApiConfig)
 
     def account(self, name: str) -> AccountConfig:
         try:
@@ -271,17 +273,18 @@ def parse_config(
     """Validate already-parsed TOML. Only reads the files the config names (api_hash_file,
     rsa_keys), through ``read_file``."""
     p = _Parser(Path(path), env, read_file)
-    root = p.table(data, "", ("daemon", "telegram", "policy", "accounts"))
+    root = p.table(data, "", ("daemon", "telegram", "policy", "accounts", "api"))
     daemon = p.daemon(root.get("daemon", {}), state_dir)
     if "telegram" not in root:
         p.err("telegram", "required section missing")
     telegram = p.telegram(root.get("telegram", {}))
     policy = p.policy(root.get("policy", {}))
     accounts = p.accounts(root.get("accounts", []))
+    api = parse_api(p, root.get("api", {}))
     if p.problems:
         raise ConfigValidationError(p.problems)
     assert telegram is not None  # no problems => telegram parsed
-    return Config(Path(path), daemon, telegram, policy, accounts)
+    return Config(Path(path), daemon, telegram, policy, accounts, api)
 
 
 class _Parser:

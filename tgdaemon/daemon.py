@@ -70,6 +70,7 @@ class Daemon:
         self.store: Store | None = None
         self.supervisor: Supervisor | None = None
         self.http: Any = None  # tgdaemon.http.HttpServer when listening
+        self.api: Any = None  # tgdaemon.api.AccountApi when [api] has clients
         self._ready = False
 
     async def __aenter__(self) -> Daemon:
@@ -96,6 +97,16 @@ class Daemon:
         self.store = await Store.open(config.daemon.state_dir, keyring, clock=self._clock)
         self._stack.push_async_callback(self.store.close)
 
+        api = None
+        if config.api.enabled:
+            from tgdaemon.api import AccountApi
+
+            api = AccountApi(config, self.board, keyring, self.registry, clock=self._clock,
+                             monotonic=self._monotonic)
+            await api.start()
+            self._stack.push_async_callback(api.stop)
+        self.api = api
+
         directory = DcDirectory(config.telegram.servers, self.store,
                                 use_ipv6=config.telegram.use_ipv6, monotonic=self._monotonic)
         await directory.load()
@@ -112,8 +123,11 @@ class Daemon:
             clock=self._clock,
             monotonic=self._monotonic,
             rng=self._rng,
+            client_hooks=api.client_hooks if api is not None else (),
         )
         self.supervisor = Supervisor(deps)
+        if api is not None:
+            api.bind(self.supervisor.worker)
         await self.supervisor.start()
         self._stack.push_async_callback(self._stop_supervisor)
 
@@ -126,6 +140,8 @@ class Daemon:
                 token = config.daemon.http_token_file.read_text().strip() or None
             app = build_app(board=self.board, registry=self.registry, ready=self.ready,
                             token=token)
+            if api is not None:
+                api.register(app)
             self.http = HttpServer(app, listen.host, listen.port)
             await self.http.start()
             self._stack.push_async_callback(self.http.stop)
@@ -178,6 +194,8 @@ class Daemon:
             log.warning("%s", warning)
         trust_server_keys(new)
         await self.supervisor.apply(new)
+        if self.api is not None:
+            self.api.configure(new)
         logging.getLogger().setLevel(new.daemon.log_level.upper())
         self.config = new
         self.metrics.config_reload(True)

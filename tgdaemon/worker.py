@@ -67,6 +67,9 @@ class WorkerDeps:
     clock: Callable[[], float] = time.time
     monotonic: Callable[[], float] = time.monotonic
     rng: random.Random = field(default_factory=random.Random)
+    #: Called with (account name, client) for every client object built, before it connects
+    #: (the account API attaches its update listener here).
+    client_hooks: tuple[Callable[[str, ManagedClient], None], ...] = ()
 
 
 class AccountWorker:
@@ -104,6 +107,9 @@ class AccountWorker:
         self._disconnected: asyncio.Future[None] | None = None
         #: The heartbeat sleep in progress, woken early by a disconnect.
         self._sleeper: asyncio.Future[None] | None = None
+        #: A failure another caller (the account API) ran into on this account's client,
+        #: raised at the next heartbeat wait so the usual recovery applies to it.
+        self._reported: BaseException | None = None
         self._plugins = list(self._load_plugins())
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -286,6 +292,8 @@ class AccountWorker:
         if self.client is None:
             self.client = build_client(self.deps.client_cls, self.session, self.deps.config,
                                        self.account)
+            for hook in self.deps.client_hooks:
+                hook(self.name, self.client)
         client = self.client
         try:
             await asyncio.wait_for(client.connect(), policy.connect_timeout)
@@ -385,6 +393,19 @@ class AccountWorker:
         # A second gap on the same connection: updates are not flowing; start over.
         raise UpdateStallError("updates stopped arriving on this connection")
 
+    def hold_for_flood_wait(self, exc: BaseException) -> None:
+        """A FLOOD_WAIT answered to a call made through this account's client (the account
+        API): recover from it as from our own (state flood_wait, nothing sent until the
+        deadline), starting now rather than at the next heartbeat."""
+        self._reported = exc
+        if self._sleeper is not None:
+            _wake(self._sleeper)
+
+    def _raise_reported(self) -> None:
+        exc, self._reported = self._reported, None
+        if exc is not None:
+            raise exc
+
     async def _wait_unless_disconnected(self, seconds: float) -> None:
         """Sleep ``seconds`` unless the connection drops first.
 
@@ -394,6 +415,7 @@ class AccountWorker:
         connection with one callback that wakes this sleep; the sleep itself is one future
         and one timer, like ``asyncio.sleep`` (``asyncio.wait`` cost 13 % of the idle CPU at
         10,000 accounts in allocations and the garbage collection they trigger)."""
+        self._raise_reported()
         watched = self._disconnected
         if watched is None:
             return await asyncio.sleep(seconds)
@@ -407,6 +429,7 @@ class AccountWorker:
             finally:
                 timer.cancel()
                 self._sleeper = None
+            self._raise_reported()
             if not watched.done():
                 return
         if self.client is not None and self.client.is_connected():

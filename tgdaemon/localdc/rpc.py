@@ -85,6 +85,11 @@ def boolean(value: bool) -> bytes:
     return struct.pack("<I", BOOL_TRUE if value else BOOL_FALSE)
 
 
+def username_of(user_id: int) -> str:
+    """localdc's users have no chosen usernames: each is ``local<id>`` (resolvable)."""
+    return f"local{user_id}"
+
+
 def normalize_phone(phone: str) -> str:
     return re.sub(r"\D", "", phone or "")
 
@@ -132,6 +137,7 @@ class World:
             is_self=is_self,
             access_hash=rec.access_hash,
             first_name=rec.first_name,
+            username=username_of(rec.id),
             phone=rec.phone if is_self else None,
             status=tl.UserStatusRecently(),
         )
@@ -151,17 +157,20 @@ class World:
         return tl_auth.Authorization(user=self.tl_user(rec, rec.id))
 
     def new_message(self, user_id: int, text: str, *, out: bool, peer: int,
-                    exclude_key: int | None) -> tl.Message:
+                    exclude_key: int | None, reply_to: int | None = None) -> tl.Message:
         """Store a message for ``user_id``, bump pts and push the update to its sessions."""
         pts = self.store.bump_pts(user_id)
         msg = tl.Message(
             id=pts, peer_id=tl.PeerUser(peer), date=_now(), message=text, out=out,
             from_id=tl.PeerUser(user_id if out else peer),
+            reply_to=tl.MessageReplyHeader(reply_to_msg_id=reply_to) if reply_to else None,
         )
         self.history.setdefault(user_id, deque(maxlen=HISTORY_LIMIT)).append((pts, msg))
         users = [self.tl_user(self.store.users[user_id], user_id)]
         if peer == SERVICE_USER_ID:
             users.append(self.service_user())
+        elif peer != user_id and peer in self.store.users:
+            users.append(self.tl_user(self.store.users[peer], user_id))
         upd = tl.Updates(updates=[tl.UpdateNewMessage(message=msg, pts=pts, pts_count=1)],
                          users=users, chats=[], date=_now(), seq=0)
         self.push(user_id, upd, exclude_key)
@@ -372,20 +381,6 @@ def _import_authorization(w: World, ctx: Ctx, req: Any) -> tl_auth.Authorization
 
 
 # -- messages ----------------------------------------------------------------------------------
-
-
-@_handles(fn.messages.SendMessageRequest)
-def _send_message(w: World, ctx: Ctx, req: Any) -> tl.UpdateShortSentMessage:
-    me = w.user(ctx)
-    peer = req.peer
-    if not (isinstance(peer, tl.InputPeerSelf)
-            or (isinstance(peer, tl.InputPeerUser) and peer.user_id == me.id)):
-        raise RpcFail(400, "PEER_ID_INVALID")
-    if not req.message:
-        raise RpcFail(400, "MESSAGE_EMPTY")
-    msg = w.new_message(me.id, req.message, out=True, peer=me.id, exclude_key=ctx.key_id)
-    return tl.UpdateShortSentMessage(id=msg.id, pts=msg.id, pts_count=1, date=msg.date,
-                                     out=True)
 
 
 @_handles(fn.account.UpdateStatusRequest)

@@ -28,6 +28,7 @@ from telethon.tl import types as tl
 from telethon.tl.core import GzipPacked
 from telethon.tl.tlobject import TLRequest
 
+from tgdaemon.localdc import messaging as _messaging  # noqa: F401  (registers its handlers)
 from tgdaemon.localdc import transport
 from tgdaemon.localdc.crypto import (
     Handshake,
