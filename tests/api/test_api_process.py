@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.api.conftest import ApiDaemon
 from tests.conftest import wait_for_condition
@@ -37,11 +38,14 @@ async def test_send_reaches_the_other_accounts_stream_and_history(api_daemon: Ap
         status, _h, sent = await d.request("POST", "/v1/accounts/alice/messages",
                                            json={"peer": f"@local{bob_id}", "text": "hi bob"})
         assert status == 200, sent
-        assert isinstance(sent["id"], int) and sent["peer"] == {"type": "user", "id": bob_id}
+        assert isinstance(sent["id"], int)
+        assert sent["peer"] == {"type": "user", "id": bob_id}
         event = await _next_event(ws, "message")
-    assert event["account"] == "bob" and event["cursor"]
+    assert event["account"] == "bob"
+    assert event["cursor"]
     msg = event["message"]
-    assert msg["text"] == "hi bob" and not msg["out"]
+    assert msg["text"] == "hi bob"
+    assert not msg["out"]
     assert msg["from"] == {"type": "user", "id": d.user_ids["alice"]}
     # A reply by user id (the entity is now known) and by phone, then bob's history.
     status, _h, reply = await d.request("POST", "/v1/accounts/alice/messages",
@@ -60,10 +64,12 @@ async def test_send_reaches_the_other_accounts_stream_and_history(api_daemon: Ap
     status, _h, dialogs = await d.request("GET", "/v1/accounts/bob/dialogs")
     assert status == 200, dialogs
     chat = next(x for x in dialogs["dialogs"] if x["peer"]["id"] == d.user_ids["alice"])
-    assert chat["unreadCount"] == 2 and chat["username"] == f"local{d.user_ids['alice']}"
+    assert chat["unreadCount"] == 2
+    assert chat["username"] == f"local{d.user_ids['alice']}"
     status, _h, ok = await d.request("POST", "/v1/accounts/bob/read",
                                      json={"peer": d.user_ids["alice"]})
-    assert status == 200 and ok == {"ok": True}
+    assert status == 200
+    assert ok == {"ok": True}
     status, _h, dialogs = await d.request("GET", "/v1/accounts/bob/dialogs")
     assert next(x for x in dialogs["dialogs"]
                 if x["peer"]["id"] == d.user_ids["alice"])["unreadCount"] == 0
@@ -95,7 +101,8 @@ async def test_invoke_returns_tl_json(api_daemon: ApiDaemon) -> None:
                       ({"_": "messages.noSuchMethod"}, "unknown TL method"),
                       ({"_": "users.getFullUser", "nope": 1}, "no parameter")):
         status, _h, err = await d.request("POST", "/v1/accounts/alice/invoke", json=body)
-        assert status == 400 and why in err["message"], err
+        assert status == 400, err
+        assert why in err["message"], err
     status, _h, err = await d.request("POST", "/v1/accounts/alice/invoke", client="reader",
                                       json={"_": "users.getFullUser", "id": bob_id})
     assert status == 403, err
@@ -110,16 +117,20 @@ async def test_flood_wait_is_429_and_nothing_reaches_the_server_before_the_deadl
                          error="FLOOD_WAIT_4", times=1))
     started = time.monotonic()
     status, headers, err = await d.request("GET", f"/v1/accounts/alice/messages?peer={bob}")
-    assert status == 429 and headers["Retry-After"] == "4", err
-    assert err["error"] == "flood_wait" and err["rpcError"] == "FLOOD_WAIT"
+    assert status == 429, err
+    assert headers["Retry-After"] == "4", err
+    assert err["error"] == "flood_wait"
+    assert err["rpcError"] == "FLOOD_WAIT"
     # Every further call is refused at once, whatever the method, until the deadline.
     t0 = time.monotonic()
     status, headers, err = await d.request("POST", "/v1/accounts/alice/messages",
                                            json={"peer": bob, "text": "too early"})
-    assert status == 429 and 1 <= int(headers["Retry-After"]) <= 4, err
+    assert status == 429, err
+    assert 1 <= int(headers["Retry-After"]) <= 4, err
     assert time.monotonic() - t0 < 1.0
     status, _h, info = await d.request("GET", "/v1/accounts/alice")
-    assert info["state"] == "flood_wait" and info["floodWaitUntil"], info
+    assert info["state"] == "flood_wait", info
+    assert info["floodWaitUntil"], info
     # Bob is not affected.
     status, _h, _b = await d.request("GET", f"/v1/accounts/bob/messages?peer={alice}")
     assert status == 200
@@ -144,7 +155,8 @@ async def test_parked_account_answers_at_once(api_daemon: ApiDaemon) -> None:
         t0 = time.monotonic()
         status, _h, err = await d.request(method, path, json=body)
         assert time.monotonic() - t0 < 1.0
-        assert status == 409 and err["error"] == "parked", err
+        assert status == 409, err
+        assert err["error"] == "parked", err
         assert "needs_login" in err["message"]
     status, _h, err = await d.request("GET", "/v1/accounts/nobody/dialogs")
     assert status == 404, err
@@ -154,7 +166,8 @@ async def test_who_may_do_what(api_daemon: ApiDaemon) -> None:
     d = api_daemon
     bob = d.user_ids["bob"]
     status, headers, err = await d.request("GET", "/v1/accounts/alice/dialogs", client=None)
-    assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer"), err
+    assert status == 401, err
+    assert headers["WWW-Authenticate"].startswith("Bearer"), err
     status, _h, err = await d.request("GET", "/v1/accounts/alice/dialogs", client=None,
                                       headers={"Authorization": "Bearer " + "x" * 32})
     assert status == 401, err
@@ -170,12 +183,10 @@ async def test_who_may_do_what(api_daemon: ApiDaemon) -> None:
     status, _h, listed = await d.request("GET", "/v1/accounts", client="alice-app")
     assert [a["account"] for a in listed["accounts"]] == ["alice"]
     async with aiohttp.ClientSession() as http:
-        try:
-            async with http.ws_connect(f"{d.url}/v1/updates?accounts=bob",
-                                       headers=d.headers("alice-app")):
-                raise AssertionError("alice's token streamed bob's updates")
-        except aiohttp.WSServerHandshakeError as exc:
-            assert exc.status == 403
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(f"{d.url}/v1/updates?accounts=bob",
+                                  headers=d.headers("alice-app"))
+        assert refused.value.status == 403
     # read-only may read, not send.
     status, _h, err = await d.request("POST", "/v1/accounts/alice/messages", client="reader",
                                       json={"peer": bob, "text": "x"})
@@ -184,13 +195,16 @@ async def test_who_may_do_what(api_daemon: ApiDaemon) -> None:
     status, _h, err = await d.request("POST", "/v1/accounts/alice/messages",
                                       headers={"Origin": "http://evil.example"},
                                       json={"peer": bob, "text": "x"})
-    assert status == 403 and "cross-origin" in err["message"], err
+    assert status == 403, err
+    assert "cross-origin" in err["message"], err
     metrics = await _metrics(d)
     assert 'tgdaemon_api_requests_total{account="bob",client="alice-app",method="dialogs",' \
            'outcome="forbidden"} 1.0' in metrics
-    assert 'client="-"' in metrics and 'outcome="unauthorized"' in metrics
+    assert 'client="-"' in metrics
+    assert 'outcome="unauthorized"' in metrics
     for token in d.tokens.values():
-        assert token not in metrics and token not in d.process.log
+        assert token not in metrics
+        assert token not in d.process.log
 
 
 async def _metrics(d: ApiDaemon) -> str:
@@ -243,7 +257,8 @@ async def test_consumer_resumes_by_cursor_and_misses_nothing(api_daemon: ApiDaem
             assert got[5]["message"]["text"] == "edited"
             assert got[6]["messageIds"] == [got[1]["message"]["id"]]
             cursors = [e["cursor"] for e in got]
-            assert len(set(cursors)) == len(cursors) and cursor not in cursors
+            assert len(set(cursors)) == len(cursors)
+            assert cursor not in cursors
             # Live again after the backlog, with nothing repeated.
             await send("after the gap")
             live = await _next_event(ws, "message")

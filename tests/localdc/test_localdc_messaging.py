@@ -39,19 +39,22 @@ async def test_send_by_username_and_phone_reaches_both_histories(
     second = await a.send_message(ub.id, "second", reply_to=first.id)
     await wait_until(lambda: len(got) == 2, message="B receives both messages")
     assert [m.message for m in got] == ["hello over localdc", "second"]
-    assert got[0].sender_id == ua.id and not got[0].out
+    assert got[0].sender_id == ua.id
+    assert not got[0].out
     # Each side has its own ids; the reply points at B's copy of the first message.
     assert got[1].reply_to.reply_to_msg_id == got[0].id
     mine = await a.get_messages(ub.id, limit=10)
     assert [m.message for m in mine] == ["second", "hello over localdc"]
-    assert all(m.out for m in mine) and mine[0].id == second.id
+    assert all(m.out for m in mine)
+    assert mine[0].id == second.id
     theirs = await b.get_messages(ua.id, limit=1)
     assert [m.message for m in theirs] == ["second"]
     older = await b.get_messages(ua.id, limit=10, offset_id=theirs[0].id)
     assert [m.message for m in older] == ["hello over localdc"]
     dialogs = await b.get_dialogs()
     d = next(d for d in dialogs if d.id == ua.id)
-    assert d.unread_count == 2 and d.message.message == "second"
+    assert d.unread_count == 2
+    assert d.message.message == "second"
 
 
 async def test_read_edit_delete_arrive_as_updates(
@@ -69,12 +72,14 @@ async def test_read_edit_delete_arrive_as_updates(
     await wait_until(lambda: incoming, message="B receives the message")
     assert await b.send_read_acknowledge(ua.id, max_id=incoming[0].id)
     await wait_until(lambda: read, message="A sees its message read")
-    assert read[0].max_id == sent.id and read[0].outbox
+    assert read[0].max_id == sent.id
+    assert read[0].outbox
     dialogs = await b.get_dialogs()
     assert next(d for d in dialogs if d.id == ua.id).unread_count == 0
     await a.edit_message(ub.id, sent.id, "fixed")
     await wait_until(lambda: edits, message="B sees the edit")
-    assert edits[0].message == "fixed" and edits[0].id == incoming[0].id
+    assert edits[0].message == "fixed"
+    assert edits[0].id == incoming[0].id
     assert (await b.get_messages(ua.id, limit=1))[0].message == "fixed"
     await a.delete_messages(ub.id, [sent.id], revoke=True)
     await wait_until(lambda: deletions, message="B sees the deletion")

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from aiohttp import WSCloseCode, WSMsgType, web
-from prometheus_client import Counter
+from prometheus_client.core import CounterMetricFamily
 from telethon import functions
 from telethon.tl import types as tl
 
@@ -74,10 +74,8 @@ class AccountApi:
         self.gateway = Gateway(config.api, self._status, self._worker, clock=clock,
                                monotonic=monotonic)
         self._sockets: set[web.WebSocketResponse] = set()
-        self.requests = Counter(
-            "tgdaemon_api_requests_total",
-            "Account API calls by client, account, method and outcome",
-            ("client", "account", "method", "outcome"), registry=registry)
+        self.requests = RequestCounter()
+        registry.register(self.requests)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -132,8 +130,7 @@ class AccountApi:
     def count(self, client: ApiClient | None, account: str | None, method: ApiMethod,
               outcome: Outcome) -> None:
         known = account if account is not None and _has_account(self.config, account) else "-"
-        self.requests.labels(client.name if client else NO_CLIENT, known, method.value,
-                             outcome.value).inc()
+        self.requests.inc(client.name if client else NO_CLIENT, known, method, outcome)
 
     async def serve(self, request: web.Request, method: ApiMethod, account: str | None,
                     work: Callable[[ApiClient], Awaitable[Any]]) -> web.StreamResponse:
@@ -141,7 +138,8 @@ class AccountApi:
         JSON with the reason and the right status."""
         client: ApiClient | None = None
         try:
-            client = self.authorise(request, method, account)
+            client = self.authenticate(request)
+            self.authorise(request, client, method, account)
             result = await work(client)
         except ApiError as err:
             self.count(client, account, method, err.outcome)
@@ -157,12 +155,15 @@ class AccountApi:
             return result
         return _json(result)
 
-    def authorise(self, request: web.Request, method: ApiMethod,
-                  account: str | None) -> ApiClient:
+    def authenticate(self, request: web.Request) -> ApiClient:
         token = _token(request)
         client = authenticate(self.config.api.clients, token) if token else None
         if client is None:
             raise ApiError(Outcome.UNAUTHORIZED, "a valid bearer token is required")
+        return client
+
+    def authorise(self, request: web.Request, client: ApiClient, method: ApiMethod,
+                  account: str | None) -> None:
         if not _same_origin(request):
             raise ApiError(Outcome.FORBIDDEN, "cross-origin requests are refused")
         if not client.may_call(method):
@@ -171,7 +172,28 @@ class AccountApi:
             raise ApiError(Outcome.FORBIDDEN, "client may not use this account")
         if account is not None and not _has_account(self.config, account):
             raise ApiError(Outcome.NOT_FOUND, "no such account")
-        return client
+
+
+class RequestCounter:
+    """``tgdaemon_api_requests_total{client,account,method,outcome}``: a plain dict of
+    numbers rendered at scrape time (no child object or ``_created`` series per label set).
+    Bounded: clients and accounts come from the config ("-" for none/unknown), methods and
+    outcomes from fixed vocabularies."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str, str, str], int] = {}
+
+    def inc(self, client: str, account: str, method: ApiMethod, outcome: Outcome) -> None:
+        key = (client, account, method.value, outcome.value)
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def collect(self) -> list[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "tgdaemon_api_requests", "Account API calls by client, account, method and outcome",
+            labels=("client", "account", "method", "outcome"))
+        for labels, value in list(self._counts.items()):
+            family.add_metric(labels, value)
+        return [family]
 
 
 def _has_account(config: Config, name: str) -> bool:
