@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Debian packages the tests and the demo use as real peers: Prometheus (server + promtool),
-# systemd-analyze, and Chromium for the status page test. Idempotent: installs only what is
+# systemd-analyze, PostgreSQL, and Chromium for the status page test. Idempotent: installs only what is
 # missing, so a developer machine that has them pays nothing.
 set -euo pipefail
 
@@ -8,6 +8,8 @@ need=()
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+# PostgreSQL for the lease store's second backend (tests start their own server as `postgres`).
+[ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql)
 if [ "${TGDAEMON_SKIP_BROWSER:-0}" != 1 ]; then
   command -v chromium >/dev/null 2>&1 || need+=(chromium)
 fi

@@ -176,3 +176,26 @@ def login_account(localdc: LocalDC) -> LoginFn:
         return await login(config, name, prompt=lambda _p: phone, secret=secret)
 
     return do_login
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """One real PostgreSQL server for the session (tests/postgres.py); each test that needs
+    it takes a database of its own from ``pg_url``."""
+    from tests.postgres import PostgresServer, available
+
+    if not available():
+        pytest.skip("PostgreSQL binaries missing (scripts/install-system-deps.sh installs them)")
+    server = PostgresServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def pg_url(postgres: Any, request: pytest.FixtureRequest) -> str:
+    """A fresh, empty database on the session's PostgreSQL server."""
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name)[:50].lower()
+    return str(postgres.create_database(f"{name}_{id(request) % 100000}"))

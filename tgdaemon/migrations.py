@@ -68,6 +68,89 @@ MIGRATIONS: tuple[Migration, ...] = (
             ) WITHOUT ROWID""",
         ),
     ),
+    Migration(
+        2,
+        "fleet: enabled flag, one lease row per account, instances",
+        (
+            "ALTER TABLE accounts ADD COLUMN enabled INTEGER NOT NULL DEFAULT 1",
+            """CREATE TABLE leases (
+                account TEXT PRIMARY KEY REFERENCES accounts(name) ON DELETE CASCADE,
+                owner TEXT,
+                epoch INTEGER NOT NULL DEFAULT 0,
+                expires_at REAL NOT NULL DEFAULT 0
+            ) WITHOUT ROWID""",
+            "CREATE INDEX leases_owner ON leases(owner)",
+            "INSERT INTO leases (account) SELECT name FROM accounts",
+            """CREATE TRIGGER accounts_lease AFTER INSERT ON accounts BEGIN
+                INSERT OR IGNORE INTO leases (account) VALUES (NEW.name);
+            END""",
+            """CREATE TABLE instances (
+                id TEXT PRIMARY KEY,
+                capacity INTEGER NOT NULL,
+                host TEXT NOT NULL,
+                pid INTEGER NOT NULL,
+                started_at REAL NOT NULL,
+                renewed_at REAL NOT NULL
+            ) WITHOUT ROWID""",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version
+
+#: The same schema for PostgreSQL (tgdaemon/leasestore.py): the fleet's accounts, leases,
+#: instances and encrypted sessions.  Numbered and checksummed like the SQLite ones.
+PG_MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "fleet: accounts, leases, instances, encrypted sessions",
+        (
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                version INTEGER PRIMARY KEY,
+                description TEXT NOT NULL,
+                checksum TEXT NOT NULL,
+                applied_at DOUBLE PRECISION NOT NULL
+            )""",
+            """CREATE TABLE accounts (
+                name TEXT PRIMARY KEY,
+                enabled BOOLEAN NOT NULL DEFAULT TRUE,
+                created_at DOUBLE PRECISION NOT NULL
+            )""",
+            """CREATE TABLE leases (
+                account TEXT PRIMARY KEY REFERENCES accounts(name) ON DELETE CASCADE,
+                owner TEXT,
+                epoch BIGINT NOT NULL DEFAULT 0,
+                expires_at DOUBLE PRECISION NOT NULL DEFAULT 0
+            )""",
+            "CREATE INDEX leases_owner ON leases(owner)",
+            """CREATE TABLE instances (
+                id TEXT PRIMARY KEY,
+                capacity INTEGER NOT NULL,
+                host TEXT NOT NULL,
+                pid INTEGER NOT NULL,
+                started_at DOUBLE PRECISION NOT NULL,
+                renewed_at DOUBLE PRECISION NOT NULL
+            )""",
+            """CREATE TABLE sessions (
+                account TEXT PRIMARY KEY REFERENCES accounts(name) ON DELETE CASCADE,
+                record BYTEA NOT NULL,
+                updated_at DOUBLE PRECISION NOT NULL
+            )""",
+        ),
+    ),
+)
+
+
+def unapplied(applied: dict[int, str], migrations: tuple[Migration, ...],
+              where: str) -> tuple[Migration, ...]:
+    """The migrations still to run after checking the applied ones against their checksums;
+    raises ValueError (with ``where`` named) for an edited migration or a newer schema."""
+    latest = migrations[-1].version
+    for version, checksum in sorted(applied.items()):
+        if version > latest:
+            raise ValueError(f"{where} has schema version {version}, newer than this tgdaemon "
+                             f"supports ({latest}); upgrade tgdaemon")
+        if migrations[version - 1].checksum != checksum:
+            raise ValueError(f"{where}: migration {version} differs from the one applied "
+                             "(migrations are append-only; never edit a released one)")
+    return tuple(m for m in migrations if m.version not in applied)

@@ -226,6 +226,35 @@ def _release_lock(fd: int | None) -> None:
 # -- schema ----------------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def immediate_transaction(conn: aiosqlite.Connection,
+                                what: str) -> AsyncIterator[aiosqlite.Connection]:
+    """``BEGIN IMMEDIATE`` .. ``COMMIT`` (the write lock up front, so a transaction never
+    fails half-way on a busy database), rolled back on any error; SQLite's errors become
+    :class:`StoreError` naming ``what``.  Shared by the store and the lease store."""
+    try:
+        await conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        raise StoreError(f"{what}: {exc}") from None
+    try:
+        yield conn
+    except BaseException as exc:
+        with contextlib.suppress(sqlite3.Error):
+            await conn.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise StoreError(f"{what}: {exc}") from None
+        raise
+    try:
+        await conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        with contextlib.suppress(sqlite3.Error):
+            await conn.execute("ROLLBACK")
+        raise StoreError(f"{what}: commit failed: {exc}") from None
+
+
+# -- migrations ------------------------------------------------------------------------------
+
+
 async def _configure(conn: aiosqlite.Connection) -> None:
     (mode,) = await _one(conn, "PRAGMA journal_mode=WAL")
     if str(mode).lower() != "wal":
@@ -258,6 +287,10 @@ async def _migrate(conn: aiosqlite.Connection, db_path: Path, clock: Callable[[]
     for m in MIGRATIONS[version:]:
         await conn.execute("BEGIN IMMEDIATE")
         try:
+            (now_at,) = await _one(conn, "PRAGMA user_version")
+            if now_at >= m.version:  # another daemon sharing the file applied it meanwhile
+                await conn.execute("COMMIT")
+                continue
             for statement in m.statements:
                 await conn.execute(statement)
             await conn.execute(
@@ -419,23 +452,10 @@ class Store:
             if durable != self._durable:
                 await conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
                 self._durable = durable
-            await conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise StoreError(f"state database {self.path}: {exc}") from None
-        try:
+        async with immediate_transaction(conn, f"state database {self.path}"):
             yield conn
-        except BaseException as exc:
-            with contextlib.suppress(sqlite3.Error):
-                await conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
-                raise StoreError(f"state database {self.path}: {exc}") from None
-            raise
-        try:
-            await conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                await conn.execute("ROLLBACK")
-            raise StoreError(f"state database {self.path}: commit failed: {exc}") from None
 
     @contextlib.asynccontextmanager
     async def _transaction(self, *, durable: bool = False) -> AsyncIterator[aiosqlite.Connection]:

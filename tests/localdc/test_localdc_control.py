@@ -107,9 +107,12 @@ async def test_cli_serves_until_sigterm(tmp_path, isolated_telethon, phone):
         got: list[str] = []
         client.add_event_handler(lambda ev: got.append(ev.raw_text), events.NewMessage())
         await _post(info["control_url"] + "/push", {"user_id": me.id, "text": "via control"})
+        cid = (await _post(info["control_url"] + "/channel",
+                           {"title": "news", "members": [me.id]}))["channel_id"]
+        await _post(info["control_url"] + "/channel/post", {"channel_id": cid, "text": "post"})
         deadline = time.monotonic() + 10
-        while got != ["via control"]:
-            assert time.monotonic() < deadline, "pushed update not received"
+        while got != ["via control", "post"]:
+            assert time.monotonic() < deadline, f"pushed updates not received: {got}"
             await asyncio.sleep(0.02)
         await client.disconnect()
         proc.send_signal(signal.SIGTERM)

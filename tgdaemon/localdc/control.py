@@ -11,6 +11,8 @@ Routes (all JSON):
   POST   /drop      {dc_id?, user_id?, auth_key_id?}      {"dropped": n}
   POST   /forget    {auth_key_id?, user_id?, dc_id?}      {"forgotten": n}
   POST   /push      {user_id, text?}                      {"message_id": n}
+  POST   /channel   {title, members: [user_id]}            {"channel_id": n}
+  POST   /channel/post {channel_id, text}                  {"message_id": n}
   POST   /code      {phone}                               {"code": str|null}
   POST   /user      {phone}                               {"user_id": int|null}
   POST   /password  {phone, password|null}                {}
@@ -103,6 +105,25 @@ def make_app(dc: LocalDC) -> web.Application:
             mid = dc.push_update(int(b["user_id"]), str(b.get("text", "ping from localdc")))
         except KeyError as exc:
             raise web.HTTPNotFound(text="unknown user") from exc
+        return web.json_response({"message_id": mid})
+
+    @routes.post("/channel")
+    async def channel(request: web.Request) -> web.Response:
+        b = await _body(request)
+        try:
+            cid = dc.create_channel(str(b.get("title", "channel")),
+                                    [int(u) for u in b.get("members", [])])
+        except KeyError as exc:
+            raise web.HTTPNotFound(text="unknown user") from exc
+        return web.json_response({"channel_id": cid})
+
+    @routes.post("/channel/post")
+    async def channel_post(request: web.Request) -> web.Response:
+        b = await _body(request)
+        try:
+            mid = dc.post_to_channel(int(b["channel_id"]), str(b.get("text", "post")))
+        except KeyError as exc:
+            raise web.HTTPNotFound(text="unknown channel") from exc
         return web.json_response({"message_id": mid})
 
     @routes.post("/code")

@@ -1,12 +1,14 @@
 """Private messages between localdc's users: send, history, dialogs, read marks, edits,
 deletions, and finding a user by username or phone number.
 
-Built on the per-user update history in :class:`~tgdaemon.localdc.rpc.World` (``history``:
-each user's own copy of a message, with that user's message id and pts), as on Telegram,
-where each side of a private chat has its own message ids: a message from A to B is two
-messages, one in each history, linked here as twins so a read mark, an edit or a revoked
-deletion reaches the other side with the other side's id. Every change bumps the affected
-user's pts and is pushed to that user's sessions as the update Telegram sends.
+Built on the per-user update log of :mod:`tgdaemon.localdc.updates` (``World.history``): every
+change is an update recorded in the affected user's box (bumping its pts, persisted, replayed
+by getDifference) and pushed to that user's sessions. A box's messages, edits, deletions and
+read marks are *read back from that log* (:func:`box_view`), so there is one model of what
+happened, not a second message store. As on Telegram, each side of a private chat has its own
+message ids: a message from A to B is two messages, one in each box, linked as twins (kept in
+memory; after a localdc restart older messages no longer propagate edits/reads to the other
+side) so a read mark, an edit or a revoked deletion reaches the other side with its own id.
 """
 
 from __future__ import annotations
@@ -38,14 +40,10 @@ _LOCAL_USERNAME = re.compile(r"local(\d+)", re.IGNORECASE)
 
 @dataclass
 class Chats:
-    """Per-world state beyond the history: twins and read marks (in memory, like history)."""
+    """What the update log does not say: which two messages are one message's two sides."""
 
     #: (owner, message id) -> (other owner, other's message id)
     twins: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
-    #: (owner, peer) -> highest incoming message id the owner has read
-    read_inbox: dict[tuple[int, int], int] = field(default_factory=dict)
-    #: (owner, peer) -> highest outgoing message id the peer has read
-    read_outbox: dict[tuple[int, int], int] = field(default_factory=dict)
 
 
 def chats(w: World) -> Chats:
@@ -71,8 +69,43 @@ def _peer_user_id(msg: Any) -> int | None:
     return peer.user_id if isinstance(peer, tl.PeerUser) else None
 
 
+@dataclass
+class BoxView:
+    """A user's private messages and read marks, as the update log says they are now."""
+
+    messages: dict[int, Any] = field(default_factory=dict)  # id -> current message
+    read_inbox: dict[int, int] = field(default_factory=dict)  # peer -> max id read by owner
+    read_outbox: dict[int, int] = field(default_factory=dict)  # peer -> max id peer read
+
+
+def box_view(w: World, owner: int) -> BoxView:
+    """Replay the owner's log (bounded: the newest ``history_limit`` updates)."""
+    view = BoxView()
+    for u in w.history.account.entries(owner):
+        if isinstance(u, tl.UpdateNewMessage | tl.UpdateEditMessage):
+            if u.message.id in view.messages or isinstance(u, tl.UpdateNewMessage):
+                view.messages[u.message.id] = u.message
+        elif isinstance(u, tl.UpdateDeleteMessages):
+            for i in u.messages:
+                view.messages.pop(i, None)
+        elif isinstance(u, tl.UpdateReadHistoryInbox) and isinstance(u.peer, tl.PeerUser):
+            view.read_inbox[u.peer.user_id] = max(u.max_id,
+                                                  view.read_inbox.get(u.peer.user_id, 0))
+        elif isinstance(u, tl.UpdateReadHistoryOutbox) and isinstance(u.peer, tl.PeerUser):
+            view.read_outbox[u.peer.user_id] = max(u.max_id,
+                                                   view.read_outbox.get(u.peer.user_id, 0))
+    return view
+
+
 def _messages_with(w: World, owner: int, peer: int) -> list[Any]:
-    return [m for _pts, m in w.history.get(owner, ()) if _peer_user_id(m) == peer]
+    return [m for m in box_view(w, owner).messages.values() if _peer_user_id(m) == peer]
+
+
+def _record(w: World, owner: int, make: Any, exclude_key: int | None,
+            peers: tuple[int, ...] = ()) -> Any:
+    update = w.history.record(owner, make)
+    w.deliver(owner, [update], exclude_key, peers=peers)
+    return update
 
 
 def _users(w: World, viewer: int, ids: set[int]) -> list[tl.User]:
@@ -80,11 +113,6 @@ def _users(w: World, viewer: int, ids: set[int]) -> list[tl.User]:
     if SERVICE_USER_ID in ids:
         out.append(w.service_user())
     return out
-
-
-def _push(w: World, user_id: int, update: Any, exclude_key: int | None) -> None:
-    w.push(user_id, tl.Updates(updates=[update], users=[], chats=[], date=_now(), seq=0),
-           exclude_key)
 
 
 # -- send ---------------------------------------------------------------------------------------
@@ -109,8 +137,8 @@ def _send_message(w: World, ctx: Ctx, req: Any) -> tl.UpdateShortSentMessage:
                                  exclude_key=None, reply_to=their_reply or None)
         state.twins[(me.id, sent.id)] = (target.id, received.id)
         state.twins[(target.id, received.id)] = (me.id, sent.id)
-    return tl.UpdateShortSentMessage(id=sent.id, pts=sent.id, pts_count=1, date=sent.date,
-                                     out=True)
+    pts = w.store.users[me.id].pts
+    return tl.UpdateShortSentMessage(id=sent.id, pts=pts, pts_count=1, date=sent.date, out=True)
 
 
 # -- history and dialogs ------------------------------------------------------------------------
@@ -135,21 +163,21 @@ def _get_history(w: World, ctx: Ctx, req: Any) -> tl_messages.Messages:
 @_handles(fn.messages.GetDialogsRequest)
 def _get_dialogs(w: World, ctx: Ctx, req: Any) -> tl_messages.Dialogs:
     me = w.user(ctx)
-    state = chats(w)
+    view = box_view(w, me.id)
     top: dict[int, Any] = {}
     unread: dict[int, int] = {}
-    for _pts, m in w.history.get(me.id, ()):
+    for m in view.messages.values():
         peer = _peer_user_id(m)
         if peer is None:
             continue
         if peer not in top or m.id > top[peer].id:
             top[peer] = m
-        if not m.out and m.id > state.read_inbox.get((me.id, peer), 0):
+        if not m.out and m.id > view.read_inbox.get(peer, 0):
             unread[peer] = unread.get(peer, 0) + 1
     order = sorted(top, key=lambda p: top[p].id, reverse=True)[:max(1, min(req.limit, 100))]
     dialogs = [tl.Dialog(peer=tl.PeerUser(p), top_message=top[p].id,
-                         read_inbox_max_id=state.read_inbox.get((me.id, p), 0),
-                         read_outbox_max_id=state.read_outbox.get((me.id, p), 0),
+                         read_inbox_max_id=view.read_inbox.get(p, 0),
+                         read_outbox_max_id=view.read_outbox.get(p, 0),
                          unread_count=unread.get(p, 0), unread_mentions_count=0,
                          unread_reactions_count=0, unread_poll_votes_count=0,
                          notify_settings=tl.PeerNotifySettings())
@@ -166,42 +194,27 @@ def _read_history(w: World, ctx: Ctx, req: Any) -> tl_messages.AffectedMessages:
     me = w.user(ctx)
     target = _target(w, me, req.peer)
     state = chats(w)
-    incoming = [m.id for m in _messages_with(w, me.id, target.id) if not m.out]
-    upto = min(req.max_id or max(incoming, default=0), max(incoming, default=0))
-    key = (me.id, target.id)
-    if upto <= state.read_inbox.get(key, 0):
+    view = box_view(w, me.id)
+    incoming = [m.id for m in view.messages.values()
+                if _peer_user_id(m) == target.id and not m.out]
+    newest = max(incoming, default=0)
+    upto = min(req.max_id or newest, newest)
+    if upto <= view.read_inbox.get(target.id, 0):
         return tl_messages.AffectedMessages(pts=me.pts, pts_count=0)
-    state.read_inbox[key] = upto
-    pts = w.store.bump_pts(me.id)
     still = sum(1 for i in incoming if i > upto)
-    _push(w, me.id, tl.UpdateReadHistoryInbox(peer=tl.PeerUser(target.id), max_id=upto,
-                                              still_unread_count=still, pts=pts, pts_count=1),
-          ctx.key_id)
+    mark = _record(w, me.id, lambda pts: tl.UpdateReadHistoryInbox(
+        peer=tl.PeerUser(target.id), max_id=upto, still_unread_count=still, pts=pts,
+        pts_count=1), ctx.key_id)
     # The other side learns that its messages up to its own id were read.
     theirs = [state.twins[(me.id, i)][1] for i in incoming
               if i <= upto and (me.id, i) in state.twins]
     if theirs and target.id != me.id:
-        their_max = max(theirs)
-        state.read_outbox[(target.id, me.id)] = their_max
-        their_pts = w.store.bump_pts(target.id)
-        _push(w, target.id, tl.UpdateReadHistoryOutbox(
-            peer=tl.PeerUser(me.id), max_id=their_max, pts=their_pts, pts_count=1), None)
-    return tl_messages.AffectedMessages(pts=pts, pts_count=1)
+        _record(w, target.id, lambda pts: tl.UpdateReadHistoryOutbox(
+            peer=tl.PeerUser(me.id), max_id=max(theirs), pts=pts, pts_count=1), None)
+    return tl_messages.AffectedMessages(pts=mark.pts, pts_count=1)
 
 
 # -- edits and deletions ------------------------------------------------------------------------
-
-
-def _replace(w: World, owner: int, msg_id: int, change: dict[str, Any]) -> Any:
-    history = w.history.get(owner)
-    if history is None:
-        return None
-    for i, (pts, m) in enumerate(history):
-        if m.id == msg_id:
-            new = replace_message(m, change)
-            history[i] = (pts, new)
-            return new
-    return None
 
 
 def replace_message(msg: tl.Message, change: dict[str, Any]) -> tl.Message:
@@ -215,8 +228,8 @@ def replace_message(msg: tl.Message, change: dict[str, Any]) -> tl.Message:
 def _edit_message(w: World, ctx: Ctx, req: Any) -> tl.Updates:
     me = w.user(ctx)
     target = _target(w, me, req.peer)
-    mine = next((m for m in _messages_with(w, me.id, target.id) if m.id == req.id), None)
-    if mine is None:
+    mine = box_view(w, me.id).messages.get(req.id)
+    if mine is None or _peer_user_id(mine) != target.id:
         raise RpcFail(400, "MESSAGE_ID_INVALID")
     if not mine.out:
         raise RpcFail(403, "MESSAGE_AUTHOR_REQUIRED")
@@ -225,55 +238,43 @@ def _edit_message(w: World, ctx: Ctx, req: Any) -> tl.Updates:
     if req.message == mine.message:
         raise RpcFail(400, "MESSAGE_NOT_MODIFIED")
     change = {"message": req.message, "edit_date": _now()}
-    edited = _replace(w, me.id, mine.id, change)
-    pts = w.store.bump_pts(me.id)
-    update = tl.UpdateEditMessage(message=edited, pts=pts, pts_count=1)
-    _push(w, me.id, update, ctx.key_id)
+    edited = replace_message(mine, change)
+    update = _record(w, me.id, lambda pts: tl.UpdateEditMessage(
+        message=edited, pts=pts, pts_count=1), ctx.key_id)
     twin = chats(w).twins.get((me.id, mine.id))
-    if twin is not None:
-        theirs = _replace(w, twin[0], twin[1], change)
-        if theirs is not None:
-            their_pts = w.store.bump_pts(twin[0])
-            _push(w, twin[0], tl.UpdateEditMessage(message=theirs, pts=their_pts, pts_count=1),
-                  None)
+    theirs = box_view(w, twin[0]).messages.get(twin[1]) if twin is not None else None
+    if twin is not None and theirs is not None:
+        their_edit = replace_message(theirs, change)
+        _record(w, twin[0], lambda pts: tl.UpdateEditMessage(
+            message=their_edit, pts=pts, pts_count=1), None, peers=(me.id,))
     return tl.Updates(updates=[update], users=_users(w, me.id, {me.id, target.id}), chats=[],
                       date=_now(), seq=0)
-
-
-def _delete(w: World, owner: int, ids: set[int]) -> list[int]:
-    history = w.history.get(owner)
-    if history is None:
-        return []
-    kept = [(p, m) for p, m in history if m.id not in ids]
-    gone = [m.id for _p, m in history if m.id in ids]
-    history.clear()
-    history.extend(kept)
-    return gone
 
 
 @_handles(fn.messages.DeleteMessagesRequest)
 def _delete_messages(w: World, ctx: Ctx, req: Any) -> tl_messages.AffectedMessages:
     me = w.user(ctx)
     state = chats(w)
-    gone = _delete(w, me.id, set(req.id))
+    held = box_view(w, me.id).messages
+    gone = [i for i in req.id if i in held]
     if not gone:
         return tl_messages.AffectedMessages(pts=me.pts, pts_count=0)
-    pts = w.store.bump_pts(me.id)
-    _push(w, me.id, tl.UpdateDeleteMessages(messages=gone, pts=pts, pts_count=1), ctx.key_id)
+    mark = _record(w, me.id, lambda pts: tl.UpdateDeleteMessages(
+        messages=gone, pts=pts, pts_count=1), ctx.key_id)
     if req.revoke:
-        others: dict[int, set[int]] = {}
+        others: dict[int, list[int]] = {}
         for i in gone:
             twin = state.twins.pop((me.id, i), None)
             if twin is not None:
-                others.setdefault(twin[0], set()).add(twin[1])
+                others.setdefault(twin[0], []).append(twin[1])
                 state.twins.pop(twin, None)
         for owner, ids in others.items():
-            their_gone = _delete(w, owner, ids)
+            their_held = box_view(w, owner).messages
+            their_gone = [i for i in ids if i in their_held]
             if their_gone:
-                their_pts = w.store.bump_pts(owner)
-                _push(w, owner, tl.UpdateDeleteMessages(messages=their_gone, pts=their_pts,
-                                                        pts_count=1), None)
-    return tl_messages.AffectedMessages(pts=pts, pts_count=1)
+                _record(w, owner, lambda pts, g=their_gone: tl.UpdateDeleteMessages(
+                    messages=g, pts=pts, pts_count=1), None)
+    return tl_messages.AffectedMessages(pts=mark.pts, pts_count=1)
 
 
 # -- finding users ------------------------------------------------------------------------------
@@ -302,4 +303,4 @@ def _resolve_phone(w: World, ctx: Ctx, req: Any) -> tl_contacts.ResolvedPeer:
     return _resolved(w, me, w.store.users[uid])
 
 
-__all__ = ["Chats", "chats", "replace_message"]
+__all__ = ["BoxView", "Chats", "box_view", "chats", "replace_message"]

@@ -13,7 +13,6 @@ import os
 import re
 import secrets
 import struct
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -31,12 +30,12 @@ from tgdaemon.localdc.faults import MethodNames
 
 if TYPE_CHECKING:
     from tgdaemon.localdc.store import Store, UserRecord
+    from tgdaemon.localdc.updates import UpdateHistory
 
 VECTOR = 0x1CB5C415
 BOOL_TRUE = 0x997275B5
 BOOL_FALSE = 0xBC799737
 SERVICE_USER_ID = 777000
-HISTORY_LIMIT = 200
 
 _SPECIAL_NAMES = {
     "ReqPqRequest": "req_pq",
@@ -115,13 +114,13 @@ class World:
     addresses: Callable[[], dict[int, tuple[str, int]]]
     bind_key: Callable[[int, int | None], None]
     push: Callable[[int, tl.TypeUpdates, int | None], None]
+    history: UpdateHistory
     fixed_code: str | None = "12345"
     codes: dict[str, tuple[str, str]] = field(default_factory=dict)  # phone -> (hash, code)
     last_codes: dict[str, str] = field(default_factory=dict)
     pending_2fa: dict[int, str] = field(default_factory=dict)  # key_id -> phone
     srp: dict[int, tuple[str, SrpChallenge, SrpVerifier]] = field(default_factory=dict)
     exports: dict[bytes, tuple[int, int]] = field(default_factory=dict)  # token -> (uid, dc)
-    history: dict[int, deque[tuple[int, tl.Message]]] = field(default_factory=dict)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -158,23 +157,26 @@ class World:
 
     def new_message(self, user_id: int, text: str, *, out: bool, peer: int,
                     exclude_key: int | None, reply_to: int | None = None) -> tl.Message:
-        """Store a message for ``user_id``, bump pts and push the update to its sessions."""
-        pts = self.store.bump_pts(user_id)
+        """Store a message for ``user_id`` (its pts moves on) and push it to its sessions."""
         msg = tl.Message(
-            id=pts, peer_id=tl.PeerUser(peer), date=_now(), message=text, out=out,
-            from_id=tl.PeerUser(user_id if out else peer),
+            id=self.history.next_message_id(user_id), peer_id=tl.PeerUser(peer), date=_now(),
+            message=text, out=out, from_id=tl.PeerUser(user_id if out else peer),
             reply_to=tl.MessageReplyHeader(reply_to_msg_id=reply_to) if reply_to else None,
         )
-        self.history.setdefault(user_id, deque(maxlen=HISTORY_LIMIT)).append((pts, msg))
-        users = [self.tl_user(self.store.users[user_id], user_id)]
-        if peer == SERVICE_USER_ID:
-            users.append(self.service_user())
-        elif peer != user_id and peer in self.store.users:
-            users.append(self.tl_user(self.store.users[peer], user_id))
-        upd = tl.Updates(updates=[tl.UpdateNewMessage(message=msg, pts=pts, pts_count=1)],
-                         users=users, chats=[], date=_now(), seq=0)
-        self.push(user_id, upd, exclude_key)
+        upd = self.history.record(
+            user_id, lambda pts: tl.UpdateNewMessage(message=msg, pts=pts, pts_count=1))
+        self.deliver(user_id, [upd], exclude_key, peers=(peer,))
         return msg
+
+    def deliver(self, user_id: int, updates: list[tl.TypeUpdate],
+                exclude_key: int | None = None, peers: tuple[int, ...] = ()) -> None:
+        """Push recorded updates to the user's sessions (all but ``exclude_key``'s); the users
+        in ``peers`` go along so clients know who a message is from."""
+        users = [self.tl_user(self.store.users[user_id], user_id), self.service_user()]
+        users += [self.tl_user(self.store.users[p], user_id) for p in peers
+                  if p != user_id and p in self.store.users]
+        self.push(user_id, tl.Updates(updates=updates, users=users, chats=[], date=_now(),
+                                      seq=0), exclude_key)
 
     # -- dispatch ----------------------------------------------------------------------------
 
@@ -255,18 +257,6 @@ def _get_full_user(w: World, ctx: Ctx, req: Any) -> tl_users.UserFull:
 @_handles(fn.updates.GetStateRequest)
 def _get_state(w: World, ctx: Ctx, req: Any) -> tl_updates.State:
     return w.state(w.user(ctx))
-
-
-@_handles(fn.updates.GetDifferenceRequest)
-def _get_difference(w: World, ctx: Ctx, req: Any) -> Any:
-    me = w.user(ctx)
-    if req.pts >= me.pts:
-        return tl_updates.DifferenceEmpty(date=_now(), seq=0)
-    msgs = [m for pts, m in w.history.get(me.id, ()) if pts > req.pts]
-    return tl_updates.Difference(
-        new_messages=msgs, new_encrypted_messages=[], other_updates=[], chats=[],
-        users=[w.tl_user(me, me.id), w.service_user()], state=w.state(me),
-    )
 
 
 # -- login -------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from tgdaemon.localdc.rpc import (
     normalize_phone,
 )
 from tgdaemon.localdc.store import AuthKeyRecord, Store
+from tgdaemon.localdc.updates import HISTORY_LIMIT, SLICE_LIMIT, UpdateHistory, new_channel_post
 
 log = logging.getLogger("tgdaemon.localdc")
 
@@ -158,6 +159,8 @@ class LocalDC:
         port: int = 0,
         code: str | None = "12345",
         control_port: int | None = None,
+        history_limit: int = HISTORY_LIMIT,
+        slice_limit: int = SLICE_LIMIT,
     ) -> None:
         if dcs < 1:
             raise ValueError("dcs must be >= 1")
@@ -167,6 +170,9 @@ class LocalDC:
         self.port = port
         self.code = code
         self.control_port = control_port
+        #: Updates kept per user/channel log, and per difference answer (tgdaemon.localdc.updates).
+        self.history_limit = history_limit
+        self.slice_limit = slice_limit
         self.faults = FaultBook()
         self._store: Store | None = None
         self._world: World | None = None
@@ -191,6 +197,8 @@ class LocalDC:
             addresses=lambda: self.addresses,
             bind_key=self._bind_key,
             push=self._push,
+            history=UpdateHistory(self._store, history_limit=self.history_limit,
+                                  slice_limit=self.slice_limit),
             fixed_code=self.code,
         )
         advertised = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
@@ -349,7 +357,24 @@ class LocalDC:
             raise KeyError(f"unknown user {user_id}")
         msg = self.world.new_message(user_id, text, out=False, peer=SERVICE_USER_ID,
                                      exclude_key=None)
-        return msg.id
+        return int(msg.id)
+
+    def push_raw(self, user_id: int, body: bytes) -> None:
+        """Push arbitrary bytes as a server message to the user's sessions (e.g. an object
+        whose constructor the client's layer does not know)."""
+        self._push(user_id, body, None)
+
+    def create_channel(self, title: str, members: list[int]) -> int:
+        """A broadcast channel with these users as members; returns its id."""
+        unknown = [u for u in members if u not in self.store.users]
+        if unknown:
+            raise KeyError(f"unknown users {unknown}")
+        access_hash = struct.unpack("<q", os.urandom(8))[0]
+        return self.world.history.create_channel(title, members, access_hash).id
+
+    def post_to_channel(self, channel_id: int, text: str) -> int:
+        """Post in a channel (pushed to every member); returns the message id."""
+        return int(new_channel_post(self.world, channel_id, text).id)
 
     def counters(self, dc_id: int | None = None, user_id: int | None = None) -> dict[str, Any]:
         """Summed counters; method counts are under ``"requests"`` keyed by TL name
@@ -396,8 +421,9 @@ class LocalDC:
     def _bind_key(self, key_id: int, user_id: int | None) -> None:
         self.store.update_auth_key(key_id, user_id=user_id)
 
-    def _push(self, user_id: int, updates: tl.TypeUpdates, exclude_key: int | None) -> None:
-        body = bytes(updates)
+    def _push(self, user_id: int, updates: tl.TypeUpdates | bytes,
+              exclude_key: int | None) -> None:
+        body = updates if isinstance(updates, bytes) else bytes(updates)
         for conn in list(self._conns):
             if conn.session_id is None or conn.key_id == exclude_key:
                 continue

@@ -124,6 +124,12 @@ class Store:
         log.info("localdc state loaded: %d auth keys, %d users",
                  len(self.auth_keys), len(self.users))
 
+    @property
+    def db(self) -> sqlite3.Connection | None:
+        """The open database (None when memory-only), for modules that keep their own tables
+        in the same file (tgdaemon.localdc.updates)."""
+        return self._db
+
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
@@ -176,9 +182,9 @@ class Store:
             (rec.id, rec.phone, rec.first_name, rec.access_hash, rec.pts, rec.home_dc),
         )
 
-    def bump_pts(self, user_id: int) -> int:
+    def bump_pts(self, user_id: int, by: int = 1) -> int:
         rec = self.users[user_id]
-        rec = replace(rec, pts=rec.pts + 1)
+        rec = replace(rec, pts=rec.pts + by)
         self._save_user(rec)
         return rec.pts
 

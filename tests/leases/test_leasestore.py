@@ -1,0 +1,163 @@
+"""The lease store contract, run against both backends: SQLite and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import WaitUntil
+from tgdaemon.crypto import KeyRing
+from tgdaemon.exceptions import StoreError
+from tgdaemon.leasestore import NO_EPOCH, LeaseStore, PgLeaseStore, SqliteLeaseStore
+from tgdaemon.store import DB_NAME, Store
+
+TTL = 30.0
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def leases(request: pytest.FixtureRequest, state_dir: Path,
+                 keyring: KeyRing) -> AsyncIterator[LeaseStore]:
+    store: LeaseStore
+    if request.param == "sqlite":
+        async with await Store.open(state_dir, keyring, lock=False):
+            pass  # creates and migrates the database the lease store shares
+        store = await SqliteLeaseStore.open(state_dir / DB_NAME)
+    else:
+        store = await PgLeaseStore.open(request.getfixturevalue("pg_url"))
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def test_sync_adds_missing_accounts_once(leases: LeaseStore) -> None:
+    assert await leases.sync_accounts(["a", "b", "c"]) == 3
+    assert await leases.sync_accounts(["b", "c", "d"]) == 1
+    fleet = await leases.fleet()
+    assert [(f.name, f.enabled, f.owner) for f in fleet] == [
+        ("a", True, None), ("b", True, None), ("c", True, None), ("d", True, None)]
+
+
+async def test_claims_never_overlap_and_renew_keeps_them(leases: LeaseStore) -> None:
+    await leases.sync_accounts([f"a{i}" for i in range(10)])
+    await leases.register("one", 100)
+    await leases.register("two", 100)
+    first = await leases.claim("one", 6, TTL)
+    second = await leases.claim("two", 6, TTL)
+    assert len(first) == 6
+    assert len(second) == 4  # only what is left
+    assert not set(first) & set(second)
+    assert all(e == 1 for e in (*first.values(), *second.values()))
+    assert await leases.claim("two", 5, TTL) == {}
+    assert await leases.renew("one", TTL) == first
+    counts = await leases.counts(TTL)
+    assert (counts.accounts, counts.live_instances, counts.claimable) == (10, 2, 0)
+    owned = {i.id: i.owned for i in await leases.instances()}
+    assert owned == {"one": 6, "two": 4}
+
+
+async def test_expired_lease_is_claimed_with_a_new_epoch_and_old_owner_fenced(
+        leases: LeaseStore, wait_until: WaitUntil) -> None:
+    await leases.sync_accounts(["a"])
+    await leases.register("old", 10)
+    await leases.register("new", 10)
+    assert await leases.claim("old", 1, 0.3) == {"a": 1}
+    assert await leases.write_sessions("old", {"a": (1, b"v1")}) == set()
+    assert await leases.claim("new", 1, TTL) == {}  # still valid: not claimable
+
+    got: dict[str, int] = {}
+
+    async def claimed() -> bool:
+        got.update(await leases.claim("new", 1, TTL))
+        return bool(got)
+
+    await wait_until(claimed, timeout=10, message="expired lease claimable")
+    assert got == {"a": 2}
+    # the old owner neither renews it nor writes over the new owner's session
+    assert await leases.renew("old", TTL) == {}
+    assert await leases.write_sessions("new", {"a": (2, b"v2")}) == set()
+    assert await leases.write_sessions("old", {"a": (1, b"stale")}) == {"a"}
+    assert await leases.read_sessions(["a"]) == {"a": b"v2"}
+
+
+async def test_write_needs_the_current_epoch_and_ownership(leases: LeaseStore) -> None:
+    await leases.sync_accounts(["a", "b"])
+    await leases.register("me", 10)
+    lease = await leases.claim("me", 1, TTL)
+    (name, epoch), = lease.items()
+    other = "b" if name == "a" else "a"
+    rejected = await leases.write_sessions("me", {
+        name: (epoch, b"ok"), other: (NO_EPOCH, b"not mine")})
+    assert rejected == {other}
+    assert await leases.write_sessions("me", {name: (epoch + 1, b"future")}) == {name}
+    assert await leases.read_sessions() == {name: b"ok"}
+    assert await leases.write_sessions("me", {name: (epoch, None)}) == set()
+    assert await leases.read_sessions() == {}
+
+
+async def test_release_makes_claimable_at_once_and_unregister_frees_all(
+        leases: LeaseStore) -> None:
+    await leases.sync_accounts(["a", "b", "c"])
+    await leases.register("x", 10)
+    held = await leases.claim("x", 3, TTL)
+    await leases.release("x", ["a"])
+    assert await leases.renew("x", TTL) == {k: v for k, v in held.items() if k != "a"}
+    await leases.register("y", 10)
+    assert await leases.claim("y", 3, TTL) == {"a": 2}
+    await leases.unregister("x")
+    assert [i.id for i in await leases.instances()] == ["y"]
+    assert set(await leases.claim("y", 3, TTL)) == {"b", "c"}
+
+
+async def test_disabled_accounts_are_released_and_never_claimed(leases: LeaseStore) -> None:
+    await leases.sync_accounts(["a", "b"])
+    await leases.register("x", 10)
+    assert set(await leases.claim("x", 2, TTL)) == {"a", "b"}
+    assert await leases.set_enabled("a", False)
+    assert set(await leases.renew("x", TTL)) == {"b"}
+    assert await leases.claim("x", 2, TTL) == {}
+    assert (await leases.counts(TTL)).accounts == 1
+    assert not await leases.set_enabled("nobody", True)
+
+
+async def test_remove_account_drops_lease_and_session(leases: LeaseStore) -> None:
+    await leases.sync_accounts(["a"])
+    await leases.register("x", 10)
+    epoch = (await leases.claim("x", 1, TTL))["a"]
+    await leases.write_sessions("x", {"a": (epoch, b"rec")})
+    assert await leases.remove_account("a")
+    assert not await leases.remove_account("a")
+    assert await leases.fleet() == []
+    assert await leases.read_sessions() == {}
+    assert await leases.renew("x", TTL) == {}
+
+
+async def test_concurrent_claims_from_many_instances_are_disjoint(leases: LeaseStore) -> None:
+    await leases.sync_accounts([f"a{i}" for i in range(60)])
+    ids = [f"i{k}" for k in range(4)]
+    for i in ids:
+        await leases.register(i, 100)
+    results = await asyncio.gather(*(leases.claim(i, 20, TTL) for i in ids))
+    claimed = [name for r in results for name in r]
+    assert len(claimed) == len(set(claimed)) == 60
+
+
+async def test_postgres_migrations_are_checksummed(pg_url: str) -> None:
+    import asyncpg
+
+    await (await PgLeaseStore.open(pg_url)).close()  # creates the schema
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute("UPDATE schema_migrations SET checksum='edited' WHERE version=1")
+    finally:
+        await conn.close()
+    with pytest.raises(StoreError, match="migration 1 differs"):
+        await PgLeaseStore.open(pg_url)
+
+
+async def test_postgres_unreachable_is_a_store_error() -> None:
+    with pytest.raises(StoreError, match="cannot connect"):
+        await PgLeaseStore.open("postgresql://nobody:secret@127.0.0.1:9/x", timeout=2)

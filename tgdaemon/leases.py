@@ -1,0 +1,141 @@
+"""Lease decisions for a fleet shared by several daemons: pure functions, no I/O.
+
+Every account has at most one owner (an instance id), a lease epoch and an expiry in the
+store.  An instance renews all its leases in one statement per ``renew_interval``; what it
+claims, releases and when it must close its connections are decided here from numbers the
+lease store reports, so the rules are tested as tables (tests/leases/test_leases.py) apart
+from the databases that carry them out (tgdaemon/leasestore.py).
+
+Safety first: a lease is treated as *ours* only until ``renewal start + ttl - close_margin``
+on our own monotonic clock.  The renewal's start, not its answer, is the reference: the store
+set the expiry at or after that instant, so our deadline is never later than the store's.  By
+that deadline every connection of the lease is closed, whether or not the store answered.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+
+class RenewalResult(enum.Enum):
+    """Outcome of one renewal round (the ``result`` label of ``tgdaemon_lease_renewals_total``)."""
+
+    OK = "ok"  # every lease we held was renewed
+    LOST = "lost"  # the store answered, but some leases were no longer ours
+    ERROR = "error"  # the store did not answer in time (unreachable, locked, paused)
+
+
+@dataclass(frozen=True)
+class LeaseTiming:
+    """How long a lease lives, how often it is renewed, and how early a worker closes."""
+
+    ttl: float = 60.0
+    renew_interval: float = 10.0
+    #: Seconds before the local deadline at which connections are closed (closing takes time).
+    close_margin: float = 10.0
+
+    def __post_init__(self) -> None:
+        problems = timing_problems(self.ttl, self.renew_interval, self.close_margin)
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def valid_until(self, renewal_started: float) -> float:
+        """Local monotonic time until which a lease renewed at ``renewal_started`` may be used."""
+        return renewal_started + self.ttl - self.close_margin
+
+
+def timing_problems(ttl: float, renew_interval: float, close_margin: float) -> list[str]:
+    """Why a lease timing is unsafe (empty when it is fine): a renewal must have two chances
+    to succeed before connections close, or one slow statement drops the whole fleet."""
+    out = []
+    if not ttl > 0 or not renew_interval > 0 or not close_margin > 0:
+        out.append("lease_ttl, lease_renew_interval and the close margin must be positive")
+    elif ttl - close_margin < 2 * renew_interval:
+        out.append(
+            f"lease_ttl ({ttl:g}) must be at least 2 x lease_renew_interval + close margin "
+            f"({2 * renew_interval:g} + {close_margin:g}): a single late renewal would close "
+            "every connection")
+    return out
+
+
+def default_close_margin(ttl: float) -> float:
+    """Connections close this long before the lease's local deadline: a sixth of the TTL,
+    between 1 and 10 seconds (closing 10,000 clients takes a few seconds)."""
+    return min(10.0, max(1.0, ttl / 6))
+
+
+def must_close(now: float, valid_until: float) -> bool:
+    """Whether connections of a lease valid until ``valid_until`` must be closed now."""
+    return now >= valid_until
+
+
+def disconnect_delay(now: float, valid_until: float) -> int:
+    """Seconds to ask the server for in ``ping_delay_disconnect``: if this process stops
+    talking (paused, partitioned), the server closes the connection by the lease deadline
+    even though we cannot.  Whole seconds, rounded down, at least 1."""
+    return max(1, math.floor(valid_until - now))
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """What one instance knows of the fleet after a renewal (all counts of enabled accounts)."""
+
+    accounts: int  # enabled accounts in the fleet
+    live_instances: int  # instances with a renewal younger than the TTL, us included
+    owned: int  # leases we hold now
+    claimable: int  # enabled accounts without a valid lease
+
+
+@dataclass(frozen=True)
+class Balance:
+    """What to do this round: release first (closed before released), then claim."""
+
+    claim: int = 0
+    release: int = 0
+
+
+def fair_share(accounts: int, live_instances: int) -> int:
+    """Accounts one instance should hold: the total divided by the live instances, rounded up
+    (rounding up lets the shares cover the whole fleet)."""
+    return math.ceil(accounts / max(1, live_instances))
+
+
+def balance(view: ClusterView, capacity: int, moves: int) -> Balance:
+    """Claim towards our share (never beyond ``capacity``), or give back what exceeds it.
+
+    Releases are bounded by ``moves`` (what :class:`MoveBudget` allows now): a joining
+    instance takes its share gradually, and each moved account is closed here before anybody
+    can claim it.  Claims of unowned accounts are not bounded by moves: an orphaned account
+    (its owner died) should be back as soon as the connect rate allows."""
+    target = min(capacity, fair_share(view.accounts, view.live_instances))
+    if view.owned > target:
+        return Balance(release=max(0, min(view.owned - target, moves)))
+    return Balance(claim=max(0, min(target - view.owned, view.claimable)))
+
+
+class MoveBudget:
+    """A token bucket of releases per minute (``per_minute`` = 0: no rebalancing moves).
+
+    Mutable but pure: the caller passes the monotonic time."""
+
+    def __init__(self, per_minute: int, now: float) -> None:
+        self.per_minute = per_minute
+        self._tokens = float(per_minute)
+        self._at = now
+
+    def available(self, now: float) -> int:
+        elapsed = max(0.0, now - self._at)
+        self._tokens = min(float(self.per_minute), self._tokens + elapsed * self.per_minute / 60)
+        self._at = now
+        return int(self._tokens)
+
+    def spend(self, n: int) -> None:
+        self._tokens = max(0.0, self._tokens - n)
+
+
+def renewal_result(held: set[str] | frozenset[str], renewed: set[str] | frozenset[str]) -> (
+        RenewalResult):
+    """OK when every lease we held came back renewed, LOST when some did not."""
+    return RenewalResult.OK if held <= renewed else RenewalResult.LOST

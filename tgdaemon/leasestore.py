@@ -1,0 +1,564 @@
+"""The lease store: one contract, two databases (SQLite on one machine, PostgreSQL across).
+
+What several daemons share: the fleet's accounts (name, enabled), one lease row per account
+(owner instance, epoch, expiry), one row per instance (capacity, last renewal) and the
+encrypted session records.  Records are encrypted by the daemon before they reach either
+database (tgdaemon/store.py's key ring): PostgreSQL never sees a key.
+
+Fencing: every session write carries the epoch of the lease it was made under and is applied
+only while that lease is still ours with that epoch, checked in the same transaction, so a
+paused-then-resumed owner cannot overwrite what the new owner wrote.
+
+Time: expiries are seconds since the epoch on the *database's* clock for PostgreSQL (daemons
+on several machines agree on one clock) and on the machine's clock for SQLite (one machine).
+A daemon never compares them with its own clock: it keeps its own, earlier, monotonic
+deadline (tgdaemon/leases.py).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from tgdaemon.exceptions import StoreError
+from tgdaemon.migrations import PG_MIGRATIONS, unapplied
+from tgdaemon.store import immediate_transaction
+
+#: Placeholder epoch meaning "no lease": never equal to a stored one (those start at 1).
+NO_EPOCH = -1
+
+
+@dataclass(frozen=True)
+class FleetAccount:
+    name: str
+    enabled: bool
+    owner: str | None
+    epoch: int
+    #: Seconds until the lease expires (negative: expired); None without an owner.
+    expires_in: float | None
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    id: str
+    capacity: int
+    host: str
+    pid: int
+    started_at: float
+    #: Seconds since its last renewal on the store's clock (its lag).
+    renewed_ago: float
+    owned: int
+
+
+@dataclass(frozen=True)
+class FleetCounts:
+    """Counts over enabled accounts, as of one read."""
+
+    accounts: int
+    live_instances: int
+    claimable: int  # without a valid lease (nobody owns them, or the lease expired)
+
+
+class LeaseStore(abc.ABC):
+    """What the fleet manager, the CLI and the tests need from a database (see module doc)."""
+
+    kind: str
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    # -- the fleet definition ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def sync_accounts(self, names: Iterable[str]) -> int:
+        """Add the accounts that are missing (enabled); returns how many were added."""
+
+    @abc.abstractmethod
+    async def remove_account(self, name: str) -> bool:
+        """Delete the account, its lease and its session; False when it did not exist."""
+
+    @abc.abstractmethod
+    async def set_enabled(self, name: str, enabled: bool) -> bool:
+        """False when there is no such account.  A disabled account is released by its
+        owner at the next renewal and claimed by nobody."""
+
+    @abc.abstractmethod
+    async def fleet(self) -> list[FleetAccount]: ...
+
+    # -- instances --------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def register(self, instance: str, capacity: int) -> None:
+        """Create or refresh the instance's row (a restart keeps its id)."""
+
+    @abc.abstractmethod
+    async def unregister(self, instance: str) -> None:
+        """Release every lease of the instance and delete its row (a clean stop)."""
+
+    @abc.abstractmethod
+    async def instances(self) -> list[InstanceInfo]: ...
+
+    @abc.abstractmethod
+    async def counts(self, ttl: float) -> FleetCounts: ...
+
+    # -- leases -----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def renew(self, instance: str, ttl: float) -> dict[str, int]:
+        """Extend every unexpired lease of ``instance`` by ``ttl`` in one statement and mark
+        the instance alive; returns the leases still held (account -> epoch).  Leases of
+        disabled accounts are released instead."""
+
+    @abc.abstractmethod
+    async def claim(self, instance: str, n: int, ttl: float) -> dict[str, int]:
+        """Take up to ``n`` enabled accounts whose lease is free or expired, each with a new
+        epoch; returns them (account -> epoch)."""
+
+    @abc.abstractmethod
+    async def release(self, instance: str, names: Iterable[str]) -> None:
+        """Give up these leases (only those still ours): claimable at once by anybody."""
+
+    # -- sessions (fenced) ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def write_sessions(
+        self, instance: str, writes: Mapping[str, tuple[int, bytes | None]]
+    ) -> set[str]:
+        """Apply ``account -> (epoch, record or None to delete)`` for the accounts whose lease
+        ``instance`` holds with that epoch, in one transaction; returns the rejected names."""
+
+    @abc.abstractmethod
+    async def read_sessions(self, names: Sequence[str] | None = None) -> dict[str, bytes]:
+        """Encrypted records of ``names`` (all when None)."""
+
+    @abc.abstractmethod
+    async def seed_sessions(self, records: Mapping[str, bytes]) -> int:
+        """Store records for accounts that have none yet (moving a single daemon's sessions
+        into a fleet); never overwrites.  Returns how many were stored."""
+
+
+def _host() -> str:
+    return socket.gethostname()[:64]
+
+
+# -- SQLite ---------------------------------------------------------------------------------
+
+
+class SqliteLeaseStore(LeaseStore):
+    """Leases in the daemon's own state database (``tgdaemon.sqlite3``), shared by the
+    daemons of one machine: WAL, every write a ``BEGIN IMMEDIATE`` transaction.  The schema is
+    created by :class:`tgdaemon.store.Store` (migration 2), which must have opened it first."""
+
+    kind = "sqlite"
+
+    def __init__(self, conn: aiosqlite.Connection, path: Path,
+                 clock: Callable[[], float]) -> None:
+        self._conn = conn
+        self.path = path
+        self._clock = clock
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, db_path: Path, *, clock: Callable[[], float] = time.time
+                   ) -> SqliteLeaseStore:
+        try:
+            conn = await aiosqlite.connect(db_path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open lease store {db_path}: {exc}") from None
+        try:
+            await conn.execute("PRAGMA busy_timeout=10000")
+            await conn.execute("PRAGMA foreign_keys=ON")
+            await conn.execute("PRAGMA synchronous=FULL")
+        except BaseException:
+            await conn.close()
+            raise
+        return cls(conn, Path(db_path), clock)
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    @contextlib.asynccontextmanager
+    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock, immediate_transaction(self._conn, f"lease store {self.path}"):
+            yield self._conn
+
+    async def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        async with self._lock:
+            try:
+                return list(await self._conn.execute_fetchall(sql, args))
+            except sqlite3.Error as exc:
+                raise StoreError(f"lease store {self.path}: {exc}") from None
+
+    async def sync_accounts(self, names: Iterable[str]) -> int:
+        now = self._clock()
+        count = "SELECT count(*) FROM accounts"
+        async with self._tx() as conn:
+            ((before,),) = await conn.execute_fetchall(count)
+            await conn.executemany(
+                "INSERT INTO accounts (name, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                [(n, now) for n in names])
+            ((after,),) = await conn.execute_fetchall(count)
+        return int(after - before)
+
+    async def remove_account(self, name: str) -> bool:
+        async with self._tx() as conn:
+            cur = await conn.execute("DELETE FROM accounts WHERE name=?", (name,))
+            return cur.rowcount > 0
+
+    async def set_enabled(self, name: str, enabled: bool) -> bool:
+        async with self._tx() as conn:
+            cur = await conn.execute("UPDATE accounts SET enabled=? WHERE name=?",
+                                     (int(enabled), name))
+            return cur.rowcount > 0
+
+    async def fleet(self) -> list[FleetAccount]:
+        now = self._clock()
+        rows = await self._read(
+            "SELECT a.name, a.enabled, l.owner, l.epoch, l.expires_at FROM accounts a "
+            "JOIN leases l ON l.account = a.name ORDER BY a.name")
+        return [FleetAccount(n, bool(e), o, ep, None if o is None else x - now)
+                for n, e, o, ep, x in rows]
+
+    async def register(self, instance: str, capacity: int) -> None:
+        now = self._clock()
+        async with self._tx() as conn:
+            await conn.execute(
+                "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "capacity=excluded.capacity, host=excluded.host, pid=excluded.pid, "
+                "started_at=excluded.started_at, renewed_at=excluded.renewed_at",
+                (instance, capacity, _host(), os.getpid(), now, now))
+
+    async def unregister(self, instance: str) -> None:
+        async with self._tx() as conn:
+            await conn.execute(
+                "UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=?", (instance,))
+            await conn.execute("DELETE FROM instances WHERE id=?", (instance,))
+
+    async def instances(self) -> list[InstanceInfo]:
+        now = self._clock()
+        rows = await self._read(
+            "SELECT i.id, i.capacity, i.host, i.pid, i.started_at, i.renewed_at, "
+            "(SELECT count(*) FROM leases l WHERE l.owner = i.id AND l.expires_at > ?) "
+            "FROM instances i ORDER BY i.id", (now,))
+        return [InstanceInfo(i, c, h, p, s, now - r, o) for i, c, h, p, s, r, o in rows]
+
+    async def counts(self, ttl: float) -> FleetCounts:
+        now = self._clock()
+        rows = await self._read(
+            "SELECT (SELECT count(*) FROM accounts WHERE enabled=1), "
+            "(SELECT count(*) FROM instances WHERE renewed_at > ?), "
+            "(SELECT count(*) FROM leases l JOIN accounts a ON a.name = l.account "
+            " WHERE a.enabled=1 AND (l.owner IS NULL OR l.expires_at <= ?))",
+            (now - ttl, now))
+        return FleetCounts(*rows[0])
+
+    async def renew(self, instance: str, ttl: float) -> dict[str, int]:
+        now = self._clock()
+        async with self._tx() as conn:
+            await conn.execute("UPDATE instances SET renewed_at=? WHERE id=?", (now, instance))
+            await conn.execute(
+                "UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=? AND account IN "
+                "(SELECT name FROM accounts WHERE enabled=0)", (instance,))
+            rows = await conn.execute_fetchall(
+                "UPDATE leases SET expires_at=? WHERE owner=? AND expires_at > ? "
+                "RETURNING account, epoch", (now + ttl, instance, now))
+        return {a: e for a, e in rows}
+
+    async def claim(self, instance: str, n: int, ttl: float) -> dict[str, int]:
+        if n <= 0:
+            return {}
+        now = self._clock()
+        async with self._tx() as conn:
+            rows = await conn.execute_fetchall(
+                "UPDATE leases SET owner=?, epoch=epoch+1, expires_at=? WHERE account IN ("
+                " SELECT l.account FROM leases l JOIN accounts a ON a.name = l.account"
+                " WHERE a.enabled=1 AND (l.owner IS NULL OR l.expires_at <= ?)"
+                " ORDER BY random() LIMIT ?) RETURNING account, epoch",
+                (instance, now + ttl, now, n))
+        return {a: e for a, e in rows}
+
+    async def release(self, instance: str, names: Iterable[str]) -> None:
+        async with self._tx() as conn:
+            await conn.executemany(
+                "UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=? AND account=?",
+                [(instance, n) for n in names])
+
+    async def write_sessions(
+        self, instance: str, writes: Mapping[str, tuple[int, bytes | None]]
+    ) -> set[str]:
+        if not writes:
+            return set()
+        now = self._clock()
+        names = list(writes)
+        async with self._tx() as conn:
+            held: dict[str, int] = {}
+            for i in range(0, len(names), 500):
+                chunk = names[i:i + 500]
+                rows = await conn.execute_fetchall(
+                    f"SELECT account, epoch FROM leases WHERE owner=? AND account IN "
+                    f"({','.join('?' * len(chunk))})", (instance, *chunk))
+                held.update((a, e) for a, e in rows)
+            rejected = {n for n, (epoch, _r) in writes.items() if held.get(n) != epoch}
+            ok = [(n, r) for n, (_e, r) in writes.items() if n not in rejected]
+            await conn.executemany("DELETE FROM sessions WHERE account=?",
+                                   [(n,) for n, r in ok if r is None])
+            await conn.executemany(
+                "INSERT INTO sessions (account, record, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(account) DO UPDATE SET record=excluded.record, "
+                "updated_at=excluded.updated_at",
+                [(n, r, now) for n, r in ok if r is not None])
+        return rejected
+
+    async def read_sessions(self, names: Sequence[str] | None = None) -> dict[str, bytes]:
+        if names is None:
+            rows = await self._read("SELECT account, record FROM sessions")
+            return {a: r for a, r in rows}
+        out: dict[str, bytes] = {}
+        names = list(names)
+        for i in range(0, len(names), 500):
+            chunk = names[i:i + 500]
+            rows = await self._read(
+                f"SELECT account, record FROM sessions WHERE account IN "
+                f"({','.join('?' * len(chunk))})", chunk)
+            out.update((a, r) for a, r in rows)
+        return out
+
+    async def seed_sessions(self, records: Mapping[str, bytes]) -> int:
+        # The sessions already live in this database: nothing to move.
+        return 0
+
+
+# -- PostgreSQL -----------------------------------------------------------------------------
+
+_PG_NOW = "extract(epoch from clock_timestamp())::double precision"
+#: Serialises migrations of daemons starting together (any constant shared by all).
+_PG_MIGRATION_LOCK = 0x7467_6461_656D_6F6E & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def redact_url(url: str) -> str:
+    """The database URL without its password, for messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+class PgLeaseStore(LeaseStore):
+    """Leases and sessions in PostgreSQL (asyncpg), for daemons on several machines.  Every
+    statement has a timeout (``command_timeout``): an unreachable database is an error the
+    fleet manager handles, never a hang."""
+
+    kind = "postgresql"
+
+    def __init__(self, pool: Any, url: str) -> None:
+        self._pool = pool
+        self.url = redact_url(url)
+
+    @classmethod
+    async def open(cls, url: str, *, timeout: float = 10.0) -> PgLeaseStore:
+        import asyncpg  # type: ignore[import-untyped]
+
+        try:
+            pool = await asyncpg.create_pool(url, min_size=1, max_size=4, timeout=timeout,
+                                             command_timeout=timeout)
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+            raise StoreError(f"cannot connect to {redact_url(url)}: {type(exc).__name__}: "
+                             f"{exc}") from None
+        store = cls(pool, url)
+        try:
+            await store._migrate()
+        except BaseException:
+            await pool.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def _migrate(self) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _PG_MIGRATION_LOCK)
+            exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+            applied: dict[int, str] = {}
+            if exists:
+                applied = {r[0]: r[1] for r in await conn.fetch(
+                    "SELECT version, checksum FROM schema_migrations")}
+            try:
+                todo = unapplied(applied, PG_MIGRATIONS, f"database {self.url}")
+            except ValueError as exc:
+                raise StoreError(str(exc)) from None
+            for m in todo:
+                for statement in m.statements:
+                    await conn.execute(statement)
+                await conn.execute(
+                    f"INSERT INTO schema_migrations VALUES ($1, $2, $3, {_PG_NOW})",
+                    m.version, m.description, m.checksum)
+
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[Any]:
+        import asyncpg
+
+        try:
+            async with self._pool.acquire() as conn:
+                yield conn
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StoreError(f"lease store {self.url}: {type(exc).__name__}: {exc}") from None
+
+    async def sync_accounts(self, names: Iterable[str]) -> int:
+        names = list(names)
+        async with self._conn() as conn, conn.transaction():
+            added = await conn.fetch(
+                f"INSERT INTO accounts (name, created_at) SELECT n, {_PG_NOW} "
+                "FROM unnest($1::text[]) AS n ON CONFLICT DO NOTHING RETURNING name", names)
+            await conn.execute(
+                "INSERT INTO leases (account) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+                [r[0] for r in added])
+        return len(added)
+
+    async def remove_account(self, name: str) -> bool:
+        async with self._conn() as conn:
+            status = await conn.execute("DELETE FROM accounts WHERE name=$1", name)
+        return bool(status != "DELETE 0")
+
+    async def set_enabled(self, name: str, enabled: bool) -> bool:
+        async with self._conn() as conn:
+            status = await conn.execute("UPDATE accounts SET enabled=$2 WHERE name=$1",
+                                        name, enabled)
+        return bool(status != "UPDATE 0")
+
+    async def fleet(self) -> list[FleetAccount]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                f"SELECT a.name, a.enabled, l.owner, l.epoch, l.expires_at - {_PG_NOW} "
+                "FROM accounts a JOIN leases l ON l.account = a.name ORDER BY a.name")
+        return [FleetAccount(n, e, o, ep, None if o is None else x) for n, e, o, ep, x in rows]
+
+    async def register(self, instance: str, capacity: int) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                f"INSERT INTO instances VALUES ($1, $2, $3, $4, {_PG_NOW}, {_PG_NOW}) "
+                "ON CONFLICT(id) DO UPDATE SET capacity=excluded.capacity, host=excluded.host, "
+                "pid=excluded.pid, started_at=excluded.started_at, "
+                "renewed_at=excluded.renewed_at", instance, capacity, _host(), os.getpid())
+
+    async def unregister(self, instance: str) -> None:
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=$1", instance)
+            await conn.execute("DELETE FROM instances WHERE id=$1", instance)
+
+    async def instances(self) -> list[InstanceInfo]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                f"SELECT i.id, i.capacity, i.host, i.pid, i.started_at, "
+                f"{_PG_NOW} - i.renewed_at, (SELECT count(*) FROM leases l WHERE "
+                f"l.owner = i.id AND l.expires_at > {_PG_NOW}) FROM instances i ORDER BY i.id")
+        return [InstanceInfo(*r) for r in rows]
+
+    async def counts(self, ttl: float) -> FleetCounts:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
+                "SELECT (SELECT count(*) FROM accounts WHERE enabled), "
+                f"(SELECT count(*) FROM instances WHERE renewed_at > {_PG_NOW} - $1), "
+                "(SELECT count(*) FROM leases l JOIN accounts a ON a.name = l.account "
+                f" WHERE a.enabled AND (l.owner IS NULL OR l.expires_at <= {_PG_NOW}))", ttl)
+        return FleetCounts(*row)
+
+    async def renew(self, instance: str, ttl: float) -> dict[str, int]:
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute(f"UPDATE instances SET renewed_at={_PG_NOW} WHERE id=$1",
+                               instance)
+            await conn.execute(
+                "UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=$1 AND account IN "
+                "(SELECT name FROM accounts WHERE NOT enabled)", instance)
+            rows = await conn.fetch(
+                f"UPDATE leases SET expires_at={_PG_NOW} + $2 WHERE owner=$1 "
+                f"AND expires_at > {_PG_NOW} RETURNING account, epoch", instance, ttl)
+        return {a: e for a, e in rows}
+
+    async def claim(self, instance: str, n: int, ttl: float) -> dict[str, int]:
+        if n <= 0:
+            return {}
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                f"UPDATE leases SET owner=$1, epoch=epoch+1, expires_at={_PG_NOW} + $2 "
+                "WHERE account IN (SELECT l.account FROM leases l JOIN accounts a "
+                f"ON a.name = l.account WHERE a.enabled AND (l.owner IS NULL OR "
+                f"l.expires_at <= {_PG_NOW}) ORDER BY random() LIMIT $3 "
+                "FOR UPDATE OF l SKIP LOCKED) RETURNING account, epoch", instance, ttl, n)
+        return {a: e for a, e in rows}
+
+    async def release(self, instance: str, names: Iterable[str]) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                "UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=$1 "
+                "AND account = ANY($2::text[])", instance, list(names))
+
+    async def write_sessions(
+        self, instance: str, writes: Mapping[str, tuple[int, bytes | None]]
+    ) -> set[str]:
+        if not writes:
+            return set()
+        async with self._conn() as conn, conn.transaction():
+            # FOR SHARE: a concurrent claim (an UPDATE of the lease) waits for this commit.
+            rows = await conn.fetch(
+                "SELECT account, epoch FROM leases WHERE owner=$1 AND account = ANY($2::text[]) "
+                "FOR SHARE", instance, list(writes))
+            held = {a: e for a, e in rows}
+            rejected = {n for n, (epoch, _r) in writes.items() if held.get(n) != epoch}
+            ok = [(n, r) for n, (_e, r) in writes.items() if n not in rejected]
+            deletes = [n for n, r in ok if r is None]
+            if deletes:
+                await conn.execute("DELETE FROM sessions WHERE account = ANY($1::text[])",
+                                   deletes)
+            upserts = [(n, r) for n, r in ok if r is not None]
+            if upserts:
+                await conn.executemany(
+                    f"INSERT INTO sessions (account, record, updated_at) VALUES ($1, $2, "
+                    f"{_PG_NOW}) ON CONFLICT(account) DO UPDATE SET record=excluded.record, "
+                    "updated_at=excluded.updated_at", upserts)
+        return rejected
+
+    async def read_sessions(self, names: Sequence[str] | None = None) -> dict[str, bytes]:
+        async with self._conn() as conn:
+            if names is None:
+                rows = await conn.fetch("SELECT account, record FROM sessions")
+            else:
+                rows = await conn.fetch(
+                    "SELECT account, record FROM sessions WHERE account = ANY($1::text[])",
+                    list(names))
+        return {a: bytes(r) for a, r in rows}
+
+    async def seed_sessions(self, records: Mapping[str, bytes]) -> int:
+        if not records:
+            return 0
+        async with self._conn() as conn, conn.transaction():
+            rows = await conn.fetch(
+                f"INSERT INTO sessions (account, record, updated_at) SELECT a, r, {_PG_NOW} "
+                "FROM unnest($1::text[], $2::bytea[]) AS t(a, r) "
+                "WHERE EXISTS (SELECT 1 FROM accounts WHERE name = t.a) "
+                "ON CONFLICT DO NOTHING RETURNING account",
+                list(records), list(records.values()))
+        return len(rows)
+
+
+async def open_lease_store(database_url: str | None, sqlite_path: Path) -> LeaseStore:
+    """PostgreSQL when ``database_url`` is set, else the SQLite state database."""
+    if database_url:
+        return await PgLeaseStore.open(database_url)
+    return await SqliteLeaseStore.open(sqlite_path)
