@@ -319,3 +319,41 @@ async def test_burst_of_1000_calls_leaves_other_heartbeats_alone(
     # all on 2 shared cores), never a stall of the heartbeat (bounded well below its timeout).
     assert busy < quiet + 0.05, (quiet, busy)
     assert statistics.mean([quiet, busy]) < 0.1
+
+
+async def test_cli_send_and_tail(api_daemon: ApiDaemon) -> None:
+    import sys
+
+    from tests.daemon.test_process import daemon_env
+
+    d = api_daemon
+    tail = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tgdaemon", "tail", "bob", "-c", str(d.config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=daemon_env())
+    try:
+        async def subscribed() -> bool:  # the stream is live once the daemon counted it
+            return 'method="updates",outcome="ok"' in await _metrics(d)
+
+        await wait_for_condition(subscribed, 15, "tail subscribed")
+        send = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tgdaemon", "send", "alice", str(d.user_ids["bob"]),
+            "from the cli", "-c", str(d.config), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=daemon_env())
+        out, err = await asyncio.wait_for(send.communicate(), 30)
+        assert send.returncode == 0, err
+        assert int(out.decode()) > 0
+        assert tail.stdout is not None
+        line = await asyncio.wait_for(tail.stdout.readline(), 15)
+        event = json.loads(line)
+        assert event["type"] == "message"
+        assert event["message"]["text"] == "from the cli"
+        refused = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tgdaemon", "send", "carol", "me", "x", "-c", str(d.config),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=daemon_env())
+        _out, err = await asyncio.wait_for(refused.communicate(), 30)
+        assert refused.returncode == 69
+        assert err.decode().startswith("tgdaemon: error: API answered 409")
+        assert "Traceback" not in err.decode()
+    finally:
+        tail.kill()
+        await tail.wait()

@@ -150,9 +150,9 @@ class AccountApi:
             log.exception("API %s failed: %s", method.value, type(exc).__name__)
             self.count(client, account, method, Outcome.ERROR)
             return _error(ApiError(Outcome.ERROR, "internal error"))
-        self.count(client, account, method, Outcome.OK)
         if isinstance(result, web.StreamResponse):
-            return result
+            return result  # a WebSocket: counted when it was accepted
+        self.count(client, account, method, Outcome.OK)
         return _json(result)
 
     def authenticate(self, request: web.Request) -> ApiClient:
@@ -462,13 +462,13 @@ async def _updates(request: web.Request) -> web.StreamResponse:
                 after = decode_cursor(api.buffer.epoch, cursor)
             except CursorError as exc:
                 raise ApiError(Outcome.BAD_REQUEST, str(exc)) from None
-        return await _stream(request, api, accounts, after)
+        return await _stream(request, api, client, accounts, after)
 
     return await api.serve(request, ApiMethod.UPDATES, None, work)
 
 
-async def _stream(request: web.Request, api: AccountApi, accounts: frozenset[str] | None,
-                  after: int | None) -> web.WebSocketResponse:
+async def _stream(request: web.Request, api: AccountApi, client: ApiClient,
+                  accounts: frozenset[str] | None, after: int | None) -> web.WebSocketResponse:
     buffer = api.buffer
     ws = web.WebSocketResponse(protocols=(WS_PROTOCOL,), heartbeat=30.0, max_msg_size=4096)
     # Subscribe first, then read what is held up to that point: nothing falls in between;
@@ -478,6 +478,7 @@ async def _stream(request: web.Request, api: AccountApi, accounts: frozenset[str
     api._sockets.add(ws)
     try:
         await ws.prepare(request)
+        api.count(client, None, ApiMethod.UPDATES, Outcome.OK)
         last = upto if after is None else after
         if after is not None:
             for event in await buffer.backlog(accounts, after, upto):
