@@ -28,8 +28,6 @@ if TYPE_CHECKING:
     from tgdaemon.store import Store
 
 DEFAULT_CONFIG = "/etc/tgdaemon/tgdaemon.toml"
-#: Account states in which the running daemon owns the session: the CLI must not touch it.
-_ACTIVE_STATES = {"starting", "connecting", "connected", "reconnecting", "flood_wait"}
 
 Prompt = Callable[[str], str]
 
@@ -391,7 +389,10 @@ async def _open_store(config: Config) -> tuple[Store, bool]:
 async def _check_not_active(store: Store, name: str, daemon_running: bool) -> None:
     if daemon_running:
         record = await store.get_account(name)
-        if record is not None and record.status in _ACTIVE_STATES:
+        from tgdaemon.lifecycle import OWNED_STATES
+
+        # In these states the running daemon owns the session: the CLI must not touch it.
+        if record is not None and record.status in OWNED_STATES:
             raise AccountError(
                 f"account {name!r} is {record.status} in the running daemon; "
                 "disable it in the config and reload first")

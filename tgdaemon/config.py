@@ -32,12 +32,14 @@ from urllib.parse import unquote, urlsplit
 
 from tgdaemon.apiconfig import ApiConfig, parse_api
 from tgdaemon.exceptions import AccountError, ConfigError
+from tgdaemon.lifecycle import HEARTBEAT_JITTER, longest_heartbeat_gap
 
 __all__ = [
     "AccountConfig",
     "Address",
     "Config",
     "ConfigDiff",
+    "ConfigHolder",
     "ConfigValidationError",
     "DaemonConfig",
     "PolicyConfig",
@@ -166,8 +168,8 @@ class PolicyConfig:
     # returning (full jitter draws up to the cap): 30 s keeps a fleet's recovery under a minute.
     backoff_cap: float = 30.0
     backoff_jitter: str = "full"
-    # Longest FLOOD_WAIT slept through quietly; a longer one still waits, but the account is
-    # shown parked in state flood_wait until the deadline, then retried.
+    # Longest FLOOD_WAIT waited out on an open connection; a longer one closes the connection
+    # and reconnects at the deadline (tgdaemon.lifecycle.recovery_for).
     flood_sleep_max: int = 3600
     failover_after: int = 3
     update_gap_heartbeats: int = 2
@@ -215,16 +217,12 @@ class Config:
 
 _RETRY_KEYS = ("network", "server", "flood_wait", "unknown", "client")
 
-#: The worker's heartbeat wait is jittered up to this factor of ``heartbeat_interval``.
-HEARTBEAT_JITTER = 1.1
-
-
 def config_warnings(config: Config) -> list[str]:
     """Settings that are valid but probably not what the operator wants (logged at start and
     on reload, printed by ``check-config``): they do not stop the daemon."""
     out = []
     p = config.policy
-    slowest = HEARTBEAT_JITTER * p.heartbeat_interval + p.request_timeout
+    slowest = longest_heartbeat_gap(p)
     if p.stale_after < slowest:
         out.append(
             f"{config.path}: policy.stale_after ({p.stale_after:g}) is below the longest gap "
@@ -688,7 +686,6 @@ class ConfigDiff:
     unchanged: tuple[str, ...]
     policy_changed: bool
     telegram_changed: bool
-    daemon_changed: bool
 
 
 def diff_config(old: Config, new: Config) -> ConfigDiff:
@@ -703,8 +700,17 @@ def diff_config(old: Config, new: Config) -> ConfigDiff:
         unchanged=tuple(sorted(n for n in both if before[n] == after[n])),
         policy_changed=old.policy != new.policy,
         telegram_changed=old.telegram != new.telegram,
-        daemon_changed=old.daemon != new.daemon,
     )
+
+
+class ConfigHolder:
+    """The running configuration, in one place: the daemon, the supervisor and every worker
+    read ``current`` when they need a setting, so a reload is one assignment."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, config: Config) -> None:
+        self.current = config
 
 
 # --------------------------------------------------------------------------- helpers

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
-from tgdaemon.config import Config, config_warnings, load_config
+from tgdaemon.config import Config, ConfigHolder, config_warnings, load_config
 from tgdaemon.crypto import KeyRing, load_keyring
 from tgdaemon.dcs import DcDirectory
 from tgdaemon.exceptions import ConfigError
@@ -56,7 +56,8 @@ class Daemon:
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
-        self.config = config
+        #: The running configuration; a reload replaces ``settings.current``.
+        self.settings = ConfigHolder(config)
         self.registry = registry if registry is not None else CollectorRegistry()
         self._keyring = keyring
         self._env = env
@@ -65,13 +66,18 @@ class Daemon:
         self._rng = rng or random.Random()
         self._stack = contextlib.AsyncExitStack()
         self.board = StatusBoard(clock=clock)
-        self.metrics = Metrics(self.registry, self.board,
-                               histograms=config.daemon.metrics_histograms)
+        self.metrics = Metrics(
+            self.registry, self.board, histograms=config.daemon.metrics_histograms,
+            heartbeat_interval=lambda: self.settings.current.policy.heartbeat_interval)
         self.store: Store | None = None
         self.supervisor: Supervisor | None = None
         self.http: Any = None  # tgdaemon.http.HttpServer when listening
         self.api: Any = None  # tgdaemon.api.AccountApi when [api] has clients
         self._ready = False
+
+    @property
+    def config(self) -> Config:
+        return self.settings.current
 
     async def __aenter__(self) -> Daemon:
         await self.start()
@@ -101,8 +107,8 @@ class Daemon:
         if config.api.enabled:
             from tgdaemon.api import AccountApi
 
-            api = AccountApi(config, self.board, keyring, self.registry, clock=self._clock,
-                             monotonic=self._monotonic)
+            api = AccountApi(self.settings, self.board, keyring, self.registry,
+                             clock=self._clock, monotonic=self._monotonic)
             await api.start()
             self._stack.push_async_callback(api.stop)
         self.api = api
@@ -111,10 +117,8 @@ class Daemon:
                                 use_ipv6=config.telegram.use_ipv6, monotonic=self._monotonic)
         await directory.load()
         deps = WorkerDeps(
-            config=config,
+            settings=self.settings,
             store=self.store,
-            board=self.board,
-            metrics=self.metrics,
             limiter=ConnectRateLimiter(config.daemon.connect_rate, config.daemon.connect_burst,
                                        concurrency=config.daemon.connect_concurrency,
                                        clock=self._monotonic),
@@ -125,7 +129,7 @@ class Daemon:
             rng=self._rng,
             client_hooks=api.client_hooks if api is not None else (),
         )
-        self.supervisor = Supervisor(deps)
+        self.supervisor = Supervisor(deps, board=self.board, metrics=self.metrics)
         if api is not None:
             api.bind(self.supervisor.worker)
         await self.supervisor.start()
@@ -193,11 +197,8 @@ class Daemon:
         for warning in config_warnings(new):
             log.warning("%s", warning)
         trust_server_keys(new)
-        await self.supervisor.apply(new)
-        if self.api is not None:
-            self.api.configure(new)
+        await self.supervisor.apply(new)  # makes ``new`` the running configuration
         logging.getLogger().setLevel(new.daemon.log_level.upper())
-        self.config = new
         self.metrics.config_reload(True)
         return True
 

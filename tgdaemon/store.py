@@ -101,10 +101,6 @@ class SessionData:
         if not 0 <= self.port <= 65535:
             raise ValueError("port out of range")
 
-    @property
-    def has_auth_key(self) -> bool:
-        return self.auth_key is not None
-
     def to_bytes(self) -> bytes:
         doc: dict[str, Any] = {
             "v": 1, "dc": self.dc_id, "addr": self.server_address, "port": self.port,

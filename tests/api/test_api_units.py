@@ -167,13 +167,16 @@ def test_admission_table(state: State, until: float | None, outcome: Outcome | N
     assert admission(None, NOW).outcome is Outcome.NOT_FOUND  # type: ignore[union-attr]
 
 
+class _Client:
+    def is_connected(self) -> bool:
+        return True
+
+
 class _Handle:
     """An account whose client is a plain object: the gateway only hands it to ``fn``."""
 
     def __init__(self) -> None:
-        self.client: Any = object()
-        self.connected = asyncio.Event()
-        self.connected.set()
+        self.client: Any = _Client()
         self.held: list[BaseException] = []
 
     def hold_for_flood_wait(self, exc: BaseException) -> None:
@@ -181,7 +184,7 @@ class _Handle:
 
 
 def _gateway(handle: _Handle, **api: Any) -> Gateway:
-    return Gateway(ApiConfig(**api), lambda n: AccountStatus(n, state=State.CONNECTED),
+    return Gateway(lambda: ApiConfig(**api), lambda n: AccountStatus(n, state=State.CONNECTED),
                    lambda n: handle, clock=lambda: NOW, monotonic=asyncio.get_running_loop().time)
 
 

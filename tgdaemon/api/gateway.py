@@ -111,9 +111,6 @@ class AccountHandle(Protocol):
     @property
     def client(self) -> ManagedClient | None: ...
 
-    @property
-    def connected(self) -> asyncio.Event: ...
-
     def hold_for_flood_wait(self, exc: BaseException) -> None: ...
 
 
@@ -136,14 +133,14 @@ class Gateway:
 
     def __init__(
         self,
-        config: ApiConfig,
+        config: Callable[[], ApiConfig],
         status: Callable[[str], AccountStatus | None],
         handle: Callable[[str], AccountHandle],
         *,
         clock: Callable[[], float],
         monotonic: Callable[[], float],
     ) -> None:
-        self.config = config
+        self._config = config
         self._status = status
         self._handle = handle
         self._clock = clock
@@ -168,7 +165,7 @@ class Gateway:
     async def call(self, account: str, fn: Callable[[ManagedClient], Awaitable[T]]) -> T:
         """Run ``fn(client)`` for ``account`` within the lane and the timeout."""
         self.check(account)
-        config = self.config
+        config = self._config()
         lane = self._lanes.get(account)
         if lane is None:
             lane = self._lanes[account] = _Lane(config.account_concurrency)
@@ -182,7 +179,7 @@ class Gateway:
                     self.check(account)  # the account may have changed while queued
                     handle = self._handle_of(account)
                     client = handle.client
-                    if client is None or not handle.connected.is_set():
+                    if client is None or not client.is_connected():
                         raise ApiError(Outcome.UNAVAILABLE, "account is not connected",
                                        retry_after=1)
                     try:

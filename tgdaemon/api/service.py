@@ -45,7 +45,7 @@ from tgdaemon.apiconfig import ApiClient, ApiMethod, authenticate
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
-    from tgdaemon.config import Config
+    from tgdaemon.config import Config, ConfigHolder
     from tgdaemon.crypto import KeyRing
     from tgdaemon.status import AccountStatus, StatusBoard
     from tgdaemon.telegram import ManagedClient
@@ -64,15 +64,16 @@ API = web.AppKey("account_api", "AccountApi")
 
 
 class AccountApi:
-    def __init__(self, config: Config, board: StatusBoard, keyring: KeyRing,
+    def __init__(self, settings: ConfigHolder, board: StatusBoard, keyring: KeyRing,
                  registry: CollectorRegistry, *, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
-        self.config = config
+        self.settings = settings
         self.board = board
+        config = settings.current
         self.buffer = UpdateBuffer(config.daemon.state_dir, keyring, config.api.updates_buffer)
         self._handle: Callable[[str], AccountHandle] | None = None
-        self.gateway = Gateway(config.api, self._status, self._worker, clock=clock,
-                               monotonic=monotonic)
+        self.gateway = Gateway(lambda: self.settings.current.api, self._status, self._worker,
+                               clock=clock, monotonic=monotonic)
         self._sockets: set[web.WebSocketResponse] = set()
         self.requests = RequestCounter()
         registry.register(self.requests)
@@ -95,11 +96,11 @@ class AccountApi:
         """The supervisor's ``worker(name)``: how calls reach an account's client."""
         self._handle = handle
 
-    def configure(self, config: Config) -> None:
-        """A reload: new clients and limits apply to the next request."""
-        self.config = config
-        self.gateway.config = config.api
-        self.buffer.size = config.api.updates_buffer
+    @property
+    def config(self) -> Config:
+        """The running configuration: a reload's clients and limits apply to the next call
+        (``updates_buffer`` at the next start)."""
+        return self.settings.current
 
     def register(self, app: web.Application) -> None:
         app[API] = self
