@@ -26,7 +26,8 @@ from tgdaemon.api.tljson import TlJsonError, build_request, to_json
 from tgdaemon.apiconfig import READ_ONLY, ApiConfig, ApiMethod, authenticate
 from tgdaemon.config import ConfigValidationError, load_config
 from tgdaemon.crypto import generate_keyring
-from tgdaemon.status import AccountStatus, State
+from tgdaemon.lifecycle import State
+from tgdaemon.status import AccountStatus
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "tgdaemon.example.toml"
 HASH = "0123456789abcdef0123456789abcdef"

@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from telethon import errors as te
 
-from tgdaemon.errors import Category, classify
+from tgdaemon.errors import classify
 from tgdaemon.exceptions import AccountError
-from tgdaemon.status import PARKED_STATES, AccountStatus, State
+from tgdaemon.lifecycle import ENDED_STATES, Category, State
+from tgdaemon.status import AccountStatus
 
 if TYPE_CHECKING:
     from tgdaemon.apiconfig import ApiConfig
@@ -58,9 +59,6 @@ HTTP_STATUS: dict[Outcome, int] = {
     Outcome.FLOOD_WAIT: 429, Outcome.BUSY: 429, Outcome.ERROR: 500, Outcome.UPSTREAM: 502,
     Outcome.UNAVAILABLE: 503, Outcome.TIMEOUT: 504,
 }
-
-#: States that refuse calls as parked (the operator must act) rather than unavailable.
-_ENDED_STATES = PARKED_STATES | {State.DISABLED, State.STOPPED}
 
 
 class ApiError(Exception):
@@ -100,7 +98,7 @@ def admission(status: AccountStatus | None, now: float) -> ApiError | None:
     if state is State.FLOOD_WAIT:
         left = (status.flood_wait_until or now) - now
         return ApiError(Outcome.FLOOD_WAIT, reason, retry_after=max(1, math.ceil(left)))
-    if state in _ENDED_STATES:
+    if state in ENDED_STATES:  # the operator must act: not a matter of retrying
         return ApiError(Outcome.PARKED, reason)
     return ApiError(Outcome.UNAVAILABLE, reason, retry_after=1)
 
