@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import inspect
 import math
 import random
 import time
@@ -22,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from telethon import functions, types
 
+from tgdaemon.connwatch import ConnectionWatch
 from tgdaemon.errors import NotAuthorizedError, classify
 from tgdaemon.exceptions import DecryptionError
 from tgdaemon.lifecycle import (
@@ -32,6 +31,7 @@ from tgdaemon.lifecycle import (
     heartbeat_delay,
     recovery_for,
 )
+from tgdaemon.plugins import Plugins
 from tgdaemon.session import StoreSession
 from tgdaemon.status import UserInfo
 from tgdaemon.store import DeviceInfo
@@ -97,11 +97,8 @@ class AccountWorker:
         #: not by connecting: a server that accepts and then drops must still see backoff grow.
         self._attempts: dict[Category, int] = {}
         self._catch_ups = 0
-        #: ``client.disconnected`` of the current connection (see _wait_unless_disconnected).
-        self._disconnected: asyncio.Future[None] | None = None
-        #: The heartbeat sleep in progress: True when it ran out, False when re-armed.
-        self._sleeper: asyncio.Future[bool] | None = None
-        self._plugins: list[tuple[str, Callable[..., Any]]] = []
+        self._watch = ConnectionWatch()
+        self._plugins = Plugins(account, reporter)
         #: A failure another caller (the account API) ran into on this account's client,
         #: raised at the heartbeat wait so the usual recovery applies to it.
         self._reported: BaseException | None = None
@@ -140,7 +137,6 @@ class AccountWorker:
             self.report.transition(State.NEEDS_LOGIN,
                                    f"no session: run `tgdaemon login {self.name}`")
             return
-        self._plugins = self._load_plugins()
         self.session = StoreSession(self.deps.store, self.name, initial)
         self.report.dc(initial.dc_id, persist=False)
         while True:
@@ -150,13 +146,15 @@ class AccountWorker:
                 async with self._connect_slot():
                     await self._connect()
                     me = await self._validate()
-                    await self._refresh_directory()
+                    # help.getConfig, once per daemon: every DC's addresses for failover.
+                    await self.deps.directory.refresh(
+                        lambda: self._rpc(functions.help.GetConfigRequest()))
                 self._catch_ups = 0
                 a = self.account
                 self.report.connected_as(
                     UserInfo(me.id, me.username, me.first_name), self.session.dc_id,
                     DeviceInfo(a.device_model, a.system_version, a.app_version))
-                await self._run_plugins()
+                await self._plugins.run(self.client, self.policy.request_timeout)
                 await self._serve()
             except asyncio.CancelledError:
                 raise
@@ -167,8 +165,19 @@ class AccountWorker:
     def reschedule(self) -> None:
         """The policy changed: re-arm the heartbeat wait with the new interval now, rather
         than after a wait of the old length."""
-        if self._sleeper is not None:
-            _wake(self._sleeper, False)
+        self._watch.wake()
+
+    def hold_for_flood_wait(self, exc: BaseException) -> None:
+        """A FLOOD_WAIT answered to a call made through this account's client (the account
+        API): recover from it as from our own (state flood_wait, nothing sent until the
+        deadline), starting now rather than at the next heartbeat."""
+        self._reported = exc
+        self._watch.wake()
+
+    def _raise_reported(self) -> None:
+        exc, self._reported = self._reported, None
+        if exc is not None:
+            raise exc
 
     # -- failure handling ------------------------------------------------------------------
 
@@ -211,7 +220,7 @@ class AccountWorker:
         await asyncio.wait_for(self.client._switch_dc(new_dc),
                                policy.connect_timeout + policy.request_timeout)
         await self.session.flush()
-        self._watch_connection(self.client)
+        self._watch.watch(self.client)
         self.report.dc(self.session.dc_id)
 
     def _note_network_failure(self) -> None:
@@ -264,8 +273,8 @@ class AccountWorker:
     async def _connect(self) -> None:
         assert self.session is not None
         if self.client is not None and self.client.is_connected():
-            if self._disconnected is None or self._disconnected.done():
-                self._watch_connection(self.client)  # e.g. after a DC switch
+            if self._watch.lost:
+                self._watch.watch(self.client)  # e.g. after a DC switch
             return
         # Waiting for a connect slot is a deliberate wait, not a stuck worker.
         await self._deliberate_wait(self.deps.limiter.reserve())
@@ -286,7 +295,7 @@ class AccountWorker:
             raise
         # A fresh auth key must be durable before anything binds it to a user.
         await self.session.flush()
-        self._watch_connection(client)
+        self._watch.watch(client)
         self.last_progress = self.deps.monotonic()
 
     async def _validate(self) -> types.User:
@@ -296,23 +305,6 @@ class AccountWorker:
         if not isinstance(me, types.User):
             raise NotAuthorizedError("server returned no user for this session")
         return me
-
-    async def _refresh_directory(self) -> None:
-        """Learn every DC's addresses from help.getConfig once per daemon (shared cache)."""
-        directory = self.deps.directory
-        if not directory.needs_refresh():
-            return
-        async with directory.refreshing() as should_fetch:
-            if not should_fetch:
-                return
-            try:
-                cfg = await self._rpc(functions.help.GetConfigRequest())
-                await directory.update_from_config(cfg)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # optional: configured addresses still work
-                directory.postpone()
-                self.log.warning("could not refresh DC addresses: %s", type(exc).__name__)
 
     async def _serve(self) -> None:
         """Heartbeat until the connection fails; every exit is an exception to recover from."""
@@ -342,9 +334,11 @@ class AccountWorker:
         the current ``heartbeat_interval`` (counted from when this wait began)."""
         began = self.deps.monotonic()
         while True:
+            self._raise_reported()
             due = began + heartbeat_delay(self.policy.heartbeat_interval, self.deps.rng)
             remaining = due - self.deps.monotonic()
-            if remaining <= 0 or await self._wait_unless_disconnected(remaining):
+            if remaining <= 0 or await self._watch.sleep(remaining, self.client):
+                self._raise_reported()
                 return
 
     async def _on_update_gap(self, server_pts: int, local_pts: int | None) -> None:
@@ -357,74 +351,6 @@ class AccountWorker:
         # A second gap on the same connection: updates are not flowing; start over.
         raise UpdateStallError("updates stopped arriving on this connection")
 
-    def hold_for_flood_wait(self, exc: BaseException) -> None:
-        """A FLOOD_WAIT answered to a call made through this account's client (the account
-        API): recover from it as from our own (state flood_wait, nothing sent until the
-        deadline), starting now rather than at the next heartbeat."""
-        self._reported = exc
-        if self._sleeper is not None:
-            _wake(self._sleeper, False)
-
-    def _raise_reported(self) -> None:
-        exc, self._reported = self._reported, None
-        if exc is not None:
-            raise exc
-
-    async def _wait_unless_disconnected(self, seconds: float) -> bool:
-        """Sleep ``seconds`` unless the connection drops first (ConnectionError) or
-        :meth:`reschedule` wakes it (False); True when the time ran out.
-
-        ``client.disconnected`` builds a new pair of ``asyncio.shield`` futures on every call,
-        and a timed-out wait on one leaves a callback on Telethon's underlying future forever
-        (one leaked callback per heartbeat per account). So the future is taken once per
-        connection with one callback that wakes this sleep; the sleep itself is one future
-        and one timer, like ``asyncio.sleep`` (``asyncio.wait`` cost 13 % of the idle CPU at
-        10,000 accounts in allocations and the garbage collection they trigger)."""
-        self._raise_reported()
-        watched = self._disconnected
-        if watched is None:
-            await asyncio.sleep(seconds)
-            return True
-        ran_out = True
-        if not watched.done():
-            loop = asyncio.get_running_loop()
-            sleeper: asyncio.Future[bool] = loop.create_future()
-            timer = loop.call_later(seconds, _wake, sleeper, True)
-            self._sleeper = sleeper
-            try:
-                ran_out = await sleeper
-            finally:
-                timer.cancel()
-                self._sleeper = None
-            self._raise_reported()
-            if not watched.done():
-                return ran_out
-        if self.client is not None and self.client.is_connected():
-            # Telethon reconnected under us (a DC switch): watch the new connection.
-            self._watch_connection(self.client)
-            return ran_out
-        raise ConnectionError("connection closed")
-
-    def _watch_connection(self, client: ManagedClient) -> None:
-        self._forget_disconnected()
-        watched = client.disconnected
-        watched.add_done_callback(self._on_disconnected)
-        self._disconnected = watched
-
-    def _on_disconnected(self, _watched: asyncio.Future[None]) -> None:
-        if self._sleeper is not None:
-            _wake(self._sleeper, True)
-
-    def _forget_disconnected(self) -> None:
-        fut, self._disconnected = self._disconnected, None
-        if fut is None:
-            return
-        fut.remove_done_callback(self._on_disconnected)
-        if not fut.done():
-            fut.cancel()  # the shield's cancel detaches it from Telethon's future
-        elif not fut.cancelled():
-            fut.exception()  # retrieved: no "exception was never retrieved" warning
-
     async def _rpc(self, request: Any) -> Any:
         """One RPC bounded by ``request_timeout`` (Telethon has no request timeout of its own).
         ``asyncio.timeout`` rather than ``wait_for``: no extra Task per heartbeat."""
@@ -433,7 +359,7 @@ class AccountWorker:
             return await self.client(request)
 
     async def _close_client(self) -> None:
-        self._forget_disconnected()
+        self._watch.forget()
         client = self.client
         if client is None:
             return
@@ -444,33 +370,3 @@ class AccountWorker:
                              type(exc).__name__)
             self.client = None
 
-    # -- plugins ---------------------------------------------------------------------------
-
-    def _load_plugins(self) -> list[tuple[str, Callable[..., Any]]]:
-        loaded = []
-        for spec in self.account.plugins:
-            module_name, _, attr = spec.partition(":")
-            try:
-                loaded.append((spec, getattr(importlib.import_module(module_name), attr)))
-            except Exception as exc:
-                self.log.error("plugin %s cannot be loaded: %s", spec, type(exc).__name__)
-                self.report.plugin_error()
-        return loaded
-
-    async def _run_plugins(self) -> None:
-        """Called after each (re)connect; a plugin's failure is logged and counted, never fatal."""
-        for spec, setup in self._plugins:
-            try:
-                result = setup(self.client, self.account)
-                if inspect.isawaitable(result):
-                    await asyncio.wait_for(result, self.policy.request_timeout)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                self.log.exception("plugin %s failed", spec)
-                self.report.plugin_error()
-
-
-def _wake(fut: asyncio.Future[bool], ran_out: bool) -> None:
-    if not fut.done():
-        fut.set_result(ran_out)

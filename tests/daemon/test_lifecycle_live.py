@@ -142,3 +142,22 @@ async def test_reloaded_heartbeat_interval_applies_to_a_connected_account(
         assert localdc.counters()["connections_accepted"] == accepted
         assert _sample(daemon, "tgdaemon_reconnects_total") == 0
         assert _state(daemon) is State.CONNECTED
+
+
+async def test_recorded_device_follows_the_config(
+        make_config, login_account, localdc, wait_until):
+    config, _uid = await _one(make_config, login_account)
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: _state(daemon) is State.CONNECTED, 10, "connected")
+        make_config([{"name": "alice", "phone": phone_for("alice"), "device_model": "rack 7"}],
+                    daemon={"http_listen": ""})
+        assert await daemon.reload()
+        assert daemon.store is not None
+
+        async def recorded() -> bool:
+            record = await daemon.store.get_account("alice")
+            return record is not None and record.device is not None \
+                and record.device.device_model == "rack 7"
+
+        await wait_until(recorded, 10, "new device_model in the database")
+        assert _state(daemon) is State.CONNECTED
