@@ -60,10 +60,11 @@ MAX_LIMIT = 100
 CLOSE_OVERFLOW = WSCloseCode.TRY_AGAIN_LATER  # 1013: resume with the last cursor
 NO_CLIENT = "-"
 
-API = web.AppKey("account_api", "AccountApi")
 
 
 class AccountApi:
+    """See the module docstring; constructed before the workers, started by the daemon."""
+
     def __init__(self, settings: ConfigHolder, board: StatusBoard, keyring: KeyRing,
                  registry: CollectorRegistry, *, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
@@ -107,11 +108,15 @@ class AccountApi:
         app.router.add_get("/v1/openapi.json", _openapi)
         app.router.add_get("/v1/accounts", _accounts)
         app.router.add_get("/v1/accounts/{name}", _account)
-        app.router.add_post("/v1/accounts/{name}/messages", _send)
-        app.router.add_get("/v1/accounts/{name}/messages", _history)
-        app.router.add_get("/v1/accounts/{name}/dialogs", _dialogs)
-        app.router.add_post("/v1/accounts/{name}/read", _read)
-        app.router.add_post("/v1/accounts/{name}/invoke", _invoke)
+        app.router.add_post("/v1/accounts/{name}/messages",
+                            _through_account(ApiMethod.SEND_MESSAGE, _send))
+        app.router.add_get("/v1/accounts/{name}/messages",
+                           _through_account(ApiMethod.HISTORY, _history))
+        app.router.add_get("/v1/accounts/{name}/dialogs",
+                           _through_account(ApiMethod.DIALOGS, _dialogs))
+        app.router.add_post("/v1/accounts/{name}/read", _through_account(ApiMethod.READ, _read))
+        app.router.add_post("/v1/accounts/{name}/invoke",
+                            _through_account(ApiMethod.INVOKE, _invoke))
         app.router.add_get("/v1/updates", _updates)
         app.on_shutdown.append(self._close_sockets)
 
@@ -197,6 +202,9 @@ class RequestCounter:
         return [family]
 
 
+API = web.AppKey("account_api", AccountApi)
+
+
 def _has_account(config: Config, name: str) -> bool:
     try:
         config.account(name)
@@ -279,10 +287,31 @@ def _peer(value: Any) -> Any:
 
 
 def _api(request: web.Request) -> AccountApi:
-    return request.app[API]  # type: ignore[no-any-return]
+    return request.app[API]
 
 
 # -- handlers -----------------------------------------------------------------------------------
+
+#: What a route that acts through an account does with the account's client.
+Call = Callable[["ManagedClient"], Awaitable[Any]]
+
+
+def _through_account(method: ApiMethod, prepare: Callable[[web.Request], Awaitable[Call]]
+                     ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A route acting through ``{name}``: ``prepare`` validates the request (a 400 costs no
+    queue slot) and returns the call, which then runs through the gateway."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        api = _api(request)
+        name = request.match_info["name"]
+
+        async def work(_client: ApiClient) -> Any:
+            return await api.gateway.call(name, await prepare(request))
+
+        return await api.serve(request, method, name, work)
+
+    return handler
+
 
 
 async def _openapi(request: web.Request) -> web.Response:
@@ -312,130 +341,100 @@ async def _account(request: web.Request) -> web.StreamResponse:
     return await api.serve(request, ApiMethod.ACCOUNTS, name, work)
 
 
-async def _send(request: web.Request) -> web.StreamResponse:
-    api = _api(request)
-    name = request.match_info["name"]
+async def _send(request: web.Request) -> Call:
+    body = await _body(request)
+    ref = _peer(body.get("peer"))
+    text = body.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise ApiError(Outcome.BAD_REQUEST, "text must be a non-empty string")
+    if len(text) > 4096:
+        raise ApiError(Outcome.BAD_REQUEST, "text longer than 4096 characters")
+    reply_to = _int(body.get("replyTo"), "replyTo", 0, 0, 2**31 - 1) or None
 
-    async def work(client: ApiClient) -> Any:
-        body = await _body(request)
-        ref = _peer(body.get("peer"))
-        text = body.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise ApiError(Outcome.BAD_REQUEST, "text must be a non-empty string")
-        if len(text) > 4096:
-            raise ApiError(Outcome.BAD_REQUEST, "text longer than 4096 characters")
-        reply_to = _int(body.get("replyTo"), "replyTo", 0, 0, 2**31 - 1) or None
+    async def call(tc: ManagedClient) -> Any:
+        peer = await resolve_peer(tc, ref)
+        msg = await tc.send_message(peer, text, reply_to=reply_to, link_preview=False)
+        return {"id": msg.id, "date": int(msg.date.timestamp()) if msg.date else None,
+                "peer": peer_json(msg.peer_id)}
 
-        async def call(tc: ManagedClient) -> Any:
-            peer = await resolve_peer(tc, ref)
-            msg = await tc.send_message(peer, text, reply_to=reply_to, link_preview=False)
-            return {"id": msg.id, "date": int(msg.date.timestamp()) if msg.date else None,
-                    "peer": peer_json(msg.peer_id)}
-
-        return await api.gateway.call(name, call)
-
-    return await api.serve(request, ApiMethod.SEND_MESSAGE, name, work)
+    return call
 
 
-async def _history(request: web.Request) -> web.StreamResponse:
-    api = _api(request)
-    name = request.match_info["name"]
+async def _history(request: web.Request) -> Call:
+    q = request.query
+    ref = _peer(q.get("peer"))
+    limit = _int(q.get("limit"), "limit", 20, 1, MAX_LIMIT)
+    offset_id = _int(q.get("offset_id"), "offset_id", 0, 0, 2**31 - 1)
 
-    async def work(client: ApiClient) -> Any:
-        q = request.query
-        ref = _peer(q.get("peer"))
-        limit = _int(q.get("limit"), "limit", 20, 1, MAX_LIMIT)
-        offset_id = _int(q.get("offset_id"), "offset_id", 0, 0, 2**31 - 1)
+    async def call(tc: ManagedClient) -> Any:
+        peer = await resolve_peer(tc, ref)
+        result = await tc(functions.messages.GetHistoryRequest(
+            peer=peer, offset_id=offset_id, offset_date=None, add_offset=0, limit=limit,
+            max_id=0, min_id=0, hash=0))
+        return {"messages": [message_json(m) for m in result.messages
+                             if not isinstance(m, tl.MessageEmpty)]}
 
-        async def call(tc: ManagedClient) -> Any:
-            peer = await resolve_peer(tc, ref)
-            result = await tc(functions.messages.GetHistoryRequest(
-                peer=peer, offset_id=offset_id, offset_date=None, add_offset=0, limit=limit,
-                max_id=0, min_id=0, hash=0))
-            return {"messages": [message_json(m) for m in result.messages
-                                 if not isinstance(m, tl.MessageEmpty)]}
-
-        return await api.gateway.call(name, call)
-
-    return await api.serve(request, ApiMethod.HISTORY, name, work)
+    return call
 
 
-async def _dialogs(request: web.Request) -> web.StreamResponse:
-    api = _api(request)
-    name = request.match_info["name"]
+async def _dialogs(request: web.Request) -> Call:
+    limit = _int(request.query.get("limit"), "limit", 20, 1, MAX_LIMIT)
 
-    async def work(client: ApiClient) -> Any:
-        limit = _int(request.query.get("limit"), "limit", 20, 1, MAX_LIMIT)
+    async def call(tc: ManagedClient) -> Any:
+        result = await tc(functions.messages.GetDialogsRequest(
+            offset_date=None, offset_id=0, offset_peer=tl.InputPeerEmpty(), limit=limit,
+            hash=0))
+        names = {("user", u.id): " ".join(filter(None, (u.first_name, u.last_name)))
+                 for u in result.users if isinstance(u, tl.User)}
+        usernames = {u.id: u.username for u in result.users if isinstance(u, tl.User)}
+        names.update({("chat" if isinstance(c, tl.Chat) else "channel", c.id): c.title
+                      for c in result.chats if hasattr(c, "title")})
+        out = []
+        for d in result.dialogs:
+            if not isinstance(d, tl.Dialog):
+                continue
+            peer = peer_json(d.peer)
+            key = (peer["type"], peer["id"]) if peer else None
+            out.append({
+                "peer": peer, "name": names.get(key) if key else None,
+                "username": usernames.get(peer["id"]) if peer and peer["type"] == "user"
+                else None,
+                "topMessage": d.top_message, "unreadCount": d.unread_count,
+                "readInboxMaxId": d.read_inbox_max_id,
+                "readOutboxMaxId": d.read_outbox_max_id})
+        return {"dialogs": out}
 
-        async def call(tc: ManagedClient) -> Any:
-            result = await tc(functions.messages.GetDialogsRequest(
-                offset_date=None, offset_id=0, offset_peer=tl.InputPeerEmpty(), limit=limit,
-                hash=0))
-            names = {("user", u.id): " ".join(filter(None, (u.first_name, u.last_name)))
-                     for u in result.users if isinstance(u, tl.User)}
-            usernames = {u.id: u.username for u in result.users if isinstance(u, tl.User)}
-            names.update({("chat" if isinstance(c, tl.Chat) else "channel", c.id): c.title
-                          for c in result.chats if hasattr(c, "title")})
-            out = []
-            for d in result.dialogs:
-                if not isinstance(d, tl.Dialog):
-                    continue
-                peer = peer_json(d.peer)
-                key = (peer["type"], peer["id"]) if peer else None
-                out.append({
-                    "peer": peer, "name": names.get(key) if key else None,
-                    "username": usernames.get(peer["id"]) if peer and peer["type"] == "user"
-                    else None,
-                    "topMessage": d.top_message, "unreadCount": d.unread_count,
-                    "readInboxMaxId": d.read_inbox_max_id,
-                    "readOutboxMaxId": d.read_outbox_max_id})
-            return {"dialogs": out}
-
-        return await api.gateway.call(name, call)
-
-    return await api.serve(request, ApiMethod.DIALOGS, name, work)
+    return call
 
 
-async def _read(request: web.Request) -> web.StreamResponse:
-    api = _api(request)
-    name = request.match_info["name"]
+async def _read(request: web.Request) -> Call:
+    body = await _body(request)
+    ref = _peer(body.get("peer"))
+    max_id = _int(body.get("maxId"), "maxId", 0, 0, 2**31 - 1)
 
-    async def work(client: ApiClient) -> Any:
-        body = await _body(request)
-        ref = _peer(body.get("peer"))
-        max_id = _int(body.get("maxId"), "maxId", 0, 0, 2**31 - 1)
+    async def call(tc: ManagedClient) -> Any:
+        peer = await resolve_peer(tc, ref)
+        if isinstance(peer, tl.InputPeerChannel):
+            await tc(functions.channels.ReadHistoryRequest(
+                channel=tl.InputChannel(peer.channel_id, peer.access_hash), max_id=max_id))
+        else:
+            await tc(functions.messages.ReadHistoryRequest(peer=peer, max_id=max_id))
+        return {"ok": True}
 
-        async def call(tc: ManagedClient) -> Any:
-            peer = await resolve_peer(tc, ref)
-            if isinstance(peer, tl.InputPeerChannel):
-                await tc(functions.channels.ReadHistoryRequest(
-                    channel=tl.InputChannel(peer.channel_id, peer.access_hash), max_id=max_id))
-            else:
-                await tc(functions.messages.ReadHistoryRequest(peer=peer, max_id=max_id))
-            return {"ok": True}
-
-        return await api.gateway.call(name, call)
-
-    return await api.serve(request, ApiMethod.READ, name, work)
+    return call
 
 
-async def _invoke(request: web.Request) -> web.StreamResponse:
-    api = _api(request)
-    name = request.match_info["name"]
+async def _invoke(request: web.Request) -> Call:
+    body = await _body(request)
+    try:
+        tl_request = build_request(body)
+    except TlJsonError as exc:
+        raise ApiError(Outcome.BAD_REQUEST, str(exc)) from None
 
-    async def work(client: ApiClient) -> Any:
-        body = await _body(request)
-        try:
-            tl_request = build_request(body)
-        except TlJsonError as exc:
-            raise ApiError(Outcome.BAD_REQUEST, str(exc)) from None
+    async def call(tc: ManagedClient) -> Any:
+        return {"result": to_json(await tc(tl_request))}
 
-        async def call(tc: ManagedClient) -> Any:
-            return {"result": to_json(await tc(tl_request))}
-
-        return await api.gateway.call(name, call)
-
-    return await api.serve(request, ApiMethod.INVOKE, name, work)
+    return call
 
 
 async def _updates(request: web.Request) -> web.StreamResponse:
