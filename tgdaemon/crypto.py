@@ -135,6 +135,7 @@ class KeyRing:
             return NotImplemented
         return self._active == other._active and self._keys == other._keys
 
+    # Unhashable like any mutable value with __eq__; mypy wants a method here.
     __hash__ = None  # type: ignore[assignment]
 
     # -- records ---------------------------------------------------------------------------
@@ -149,6 +150,8 @@ class KeyRing:
 
     def decrypt(self, record: bytes, *, account: str, purpose: str) -> bytes:
         what = f"{purpose} record of account {account!r}"
+        if not isinstance(record, bytes | bytearray):  # never echo what it holds instead
+            raise DecryptionError(f"cannot decrypt {what}: not a byte string")
         if len(record) < HEADER_SIZE + TAG_SIZE:
             raise DecryptionError(f"cannot decrypt {what}: record is truncated")
         version, kid, nonce = _HEADER.unpack_from(record)

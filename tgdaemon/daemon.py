@@ -25,13 +25,15 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
-from tgdaemon.config import Config, ConfigHolder, config_warnings, load_config
+from tgdaemon.config import Config, ConfigHolder, allowed_hosts, config_warnings, load_config
 from tgdaemon.crypto import KeyRing, load_keyring
 from tgdaemon.dcs import DcDirectory
 from tgdaemon.exceptions import ConfigError
+from tgdaemon.logvolume import NoiseCollector
 from tgdaemon.metrics import Metrics
 from tgdaemon.notify import Notifier
 from tgdaemon.ratelimit import ConnectRateLimiter
+from tgdaemon.records import RecordsCollector, check_records
 from tgdaemon.status import StatusBoard
 from tgdaemon.store import Store
 from tgdaemon.supervisor import Supervisor
@@ -59,6 +61,7 @@ class Daemon:
         #: The running configuration; a reload replaces ``settings.current``.
         self.settings = ConfigHolder(config)
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.registry.register(NoiseCollector())
         self._keyring = keyring
         self._env = env
         self._clock = clock
@@ -73,6 +76,7 @@ class Daemon:
         self.supervisor: Supervisor | None = None
         self.http: Any = None  # tgdaemon.http.HttpServer when listening
         self.api: Any = None  # tgdaemon.api.AccountApi when [api] has clients
+        self.records = RecordsCollector(self.registry)
         self._ready = False
 
     @property
@@ -102,6 +106,7 @@ class Daemon:
         trust_server_keys(config)
         self.store = await Store.open(config.daemon.state_dir, keyring, clock=self._clock)
         self._stack.push_async_callback(self.store.close)
+        await self.check_records()
 
         api = None
         if config.api.enabled:
@@ -139,11 +144,9 @@ class Daemon:
         if listen is not None:
             from tgdaemon.http import HttpServer, build_app
 
-            token = None
-            if config.daemon.http_token_file is not None:
-                token = config.daemon.http_token_file.read_text().strip() or None
             app = build_app(board=self.board, registry=self.registry, ready=self.ready,
-                            token=token)
+                            token=config.daemon.http_token,
+                            allowed_hosts=allowed_hosts(config.daemon))
             if api is not None:
                 api.register(app)
             self.http = HttpServer(app, listen.host, listen.port)
@@ -162,7 +165,22 @@ class Daemon:
         await self._stack.aclose()
 
     def ready(self) -> bool:
-        return self._ready
+        """Ready once started, unless the store cannot be used: no stored session decrypts
+        (wrong master key) or the database refuses writes."""
+        report = self.records.report
+        if report is not None and report.none_readable:
+            return False
+        return self._ready and not (self.store is not None and self.store.read_only)
+
+    async def check_records(self) -> None:
+        """Measure the stored records against the key ring: one ERROR line for the fleet
+        (not one per account) when some cannot be decrypted."""
+        assert self.store is not None
+        report = await check_records(self.store)
+        self.records.report = report
+        problem = report.problem()
+        if problem is not None:
+            log.error("%s%s", problem, "; not ready" if report.none_readable else "")
 
     def summary(self) -> str:
         return self.board.summary()
@@ -197,6 +215,7 @@ class Daemon:
         for warning in config_warnings(new):
             log.warning("%s", warning)
         trust_server_keys(new)
+        await self.check_records()  # e.g. after `tgdaemon login --force` replaced records
         await self.supervisor.apply(new)  # makes ``new`` the running configuration
         logging.getLogger().setLevel(new.daemon.log_level.upper())
         self.metrics.config_reload(True)

@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING, Any
 from tgdaemon.lifecycle import ENDED_STATES, Action, Category, Classified, Recovery, State
 from tgdaemon.logs import account_logger
 from tgdaemon.redact import redact
+from tgdaemon.status import NewLogin
 
 if TYPE_CHECKING:
     from tgdaemon.metrics import Metrics
     from tgdaemon.status import StatusBoard, UserInfo
     from tgdaemon.store import DeviceInfo, Store
+    from tgdaemon.watch import LookResult
 
 #: How often heartbeats refresh last_used/last_checked in the store (the status board always
 #: has the live value): 10,000 accounts writing every heartbeat would be 300 writes a second.
@@ -164,6 +166,19 @@ class AccountReporter:
         self._metrics.update_gap(self.name)
         self.log.warning("update stream gap: server pts %d, client pts %s", server_pts,
                          local_pts)
+
+    def sessions(self, result: LookResult) -> None:
+        """A look at the account's sessions (``tgdaemon.watch``): the count, and the newest
+        foreign session when there is one (pushed to /status/ws as a status change)."""
+        found = result.assessment
+        self._metrics.sessions(self.name, found.count, len(found.new))
+        changes: dict[str, Any] = {"authorizations": found.count}
+        if found.new:
+            newest = max(found.new, key=lambda s: s.created)
+            changes["last_new_authorization"] = NewLogin(
+                newest.device, newest.app, newest.country, newest.created, self._clock(),
+                terminated=newest in result.terminated)
+        self._board.update(self.name, **changes)
 
     def plugin_error(self) -> None:
         self._metrics.plugin_error(self.name)

@@ -49,7 +49,7 @@ _Row = tuple[int, int, Any, Any, Any]  # (marked id, access hash, username, phon
 UPDATE_STATE_INTERVAL = 300.0
 
 
-class StoreSession(MemorySession):
+class StoreSession(MemorySession):  # type: ignore[misc]  # Telethon is untyped (Any)
     """Telethon session for one account, saved through the store's single writer."""
 
     def __init__(
@@ -189,7 +189,7 @@ class StoreSession(MemorySession):
         super().set_dc(dc_id, server_address, port)
         self._submit()
 
-    @MemorySession.auth_key.setter  # type: ignore[attr-defined, untyped-decorator]
+    @MemorySession.auth_key.setter  # type: ignore[untyped-decorator]  # Telethon is untyped
     def auth_key(self, value: AuthKey | None) -> None:
         self._auth_key = value
         self._submit()

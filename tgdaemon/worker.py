@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from telethon import functions, types
+from telethon import errors, events, functions, types
 
 from tgdaemon.connwatch import ConnectionWatch
 from tgdaemon.errors import NotAuthorizedError, classify
@@ -36,6 +36,7 @@ from tgdaemon.session import StoreSession
 from tgdaemon.status import UserInfo
 from tgdaemon.store import DeviceInfo
 from tgdaemon.telegram import ManagedClient, build_client, local_update_pts
+from tgdaemon.watch import AuthorizationWatch
 
 if TYPE_CHECKING:
     from tgdaemon.config import AccountConfig, ConfigHolder, PolicyConfig
@@ -102,6 +103,8 @@ class AccountWorker:
         #: A failure another caller (the account API) ran into on this account's client,
         #: raised at the heartbeat wait so the usual recovery applies to it.
         self._reported: BaseException | None = None
+        #: The security watch (created with the session: it needs the stored update date).
+        self._sessions: AuthorizationWatch | None = None
 
     @property
     def policy(self) -> PolicyConfig:
@@ -139,6 +142,10 @@ class AccountWorker:
             return
         self.session = StoreSession(self.deps.store, self.name, initial)
         self.report.dc(initial.dc_id, persist=False)
+        self._sessions = AuthorizationWatch(
+            self.log, since=float(initial.date or self.deps.clock()),
+            interval=self.deps.settings.current.security.check_interval,
+            clock=self.deps.clock, rng=self.deps.rng)
         while True:
             self.report.transition(State.RECONNECTING if self._attempts else State.CONNECTING,
                                    "connecting")
@@ -217,8 +224,8 @@ class AccountWorker:
         assert self.client is not None
         assert self.session is not None
         policy = self.policy
-        await asyncio.wait_for(self.client._switch_dc(new_dc),
-                               policy.connect_timeout + policy.request_timeout)
+        async with asyncio.timeout(policy.connect_timeout + policy.request_timeout):
+            await self.client._switch_dc(new_dc)  # not wait_for: see _connect
         await self.session.flush()
         self._watch.watch(self.client)
         self.report.dc(self.session.dc_id)
@@ -283,9 +290,14 @@ class AccountWorker:
                                        self.deps.settings.current, self.account)
             for hook in self.deps.client_hooks:
                 hook(self.name, self.client)
+            self.client.add_event_handler(self._on_new_login,
+                                          events.Raw(types.UpdateNewAuthorization))
         client = self.client
         try:
-            await asyncio.wait_for(client.connect(), self.policy.connect_timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that
+            # arrives as connect() fails, and the stopped worker would reconnect forever.
+            async with asyncio.timeout(self.policy.connect_timeout):
+                await client.connect()
         except BaseException as exc:
             await self._close_client()
             if isinstance(exc, TimeoutError):
@@ -323,11 +335,38 @@ class AccountWorker:
                 self._network_failures = 0
             # Telethon follows a USER_MIGRATE inside the call: the DC is read, not assumed.
             self.report.heartbeat(self.last_progress - started, self.session.dc_id)
+            await self._look_at_sessions()
             local = local_update_pts(self.client)
             gap_streak = gap_streak + 1 if local is not None and server.pts > local else 0
             if gap_streak >= self.policy.update_gap_heartbeats:
                 gap_streak = 0
                 await self._on_update_gap(server.pts, local)
+
+    async def _on_new_login(self, _update: types.UpdateNewAuthorization) -> None:
+        """Telegram announced a login on this account: look at the next heartbeat."""
+        if self._sessions is not None:
+            self._sessions.poke()
+
+    async def _look_at_sessions(self) -> None:
+        """The security watch's look, when due. Its failures end nothing: a dead connection
+        is the next heartbeat's to find, a flood wait on the listing only delays the next look,
+        and Telegram's 406 for a young session must not park the account as an auth error."""
+        watch = self._sessions
+        if watch is None or not watch.due(self.deps.clock()):
+            return
+        config = self.deps.settings.current
+        security = config.security
+        try:
+            result = await watch.look(
+                self._rpc, action=config.on_new_authorization(self.account),
+                allow=security.allow, interval=security.check_interval, log_ip=security.log_ip)
+        except errors.FloodWaitError as exc:
+            watch.postpone(exc.seconds)
+            return
+        except (errors.RPCError, TimeoutError, ConnectionError) as exc:
+            self.log.debug("could not list the account's sessions: %s", type(exc).__name__)
+            return
+        self.report.sessions(result)
 
     async def _until_next_beat(self) -> None:
         """Sleep until the next heartbeat is due; :meth:`reschedule` re-arms the wait with
@@ -364,7 +403,8 @@ class AccountWorker:
         if client is None:
             return
         try:
-            await asyncio.wait_for(client.disconnect(), CLOSE_TIMEOUT)
+            async with asyncio.timeout(CLOSE_TIMEOUT):  # not wait_for: see _connect
+                await client.disconnect()
         except Exception as exc:  # a wedged client is dropped, not awaited forever
             self.log.warning("client did not close cleanly (%s); replacing it",
                              type(exc).__name__)

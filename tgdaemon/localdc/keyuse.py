@@ -1,0 +1,56 @@
+"""Which live connections present each auth key, with which MTProto session id.
+
+Telegram answers ``AUTH_KEY_DUPLICATED`` (406) when one auth key is used at the same time by
+two connections with different session ids (two clients on one session file) and invalidates
+that key: both clients must log in again. The server asks this registry on every new session
+id; pure bookkeeping (no I/O), so the rule is tested without sockets and other rules about
+concurrent use of a key (e.g. counting overlapping connections) extend it in one place.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Hashable
+
+
+class KeyUse:
+    """Live connections per auth key (``attach``/``detach``) and their session ids."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[int, dict[Hashable, int | None]] = {}
+        self._peak: Counter[int] = Counter()
+        #: Keys invalidated for concurrent use: every request under them gets the 406.
+        self.duplicated: set[int] = set()
+
+    def attach(self, conn: Hashable, key_id: int) -> None:
+        conns = self._sessions.setdefault(key_id, {})
+        conns.setdefault(conn, None)
+        self._peak[key_id] = max(self._peak[key_id], len(conns))
+
+    def detach(self, conn: Hashable, key_id: int | None) -> None:
+        if key_id is None:
+            return
+        conns = self._sessions.get(key_id)
+        if conns is not None:
+            conns.pop(conn, None)
+            if not conns:
+                del self._sessions[key_id]
+
+    def session(self, conn: Hashable, key_id: int, session_id: int) -> bool:
+        """Record ``conn``'s (new) session id; True when the key is now duplicated: another
+        live connection uses it with a different session id."""
+        self.attach(conn, key_id)
+        conns = self._sessions[key_id]
+        conns[conn] = session_id
+        if any(other is not conn and sid is not None and sid != session_id
+               for other, sid in conns.items()):
+            self.duplicated.add(key_id)
+        return key_id in self.duplicated
+
+    def live(self, key_id: int) -> int:
+        """Connections presenting ``key_id`` now."""
+        return len(self._sessions.get(key_id, ()))
+
+    def peak(self, key_id: int) -> int:
+        """Most connections that presented ``key_id`` at the same time."""
+        return self._peak[key_id]
