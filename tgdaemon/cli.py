@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import getpass
 import json
@@ -110,6 +111,10 @@ def _parser() -> argparse.ArgumentParser:
                  "re-encrypt every record under a new active key (daemon must be stopped)")
     sp.add_argument("--out", type=Path,
                     help="write the new key ring here (required when the key is not a file)")
+    sp = command("rotate-session", cmd_rotate_session,
+                 "give an account a new auth key without a login code (the old key is then "
+                 "logged out)")
+    sp.add_argument("name")
     command("status", cmd_status, "show the running daemon's account status")
     sp = command("send", cmd_send, "send a text message through the daemon's account API")
     sp.add_argument("account")
@@ -248,6 +253,17 @@ def cmd_logout(ns: argparse.Namespace) -> int:
         print(f"local session of {ns.name} deleted WITHOUT a confirmed server logout (--force): "
               "the login may still be active on Telegram; end it from another device "
               "(Settings > Devices)")
+    return 0
+
+
+def cmd_rotate_session(ns: argparse.Namespace) -> int:
+    config = _load(ns)
+    user, old_logged_out = asyncio.run(rotate_session(config, ns.name, secret=_secret))
+    print(f"{ns.name} (user {user}) has a new auth key; reload the daemon: "
+          "systemctl reload tgdaemon")
+    if not old_logged_out:
+        print("warning: the old key could not be logged out and may still be an active "
+              "session: end it from another device (Settings > Devices)", file=sys.stderr)
     return 0
 
 
@@ -414,6 +430,56 @@ async def logout(config: Config, name: str, *, force: bool = False) -> bool:
         await store.delete_session(name)
         await store.update_account(name, status=Setup.LOGGED_OUT.value)
         return confirmed
+
+
+async def rotate_session(config: Config, name: str, *, secret: Prompt) -> tuple[int, bool]:
+    """A new auth key for ``name`` through the login-token flow (:mod:`tgdaemon.rekey`);
+    returns the user id and whether the old key was logged out.
+
+    Both clients run on in-memory sessions: the one store write is the new session, made
+    durable before the old key is logged out (a crash leaves one working key either way)."""
+    from telethon import functions
+
+    from tgdaemon.oneshot import call
+    from tgdaemon.rekey import authorize_new_key, memory_session
+    from tgdaemon.telegram import build_client, client_class, trust_server_keys
+
+    account = config.account(name)
+    policy = config.policy
+    store, running, _report = await _open_store(config)
+    async with store:
+        await _check_not_active(store, name, running)
+        data = await store.load_session(name)
+        if data is None or data.auth_key is None:
+            raise AccountError(f"account {name!r} has no session: run `tgdaemon login {name}`")
+        trust_server_keys(config)
+        cls = client_class()
+        old = build_client(cls, memory_session(data, with_key=True), config, account)
+        new = build_client(cls, memory_session(data, with_key=False), config, account)
+        bound = functools.partial(call, policy=policy)
+        try:
+            for client in (old, new):
+                await call("connect", client.connect, policy=policy,
+                           timeout=policy.connect_timeout, cleanup=client.disconnect)
+            user = await authorize_new_key(
+                old, new, api_id=config.telegram.api_id, api_hash=config.telegram.api_hash,
+                password=lambda: secret("2FA password (hidden): "), call=bound)
+            if data.user_id is not None and user.id != data.user_id:
+                raise AccountError(f"the new key logged in as another user ({user.id})")
+            key = new.session.auth_key.key
+            await store.save_session(name, dataclasses.replace(data, auth_key=key,
+                                                               user_id=user.id))
+            await store.update_account(name, last_used=time.time())
+            try:
+                await call("auth.logOut", lambda: old(functions.auth.LogOutRequest()),
+                           policy=policy)
+            except TgdaemonError as exc:
+                print(f"tgdaemon: warning: {exc}", file=sys.stderr)
+                return int(user.id), False
+            return int(user.id), True
+        finally:
+            for client in (old, new):
+                await client.disconnect()
 
 
 @contextlib.asynccontextmanager

@@ -96,7 +96,9 @@ class _Slots:
         "new_authorizations",
         "plugin_errors",
         "reconnects",
+        "unknown_objects",
         "update_gaps",
+        "updates_recovered",
         "worker_restarts",
     )
 
@@ -110,6 +112,8 @@ class _Slots:
         self.worker_restarts = 0
         self.update_gaps = 0
         self.plugin_errors = 0
+        self.updates_recovered = 0
+        self.unknown_objects = 0
         self.new_authorizations = 0
         self.authorizations: int | None = None
         self.heartbeat: float | None = None
@@ -253,6 +257,16 @@ class Metrics:
         if (slot := self._slots.get(name)) is not None:
             slot.update_gaps += 1
 
+    def updates_recovered(self, name: str, count: int) -> None:
+        """Updates a catch-up (getDifference) handed to the account's handlers."""
+        if (slot := self._slots.get(name)) is not None and count > 0:
+            slot.updates_recovered += count
+
+    def unknown_object(self, name: str) -> None:
+        """A server object the pinned Telethon cannot parse, skipped."""
+        if (slot := self._slots.get(name)) is not None:
+            slot.unknown_objects += 1
+
     def plugin_error(self, name: str) -> None:
         """A user plugin failed to load or run (the worker logs it and carries on)."""
         if (slot := self._slots.get(name)) is not None:
@@ -297,6 +311,8 @@ class Metrics:
                 slot.worker_restarts,
                 slot.update_gaps,
                 slot.plugin_errors,
+                slot.updates_recovered,
+                slot.unknown_objects,
                 slot.new_authorizations,
                 slot.authorizations,
                 slot.heartbeat,
@@ -394,6 +410,16 @@ class Metrics:
                 _get_plugin_errors,
             ),
             (
+                "updates_recovered",
+                "Updates the account missed and got back by catching up (getDifference).",
+                _get_recovered,
+            ),
+            (
+                "unknown_objects",
+                "Server objects the pinned Telethon could not parse, skipped.",
+                _get_unknown,
+            ),
+            (
                 "new_authorizations",
                 "Sessions of the account that are not the daemon's, seen for the first time.",
                 _get_new_authorizations,
@@ -460,6 +486,8 @@ class _Row(NamedTuple):
     worker_restarts: int
     update_gaps: int
     plugin_errors: int
+    updates_recovered: int
+    unknown_objects: int
     new_authorizations: int
     authorizations: int | None
     heartbeat: float | None
@@ -500,6 +528,12 @@ def _get_plugin_errors(r: _Row) -> int:
     return r.plugin_errors
 
 
+def _get_recovered(r: _Row) -> int:
+    return r.updates_recovered
+
+
+def _get_unknown(r: _Row) -> int:
+    return r.unknown_objects
 def _get_new_authorizations(r: _Row) -> int:
     return r.new_authorizations
 

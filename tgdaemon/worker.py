@@ -36,6 +36,7 @@ from tgdaemon.session import StoreSession
 from tgdaemon.status import UserInfo
 from tgdaemon.store import DeviceInfo
 from tgdaemon.telegram import ManagedClient, build_client, local_update_pts
+from tgdaemon.updates import observe_updates
 from tgdaemon.watch import AuthorizationWatch
 
 if TYPE_CHECKING:
@@ -162,6 +163,9 @@ class AccountWorker:
                     UserInfo(me.id, me.username, me.first_name), self.session.dc_id,
                     DeviceInfo(a.device_model, a.system_version, a.app_version))
                 await self._plugins.run(self.client, self.policy.request_timeout)
+                if self.client is not None:
+                    # Handlers are in place: this connection's catch-up may start.
+                    self.client.release_updates()
                 await self._serve()
             except asyncio.CancelledError:
                 raise
@@ -288,6 +292,7 @@ class AccountWorker:
         if self.client is None:
             self.client = build_client(self.deps.client_cls, self.session,
                                        self.deps.settings.current, self.account)
+            observe_updates(self.client, self.report)
             for hook in self.deps.client_hooks:
                 hook(self.name, self.client)
             self.client.add_event_handler(self._on_new_login,
