@@ -20,12 +20,16 @@ from tgdaemon.exceptions import ConfigError, TgdaemonError
 if TYPE_CHECKING:
     from tgdaemon.config import Config
 
-#: EX_UNAVAILABLE: the daemon refused or could not be reached.
-EXIT_REFUSED = 69
+class ApiUnavailableError(TgdaemonError):
+    """The API could not be reached, or answered 429/5xx: try again later."""
+
+    exit_code = 69  # EX_UNAVAILABLE, as for an unreachable Telegram
 
 
-class ApiCallError(TgdaemonError):
-    exit_code = EXIT_REFUSED
+class ApiRefusedError(TgdaemonError):
+    """The API refused the call (bad token, not allowed, unknown or parked account...)."""
+
+    exit_code = 76  # as for a request Telegram refuses
 
 
 def _client_for(config: Config, method: ApiMethod, account: str | None) -> ApiClient:
@@ -57,16 +61,19 @@ async def send(config: Config, account: str, peer: str, text: str) -> int:
                 timeout=aiohttp.ClientTimeout(total=config.api.request_timeout + 5)) as r:
             body = await r.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        raise ApiCallError(f"cannot reach the daemon's API: {type(exc).__name__}") from None
+        raise ApiUnavailableError(f"cannot reach the daemon's API: {type(exc).__name__}") \
+            from None
     if r.status != 200:
-        raise ApiCallError(_refusal(r.status, r.headers.get("Retry-After"), body))
+        raise _refusal(r.status, r.headers.get("Retry-After"), body)
     return int(body["id"])
 
 
-def _refusal(status: int, retry_after: str | None, body: Any) -> str:
+def _refusal(status: int, retry_after: str | None, body: Any) -> TgdaemonError:
     message = body.get("message", "") if isinstance(body, dict) else ""
     more = f" (retry after {retry_after} s)" if retry_after else ""
-    return f"API answered {status}: {message}{more}"
+    text = f"API answered {status}: {message}{more}"
+    return ApiUnavailableError(text) if status == 429 or status >= 500 \
+        else ApiRefusedError(text)
 
 
 async def tail(config: Config, account: str | None, out: Any = sys.stdout) -> None:
@@ -84,8 +91,9 @@ async def tail(config: Config, account: str | None, out: Any = sys.stdout) -> No
                 if event.get("type") != "ready":
                     print(json.dumps(event, ensure_ascii=False), file=out, flush=True)
     except aiohttp.WSServerHandshakeError as exc:
-        raise ApiCallError(f"API refused the update stream: {exc.status}") from None
+        raise _refusal(exc.status, None, {"message": "update stream refused"}) from None
     except aiohttp.ClientError as exc:
-        raise ApiCallError(f"cannot reach the daemon's API: {type(exc).__name__}") from None
+        raise ApiUnavailableError(f"cannot reach the daemon's API: {type(exc).__name__}") \
+            from None
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry
 
 from tgdaemon.config import Config, ConfigHolder, allowed_hosts, config_warnings, load_config
-from tgdaemon.crypto import KeyRing, load_keyring
+from tgdaemon.crypto import KeyRing, load_keyring, remove_stale_temp_files
 from tgdaemon.dcs import DcDirectory
 from tgdaemon.exceptions import ConfigError
 from tgdaemon.logvolume import NoiseCollector
@@ -103,6 +103,8 @@ class Daemon:
             log.warning("%s", warning)
         keyring = self._keyring or load_keyring(key_file=config.daemon.master_key_file,
                                                 env=self._env)
+        if config.daemon.master_key_file is not None:
+            remove_stale_temp_files(config.daemon.master_key_file)
         trust_server_keys(config)
         self.store = await Store.open(config.daemon.state_dir, keyring, clock=self._clock)
         self._stack.push_async_callback(self.store.close)

@@ -368,7 +368,7 @@ async def test_cli_send_and_tail(api_daemon: ApiDaemon) -> None:
             sys.executable, "-m", "tgdaemon", "send", "carol", "me", "x", "-c", str(d.config),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=daemon_env())
         _out, err = await asyncio.wait_for(refused.communicate(), 30)
-        assert refused.returncode == 69
+        assert refused.returncode == 76
         assert err.decode().startswith("tgdaemon: error: API answered 409")
         assert "Traceback" not in err.decode()
     finally:

@@ -341,6 +341,9 @@ class LocalDC:
             "rsa_public_key": self.rsa_public_pem,
             "control_url": self.control_url,
             "code": self.code,
+            # The MTProxy port, if any (its secret is the operator's: never written here).
+            "mtproxy": None if self.mtproxy_address is None else {
+                "host": self.mtproxy_address[0], "port": self.mtproxy_address[1]},
         }
 
     def set_password(self, phone: str, password: str | None) -> None:
