@@ -122,11 +122,31 @@ def _parser() -> argparse.ArgumentParser:
                  "logged out)")
     sp.add_argument("name")
     command("status", cmd_status, "show the running daemon's account status")
+    sp = command("send", cmd_send, "send a text message through the daemon's account API")
+    sp.add_argument("account")
+    sp.add_argument("peer", help="user id, @username, +phone or me")
+    sp.add_argument("text")
+    sp = command("tail", cmd_tail, "print an account's (or every account's) live updates")
+    sp.add_argument("account", nargs="?")
     sub.add_parser("localdc", help="run the local stand-in data centre (see localdc --help)")
     return p
 
 
 # -- commands -------------------------------------------------------------------------------
+
+
+def cmd_send(ns: argparse.Namespace) -> int:
+    from tgdaemon.apicli import send
+
+    print(asyncio.run(send(_load(ns), ns.account, ns.peer, ns.text)))
+    return 0
+
+
+def cmd_tail(ns: argparse.Namespace) -> int:
+    from tgdaemon.apicli import tail
+
+    asyncio.run(tail(_load(ns), ns.account))
+    return 0
 
 
 def _load(ns: argparse.Namespace) -> Config:

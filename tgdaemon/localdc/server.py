@@ -31,6 +31,7 @@ from telethon.tl.core import GzipPacked
 from telethon.tl.tlobject import TLRequest
 
 from tgdaemon.localdc import account as _account  # noqa: F401  (registers its handlers)
+from tgdaemon.localdc import messaging as _messaging  # noqa: F401  (registers its handlers)
 from tgdaemon.localdc import transport
 from tgdaemon.localdc.crypto import (
     DH_PRIME,
