@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import getpass
 import json
@@ -25,14 +26,17 @@ from tgdaemon import __version__
 from tgdaemon.exceptions import (
     EXIT_UNEXPECTED,
     AccountError,
+    BadInputError,
     DecryptionError,
     InputError,
     StateLockedError,
     TgdaemonError,
 )
+from tgdaemon.lifecycle import OWNED_STATES, Setup
 
 if TYPE_CHECKING:
     from tgdaemon.config import Config
+    from tgdaemon.crypto import KeyRing
     from tgdaemon.records import RecordReport
     from tgdaemon.store import Store
 
@@ -109,12 +113,40 @@ def _parser() -> argparse.ArgumentParser:
                  "re-encrypt every record under a new active key (daemon must be stopped)")
     sp.add_argument("--out", type=Path,
                     help="write the new key ring here (required when the key is not a file)")
+    sp = command("prune-keys", cmd_prune_keys,
+                 "drop keys no stored record uses, after checking every record decrypts")
+    sp.add_argument("--out", type=Path,
+                    help="write the pruned key ring here (required when the key is not a file)")
+    sp = command("rotate-session", cmd_rotate_session,
+                 "give an account a new auth key without a login code (the old key is then "
+                 "logged out)")
+    sp.add_argument("name")
     command("status", cmd_status, "show the running daemon's account status")
+    sp = command("send", cmd_send, "send a text message through the daemon's account API")
+    sp.add_argument("account")
+    sp.add_argument("peer", help="user id, @username, +phone or me")
+    sp.add_argument("text")
+    sp = command("tail", cmd_tail, "print an account's (or every account's) live updates")
+    sp.add_argument("account", nargs="?")
     sub.add_parser("localdc", help="run the local stand-in data centre (see localdc --help)")
     return p
 
 
 # -- commands -------------------------------------------------------------------------------
+
+
+def cmd_send(ns: argparse.Namespace) -> int:
+    from tgdaemon.apicli import send
+
+    print(asyncio.run(send(_load(ns), ns.account, ns.peer, ns.text)))
+    return 0
+
+
+def cmd_tail(ns: argparse.Namespace) -> int:
+    from tgdaemon.apicli import tail
+
+    asyncio.run(tail(_load(ns), ns.account))
+    return 0
 
 
 def _load(ns: argparse.Namespace) -> Config:
@@ -124,12 +156,14 @@ def _load(ns: argparse.Namespace) -> Config:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    from tgdaemon.daemon import raise_open_file_limit, serve
+    from tgdaemon.daemon import serve
+    from tgdaemon.fdlimit import budget, ensure_open_file_limit
+    from tgdaemon.http import HttpLimits
     from tgdaemon.logs import setup_logging
 
     config = _load(ns)
     setup_logging(config.daemon.log_level, config.daemon.log_format)
-    raise_open_file_limit()
+    ensure_open_file_limit(budget(config, HttpLimits().max_connections))
     return asyncio.run(serve(config))
 
 
@@ -228,29 +262,88 @@ def cmd_logout(ns: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_rotate_key(ns: argparse.Namespace) -> int:
-    from tgdaemon.crypto import load_keyring, write_key_file
-    from tgdaemon.store import Store
-
+def cmd_rotate_session(ns: argparse.Namespace) -> int:
     config = _load(ns)
-    ring = load_keyring(key_file=config.daemon.master_key_file)
-    new = ring.with_new_active()
-    target = ns.out or config.daemon.master_key_file
+    user, old_logged_out = asyncio.run(rotate_session(config, ns.name, secret=_secret))
+    print(f"{ns.name} (user {user}) has a new auth key; reload the daemon: "
+          "systemctl reload tgdaemon")
+    if not old_logged_out:
+        print("warning: the old key could not be logged out and may still be an active "
+              "session: end it from another device (Settings > Devices)", file=sys.stderr)
+    return 0
+
+
+def _key_target(ns: argparse.Namespace, config: Config) -> Path:
+    """Where a changed key ring goes: ``--out``, else the configured key file."""
+    target: Path | None = ns.out or config.daemon.master_key_file
     if target is None or (ns.out is None and os.environ.get("CREDENTIALS_DIRECTORY")):
         raise AccountError("the key does not come from a key file: pass --out PATH for the new "
                            "key ring, then install it (e.g. with systemd-creds encrypt)")
-    async def run() -> int:
-        # Open (and lock) the store first: with a daemon running, fail before touching keys.
-        async with await Store.open(config.daemon.state_dir, new) as store:
-            # The new ring is durable before any record uses it: a crash leaves every record
-            # readable (the new ring keeps the old keys).
-            write_key_file(target, new, overwrite=True)
-            return await store.rotate(new)
+    return target
 
-    count = asyncio.run(run())
-    old = ", ".join(k for k in new.key_ids if k != new.active.key_id)
-    print(f"re-encrypted {count} records under key {new.active.key_id}; wrote {target}; "
-          f"older keys kept in the ring: {old}")
+
+def cmd_rotate_key(ns: argparse.Namespace) -> int:
+    from tgdaemon.crypto import write_key_file
+    from tgdaemon.records import check_records
+    from tgdaemon.store import Store
+
+    config = _load(ns)
+    ring = _keyring(config)
+    target = _key_target(ns, config)
+
+    async def run() -> tuple[int, KeyRing, bool]:
+        # Open (and lock) the store first: with a daemon running, fail before touching keys.
+        async with await Store.open(config.daemon.state_dir, ring) as store:
+            report = await check_records(store)
+            problem = report.problem()
+            if problem is not None:
+                raise DecryptionError(f"not rotating: {problem}")
+            # Records exist but none uses the active key: an earlier run wrote its new ring
+            # and stopped before re-encrypting. Finish that rotation instead of adding a key
+            # per interrupted run.
+            resume = report.total > 0 and ring.active.key_id not in report.key_use
+            new = ring if resume else ring.with_new_active()
+            if not resume or ns.out is not None:
+                # The new ring is durable before any record uses it: a crash leaves every
+                # record readable (the new ring keeps the old keys).
+                write_key_file(target, new, overwrite=True)
+            return await store.rotate(new), new, resume
+
+    count, new, resumed = asyncio.run(run())
+    old = ", ".join(k for k in new.key_ids if k != new.active.key_id) or "none"
+    what = "finished the interrupted rotation: " if resumed else ""
+    print(f"{what}re-encrypted {count} records under key {new.active.key_id}; wrote {target}; "
+          f"older keys kept in the ring: {old} (drop unused ones with tgdaemon prune-keys)")
+    return 0
+
+
+def cmd_prune_keys(ns: argparse.Namespace) -> int:
+    from tgdaemon.crypto import write_key_file
+
+    config = _load(ns)
+    ring = _keyring(config)
+    target = _key_target(ns, config)
+
+    async def run() -> tuple[str, ...]:
+        store, _running, report = await _open_store(config)
+        async with store:
+            problem = report.problem()
+            if problem is not None:
+                raise DecryptionError(f"not pruning: {problem}")
+            unused = report.unused_key_ids
+            if unused:
+                pruned = ring
+                for key_id in unused:
+                    pruned = pruned.without(key_id)
+                write_key_file(target, pruned, overwrite=True)
+            return unused
+
+    unused = asyncio.run(run())
+    if not unused:
+        print(f"every key in the ring is in use ({', '.join(ring.key_ids)}); nothing pruned")
+    else:
+        print(f"removed key(s) {', '.join(unused)} that no record uses; wrote {target} "
+              f"(every one of the {len(ring) - len(unused)} remaining key(s) decrypts its records)")
     return 0
 
 
@@ -288,6 +381,7 @@ async def login(config: Config, name: str, *, prompt: Prompt, secret: Prompt,
     Every request has the policy's timeout and transient failures are retried
     (:mod:`tgdaemon.oneshot`). A stored session this key ring cannot decrypt is never
     replaced without ``force``: it may be the only good copy (a wrong master key)."""
+    from telethon import utils
     from telethon.errors import (
         PasswordHashInvalidError,
         PhoneCodeExpiredError,
@@ -315,6 +409,10 @@ async def login(config: Config, name: str, *, prompt: Prompt, secret: Prompt,
             phone = account.phone or prompt("Phone number (international format): ").strip()
             if not phone:
                 raise InputError("no phone number given")
+            if utils.parse_phone(phone) is None:
+                # The input is not echoed: it may be a phone number with a typo.
+                raise BadInputError("that is not a phone number (expected digits in "
+                                    "international format, e.g. +44 20 7946 0000)")
             await call("auth.sendCode", lambda: client.send_code_request(phone), policy=policy)
             for attempt in range(3):
                 code = secret("Login code (input hidden): ").strip()
@@ -347,7 +445,7 @@ async def login(config: Config, name: str, *, prompt: Prompt, secret: Prompt,
                 raise AccountError(f"login of {name!r} did not complete")
             await session.flush()
             await store.update_account(name, user_id=me.id, username=me.username,
-                                       first_name=me.first_name, status="logged_in",
+                                       first_name=me.first_name, status=Setup.LOGGED_IN.value,
                                        dc_id=session.dc_id, last_used=time.time(),
                                        last_error_category=None)
             return int(me.id)
@@ -389,8 +487,58 @@ async def logout(config: Config, name: str, *, force: bool = False) -> bool:
                                     "locally anyway") from None
                 print(f"tgdaemon: warning: {exc}", file=sys.stderr)
         await store.delete_session(name)
-        await store.update_account(name, status="logged_out")
+        await store.update_account(name, status=Setup.LOGGED_OUT.value)
         return confirmed
+
+
+async def rotate_session(config: Config, name: str, *, secret: Prompt) -> tuple[int, bool]:
+    """A new auth key for ``name`` through the login-token flow (:mod:`tgdaemon.rekey`);
+    returns the user id and whether the old key was logged out.
+
+    Both clients run on in-memory sessions: the one store write is the new session, made
+    durable before the old key is logged out (a crash leaves one working key either way)."""
+    from telethon import functions
+
+    from tgdaemon.oneshot import call
+    from tgdaemon.rekey import authorize_new_key, memory_session
+    from tgdaemon.telegram import build_client, client_class, trust_server_keys
+
+    account = config.account(name)
+    policy = config.policy
+    store, running, _report = await _open_store(config)
+    async with store:
+        await _check_not_active(store, name, running)
+        data = await store.load_session(name)
+        if data is None or data.auth_key is None:
+            raise AccountError(f"account {name!r} has no session: run `tgdaemon login {name}`")
+        trust_server_keys(config)
+        cls = client_class()
+        old = build_client(cls, memory_session(data, with_key=True), config, account)
+        new = build_client(cls, memory_session(data, with_key=False), config, account)
+        bound = functools.partial(call, policy=policy)
+        try:
+            for client in (old, new):
+                await call("connect", client.connect, policy=policy,
+                           timeout=policy.connect_timeout, cleanup=client.disconnect)
+            user = await authorize_new_key(
+                old, new, api_id=config.telegram.api_id, api_hash=config.telegram.api_hash,
+                password=lambda: secret("2FA password (hidden): "), call=bound)
+            if data.user_id is not None and user.id != data.user_id:
+                raise AccountError(f"the new key logged in as another user ({user.id})")
+            key = new.session.auth_key.key
+            await store.save_session(name, dataclasses.replace(data, auth_key=key,
+                                                               user_id=user.id))
+            await store.update_account(name, last_used=time.time())
+            try:
+                await call("auth.logOut", lambda: old(functions.auth.LogOutRequest()),
+                           policy=policy)
+            except TgdaemonError as exc:
+                print(f"tgdaemon: warning: {exc}", file=sys.stderr)
+                return int(user.id), False
+            return int(user.id), True
+        finally:
+            for client in (old, new):
+                await client.disconnect()
 
 
 @contextlib.asynccontextmanager
@@ -406,13 +554,21 @@ async def _session_client(
     data = None if fresh else await store.load_session(name)
     session = StoreSession(store, name, data or _initial_session(config))
     client = build_client(client_class(), session, config, config.account(name))
+
+    async def close() -> None:
+        await client.disconnect()
+        # Telethon keeps the error that ended a connection in a future nobody awaits;
+        # retrieve it, or asyncio prints it with a traceback when the process exits.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.disconnected, 1.0)
+
     try:
         await call("connect", client.connect, policy=config.policy,
-                   timeout=config.policy.connect_timeout, cleanup=client.disconnect)
+                   timeout=config.policy.connect_timeout, cleanup=close)
         await session.flush()  # a fresh auth key is durable before the login binds it
         yield client, session
     finally:
-        await client.disconnect()
+        await close()
         await session.flush()
 
 
@@ -432,11 +588,10 @@ async def _open_store(config: Config) -> tuple[Store, bool, RecordReport]:
     """Open the store; returns it, whether a running daemon holds the single-instance lock
     (the CLI may then work only on accounts that daemon is not using), and how the stored
     records fare against the key ring (a problem is printed: every command says it)."""
-    from tgdaemon.crypto import load_keyring
     from tgdaemon.records import check_records
     from tgdaemon.store import Store
 
-    ring = load_keyring(key_file=config.daemon.master_key_file)
+    ring = _keyring(config)
     try:
         store, running = await Store.open(config.daemon.state_dir, ring), False
     except StateLockedError:
@@ -452,11 +607,19 @@ async def _open_store(config: Config) -> tuple[Store, bool, RecordReport]:
     return store, running, report
 
 
+def _keyring(config: Config) -> KeyRing:
+    """The master key ring; temporary key files an interrupted write left are removed first
+    (each holds a whole ring)."""
+    from tgdaemon.crypto import load_keyring, remove_stale_temp_files
+
+    if config.daemon.master_key_file is not None:
+        remove_stale_temp_files(config.daemon.master_key_file)
+    return load_keyring(key_file=config.daemon.master_key_file)
+
+
 async def _check_not_active(store: Store, name: str, daemon_running: bool) -> None:
     if daemon_running:
         record = await store.get_account(name)
-        from tgdaemon.lifecycle import OWNED_STATES
-
         # In these states the running daemon owns the session: the CLI must not touch it.
         if record is not None and record.status in OWNED_STATES:
             raise AccountError(

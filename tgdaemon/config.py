@@ -16,6 +16,7 @@ in error messages.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import ipaddress
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from tgdaemon.apiconfig import ApiConfig, parse_api
 from tgdaemon.exceptions import AccountError, ConfigError
 from tgdaemon.lifecycle import HEARTBEAT_JITTER, longest_heartbeat_gap
 from tgdaemon.security import OnNewAuthorization
@@ -242,6 +244,7 @@ class Config:
     policy: PolicyConfig
     accounts: tuple[AccountConfig, ...]
     security: SecurityConfig = SecurityConfig()
+    api: ApiConfig = field(default_factory=ApiConfig)
 
     def on_new_authorization(self, account: AccountConfig) -> OnNewAuthorization:
         """The account's own setting, else the fleet's."""
@@ -263,11 +266,13 @@ class Config:
         return tuple(a for a in self.accounts if a.enabled)
 
 
-_RETRY_KEYS = ("network", "server", "flood_wait", "unknown", "client")
+#: The categories with a retry limit: the fields of RetryLimits (a subset of lifecycle.Category).
+_RETRY_KEYS = tuple(f.name for f in dataclasses.fields(RetryLimits))
 #: Telegram's api_id is an MTProto ``int`` (32-bit signed).
 INT32_MAX = 2**31 - 1
 #: Host names that are always local, whatever the listen address.
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+
 
 def config_warnings(config: Config) -> list[str]:
     """Settings that are valid but probably not what the operator wants (logged at start and
@@ -345,7 +350,7 @@ def parse_config(
     """Validate already-parsed TOML. Only reads the files the config names (api_hash_file,
     rsa_keys), through ``read_file``."""
     p = _Parser(Path(path), env, read_file)
-    root = p.table(data, "", ("daemon", "telegram", "policy", "security", "accounts"))
+    root = p.table(data, "", ("daemon", "telegram", "policy", "security", "accounts", "api"))
     daemon = p.daemon(root.get("daemon", {}), state_dir)
     if "telegram" not in root:
         p.err("telegram", "required section missing")
@@ -353,10 +358,11 @@ def parse_config(
     policy = p.policy(root.get("policy", {}))
     security = p.security(root.get("security", {}))
     accounts = p.accounts(root.get("accounts", []))
+    api = parse_api(p, root.get("api", {}))
     if p.problems:
         raise ConfigValidationError(p.problems)
     assert telegram is not None  # no problems => telegram parsed
-    return Config(Path(path), daemon, telegram, policy, accounts, security)
+    return Config(Path(path), daemon, telegram, policy, accounts, security, api)
 
 
 class _Parser:
@@ -408,7 +414,7 @@ class _Parser:
 
     def choice(self, tbl: Mapping[str, Any], prefix: str, key: str, choices: tuple[str, ...],
                default: str) -> str:
-        v = self.get(tbl, prefix, key, str, default)
+        v: str = self.get(tbl, prefix, key, str, default)
         if v.lower() not in choices:
             self.err(_join(prefix, key), f"must be one of {'|'.join(choices)}, not {_short(v)}")
             return default

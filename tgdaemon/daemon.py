@@ -26,9 +26,11 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry
 
 from tgdaemon.config import Config, ConfigHolder, allowed_hosts, config_warnings, load_config
-from tgdaemon.crypto import KeyRing, load_keyring
+from tgdaemon.crypto import KeyRing, load_keyring, remove_stale_temp_files
 from tgdaemon.dcs import DcDirectory
 from tgdaemon.exceptions import ConfigError
+from tgdaemon.fdlimit import fd_shortfall
+from tgdaemon.logvolume import NoiseCollector
 from tgdaemon.metrics import Metrics
 from tgdaemon.notify import Notifier
 from tgdaemon.ratelimit import ConnectRateLimiter
@@ -60,6 +62,7 @@ class Daemon:
         #: The running configuration; a reload replaces ``settings.current``.
         self.settings = ConfigHolder(config)
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.registry.register(NoiseCollector())
         self._keyring = keyring
         self._env = env
         self._clock = clock
@@ -73,6 +76,7 @@ class Daemon:
         self.store: Store | None = None
         self.supervisor: Supervisor | None = None
         self.http: Any = None  # tgdaemon.http.HttpServer when listening
+        self.api: Any = None  # tgdaemon.api.AccountApi when [api] has clients
         self.records = RecordsCollector(self.registry)
         self._ready = False
 
@@ -100,10 +104,22 @@ class Daemon:
             log.warning("%s", warning)
         keyring = self._keyring or load_keyring(key_file=config.daemon.master_key_file,
                                                 env=self._env)
+        if config.daemon.master_key_file is not None:
+            remove_stale_temp_files(config.daemon.master_key_file)
         trust_server_keys(config)
         self.store = await Store.open(config.daemon.state_dir, keyring, clock=self._clock)
         self._stack.push_async_callback(self.store.close)
         await self.check_records()
+
+        api = None
+        if config.api.enabled:
+            from tgdaemon.api import AccountApi
+
+            api = AccountApi(self.settings, self.board, keyring, self.registry,
+                             clock=self._clock, monotonic=self._monotonic)
+            await api.start()
+            self._stack.push_async_callback(api.stop)
+        self.api = api
 
         directory = DcDirectory(config.telegram.servers, self.store,
                                 use_ipv6=config.telegram.use_ipv6, monotonic=self._monotonic)
@@ -119,8 +135,11 @@ class Daemon:
             clock=self._clock,
             monotonic=self._monotonic,
             rng=self._rng,
+            client_hooks=api.client_hooks if api is not None else (),
         )
         self.supervisor = Supervisor(deps, board=self.board, metrics=self.metrics)
+        if api is not None:
+            api.bind(self.supervisor.worker)
         await self.supervisor.start()
         self._stack.push_async_callback(self._stop_supervisor)
 
@@ -131,6 +150,8 @@ class Daemon:
             app = build_app(board=self.board, registry=self.registry, ready=self.ready,
                             token=config.daemon.http_token,
                             allowed_hosts=allowed_hosts(config.daemon))
+            if api is not None:
+                api.register(app)
             self.http = HttpServer(app, listen.host, listen.port)
             await self.http.start()
             self._stack.push_async_callback(self.http.stop)
@@ -196,6 +217,8 @@ class Daemon:
                         "the next restart")
         for warning in config_warnings(new):
             log.warning("%s", warning)
+        if (short := fd_shortfall(new)) is not None:
+            log.warning("%s", short)
         trust_server_keys(new)
         await self.check_records()  # e.g. after `tgdaemon login --force` replaced records
         await self.supervisor.apply(new)  # makes ``new`` the running configuration

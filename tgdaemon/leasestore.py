@@ -371,7 +371,7 @@ class PgLeaseStore(LeaseStore):
 
     @classmethod
     async def open(cls, url: str, *, timeout: float = 10.0) -> PgLeaseStore:
-        import asyncpg  # type: ignore[import-untyped]
+        import asyncpg
 
         try:
             pool = await asyncpg.create_pool(url, min_size=1, max_size=4, timeout=timeout,

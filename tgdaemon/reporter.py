@@ -22,6 +22,7 @@ from tgdaemon.lifecycle import ENDED_STATES, Action, Category, Classified, Recov
 from tgdaemon.logs import account_logger
 from tgdaemon.redact import redact
 from tgdaemon.status import NewLogin
+from tgdaemon.updates import CatchUp, first_sighting
 
 if TYPE_CHECKING:
     from tgdaemon.metrics import Metrics
@@ -182,6 +183,27 @@ class AccountReporter:
 
     def plugin_error(self) -> None:
         self._metrics.plugin_error(self.name)
+
+    def caught_up(self, report: CatchUp) -> None:
+        """A finished catch-up: INFO with the count when it recovered anything (never the
+        content; an empty one, as on every connect, is DEBUG); a "too long" answer is a
+        WARNING, since those updates can only be re-read from history."""
+        where = "account" if report.channel is None else f"channel {report.channel}"
+        self._metrics.updates_recovered(self.name, report.recovered)
+        if report.skipped:
+            self.log.warning("%s difference too long: %d updates skipped (the server keeps no "
+                             "more); %d recovered", where, report.skipped, report.recovered)
+        else:
+            self.log.log(logging.INFO if report.recovered else logging.DEBUG,
+                         "caught up (%s): %d updates recovered", where, report.recovered)
+
+    def unknown_object(self, constructor_id: int) -> None:
+        """A server object this Telethon cannot parse was skipped: one WARNING per constructor
+        id and process (a new layer reaches every account at once), then DEBUG."""
+        self._metrics.unknown_object(self.name)
+        self.log.log(logging.WARNING if first_sighting(constructor_id) else logging.DEBUG,
+                     "skipped a server object of unknown constructor %08x (newer layer than "
+                     "this Telethon); the connection stays up", constructor_id)
 
     def worker_restart(self) -> None:
         self._metrics.worker_restart(self.name)

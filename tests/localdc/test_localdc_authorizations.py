@@ -15,8 +15,11 @@ async def test_sign_in_is_announced_and_listed(localdc, clients, phone, wait_unt
     first = clients(localdc, device_model="fleet-box", app_version="1.0")
     await login(first, localdc, phone)
     seen: list[types.UpdateNewAuthorization] = []
-    first.add_event_handler(lambda e: seen.append(e),
-                            events.Raw(types.UpdateNewAuthorization))
+
+    async def on_new(update: types.UpdateNewAuthorization) -> None:
+        seen.append(update)
+
+    first.add_event_handler(on_new, events.Raw(types.UpdateNewAuthorization))
     await first.catch_up()
     intruder = clients(localdc, device_model="Evil Phone", app_version="6.6")
     await login(intruder, localdc, phone)
@@ -88,3 +91,52 @@ async def test_a_login_carried_to_another_dc_is_one_authorization(tmp_path, clie
         # Two sign-ins on DC 1 (client's first login, home); the DC 2 key carries home's.
         assert len(listed.authorizations) == 2
         assert sum(a.current for a in listed.authorizations) == 1
+
+
+async def test_qr_login_token_accepted_by_a_logged_in_session(localdc, clients, phone,
+                                                               wait_until):
+    """Telethon's own QR login: a new key exports a token, an existing session accepts it,
+    the new key is pushed updateLoginToken and logs in; the new login is announced."""
+    old = clients(localdc)
+    user = await login(old, localdc, phone)
+    seen: list[types.UpdateNewAuthorization] = []
+
+    async def on_new(update: types.UpdateNewAuthorization) -> None:
+        seen.append(update)
+
+    old.add_event_handler(on_new, events.Raw(types.UpdateNewAuthorization))
+    new = clients(localdc, device_model="rotated")
+    await new.connect()
+    qr = await new.qr_login()
+    waiter = asyncio.create_task(qr.wait(10))
+    accepted = await old(functions.auth.AcceptLoginTokenRequest(token=qr.token))
+    assert isinstance(accepted, types.Authorization)
+    me = await waiter
+    assert me.id == user.id
+    assert (await new.get_me()).id == user.id
+    listed = await old(functions.account.GetAuthorizationsRequest())
+    assert len(listed.authorizations) == 2
+    await wait_until(lambda: len(seen) == 1, 5, "the new login announced to the old session")
+    with pytest.raises(errors.AuthTokenInvalidError):  # a used token is gone
+        await old(functions.auth.AcceptLoginTokenRequest(token=qr.token))
+    # the old key can now be logged out without losing the account
+    await old.log_out()
+    assert (await new.get_me()).id == user.id
+
+
+async def test_login_token_with_2fa_and_unknown_tokens(localdc, clients, phone):
+    localdc.set_password(phone, "pw")
+    old = clients(localdc)
+    await login(old, localdc, phone, password="pw")
+    new = clients(localdc)
+    await new.connect()
+    first = await new(functions.auth.ExportLoginTokenRequest(
+        api_id=new.api_id, api_hash=new.api_hash, except_ids=[]))
+    await old(functions.auth.AcceptLoginTokenRequest(token=first.token))
+    with pytest.raises(errors.SessionPasswordNeededError):
+        await new(functions.auth.ExportLoginTokenRequest(
+            api_id=new.api_id, api_hash=new.api_hash, except_ids=[]))
+    me = await new.sign_in(password="pw")
+    assert me.id == localdc.user_id(phone)
+    with pytest.raises(errors.AuthTokenInvalidError):
+        await old(functions.auth.AcceptLoginTokenRequest(token=b"x" * 32))

@@ -1,4 +1,5 @@
-"""The local DC's account sessions: listing and terminating a user's authorizations.
+"""The local DC's account sessions: listing and terminating a user's authorizations, and
+logging a new key in through a login token that an existing session accepts.
 
 One authorization per sign-in (see ``World.authorize``): ``account.getAuthorizations`` lists
 them with what each app said in initConnection, ``account.resetAuthorization`` and
@@ -8,18 +9,22 @@ while the caller's own login is younger than ``World.fresh_reset_after``, as Tel
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import UTC, datetime
 
 from telethon.tl import functions as fn
 from telethon.tl import types as tl
 from telethon.tl.types import account as tl_account
+from telethon.tl.types import auth as tl_auth
 
-from tgdaemon.localdc.rpc import Ctx, RpcFail, World, _handles, boolean
+from tgdaemon.localdc.rpc import Ctx, LoginTokenState, RpcFail, World, _handles, boolean
 from tgdaemon.localdc.store import ClientRecord
 
 #: What Telegram reports as authorization_ttl_days by default.
 AUTHORIZATION_TTL_DAYS = 180
+#: Lifetime of an exported login token (Telegram's are valid for about 30 s).
+LOGIN_TOKEN_TTL = 30
 
 
 def logins(w: World, user_id: int) -> dict[int, list[ClientRecord]]:
@@ -94,3 +99,47 @@ def _reset_authorizations(w: World, ctx: Ctx, req: object) -> bytes:
         if auth_hash != current:
             _terminate(w, clients)
     return boolean(True)
+
+
+# -- login tokens (QR login; a new auth key authorised by an existing session) ----------------
+
+
+@_handles(fn.auth.ExportLoginTokenRequest)
+def _export_login_token(w: World, ctx: Ctx, req: fn.auth.ExportLoginTokenRequest
+                        ) -> tl_auth.LoginToken | tl_auth.LoginTokenSuccess:
+    """First call: a token for another session to accept. Once accepted, the next call logs
+    this key in (or asks for the 2FA password, as a code sign-in would)."""
+    now = time.time()
+    for token, state in list(w.login_tokens.items()):
+        if state.expires < now:
+            del w.login_tokens[token]
+        elif state.key_id == ctx.key_id and state.user_id is not None:
+            del w.login_tokens[token]
+            rec = w.store.users[state.user_id]
+            if rec.phone in w.store.passwords:
+                w.pending_2fa[ctx.key_id] = rec.phone
+                raise RpcFail(401, "SESSION_PASSWORD_NEEDED")
+            return tl_auth.LoginTokenSuccess(authorization=w.authorize(ctx, rec))
+    token = os.urandom(32)
+    w.login_tokens[token] = LoginTokenState(ctx.key_id, ctx.dc_id, now + LOGIN_TOKEN_TTL)
+    return tl_auth.LoginToken(expires=_when(int(now + LOGIN_TOKEN_TTL)), token=token)
+
+
+@_handles(fn.auth.AcceptLoginTokenRequest)
+def _accept_login_token(w: World, ctx: Ctx, req: fn.auth.AcceptLoginTokenRequest
+                        ) -> tl.Authorization:
+    me = w.user(ctx)
+    state = w.login_tokens.get(req.token)
+    if state is None:
+        raise RpcFail(400, "AUTH_TOKEN_INVALID")
+    if state.expires < time.time():
+        del w.login_tokens[req.token]
+        raise RpcFail(400, "AUTH_TOKEN_EXPIRED")
+    if state.user_id is not None:
+        raise RpcFail(400, "AUTH_TOKEN_ALREADY_ACCEPTED")
+    state.user_id = me.id
+    if w.push_key is not None:
+        w.push_key(state.key_id, tl.UpdateShort(update=tl.UpdateLoginToken(),
+                                                date=_when(int(time.time()))))
+    client = w.store.clients.get(state.key_id) or ClientRecord(state.key_id, 0, "", "", "")
+    return _authorization(0, [client], None)

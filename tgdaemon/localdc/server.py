@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -30,6 +31,7 @@ from telethon.tl.core import GzipPacked
 from telethon.tl.tlobject import TLRequest
 
 from tgdaemon.localdc import account as _account  # noqa: F401  (registers its handlers)
+from tgdaemon.localdc import messaging as _messaging  # noqa: F401  (registers its handlers)
 from tgdaemon.localdc import transport
 from tgdaemon.localdc.crypto import (
     DH_PRIME,
@@ -51,7 +53,13 @@ from tgdaemon.localdc.rpc import (
     normalize_phone,
 )
 from tgdaemon.localdc.store import AuthKeyRecord, Store
-from tgdaemon.localdc.updates import HISTORY_LIMIT, SLICE_LIMIT, UpdateHistory, new_channel_post
+from tgdaemon.localdc.updates import (
+    HISTORY_LIMIT,
+    SLICE_LIMIT,
+    UpdateHistory,
+    new_channel_post,
+    new_unknown_update,
+)
 
 log = logging.getLogger("tgdaemon.localdc")
 
@@ -77,7 +85,8 @@ _WRITE_BUFFER_LIMIT = 8 * 1024 * 1024
 
 def _salt_for(key: bytes) -> int:
     """Server salt of a key: stable across restarts, so a restart costs no extra round trip."""
-    return struct.unpack("<q", sha256(b"localdc-salt" + key[:32]).digest()[:8])[0]
+    salt: int = struct.unpack("<q", sha256(b"localdc-salt" + key[:32]).digest()[:8])[0]
+    return salt
 
 
 @dataclass(frozen=True)
@@ -238,6 +247,7 @@ class LocalDC:
             addresses=lambda: self.addresses,
             bind_key=self._bind_key,
             push=self._push,
+            push_key=self._push_key,
             history=UpdateHistory(self._store, history_limit=self.history_limit,
                                   slice_limit=self.slice_limit),
             fixed_code=self.code,
@@ -247,7 +257,7 @@ class LocalDC:
             for dc_id in range(1, self.dcs + 1):
                 port = 0 if self.port == 0 else self.port + dc_id - 1
                 server = await asyncio.start_server(
-                    lambda r, w, d=dc_id: self._serve(d, r, w), self.host, port,
+                    functools.partial(self._serve, dc_id), self.host, port,
                     limit=2**16, backlog=1024,
                 )
                 self._servers[dc_id] = server
@@ -337,6 +347,9 @@ class LocalDC:
             "rsa_public_key": self.rsa_public_pem,
             "control_url": self.control_url,
             "code": self.code,
+            # The MTProxy port, if any (its secret is the operator's: never written here).
+            "mtproxy": None if self.mtproxy_address is None else {
+                "host": self.mtproxy_address[0], "port": self.mtproxy_address[1]},
         }
 
     def set_password(self, phone: str, password: str | None) -> None:
@@ -416,6 +429,13 @@ class LocalDC:
         """Push arbitrary bytes as a server message to the user's sessions (e.g. an object
         whose constructor the client's layer does not know)."""
         self._push(user_id, body, None)
+
+    def push_unknown_update(self, user_id: int, constructor_id: int, body: bytes) -> None:
+        """Record and push an update of a layer newer than the client's (``constructor_id``
+        unknown to it, followed by ``body``): it also comes back in getDifference."""
+        if user_id not in self.store.users:
+            raise KeyError(f"unknown user {user_id}")
+        new_unknown_update(self.world, user_id, constructor_id, body)
 
     def create_channel(self, title: str, members: list[int]) -> int:
         """A broadcast channel with these users as members; returns its id."""
@@ -501,9 +521,17 @@ class LocalDC:
             if self.faults.match("mute_updates", scope):
                 self._count(conn.dc_id, user_id, "updates_muted")
                 continue
-            rec = self.store.auth_keys[conn.key_id]  # type: ignore[index]
+            assert conn.key_id is not None  # a connection with a session has a key
+            rec = self.store.auth_keys[conn.key_id]
             self._count(conn.dc_id, user_id, "updates_pushed")
             self._send_encrypted(conn, rec, body, content_related=True, response=False)
+
+    def _push_key(self, key_id: int, updates: tl.TypeUpdates) -> None:
+        body = bytes(updates)
+        for conn in list(self._conns):
+            if conn.session_id is not None and conn.key_id == key_id:
+                rec = self.store.auth_keys[key_id]
+                self._send_encrypted(conn, rec, body, content_related=True, response=False)
 
     async def _serve(self, dc_id: int | None, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
@@ -681,6 +709,7 @@ class LocalDC:
         if fault is not None:
             self._count(conn.dc_id, scope.user_id, "rpc_errors_injected")
             result = bytes(tl.RpcError(fault.error_code, fault.error))
+            assert fault.error is not None  # Fault requires one for rpc_error
             wait = flood_wait_seconds(fault.error)
             if wait and scope.user_id is not None:
                 self._flood_until[(conn.dc_id, scope.user_id)] = (

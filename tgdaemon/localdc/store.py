@@ -44,11 +44,13 @@ CREATE TABLE IF NOT EXISTS clients (
 
 
 def _signed(u64: int) -> int:
-    return struct.unpack("<q", struct.pack("<Q", u64))[0]
+    value: int = struct.unpack("<q", struct.pack("<Q", u64))[0]
+    return value
 
 
 def _unsigned(i64: int) -> int:
-    return struct.unpack("<Q", struct.pack("<q", i64))[0]
+    value: int = struct.unpack("<Q", struct.pack("<q", i64))[0]
+    return value
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,7 @@ class Store:
         rec = self.auth_keys.get(key_id)
         if rec is None:
             return None
+        # Field names and types are the caller's (localdc's own code); replace() checks names.
         rec = replace(rec, **changes)  # type: ignore[arg-type]
         self.put_auth_key(rec)
         return rec
