@@ -31,6 +31,7 @@ from tgdaemon.dcs import DcDirectory
 from tgdaemon.exceptions import ConfigError
 from tgdaemon.fdlimit import fd_shortfall
 from tgdaemon.logvolume import NoiseCollector
+from tgdaemon.looplag import LoopLag
 from tgdaemon.metrics import Metrics
 from tgdaemon.notify import Notifier
 from tgdaemon.ratelimit import ConnectRateLimiter
@@ -78,6 +79,7 @@ class Daemon:
         self.http: Any = None  # tgdaemon.http.HttpServer when listening
         self.api: Any = None  # tgdaemon.api.AccountApi when [api] has clients
         self.records = RecordsCollector(self.registry)
+        self.loop_lag = LoopLag(self.registry, monotonic=monotonic)
         self._ready = False
 
     @property
@@ -100,6 +102,8 @@ class Daemon:
 
     async def _start(self) -> None:
         config = self.config
+        self.loop_lag.start()
+        self._stack.push_async_callback(self.loop_lag.stop)
         for warning in config_warnings(config):
             log.warning("%s", warning)
         keyring = self._keyring or load_keyring(key_file=config.daemon.master_key_file,

@@ -83,7 +83,10 @@ async def api_daemon(tmp_path: Path, make_config: ConfigFactory, login_account: 
                      localdc: LocalDC) -> AsyncIterator[ApiDaemon]:
     port = free_port()
     config = make_config([{"name": n, "phone": phone_for(n)} for n in ("alice", "bob", "carol")],
-                         daemon={"http_listen": f"127.0.0.1:{port}", "log_level": "debug"})
+                         # per-account latency histograms (opt-in): the burst test
+                         # reads one account's mean round trip from them
+                         daemon={"http_listen": f"127.0.0.1:{port}", "log_level": "debug",
+                                 "metrics_histograms": "account"})
     user_ids = {name: await login_account(config, name) for name in ("alice", "bob")}
     tokens = {name: secrets.token_urlsafe(24) for name in CLIENTS}
     with config.path.open("a") as f:
