@@ -135,7 +135,8 @@ class Daemon:
                                        concurrency=config.daemon.connect_concurrency,
                                        clock=self._monotonic),
             directory=directory,
-            client_cls=client_class(),
+            # The workers' heartbeats prove each connection: no Telethon ping on top.
+            client_cls=client_class(keepalive_ping=False),
             clock=self._clock,
             monotonic=self._monotonic,
             rng=self._rng,
