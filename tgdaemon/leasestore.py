@@ -68,6 +68,7 @@ class FleetCounts:
     accounts: int
     live_instances: int
     claimable: int  # without a valid lease (nobody owns them, or the lease expired)
+    lost_instances: int = 0  # registered, not renewed within the TTL, not stopped cleanly
 
 
 class LeaseStore(abc.ABC):
@@ -81,8 +82,10 @@ class LeaseStore(abc.ABC):
     # -- the fleet definition ---------------------------------------------------------------
 
     @abc.abstractmethod
-    async def sync_accounts(self, names: Iterable[str]) -> int:
-        """Add the accounts that are missing (enabled); returns how many were added."""
+    async def sync_accounts(self, accounts: Mapping[str, bool]) -> int:
+        """Add the accounts that are missing (name -> enabled); existing ones are left as
+        they are (the store, edited by ``tgdaemon accounts``, is authoritative).  Returns
+        how many were added."""
 
     @abc.abstractmethod
     async def remove_account(self, name: str) -> bool:
@@ -200,14 +203,14 @@ class SqliteLeaseStore(LeaseStore):
             except sqlite3.Error as exc:
                 raise StoreError(f"lease store {self.path}: {exc}") from None
 
-    async def sync_accounts(self, names: Iterable[str]) -> int:
+    async def sync_accounts(self, accounts: Mapping[str, bool]) -> int:
         now = self._clock()
         count = "SELECT count(*) FROM accounts"
         async with self._tx() as conn:
             ((before,),) = await conn.execute_fetchall(count)
             await conn.executemany(
-                "INSERT INTO accounts (name, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
-                [(n, now) for n in names])
+                "INSERT INTO accounts (name, created_at, enabled) VALUES (?, ?, ?) "
+                "ON CONFLICT DO NOTHING", [(n, now, int(e)) for n, e in accounts.items()])
             ((after,),) = await conn.execute_fetchall(count)
         return int(after - before)
 
@@ -259,8 +262,9 @@ class SqliteLeaseStore(LeaseStore):
             "SELECT (SELECT count(*) FROM accounts WHERE enabled=1), "
             "(SELECT count(*) FROM instances WHERE renewed_at > ?), "
             "(SELECT count(*) FROM leases l JOIN accounts a ON a.name = l.account "
-            " WHERE a.enabled=1 AND (l.owner IS NULL OR l.expires_at <= ?))",
-            (now - ttl, now))
+            " WHERE a.enabled=1 AND (l.owner IS NULL OR l.expires_at <= ?)), "
+            "(SELECT count(*) FROM instances WHERE renewed_at <= ?)",
+            (now - ttl, now, now - ttl))
         return FleetCounts(*rows[0])
 
     async def renew(self, instance: str, ttl: float) -> dict[str, int]:
@@ -419,12 +423,12 @@ class PgLeaseStore(LeaseStore):
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StoreError(f"lease store {self.url}: {type(exc).__name__}: {exc}") from None
 
-    async def sync_accounts(self, names: Iterable[str]) -> int:
-        names = list(names)
+    async def sync_accounts(self, accounts: Mapping[str, bool]) -> int:
         async with self._conn() as conn, conn.transaction():
             added = await conn.fetch(
-                f"INSERT INTO accounts (name, created_at) SELECT n, {_PG_NOW} "
-                "FROM unnest($1::text[]) AS n ON CONFLICT DO NOTHING RETURNING name", names)
+                f"INSERT INTO accounts (name, created_at, enabled) SELECT n, {_PG_NOW}, e "
+                "FROM unnest($1::text[], $2::boolean[]) AS t(n, e) ON CONFLICT DO NOTHING "
+                "RETURNING name", list(accounts), list(accounts.values()))
             await conn.execute(
                 "INSERT INTO leases (account) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
                 [r[0] for r in added])
@@ -476,7 +480,8 @@ class PgLeaseStore(LeaseStore):
                 "SELECT (SELECT count(*) FROM accounts WHERE enabled), "
                 f"(SELECT count(*) FROM instances WHERE renewed_at > {_PG_NOW} - $1), "
                 "(SELECT count(*) FROM leases l JOIN accounts a ON a.name = l.account "
-                f" WHERE a.enabled AND (l.owner IS NULL OR l.expires_at <= {_PG_NOW}))", ttl)
+                f" WHERE a.enabled AND (l.owner IS NULL OR l.expires_at <= {_PG_NOW})), "
+                f"(SELECT count(*) FROM instances WHERE renewed_at <= {_PG_NOW} - $1)", ttl)
         return FleetCounts(*row)
 
     async def renew(self, instance: str, ttl: float) -> dict[str, int]:

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import aiosqlite
 
@@ -174,6 +174,17 @@ def _decode_session(name: str, record: bytes, ring: KeyRing) -> SessionData:
         ) from None
 
 
+class SessionRoute(Protocol):
+    """Where session records live when not in this database (see :meth:`Store.route_sessions`)."""
+
+    async def write_records(self, records: Mapping[str, bytes | None]
+                            ) -> dict[str, BaseException]:
+        """Write (None: delete) encrypted records; returns the refused ones with the reason."""
+
+    async def read_records(self, names: Sequence[str] | None) -> dict[str, bytes]:
+        """Encrypted records of ``names`` (all when None)."""
+
+
 # -- files and lock --------------------------------------------------------------------------
 
 
@@ -197,8 +208,8 @@ def _prepare_file(path: Path) -> None:
         os.close(fd)
 
 
-def _acquire_lock(state_dir: Path) -> int:
-    path = state_dir / LOCK_NAME
+def _acquire_lock(state_dir: Path, name: str = LOCK_NAME) -> int:
+    path = state_dir / name
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -354,6 +365,7 @@ class Store:
         self._wake = asyncio.Event()
         self._closing = False
         self._closed = False
+        self._route: SessionRoute | None = None
         self._writer = asyncio.get_running_loop().create_task(
             self._write_loop(), name="tgdaemon-store-writer"
         )
@@ -373,13 +385,14 @@ class Store:
         *,
         clock: Callable[[], float] = time.time,
         lock: bool = True,
+        lock_name: str = LOCK_NAME,
     ) -> Store:
         state_dir = Path(state_dir)
         try:
             _prepare_dir(state_dir)
         except OSError as exc:
             raise StoreError(f"cannot create state directory {state_dir}: {exc.strerror}") from None
-        lock_fd = _acquire_lock(state_dir) if lock else None
+        lock_fd = _acquire_lock(state_dir, lock_name) if lock else None
         db_path = state_dir / DB_NAME
         conn: aiosqlite.Connection | None = None
         try:
@@ -590,19 +603,44 @@ class Store:
         if futures:
             await asyncio.wait(futures)
 
+    def route_sessions(self, route: SessionRoute) -> None:
+        """Fleet mode: session records are written to and read from ``route`` (the lease
+        store, which fences every write by its lease epoch) instead of this database's
+        ``sessions`` table.  Account metadata stays here."""
+        self._route = route
+
+    async def session_records(self) -> dict[str, bytes]:
+        """Every encrypted record of this database's ``sessions`` table, as stored."""
+        rows = await self._read("SELECT account, record FROM sessions")
+        return {name: record for name, record in rows}
+
+    async def _records(self, names: Sequence[str] | None) -> list[tuple[str, bytes]]:
+        if self._route is not None:
+            return sorted((await self._route.read_records(names)).items())
+        if names is None:
+            return list(await self._read("SELECT account, record FROM sessions ORDER BY account"))
+        return list(await self._read("SELECT account, record FROM sessions WHERE account=?",
+                                     (names[0],)))
+
     async def load_session(self, name: str) -> SessionData | None:
         futures = [b[name].future for b in (self._pending, self._inflight) if name in b]
         if futures:
             await asyncio.wait(futures)
-        rows = await self._read("SELECT record FROM sessions WHERE account=?", (name,))
+        rows = await self._records([name])
         if not rows:
             return None
-        return _decode_session(name, rows[0][0], self._keyring)
+        return _decode_session(name, rows[0][1], self._keyring)
 
-    async def load_sessions(self) -> dict[str, SessionData | DecryptionError]:
-        """Every stored session, decrypted off the event loop; failures are returned per account."""
+    async def load_sessions(self, names: Sequence[str] | None = None
+                            ) -> dict[str, SessionData | DecryptionError]:
+        """Every stored session (or those of ``names``), decrypted off the event loop;
+        failures are returned per account."""
         await self.flush()
-        rows = await self._read("SELECT account, record FROM sessions ORDER BY account")
+        if names is None or self._route is not None:
+            rows = await self._records(names)
+        else:
+            wanted = set(names)
+            rows = [r for r in await self._records(None) if r[0] in wanted]
         ring = self._keyring
 
         def decode_all() -> dict[str, SessionData | DecryptionError]:
@@ -642,6 +680,7 @@ class Store:
     async def _write_batch(self, batch: dict[str, _Pending]) -> None:
         failed: dict[str, BaseException] = {}
         quiet: dict[str, BaseException] = {}  # metadata for an account without a row
+        routed: dict[str, bytes | None] = {}
         try:
             async with self._lock, self._tx_locked(durable=True) as conn:
                 names = list(batch)
@@ -671,6 +710,9 @@ class Store:
                             item.data.to_bytes(), account=name, purpose=SESSION_PURPOSE
                         )
                         upserts.append((name, record, now))
+                if self._route is not None:
+                    routed = {n: r for n, r, _at in upserts} | {n: None for (n,) in deletes}
+                    upserts, deletes = [], []
                 if deletes:
                     await conn.executemany("DELETE FROM sessions WHERE account=?", deletes)
                 if upserts:
@@ -684,6 +726,9 @@ class Store:
                     assignments = ", ".join(f"{c}=?" for c in columns)  # whitelisted names
                     await conn.executemany(
                         f"UPDATE accounts SET {assignments} WHERE name=?", rows)
+            if routed:
+                assert self._route is not None
+                failed.update(await self._route.write_records(routed))
         except Exception as exc:
             err = exc if isinstance(exc, TgdaemonError) else StoreError(
                 f"writing sessions to {self.path} failed: {type(exc).__name__}: {exc}"

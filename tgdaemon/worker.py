@@ -25,6 +25,7 @@ from telethon import functions, types
 from tgdaemon.config import HEARTBEAT_JITTER
 from tgdaemon.errors import Category, Classified, classify, recovery_for
 from tgdaemon.exceptions import DecryptionError
+from tgdaemon.leases import LeaseGate, LeaseLostError
 from tgdaemon.logs import account_logger
 from tgdaemon.session import StoreSession
 from tgdaemon.status import State, UserInfo
@@ -67,6 +68,8 @@ class WorkerDeps:
     clock: Callable[[], float] = time.time
     monotonic: Callable[[], float] = time.monotonic
     rng: random.Random = field(default_factory=random.Random)
+    #: Fleet mode: the leases this daemon holds (None: a single daemon owns its accounts).
+    lease: LeaseGate | None = None
 
 
 class AccountWorker:
@@ -143,11 +146,16 @@ class AccountWorker:
                     await self._connect()
                     await self._validate()
                 self._catch_ups = 0
+                await self._arm_server_disconnect()
                 self._set_state(State.CONNECTED, "validated")
                 await self._run_plugins()
                 await self._serve()
             except asyncio.CancelledError:
                 raise
+            except LeaseLostError:
+                await self._close_client()
+                self._set_state(State.STOPPED, "lease lost: another instance may own it")
+                return
             except Exception as exc:
                 if not await self._recover(exc, attempts):
                     return
@@ -283,6 +291,8 @@ class AccountWorker:
         # Waiting for a connect slot is a deliberate wait, not a stuck worker.
         delay = self.deps.limiter.reserve()
         await self._deliberate_wait(delay)
+        if self.deps.lease is not None and not self.deps.lease.holds(self.name):
+            raise LeaseLostError(self.name)
         if self.client is None:
             self.client = build_client(self.deps.client_cls, self.session, self.deps.config,
                                        self.account)
@@ -373,6 +383,20 @@ class AccountWorker:
             if gap_streak >= policy.update_gap_heartbeats:
                 gap_streak = 0
                 await self._on_update_gap(server.pts, local)
+            await self._arm_server_disconnect()
+
+    async def _arm_server_disconnect(self) -> None:
+        """Fleet mode: ask the server to close this connection when the lease's local deadline
+        passes without a newer ping (``ping_delay_disconnect``), so a paused or cut-off
+        process cannot keep using the session next to its new owner."""
+        lease = self.deps.lease
+        if lease is None:
+            return
+        if not lease.holds(self.name):
+            raise LeaseLostError(self.name)
+        await self._rpc(functions.PingDelayDisconnectRequest(
+            ping_id=self.deps.rng.getrandbits(63), disconnect_delay=lease.disconnect_delay(
+                self.name)))
 
     async def _on_update_gap(self, server_pts: int, local_pts: int | None) -> None:
         assert self.client is not None
