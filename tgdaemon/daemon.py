@@ -29,11 +29,13 @@ from tgdaemon.config import Config, config_warnings, load_config
 from tgdaemon.crypto import KeyRing, load_keyring
 from tgdaemon.dcs import DcDirectory
 from tgdaemon.exceptions import ConfigError
+from tgdaemon.fleet import Fleet, fleet_lock_name
+from tgdaemon.leasestore import open_lease_store
 from tgdaemon.metrics import Metrics
 from tgdaemon.notify import Notifier
 from tgdaemon.ratelimit import ConnectRateLimiter
 from tgdaemon.status import StatusBoard
-from tgdaemon.store import Store
+from tgdaemon.store import LOCK_NAME, Store
 from tgdaemon.supervisor import Supervisor
 from tgdaemon.telegram import client_class, trust_server_keys
 from tgdaemon.worker import WorkerDeps
@@ -69,6 +71,7 @@ class Daemon:
                                histograms=config.daemon.metrics_histograms)
         self.store: Store | None = None
         self.supervisor: Supervisor | None = None
+        self.fleet: Fleet | None = None
         self.http: Any = None  # tgdaemon.http.HttpServer when listening
         self._ready = False
 
@@ -93,14 +96,18 @@ class Daemon:
         keyring = self._keyring or load_keyring(key_file=config.daemon.master_key_file,
                                                 env=self._env)
         trust_server_keys(config)
-        self.store = await Store.open(config.daemon.state_dir, keyring, clock=self._clock)
+        lock_name = fleet_lock_name(config) if config.daemon.clustered else LOCK_NAME
+        self.store = await Store.open(config.daemon.state_dir, keyring, clock=self._clock,
+                                      lock_name=lock_name)
         self._stack.push_async_callback(self.store.close)
+        if config.daemon.clustered:
+            self.fleet = await self._join_fleet(config, self.store)
 
         directory = DcDirectory(config.telegram.servers, self.store,
                                 use_ipv6=config.telegram.use_ipv6, monotonic=self._monotonic)
         await directory.load()
         deps = WorkerDeps(
-            config=config,
+            config=config if self.fleet is None else self.fleet.worker_config(),
             store=self.store,
             board=self.board,
             metrics=self.metrics,
@@ -112,10 +119,14 @@ class Daemon:
             clock=self._clock,
             monotonic=self._monotonic,
             rng=self._rng,
+            lease=self.fleet,
         )
         self.supervisor = Supervisor(deps)
         await self.supervisor.start()
         self._stack.push_async_callback(self._stop_supervisor)
+        if self.fleet is not None:
+            self.fleet.start(self.supervisor)
+            self._stack.push_async_callback(self.fleet.stop, config.daemon.drain_timeout)
 
         listen = config.daemon.http_listen
         if listen is not None:
@@ -132,6 +143,15 @@ class Daemon:
             log.info("HTTP listening on %s:%d", listen.host, self.http.port)
         self._ready = True
         log.info("daemon started: %s", self.board.summary())
+
+    async def _join_fleet(self, config: Config, store: Store) -> Fleet:
+        """Fleet mode: open the shared lease store and join (README: Scaling out)."""
+        leases = await open_lease_store(config.daemon.database_url, store.path)
+        self._stack.push_async_callback(leases.close)
+        fleet = Fleet(config=config, leases=leases, store=store, registry=self.registry,
+                      monotonic=self._monotonic, rng=self._rng)
+        await fleet.prepare()
+        return fleet
 
     async def _stop_supervisor(self) -> None:
         assert self.supervisor is not None
@@ -177,7 +197,10 @@ class Daemon:
         for warning in config_warnings(new):
             log.warning("%s", warning)
         trust_server_keys(new)
-        await self.supervisor.apply(new)
+        if self.fleet is not None:
+            await self.fleet.reload(new)
+        else:
+            await self.supervisor.apply(new)
         logging.getLogger().setLevel(new.daemon.log_level.upper())
         self.config = new
         self.metrics.config_reload(True)

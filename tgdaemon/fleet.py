@@ -1,0 +1,308 @@
+"""This daemon's share of a fleet: claims, renews and releases leases, and runs their workers.
+
+One task (:meth:`Fleet._run`) does everything, once per ``lease_renew_interval``:
+
+1. renew every lease we hold in one statement; leases that did not come back are stopped;
+2. read the fleet's counts and decide (tgdaemon/leases.py) how many to claim or give back;
+3. give back first (workers closed and flushed *before* the lease is released), then claim
+   and start workers for what we got.
+
+Safety: our leases are ours only until ``renewal start + ttl - close margin`` on our monotonic
+clock.  A renewal that does not answer by then (database down, process paused) closes every
+worker; a worker refuses to connect without a valid lease, and asks the server to drop its
+connection by that deadline (``ping_delay_disconnect``) in case this process stops running.
+Every session write carries the lease's epoch and is refused by the store once it is stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import random
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from tgdaemon.config import AccountConfig, Config
+from tgdaemon.exceptions import AccountError, StoreError
+from tgdaemon.leases import (
+    Balance,
+    ClusterView,
+    LeaseTiming,
+    MoveBudget,
+    RenewalResult,
+    balance,
+    default_close_margin,
+    disconnect_delay,
+    must_close,
+    renewal_result,
+)
+from tgdaemon.leasestore import NO_EPOCH, LeaseStore
+
+if TYPE_CHECKING:
+    from tgdaemon.store import Store
+    from tgdaemon.supervisor import Supervisor
+
+log = logging.getLogger("tgdaemon.fleet")
+
+
+class StaleLeaseError(StoreError):
+    """A session write was refused: the lease it was made under is no longer ours."""
+
+
+class FleetMetrics:
+    """The fleet's few series (bounded: no per-account label)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.owned = Gauge("tgdaemon_leases_owned", "Account leases this instance holds",
+                           registry=registry)
+        self.renewals = Counter("tgdaemon_lease_renewals", "Lease renewal rounds by result",
+                                ["result"], registry=registry)
+        for result in RenewalResult:
+            self.renewals.labels(result.value)
+        self.unowned = Gauge("tgdaemon_accounts_unowned",
+                             "Enabled accounts of the fleet without a valid lease",
+                             registry=registry)
+        self.lost = Gauge("tgdaemon_instances_lost",
+                          "Instances that stopped renewing without a clean stop",
+                          registry=registry)
+        self.fenced = Counter("tgdaemon_lease_fenced_writes",
+                              "Session writes refused because their lease epoch was stale",
+                              registry=registry)
+
+
+def fleet_lock_name(config: Config) -> str:
+    """One daemon per instance id: the lock file in the state directory names the id."""
+    return f"tgdaemon.{config.daemon.instance_id}.lock"
+
+
+def account_spec(config: Config, name: str) -> AccountConfig:
+    """The settings of a fleet account: its ``[[accounts]]`` entry when the config has one,
+    else the defaults (accounts added with ``tgdaemon accounts add``)."""
+    try:
+        return config.account(name)
+    except AccountError:
+        return AccountConfig(name=name)
+
+
+class Fleet:
+    """See the module docstring.  Implements the worker's :class:`~tgdaemon.leases.LeaseGate`
+    and the store's :class:`~tgdaemon.store.SessionRoute` (fenced session records)."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        leases: LeaseStore,
+        store: Store,
+        registry: CollectorRegistry,
+        monotonic: Callable[[], float],
+        rng: random.Random | None = None,
+    ) -> None:
+        d = config.daemon
+        self.config = config
+        self.instance = d.instance_id
+        self.leases = leases
+        self._store = store
+        self._monotonic = monotonic
+        self._rng = rng or random.Random()
+        self.timing = LeaseTiming(d.lease_ttl, d.lease_renew_interval,
+                                  default_close_margin(d.lease_ttl))
+        self._budget = MoveBudget(d.lease_moves_per_minute, monotonic())
+        self.metrics = FleetMetrics(registry)
+        self.supervisor: Supervisor | None = None
+        #: Leases we hold and run workers for: account -> epoch.
+        self._epochs: dict[str, int] = {}
+        self._valid_until = -1.0
+        self._task: asyncio.Task[None] | None = None
+        self.rounds = 0
+
+    # -- LeaseGate --------------------------------------------------------------------------
+
+    def holds(self, account: str) -> bool:
+        return account in self._epochs and not must_close(self._monotonic(), self._valid_until)
+
+    def disconnect_delay(self, account: str) -> int:
+        return disconnect_delay(self._monotonic(), self._valid_until)
+
+    @property
+    def owned(self) -> frozenset[str]:
+        return frozenset(self._epochs)
+
+    # -- SessionRoute -----------------------------------------------------------------------
+
+    async def write_records(self, records: Mapping[str, bytes | None]
+                            ) -> dict[str, BaseException]:
+        writes = {n: (self._epochs.get(n, NO_EPOCH), r) for n, r in records.items()}
+        rejected = await self.leases.write_sessions(self.instance, writes)
+        if rejected:
+            self.metrics.fenced.inc(len(rejected))
+            log.warning("%d session write(s) refused: their leases belong to another instance "
+                        "now", len(rejected))
+        return {n: StaleLeaseError(f"session of {n!r} not written: lease lost")
+                for n in rejected}
+
+    async def read_records(self, names: Sequence[str] | None) -> dict[str, bytes]:
+        return await self.leases.read_sessions(names)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        """Before the supervisor starts: put the config's accounts into the fleet, move this
+        daemon's local sessions into a PostgreSQL fleet that lacks them, register."""
+        config = self.config
+        added = await self.leases.sync_accounts({a.name: a.enabled for a in config.accounts})
+        if self.leases.kind != "sqlite":
+            seeded = await self.leases.seed_sessions(await self._store.session_records())
+            if seeded:
+                log.info("copied %d local session(s) into the fleet's database", seeded)
+        self._store.route_sessions(self)
+        await self.leases.register(self.instance, config.daemon.capacity)
+        log.info("instance %s joined the fleet (%s, %d account(s) added from the config, "
+                 "capacity %d)", self.instance, self.leases.kind, added, config.daemon.capacity)
+
+    def start(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="tgdaemon-fleet")
+
+    async def stop(self, timeout: float) -> None:
+        """A clean stop: workers closed and flushed, then every lease released at once so
+        other instances take the accounts over without waiting for the TTL."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.supervisor is not None:
+            await self.supervisor.release(sorted(self._epochs), timeout)
+        await self._store.flush()
+        try:
+            await asyncio.wait_for(self.leases.unregister(self.instance), timeout)
+        except (StoreError, TimeoutError) as exc:
+            log.warning("leases not released (%s): other instances take them after the TTL",
+                        type(exc).__name__)
+        self._epochs.clear()
+        self.metrics.owned.set(0)
+
+    async def reload(self, new: Config) -> None:
+        """A reload: new accounts of the config join the fleet; running workers get the new
+        settings the way a single daemon's do."""
+        assert self.supervisor is not None
+        # [daemon] settings (capacity, lease timings) take effect at the next restart.
+        self.config = new = dataclasses.replace(new, daemon=self.config.daemon)
+        await self.leases.sync_accounts({a.name: a.enabled for a in new.accounts})
+        owned = tuple(account_spec(new, n) for n in sorted(self._epochs))
+        await self.supervisor.apply(_with_accounts(new, owned))
+
+    def worker_config(self) -> Config:
+        """The config the supervisor starts with: no accounts until leases are claimed."""
+        return _with_accounts(self.config, ())
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        # Daemons started together should see each other before the first claim.
+        await asyncio.sleep(self.timing.renew_interval * self._rng.uniform(0.5, 1.0))
+        while True:
+            try:
+                await self.round()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the fleet loop must survive anything; it closes by deadline
+                log.exception("lease round failed")
+            now = self._monotonic()
+            wait = self.timing.renew_interval
+            if self._epochs:
+                wait = min(wait, max(0.0, self._valid_until - now))
+            await asyncio.sleep(wait)
+
+    async def round(self) -> None:
+        """One renewal round (see the module docstring)."""
+        self.rounds += 1
+        started = self._monotonic()
+        ttl = self.timing.ttl
+        try:
+            budget = max(0.1, self._valid_until - started) if self._epochs else ttl
+            renewed = await asyncio.wait_for(self.leases.renew(self.instance, ttl), budget)
+        except (StoreError, TimeoutError) as exc:
+            self.metrics.renewals.labels(RenewalResult.ERROR.value).inc()
+            log.warning("lease renewal failed (%s)", type(exc).__name__)
+            if self._epochs and must_close(self._monotonic(), self._valid_until):
+                await self._close_all()
+            return
+        held = set(self._epochs)
+        result = renewal_result(held, set(renewed))
+        self.metrics.renewals.labels(result.value).inc()
+        if must_close(self._monotonic(), self.timing.valid_until(started)):
+            # It answered, but too late to be sure nobody else holds them by now.
+            await self._close_all()
+            return
+        self._valid_until = self.timing.valid_until(started)
+        lost = held - set(renewed)
+        if lost:
+            log.warning("%d lease(s) lost (expired or taken over): closing them", len(lost))
+            await self._drop(sorted(lost))
+        regained = {n: e for n, e in renewed.items() if n not in self._epochs}
+        if regained:  # still ours after a database outage that closed them
+            await self._adopt(regained)
+        counts = await self.leases.counts(ttl)
+        self.metrics.lost.set(counts.lost_instances)
+        view = ClusterView(counts.accounts, counts.live_instances, len(self._epochs),
+                           counts.claimable)
+        decision = balance(view, self.config.daemon.capacity,
+                           self._budget.available(self._monotonic()))
+        claimed = await self._apply(decision)
+        self.metrics.unowned.set(max(0, counts.claimable - claimed))
+        self.metrics.owned.set(len(self._epochs))
+
+    async def _apply(self, decision: Balance) -> int:
+        if decision.release:
+            names = self._rng.sample(sorted(self._epochs), decision.release)
+            log.info("giving back %d account(s) to balance the fleet", len(names))
+            self._budget.spend(len(names))
+            await self._close(names)  # closed and flushed before anybody may claim them
+            await self.leases.release(self.instance, names)
+            for name in names:
+                self._epochs.pop(name, None)
+        if not decision.claim:
+            return 0
+        claim_started = self._monotonic()
+        claimed = await self.leases.claim(self.instance, decision.claim, self.timing.ttl)
+        if claimed and not must_close(self._monotonic(), self.timing.valid_until(claim_started)):
+            log.info("claimed %d account(s)", len(claimed))
+            await self._adopt(claimed)
+        elif claimed:  # too slow to be safe: give them back untouched
+            await self.leases.release(self.instance, claimed)
+        return len(claimed)
+
+    async def _adopt(self, leases: Mapping[str, int]) -> None:
+        assert self.supervisor is not None
+        self._epochs.update(leases)
+        await self._store.ensure_accounts(dict.fromkeys(leases))
+        await self.supervisor.adopt([account_spec(self.config, n) for n in sorted(leases)])
+
+    async def _close(self, names: Sequence[str]) -> None:
+        assert self.supervisor is not None
+        await self.supervisor.release(names, self.config.daemon.drain_timeout)
+
+    async def _drop(self, names: Sequence[str]) -> None:
+        """Leases already gone: forget the epochs first (their writes are refused anyway)."""
+        for name in names:
+            self._epochs.pop(name, None)
+        await self._close(names)
+
+    async def _close_all(self) -> None:
+        log.error("leases could not be renewed in time: closing all %d account(s) before they "
+                  "expire", len(self._epochs))
+        names = sorted(self._epochs)
+        self._valid_until = -1.0  # nothing connects from here on
+        await self._close(names)
+        self._epochs.clear()
+        self.metrics.owned.set(0)
+
+
+def _with_accounts(config: Config, accounts: tuple[AccountConfig, ...]) -> Config:
+    return dataclasses.replace(config, accounts=accounts)
