@@ -37,6 +37,7 @@ from tgdaemon.localdc.crypto import (
     key_id_of,
 )
 from tgdaemon.localdc.faults import Fault, FaultBook, MethodNames, Scope, flood_wait_seconds
+from tgdaemon.localdc.overlaps import OverlapTracker
 from tgdaemon.localdc.rpc import (
     SERVICE_USER_ID,
     Ctx,
@@ -173,6 +174,8 @@ class LocalDC:
         self.history_limit = history_limit
         self.slice_limit = slice_limit
         self.faults = FaultBook()
+        #: Connections of one auth key open at once from different client processes.
+        self.overlaps = OverlapTracker()
         self._store: Store | None = None
         self._world: World | None = None
         self._servers: dict[int, asyncio.base_events.Server] = {}
@@ -460,6 +463,7 @@ class LocalDC:
             log.exception("localdc: unexpected error on %r", conn)
         finally:
             self._conns.discard(conn)
+            self.overlaps.unbind(conn, conn.key_id)
             conn.abort()
             writer.close()
 
@@ -476,6 +480,8 @@ class LocalDC:
             conn.write(struct.pack("<i", -404))
             return
         if conn.key_id != key_id:
+            self.overlaps.unbind(conn, conn.key_id)
+            self.overlaps.bind(conn, key_id, conn.writer)
             conn.key_id = key_id
             conn.salt = _salt_for(rec.key)
             conn.session_id = None
