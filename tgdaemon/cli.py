@@ -83,7 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     sp = command("keygen", cmd_keygen, "write a new master key file (mode 0600)", config=False)
     sp.add_argument("path", type=Path, help="where to write the key file")
     sp.add_argument("--force", action="store_true", help="overwrite an existing file")
-    command("accounts", cmd_accounts, "list accounts: name, user, status, last used, last error")
+    sp = command("accounts", cmd_accounts,
+                 "list accounts: name, user, status, last used, last error; in a fleet also "
+                 "add|remove|enable|disable NAME...")
+    sp.add_argument("action", nargs="?", choices=("add", "remove", "enable", "disable"),
+                    help="edit the fleet's accounts (daemon.instance_id set)")
+    sp.add_argument("names", nargs="*", metavar="NAME")
+    sp = command("cluster", cmd_cluster, "the fleet: `cluster status` lists its instances")
+    sp.add_argument("what", choices=("status",))
     sp = command("import", cmd_import,
                  "import a Telethon session (StringSession on stdin, or --file x.session)")
     sp.add_argument("name")
@@ -143,6 +150,15 @@ def cmd_keygen(ns: argparse.Namespace) -> int:
 
 def cmd_accounts(ns: argparse.Namespace) -> int:
     config = _load(ns)
+    if ns.action or config.daemon.clustered:
+        from tgdaemon import cluster_cli
+
+        if ns.action:
+            print(asyncio.run(cluster_cli.edit_accounts(config, ns.action, ns.names)))
+        else:
+            print(_table(["NAME", "ENABLED", "OWNER", "LEASE LEFT", "EPOCH"],
+                         asyncio.run(cluster_cli.fleet_accounts(config))))
+        return 0
 
     async def run() -> list[list[str]]:
         store, _running = await _open_store(config)
@@ -159,6 +175,13 @@ def cmd_accounts(ns: argparse.Namespace) -> int:
         return rows
 
     print(_table(["NAME", "USER", "STATUS", "LAST USED", "LAST ERROR"], asyncio.run(run())))
+    return 0
+
+
+def cmd_cluster(ns: argparse.Namespace) -> int:
+    from tgdaemon import cluster_cli
+
+    print(asyncio.run(cluster_cli.cluster_status(_load(ns))))
     return 0
 
 
@@ -362,6 +385,8 @@ async def _open_store(config: Config) -> tuple[Store, bool]:
     from tgdaemon.store import Store
 
     ring = load_keyring(key_file=config.daemon.master_key_file)
+    if config.daemon.clustered:  # fleet daemons lock their instance id only: assume running
+        return await Store.open(config.daemon.state_dir, ring, lock=False), True
     try:
         return await Store.open(config.daemon.state_dir, ring), False
     except StateLockedError:
