@@ -39,7 +39,7 @@ async def open_fleet(config: Config) -> AsyncIterator[LeaseStore]:
         store = await Store.open(config.daemon.state_dir, ring, lock=False)
         path = store.path
         await store.close()
-    leases = await open_lease_store(config.daemon.database_url, path)
+    leases = await open_lease_store(config.daemon.database_url, path, config.daemon.lease_ttl)
     try:
         yield leases
     finally:

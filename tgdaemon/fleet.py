@@ -117,7 +117,10 @@ class Fleet:
         #: Leases we hold and run workers for: account -> epoch.
         self._epochs: dict[str, int] = {}
         self._valid_until = -1.0
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._wake = asyncio.Event()  # ends the loop's sleep early (stop)
+        self._extended = asyncio.Event()  # the deadline moved (wakes the guard)
         self.rounds = 0
 
     # -- LeaseGate --------------------------------------------------------------------------
@@ -166,16 +169,26 @@ class Fleet:
 
     def start(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="tgdaemon-fleet")
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run(), name="tgdaemon-fleet"),
+                       loop.create_task(self._guard(), name="tgdaemon-fleet-guard")]
 
     async def stop(self, timeout: float) -> None:
         """A clean stop: workers closed and flushed, then every lease released at once so
         other instances take the accounts over without waiting for the TTL."""
-        if self._task is not None:
-            self._task.cancel()
+        # The loop ends between rounds: cancelling a database call mid-transaction could
+        # leave the connection unusable for the release below.
+        self._stopping = True
+        self._wake.set()
+        others = self._tasks[1:]
+        if self._tasks:
+            _done, pending = await asyncio.wait({self._tasks[0]}, timeout=timeout)
+            others.extend(pending)
+        for task in others:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
+        self._tasks = []
         if self.supervisor is not None:
             await self.supervisor.release(sorted(self._epochs), timeout)
         await self._store.flush()
@@ -205,19 +218,33 @@ class Fleet:
 
     async def _run(self) -> None:
         # Daemons started together should see each other before the first claim.
-        await asyncio.sleep(self.timing.renew_interval * self._rng.uniform(0.5, 1.0))
-        while True:
+        await self._sleep(self.timing.renew_interval * self._rng.uniform(0.5, 1.0))
+        while not self._stopping:
             try:
                 await self.round()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the fleet loop must survive anything; it closes by deadline
+            except Exception:  # the fleet loop must survive anything; the guard closes
                 log.exception("lease round failed")
-            now = self._monotonic()
-            wait = self.timing.renew_interval
-            if self._epochs:
-                wait = min(wait, max(0.0, self._valid_until - now))
-            await asyncio.sleep(wait)
+            await self._sleep(self.timing.renew_interval)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    async def _guard(self) -> None:
+        """Close every worker when the leases' local deadline passes unrenewed, whatever the
+        loop is waiting for (a database call that hangs, a pause just ended)."""
+        while True:
+            self._extended.clear()
+            left = self._valid_until - self._monotonic()
+            if self._epochs and left <= 0:
+                await self._close_all()
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._extended.wait(), left if self._epochs else None)
+
+    def _set_deadline(self, valid_until: float) -> None:
+        self._valid_until = valid_until
+        self._extended.set()
 
     async def round(self) -> None:
         """One renewal round (see the module docstring)."""
@@ -225,28 +252,28 @@ class Fleet:
         started = self._monotonic()
         ttl = self.timing.ttl
         try:
-            budget = max(0.1, self._valid_until - started) if self._epochs else ttl
-            renewed = await asyncio.wait_for(self.leases.renew(self.instance, ttl), budget)
-        except (StoreError, TimeoutError) as exc:
+            renewed = await self.leases.renew(self.instance, ttl)
+        except StoreError as exc:
             self.metrics.renewals.labels(RenewalResult.ERROR.value).inc()
-            log.warning("lease renewal failed (%s)", type(exc).__name__)
-            if self._epochs and must_close(self._monotonic(), self._valid_until):
-                await self._close_all()
+            log.warning("lease renewal failed: %s", exc)
             return
         held = set(self._epochs)
         result = renewal_result(held, set(renewed))
-        self.metrics.renewals.labels(result.value).inc()
         if must_close(self._monotonic(), self.timing.valid_until(started)):
             # It answered, but too late to be sure nobody else holds them by now.
+            self.metrics.renewals.labels(RenewalResult.ERROR.value).inc()
+            log.warning("lease renewal answered too late (%.1f s)", self._monotonic() - started)
             await self._close_all()
             return
-        self._valid_until = self.timing.valid_until(started)
+        self.metrics.renewals.labels(result.value).inc()
+        self._set_deadline(self.timing.valid_until(started))
         lost = held - set(renewed)
         if lost:
             log.warning("%d lease(s) lost (expired or taken over): closing them", len(lost))
             await self._drop(sorted(lost))
         regained = {n: e for n, e in renewed.items() if n not in self._epochs}
-        if regained:  # still ours after a database outage that closed them
+        if regained:  # still ours after an outage that closed them
+            log.info("%d lease(s) still ours after an outage: reopening them", len(regained))
             await self._adopt(regained)
         counts = await self.leases.counts(ttl)
         self.metrics.lost.set(counts.lost_instances)
@@ -298,7 +325,7 @@ class Fleet:
         log.error("leases could not be renewed in time: closing all %d account(s) before they "
                   "expire", len(self._epochs))
         names = sorted(self._epochs)
-        self._valid_until = -1.0  # nothing connects from here on
+        self._set_deadline(-1.0)  # nothing connects from here on
         await self._close(names)
         self._epochs.clear()
         self.metrics.owned.set(0)

@@ -242,7 +242,7 @@ async def immediate_transaction(conn: aiosqlite.Connection,
                                 what: str) -> AsyncIterator[aiosqlite.Connection]:
     """``BEGIN IMMEDIATE`` .. ``COMMIT`` (the write lock up front, so a transaction never
     fails half-way on a busy database), rolled back on any error; SQLite's errors become
-    :class:`StoreError` naming ``what``.  Shared by the store and the lease store."""
+    :class:`StoreError` naming ``what``."""
     try:
         await conn.execute("BEGIN IMMEDIATE")
     except sqlite3.Error as exc:

@@ -146,7 +146,7 @@ class AccountWorker:
                     await self._connect()
                     await self._validate()
                 self._catch_ups = 0
-                await self._arm_server_disconnect()
+                self._arm_server_disconnect()
                 self._set_state(State.CONNECTED, "validated")
                 await self._run_plugins()
                 await self._serve()
@@ -383,9 +383,9 @@ class AccountWorker:
             if gap_streak >= policy.update_gap_heartbeats:
                 gap_streak = 0
                 await self._on_update_gap(server.pts, local)
-            await self._arm_server_disconnect()
+            self._arm_server_disconnect()
 
-    async def _arm_server_disconnect(self) -> None:
+    def _arm_server_disconnect(self) -> None:
         """Fleet mode: ask the server to close this connection when the lease's local deadline
         passes without a newer ping (``ping_delay_disconnect``), so a paused or cut-off
         process cannot keep using the session next to its new owner."""
@@ -394,9 +394,15 @@ class AccountWorker:
             return
         if not lease.holds(self.name):
             raise LeaseLostError(self.name)
-        await self._rpc(functions.PingDelayDisconnectRequest(
-            ping_id=self.deps.rng.getrandbits(63), disconnect_delay=lease.disconnect_delay(
-                self.name)))
+        assert self.client is not None
+        # Sent the way Telethon sends its own keepalive ping: queued on the sender, pong not
+        # awaited (the heartbeat proves the connection).  Awaiting it through client() would
+        # let a cancelled worker cancel the future the pong then resolves (an error logged
+        # by Telethon's _handle_pong).
+        pong = self.client._sender.send(functions.PingDelayDisconnectRequest(
+            ping_id=self.deps.rng.getrandbits(63),
+            disconnect_delay=lease.disconnect_delay(self.name)))
+        pong.add_done_callback(_retrieve)
 
     async def _on_update_gap(self, server_pts: int, local_pts: int | None) -> None:
         assert self.client is not None
@@ -539,6 +545,12 @@ class AccountWorker:
             self.deps.store.submit_account(self.name, **fields)
         except Exception as exc:  # the store is closing: the daemon is stopping anyway
             self.log.warning("could not record account metadata: %s", type(exc).__name__)
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a fire-and-forget future's outcome as seen (no "never retrieved" warning)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _wake(fut: asyncio.Future[None]) -> None:

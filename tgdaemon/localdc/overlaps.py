@@ -103,6 +103,10 @@ class OverlapTracker:
             self._pids[conn] = peer_pid(writer)
         return self._pids[conn]
 
+    def live(self) -> dict[int, int]:
+        """Open connections per auth key id (keys with at least one)."""
+        return {k: len(v) for k, v in self._live.items()}
+
     def snapshot(self) -> dict[str, int]:
         """Overlaps per auth key id (hex, as the key's public id), only keys that had one."""
         return {f"{k & 0xFFFF_FFFF_FFFF_FFFF:016x}": n for k, n in sorted(self.counts.items())}
