@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# Real peers for tests and the demo (Prometheus, systemd-analyze, Chromium), from Debian.
+# Real peers for tests and the demo (Prometheus, systemd-analyze, systemd-nspawn, Chromium),
+# from Debian.
 $(SYSDEPS): scripts/install-system-deps.sh | $(STAMP)
 	bash scripts/install-system-deps.sh
 	touch $(SYSDEPS)
@@ -23,7 +24,7 @@ lint: $(STAMP)
 
 test: $(STAMP) $(SYSDEPS)
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -rs
 
 # The daemon with three demo accounts on the local stand-in DC, scraped by a real Prometheus.
 demo: $(STAMP) $(SYSDEPS)

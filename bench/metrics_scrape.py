@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from tgdaemon.metrics import ERROR_CATEGORIES, LATENCY_BUCKETS, Metrics, render
+from tgdaemon.lifecycle import Category
+from tgdaemon.metrics import LATENCY_BUCKETS, Metrics, render
 from tgdaemon.status import State, StatusBoard
 
 SIZES = (100, 1000, 10000)
@@ -36,7 +37,7 @@ def _populate(n: int, histograms: str) -> tuple[CollectorRegistry, Metrics]:
         for _ in range(5):
             metrics.observe_latency(name, rnd.uniform(0.02, 3.0))
         metrics.heartbeat(name, time.time())
-        metrics.error(name, rnd.choice(ERROR_CATEGORIES))
+        metrics.error(name, rnd.choice(list(Category)))
         metrics.reconnect(name)
     return registry, metrics
 
@@ -63,7 +64,7 @@ def _labelled(n: int) -> CollectorRegistry:
         for s in State:
             state.labels(name, s.value).set(0)
         lat.labels(name).observe(0.1)
-        for c in ERROR_CATEGORIES:
+        for c in Category:
             errors.labels(name, c)
         for counter in counters:
             counter.labels(name)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Debian packages the tests and the demo use as real peers: Prometheus (server + promtool),
-# systemd-analyze, PostgreSQL, and Chromium for the status page test. Idempotent: installs only what is
+# systemd-analyze, systemd-nspawn (boots systemd in a container for the unit's tests),
+# PostgreSQL, Chromium for the status page test, microsocks (SOCKS5 with user/password) and
+# tinyproxy (HTTP CONNECT) for the proxy tests. Idempotent: installs only what is
 # missing, so a developer machine that has them pays nothing.
 set -euo pipefail
 
@@ -8,8 +10,12 @@ need=()
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v systemd-nspawn >/dev/null 2>&1 || need+=(systemd-container)
 # PostgreSQL for the lease store's second backend (tests start their own server as `postgres`).
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql)
+command -v microsocks >/dev/null 2>&1 || need+=(microsocks)
+# tinyproxy lives in /usr/bin on Debian 12 (/usr/sbin on older releases, off a user's PATH)
+command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/sbin/tinyproxy ] || need+=(tinyproxy)
 if [ "${TGDAEMON_SKIP_BROWSER:-0}" != 1 ]; then
   command -v chromium >/dev/null 2>&1 || need+=(chromium)
 fi

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import re
+from urllib.parse import quote
 
 from tgdaemon.crypto import KeyRing
 from tgdaemon.localdc.testing import API_HASH
@@ -27,9 +28,13 @@ def key_forms(secret: bytes) -> list[str]:
 
 
 def secrets_found(text: str, *, phones: list[str], codes: list[str], keyring: KeyRing,
-                  auth_keys: list[bytes]) -> list[str]:
-    """Descriptions (never values) of every secret that appears in ``text``."""
+                  auth_keys: list[bytes], passwords: list[str] | None = None) -> list[str]:
+    """Descriptions (never values) of every secret that appears in ``text``; ``passwords``:
+    proxy passwords and MTProxy secrets, found verbatim or URL-quoted."""
     found = []
+    for i, password in enumerate(passwords or []):
+        if password in text or quote(password, safe="") in text:
+            found.append(f"proxy password #{i}")
     for i, phone in enumerate(phones):
         if phone_pattern(phone).search(text):
             found.append(f"phone number #{i}")

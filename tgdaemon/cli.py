@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import getpass
 import json
 import os
@@ -21,15 +22,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tgdaemon import __version__
-from tgdaemon.exceptions import EXIT_UNEXPECTED, AccountError, StateLockedError, TgdaemonError
+from tgdaemon.exceptions import (
+    EXIT_UNEXPECTED,
+    AccountError,
+    DecryptionError,
+    InputError,
+    StateLockedError,
+    TgdaemonError,
+)
 
 if TYPE_CHECKING:
     from tgdaemon.config import Config
+    from tgdaemon.records import RecordReport
     from tgdaemon.store import Store
 
 DEFAULT_CONFIG = "/etc/tgdaemon/tgdaemon.toml"
-#: Account states in which the running daemon owns the session: the CLI must not touch it.
-_ACTIVE_STATES = {"starting", "connecting", "connected", "reconnecting", "flood_wait"}
 
 Prompt = Callable[[str], str]
 
@@ -98,8 +105,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="replace an existing session")
     sp = command("login", cmd_login, "log an account in interactively (phone, code, 2FA)")
     sp.add_argument("name")
+    sp.add_argument("--force", action="store_true",
+                    help="replace a stored session this key ring cannot decrypt")
     sp = command("logout", cmd_logout, "log out on the server, then delete the local session")
     sp.add_argument("name")
+    sp.add_argument("--force", action="store_true",
+                    help="delete the local session even when the server did not confirm the "
+                         "logout (the login may stay active on the server)")
     sp = command("rotate-key", cmd_rotate_key,
                  "re-encrypt every record under a new active key (daemon must be stopped)")
     sp.add_argument("--out", type=Path,
@@ -160,21 +172,29 @@ def cmd_accounts(ns: argparse.Namespace) -> int:
                          asyncio.run(cluster_cli.fleet_accounts(config))))
         return 0
 
-    async def run() -> list[list[str]]:
-        store, _running = await _open_store(config)
+    async def run() -> tuple[list[list[str]], RecordReport]:
+        store, _running, report = await _open_store(config)
         async with store:
             records = {r.name: r for r in await store.list_accounts()}
+            stored = set(await store.session_key_ids())
         rows = []
         for account in config.accounts:
             r = records.get(account.name)
             user = "-" if r is None or r.user_id is None else (
                 f"{r.user_id}" + (f" @{r.username}" if r.username else ""))
             status = "disabled" if not account.enabled else (r.status if r else "no session")
-            rows.append([account.name, user, status, _ago(r.last_used if r else None),
+            session = ("undecryptable" if account.name in report.unreadable
+                       else "ok" if account.name in stored else "none")
+            rows.append([account.name, user, status, session,
+                         _ago(r.last_used if r else None),
                          (r.last_error_category or "-") if r else "-"])
-        return rows
+        return rows, report
 
-    print(_table(["NAME", "USER", "STATUS", "LAST USED", "LAST ERROR"], asyncio.run(run())))
+    rows, report = asyncio.run(run())
+    print(_table(["NAME", "USER", "STATUS", "SESSION", "LAST USED", "LAST ERROR"], rows))
+    configured = {a.name for a in config.accounts}
+    if any(name in configured for name in report.unreadable):
+        return DecryptionError.exit_code
     return 0
 
 
@@ -186,7 +206,7 @@ def cmd_cluster(ns: argparse.Namespace) -> int:
 
 
 def cmd_import(ns: argparse.Namespace) -> int:
-    from tgdaemon.session_import import parse_string_session, read_sqlite_session
+    from tgdaemon.session_import import import_session, parse_string_session, read_sqlite_session
 
     config = _load(ns)
     config.account(ns.name)
@@ -200,16 +220,11 @@ def cmd_import(ns: argparse.Namespace) -> int:
         data = parse_string_session(text.strip())
 
     async def run() -> None:
-        store, running = await _open_store(config)
+        store, running, _report = await _open_store(config)
         async with store:
             await _check_not_active(store, ns.name, running)
-            existing = await store.load_session(ns.name)
-            if existing is not None and existing.auth_key is not None and not ns.force:
-                raise AccountError(f"account {ns.name!r} already has a session; use --force")
-            await store.ensure_account(ns.name, _device(config, ns.name))
-            await store.save_session(ns.name, data)
-            await store.update_account(ns.name, status="imported", dc_id=data.dc_id,
-                                       user_id=data.user_id)
+            await import_session(store, ns.name, data, replace=ns.force,
+                                 device=_device(config, ns.name))
 
     asyncio.run(run())
     print(f"imported session for {ns.name} (DC {data.dc_id}); "
@@ -219,15 +234,20 @@ def cmd_import(ns: argparse.Namespace) -> int:
 
 def cmd_login(ns: argparse.Namespace) -> int:
     config = _load(ns)
-    me = asyncio.run(login(config, ns.name, prompt=_prompt, secret=_secret))
+    me = asyncio.run(login(config, ns.name, prompt=_prompt, secret=_secret, force=ns.force))
     print(f"logged in {ns.name} as user {me}; reload the daemon: systemctl reload tgdaemon")
     return 0
 
 
 def cmd_logout(ns: argparse.Namespace) -> int:
     config = _load(ns)
-    asyncio.run(logout(config, ns.name))
-    print(f"logged out {ns.name}; local session deleted")
+    confirmed = asyncio.run(logout(config, ns.name, force=ns.force))
+    if confirmed:
+        print(f"logged out {ns.name}; local session deleted")
+    else:
+        print(f"local session of {ns.name} deleted WITHOUT a confirmed server logout (--force): "
+              "the login may still be active on Telegram; end it from another device "
+              "(Settings > Devices)")
     return 0
 
 
@@ -285,8 +305,13 @@ def cmd_status(ns: argparse.Namespace) -> int:
 # -- login / logout (importable for tests and tooling) ----------------------------------------
 
 
-async def login(config: Config, name: str, *, prompt: Prompt, secret: Prompt) -> int:
-    """Interactive login through whatever servers the config names; returns the user id."""
+async def login(config: Config, name: str, *, prompt: Prompt, secret: Prompt,
+                force: bool = False) -> int:
+    """Interactive login through whatever servers the config names; returns the user id.
+
+    Every request has the policy's timeout and transient failures are retried
+    (:mod:`tgdaemon.oneshot`). A stored session this key ring cannot decrypt is never
+    replaced without ``force``: it may be the only good copy (a wrong master key)."""
     from telethon.errors import (
         PasswordHashInvalidError,
         PhoneCodeExpiredError,
@@ -294,23 +319,43 @@ async def login(config: Config, name: str, *, prompt: Prompt, secret: Prompt) ->
         SessionPasswordNeededError,
     )
 
+    from tgdaemon.oneshot import call
+
     account = config.account(name)
-    store, running = await _open_store(config)
+    policy = config.policy
+    store, running, _report = await _open_store(config)
     async with store:
         await _check_not_active(store, name, running)
+        try:
+            await store.load_session(name)
+        except DecryptionError as exc:
+            if not force:
+                raise DecryptionError(
+                    f"account {name!r} has a stored session this key ring cannot decrypt "
+                    f"({exc}); a login would replace it. Check the master key first; pass "
+                    "--force to replace it anyway") from None
         await store.ensure_account(name, _device(config, name))
         async with _session_client(config, store, name, fresh=True) as (client, session):
             phone = account.phone or prompt("Phone number (international format): ").strip()
-            await client.send_code_request(phone)
+            if not phone:
+                raise InputError("no phone number given")
+            await call("auth.sendCode", lambda: client.send_code_request(phone), policy=policy)
             for attempt in range(3):
                 code = secret("Login code (input hidden): ").strip()
                 try:
-                    await client.sign_in(phone, code)
+                    await call("auth.signIn", functools.partial(client.sign_in, phone, code),
+                               policy=policy, retry=False,
+                               expected=(SessionPasswordNeededError, PhoneCodeInvalidError,
+                                         PhoneCodeExpiredError))
                     break
                 except SessionPasswordNeededError:
                     for _ in range(3):
+                        password = secret("2FA password (hidden): ")
                         try:
-                            await client.sign_in(password=secret("2FA password (hidden): "))
+                            await call("auth.checkPassword",
+                                       functools.partial(client.sign_in, password=password),
+                                       policy=policy, retry=False,
+                                       expected=(PasswordHashInvalidError,))
                             break
                         except PasswordHashInvalidError:
                             print("wrong password, try again", file=sys.stderr)
@@ -321,7 +366,7 @@ async def login(config: Config, name: str, *, prompt: Prompt, secret: Prompt) ->
                     print(f"code rejected ({type(exc).__name__}), try again", file=sys.stderr)
                     if attempt == 2:
                         raise AccountError("login code rejected three times") from None
-            me = await client.get_me()
+            me = await call("users.getUsers", client.get_me, policy=policy)
             if me is None:
                 raise AccountError(f"login of {name!r} did not complete")
             await session.flush()
@@ -332,17 +377,44 @@ async def login(config: Config, name: str, *, prompt: Prompt, secret: Prompt) ->
             return int(me.id)
 
 
-async def logout(config: Config, name: str) -> None:
+async def logout(config: Config, name: str, *, force: bool = False) -> bool:
+    """Log out on the server, then delete the local session; True when the server confirmed.
+
+    The local session is deleted only after the server confirmed the logout: deleting it
+    while the login stays active loses the key to a live login. With ``force`` it is deleted
+    anyway (the server could not be reached or refused); returns False then."""
+    from telethon import functions
+
+    from tgdaemon.oneshot import call
+
     config.account(name)
-    store, running = await _open_store(config)
+    store, running, _report = await _open_store(config)
     async with store:
         await _check_not_active(store, name, running)
-        if await store.load_session(name) is None:
+        try:
+            data = await store.load_session(name)
+        except DecryptionError:
+            if not force:
+                raise
+            data = None  # nothing to log out with: --force deletes the unreadable record
+        if data is None and not force:
             raise AccountError(f"account {name!r} has no session")
-        async with _session_client(config, store, name, fresh=False) as (client, _session):
-            await client.log_out()
+        confirmed = False
+        if data is not None:
+            try:
+                async with _session_client(config, store, name, fresh=False) as (client, _s):
+                    await call("auth.logOut", lambda: client(functions.auth.LogOutRequest()),
+                               policy=config.policy)
+                    confirmed = True
+            except TgdaemonError as exc:
+                if not force:
+                    raise type(exc)(f"{exc}; the local session was kept (the login is still "
+                                    "active); retry later, or pass --force to delete it "
+                                    "locally anyway") from None
+                print(f"tgdaemon: warning: {exc}", file=sys.stderr)
         await store.delete_session(name)
         await store.update_account(name, status="logged_out")
+        return confirmed
 
 
 @contextlib.asynccontextmanager
@@ -350,6 +422,7 @@ async def _session_client(
     config: Config, store: Store, name: str, *, fresh: bool
 ) -> AsyncIterator[tuple[Any, Any]]:
     """A connected client on the account's stored session (or a fresh one for login)."""
+    from tgdaemon.oneshot import call
     from tgdaemon.session import StoreSession
     from tgdaemon.telegram import build_client, client_class, trust_server_keys
 
@@ -357,8 +430,9 @@ async def _session_client(
     data = None if fresh else await store.load_session(name)
     session = StoreSession(store, name, data or _initial_session(config))
     client = build_client(client_class(), session, config, config.account(name))
-    await asyncio.wait_for(client.connect(), config.policy.connect_timeout)
     try:
+        await call("connect", client.connect, policy=config.policy,
+                   timeout=config.policy.connect_timeout, cleanup=client.disconnect)
         await session.flush()  # a fresh auth key is durable before the login binds it
         yield client, session
     finally:
@@ -378,25 +452,39 @@ def _initial_session(config: Config) -> Any:
     return SessionData(dc_id=dc_id, server_address=first.host, port=first.port, auth_key=None)
 
 
-async def _open_store(config: Config) -> tuple[Store, bool]:
-    """Open the store; returns it and whether a running daemon holds the single-instance lock
-    (the CLI may then work only on accounts that daemon is not using)."""
+async def _open_store(config: Config) -> tuple[Store, bool, RecordReport]:
+    """Open the store; returns it, whether a running daemon holds the single-instance lock
+    (the CLI may then work only on accounts that daemon is not using), and how the stored
+    records fare against the key ring (a problem is printed: every command says it)."""
     from tgdaemon.crypto import load_keyring
+    from tgdaemon.records import check_records
     from tgdaemon.store import Store
 
     ring = load_keyring(key_file=config.daemon.master_key_file)
     if config.daemon.clustered:  # fleet daemons lock their instance id only: assume running
         return await Store.open(config.daemon.state_dir, ring, lock=False), True
     try:
-        return await Store.open(config.daemon.state_dir, ring), False
+        store, running = await Store.open(config.daemon.state_dir, ring), False
     except StateLockedError:
-        return await Store.open(config.daemon.state_dir, ring, lock=False), True
+        store, running = await Store.open(config.daemon.state_dir, ring, lock=False), True
+    try:
+        report = await check_records(store)
+    except BaseException:
+        await store.close()
+        raise
+    problem = report.problem()
+    if problem is not None:
+        print(f"tgdaemon: warning: {problem}", file=sys.stderr)
+    return store, running, report
 
 
 async def _check_not_active(store: Store, name: str, daemon_running: bool) -> None:
     if daemon_running:
         record = await store.get_account(name)
-        if record is not None and record.status in _ACTIVE_STATES:
+        from tgdaemon.lifecycle import OWNED_STATES
+
+        # In these states the running daemon owns the session: the CLI must not touch it.
+        if record is not None and record.status in OWNED_STATES:
             raise AccountError(
                 f"account {name!r} is {record.status} in the running daemon; "
                 "disable it in the config and reload first")
@@ -410,14 +498,23 @@ def _device(config: Config, name: str) -> Any:
 
 
 def _prompt(text: str) -> str:
-    return input(text)
+    try:
+        return input(text)
+    except EOFError:
+        raise InputError(f"end of input at the prompt {text.strip()!r}") from None
 
 
 def _secret(text: str) -> str:
     if sys.stdin.isatty():
-        return getpass.getpass(text)
+        try:
+            return getpass.getpass(text)
+        except EOFError:
+            raise InputError(f"end of input at the prompt {text.strip()!r}") from None
     print(text, end="", file=sys.stderr, flush=True)
-    return sys.stdin.readline().rstrip("\n")
+    line = sys.stdin.readline()
+    if not line:
+        raise InputError(f"end of input at the prompt {text.strip()!r}")
+    return line.rstrip("\n")
 
 
 def _ago(ts: float | None) -> str:

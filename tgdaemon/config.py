@@ -32,12 +32,14 @@ from urllib.parse import unquote, urlsplit
 
 from tgdaemon.exceptions import AccountError, ConfigError
 from tgdaemon.leases import default_close_margin, timing_problems
+from tgdaemon.lifecycle import HEARTBEAT_JITTER, longest_heartbeat_gap
 
 __all__ = [
     "AccountConfig",
     "Address",
     "Config",
     "ConfigDiff",
+    "ConfigHolder",
     "ConfigValidationError",
     "DaemonConfig",
     "PolicyConfig",
@@ -181,8 +183,8 @@ class PolicyConfig:
     # returning (full jitter draws up to the cap): 30 s keeps a fleet's recovery under a minute.
     backoff_cap: float = 30.0
     backoff_jitter: str = "full"
-    # Longest FLOOD_WAIT slept through quietly; a longer one still waits, but the account is
-    # shown parked in state flood_wait until the deadline, then retried.
+    # Longest FLOOD_WAIT waited out on an open connection; a longer one closes the connection
+    # and reconnects at the deadline (tgdaemon.lifecycle.recovery_for).
     flood_sleep_max: int = 3600
     failover_after: int = 3
     update_gap_heartbeats: int = 2
@@ -231,16 +233,13 @@ _CLUSTER_KEYS = ("instance_id", "capacity", "database_url", "lease_ttl", "lease_
                  "lease_moves_per_minute")
 _RETRY_KEYS = ("network", "server", "flood_wait", "unknown", "client")
 
-#: The worker's heartbeat wait is jittered up to this factor of ``heartbeat_interval``.
-HEARTBEAT_JITTER = 1.1
-
 
 def config_warnings(config: Config) -> list[str]:
     """Settings that are valid but probably not what the operator wants (logged at start and
     on reload, printed by ``check-config``): they do not stop the daemon."""
     out = []
     p = config.policy
-    slowest = HEARTBEAT_JITTER * p.heartbeat_interval + p.request_timeout
+    slowest = longest_heartbeat_gap(p)
     if p.stale_after < slowest:
         out.append(
             f"{config.path}: policy.stale_after ({p.stale_after:g}) is below the longest gap "
@@ -720,8 +719,13 @@ class _Parser:
         user = unquote(u.username) if u.username else None
         password = unquote(u.password) if u.password is not None else None
         if scheme == "mtproxy":
+            if user and len(user) > 32 and user[:2].lower() == "ee":
+                self.err(key, "fake-TLS (ee) MTProxy secrets are not supported (Telethon 1.45 "
+                              "has no fake-TLS transport); use the proxy's dd secret")
+                return None
             if password is not None or not user or not _is_mtproxy_secret(user):
-                self.err(key, "mtproxy needs mtproxy://SECRET@host:port with a hex secret")
+                self.err(key, "mtproxy needs mtproxy://SECRET@host:port with a hex secret "
+                              "(32 hex digits, or dd + 32)")
                 return None
             return Proxy(scheme, host, port, secret=user.lower())
         return Proxy(scheme, host, port, username=user, password=password)
@@ -742,7 +746,6 @@ class ConfigDiff:
     unchanged: tuple[str, ...]
     policy_changed: bool
     telegram_changed: bool
-    daemon_changed: bool
 
 
 def diff_config(old: Config, new: Config) -> ConfigDiff:
@@ -757,8 +760,17 @@ def diff_config(old: Config, new: Config) -> ConfigDiff:
         unchanged=tuple(sorted(n for n in both if before[n] == after[n])),
         policy_changed=old.policy != new.policy,
         telegram_changed=old.telegram != new.telegram,
-        daemon_changed=old.daemon != new.daemon,
     )
+
+
+class ConfigHolder:
+    """The running configuration, in one place: the daemon, the supervisor and every worker
+    read ``current`` when they need a setting, so a reload is one assignment."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, config: Config) -> None:
+        self.current = config
 
 
 # --------------------------------------------------------------------------- helpers
@@ -816,7 +828,6 @@ def _is_mtproxy_secret(secret: str) -> bool:
     s = secret.lower()
     if not re.fullmatch(r"[0-9a-f]+", s) or len(s) % 2:
         return False
-    if len(s) == 32:
-        return True
-    # dd-prefixed (padded) or ee-prefixed (fake TLS, followed by the hex domain name)
-    return s[:2] in ("dd", "ee") and len(s) >= 34
+    # 16 bytes (obfuscated) or "dd" + 16 bytes (padded intermediate). Fake-TLS "ee" secrets
+    # are refused by the caller with their own message.
+    return len(s) == 32 or (s[:2] == "dd" and len(s) == 34)

@@ -149,6 +149,8 @@ class KeyRing:
 
     def decrypt(self, record: bytes, *, account: str, purpose: str) -> bytes:
         what = f"{purpose} record of account {account!r}"
+        if not isinstance(record, bytes | bytearray):  # never echo what it holds instead
+            raise DecryptionError(f"cannot decrypt {what}: not a byte string")
         if len(record) < HEADER_SIZE + TAG_SIZE:
             raise DecryptionError(f"cannot decrypt {what}: record is truncated")
         version, kid, nonce = _HEADER.unpack_from(record)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
-from tgdaemon.config import Config, config_warnings, load_config
+from tgdaemon.config import Config, ConfigHolder, config_warnings, load_config
 from tgdaemon.crypto import KeyRing, load_keyring
 from tgdaemon.dcs import DcDirectory
 from tgdaemon.exceptions import ConfigError
@@ -34,6 +34,7 @@ from tgdaemon.leasestore import open_lease_store
 from tgdaemon.metrics import Metrics
 from tgdaemon.notify import Notifier
 from tgdaemon.ratelimit import ConnectRateLimiter
+from tgdaemon.records import RecordsCollector, check_records
 from tgdaemon.status import StatusBoard
 from tgdaemon.store import LOCK_NAME, Store
 from tgdaemon.supervisor import Supervisor
@@ -58,7 +59,8 @@ class Daemon:
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
-        self.config = config
+        #: The running configuration; a reload replaces ``settings.current``.
+        self.settings = ConfigHolder(config)
         self.registry = registry if registry is not None else CollectorRegistry()
         self._keyring = keyring
         self._env = env
@@ -67,13 +69,19 @@ class Daemon:
         self._rng = rng or random.Random()
         self._stack = contextlib.AsyncExitStack()
         self.board = StatusBoard(clock=clock)
-        self.metrics = Metrics(self.registry, self.board,
-                               histograms=config.daemon.metrics_histograms)
+        self.metrics = Metrics(
+            self.registry, self.board, histograms=config.daemon.metrics_histograms,
+            heartbeat_interval=lambda: self.settings.current.policy.heartbeat_interval)
         self.store: Store | None = None
         self.supervisor: Supervisor | None = None
         self.fleet: Fleet | None = None
         self.http: Any = None  # tgdaemon.http.HttpServer when listening
+        self.records = RecordsCollector(self.registry)
         self._ready = False
+
+    @property
+    def config(self) -> Config:
+        return self.settings.current
 
     async def __aenter__(self) -> Daemon:
         await self.start()
@@ -100,17 +108,18 @@ class Daemon:
         self.store = await Store.open(config.daemon.state_dir, keyring, clock=self._clock,
                                       lock_name=lock_name)
         self._stack.push_async_callback(self.store.close)
+        await self.check_records()
         if config.daemon.clustered:
             self.fleet = await self._join_fleet(config, self.store)
+            # Workers run the accounts whose leases we hold: none until the first claim.
+            self.settings.current = self.fleet.worker_config()
 
         directory = DcDirectory(config.telegram.servers, self.store,
                                 use_ipv6=config.telegram.use_ipv6, monotonic=self._monotonic)
         await directory.load()
         deps = WorkerDeps(
-            config=config if self.fleet is None else self.fleet.worker_config(),
+            settings=self.settings,
             store=self.store,
-            board=self.board,
-            metrics=self.metrics,
             limiter=ConnectRateLimiter(config.daemon.connect_rate, config.daemon.connect_burst,
                                        concurrency=config.daemon.connect_concurrency,
                                        clock=self._monotonic),
@@ -121,7 +130,7 @@ class Daemon:
             rng=self._rng,
             lease=self.fleet,
         )
-        self.supervisor = Supervisor(deps)
+        self.supervisor = Supervisor(deps, board=self.board, metrics=self.metrics)
         await self.supervisor.start()
         self._stack.push_async_callback(self._stop_supervisor)
         if self.fleet is not None:
@@ -163,7 +172,22 @@ class Daemon:
         await self._stack.aclose()
 
     def ready(self) -> bool:
-        return self._ready
+        """Ready once started, unless the store cannot be used: no stored session decrypts
+        (wrong master key) or the database refuses writes."""
+        report = self.records.report
+        if report is not None and report.none_readable:
+            return False
+        return self._ready and not (self.store is not None and self.store.read_only)
+
+    async def check_records(self) -> None:
+        """Measure the stored records against the key ring: one ERROR line for the fleet
+        (not one per account) when some cannot be decrypted."""
+        assert self.store is not None
+        report = await check_records(self.store)
+        self.records.report = report
+        problem = report.problem()
+        if problem is not None:
+            log.error("%s%s", problem, "; not ready" if report.none_readable else "")
 
     def summary(self) -> str:
         return self.board.summary()
@@ -198,12 +222,12 @@ class Daemon:
         for warning in config_warnings(new):
             log.warning("%s", warning)
         trust_server_keys(new)
+        await self.check_records()  # e.g. after `tgdaemon login --force` replaced records
         if self.fleet is not None:
-            await self.fleet.reload(new)
+            await self.fleet.reload(new)  # ``new`` with the accounts we hold
         else:
-            await self.supervisor.apply(new)
+            await self.supervisor.apply(new)  # makes ``new`` the running configuration
         logging.getLogger().setLevel(new.daemon.log_level.upper())
-        self.config = new
         self.metrics.config_reload(True)
         return True
 

@@ -7,13 +7,15 @@ first account to connect) and cached in the store, not once per account.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tgdaemon.store import Store
+
+log = logging.getLogger("tgdaemon.dcs")
 
 Address = tuple[str, int]
 
@@ -59,19 +61,26 @@ class DcDirectory:
         merged += [a for a in self._learned.get(dc_id, ()) if a not in merged]
         return merged
 
-    def postpone(self) -> None:
-        """A refresh failed: do not let every other worker retry it right away."""
-        self._fetched_at = self._monotonic() - REFRESH_AFTER + RETRY_AFTER
-
     def needs_refresh(self) -> bool:
         return self._fetched_at is None or (
             self._monotonic() - self._fetched_at > REFRESH_AFTER)
 
-    @contextlib.asynccontextmanager
-    async def refreshing(self) -> AsyncIterator[bool]:
-        """Yields True to the one caller that should fetch; the others wait and get False."""
+    async def refresh(self, fetch: Callable[[], Awaitable[Any]]) -> None:
+        """Learn the DCs from ``fetch()`` (help.getConfig) when the list is due: one caller
+        fetches, the others wait and find it fresh. A failure is logged and postponed for
+        everyone (the configured addresses still work)."""
+        if not self.needs_refresh():
+            return
         async with self._lock:
-            yield self.needs_refresh()
+            if not self.needs_refresh():
+                return
+            try:
+                await self.update_from_config(await fetch())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._fetched_at = self._monotonic() - REFRESH_AFTER + RETRY_AFTER
+                log.warning("could not refresh DC addresses: %s", type(exc).__name__)
 
     async def update_from_config(self, config: Any) -> None:
         """Take the dc_options of a help.getConfig result (telethon ``types.Config``)."""

@@ -1,117 +1,32 @@
-"""Classify any failure into a category, and map a category to a recovery. Pure logic.
+"""Classify any failure into a category. Pure logic.
 
 The worker never inspects exception types itself: ``classify`` turns Telethon RPC errors,
 transport errors and socket errors into a :class:`Classified` value (category, stable code,
-flood seconds, new DC, park state, redacted message) and ``recovery_for`` decides what to do.
+flood seconds, new DC, park state, redacted message).
 
-Rules worth knowing:
-
-* ``asyncio.CancelledError`` (and other non-``Exception`` ``BaseException``\\ s) are never
-  classified: ``classify`` raises ``TypeError``. Cancellation must propagate, not be retried.
-* ``attempt`` in :func:`recovery_for` is 0-based: the number of earlier consecutive failures of
-  the same category. A per-category retry limit ``L`` (``[policy.retry_limits]``, 0 = unlimited)
-  is the number of consecutive failures tolerated: the ``L``-th one gives ``"fail"``. So
-  ``client = 1`` means a 400-class error is never retried.
-* FLOOD_WAIT always gives ``"wait"`` for at least the server's seconds. When the wait is longer
-  than ``policy.flood_sleep_max`` the recovery carries ``park_state="flood_wait"``: the account
-  is shown parked in state flood_wait until the deadline, then retried like any other wait.
-* AUTH never retries: ``"park"`` with ``needs_login``, ``banned`` or ``duplicated``; the
-  encrypted session is kept for inspection (the worker must not delete it).
-* MIGRATE (USER/PHONE/NETWORK_MIGRATE_X) gives ``"migrate"`` to ``new_dc``; the caller persists
-  the DC at once. FILE/STATS_MIGRATE concern one request, not the account's home DC: ``"fail"``.
-  More than :data:`MAX_MIGRATIONS` consecutive migrations is a loop: ``"fail"``.
+``asyncio.CancelledError`` (and other non-``Exception`` ``BaseException``\\ s) are never
+classified: ``classify`` raises ``TypeError``. Cancellation must propagate, not be retried.
+What each category leads to is decided in :mod:`tgdaemon.lifecycle`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 import re
 from dataclasses import dataclass
-from enum import StrEnum
-from typing import TYPE_CHECKING, Literal
 
 from telethon import errors as te
 
-from tgdaemon.retry import backoff_delay, flood_wait_delay
+from tgdaemon.lifecycle import Category, Classified, State
+from tgdaemon.redact import redact
 
-if TYPE_CHECKING:
-    from tgdaemon.config import PolicyConfig
+__all__ = ["Category", "Classified", "NotAuthorizedError", "classify"]
 
-__all__ = [
-    "MAX_MIGRATIONS",
-    "Category",
-    "Classified",
-    "Recovery",
-    "classify",
-    "recovery_for",
-    "redact",
-]
-
-MAX_MIGRATIONS = 5
 MAX_MESSAGE = 200
-HOME_MIGRATE_CODES = frozenset({"USER_MIGRATE", "PHONE_MIGRATE", "NETWORK_MIGRATE"})
 
 
-class Category(StrEnum):
-    NETWORK = "network"
-    FLOOD_WAIT = "flood_wait"
-    AUTH = "auth"
-    SERVER = "server"
-    MIGRATE = "migrate"
-    CLIENT = "client"
-    UNKNOWN = "unknown"
-
-
-@dataclass(frozen=True)
-class Classified:
-    category: Category
-    code: str  # stable short reason: "FLOOD_WAIT", "AUTH_KEY_UNREGISTERED", "TimeoutError", ...
-    message: str  # redacted: safe to log and to show in /status
-    wait_seconds: int | None = None  # FLOOD_WAIT
-    new_dc: int | None = None  # MIGRATE
-    park_state: str | None = None  # AUTH: "needs_login" | "banned" | "duplicated"
-
-
-@dataclass(frozen=True)
-class Recovery:
-    action: Literal["retry", "wait", "park", "migrate", "fail"]
-    delay: float | None = None  # seconds to sleep before the next attempt (retry, wait)
-    park_state: str | None = None  # park: the state; wait: "flood_wait" if beyond the sleep max
-    new_dc: int | None = None  # migrate
-    reason: str = ""  # short, safe: why this action
-
-
-# --------------------------------------------------------------------------- redaction
-
-_PLUS_PHONE = re.compile(r"\+\d[\d\s().-]{5,}\d")
-_LOOSE_PHONE = re.compile(r"\d[\d\s()-]{6,}\d")
-_HEX = re.compile(r"\b[0-9a-fA-F]{17,}\b")
-_B64ISH = re.compile(r"[A-Za-z0-9+/=_-]{17,}")
-_DIGITS = re.compile(r"\d{5,}")
-
-
-def redact(text: str) -> str:
-    """Remove what might be a secret or personal data: phone numbers, digit runs of 5 or more
-    (login codes, ids; ports of 5 digits go too), hex and base64-looking blobs over 16 chars
-    (keys, session strings). Error names and class names survive."""
-    text = _HEX.sub("<hex>", text)
-    text = _B64ISH.sub(lambda m: "<blob>" if _looks_random(m[0]) else m[0], text)
-    text = _PLUS_PHONE.sub("<phone>", text)
-    text = _LOOSE_PHONE.sub(
-        lambda m: "<phone>" if sum(c.isdigit() for c in m[0]) >= 7 else m[0], text
-    )
-    text = _DIGITS.sub("<num>", text)
-    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
-
-
-def _looks_random(token: str) -> bool:
-    # base64 of random bytes mixes digits with both cases; identifiers rarely do all three.
-    return (
-        any(c.isdigit() for c in token)
-        and any(c.islower() for c in token)
-        and any(c.isupper() for c in token)
-    )
+class NotAuthorizedError(Exception):
+    """The server answered but the session is not logged in (getUsers returned no user)."""
 
 
 # --------------------------------------------------------------------------- RPC error names
@@ -182,6 +97,9 @@ def classify(exc: BaseException) -> Classified:
     other non-``Exception`` base exceptions: those must propagate, never be retried."""
     if isinstance(exc, asyncio.CancelledError) or not isinstance(exc, Exception):
         raise TypeError(f"{type(exc).__name__} must propagate; it is not classified")
+    if isinstance(exc, NotAuthorizedError):
+        return Classified(Category.AUTH, "NOT_AUTHORIZED", str(exc),
+                          park_state=State.NEEDS_LOGIN)
     if isinstance(exc, te.MultiError):
         inner = [classify(e) for e in exc.exceptions if isinstance(e, Exception)]
         if inner:
@@ -199,10 +117,11 @@ _SEVERITY = (
 )
 
 
-def _make(category: Category, code: str, exc: BaseException, **kw: object) -> Classified:
-    text = redact(str(exc).removesuffix(" (caused by NoneType)"))
+def _make(category: Category, code: str, exc: BaseException,
+          park_state: State | None = None) -> Classified:
+    text = str(exc).removesuffix(" (caused by NoneType)")
     message = f"{code}: {text}" if text and text != code else code
-    return Classified(category, code, message, **kw)  # type: ignore[arg-type]
+    return Classified(category, code, redact(message, MAX_MESSAGE), park_state=park_state)
 
 
 def _classify_rpc(exc: te.RPCError) -> Classified:
@@ -215,12 +134,12 @@ def _classify_rpc(exc: te.RPCError) -> Classified:
             wait_seconds=seconds,
         )
     if isinstance(exc, te.AuthKeyDuplicatedError):
-        return _make(Category.AUTH, code, exc, park_state="duplicated")
+        return _make(Category.AUTH, code, exc, park_state=State.DUPLICATED)
     if isinstance(exc, te.UserDeactivatedError | te.UserDeactivatedBanError
                   | te.PhoneNumberBannedError):
-        return _make(Category.AUTH, code, exc, park_state="banned")
+        return _make(Category.AUTH, code, exc, park_state=State.BANNED)
     if isinstance(exc, te.UnauthorizedError):
-        return _make(Category.AUTH, code, exc, park_state="needs_login")
+        return _make(Category.AUTH, code, exc, park_state=State.NEEDS_LOGIN)
     if isinstance(exc, te.InvalidDCError):
         new_dc = getattr(exc, "new_dc", None)
         if isinstance(new_dc, int):
@@ -239,11 +158,12 @@ def _classify_local(exc: Exception) -> Classified:
     if isinstance(exc, te.AuthKeyNotFound):
         return Classified(Category.AUTH, "AUTH_KEY_NOT_FOUND",
                           "AUTH_KEY_NOT_FOUND: the server does not know this auth key",
-                          park_state="needs_login")
+                          park_state=State.NEEDS_LOGIN)
     if isinstance(exc, te.InvalidBufferError):
         if exc.code == 404:
             return Classified(Category.AUTH, "AUTH_KEY_NOT_FOUND",
-                              "AUTH_KEY_NOT_FOUND: transport error -404", park_state="needs_login")
+                              "AUTH_KEY_NOT_FOUND: transport error -404",
+                              park_state=State.NEEDS_LOGIN)
         if exc.code == 429:
             return Classified(Category.NETWORK, "TRANSPORT_FLOOD",
                               "TRANSPORT_FLOOD: transport error -429 (too many connections)")
@@ -261,39 +181,3 @@ def _classify_local(exc: Exception) -> Classified:
     if type(exc).__module__.partition(".")[0] == "python_socks":
         return _make(Category.NETWORK, name, exc)
     return _make(Category.UNKNOWN, name, exc)
-
-
-# --------------------------------------------------------------------------- recovery
-
-
-def recovery_for(
-    c: Classified, attempt: int, policy: PolicyConfig, rng: random.Random
-) -> Recovery:
-    """What to do about ``c``, the failure after ``attempt`` earlier consecutive ones of the
-    same category (0-based). Pure: the delay comes from ``rng``, never from a clock."""
-    if attempt < 0:
-        raise ValueError("attempt must be >= 0")
-    if c.category is Category.AUTH:
-        return Recovery("park", park_state=c.park_state or "needs_login", reason=c.code)
-    if c.category is Category.MIGRATE:
-        if c.new_dc is None or c.code not in HOME_MIGRATE_CODES:
-            return Recovery("fail", reason=f"{c.code}: not a home DC migration")
-        if attempt >= MAX_MIGRATIONS:
-            return Recovery("fail", reason=f"{c.code}: {attempt} migrations in a row")
-        return Recovery("migrate", new_dc=c.new_dc, reason=f"{c.code} to DC {c.new_dc}")
-    limit = policy.retry_limits.for_category(c.category.value)
-    if limit and attempt + 1 >= limit:
-        return Recovery("fail", reason=f"{c.category.value} retry limit {limit} reached")
-    if c.category is Category.FLOOD_WAIT:
-        seconds = c.wait_seconds or 0
-        return Recovery(
-            "wait",
-            delay=flood_wait_delay(seconds, rng),
-            park_state="flood_wait" if seconds > policy.flood_sleep_max else None,
-            reason=f"{c.code} {seconds}s",
-        )
-    delay = backoff_delay(
-        attempt, base=policy.backoff_base, cap=policy.backoff_cap,
-        jitter=policy.backoff_jitter, rng=rng,
-    )
-    return Recovery("retry", delay=delay, reason=c.code)

@@ -38,6 +38,13 @@ class StoreError(TgdaemonError):
     exit_code = 74  # EX_IOERR
 
 
+class StateAccessError(StoreError):
+    """The state directory or database cannot be used as it is (permissions, a read-only
+    mount, a truncated database): an operator must act, so systemd must not retry."""
+
+    exit_code = 78
+
+
 class StateLockedError(StoreError):
     """Another process already uses this state directory."""
 
@@ -48,6 +55,25 @@ class AccountError(TgdaemonError):
     """An operation names an account that does not exist or is in the wrong state."""
 
     exit_code = 67  # EX_NOUSER
+
+
+class InputError(TgdaemonError):
+    """A prompt got no answer (end of input): nothing was changed."""
+
+    exit_code = 66  # EX_NOINPUT
+
+
+class TelegramUnavailableError(TgdaemonError):
+    """Telegram could not be reached, stalled past the timeout, or failed (5xx), after
+    retries: nothing was changed locally; try again later."""
+
+    exit_code = 69  # EX_UNAVAILABLE
+
+
+class TelegramRefusedError(TgdaemonError):
+    """Telegram answered a request with an error (invalid phone, flood wait, ...)."""
+
+    exit_code = 76  # EX_PROTOCOL
 
 
 # Unexpected failures (bugs) end the process with this code; systemd restarts it.

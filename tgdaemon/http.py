@@ -38,8 +38,6 @@ from tgdaemon.status import StatusBoard, Subscription
 
 log = logging.getLogger("tgdaemon.http")
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 9464
 
 #: The WebSocket subprotocol the server speaks (and echoes back to browsers).
 WS_PROTOCOL = "tgdaemon.status.v1"

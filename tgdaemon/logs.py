@@ -1,35 +1,20 @@
 """Logging set-up: a ``tgdaemon.*`` tree, text or JSON lines, and a last line of defence.
 
-Code never logs secrets or phone numbers in the first place; the redacting filter only catches
-what a third-party message might carry (Telethon logs request reprs at DEBUG).
+Code never logs secrets or phone numbers in the first place; the redacting filter on the one
+handler passes every line (ours, Telethon's, aiohttp's) through :func:`tgdaemon.redact.redact`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import time
 from typing import IO, Any
 
+from tgdaemon.redact import redact
+
 ROOT = "tgdaemon"
-
-# Phone numbers (+ and 7+ digits, spaces allowed) and long hex/base64 blobs (keys, sessions).
-_PHONE = re.compile(r"\+\d[\d \-]{6,}\d")
-# No "/" in the class: session strings and key files use urlsafe base64, and "/" would make
-# every long file path look like a secret.
-_BLOB = re.compile(r"[A-Za-z0-9+=_\-]{40,}")
-
-
-# Telethon's DEBUG reprs of requests: phone_number='4915…', phone_code='12345', password=…
-_FIELD = re.compile(r"\b(phone_number|phone_code|phone|password|code)=('[^']*'|\"[^\"]*\"|\S+)")
-
-
-def redact(text: str) -> str:
-    text = _FIELD.sub(lambda m: f"{m.group(1)}=[redacted]", text)
-    return _BLOB.sub("[redacted]", _PHONE.sub("[phone]", text))
-
 
 class RedactingFilter(logging.Filter):
     """Renders the message once, redacted, so formatters never see raw arguments."""

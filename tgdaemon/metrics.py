@@ -9,7 +9,8 @@ object of plain numbers, ``account_up``/``account_state`` are read from the
 ``generate_latest`` (0.10 s instead of 1.0 s at 10,000 accounts), same output.
 
 Labels: ``account`` is the config name only (never a phone number, username or secret);
-``category`` is one of :data:`ERROR_CATEGORIES`; ``state`` is a :class:`State` value.
+``category`` is a :class:`~tgdaemon.lifecycle.Category` value; ``state`` a
+:class:`~tgdaemon.lifecycle.State` value.
 
 Threading: every mutator runs on the event loop; :meth:`Metrics.collect` may run in another
 thread (the HTTP layer renders off-loop so a 10,000-account scrape does not stall
@@ -43,23 +44,16 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 import tgdaemon
-from tgdaemon.status import State, StatusBoard
+from tgdaemon.config import PolicyConfig
+from tgdaemon.lifecycle import Category, State
+from tgdaemon.status import StatusBoard
 
 log = logging.getLogger("tgdaemon.metrics")
 
 PREFIX = "tgdaemon_"
 
-#: Values of the ``category`` label of ``tgdaemon_errors_total`` (see tgdaemon.errors).
-ERROR_CATEGORIES: tuple[str, ...] = (
-    "network",
-    "flood_wait",
-    "auth",
-    "server",
-    "migrate",
-    "client",
-    "unknown",
-)
-_CATEGORY_INDEX = {c: i for i, c in enumerate(ERROR_CATEGORIES)}
+_CATEGORIES = tuple(Category)
+_CATEGORY_INDEX: dict[str, int] = {c.value: i for i, c in enumerate(_CATEGORIES)}
 
 #: Upper bounds of the heartbeat round-trip histogram, seconds (``+Inf`` is implicit).
 #: Telegram RTTs sit around 0.05-0.3 s; the tail buckets catch a stalled DC.
@@ -107,7 +101,7 @@ class _Slots:
     def __init__(self, name: str, histogram: _Histogram | None) -> None:
         self.labels = {"account": name}  # shared by every sample of this account
         self.fragment = f'account="{_escape_label(name)}"'  # escaped once, not per scrape
-        self.errors = [0] * len(ERROR_CATEGORIES)
+        self.errors = [0] * len(_CATEGORIES)
         self.reconnects = 0
         self.flood_wait_seconds = 0.0
         self.failovers = 0
@@ -152,6 +146,7 @@ class Metrics:
         version: str = tgdaemon.__version__,
         buckets: tuple[float, ...] = LATENCY_BUCKETS,
         clock: Callable[[], float] = time.time,
+        heartbeat_interval: Callable[[], float] = lambda: PolicyConfig.heartbeat_interval,
     ) -> None:
         if histograms not in HISTOGRAM_MODES:
             raise ValueError(f"histograms must be one of {HISTOGRAM_MODES}, not {histograms!r}")
@@ -168,6 +163,8 @@ class Metrics:
         self._slots_lock = threading.Lock()
         self._build_labels = {"version": version, **_versions()}
         self._clock = clock
+        #: Read at scrape time from the running configuration (a reload changes it).
+        self._heartbeat_interval = heartbeat_interval
         # The daemon only runs with a valid configuration: the initial load counts as a success.
         self._reload_ok = True
         self._reload_ok_at = clock()
@@ -214,7 +211,14 @@ class Metrics:
         if (slot := self._slots.get(name)) is not None and math.isfinite(timestamp):
             slot.heartbeat = timestamp
 
-    def error(self, name: str, category: str) -> None:
+    def clear_live(self, name: str) -> None:
+        """Drop the account's live values (last heartbeat, last latency): an ended account
+        (parked, stopped) must not look alive-but-ageing on a dashboard."""
+        if (slot := self._slots.get(name)) is not None:
+            slot.heartbeat = None
+            slot.last_latency = None
+
+    def error(self, name: str, category: Category | str) -> None:
         """Count one error; an unknown category is counted as ``unknown``."""
         if (slot := self._slots.get(name)) is None:
             return
@@ -259,7 +263,7 @@ class Metrics:
 
     def describe(self) -> Iterator[Metric]:
         """Family names without samples, so a duplicate registration is refused."""
-        return iter(self._families(_Snapshot((), None, True, 0.0)))
+        return iter(self._families(_Snapshot((), None, True, 0.0, 0.0)))
 
     def collect(self) -> Iterator[Metric]:
         """Copy every number once, then hand out families that format lazily.
@@ -275,6 +279,7 @@ class Metrics:
                 slot.fragment,
                 slot.labels,
                 None if (status := self._board.get(name)) is None else status.state,
+                None if status is None else status.dc_id,
                 tuple(slot.errors),
                 slot.reconnects,
                 slot.flood_wait_seconds,
@@ -292,7 +297,8 @@ class Metrics:
         fleet = None
         if self._fleet is not None:
             fleet = (tuple(self._fleet.buckets), self._fleet.total)
-        snap = _Snapshot(rows, fleet, self._reload_ok, self._reload_ok_at)
+        snap = _Snapshot(rows, fleet, self._reload_ok, self._reload_ok_at,
+                         self._heartbeat_interval())
         return (f for f in self._families(snap) if _has_samples(f))
 
     def _families(self, snap: _Snapshot) -> list[Metric]:
@@ -311,6 +317,13 @@ class Metrics:
                 p + "account_state",
                 "The account worker's current state: 1 for the current state, 0 for the others.",
                 rows,
+            ),
+            _AccountFamily(
+                p + "account_dc",
+                "The data centre the account's session is on (absent before it is known).",
+                "gauge",
+                rows,
+                lambda r: r.dc_id,
             ),
         ]
         if self._per_account:
@@ -395,7 +408,12 @@ class Metrics:
             labels=list(self._build_labels),
         )
         build.add_metric(list(self._build_labels.values()), 1.0)
-        fams += [reload_ok, reload_at, build]
+        interval = GaugeMetricFamily(
+            p + "heartbeat_interval_seconds",
+            "The configured policy.heartbeat_interval (alerts derive staleness from it).",
+            value=snap.heartbeat_interval,
+        )
+        fams += [reload_ok, reload_at, interval, build]
         return fams
 
 
@@ -407,6 +425,7 @@ class _Row(NamedTuple):
     fragment: str
     labels: dict[str, str]
     state: State | None
+    dc_id: int | None
     errors: tuple[int, ...]
     reconnects: int
     flood_wait_seconds: float
@@ -425,6 +444,7 @@ class _Snapshot(NamedTuple):
     fleet: tuple[tuple[int, ...], float] | None
     reload_ok: bool
     reload_ok_at: float
+    heartbeat_interval: float
 
 
 def _get_reconnects(r: _Row) -> int:
@@ -546,15 +566,15 @@ class _ErrorFamily(_LazyFamily):
     def _samples(self) -> Iterator[Sample]:
         n = self.exposed_name
         for r in self.rows:
-            for category, count in zip(ERROR_CATEGORIES, r.errors, strict=True):
-                yield Sample(n, {"account": r.name, "category": category}, float(count))
+            for category, count in zip(_CATEGORIES, r.errors, strict=True):
+                yield Sample(n, {"account": r.name, "category": category.value}, float(count))
 
     def lines(self) -> Iterator[str]:
         n = self.exposed_name
         for r in self.rows:
             prefix = f"{n}{{{r.fragment},category="
-            for category, count in zip(ERROR_CATEGORIES, r.errors, strict=True):
-                yield f'{prefix}"{category}"}} {count}\n'
+            for category, count in zip(_CATEGORIES, r.errors, strict=True):
+                yield f'{prefix}"{category.value}"}} {count}\n'
 
 
 class _AccountHistogramFamily(_LazyFamily):

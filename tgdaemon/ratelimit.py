@@ -43,8 +43,3 @@ class ConnectRateLimiter:
         delay = max(0.0, tat - self._tolerance - now)
         self._tat = tat + self._interval
         return delay
-
-    async def acquire(self) -> None:
-        delay = self.reserve()
-        if delay > 0:
-            await asyncio.sleep(delay)

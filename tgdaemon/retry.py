@@ -5,15 +5,11 @@ Why not ``backoff.expo`` + ``backoff.full_jitter`` directly: ``expo`` is a state
 the global :mod:`random`, so delays could not be reproduced in tests or per account. The
 formula here is the same as ``full_jitter(min(cap, next(expo(factor=base))))`` (the tests check
 it against ``backoff.expo``), but takes the attempt number and an injected ``random.Random``.
-:func:`backoff_wait_gen` adapts it to ``backoff.on_exception(wait_gen=..., jitter=None)`` for
-code that prefers the decorator.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Generator
-from typing import Any
 
 JITTERS = ("full", "none")
 
@@ -54,17 +50,3 @@ def flood_wait_delay(seconds: int, rng: random.Random, *, jitter_max: float = 1.
         raise ValueError("jitter_max must be >= 0")
     return float(max(seconds, 1)) + rng.uniform(0.0, jitter_max)
 
-
-def backoff_wait_gen(
-    *, base: float, cap: float, jitter_mode: str, rng: random.Random
-) -> Generator[float, Any, None]:
-    """``backoff`` wait generator yielding :func:`backoff_delay` for attempts 0, 1, 2, ...
-
-    Use with ``jitter=None`` in the decorator: the jitter is already applied here
-    (``jitter_mode`` is named so because the decorator owns the ``jitter`` keyword).
-    """
-    yield  # type: ignore[misc]  # backoff primes the generator with send(None)
-    attempt = 0
-    while True:
-        yield backoff_delay(attempt, base=base, cap=cap, jitter=jitter_mode, rng=rng)
-        attempt += 1

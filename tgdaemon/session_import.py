@@ -13,8 +13,9 @@ import sqlite3
 import struct
 from pathlib import Path
 
-from tgdaemon.exceptions import AccountError, TgdaemonError
-from tgdaemon.store import AccountRecord, SessionData, Store
+from tgdaemon.exceptions import AccountError, DecryptionError, TgdaemonError
+from tgdaemon.handshake import AUTH_KEY_BYTES, padded_auth_key
+from tgdaemon.store import AccountRecord, DeviceInfo, SessionData, Store
 
 _STRING_VERSION = "1"
 _LAYOUTS = {263: ">B4sH256s", 275: ">B16sH256s"}  # by decoded length (IPv4, IPv6)
@@ -32,8 +33,11 @@ def _validated(
 ) -> SessionData:
     if not key or not any(key):
         raise SessionImportError("the session has no auth key (it was never connected)")
-    if len(key) != 256:
+    if len(key) > AUTH_KEY_BYTES:
         raise SessionImportError(f"the session's auth key is {len(key)} bytes, expected 256")
+    # Shorter: the key's number kept as minimal bytes (Telethon does that 1 time in 256). The
+    # server hashes the 256-byte form: left-padding gives the same number, the right bytes.
+    key = padded_auth_key(bytes(key))
     if not 0 < dc_id < 10_000 or not 0 < port <= 65535 or not address:
         raise SessionImportError("the session has no valid data center address")
     pts, qts, date, seq = state if state else (None, None, None, None)
@@ -90,30 +94,59 @@ def read_sqlite_session(path: Path) -> SessionData:
             row = conn.execute(
                 "SELECT pts, qts, date, seq FROM update_state WHERE id = 0"
             ).fetchone()
-            state = (int(row[0]), int(row[1]), int(row[2]), int(row[3])) if row else None
+            state = (int(row[0]), int(row[1]), int(row[2]), int(row[3])) \
+                if row and all(isinstance(v, int) for v in row) else None
     except sqlite3.Error as exc:
         raise SessionImportError(f"{path} is not a readable session file: {exc}") from None
     finally:
         conn.close()
+    if not key:
+        raise SessionImportError(f"{path}: the session has no auth key (it was never connected)")
+    for column, value, kinds in (("dc_id", dc_id, int), ("port", port, int),
+                                 ("server_address", address, str), ("auth_key", key, bytes)):
+        if not isinstance(value, kinds):
+            # Only the type is named: the value may be (part of) the key.
+            raise SessionImportError(
+                f"{path}: sessions.{column} is {_sql_type(value)}, expected "
+                f"{_sql_type(kinds())} (not a session Telethon wrote?)")
+    if not isinstance(user_id, int):
+        user_id = None
     try:
-        return _validated(int(dc_id), str(address or ""), int(port or 0), key, user_id, state)
+        return _validated(dc_id, address, port, key, user_id, state)
     except SessionImportError as exc:
         raise SessionImportError(f"{path}: {exc}") from None
 
 
+def _sql_type(value: object) -> str:
+    return {type(None): "NULL", int: "INTEGER", str: "TEXT", bytes: "BLOB",
+            float: "REAL"}.get(type(value), type(value).__name__)
+
+
 async def import_session(
-    store: Store, name: str, data: SessionData, *, replace: bool = False
+    store: Store, name: str, data: SessionData, *, replace: bool = False,
+    device: DeviceInfo | None = None,
 ) -> AccountRecord:
     """Create ``name`` if needed and store ``data`` durably (encrypted by the store).
 
-    An existing session is only replaced when asked: overwriting a working auth key with a
-    stale one loses the account until it logs in again.
+    An existing session, readable or not, is only replaced when asked: overwriting a working
+    auth key with a stale one loses the account until it logs in again, and a record this key
+    ring cannot decrypt may be the only good copy (a wrong master key looks exactly so).
+    The one implementation behind ``tgdaemon import`` and the library.
     """
-    await store.ensure_account(name)
-    if not replace and await store.load_session(name) is not None:
-        raise AccountError(f"account {name!r} already has a session; pass replace to overwrite")
+    if not replace:
+        try:
+            existing = await store.load_session(name)
+        except DecryptionError as exc:
+            raise DecryptionError(
+                f"account {name!r} has a stored session this key ring cannot decrypt ({exc}); "
+                "importing would replace it: check the master key, or pass --force"
+            ) from None
+        if existing is not None and existing.auth_key is not None:
+            raise AccountError(f"account {name!r} already has a session; use --force to "
+                               "replace it")
+    await store.ensure_account(name, device)
     await store.save_session(name, data)
-    await store.update_account(name, dc_id=data.dc_id, user_id=data.user_id)
+    await store.update_account(name, status="imported", dc_id=data.dc_id, user_id=data.user_id)
     record = await store.get_account(name)
     assert record is not None
     return record

@@ -1,6 +1,7 @@
 """Live per-account status: the one place the supervisor publishes what each account is doing.
 
-The board is plain in-process state (no I/O): workers report transitions, the HTTP layer
+The board is plain in-process state (no I/O): each account's reporter
+(``tgdaemon.reporter``) is the only writer of its entry, the HTTP layer
 reads snapshots and streams changes, the metrics collector reads it at scrape time, so an
 account costs one small object, not a set of always-updated metric series.
 """
@@ -15,29 +16,11 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
+from tgdaemon.lifecycle import State
+
 log = logging.getLogger("tgdaemon.status")
-
-
-class State(StrEnum):
-    """Worker states; the values are the public names (metrics, JSON, logs)."""
-
-    STARTING = "starting"
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    RECONNECTING = "reconnecting"
-    FLOOD_WAIT = "flood_wait"
-    NEEDS_LOGIN = "needs_login"
-    BANNED = "banned"
-    DUPLICATED = "duplicated"
-    DISABLED = "disabled"
-    STOPPED = "stopped"
-
-
-#: States in which the account is parked: the worker waits for an operator, not a timer.
-PARKED_STATES = frozenset({State.NEEDS_LOGIN, State.BANNED, State.DUPLICATED})
 
 
 @dataclass(frozen=True, slots=True)

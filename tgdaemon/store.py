@@ -8,8 +8,9 @@ handful of fsyncs instead of one per change.  Session transactions run with
 ``synchronous=FULL`` (a lost auth key is a lost login); metadata uses ``NORMAL`` (WAL keeps it
 consistent, at worst the last few updates of ``last_used`` are lost on power failure).
 
-A ``flock`` on ``<state_dir>/tgdaemon.lock`` keeps a second daemon off the same state: two
-clients on one auth key end in AUTH_KEY_DUPLICATED and Telegram revokes it.
+A ``flock`` on ``<state_dir>/tgdaemon.lock`` and on the database file keeps a second daemon
+off the same state: two clients on one auth key end in AUTH_KEY_DUPLICATED and Telegram
+revokes it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import fcntl
 import itertools
 import json
@@ -37,6 +39,7 @@ from tgdaemon.crypto import KeyRing, record_key_id
 from tgdaemon.exceptions import (
     AccountError,
     DecryptionError,
+    StateAccessError,
     StateLockedError,
     StoreError,
     TgdaemonError,
@@ -47,6 +50,8 @@ log = logging.getLogger("tgdaemon.store")
 
 DB_NAME = "tgdaemon.sqlite3"
 LOCK_NAME = "tgdaemon.lock"
+#: Written beside the database once it holds a schema: evidence that a store exists here.
+MARKER_NAME = "tgdaemon.store"
 SESSION_PURPOSE = "session"
 _BATCH = 500
 _AUTH_KEY_SIZE = 256
@@ -100,10 +105,6 @@ class SessionData:
             raise ValueError(f"auth key must be 1 to {_AUTH_KEY_SIZE} bytes")
         if not 0 <= self.port <= 65535:
             raise ValueError("port out of range")
-
-    @property
-    def has_auth_key(self) -> bool:
-        return self.auth_key is not None
 
     def to_bytes(self) -> bytes:
         doc: dict[str, Any] = {
@@ -164,7 +165,23 @@ def _check_name(name: str) -> None:
         raise AccountError("account names must be 1-128 printable characters")
 
 
-def _decode_session(name: str, record: bytes, ring: KeyRing) -> SessionData:
+#: Selects a session record without ever decoding it as text: a record that is not a BLOB
+#: (written as TEXT by some other tool) comes back as None plus its SQLite type, instead of
+#: making sqlite3 fail with an error message that quotes the record's bytes.
+_RECORD_COLUMNS = "CASE typeof(record) WHEN 'blob' THEN record END, typeof(record)"
+
+
+def _not_blob(name: str, kind: str) -> DecryptionError:
+    return DecryptionError(
+        f"session record of account {name!r} is stored as {kind.upper()}, not as an encrypted "
+        "BLOB (written by another tool?); log the account in again"
+    )
+
+
+def _decode_session(name: str, record: bytes | None, ring: KeyRing, kind: str = "blob"
+                    ) -> SessionData:
+    if record is None:
+        raise _not_blob(name, kind)
     plain = ring.decrypt(record, account=name, purpose=SESSION_PURPOSE)
     try:
         return SessionData.from_bytes(plain)
@@ -208,30 +225,145 @@ def _prepare_file(path: Path) -> None:
         os.close(fd)
 
 
-def _acquire_lock(state_dir: Path, name: str = LOCK_NAME) -> int:
-    path = state_dir / name
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def _state_error(what: str, path: Path, exc: OSError) -> StoreError:
+    """A file-system refusal as one line; permissions and read-only mounts need an operator
+    (exit 78: systemd stops restarting), anything else is an I/O error (exit 74)."""
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        owner = ""
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            owner = f" (owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})"
+        return StateAccessError(
+            f"cannot {what} {path}{owner}: {reason}; the state directory must be writable by "
+            f"the user tgdaemon runs as (uid {os.geteuid()})")
+    return StoreError(f"cannot {what} {path}: {reason}")
+
+
+def _flock(fd: int, state_dir: Path, holder_fd: int, *, shared: bool = False) -> None:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-        os.close(fd)
+        holder = os.pread(holder_fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
         raise StateLockedError(
             f"state directory {state_dir} is already in use by another tgdaemon (pid {holder}); "
             "two daemons on the same sessions would end in AUTH_KEY_DUPLICATED"
         ) from None
+
+
+def _acquire_lock(state_dir: Path, name: str = LOCK_NAME) -> tuple[int, ...]:
+    """Take the single-instance lock: ``flock`` on the lock file (which also names the pid)
+    AND on the database file itself. The lock file alone is not enough: deleted by a
+    clean-up script, the next daemon creates a new one and locks that, and two daemons run
+    the same auth keys. The database cannot be replaced without losing the store, so its
+    lock holds (a missing database is refused by the store marker, see ``_check_evidence``).
+
+    ``flock`` and SQLite's own ``fcntl`` locks are independent; the database fd is kept open
+    until after SQLite closes (closing an fd would drop SQLite's POSIX locks otherwise).
+
+    A fleet daemon (tgdaemon/fleet.py) locks its own ``name`` (one daemon per instance id)
+    and shares the database with the other instances: it takes the database's lock shared,
+    which still keeps a single daemon (exclusive) off the fleet's database and vice versa."""
+    path = state_dir / name
+    shared = name != LOCK_NAME
+    db_path = state_dir / DB_NAME
+    fds: list[int] = []
+    try:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise _state_error("open the lock file", path, exc) from None
+        fds.append(fd)
+        _flock(fd, state_dir, fd)
+        try:
+            db_fd = os.open(db_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            db_fd = None  # a new store: created (and locked) below, after the evidence check
+        except OSError as exc:
+            raise _state_error("open the state database", db_path, exc) from None
+        if db_fd is not None:
+            fds.append(db_fd)
+            _flock(db_fd, state_dir, fd, shared=shared)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     except BaseException:
-        os.close(fd)
+        _release_lock(tuple(fds))
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+    return tuple(fds)
 
 
-def _release_lock(fd: int | None) -> None:
-    if fd is not None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
+def _lock_new_database(state_dir: Path, fds: tuple[int, ...], *, shared: bool = False
+                       ) -> tuple[int, ...]:
+    """Lock a database file created after :func:`_acquire_lock` (a brand-new store)."""
+    if len(fds) != 1:
+        return fds
+    db_fd = os.open(state_dir / DB_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _flock(db_fd, state_dir, fds[0], shared=shared)
+    except BaseException:
+        os.close(db_fd)
+        raise
+    return (*fds, db_fd)
+
+
+def _release_lock(fds: tuple[int, ...]) -> None:
+    for fd in reversed(fds):
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _check_evidence(state_dir: Path) -> None:
+    """Refuse a missing or zero-byte database where a store existed: it was truncated or
+    deleted, and opening it would silently start an empty store (every account "no session"
+    and, after new logins, the old records gone for good)."""
+    db_path = state_dir / DB_NAME
+    try:
+        size: int | None = db_path.stat().st_size
+    except FileNotFoundError:
+        size = None
+    if size:
+        return
+    evidence = []
+    if (state_dir / MARKER_NAME).exists():
+        evidence.append(f"{MARKER_NAME} marks a store created here")
+    wal = state_dir / f"{DB_NAME}-wal"
+    if wal.exists() and wal.stat().st_size:
+        evidence.append(f"{wal.name} holds {wal.stat().st_size} bytes")
+    if evidence:
+        state = "missing" if size is None else "empty (0 bytes)"
+        raise StateAccessError(
+            f"state database {db_path} is {state} but this state directory held a tgdaemon "
+            f"store ({'; '.join(evidence)}): restore the database from a backup; to really "
+            f"start with an empty store, remove {state_dir / MARKER_NAME} and the -wal file")
+
+
+def _write_marker(state_dir: Path) -> None:
+    marker = state_dir / MARKER_NAME
+    if not marker.exists():
+        marker.write_text("tgdaemon state store: while this file exists, a missing or empty "
+                          f"{DB_NAME} is refused (see README, troubleshooting)\n")
+
+
+async def _probe_writable(conn: aiosqlite.Connection) -> bool:
+    """Whether the database accepts writes (a read-only file or mount does not): one no-op
+    write, rolled back."""
+    try:
+        await conn.execute("BEGIN IMMEDIATE")
+        await conn.execute("UPDATE schema_migrations SET applied_at = applied_at")
+    except sqlite3.OperationalError as exc:
+        if _is_read_only(exc):
+            return False
+        raise
+    finally:
+        with contextlib.suppress(sqlite3.Error):
+            await conn.execute("ROLLBACK")
+    return True
+
+
+def _is_read_only(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and "readonly" in str(exc).replace(
+        "read-only", "readonly")
 
 
 # -- schema ----------------------------------------------------------------------------------
@@ -242,7 +374,7 @@ async def immediate_transaction(conn: aiosqlite.Connection,
                                 what: str) -> AsyncIterator[aiosqlite.Connection]:
     """``BEGIN IMMEDIATE`` .. ``COMMIT`` (the write lock up front, so a transaction never
     fails half-way on a busy database), rolled back on any error; SQLite's errors become
-    :class:`StoreError` naming ``what``."""
+    :class:`StoreError` naming ``what``.  Shared by the store and the lease store."""
     try:
         await conn.execute("BEGIN IMMEDIATE")
     except sqlite3.Error as exc:
@@ -350,13 +482,13 @@ class Store:
         path: Path,
         keyring: KeyRing,
         clock: Callable[[], float],
-        lock_fd: int | None,
+        lock_fds: tuple[int, ...],
     ) -> None:
         self._conn = conn
         self.path = path
         self._keyring = keyring
         self._clock = clock
-        self._lock_fd = lock_fd
+        self._lock_fds = lock_fds
         self._lock = asyncio.Lock()
         self._durable = False
         self._pending: dict[str, _Pending] = {}
@@ -366,12 +498,21 @@ class Store:
         self._closing = False
         self._closed = False
         self._route: SessionRoute | None = None
+        #: The database refuses writes (read-only file or mount): the daemon reports not ready.
+        self.read_only = False
         self._writer = asyncio.get_running_loop().create_task(
             self._write_loop(), name="tgdaemon-store-writer"
         )
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r})"
+
+    def _mark_read_only(self, why: str) -> None:
+        if not self.read_only:
+            self.read_only = True
+            log.error("state database %s refuses writes (%s): session changes cannot be saved "
+                      "and the daemon reports not ready until it is writable and restarted",
+                      self.path, why)
 
     @property
     def keyring(self) -> KeyRing:
@@ -391,12 +532,19 @@ class Store:
         try:
             _prepare_dir(state_dir)
         except OSError as exc:
-            raise StoreError(f"cannot create state directory {state_dir}: {exc.strerror}") from None
-        lock_fd = _acquire_lock(state_dir, lock_name) if lock else None
+            raise _state_error("use the state directory", state_dir, exc) from None
+        lock_fds = _acquire_lock(state_dir, lock_name) if lock else ()
         db_path = state_dir / DB_NAME
         conn: aiosqlite.Connection | None = None
         try:
-            _prepare_file(db_path)
+            _check_evidence(state_dir)
+            try:
+                _prepare_file(db_path)
+            except OSError as exc:
+                raise _state_error("create the state database", db_path, exc) from None
+            if lock:
+                lock_fds = _lock_new_database(state_dir, lock_fds,
+                                              shared=lock_name != LOCK_NAME)
             conn = await aiosqlite.connect(db_path, isolation_level=None)
             await _configure(conn)
             await _migrate(conn, db_path, clock)
@@ -407,20 +555,31 @@ class Store:
                     f"state database {db_path} is corrupt ({problems[0]}); restore it from a "
                     "backup"
                 )
+            writable = await _probe_writable(conn)
+            if writable:
+                _write_marker(state_dir)
         except BaseException as exc:
             if conn is not None:
                 with contextlib.suppress(Exception):
                     await conn.close()
-            _release_lock(lock_fd)
+            _release_lock(lock_fds)
+            if _is_read_only(exc):
+                raise StateAccessError(
+                    f"state database {db_path} is read-only ({exc}); the state directory "
+                    f"must be writable by the user tgdaemon runs as (uid {os.geteuid()})"
+                ) from None
             if isinstance(exc, sqlite3.DatabaseError):
                 raise StoreError(
                     f"cannot open state database {db_path}: {exc} (corrupt, or not a tgdaemon "
                     "database?)"
                 ) from None
             if isinstance(exc, OSError):
-                raise StoreError(f"cannot open state database {db_path}: {exc.strerror}") from None
+                raise _state_error("open the state database", db_path, exc) from None
             raise
-        return cls(conn, db_path, keyring, clock, lock_fd)
+        store = cls(conn, db_path, keyring, clock, lock_fds)
+        if not writable:
+            store._mark_read_only("found at open")
+        return store
 
     async def close(self) -> None:
         """Write everything submitted so far, then close the database and release the lock."""
@@ -436,8 +595,8 @@ class Store:
                 try:
                     await self._conn.close()
                 finally:
-                    _release_lock(self._lock_fd)
-                    self._lock_fd = None
+                    _release_lock(self._lock_fds)
+                    self._lock_fds = ()
 
     async def __aenter__(self) -> Store:
         return self
@@ -611,16 +770,23 @@ class Store:
 
     async def session_records(self) -> dict[str, bytes]:
         """Every encrypted record of this database's ``sessions`` table, as stored."""
-        rows = await self._read("SELECT account, record FROM sessions")
-        return {name: record for name, record in rows}
+        rows = await self._read(f"SELECT account, {_RECORD_COLUMNS} FROM sessions")
+        return {name: record for name, record, _kind in rows if record is not None}
 
-    async def _records(self, names: Sequence[str] | None) -> list[tuple[str, bytes]]:
+    async def _records(self, names: Sequence[str] | None
+                       ) -> list[tuple[str, bytes | None, str]]:
+        """(account, record, SQLite type of the record) of ``names`` (all when None)."""
         if self._route is not None:
-            return sorted((await self._route.read_records(names)).items())
+            routed = await self._route.read_records(names)
+            return [(n, r, "blob") for n, r in sorted(routed.items())]
         if names is None:
-            return list(await self._read("SELECT account, record FROM sessions ORDER BY account"))
-        return list(await self._read("SELECT account, record FROM sessions WHERE account=?",
-                                     (names[0],)))
+            return list(await self._read(
+                f"SELECT account, {_RECORD_COLUMNS} FROM sessions ORDER BY account"))
+        if len(names) == 1:
+            return list(await self._read(
+                f"SELECT account, {_RECORD_COLUMNS} FROM sessions WHERE account=?", names))
+        wanted = set(names)
+        return [r for r in await self._records(None) if r[0] in wanted]
 
     async def load_session(self, name: str) -> SessionData | None:
         futures = [b[name].future for b in (self._pending, self._inflight) if name in b]
@@ -629,25 +795,21 @@ class Store:
         rows = await self._records([name])
         if not rows:
             return None
-        return _decode_session(name, rows[0][1], self._keyring)
+        return _decode_session(name, rows[0][1], self._keyring, rows[0][2])
 
     async def load_sessions(self, names: Sequence[str] | None = None
                             ) -> dict[str, SessionData | DecryptionError]:
         """Every stored session (or those of ``names``), decrypted off the event loop;
         failures are returned per account."""
         await self.flush()
-        if names is None or self._route is not None:
-            rows = await self._records(names)
-        else:
-            wanted = set(names)
-            rows = [r for r in await self._records(None) if r[0] in wanted]
+        rows = await self._records(names)
         ring = self._keyring
 
         def decode_all() -> dict[str, SessionData | DecryptionError]:
             out: dict[str, SessionData | DecryptionError] = {}
-            for name, record in rows:
+            for name, record, kind in rows:
                 try:
-                    out[name] = _decode_session(name, record, ring)
+                    out[name] = _decode_session(name, record, ring, kind)
                 except DecryptionError as exc:
                     out[name] = exc
             return out
@@ -656,8 +818,9 @@ class Store:
 
     async def session_key_ids(self) -> dict[str, str | None]:
         """Key id of every stored session record (for rotation status; no decryption)."""
-        rows = await self._read("SELECT account, record FROM sessions")
-        return {name: record_key_id(record) for name, record in rows}
+        rows = await self._read(f"SELECT account, {_RECORD_COLUMNS} FROM sessions")
+        return {name: None if record is None else record_key_id(record)
+                for name, record, _kind in rows}
 
     async def _write_loop(self) -> None:
         while True:
@@ -733,7 +896,12 @@ class Store:
             err = exc if isinstance(exc, TgdaemonError) else StoreError(
                 f"writing sessions to {self.path} failed: {type(exc).__name__}: {exc}"
             )
-            log.error("write of %d account(s) failed: %s", len(batch), err)
+            if _is_read_only(exc) or "readonly" in str(exc).replace("read-only", "readonly"):
+                self._mark_read_only(str(exc))
+            if self.read_only:  # said once at ERROR by _mark_read_only; not per batch
+                log.debug("write of %d account(s) failed: %s", len(batch), err)
+            else:
+                log.error("write of %d account(s) failed: %s", len(batch), err)
             for item in batch.values():
                 if not item.future.done():
                     item.future.set_exception(err)
@@ -778,12 +946,15 @@ class Store:
         """
         async with self._lock:
             async with self._tx_locked(durable=True) as conn:
-                rows = await conn.execute_fetchall("SELECT account, record FROM sessions")
+                rows = await conn.execute_fetchall(
+                    f"SELECT account, {_RECORD_COLUMNS} FROM sessions")
                 target = new_ring.active.key_id
 
                 def reencrypt() -> list[tuple[bytes, str]]:
                     out = []
-                    for name, record in rows:
+                    for name, record, kind in rows:
+                        if record is None:
+                            raise _not_blob(name, kind)
                         if record_key_id(record) == target:
                             continue
                         plain = new_ring.decrypt(record, account=name, purpose=SESSION_PURPOSE)

@@ -15,19 +15,18 @@ from typing import TYPE_CHECKING
 
 from tgdaemon.config import diff_config
 from tgdaemon.exceptions import AccountError, DecryptionError
-from tgdaemon.status import PARKED_STATES, State
+from tgdaemon.lifecycle import watchdog_restarts
+from tgdaemon.reporter import AccountReporter
 from tgdaemon.worker import CLOSE_TIMEOUT, AccountWorker, WorkerDeps
 
 if TYPE_CHECKING:
     from tgdaemon.config import AccountConfig, Config
+    from tgdaemon.metrics import Metrics
+    from tgdaemon.status import StatusBoard
     from tgdaemon.store import SessionData
     from tgdaemon.telegram import ManagedClient
 
 log = logging.getLogger("tgdaemon.supervisor")
-
-#: States in which a worker is expected to make progress (heartbeats, connect attempts).
-WATCHED_STATES = frozenset(
-    {State.STARTING, State.CONNECTING, State.CONNECTED, State.RECONNECTING})
 
 
 @dataclass
@@ -37,20 +36,28 @@ class _Slot:
 
 
 class Supervisor:
-    def __init__(self, deps: WorkerDeps) -> None:
+    def __init__(self, deps: WorkerDeps, *, board: StatusBoard, metrics: Metrics) -> None:
         self.deps = deps
+        self._board = board
+        self._metrics = metrics
         self._slots: dict[str, _Slot] = {}
+        #: One per configured account, kept across worker restarts.
+        self._reporters: dict[str, AccountReporter] = {}
+
+    @property
+    def config(self) -> Config:
+        return self.deps.settings.current
 
     # -- start / stop ----------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start a worker for every enabled account, reading all sessions in one pass."""
         sessions = await self.deps.store.load_sessions()
-        for account in self.deps.config.accounts:
+        for account in self.config.accounts:
             if account.enabled:
                 self._spawn(account, sessions.get(account.name))
             else:
-                self._mark_disabled(account.name)
+                self._reporter(account.name).disabled()
 
     async def stop(self, timeout: float) -> None:
         """Cancel every worker and wait up to ``timeout`` for them to close their clients."""
@@ -84,20 +91,22 @@ class Supervisor:
             if failed:
                 log.error("%d sessions could not be flushed on stop", failed)
         for slot in slots:
-            if slot.worker.state not in PARKED_STATES:
-                slot.worker._set_state(State.STOPPED, "stopped")
+            slot.worker.report.stopped()
+
+    def _reporter(self, name: str) -> AccountReporter:
+        reporter = self._reporters.get(name)
+        if reporter is None:
+            reporter = AccountReporter(name, board=self._board, metrics=self._metrics,
+                                       store=self.deps.store, clock=self.deps.clock)
+            self._reporters[name] = reporter
+        return reporter
 
     def _spawn(
         self, account: AccountConfig, session: SessionData | DecryptionError | None
     ) -> None:
-        self.deps.metrics.add_account(account.name)
-        worker = AccountWorker(account, self.deps, session)
+        worker = AccountWorker(account, self.deps, self._reporter(account.name), session)
         task = asyncio.create_task(worker.run(), name=f"worker:{account.name}")
         self._slots[account.name] = _Slot(worker, task)
-
-    def _mark_disabled(self, name: str) -> None:
-        self.deps.metrics.add_account(name)
-        self.deps.board.update(name, state=State.DISABLED, reason="disabled in config")
 
     async def _load_session(self, name: str) -> SessionData | DecryptionError | None:
         try:
@@ -109,11 +118,11 @@ class Supervisor:
 
     async def adopt(self, accounts: Sequence[AccountConfig]) -> None:
         """Start workers for accounts whose leases this daemon just took (sessions read in
-        one pass); they join ``deps.config.accounts`` so reloads and restarts see them."""
+        one pass); they join the running config's accounts so reloads and restarts see them."""
         new = [a for a in accounts if a.name not in self._slots]
         if not new:
             return
-        self._set_accounts((*self.deps.config.accounts, *new))
+        self._set_accounts((*self.config.accounts, *new))
         sessions = await self.deps.store.load_sessions([a.name for a in new])
         for account in new:
             self._spawn(account, sessions.get(account.name))
@@ -123,16 +132,12 @@ class Supervisor:
         their leases may be given away once this returns."""
         gone = set(names)
         await self._stop_many([n for n in names if n in self._slots], timeout)
-        self._set_accounts(tuple(a for a in self.deps.config.accounts if a.name not in gone))
-        for name in gone:
-            self.deps.board.remove(name)
-            self.deps.metrics.remove_account(name)
+        self._set_accounts(tuple(a for a in self.config.accounts if a.name not in gone))
+        for name in gone & self._reporters.keys():
+            self._reporters.pop(name).remove()
 
     def _set_accounts(self, accounts: tuple[AccountConfig, ...]) -> None:
-        config = dataclasses.replace(self.deps.config, accounts=accounts)
-        self.deps = dataclasses.replace(self.deps, config=config)
-        for slot in self._slots.values():
-            slot.worker.deps = self.deps
+        self.deps.settings.current = dataclasses.replace(self.config, accounts=accounts)
 
     # -- watchdog --------------------------------------------------------------------------
 
@@ -140,25 +145,23 @@ class Supervisor:
         """Restart workers whose last progress is older than ``stale_after`` (unless they wait
         on purpose); returns how many were restarted. Workers that ended (parked, or stopped
         after their retries) are left alone: restarting them would be a retry loop."""
-        policy = self.deps.config.policy
+        policy = self.config.policy
         now = self.deps.monotonic()
-        stale: list[str] = []
-        for name, slot in self._slots.items():
-            worker = slot.worker
-            if slot.task.done():
-                continue  # parked or stopped on purpose: restarting would be a retry loop
-            if worker.waiting_until is not None and now < worker.waiting_until + policy.stale_after:
-                continue
-            if worker.state in WATCHED_STATES and now - worker.last_progress > policy.stale_after:
-                stale.append(name)
+        stale = [
+            name for name, slot in self._slots.items()
+            # An ended task (parked, stopped) is left alone: restarting it would be a retry loop.
+            if not slot.task.done() and watchdog_restarts(
+                slot.worker.report.state, now=now, last_progress=slot.worker.last_progress,
+                waiting_until=slot.worker.waiting_until, stale_after=policy.stale_after)
+        ]
         for name in stale:
             log.warning("worker %s made no progress for %.0fs: restarting", name,
                         now - self._slots[name].worker.last_progress)
-            self.deps.metrics.worker_restart(name)
+            self._reporters[name].worker_restart()
         # One stop for all of them: stuck workers are awaited together, not one by one.
         await self._stop_many(stale, policy.connect_timeout)
         for name in stale:
-            self._spawn(self.deps.config.account(name), await self._load_session(name))
+            self._spawn(self.config.account(name), await self._load_session(name))
         return len(stale)
 
     # -- reload ----------------------------------------------------------------------------
@@ -166,12 +169,13 @@ class Supervisor:
     async def apply(self, new: Config) -> None:
         """Apply a new config as a diff: unchanged accounts keep their connection.
 
-        Policy changes reach running workers at their next step (they read ``deps.config``);
-        changed Telegram settings (api id, servers) restart every account. Ended workers
-        (parked, or stopped after their retries) get one fresh try: the operator may have
-        logged them in or fixed what was wrong."""
-        diff = diff_config(self.deps.config, new)
-        self.deps = dataclasses.replace(self.deps, config=new)
+        The new config is one assignment to the holder every worker reads: policy changes
+        reach running workers at their next step, and a heartbeat wait in progress is re-armed
+        with the new interval. Changed Telegram settings (api id, servers) restart every
+        account. Ended workers (parked, or stopped after their retries) get one fresh try: the
+        operator may have logged them in or fixed what was wrong."""
+        diff = diff_config(self.config, new)
+        self.deps.settings.current = new
         self.deps.directory.configure(new.telegram.servers)
         changed = diff.changed
         if diff.telegram_changed:
@@ -180,19 +184,19 @@ class Supervisor:
                  if slot.task.done() and n not in diff.removed and n not in changed]
         await self._stop_many([n for n in (*diff.removed, *changed, *ended) if n in self._slots],
                               new.daemon.drain_timeout)
-        for slot in self._slots.values():
-            slot.worker.deps = self.deps
+        if diff.policy_changed:
+            for slot in self._slots.values():
+                slot.worker.reschedule()
         to_start = (*diff.added, *changed, *ended)
         sessions = await self.deps.store.load_sessions() if to_start else {}
         for name in to_start:
             self._spawn(new.account(name), sessions.get(name))
         names = {a.name for a in new.accounts}
-        for name in {s.account for s in self.deps.board.snapshot()} - names:
-            self.deps.board.remove(name)
-            self.deps.metrics.remove_account(name)
+        for name in self._reporters.keys() - names:
+            self._reporters.pop(name).remove()
         for account in new.accounts:
             if not account.enabled:
-                self._mark_disabled(account.name)
+                self._reporter(account.name).disabled()
         log.info("config applied: %d added, %d removed, %d changed, %d retried, %d unchanged",
                  len(diff.added), len(diff.removed), len(changed), len(ended),
                  0 if diff.telegram_changed else len(diff.unchanged))
@@ -208,6 +212,6 @@ class Supervisor:
     async def client(self, name: str, timeout: float) -> ManagedClient:
         """The connected client of ``name``, waiting up to ``timeout`` for it to connect."""
         worker = self.worker(name)
-        await asyncio.wait_for(worker.connected.wait(), timeout)
+        await asyncio.wait_for(worker.report.connected.wait(), timeout)
         assert worker.client is not None
         return worker.client

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any, cast
 from telethon import TelegramClient, functions
 from telethon._updates.messagebox import ENTRY_ACCOUNT
 from telethon.crypto import rsa
-from telethon.network import ConnectionTcpFull
+
+from tgdaemon.connection import connection_for
+from tgdaemon.handshake import PaddedKeySender
 
 if TYPE_CHECKING:
     from telethon.sessions.abstract import Session
@@ -34,13 +36,22 @@ class MigrationFailedError(ConnectionError):
 
 
 class ManagedClient(TelegramClient):
-    """A stock Telethon client with one change: a DC switch keeps the login.
+    """A stock Telethon client with two changes.
 
-    Telethon's ``_switch_dc`` (telegrambaseclient.py:770) drops the auth key and connects to the
-    new DC unauthorised, which turns a USER_MIGRATE of a logged-in account into a lost login.
-    Here an authorised client exports its authorisation before the switch and imports it on the
-    new DC, as Telegram's own apps do.
+    A DC switch keeps the login: Telethon's ``_switch_dc`` (telegrambaseclient.py:770) drops
+    the auth key and connects to the new DC unauthorised, which turns a USER_MIGRATE of a
+    logged-in account into a lost login. Here an authorised client exports its authorisation
+    before the switch and imports it on the new DC, as Telegram's own apps do.
+
+    New auth keys are always 256 bytes (:mod:`tgdaemon.handshake`): Telethon's own exchange
+    keeps 1 key in 256 one byte short, which no longer matches the server's once stored.
     """
+
+    _sender: Any  # Telethon's MTProtoSender until __init__ replaces it
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sender = PaddedKeySender.replacing(self._sender)
 
     async def _switch_dc(self, new_dc: int) -> Any:
         if not self._authorized:
@@ -104,7 +115,7 @@ def build_client(
         session,
         config.telegram.api_id,
         config.telegram.api_hash,
-        connection=ConnectionTcpFull,
+        connection=connection_for(account.proxy),  # follows the proxy type; frames capped
         use_ipv6=config.telegram.use_ipv6,
         proxy=telethon_proxy(account.proxy),
         timeout=int(max(1, policy.connect_timeout)),

@@ -7,6 +7,7 @@ their own process. Asserts on the shape of the results, never on timings.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,8 @@ def test_every_fleet_connects_and_is_measured(smoke: tuple[str, dict, Path]) -> 
         assert run["connect_s"] > 0
         assert run["connected_after_window"] == 20
         assert run["rss_kb"] > run["rss_base_kb"] > 0
-        assert run["cpu_pct"] >= 0
+        # 20 connected accounts on at most the machine's cores, measured, not a placeholder.
+        assert 0 <= run["cpu_pct"] <= 100 * (os.cpu_count() or 1)
         assert len(run["dc_cpu_pct"]) == 1
     assert size["daemon_default_rate"][0]["connect_s"] > 0
 

@@ -99,7 +99,8 @@ async def test_login_then_accounts_table(make_config, login_account, localdc, ca
     result = run_cli("accounts", "--config", str(config.path))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "USER", "STATUS", "LAST", "USED", "LAST", "ERROR"]
+    assert lines[0].split() == ["NAME", "USER", "STATUS", "SESSION", "LAST", "USED", "LAST",
+                                "ERROR"]
     assert any(line.startswith("alice") and str(uid) in line for line in lines)
     assert any(line.startswith("bob") and "disabled" in line for line in lines)
 

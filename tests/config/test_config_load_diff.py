@@ -90,7 +90,7 @@ def config(*accounts: dict[str, object], **sections: dict[str, object]) -> Confi
 
 def test_diff_of_identical_configs_changes_nothing() -> None:
     old = config({"name": "a"}, {"name": "b"})
-    assert diff_config(old, old) == ConfigDiff((), (), (), ("a", "b"), False, False, False)
+    assert diff_config(old, old) == ConfigDiff((), (), (), ("a", "b"), False, False)
 
 
 def test_diff_classifies_accounts() -> None:
@@ -109,7 +109,7 @@ def test_diff_classifies_accounts() -> None:
     assert d.removed == ("gone", "stopping")
     assert d.changed == ("edited",)
     assert d.unchanged == ("keep",)
-    assert (d.policy_changed, d.telegram_changed, d.daemon_changed) == (False, False, False)
+    assert (d.policy_changed, d.telegram_changed) == (False, False)
 
 
 def test_diff_sees_phone_and_proxy_changes_as_changed() -> None:
@@ -127,5 +127,5 @@ def test_diff_flags_sections() -> None:
         telegram={"api_id": 1, "api_hash": HASH, "servers": {"1": ["127.0.0.1:1"]}},
     )
     d = diff_config(old, new)
-    assert (d.policy_changed, d.telegram_changed, d.daemon_changed) == (True, True, True)
+    assert (d.policy_changed, d.telegram_changed) == (True, True)
     assert d.unchanged == ("a",)

@@ -270,7 +270,12 @@ def test_all_problems_reported_together() -> None:
         (minimal(accounts=[{"name": "a", "proxy": "socks5://h:1/path"}]),
          "accounts[0].proxy: must not have a path, query or fragment"),
         (minimal(accounts=[{"name": "a", "proxy": "mtproxy://zz@h:1"}]),
-         "accounts[0].proxy: mtproxy needs mtproxy://SECRET@host:port with a hex secret"),
+         "accounts[0].proxy: mtproxy needs mtproxy://SECRET@host:port with a hex secret "
+         "(32 hex digits, or dd + 32)"),
+        (minimal(accounts=[{"name": "a",
+                            "proxy": "mtproxy://ee" + "ab" * 16 + "676f6f676c652e636f6d@h:1"}]),
+         "accounts[0].proxy: fake-TLS (ee) MTProxy secrets are not supported (Telethon 1.45 "
+         "has no fake-TLS transport); use the proxy's dd secret"),
     ],
 )
 def test_single_rules(data: dict[str, Any], expected: str) -> None:

@@ -84,7 +84,7 @@ async def test_connects_in_flight_are_capped(make_config, login_account, localdc
         in_flight += 1
         peak = max(peak, in_flight)
         try:
-            await original(self)
+            return await original(self)
         finally:
             in_flight -= 1
 

@@ -16,8 +16,8 @@ from tests.conftest import phone_for, render_config
 from tgdaemon.cli import login
 from tgdaemon.config import Config, load_config
 from tgdaemon.daemon import Daemon
+from tgdaemon.lifecycle import PARKED_STATES, State
 from tgdaemon.localdc import Fault, LocalDC
-from tgdaemon.status import PARKED_STATES, State
 from tgdaemon.telegram import local_update_pts
 
 

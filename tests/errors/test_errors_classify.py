@@ -11,7 +11,8 @@ from telethon import errors as te
 from telethon.tl.functions.users import GetUsersRequest
 from telethon.tl.types import RpcError
 
-from tgdaemon.errors import Category, Classified, classify, redact
+from tgdaemon.errors import Category, Classified, classify
+from tgdaemon.redact import redact
 
 REQUEST = GetUsersRequest([])
 
@@ -203,8 +204,13 @@ def test_redact_keeps_useful_text(text: str) -> None:
     assert redact(text) == text
 
 
-def test_redact_caps_length() -> None:
-    assert len(redact("x " * 500)) == 200
+def test_redact_caps_length_when_asked() -> None:
+    assert len(redact("x " * 500, 200)) == 200
+    assert redact("x " * 500) == "x " * 500
+
+
+def test_classified_messages_are_capped() -> None:
+    assert len(classify(RuntimeError("x " * 500)).message) <= 200
 
 
 def test_messages_from_exceptions_are_redacted() -> None:

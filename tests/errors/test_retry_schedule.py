@@ -1,16 +1,15 @@
-"""retry.py: the backoff schedule (property tests) and its backoff-package adapter."""
+"""retry.py: the backoff schedule (property tests)."""
 
 from __future__ import annotations
 
 import random
-from typing import Any
 
 import backoff
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tgdaemon.retry import backoff_delay, backoff_wait_gen, flood_wait_delay
+from tgdaemon.retry import backoff_delay, flood_wait_delay
 
 bases = st.floats(min_value=0.0, max_value=100.0)
 caps = st.floats(min_value=0.0, max_value=3600.0)
@@ -80,34 +79,3 @@ def test_flood_wait_rejects_negative() -> None:
     with pytest.raises(ValueError, match="jitter_max"):
         flood_wait_delay(1, random.Random(0), jitter_max=-0.1)
 
-
-def test_wait_gen_yields_the_schedule() -> None:
-    gen = backoff_wait_gen(base=1.0, cap=60.0, jitter_mode="full", rng=random.Random(9))
-    gen.send(None)  # backoff primes it like this
-    got = [next(gen) for _ in range(8)]
-    rng = random.Random(9)
-    assert got == [backoff_delay(n, base=1.0, cap=60.0, jitter="full", rng=rng)
-                   for n in range(8)]
-
-
-def test_wait_gen_drives_backoff_on_exception() -> None:
-    sleeps: list[float] = []
-    calls = 0
-
-    def record(details: Any) -> None:
-        sleeps.append(details["wait"])
-
-    @backoff.on_exception(
-        backoff_wait_gen, ConnectionError, max_tries=4, jitter=None, on_backoff=record,
-        base=0.0, cap=0.0, jitter_mode="none", rng=random.Random(0),
-    )
-    def flaky() -> str:
-        nonlocal calls
-        calls += 1
-        if calls < 4:
-            raise ConnectionError("down")
-        return "up"
-
-    assert flaky() == "up"
-    assert calls == 4
-    assert sleeps == [0.0, 0.0, 0.0]

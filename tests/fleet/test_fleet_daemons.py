@@ -3,7 +3,10 @@ the fleet spreads, a clean stop hands its accounts over at once.  Both backends.
 
 from __future__ import annotations
 
+from prometheus_client import generate_latest
+
 from tests.conftest import phone_for
+from tests.daemon.test_connect import sample
 from tests.fleet.conftest import as_instance, connected
 from tgdaemon.daemon import Daemon
 
@@ -24,6 +27,13 @@ async def test_two_daemons_split_the_fleet_and_hand_over_on_stop(
         assert not one.fleet.owned & two.fleet.owned
         await wait_until(lambda: len(one.fleet.owned) == len(two.fleet.owned) == 3, 30,
                          "three each")
+        # the fleet's series, as the alert rules read them (config/prometheus-alerts.yml)
+        text = generate_latest(one.registry).decode()
+        assert sample(text, "tgdaemon_leases_owned") == 3
+        assert sample(text, "tgdaemon_accounts_unowned") == 0
+        assert sample(text, "tgdaemon_instances_lost") == 0
+        assert (sample(text, "tgdaemon_lease_renewals_total", result="ok") or 0) > 0
+        assert sample(text, "tgdaemon_lease_renewals_total", result="error") == 0
         await two.stop()
         await wait_until(lambda: len(one.fleet.owned) == 6, 10, "one takes all after a stop")
         await wait_until(lambda: connected(one) == NAMES, 30, "all connected on one")

@@ -99,11 +99,11 @@ class Fleet:
 
     def connected_once(self) -> bool:
         """Every account has exactly one open connection (on its key)."""
-        live = self.dc.overlaps.live()
+        live = self.dc.key_use.live_counts()
         return all(live.get(k) == 1 for k in self.key_ids)
 
     def overlaps(self) -> int:
-        return sum(self.dc.overlaps.counts.values())
+        return sum(self.dc.key_use.overlaps.values())
 
     async def owners(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -268,7 +268,7 @@ async def _database_outage(fleet: Fleet, wait_until: WaitUntil,
     server.stop()
     t = time.monotonic()
     try:
-        await wait_until(lambda: not fleet.dc.overlaps.live(), TTL,
+        await wait_until(lambda: not fleet.dc.key_use.live_counts(), TTL,
                          "all connections closed before the TTL")
         timings["closed after database stop"] = time.monotonic() - t
         await asyncio.sleep(max(0.0, 2 * TTL - (time.monotonic() - t)))  # the outage itself

@@ -7,7 +7,8 @@ import logging
 
 import pytest
 
-from tgdaemon.logs import redact, setup_logging
+from tgdaemon.logs import setup_logging
+from tgdaemon.redact import redact
 
 SECRET_KEY = "q" * 20 + "Zx9_-" * 6  # a urlsafe-base64-looking blob
 
@@ -45,3 +46,37 @@ def test_formatters_redact_messages_and_tracebacks(fmt: str) -> None:
     assert "plugin failed" in out
     assert "4915551234567" not in out
     assert SECRET_KEY not in out
+
+
+PHONE = "4915551234567"
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+@pytest.mark.parametrize("logger", ["tgdaemon.telethon.extensions.binaryreader", "telethon",
+                                    "aiohttp.access", "aiohttp.server", "tgdaemon.account"])
+def test_phone_numbers_with_or_without_plus_never_reach_a_log_line(logger: str,
+                                                                    fmt: str) -> None:
+    """What Telethon logs for a record it cannot parse (the phone as a TL string, no '+'),
+    a repr, a formatted number: redacted whichever library logs it."""
+    stream = io.StringIO()
+    setup_logging("debug", fmt, stream=stream)
+    try:
+        log = logging.getLogger(logger)
+        log.warning("cannot parse %r", b"\x15\xc4\xb5\x1c\x0d" + PHONE.encode() + b"\x00\x00")
+        log.warning("User(id=5000001, phone='%s', username=None)", PHONE)
+        log.warning("plain %s and formatted +49 155 5123 4567 and 49 155 5123 4567", PHONE)
+    finally:
+        logging.getLogger().handlers.clear()
+    out = stream.getvalue()
+    assert out.count("\n") == 3, out
+    for leak in (PHONE, "5123 4567", "5551234567"):
+        assert leak not in out, out
+
+
+@pytest.mark.parametrize(("raw", "kept"), [
+    ("HTTP listening on 127.0.0.1:9464", "127.0.0.1:9464"),
+    ("daemon started: 10000 accounts: 9999 connected, 1 needs_login", "10000 accounts"),
+    ('127.0.0.1 "GET /metrics HTTP/1.1" 200 1234 "-" "Prometheus/2.45"', "200 1234"),
+])
+def test_redaction_keeps_ports_counts_and_sizes(raw: str, kept: str) -> None:
+    assert kept in redact(raw)

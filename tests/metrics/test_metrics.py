@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tgdaemon.metrics import ERROR_CATEGORIES, LATENCY_BUCKETS, Metrics, render
+from tgdaemon.lifecycle import Category
+from tgdaemon.metrics import LATENCY_BUCKETS, Metrics, render
 from tgdaemon.status import State, StatusBoard, UserInfo
 
 ACCOUNT_FAMILIES = {
@@ -80,7 +81,7 @@ def test_new_account_has_every_counter_at_zero(metrics, registry):
     metrics.add_account("alice")
     fams = scrape(registry)
     assert fams.keys() >= ACCOUNT_FAMILIES
-    for category in ERROR_CATEGORIES:
+    for category in Category:
         assert value(registry, "tgdaemon_errors_total", account="alice", category=category) == 0
     for name in ("reconnects", "flood_wait_seconds", "dc_failovers", "worker_restarts",
                  "update_gaps", "plugin_errors"):  # fmt: skip
@@ -129,7 +130,7 @@ def test_unknown_category_counts_as_unknown(metrics, registry):
     categories = {
         s.labels["category"] for s in scrape(registry)["tgdaemon_errors"].samples
     }
-    assert categories == set(ERROR_CATEGORIES)
+    assert categories == set(Category)
 
 
 @pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf, 0.0])
@@ -341,7 +342,7 @@ def _populate(metrics: Metrics, board: StatusBoard, names: list[str]) -> None:
     for i, name in enumerate(names):
         metrics.add_account(name)
         board.update(name, state=list(State)[i % len(State)])
-        metrics.error(name, ERROR_CATEGORIES[i % len(ERROR_CATEGORIES)])
+        metrics.error(name, list(Category)[i % len(Category)])
         metrics.observe_latency(name, 0.01 * (i + 1))
         metrics.flood_wait(name, i + 0.25)
         if i % 2:

@@ -74,7 +74,8 @@ def test_every_alert_has_a_unit_test() -> None:
 def test_alerts_cover_the_issue() -> None:
     text = ALERTS.read_text()
     for needle in ("tgdaemon_account_up", 'state="needs_login"', "tgdaemon_flood_wait_seconds",
-                   "tgdaemon_heartbeat_timestamp_seconds", "tgdaemon_worker_restarts_total",
+                   "tgdaemon_heartbeat_timestamp_seconds", "tgdaemon_heartbeat_interval_seconds",
+                   "tgdaemon_worker_restarts_total",
                    'up{job="tgdaemon"} == 0', "absent(up{job=\"tgdaemon\"})"):
         assert needle in text, needle
 

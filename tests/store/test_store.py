@@ -167,8 +167,16 @@ async def test_lock_across_processes(state_dir: Path, ring) -> None:
 
 
 async def test_lock_false_skips_lock(state_dir: Path, ring, store: Store) -> None:
+    """``store`` holds the lock: a second open without the lock (the CLI beside a running
+    daemon) works on the same database."""
+    await store.ensure_account("alice")
     s = await Store.open(state_dir, ring, lock=False)
-    await s.close()
+    try:
+        assert await s.get_account("alice") is not None
+    finally:
+        await s.close()
+    with pytest.raises(StateLockedError):
+        await Store.open(state_dir, ring)
 
 
 async def test_accounts(state_dir: Path, ring) -> None:

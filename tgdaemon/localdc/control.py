@@ -63,7 +63,7 @@ def make_app(dc: LocalDC) -> web.Application:
 
     @routes.get("/overlaps")
     async def overlaps(request: web.Request) -> web.Response:
-        counts = dc.overlaps.snapshot()
+        counts = dc.key_use.overlap_snapshot()
         return web.json_response({"total": sum(counts.values()), "by_auth_key": counts})
 
     @routes.get("/faults")

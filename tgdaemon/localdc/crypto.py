@@ -47,6 +47,10 @@ DH_PRIME = int(
 )
 DH_G = 3
 DH_PRIME_BYTES = DH_PRIME.to_bytes(256, "big")
+#: A 2039-bit odd modulus (Telegram's prime shifted right; not prime, which clients do not
+#: check): DH over it gives auth keys whose value needs at most 255 bytes. It makes certain,
+#: for tests, the 1-in-256 case of Telegram's prime where g^ab < 2^2040.
+SHORT_KEY_MODULUS = (DH_PRIME >> 9) | 1
 _SAFETY = 2 ** (2048 - 64)
 
 # Pairs of ~20-bit primes (well below the 2^32 limit): Telethon factors pq with Pollard-Brent
@@ -123,8 +127,12 @@ class HandshakeError(Exception):
 
 @dataclass
 class Handshake:
-    """The server's state across the three key-exchange steps of one connection."""
+    """The server's state across the three key-exchange steps of one connection.
 
+    ``prime``: the DH modulus, Telegram's prime; :data:`SHORT_KEY_MODULUS` only for the
+    localdc test option that makes every auth key a value below 2^2040."""
+
+    prime: int = DH_PRIME
     nonce: int = 0
     server_nonce: int = 0
     p: int = 0
@@ -165,14 +173,14 @@ class Handshake:
         self.new_nonce = inner.new_nonce
         while True:
             self.a = int.from_bytes(os.urandom(40), "big")
-            g_a = pow(DH_G, self.a, DH_PRIME)
-            if _SAFETY <= g_a <= DH_PRIME - _SAFETY:
+            g_a = pow(DH_G, self.a, self.prime)
+            if _SAFETY <= g_a <= self.prime - _SAFETY:
                 break
         answer = bytes(tl.ServerDHInnerData(
             nonce=self.nonce,
             server_nonce=self.server_nonce,
             g=DH_G,
-            dh_prime=DH_PRIME_BYTES,
+            dh_prime=int_to_bytes(self.prime),
             g_a=int_to_bytes(g_a),
             server_time=int(time.time() + time_offset),
         ))
@@ -200,9 +208,10 @@ class Handshake:
         if not isinstance(inner, tl.ClientDHInnerData):
             raise HandshakeError("client_DH_inner_data expected")
         g_b = int.from_bytes(inner.g_b, "big")
-        if not (_SAFETY <= g_b <= DH_PRIME - _SAFETY):
+        if not (_SAFETY <= g_b <= self.prime - _SAFETY):
             raise HandshakeError("g_b out of range")
-        key_bytes = int_to_bytes(pow(g_b, self.a, DH_PRIME))
+        # The key is the 256-byte big-endian value, as Telegram hashes it (never minimal bytes).
+        key_bytes = pow(g_b, self.a, self.prime).to_bytes(256, "big")
         auth_key = AuthKey(key_bytes)
         answer = tl.DhGenOk(
             nonce=self.nonce,

@@ -16,6 +16,7 @@ import socket
 import struct
 import time
 from collections import Counter
+from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 from types import TracebackType
@@ -30,6 +31,8 @@ from telethon.tl.tlobject import TLRequest
 
 from tgdaemon.localdc import transport
 from tgdaemon.localdc.crypto import (
+    DH_PRIME,
+    SHORT_KEY_MODULUS,
     Handshake,
     HandshakeError,
     decrypt_client_message,
@@ -37,7 +40,8 @@ from tgdaemon.localdc.crypto import (
     key_id_of,
 )
 from tgdaemon.localdc.faults import Fault, FaultBook, MethodNames, Scope, flood_wait_seconds
-from tgdaemon.localdc.overlaps import OverlapTracker
+from tgdaemon.localdc.keyuse import KeyUse
+from tgdaemon.localdc.overlaps import peer_pid
 from tgdaemon.localdc.rpc import (
     SERVICE_USER_ID,
     Ctx,
@@ -76,15 +80,29 @@ def _salt_for(key: bytes) -> int:
     return struct.unpack("<q", sha256(b"localdc-salt" + key[:32]).digest()[:8])[0]
 
 
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """One live client connection as localdc sees it (for tests: who connected, and how)."""
+
+    dc_id: int
+    user_id: int | None
+    peer: tuple[str, int]  # the TCP peer: the client, or the proxy that relays it
+    transport: str  # codec name: "full", "intermediate", "obfuscated2/padded_intermediate"...
+    via: str  # "dc" (a DC port) or "mtproxy" (the MTProxy port)
+
+
 class _Conn:
     """One client TCP connection and its MTProto session state."""
 
-    __slots__ = ("codec", "dc_id", "handshake", "key_id", "last_msg_id", "ping_timer",
-                 "salt", "seq", "session_id", "task", "writer")
+    __slots__ = ("codec", "dc_id", "handshake", "key_id", "last_msg_id", "peer", "ping_timer",
+                 "salt", "seq", "session_id", "task", "via", "writer")
 
-    def __init__(self, dc_id: int, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, dc_id: int, writer: asyncio.StreamWriter, via: str = "dc") -> None:
         self.dc_id = dc_id
         self.writer = writer
+        self.via = via
+        peer = writer.get_extra_info("peername")
+        self.peer: tuple[str, int] = (str(peer[0]), int(peer[1])) if peer else ("", 0)
         self.codec: transport.Codec | None = None
         self.handshake: Handshake | None = None
         self.key_id: int | None = None
@@ -143,12 +161,21 @@ class _Conn:
             self.writer.transport.abort()
 
 
+def _client_process(conn: Any) -> int | None:
+    return peer_pid(conn.writer)
+
+
 class LocalDC:
     """A local MTProto server with ``dcs`` data centres sharing one user registry.
 
     ``port``: DC k listens on ``port + k - 1``; ``0`` picks free ports. ``code``: the login
     code every ``auth.sendCode`` "sends" (``None`` = a random code per request, readable with
     :meth:`last_code`). ``control_port``: also serve the HTTP/JSON control API (0 = free port).
+    ``mtproxy_secret``: also listen as an MTProxy with this hex secret (32 hex digits, or
+    ``dd`` + 32 to accept only padded intermediate, as such proxies do) on ``mtproxy_port``
+    (0 = a free port): obfuscated2 connections whose header names the DC to serve.
+    ``short_auth_keys``: test option, every new auth key is a value below 2^2040 (see
+    :data:`~tgdaemon.localdc.crypto.SHORT_KEY_MODULUS`), still stored and hashed as 256 bytes.
     """
 
     def __init__(
@@ -159,6 +186,9 @@ class LocalDC:
         port: int = 0,
         code: str | None = "12345",
         control_port: int | None = None,
+        mtproxy_secret: str | None = None,
+        mtproxy_port: int = 0,
+        short_auth_keys: bool = False,
         history_limit: int = HISTORY_LIMIT,
         slice_limit: int = SLICE_LIMIT,
     ) -> None:
@@ -170,12 +200,25 @@ class LocalDC:
         self.port = port
         self.code = code
         self.control_port = control_port
+        self._mtproxy_key: bytes | None = None
+        self._mtproxy_padded_only = False
+        if mtproxy_secret is not None:
+            raw = bytes.fromhex(mtproxy_secret)
+            self._mtproxy_padded_only = len(raw) == 17 and raw[0] == 0xDD
+            self._mtproxy_key = raw[1:] if self._mtproxy_padded_only else raw
+            if len(self._mtproxy_key) != 16:
+                raise ValueError("mtproxy_secret must be 16 bytes of hex, or dd + 16 bytes")
+        self.mtproxy_port = mtproxy_port
+        self._dh_prime = SHORT_KEY_MODULUS if short_auth_keys else DH_PRIME
+        self.mtproxy_address: tuple[str, int] | None = None
+        self._mtproxy_server: asyncio.base_events.Server | None = None
         #: Updates kept per user/channel log, and per difference answer (tgdaemon.localdc.updates).
         self.history_limit = history_limit
         self.slice_limit = slice_limit
         self.faults = FaultBook()
-        #: Connections of one auth key open at once from different client processes.
-        self.overlaps = OverlapTracker()
+        #: Live connections and session ids per auth key (AUTH_KEY_DUPLICATED), and the
+        #: connections of one key open at once from different client processes (overlaps).
+        self.key_use = KeyUse(process_of=_client_process)
         self._store: Store | None = None
         self._world: World | None = None
         self._servers: dict[int, asyncio.base_events.Server] = {}
@@ -184,6 +227,7 @@ class LocalDC:
         self._counts: dict[tuple[int, int | None], Counter[str]] = {}
         #: (dc, user) -> (monotonic deadline, method) of the flood wait last answered.
         self._flood_until: dict[tuple[int, int], tuple[float, str]] = {}
+        self._duplicate_logged: set[int] = set()
         self._control: Any = None
         self.control_url: str | None = None
 
@@ -213,6 +257,13 @@ class LocalDC:
                 )
                 self._servers[dc_id] = server
                 self._addresses[dc_id] = (advertised, server.sockets[0].getsockname()[1])
+            if self._mtproxy_key is not None:
+                self._mtproxy_server = await asyncio.start_server(
+                    lambda r, w: self._serve(None, r, w), self.host, self.mtproxy_port,
+                    limit=2**16, backlog=1024,
+                )
+                self.mtproxy_address = (
+                    advertised, self._mtproxy_server.sockets[0].getsockname()[1])
             if self.control_port is not None:
                 from tgdaemon.localdc.control import start_control
 
@@ -230,14 +281,19 @@ class LocalDC:
             await self._control.cleanup()
             self._control = None
             self.control_url = None
-        for server in self._servers.values():
+        servers = list(self._servers.values())
+        if self._mtproxy_server is not None:
+            servers.append(self._mtproxy_server)
+        for server in servers:
             server.close()
         tasks = [c.task for c in self._conns if c.task is not None]
         for conn in list(self._conns):
             conn.abort()
-        for server in self._servers.values():
+        for server in servers:
             await server.wait_closed()
         self._servers.clear()
+        self._mtproxy_server = None
+        self.mtproxy_address = None
         if tasks:
             await asyncio.wait(tasks, timeout=5)
         if self._store is not None:
@@ -389,7 +445,7 @@ class LocalDC:
             "connections_accepted", "connections_refused", "connections", "key_exchanges",
             "auth_key_not_found", "stalled", "rpc_errors_injected", "updates_pushed",
             "requests_during_flood_wait", "flood_waits_resumed",
-            "updates_muted")}
+            "updates_muted", "auth_key_duplicated")}
         requests: dict[str, int] = {}
         for k, v in total.items():
             if k.startswith("req:"):
@@ -401,6 +457,21 @@ class LocalDC:
 
     def connection_count(self, dc_id: int | None = None) -> int:
         return sum(1 for c in self._conns if dc_id is None or c.dc_id == dc_id)
+
+    def connections(self, user_id: int | None = None) -> list[ConnectionInfo]:
+        """The live connections (of ``user_id``'s keys), with the TCP peer each came from."""
+        out = []
+        for c in list(self._conns):
+            if c.codec is None:
+                continue
+            user = self._conn_user(c)
+            if user_id is not None and user != user_id:
+                continue
+            name = c.codec.name
+            if isinstance(c.codec, transport.ObfuscatedCodec):
+                name = f"{name}/{c.codec.inner.name}"
+            out.append(ConnectionInfo(c.dc_id, user, c.peer, name, c.via))
+        return out
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -439,18 +510,23 @@ class LocalDC:
             self._count(conn.dc_id, user_id, "updates_pushed")
             self._send_encrypted(conn, rec, body, content_related=True, response=False)
 
-    async def _serve(self, dc_id: int, reader: asyncio.StreamReader,
+    async def _serve(self, dc_id: int | None, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
-        conn = _Conn(dc_id, writer)
+        """One connection; ``dc_id`` None: the MTProxy port, whose header names the DC."""
+        conn = _Conn(dc_id or 0, writer, "dc" if dc_id is not None else "mtproxy")
         conn.task = asyncio.current_task()
         self._conns.add(conn)
-        self._count(dc_id, None, "connections_accepted")
         try:
+            if dc_id is None:
+                dc_id, conn.codec = await self._accept_mtproxy(reader)
+                conn.dc_id = dc_id
+            self._count(dc_id, None, "connections_accepted")
             if self.faults.match("refuse", Scope(dc_id)):
                 self._count(dc_id, None, "connections_refused")
                 conn.reset()
                 return
-            conn.codec = await transport.detect(reader)
+            if conn.codec is None:
+                conn.codec = await transport.detect(reader)
             while True:
                 payload = await conn.codec.read(reader)
                 self._on_packet(conn, payload)
@@ -463,9 +539,20 @@ class LocalDC:
             log.exception("localdc: unexpected error on %r", conn)
         finally:
             self._conns.discard(conn)
-            self.overlaps.unbind(conn, conn.key_id)
+            self.key_use.detach(conn, conn.key_id)
             conn.abort()
             writer.close()
+
+    async def _accept_mtproxy(self, reader: asyncio.StreamReader
+                              ) -> tuple[int, transport.ObfuscatedCodec]:
+        assert self._mtproxy_key is not None
+        dc_id, codec = await transport.accept_obfuscated(reader, self._mtproxy_key)
+        if dc_id not in self._addresses:
+            raise transport.TransportError(f"MTProxy client asked for unknown DC {dc_id}")
+        if self._mtproxy_padded_only and not isinstance(
+                codec.inner, transport.PaddedIntermediateCodec):
+            raise transport.TransportError("dd secret: only padded intermediate is accepted")
+        return dc_id, codec
 
     def _on_packet(self, conn: _Conn, payload: bytes) -> None:
         if len(payload) < 8:
@@ -480,8 +567,8 @@ class LocalDC:
             conn.write(struct.pack("<i", -404))
             return
         if conn.key_id != key_id:
-            self.overlaps.unbind(conn, conn.key_id)
-            self.overlaps.bind(conn, key_id, conn.writer)
+            self.key_use.detach(conn, conn.key_id)
+            self.key_use.attach(conn, key_id)
             conn.key_id = key_id
             conn.salt = _salt_for(rec.key)
             conn.session_id = None
@@ -505,6 +592,11 @@ class LocalDC:
         if conn.session_id != session_id:
             conn.session_id = session_id
             conn.seq = 0
+            if self.key_use.session(conn, key_id, session_id) and \
+                    key_id not in self._duplicate_logged:
+                self._duplicate_logged.add(key_id)
+                log.warning("localdc: auth key %d used by two connections with different "
+                            "session ids at once: AUTH_KEY_DUPLICATED from now on", key_id)
             if not silent:
                 self._send_encrypted(conn, rec, bytes(tl.NewSessionCreated(
                     first_msg_id=msg_id, unique_id=struct.unpack("<q", os.urandom(8))[0],
@@ -578,6 +670,11 @@ class LocalDC:
         if scope is None:
             return
         delay = self._latency(scope, names)
+        if rec.key_id in self.key_use.duplicated:
+            # Like Telegram: the key was used concurrently and is invalidated for good.
+            self._count(conn.dc_id, scope.user_id, "auth_key_duplicated")
+            self._reply(conn, rec, msg_id, bytes(tl.RpcError(406, "AUTH_KEY_DUPLICATED")), delay)
+            return
         left = 0 if scope.user_id is None else self._flooded(conn.dc_id, scope.user_id, names)
         if left:
             # Like Telegram: the method stays refused until the deadline, with the time left.
@@ -656,7 +753,7 @@ class LocalDC:
         delay = self._latency(scope, names)
         skew = self._skew(scope)
         if isinstance(req, (fn.ReqPqMultiRequest, fn.ReqPqRequest)):
-            conn.handshake = Handshake()
+            conn.handshake = Handshake(prime=self._dh_prime)
             answer: Any = conn.handshake.res_pq(req, self.store.rsa_key.fingerprint)
         elif conn.handshake is None:
             raise HandshakeError("key exchange step out of order")
@@ -674,4 +771,4 @@ class LocalDC:
         conn.write(struct.pack("<qqi", 0, msg_id, len(data)) + data, delay)
 
 
-__all__ = ["BANNER", "LocalDC"]
+__all__ = ["BANNER", "ConnectionInfo", "LocalDC"]

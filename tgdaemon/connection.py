@@ -1,0 +1,154 @@
+"""The Telethon connection classes the daemon uses: a cap on incoming frames, and the class
+that matches an account's proxy.
+
+Telethon reads a frame by its length prefix with ``readexactly(length)`` and no upper bound,
+so a hostile or broken peer that sends a 2 GB prefix and streams bytes makes the daemon
+buffer all of them (5.5 GB RSS was measured). Every class here reads through
+:class:`_CappedReader`, which refuses a frame longer than :data:`MAX_FRAME_BYTES` before
+reading it; the refusal is a :class:`FrameTooLargeError`, a ``ConnectionError``, so Telethon
+drops the connection and the worker backs off and reconnects (a NETWORK fault).
+
+Proxies: SOCKS5/SOCKS4/HTTP CONNECT go through ``python-socks`` with the ordinary (full)
+transport; MTProxy needs Telethon's obfuscated MTProxy transport, padded intermediate for a
+``dd`` secret, intermediate for a plain 16-byte one.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from telethon.network import (
+    ConnectionTcpFull,
+    ConnectionTcpMTProxyIntermediate,
+    ConnectionTcpMTProxyRandomizedIntermediate,
+)
+from telethon.network.connection.connection import Connection, ObfuscatedConnection
+
+if TYPE_CHECKING:
+    from tgdaemon.config import Proxy
+
+#: Largest incoming MTProto frame accepted (16 MiB). Telegram's largest payloads are file
+#: parts of at most 1 MiB (upload.getFile's limit) plus MTProto framing; 16 MiB leaves wide
+#: room for any container while bounding what one connection can make the daemon buffer.
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+#: An MTProxy key is 16 bytes; a ``dd`` secret is one prefix byte plus the key.
+MTPROXY_SECRET_BYTES = 16
+
+
+class FrameTooLargeError(ConnectionError):
+    """The peer announced a frame beyond :data:`MAX_FRAME_BYTES` (or a negative one)."""
+
+
+class _ByteSource(Protocol):
+    async def readexactly(self, n: int) -> bytes: ...
+
+
+class _CappedReader:
+    """What a Telethon codec reads from: refuses an oversized frame before buffering it.
+
+    Every codec reads the frame body with one ``readexactly(length)`` of the announced length
+    (the headers are 1-8 bytes), so checking ``n`` here covers full, intermediate, padded
+    intermediate and abridged frames, obfuscated or not."""
+
+    __slots__ = ("_source",)
+
+    def __init__(self, source: _ByteSource) -> None:
+        self._source = source
+
+    async def readexactly(self, n: int) -> bytes:
+        if not 0 <= n <= MAX_FRAME_BYTES:
+            raise FrameTooLargeError(
+                f"incoming frame of {n} bytes is beyond the {MAX_FRAME_BYTES} byte cap")
+        return await self._source.readexactly(n)
+
+
+class _CappedRecv:
+    """Mixin for a Telethon ``Connection``: every frame is read through :class:`_CappedReader`.
+    (``_recv`` is the one method Telethon's receive loop calls per frame.)"""
+
+    _codec: Any
+    _reader: Any
+    _obfuscation: Any
+    #: The refusal that ended this connection: Telethon's receive loop disconnects before the
+    #: sender reads the error, which then only sees "Not connected"; ``send``/``recv`` restore
+    #: it so the worker's status names the cause.
+    _refused: FrameTooLargeError | None = None
+
+    async def _recv(self) -> bytes:
+        source = self._obfuscation if self._obfuscation is not None else self._reader
+        try:
+            data: bytes = await self._codec.read_packet(_CappedReader(source))
+        except FrameTooLargeError as exc:
+            self._refused = exc
+            raise
+        return data
+
+    def send(self, data: bytes) -> Any:
+        if self._refused is not None:
+            raise self._refused
+        return super().send(data)  # type: ignore[misc]  # Telethon's, untyped
+
+    async def recv(self) -> bytes:
+        try:
+            data: bytes = await super().recv()  # type: ignore[misc]  # Telethon's, untyped
+        except ConnectionError:
+            if self._refused is not None:
+                raise self._refused from None
+            raise
+        return data
+
+
+class CappedTcpFull(_CappedRecv, ConnectionTcpFull):  # type: ignore[misc]  # untyped base
+    """Telegram's full TCP transport, frames capped; also used through SOCKS/HTTP proxies."""
+
+
+class _MTProxyBase(ObfuscatedConnection):  # type: ignore[misc]  # untyped base
+    """Two corrections to Telethon's ``TcpMTProxy`` (placed before it in the MRO).
+
+    Its ``_connect`` sleeps up to 2 s after every TCP connect to see whether the proxy hangs
+    up at once; the worker already treats a hang-up as a network fault, so that wait only
+    delays each connect: this goes straight to the plain obfuscated connect."""
+
+    async def _connect(self, timeout: float | None = None, ssl: Any = None) -> None:
+        await ObfuscatedConnection._connect(self, timeout=timeout, ssl=ssl)
+
+
+    @staticmethod
+    def normalize_secret(secret: str) -> bytes:
+        """The 16-byte key of a config secret (hex: 16 bytes, or ``dd`` + 16 bytes). Telethon's
+        own version strips a leading ``dd``/``ee`` even from a plain secret that merely starts
+        with those digits."""
+        raw = bytes.fromhex(secret)
+        return raw[1:] if len(raw) == MTPROXY_SECRET_BYTES + 1 else raw
+
+
+class CappedMTProxyPadded(
+    _CappedRecv, _MTProxyBase, ConnectionTcpMTProxyRandomizedIntermediate,  # type: ignore[misc]
+):
+    """MTProxy with a ``dd`` secret: obfuscated padded intermediate (tag ``dddddddd``)."""
+
+
+class CappedMTProxyIntermediate(
+    _CappedRecv, _MTProxyBase, ConnectionTcpMTProxyIntermediate,  # type: ignore[misc]
+):
+    """MTProxy with a plain 16-byte secret: obfuscated intermediate (tag ``eeeeeeee``)."""
+
+
+def connection_for(proxy: Proxy | None) -> type[Connection]:
+    """The connection class for an account: it follows the proxy type."""
+    if proxy is None or proxy.scheme != "mtproxy":
+        return CappedTcpFull
+    assert proxy.secret is not None  # config guarantees a secret for mtproxy://
+    if len(proxy.secret) == 2 * (MTPROXY_SECRET_BYTES + 1):  # "dd" + key (config checked)
+        return CappedMTProxyPadded
+    return CappedMTProxyIntermediate
+
+
+__all__ = [
+    "MAX_FRAME_BYTES",
+    "CappedMTProxyIntermediate",
+    "CappedMTProxyPadded",
+    "CappedTcpFull",
+    "FrameTooLargeError",
+    "connection_for",
+]

@@ -1,0 +1,197 @@
+"""The MTProto key exchange with a fixed-width auth key.
+
+An auth key is g^ab mod p, a 2048-bit number, and Telegram uses it as 256 big-endian bytes:
+the key id, the aux hash in ``dh_gen_ok`` and every message key are hashes of those 256
+bytes. Telethon 1.45 keeps the number as *minimal* bytes (``rsa.get_byte_array``), so about
+1 exchange in 256 (a value below 2^2040) gives a 255-byte key: against Telegram the exchange
+then fails its own nonce-hash check, and against a server that agrees on minimal bytes the
+key works until a ``StringSession`` right-pads it to 256 bytes, changing its id, and the
+account is lost.
+
+Here the key is the 256-byte value (left-padded) from the start: the nonce-hash check,
+Telethon's sender and the stored session all see the same bytes the server hashes.
+:func:`do_authentication` is Telethon 1.45's ``network/authenticator.py`` (MIT licence) with
+that one change; Telethon offers no hook between computing g^ab and using it. It is pinned to
+1.45 with the ``telethon`` dependency (``>=1.45,<1.46``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from hashlib import sha1
+from typing import Any
+
+from telethon import helpers
+from telethon.crypto import AES, AuthKey, Factorization, rsa
+from telethon.errors import SecurityError
+from telethon.extensions import BinaryReader
+from telethon.network import MTProtoSender
+from telethon.network.mtprotoplainsender import MTProtoPlainSender
+from telethon.tl.functions import ReqDHParamsRequest, ReqPqMultiRequest, SetClientDHParamsRequest
+from telethon.tl.types import (
+    ClientDHInnerData,
+    DhGenFail,
+    DhGenOk,
+    DhGenRetry,
+    PQInnerData,
+    ResPQ,
+    ServerDHInnerData,
+    ServerDHParamsFail,
+    ServerDHParamsOk,
+)
+
+#: An MTProto auth key is a 2048-bit number, always used as this many big-endian bytes.
+AUTH_KEY_BYTES = 256
+
+
+def padded_auth_key(key: bytes) -> bytes:
+    """The 256-byte big-endian form of an auth key given as minimal (shorter) bytes."""
+    if not 0 < len(key) <= AUTH_KEY_BYTES:
+        raise ValueError(f"an auth key is at most {AUTH_KEY_BYTES} bytes, not {len(key)}")
+    return key.rjust(AUTH_KEY_BYTES, b"\0")
+
+
+def _int(data: bytes, signed: bool = False) -> int:
+    return int.from_bytes(data, "big", signed=signed)
+
+
+async def do_authentication(sender: Any) -> tuple[AuthKey, int]:
+    """Create an auth key over a connected plain sender; returns (key, server time offset)."""
+    nonce = int.from_bytes(os.urandom(16), "big", signed=True)
+    res_pq = await sender.send(ReqPqMultiRequest(nonce))
+    if not isinstance(res_pq, ResPQ):
+        raise AssertionError(f"Step 1 answer was {type(res_pq).__name__}")
+    if res_pq.nonce != nonce:
+        raise SecurityError("Step 1 invalid nonce from server")
+    pq = _int(res_pq.pq, signed=True)
+
+    p_num, q_num = Factorization.factorize(pq)
+    p, q = rsa.get_byte_array(p_num), rsa.get_byte_array(q_num)
+    new_nonce = int.from_bytes(os.urandom(32), "little", signed=True)
+    pq_inner_data = bytes(PQInnerData(
+        pq=rsa.get_byte_array(pq), p=p, q=q, nonce=res_pq.nonce,
+        server_nonce=res_pq.server_nonce, new_nonce=new_nonce,
+    ))
+    cipher_text, target_fingerprint = None, None
+    for use_old in (False, True):  # current keys first, then old ones
+        for fingerprint in res_pq.server_public_key_fingerprints:
+            cipher_text = rsa.encrypt(fingerprint, pq_inner_data, use_old=use_old)
+            if cipher_text is not None:
+                target_fingerprint = fingerprint
+                break
+        if cipher_text is not None:
+            break
+    if cipher_text is None:
+        raise SecurityError("Step 2 could not find a valid key for the server's fingerprints")
+
+    server_dh_params = await sender.send(ReqDHParamsRequest(
+        nonce=res_pq.nonce, server_nonce=res_pq.server_nonce, p=p, q=q,
+        public_key_fingerprint=target_fingerprint, encrypted_data=cipher_text,
+    ))
+    if not isinstance(server_dh_params, ServerDHParamsOk | ServerDHParamsFail):
+        raise AssertionError(f"Step 2.1 answer was {type(server_dh_params).__name__}")
+    if server_dh_params.nonce != res_pq.nonce:
+        raise SecurityError("Step 2 invalid nonce from server")
+    if server_dh_params.server_nonce != res_pq.server_nonce:
+        raise SecurityError("Step 2 invalid server nonce from server")
+    if isinstance(server_dh_params, ServerDHParamsFail):
+        nnh = int.from_bytes(
+            sha1(new_nonce.to_bytes(32, "little", signed=True)).digest()[4:20],
+            "little", signed=True)
+        if server_dh_params.new_nonce_hash != nnh:
+            raise SecurityError("Step 2 invalid DH fail nonce from server")
+        raise AssertionError("Step 2.2 answer was ServerDHParamsFail")
+
+    key, iv = helpers.generate_key_data_from_nonce(res_pq.server_nonce, new_nonce)
+    if len(server_dh_params.encrypted_answer) % 16 != 0:
+        raise SecurityError("Step 3 AES block size mismatch")
+    plain_text_answer = AES.decrypt_ige(server_dh_params.encrypted_answer, key, iv)
+    with BinaryReader(plain_text_answer) as reader:
+        reader.read(20)  # hash sum
+        server_dh_inner = reader.tgread_object()
+    if not isinstance(server_dh_inner, ServerDHInnerData):
+        raise AssertionError(f"Step 3 answer was {type(server_dh_inner).__name__}")
+    if server_dh_inner.nonce != res_pq.nonce:
+        raise SecurityError("Step 3 Invalid nonce in encrypted answer")
+    if server_dh_inner.server_nonce != res_pq.server_nonce:
+        raise SecurityError("Step 3 Invalid server nonce in encrypted answer")
+
+    dh_prime = _int(server_dh_inner.dh_prime)
+    g = server_dh_inner.g
+    g_a = _int(server_dh_inner.g_a)
+    time_offset = server_dh_inner.server_time - int(time.time())
+    b = _int(os.urandom(256))
+    g_b = pow(g, b, dh_prime)
+    gab = pow(g_a, b, dh_prime)
+    # https://core.telegram.org/mtproto/auth_key#dh-key-exchange-complete
+    safety_range = 2 ** (2048 - 64)
+    if not 1 < g < dh_prime - 1:
+        raise SecurityError("g is not within (1, dh_prime - 1)")
+    for name, value in (("g_a", g_a), ("g_b", g_b)):
+        if not 1 < value < dh_prime - 1:
+            raise SecurityError(f"{name} is not within (1, dh_prime - 1)")
+        if not safety_range <= value <= dh_prime - safety_range:
+            raise SecurityError(f"{name} is not within (2^{{2048-64}}, dh_prime - 2^{{2048-64}})")
+
+    client_dh_inner = bytes(ClientDHInnerData(
+        nonce=res_pq.nonce, server_nonce=res_pq.server_nonce, retry_id=0,
+        g_b=rsa.get_byte_array(g_b),
+    ))
+    client_dh_encrypted = AES.encrypt_ige(sha1(client_dh_inner).digest() + client_dh_inner,
+                                          key, iv)
+    dh_gen = await sender.send(SetClientDHParamsRequest(
+        nonce=res_pq.nonce, server_nonce=res_pq.server_nonce,
+        encrypted_data=client_dh_encrypted,
+    ))
+    nonce_types = (DhGenOk, DhGenRetry, DhGenFail)
+    if not isinstance(dh_gen, nonce_types):
+        raise AssertionError(f"Step 3.1 answer was {type(dh_gen).__name__}")
+    name = type(dh_gen).__name__
+    if dh_gen.nonce != res_pq.nonce:
+        raise SecurityError(f"Step 3 invalid {name} nonce from server")
+    if dh_gen.server_nonce != res_pq.server_nonce:
+        raise SecurityError(f"Step 3 invalid {name} server nonce from server")
+
+    # The one change from Telethon: the key is the 256-byte value, never minimal bytes.
+    auth_key = AuthKey(gab.to_bytes(AUTH_KEY_BYTES, "big"))
+    nonce_number = 1 + nonce_types.index(type(dh_gen))
+    new_nonce_hash = auth_key.calc_new_nonce_hash(new_nonce, nonce_number)
+    if getattr(dh_gen, f"new_nonce_hash{nonce_number}") != new_nonce_hash:
+        raise SecurityError("Step 3 invalid new nonce hash")
+    if not isinstance(dh_gen, DhGenOk):
+        raise AssertionError(f"Step 3.2 answer was {name}")
+    return auth_key, time_offset
+
+
+class PaddedKeySender(MTProtoSender):  # type: ignore[misc]  # Telethon is untyped
+    """Telethon's sender, creating its auth keys with :func:`do_authentication`."""
+
+    @classmethod
+    def replacing(cls, old: MTProtoSender) -> PaddedKeySender:
+        """A sender configured like ``old`` (the client's, before it ever connected)."""
+        return cls(
+            old.auth_key, loggers=old._loggers, retries=old._retries, delay=old._delay,
+            auto_reconnect=old._auto_reconnect, connect_timeout=old._connect_timeout,
+            auth_key_callback=old._auth_key_callback, updates_queue=old._updates_queue,
+            auto_reconnect_callback=old._auto_reconnect_callback,
+        )
+
+    async def _try_gen_auth_key(self, attempt: int) -> bool:
+        # Telethon's method (mtprotosender.py:310) with this module's key exchange.
+        plain = MTProtoPlainSender(self._connection, loggers=self._loggers)
+        try:
+            self._log.debug("New auth_key attempt %d...", attempt)
+            self.auth_key.key, self._state.time_offset = await do_authentication(plain)
+            if self._auth_key_callback:
+                await self._auth_key_callback(self.auth_key)
+            self._log.debug("auth_key generation success!")
+            return True
+        except (SecurityError, AssertionError) as e:
+            self._log.warning("Attempt %d at new auth_key failed: %s", attempt, e)
+            await asyncio.sleep(self._delay)
+            return False
+
+
+__all__ = ["AUTH_KEY_BYTES", "PaddedKeySender", "do_authentication", "padded_auth_key"]

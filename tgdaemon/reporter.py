@@ -1,0 +1,185 @@
+"""One reporter per account: the only writer of what the outside sees of it.
+
+Every transition reaches five sinks — the status board (``/status``, the WebSocket), the
+metrics, the store's ``status`` column, the transition log line and the ``connected`` event
+that library callers wait on. Written in one place, they cannot disagree; the worker does
+connection I/O and tells the reporter what happened.
+
+The reporter also keeps the record true: the DC is taken from the session after every connect
+and heartbeat (Telethon follows a USER_MIGRATE by itself in the middle of a request), and an
+account that ends (parked, stopped, disabled) drops its live values, so it does not look alive
+but ageing on a dashboard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from tgdaemon.lifecycle import ENDED_STATES, Action, Category, Classified, Recovery, State
+from tgdaemon.logs import account_logger
+from tgdaemon.redact import redact
+
+if TYPE_CHECKING:
+    from tgdaemon.metrics import Metrics
+    from tgdaemon.status import StatusBoard, UserInfo
+    from tgdaemon.store import DeviceInfo, Store
+
+#: How often heartbeats refresh last_used/last_checked in the store (the status board always
+#: has the live value): 10,000 accounts writing every heartbeat would be 300 writes a second.
+STORE_TOUCH_INTERVAL = 600.0
+
+
+class AccountReporter:
+    """Publishes one account's state (see module docstring). No I/O of its own: store writes
+    are queued to the store's batching writer."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        board: StatusBoard,
+        metrics: Metrics,
+        store: Store,
+        clock: Callable[[], float],
+    ) -> None:
+        self.name = name
+        self.log = account_logger(name)
+        self._board = board
+        self._metrics = metrics
+        self._store = store
+        self._clock = clock
+        self.state = State.STARTING
+        #: Set while the account is connected: what ``Daemon.client()`` waits for.
+        self.connected = asyncio.Event()
+        #: Whether the store has a row for this account (metadata writes need one).
+        self.known_to_store = False
+        self._dc_id: int | None = None
+        self._last_store_touch = 0.0
+        metrics.add_account(name)
+
+    # -- transitions -----------------------------------------------------------------------
+
+    def transition(
+        self,
+        state: State,
+        reason: str,
+        *,
+        error: Classified | None = None,
+        flood_wait_until: float | None = None,
+        **stored: Any,
+    ) -> None:
+        """Move to ``state``; ``error`` travels with it (one status message, not two) and
+        ``stored`` are extra store columns written in the same queued update."""
+        changes: dict[str, Any] = {"state": state, "reason": redact(reason),
+                                   "flood_wait_until": flood_wait_until}
+        if error is not None:
+            changes["last_error_category"] = error.category.value
+            changes["last_error_message"] = error.message
+            stored.setdefault("last_error_category", error.category.value)
+        if state in ENDED_STATES:
+            changes["latency"] = None
+            self._metrics.clear_live(self.name)
+        if state is State.CONNECTED:
+            self.connected.set()
+        else:
+            self.connected.clear()
+        previous, self.state = self.state, state
+        self._board.update(self.name, **changes)
+        if state is not previous:
+            self.log.info("state %s -> %s (%s)", previous.value, state.value, reason)
+            stored["status"] = state.value  # the CLI reads it to refuse touching an active account
+        if stored:
+            self._submit(**stored)
+
+    def failure(self, c: Classified, rec: Recovery, attempt: int) -> None:
+        """A classified failure and the recovery chosen for it (``attempt`` 0-based)."""
+        self._metrics.error(self.name, c.category)
+        # The first failure of a streak at INFO, the rest at DEBUG: during an outage 10,000
+        # accounts retrying must not write thousands of lines a second.
+        self.log.log(logging.INFO if attempt == 0 else logging.DEBUG,
+                     "%s error (%s), recovery: %s (attempt %d)", c.category.value, c.code,
+                     rec.action.value, attempt + 1)
+        if c.category is Category.FLOOD_WAIT:
+            self._metrics.flood_wait(self.name, c.wait_seconds or 0)
+        if rec.action is Action.RETRY:
+            self._metrics.reconnect(self.name)
+        until = self._clock() + rec.delay if rec.next_state is State.FLOOD_WAIT else None
+        self.transition(rec.next_state, rec.reason, error=c, flood_wait_until=until)
+
+    def connected_as(self, user: UserInfo, dc_id: int, device: DeviceInfo) -> None:
+        """The session is proven logged in as ``user`` on ``dc_id``."""
+        now = self._clock()
+        self._last_store_touch = now
+        self._dc_id = dc_id
+        self._board.update(self.name, user=user, dc_id=dc_id, last_checked=now,
+                           last_error_category=None, last_error_message=None)
+        self.transition(State.CONNECTED, "validated", user_id=user.id, username=user.username,
+                        first_name=user.first_name, dc_id=dc_id, last_checked=now,
+                        last_used=now, last_error_category=None, device=device)
+
+    def heartbeat(self, latency: float, dc_id: int) -> None:
+        """An answered heartbeat that took ``latency`` seconds, the session now on ``dc_id``."""
+        now = self._clock()
+        self._metrics.observe_latency(self.name, latency)
+        self._metrics.heartbeat(self.name, now)
+        self._board.update(self.name, latency=latency, last_checked=now)
+        self.dc(dc_id)
+        if now - self._last_store_touch >= STORE_TOUCH_INTERVAL:
+            self._last_store_touch = now
+            self._submit(last_checked=now, last_used=now)
+
+    def dc(self, dc_id: int, *, persist: bool = True) -> None:
+        """The session's DC as read from the session; recorded when it changed."""
+        if dc_id == self._dc_id:
+            return
+        self._dc_id = dc_id
+        self._board.update(self.name, dc_id=dc_id)
+        if persist:
+            self._submit(dc_id=dc_id)
+
+    def stopped(self) -> None:
+        """The supervisor stopped the worker (shutdown, reload, watchdog)."""
+        if self.state not in ENDED_STATES:
+            self.transition(State.STOPPED, "stopped")
+
+    def disabled(self) -> None:
+        self.transition(State.DISABLED, "disabled in config")
+
+    def remove(self) -> None:
+        """The account left the config: its status and series go."""
+        self._board.remove(self.name)
+        self._metrics.remove_account(self.name)
+
+    # -- counters without a transition -----------------------------------------------------
+
+    def failover(self, dc_id: int, failures: int) -> None:
+        self.log.warning("failing over DC %d to its next address after %d network failures",
+                         dc_id, failures)
+        self._metrics.failover(self.name)
+
+    def update_gap(self, server_pts: int, local_pts: int | None) -> None:
+        self._metrics.update_gap(self.name)
+        self.log.warning("update stream gap: server pts %d, client pts %s", server_pts,
+                         local_pts)
+
+    def plugin_error(self) -> None:
+        self._metrics.plugin_error(self.name)
+
+    def worker_restart(self) -> None:
+        self._metrics.worker_restart(self.name)
+
+    # -- store -----------------------------------------------------------------------------
+
+    def _submit(self, **fields: Any) -> None:
+        """Queue a metadata update for the store's writer, which batches it with every other
+        account's. Metadata is best effort (sessions are not): the writer logs a failure, the
+        worker does not wait for the disk."""
+        if not self.known_to_store:
+            return
+        try:
+            self._store.submit_account(self.name, **fields)
+        except Exception as exc:  # the store is closing: the daemon is stopping anyway
+            self.log.debug("account metadata not recorded: %s", type(exc).__name__)
