@@ -374,11 +374,19 @@ async def immediate_transaction(conn: aiosqlite.Connection,
                                 what: str) -> AsyncIterator[aiosqlite.Connection]:
     """``BEGIN IMMEDIATE`` .. ``COMMIT`` (the write lock up front, so a transaction never
     fails half-way on a busy database), rolled back on any error; SQLite's errors become
-    :class:`StoreError` naming ``what``.  Shared by the store and the lease store."""
+    :class:`StoreError` naming ``what``."""
     try:
         await conn.execute("BEGIN IMMEDIATE")
     except sqlite3.Error as exc:
         raise StoreError(f"{what}: {exc}") from None
+    except BaseException:
+        # Cancelled while aiosqlite's thread runs the BEGIN: it may still take the write lock
+        # after we left, and a transaction nobody ends holds it for good (every other writer
+        # of the file, other daemons of a fleet included, then fails "database is locked").
+        # Queued behind the BEGIN, this ROLLBACK ends it; without one it fails harmlessly.
+        with contextlib.suppress(sqlite3.Error):
+            await asyncio.shield(conn.execute("ROLLBACK"))
+        raise
     try:
         yield conn
     except BaseException as exc:
