@@ -7,7 +7,7 @@ from prometheus_client import generate_latest
 
 from tests.conftest import phone_for
 from tests.daemon.test_connect import sample
-from tests.fleet.conftest import as_instance, connected
+from tests.fleet.conftest import FLEET, as_instance, connected
 from tgdaemon.daemon import Daemon
 
 NAMES = [f"acc{i}" for i in range(6)]
@@ -42,3 +42,21 @@ async def test_two_daemons_split_the_fleet_and_hand_over_on_stop(
         await two.stop()
         await wait_until(lambda: len(one.fleet.owned) == 6, 10, "one takes all after a stop")
         await wait_until(lambda: connected(one) == NAMES, 30, "all connected on one")
+
+
+async def test_capacity_bounds_what_an_instance_holds(
+        make_config, login_account, wait_until) -> None:
+    config = make_config([{"name": n, "phone": phone_for(n)} for n in NAMES[:4]],
+                         daemon={**FLEET, "instance_id": "small", "capacity": 2})
+    for n in NAMES[:4]:
+        await login_account(config, n)
+    async with Daemon(config) as daemon:
+        assert daemon.fleet is not None
+        await wait_until(lambda: len(connected(daemon)) == 2, 20, "two connected")
+        await wait_until(
+            lambda: sample(generate_latest(daemon.registry).decode(),
+                           "tgdaemon_accounts_unowned") == 2, 10, "two unowned")
+        for _ in range(3):  # further rounds claim nothing more
+            rounds = daemon.fleet.rounds
+            await wait_until(lambda r=rounds: daemon.fleet.rounds > r, 10, "a round")
+        assert len(daemon.fleet.owned) == 2
