@@ -33,7 +33,7 @@ from tgdaemon.localdc.crypto import key_id_of
 from tgdaemon.store import DB_NAME, SessionData, Store
 
 N = 300
-TTL = 10.0
+TTL = 15.0
 RENEW = 1.0
 LEASE = {"lease_ttl": TTL, "lease_renew_interval": RENEW, "lease_moves_per_minute": 600,
          "connect_rate": 0.0, "log_level": "info", "drain_timeout": 5.0}
