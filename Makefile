@@ -24,6 +24,7 @@ lint: $(STAMP)
 
 test: $(STAMP) $(SYSDEPS)
 	$(BIN)/ruff check .
+	$(BIN)/mypy tgdaemon
 	$(BIN)/pytest -q -rs
 
 # The daemon with three demo accounts on the local stand-in DC, scraped by a real Prometheus.

@@ -28,8 +28,10 @@ async def wait_for_condition(
     predicate: Callable[[], bool | Awaitable[bool]],
     timeout: float = 10.0,
     message: str = "condition",
+    interval: float = 0.02,
 ) -> None:
-    """Poll a condition (sync or async) until it holds; fail on timeout (never a bare sleep)."""
+    """Poll a condition (sync or async) until it holds; fail on timeout (never a bare sleep).
+    A predicate that starts processes wants a longer ``interval``."""
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
@@ -39,7 +41,7 @@ async def wait_for_condition(
             return
         if time.monotonic() > deadline:
             raise AssertionError(f"{message} not met within {timeout}s")
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(interval)
 
 
 @pytest.fixture
@@ -103,6 +105,7 @@ def render_config(
     policy: dict[str, Any] | None = None,
     daemon: dict[str, Any] | None = None,
     servers: dict[int, list[str]] | None = None,
+    security: dict[str, Any] | None = None,
 ) -> str:
     """A complete TOML config pointing at ``localdc``; tests override what they exercise."""
     if servers is None:
@@ -126,7 +129,7 @@ def render_config(
         **(policy or {}),
     }
     return daemon_config_toml(servers=servers, rsa_files=[rsa_file], accounts=accounts,
-                              daemon=daemon_cfg, policy=policy_cfg)
+                              daemon=daemon_cfg, policy=policy_cfg, security=security)
 
 
 ConfigFactory = Callable[..., Config]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import getpass
 import json
@@ -30,6 +31,7 @@ from tgdaemon.exceptions import (
     StateLockedError,
     TgdaemonError,
 )
+from tgdaemon.lifecycle import OWNED_STATES, Setup
 
 if TYPE_CHECKING:
     from tgdaemon.config import Config
@@ -116,6 +118,10 @@ def _parser() -> argparse.ArgumentParser:
                  "re-encrypt every record under a new active key (daemon must be stopped)")
     sp.add_argument("--out", type=Path,
                     help="write the new key ring here (required when the key is not a file)")
+    sp = command("rotate-session", cmd_rotate_session,
+                 "give an account a new auth key without a login code (the old key is then "
+                 "logged out)")
+    sp.add_argument("name")
     command("status", cmd_status, "show the running daemon's account status")
     sub.add_parser("localdc", help="run the local stand-in data centre (see localdc --help)")
     return p
@@ -131,12 +137,14 @@ def _load(ns: argparse.Namespace) -> Config:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    from tgdaemon.daemon import raise_open_file_limit, serve
+    from tgdaemon.daemon import serve
+    from tgdaemon.fdlimit import budget, ensure_open_file_limit
+    from tgdaemon.http import HttpLimits
     from tgdaemon.logs import setup_logging
 
     config = _load(ns)
     setup_logging(config.daemon.log_level, config.daemon.log_format)
-    raise_open_file_limit()
+    ensure_open_file_limit(budget(config, HttpLimits().max_connections))
     return asyncio.run(serve(config))
 
 
@@ -251,6 +259,17 @@ def cmd_logout(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rotate_session(ns: argparse.Namespace) -> int:
+    config = _load(ns)
+    user, old_logged_out = asyncio.run(rotate_session(config, ns.name, secret=_secret))
+    print(f"{ns.name} (user {user}) has a new auth key; reload the daemon: "
+          "systemctl reload tgdaemon")
+    if not old_logged_out:
+        print("warning: the old key could not be logged out and may still be an active "
+              "session: end it from another device (Settings > Devices)", file=sys.stderr)
+    return 0
+
+
 def cmd_rotate_key(ns: argparse.Namespace) -> int:
     from tgdaemon.crypto import load_keyring, write_key_file
     from tgdaemon.store import Store
@@ -284,9 +303,8 @@ def cmd_status(ns: argparse.Namespace) -> int:
         raise AccountError("daemon.http_listen is disabled: no status endpoint to ask")
     host = f"[{listen.host}]" if ":" in listen.host else listen.host
     request = urllib.request.Request(f"http://{host}:{listen.port}/status")
-    if config.daemon.http_token_file is not None:
-        token = config.daemon.http_token_file.read_text().strip()
-        request.add_header("Authorization", f"Bearer {token}")
+    if config.daemon.http_token is not None:
+        request.add_header("Authorization", f"Bearer {config.daemon.http_token}")
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             body = json.load(response)
@@ -371,7 +389,7 @@ async def login(config: Config, name: str, *, prompt: Prompt, secret: Prompt,
                 raise AccountError(f"login of {name!r} did not complete")
             await session.flush()
             await store.update_account(name, user_id=me.id, username=me.username,
-                                       first_name=me.first_name, status="logged_in",
+                                       first_name=me.first_name, status=Setup.LOGGED_IN.value,
                                        dc_id=session.dc_id, last_used=time.time(),
                                        last_error_category=None)
             return int(me.id)
@@ -413,8 +431,58 @@ async def logout(config: Config, name: str, *, force: bool = False) -> bool:
                                     "locally anyway") from None
                 print(f"tgdaemon: warning: {exc}", file=sys.stderr)
         await store.delete_session(name)
-        await store.update_account(name, status="logged_out")
+        await store.update_account(name, status=Setup.LOGGED_OUT.value)
         return confirmed
+
+
+async def rotate_session(config: Config, name: str, *, secret: Prompt) -> tuple[int, bool]:
+    """A new auth key for ``name`` through the login-token flow (:mod:`tgdaemon.rekey`);
+    returns the user id and whether the old key was logged out.
+
+    Both clients run on in-memory sessions: the one store write is the new session, made
+    durable before the old key is logged out (a crash leaves one working key either way)."""
+    from telethon import functions
+
+    from tgdaemon.oneshot import call
+    from tgdaemon.rekey import authorize_new_key, memory_session
+    from tgdaemon.telegram import build_client, client_class, trust_server_keys
+
+    account = config.account(name)
+    policy = config.policy
+    store, running, _report = await _open_store(config)
+    async with store:
+        await _check_not_active(store, name, running)
+        data = await store.load_session(name)
+        if data is None or data.auth_key is None:
+            raise AccountError(f"account {name!r} has no session: run `tgdaemon login {name}`")
+        trust_server_keys(config)
+        cls = client_class()
+        old = build_client(cls, memory_session(data, with_key=True), config, account)
+        new = build_client(cls, memory_session(data, with_key=False), config, account)
+        bound = functools.partial(call, policy=policy)
+        try:
+            for client in (old, new):
+                await call("connect", client.connect, policy=policy,
+                           timeout=policy.connect_timeout, cleanup=client.disconnect)
+            user = await authorize_new_key(
+                old, new, api_id=config.telegram.api_id, api_hash=config.telegram.api_hash,
+                password=lambda: secret("2FA password (hidden): "), call=bound)
+            if data.user_id is not None and user.id != data.user_id:
+                raise AccountError(f"the new key logged in as another user ({user.id})")
+            key = new.session.auth_key.key
+            await store.save_session(name, dataclasses.replace(data, auth_key=key,
+                                                               user_id=user.id))
+            await store.update_account(name, last_used=time.time())
+            try:
+                await call("auth.logOut", lambda: old(functions.auth.LogOutRequest()),
+                           policy=policy)
+            except TgdaemonError as exc:
+                print(f"tgdaemon: warning: {exc}", file=sys.stderr)
+                return int(user.id), False
+            return int(user.id), True
+        finally:
+            for client in (old, new):
+                await client.disconnect()
 
 
 @contextlib.asynccontextmanager
@@ -462,11 +530,12 @@ async def _open_store(config: Config) -> tuple[Store, bool, RecordReport]:
 
     ring = load_keyring(key_file=config.daemon.master_key_file)
     if config.daemon.clustered:  # fleet daemons lock their instance id only: assume running
-        return await Store.open(config.daemon.state_dir, ring, lock=False), True
-    try:
-        store, running = await Store.open(config.daemon.state_dir, ring), False
-    except StateLockedError:
         store, running = await Store.open(config.daemon.state_dir, ring, lock=False), True
+    else:
+        try:
+            store, running = await Store.open(config.daemon.state_dir, ring), False
+        except StateLockedError:
+            store, running = await Store.open(config.daemon.state_dir, ring, lock=False), True
     try:
         report = await check_records(store)
     except BaseException:
@@ -481,8 +550,6 @@ async def _open_store(config: Config) -> tuple[Store, bool, RecordReport]:
 async def _check_not_active(store: Store, name: str, daemon_running: bool) -> None:
     if daemon_running:
         record = await store.get_account(name)
-        from tgdaemon.lifecycle import OWNED_STATES
-
         # In these states the running daemon owns the session: the CLI must not touch it.
         if record is not None and record.status in OWNED_STATES:
             raise AccountError(

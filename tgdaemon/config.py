@@ -16,11 +16,14 @@ in error messages.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import ipaddress
+import math
 import os
 import re
+import stat
 import string
 import tomllib
 import types
@@ -33,6 +36,7 @@ from urllib.parse import unquote, urlsplit
 from tgdaemon.exceptions import AccountError, ConfigError
 from tgdaemon.leases import default_close_margin, timing_problems
 from tgdaemon.lifecycle import HEARTBEAT_JITTER, longest_heartbeat_gap
+from tgdaemon.security import OnNewAuthorization
 
 __all__ = [
     "AccountConfig",
@@ -45,6 +49,7 @@ __all__ = [
     "PolicyConfig",
     "Proxy",
     "RetryLimits",
+    "SecurityConfig",
     "TelegramConfig",
     "diff_config",
     "load_config",
@@ -122,6 +127,12 @@ class DaemonConfig:
     master_key_file: Path | None = None
     http_listen: Address | None = Address("127.0.0.1", 9464)  # None: HTTP disabled
     http_token_file: Path | None = None
+    # The token read from http_token_file at load time (never in a repr).
+    http_token: str | None = field(default=None, repr=False,
+                                   metadata={"read_from": "http_token_file"})
+    # Host header values the HTTP server answers (DNS rebinding); empty: the listen host,
+    # localhost, 127.0.0.1 and ::1. Stored lower-case, IPv6 without brackets.
+    http_allowed_hosts: tuple[str, ...] = ()
     log_level: str = "info"
     log_format: str = "text"
     connect_rate: float = 20.0  # 0 = unlimited
@@ -141,6 +152,24 @@ class DaemonConfig:
     def clustered(self) -> bool:
         """Whether accounts come from leases in a store shared with other daemons."""
         return bool(self.instance_id)
+
+
+def allowed_hosts(daemon: DaemonConfig) -> tuple[str, ...]:
+    """The Host header values the HTTP server answers: the configured list, else the listen
+    host and the loopback names."""
+    if daemon.http_allowed_hosts:
+        return daemon.http_allowed_hosts
+    listen = (daemon.http_listen.host.lower(),) if daemon.http_listen is not None else ()
+    return tuple(dict.fromkeys(listen + LOCAL_HOSTS))
+
+
+def is_loopback_host(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -192,6 +221,21 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """The authorization watch (``tgdaemon.security``)."""
+
+    on_new_authorization: OnNewAuthorization = OnNewAuthorization.ALERT
+    # Seconds between two looks at an account's sessions (account.getAuthorizations); the
+    # fleet's first looks are spread over one interval. updateNewAuthorization triggers a
+    # look at once, whatever this says.
+    check_interval: float = 4 * 3600.0
+    # Glob patterns (case-insensitive) on a session's device or app: never terminated.
+    allow: tuple[str, ...] = ()
+    # Whether log lines may carry the IP address of a foreign session (personal data).
+    log_ip: bool = False
+
+
+@dataclass(frozen=True)
 class AccountConfig:
     name: str
     phone: str | None = field(default=None, repr=False)
@@ -203,6 +247,8 @@ class AccountConfig:
     system_lang_code: str = "en"
     proxy: Proxy | None = None
     plugins: tuple[str, ...] = ()
+    # None: [security].on_new_authorization applies.
+    on_new_authorization: OnNewAuthorization | None = None
 
 
 @dataclass(frozen=True)
@@ -212,6 +258,11 @@ class Config:
     telegram: TelegramConfig
     policy: PolicyConfig
     accounts: tuple[AccountConfig, ...]
+    security: SecurityConfig = SecurityConfig()
+
+    def on_new_authorization(self, account: AccountConfig) -> OnNewAuthorization:
+        """The account's own setting, else the fleet's."""
+        return account.on_new_authorization or self.security.on_new_authorization
 
     def account(self, name: str) -> AccountConfig:
         try:
@@ -231,13 +282,31 @@ class Config:
 
 _CLUSTER_KEYS = ("instance_id", "capacity", "database_url", "lease_ttl", "lease_renew_interval",
                  "lease_moves_per_minute")
-_RETRY_KEYS = ("network", "server", "flood_wait", "unknown", "client")
+#: The categories with a retry limit: the fields of RetryLimits (a subset of lifecycle.Category).
+_RETRY_KEYS = tuple(f.name for f in dataclasses.fields(RetryLimits))
+#: Telegram's api_id is an MTProto ``int`` (32-bit signed).
+INT32_MAX = 2**31 - 1
+#: Host names that are always local, whatever the listen address.
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 def config_warnings(config: Config) -> list[str]:
     """Settings that are valid but probably not what the operator wants (logged at start and
     on reload, printed by ``check-config``): they do not stop the daemon."""
     out = []
+    d = config.daemon
+    if d.http_listen is not None and d.http_token is None and not is_loopback_host(
+            d.http_listen.host):
+        out.append(
+            f"{config.path}: daemon.http_listen ({d.http_listen}) is not a loopback address and "
+            "daemon.http_token_file is not set: anyone who can reach it reads /status")
+    for key, path in (("daemon.http_token_file", d.http_token_file),
+                      ("daemon.master_key_file", d.master_key_file),
+                      ("telegram.api_hash_file", config.telegram.api_hash_file)):
+        mode = _file_mode(path)
+        if mode is not None and mode & 0o077:
+            out.append(f"{config.path}: {key}: {path} has mode {mode:04o}; other users can "
+                       f"read it: chmod 600 {path}")
     p = config.policy
     slowest = longest_heartbeat_gap(p)
     if p.stale_after < slowest:
@@ -258,6 +327,15 @@ def config_warnings(config: Config) -> list[str]:
                 "connections would be dropped by the server between heartbeats; raise lease_ttl "
                 "or lower policy.heartbeat_interval")
     return out
+
+
+def _file_mode(path: Path | None) -> int | None:
+    if path is None:
+        return None
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return None
 
 
 # --------------------------------------------------------------------------- loading
@@ -300,17 +378,18 @@ def parse_config(
     """Validate already-parsed TOML. Only reads the files the config names (api_hash_file,
     rsa_keys), through ``read_file``."""
     p = _Parser(Path(path), env, read_file)
-    root = p.table(data, "", ("daemon", "telegram", "policy", "accounts"))
+    root = p.table(data, "", ("daemon", "telegram", "policy", "security", "accounts"))
     daemon = p.daemon(root.get("daemon", {}), state_dir)
     if "telegram" not in root:
         p.err("telegram", "required section missing")
     telegram = p.telegram(root.get("telegram", {}))
     policy = p.policy(root.get("policy", {}))
+    security = p.security(root.get("security", {}))
     accounts = p.accounts(root.get("accounts", []))
     if p.problems:
         raise ConfigValidationError(p.problems)
     assert telegram is not None  # no problems => telegram parsed
-    return Config(Path(path), daemon, telegram, policy, accounts)
+    return Config(Path(path), daemon, telegram, policy, accounts, security)
 
 
 class _Parser:
@@ -362,7 +441,7 @@ class _Parser:
 
     def choice(self, tbl: Mapping[str, Any], prefix: str, key: str, choices: tuple[str, ...],
                default: str) -> str:
-        v = self.get(tbl, prefix, key, str, default)
+        v: str = self.get(tbl, prefix, key, str, default)
         if v.lower() not in choices:
             self.err(_join(prefix, key), f"must be one of {'|'.join(choices)}, not {_short(v)}")
             return default
@@ -371,6 +450,9 @@ class _Parser:
     def number(self, tbl: Mapping[str, Any], prefix: str, key: str, kind: type, default: Any,
                *, minimum: float, exclusive: bool = False) -> Any:
         v = self.get(tbl, prefix, key, kind, default)
+        if not math.isfinite(v):
+            self.err(_join(prefix, key), f"must be a finite number, not {v}")
+            return default
         if exclusive and not v > minimum:
             self.err(_join(prefix, key), f"must be > {minimum:g}, not {v:g}")
             return default
@@ -420,7 +502,7 @@ class _Parser:
         t = self.table(value, "daemon", (
             "state_dir", "master_key_file", "http_listen", "http_token_file", "log_level",
             "log_format", "connect_rate", "connect_burst", "connect_concurrency", "drain_timeout",
-            "metrics_histograms", *_CLUSTER_KEYS,
+            "metrics_histograms", "http_allowed_hosts", *_CLUSTER_KEYS,
         ))
         state_dir: Path | None = d.state_dir
         raw_state = self.get(t, "daemon", "state_dir", str, "")
@@ -439,11 +521,14 @@ class _Parser:
         # Port 0 binds an ephemeral port (tests, several daemons on one host).
         listen = (self.address(listen_raw, "daemon.http_listen", min_port=0)
                   if listen_raw else None)
+        token_file = self.file_path(t, "daemon", "http_token_file")
         return DaemonConfig(
             state_dir=state_dir or d.state_dir,
             master_key_file=self.file_path(t, "daemon", "master_key_file"),
             http_listen=listen,
-            http_token_file=self.file_path(t, "daemon", "http_token_file"),
+            http_token_file=token_file,
+            http_token=self._token(token_file),
+            http_allowed_hosts=self._allowed_hosts(t.get("http_allowed_hosts", [])),
             log_level=self.choice(t, "daemon", "log_level",
                                   ("debug", "info", "warning", "error"), d.log_level),
             log_format=self.choice(t, "daemon", "log_format", ("text", "json"), d.log_format),
@@ -486,6 +571,45 @@ class _Parser:
                                                   d.lease_moves_per_minute, minimum=0),
         }
 
+    def _token(self, path: Path | None) -> str | None:
+        """A set token file must hold a token: an empty one would silently disable
+        authentication."""
+        key = "daemon.http_token_file"
+        raw = self.read(path, key) if path is not None else None
+        if raw is None:
+            return None
+        try:
+            token = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            self.err(key, f"{path} is not UTF-8 text")
+            return None
+        if not token:
+            self.err(key, f"{path} is empty: write a token into it, or remove "
+                          "daemon.http_token_file to run without authentication")
+            return None
+        if not token.isprintable() or any(c.isspace() for c in token):
+            # Never echo the value: it is a credential.
+            self.err(key, f"{path} must hold one token without spaces or control characters")
+            return None
+        return token
+
+    def _allowed_hosts(self, value: Any) -> tuple[str, ...]:
+        key = "daemon.http_allowed_hosts"
+        if not isinstance(value, list):
+            self.err(key, f"must be an array of host names or IP addresses, not {_tname(value)}")
+            return ()
+        out: list[str] = []
+        for i, item in enumerate(value):
+            host = item.strip().lower().rstrip(".") if isinstance(item, str) else ""
+            if host.startswith("[") and host.endswith("]"):
+                host = host[1:-1]
+            if not host or not (_HOST_RE.fullmatch(host) or _is_ip(host)):
+                self.err(f"{key}[{i}]", f"must be a host name or IP address without a port, "
+                                        f"not {_short(item)}")
+                continue
+            out.append(host)
+        return tuple(dict.fromkeys(out))
+
     def telegram(self, value: Any) -> TelegramConfig | None:
         t = self.table(value, "telegram", (
             "api_id", "api_hash", "api_hash_file", "rsa_keys", "use_ipv6", "servers",
@@ -493,8 +617,8 @@ class _Parser:
         api_id = self.get(t, "telegram", "api_id", int, None)
         if "api_id" not in t:
             self.err("telegram.api_id", "required")
-        elif api_id is not None and api_id <= 0:
-            self.err("telegram.api_id", "must be a positive integer")
+        elif api_id is not None and not 0 < api_id <= INT32_MAX:
+            self.err("telegram.api_id", f"must be a positive 32-bit integer (1-{INT32_MAX})")
         api_hash, hash_file = self._api_hash(t)
         rsa_keys = self._rsa_keys(t.get("rsa_keys", []))
         servers = self._servers(t.get("servers", {}))
@@ -610,6 +734,34 @@ class _Parser:
             }),
         )
 
+    def security(self, value: Any) -> SecurityConfig:
+        d = SecurityConfig()
+        t = self.table(value, "security",
+                       ("on_new_authorization", "check_interval", "allow", "log_ip"))
+        allow = t.get("allow", [])
+        if not isinstance(allow, list) or not all(
+            isinstance(x, str) and x.strip() and x.isprintable() for x in allow
+        ):
+            self.err("security.allow", "must be an array of non-empty glob patterns")
+            allow = []
+        return SecurityConfig(
+            on_new_authorization=self._on_new_authorization(t, "security")
+            or d.on_new_authorization,
+            # At most one look a minute: a typo must not turn into a request storm.
+            check_interval=self.number(t, "security", "check_interval", float,
+                                       d.check_interval, minimum=60),
+            allow=tuple(allow),
+            log_ip=self.get(t, "security", "log_ip", bool, d.log_ip),
+        )
+
+    def _on_new_authorization(self, t: Mapping[str, Any], prefix: str
+                              ) -> OnNewAuthorization | None:
+        if "on_new_authorization" not in t:
+            return None
+        choices = tuple(a.value for a in OnNewAuthorization)
+        return OnNewAuthorization(self.choice(t, prefix, "on_new_authorization", choices,
+                                              OnNewAuthorization.ALERT.value))
+
     def accounts(self, value: Any) -> tuple[AccountConfig, ...]:
         if not isinstance(value, list):
             self.err("accounts", f"must be an array of tables ([[accounts]]), not {_tname(value)}")
@@ -636,7 +788,7 @@ class _Parser:
             return None
         t = self.table(value, prefix, (
             "name", "phone", "enabled", "device_model", "system_version", "app_version",
-            "lang_code", "system_lang_code", "proxy", "plugins",
+            "lang_code", "system_lang_code", "proxy", "plugins", "on_new_authorization",
         ))
         name = self.get(t, prefix, "name", str, "")
         if "name" not in t:
@@ -664,10 +816,11 @@ class _Parser:
         proxy = self._proxy(proxy_raw, f"{prefix}.proxy") if proxy_raw else None
         plugins = self._plugins(t.get("plugins", []), f"{prefix}.plugins")
         enabled = self.get(t, prefix, "enabled", bool, True)
+        on_new = self._on_new_authorization(t, prefix)
         if len(self.problems) != n_before:
             return None
         return AccountConfig(name=name, phone=phone, enabled=enabled, proxy=proxy,
-                             plugins=plugins, **texts)
+                             plugins=plugins, on_new_authorization=on_new, **texts)
 
     def _phone(self, t: Mapping[str, Any], prefix: str) -> str | None:
         v = self.get(t, prefix, "phone", str, "")
@@ -811,6 +964,14 @@ def _parse_address(value: str, *, min_port: int = 1) -> Address | None:
     if not (port_s.isascii() and port_s.isdigit()) or not min_port <= int(port_s) < 65536:
         return None
     return Address(host, int(port_s))
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_pkcs1(raw: bytes) -> bool:

@@ -135,6 +135,7 @@ class KeyRing:
             return NotImplemented
         return self._active == other._active and self._keys == other._keys
 
+    # Unhashable like any mutable value with __eq__; mypy wants a method here.
     __hash__ = None  # type: ignore[assignment]
 
     # -- records ---------------------------------------------------------------------------

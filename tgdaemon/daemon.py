@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
-from tgdaemon.config import Config, ConfigHolder, config_warnings, load_config
+from tgdaemon.config import Config, ConfigHolder, allowed_hosts, config_warnings, load_config
 from tgdaemon.crypto import KeyRing, load_keyring
 from tgdaemon.dcs import DcDirectory
 from tgdaemon.exceptions import ConfigError
 from tgdaemon.fleet import Fleet, fleet_lock_name
 from tgdaemon.leasestore import open_lease_store
+from tgdaemon.logvolume import NoiseCollector
 from tgdaemon.metrics import Metrics
 from tgdaemon.notify import Notifier
 from tgdaemon.ratelimit import ConnectRateLimiter
@@ -62,6 +63,7 @@ class Daemon:
         #: The running configuration; a reload replaces ``settings.current``.
         self.settings = ConfigHolder(config)
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.registry.register(NoiseCollector())
         self._keyring = keyring
         self._env = env
         self._clock = clock
@@ -141,11 +143,9 @@ class Daemon:
         if listen is not None:
             from tgdaemon.http import HttpServer, build_app
 
-            token = None
-            if config.daemon.http_token_file is not None:
-                token = config.daemon.http_token_file.read_text().strip() or None
             app = build_app(board=self.board, registry=self.registry, ready=self.ready,
-                            token=token)
+                            token=config.daemon.http_token,
+                            allowed_hosts=allowed_hosts(config.daemon))
             self.http = HttpServer(app, listen.host, listen.port)
             await self.http.start()
             self._stack.push_async_callback(self.http.stop)

@@ -9,6 +9,11 @@ never logged.
 
 ``/metrics`` is rendered in a dedicated worker thread (one scrape at a time) so a
 10,000-account scrape does not stall heartbeats, and gzip-compressed when the scraper asks.
+
+Every route first checks the Host header against an allow-list (421 otherwise): a DNS-rebinding
+page reaches 127.0.0.1 under its own host name. Everything an outsider can make the server hold
+is bounded by :class:`HttpLimits`: connections, the time to send a request, idle keep-alive,
+WebSocket subscribers, and what a subscriber that stops reading may cost.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import errno
 import gzip
 import hashlib
 import hmac
@@ -23,18 +29,20 @@ import json
 import logging
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.abc import AbstractAccessLogger
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import CollectorRegistry
 
 from tgdaemon.exceptions import ConfigError
 from tgdaemon.metrics import render
-from tgdaemon.status import StatusBoard, Subscription
+from tgdaemon.status import AccountStatus, StatusBoard, Subscription
 
 log = logging.getLogger("tgdaemon.http")
 
@@ -49,6 +57,41 @@ CLOSE_OVERFLOW = WSCloseCode.TRY_AGAIN_LATER  # 1013
 CLOSE_SHUTDOWN = WSCloseCode.GOING_AWAY  # 1001
 
 STATUS_PAGE = Path(__file__).with_name("static") / "status.html"
+#: Host names answered when the caller gives no list (the daemon passes the config's).
+DEFAULT_ALLOWED_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """Bounds on what clients can make the server hold. The defaults fit Prometheus, a few
+    status pages and scripts with room to spare; they are not config keys (nobody tunes them).
+
+    * ``max_connections``: open connections at once; one more gets a 503 and is closed.
+    * ``request_timeout``: a connection must deliver a complete request head this soon after
+      it opens (slowloris, idle sockets).
+    * ``keepalive_timeout``: an idle keep-alive connection is closed after this long (and a
+      slow next request head with it).
+    * ``max_subscribers``: open ``/status/ws`` connections; one more gets a 503.
+    * ``send_timeout``: a WebSocket message (the snapshot too) must leave the process this
+      soon; a subscriber that does not read is disconnected, so its unsent data (at most one
+      snapshot) is freed.
+    """
+
+    max_connections: int = 256
+    request_timeout: float = 10.0
+    keepalive_timeout: float = 15.0
+    max_subscribers: int = 64
+    send_timeout: float = 10.0
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request without the query string (a token pasted into a URL must not reach
+    the journal) and without Referer/User-Agent (free text from the client)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        query = "?[redacted]" if request.query_string else ""
+        self.logger.info('%s "%s %s%s" %d %d %.3fs', request.remote, request.method,
+                         request.path, query, response.status, response.body_length, time)
 
 
 class LoopLagMonitor:
@@ -93,18 +136,48 @@ class LoopLagMonitor:
             self._recent.append(self.last)
 
 
+class StatusEncoder:
+    """Each status becomes JSON text once, however many subscribers receive it; a snapshot is
+    the cached texts joined. Keyed by account, checked by identity: a changed status is a new
+    object (the board replaces, never mutates)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[AccountStatus, str]] = {}
+
+    def encode(self, status: AccountStatus) -> str:
+        cached = self._cache.get(status.account)
+        if cached is not None and cached[0] is status:
+            return cached[1]
+        text = json.dumps(status.to_json())
+        self._cache[status.account] = (status, text)
+        return text
+
+    def snapshot(self, statuses: list[AccountStatus]) -> str:
+        texts = [self.encode(s) for s in statuses]
+        if len(self._cache) > len(statuses):  # accounts removed since: forget them
+            keep = {s.account for s in statuses}
+            self._cache = {k: v for k, v in self._cache.items() if k in keep}
+        return '{"type": "snapshot", "accounts": [' + ", ".join(texts) + "]}"
+
+
 # -- typed application state -----------------------------------------------------------------
 
 BOARD = web.AppKey("board", StatusBoard)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
-READY = web.AppKey("ready", Callable[[], bool])
-TOKEN = web.AppKey("token", str | None)
+READY: web.AppKey[Callable[[], bool]] = web.AppKey("ready")
+TOKEN: web.AppKey[str | None] = web.AppKey("token")
 WS_QUEUE_SIZE = web.AppKey("ws_queue_size", int)
 LOOP_LAG = web.AppKey("loop_lag", LoopLagMonitor)
 RENDER_EXECUTOR = web.AppKey("render_executor", ThreadPoolExecutor)
-SUBSCRIPTIONS = web.AppKey("subscriptions", set[Subscription])
+SUBSCRIPTIONS: web.AppKey[set[Subscription]] = web.AppKey("subscriptions")
 PAGE = web.AppKey("page", bytes)
 PAGE_CSP = web.AppKey("page_csp", str)
+ALLOWED_HOSTS = web.AppKey("allowed_hosts", frozenset[str])
+LIMITS = web.AppKey("limits", HttpLimits)
+ENCODER = web.AppKey("encoder", StatusEncoder)
+#: Connections (by id) that have not yet sent a complete request head: the head timer closes
+#: those still here when it fires; the first request takes its connection out.
+UNSTARTED = web.AppKey("unstarted", dict[int, web.RequestHandler])
 
 
 def build_app(
@@ -115,11 +188,17 @@ def build_app(
     token: str | None = None,
     ws_queue_size: int = 1024,
     loop_lag_interval: float = 1.0,
+    allowed_hosts: Collection[str] = DEFAULT_ALLOWED_HOSTS,
+    limits: HttpLimits = HttpLimits(),
 ) -> web.Application:
     """The aiohttp application; nothing runs until a runner starts it."""
     if token is not None and not token.strip():
         raise ConfigError("the HTTP token is empty: remove it or set a real one")
-    app = web.Application()
+    app = web.Application(middlewares=[_guard])
+    app[ALLOWED_HOSTS] = frozenset(_host_name(h) for h in allowed_hosts)
+    app[LIMITS] = limits
+    app[ENCODER] = StatusEncoder()
+    app[UNSTARTED] = {}
     app[BOARD] = board
     app[REGISTRY] = registry
     app[READY] = ready
@@ -161,11 +240,35 @@ async def _render_executor_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _close_subscriptions(app: web.Application) -> None:
-    for sub in tuple(app[SUBSCRIPTIONS]):
+    subscriptions: set[Subscription] = app[SUBSCRIPTIONS]
+    for sub in tuple(subscriptions):
         sub.close()
 
 
 # -- handlers -----------------------------------------------------------------------------------
+
+
+@web.middleware
+async def _guard(request: web.Request,
+                 handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                 ) -> web.StreamResponse:
+    """Runs before every route: the Host check, and the mark that stops the head timer."""
+    request.app[UNSTARTED].pop(id(request.protocol), None)
+    host = request.headers.get("Host")
+    # No Host header: not a browser (HTTP/1.0 tools), so not a rebinding vector.
+    if host is not None and _host_name(host) not in request.app[ALLOWED_HOSTS]:
+        return _json({"error": "unknown Host: add it to daemon.http_allowed_hosts"}, 421)
+    return await handler(request)
+
+
+def _host_name(host: str) -> str:
+    """``Host`` header or config entry -> lower-case name, no port, IPv6 without brackets."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
 
 
 def _json(data: object, status: int = 200) -> web.Response:
@@ -238,15 +341,21 @@ async def _status_ws(request: web.Request) -> web.StreamResponse:
         # Browsers let any page open a WebSocket to 127.0.0.1: only our own page may.
         return _json({"error": "cross-origin WebSocket refused"}, 403)
     app = request.app
+    limits = app[LIMITS]
+    if len(app[SUBSCRIPTIONS]) >= limits.max_subscribers:
+        log.warning("status WebSocket refused: %d subscribers already (the limit)",
+                    limits.max_subscribers)
+        return _json({"error": "too many status subscribers; try again later"}, 503)
     ws = web.WebSocketResponse(protocols=(WS_PROTOCOL,), heartbeat=30.0, max_msg_size=4096)
     # Subscribe before the snapshot: a change in between is then sent twice, never lost.
     sub = app[BOARD].subscribe(app[WS_QUEUE_SIZE])
     app[SUBSCRIPTIONS].add(sub)
     try:
         await ws.prepare(request)
-        snapshot = [s.to_json() for s in app[BOARD].snapshot()]
-        await ws.send_str(json.dumps({"type": "snapshot", "accounts": snapshot}))
-        pump = asyncio.create_task(_pump(ws, sub), name="status-ws-pump")
+        sender = _Sender(ws, request, app[ENCODER], limits.send_timeout)
+        if not await sender.send(app[ENCODER].snapshot(app[BOARD].snapshot())):
+            return ws
+        pump = asyncio.create_task(_pump(sender, sub), name="status-ws-pump")
         try:
             async for msg in ws:  # the client says nothing; reading handles ping/close
                 if msg.type is WSMsgType.ERROR:
@@ -262,10 +371,35 @@ async def _status_ws(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _pump(ws: web.WebSocketResponse, sub: Subscription) -> None:
+class _Sender:
+    """Sends to one subscriber with a deadline. aiohttp waits for the socket to drain once
+    64 KiB are pending, so a subscriber that stops reading blocks here; at the deadline its
+    connection is aborted, which frees what was waiting for it."""
+
+    def __init__(self, ws: web.WebSocketResponse, request: web.Request,
+                 encoder: StatusEncoder, timeout: float) -> None:
+        self.ws = ws
+        self._transport = request.transport
+        self.encoder = encoder
+        self._timeout = timeout
+
+    async def send(self, text: str) -> bool:
+        try:
+            await asyncio.wait_for(self.ws.send_str(text), self._timeout)
+        except TimeoutError:
+            log.info("status WebSocket subscriber stopped reading; disconnected it")
+            if self._transport is not None:
+                self._transport.abort()
+            return False
+        return True
+
+
+async def _pump(sender: _Sender, sub: Subscription) -> None:
     """Forward changes in order; when the subscription ends, say why in the close code."""
+    ws = sender.ws
     async for status in sub:
-        await ws.send_str(json.dumps(status.to_json()))
+        if not await sender.send(sender.encoder.encode(status)):
+            return
     if sub.overflowed:
         log.info("status WebSocket subscriber fell behind; closing it")
         await ws.close(code=CLOSE_OVERFLOW, message=b"too slow: reconnect for a new snapshot")
@@ -344,10 +478,77 @@ def _page_csp(html: str) -> str:
 # -- server -------------------------------------------------------------------------------------
 
 
+_BIND_ERRORS = {
+    errno.EADDRINUSE: "the port is in use (another tgdaemon, or another program): "
+                      "stop it or choose another port",
+    errno.EADDRNOTAVAIL: "no network interface of this machine has that address",
+    errno.EACCES: "permission denied (ports below 1024 need privileges)",
+}
+
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+         b"Content-Length: 21\r\nConnection: close\r\n\r\ntoo many connections\n")
+
+
+class _Busy(asyncio.Protocol):
+    """What a connection beyond the limit gets: a 503 and the door closed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(_BUSY)
+        transport.close()
+
+
+class _GuardedSite(web.TCPSite):
+    """A TCP site whose connections are counted (503 beyond ``max_connections``) and must
+    send a request head within ``request_timeout``."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, limits: HttpLimits,
+                 unstarted: dict[int, web.RequestHandler]) -> None:
+        super().__init__(runner, host, port)
+        self._limits = limits
+        self._unstarted = unstarted
+        self._pending = 0  # created, connection_made not run yet
+        self.refused = 0
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers with the runner; TCPSite's own bind below
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._protocol, self._host, self._port)
+
+    def _protocol(self) -> asyncio.BaseProtocol:
+        server = self._runner.server
+        assert server is not None
+        if len(server.connections) + self._pending >= self._limits.max_connections:
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                log.warning("HTTP connection refused: %d open (the limit); %d refused so far",
+                            self._limits.max_connections, self.refused)
+            return _Busy()
+        handler = server()
+        loop = asyncio.get_running_loop()
+        self._pending += 1
+        # The transport schedules connection_made right after this returns: settle after it.
+        loop.call_soon(loop.call_soon, self._settle)
+        self._unstarted[id(handler)] = handler
+        # The timer holds the handler, so its id is not reused before the timer fires.
+        loop.call_later(self._limits.request_timeout, self._expire, handler)
+        return handler
+
+    def _settle(self) -> None:
+        self._pending -= 1
+
+    def _expire(self, handler: web.RequestHandler) -> None:
+        transport = handler.transport
+        if self._unstarted.pop(id(handler), None) is handler and transport is not None:
+            handler.force_close()
+            transport.close()
+
+
 class HttpServer:
     """Runs an app on one TCP address; binds what it is given (the config defaults to loopback).
 
-    ``port`` is the bound port (useful with port 0).
+    ``port`` is the bound port (useful with port 0). An address that cannot be bound is a
+    :class:`ConfigError` with one line saying why.
     """
 
     def __init__(self, app: web.Application, host: str, port: int) -> None:
@@ -360,17 +561,27 @@ class HttpServer:
     async def start(self) -> None:
         if self._runner is not None:
             raise RuntimeError("HttpServer already started")
+        limits = self._app[LIMITS]
         runner = web.AppRunner(
             self._app,
             access_log=logging.getLogger("tgdaemon.http.access"),
+            access_log_class=AccessLogger,
             shutdown_timeout=5.0,
+            keepalive_timeout=limits.keepalive_timeout,
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self._host, self._requested_port)
+            site = _GuardedSite(runner, self._host, self._requested_port, limits,
+                                self._app[UNSTARTED])
             await site.start()
-        except BaseException:
+        except OSError as exc:
             await runner.cleanup()  # setup started the app: undo exactly that
+            host = f"[{self._host}]" if ":" in self._host else self._host
+            why = _BIND_ERRORS.get(exc.errno or 0, exc.strerror or type(exc).__name__)
+            raise ConfigError(f"daemon.http_listen: cannot listen on {host}:"
+                              f"{self._requested_port}: {why}") from None
+        except BaseException:
+            await runner.cleanup()
             raise
         self._runner = runner
         self.port = runner.addresses[0][1]

@@ -411,7 +411,7 @@ class PgLeaseStore(LeaseStore):
         """``idle_in_transaction``: PostgreSQL ends a session of ours that sits in a
         transaction this long (a paused daemon), so its row locks cannot keep the other
         instances from claiming its expired leases."""
-        import asyncpg  # type: ignore[import-untyped]
+        import asyncpg
 
         settings = {"idle_in_transaction_session_timeout": str(int(idle_in_transaction * 1000))}
         try:

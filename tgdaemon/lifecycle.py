@@ -45,6 +45,7 @@ __all__ = [
     "Category",
     "Classified",
     "Recovery",
+    "Setup",
     "State",
     "heartbeat_delay",
     "longest_heartbeat_gap",
@@ -78,6 +79,16 @@ WATCHED_STATES = frozenset(
 OWNED_STATES = WATCHED_STATES | {State.FLOOD_WAIT}
 #: No worker runs: no connection, no live values (latency, heartbeat time).
 ENDED_STATES = PARKED_STATES | {State.DISABLED, State.STOPPED}
+
+
+class Setup(StrEnum):
+    """What the CLI last did to an account: the store's ``status`` column holds one of these
+    until a daemon runs the account (then its :class:`State`)."""
+
+    NEW = "new"  # the column's default (migrations.py)
+    IMPORTED = "imported"
+    LOGGED_IN = "logged_in"
+    LOGGED_OUT = "logged_out"
 
 
 class Category(StrEnum):

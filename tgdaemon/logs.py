@@ -10,8 +10,10 @@ import json
 import logging
 import sys
 import time
+from collections.abc import MutableMapping
 from typing import IO, Any
 
+from tgdaemon.logvolume import NoiseFilter
 from tgdaemon.redact import redact
 
 ROOT = "tgdaemon"
@@ -62,6 +64,8 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: IO[str] | None
     else:
         # systemd adds its own timestamp; keep the line short.
         handler.setFormatter(TextFormatter("%(levelname)s %(name)s: %(message)s"))
+    # First: a record demoted and dropped is not worth redacting.
+    handler.addFilter(NoiseFilter())
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -83,7 +87,8 @@ def account_logger(name: str) -> logging.LoggerAdapter[logging.Logger]:
 
 
 class _AccountAdapter(logging.LoggerAdapter[logging.Logger]):
-    def process(self, msg: object, kwargs: dict) -> tuple[object, dict]:  # type: ignore[override]
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]
+                ) -> tuple[Any, MutableMapping[str, Any]]:
         account = self.extra["account"] if self.extra else "?"
         kwargs.setdefault("extra", {})["account"] = account
         return f"[{account}] {msg}", kwargs

@@ -84,6 +84,7 @@ class _Slots:
     """Everything one account costs: plain numbers, no locks, no metric objects."""
 
     __slots__ = (
+        "authorizations",
         "errors",
         "failovers",
         "flood_wait_seconds",
@@ -92,9 +93,12 @@ class _Slots:
         "histogram",
         "labels",
         "last_latency",
+        "new_authorizations",
         "plugin_errors",
         "reconnects",
+        "unknown_objects",
         "update_gaps",
+        "updates_recovered",
         "worker_restarts",
     )
 
@@ -108,6 +112,10 @@ class _Slots:
         self.worker_restarts = 0
         self.update_gaps = 0
         self.plugin_errors = 0
+        self.updates_recovered = 0
+        self.unknown_objects = 0
+        self.new_authorizations = 0
+        self.authorizations: int | None = None
         self.heartbeat: float | None = None
         self.last_latency: float | None = None
         self.histogram = histogram
@@ -249,10 +257,26 @@ class Metrics:
         if (slot := self._slots.get(name)) is not None:
             slot.update_gaps += 1
 
+    def updates_recovered(self, name: str, count: int) -> None:
+        """Updates a catch-up (getDifference) handed to the account's handlers."""
+        if (slot := self._slots.get(name)) is not None and count > 0:
+            slot.updates_recovered += count
+
+    def unknown_object(self, name: str) -> None:
+        """A server object the pinned Telethon cannot parse, skipped."""
+        if (slot := self._slots.get(name)) is not None:
+            slot.unknown_objects += 1
+
     def plugin_error(self, name: str) -> None:
         """A user plugin failed to load or run (the worker logs it and carries on)."""
         if (slot := self._slots.get(name)) is not None:
             slot.plugin_errors += 1
+
+    def sessions(self, name: str, count: int, new: int) -> None:
+        """A look at the account's sessions found ``count``, ``new`` of them not seen before."""
+        if (slot := self._slots.get(name)) is not None:
+            slot.authorizations = count
+            slot.new_authorizations += new
 
     def config_reload(self, ok: bool) -> None:
         self._reload_ok = ok
@@ -287,6 +311,10 @@ class Metrics:
                 slot.worker_restarts,
                 slot.update_gaps,
                 slot.plugin_errors,
+                slot.updates_recovered,
+                slot.unknown_objects,
+                slot.new_authorizations,
+                slot.authorizations,
                 slot.heartbeat,
                 slot.last_latency,
                 None if slot.histogram is None else tuple(slot.histogram.buckets),
@@ -381,8 +409,33 @@ class Metrics:
                 "Failures of the account's user plugins to load or run.",
                 _get_plugin_errors,
             ),
+            (
+                "updates_recovered",
+                "Updates the account missed and got back by catching up (getDifference).",
+                _get_recovered,
+            ),
+            (
+                "unknown_objects",
+                "Server objects the pinned Telethon could not parse, skipped.",
+                _get_unknown,
+            ),
+            (
+                "new_authorizations",
+                "Sessions of the account that are not the daemon's, seen for the first time.",
+                _get_new_authorizations,
+            ),
         ):
             fams.append(_AccountFamily(p + name, doc, "counter", rows, get))
+        fams.append(
+            _AccountFamily(
+                p + "authorizations",
+                "Sessions (authorizations) of the account at the last look, the daemon's "
+                "included (absent before the first look).",
+                "gauge",
+                rows,
+                _get_authorizations,
+            )
+        )
         fams.append(
             _AccountFamily(
                 p + "heartbeat_timestamp_seconds",
@@ -433,6 +486,10 @@ class _Row(NamedTuple):
     worker_restarts: int
     update_gaps: int
     plugin_errors: int
+    updates_recovered: int
+    unknown_objects: int
+    new_authorizations: int
+    authorizations: int | None
     heartbeat: float | None
     last_latency: float | None
     buckets: tuple[int, ...] | None
@@ -471,6 +528,20 @@ def _get_plugin_errors(r: _Row) -> int:
     return r.plugin_errors
 
 
+def _get_recovered(r: _Row) -> int:
+    return r.updates_recovered
+
+
+def _get_unknown(r: _Row) -> int:
+    return r.unknown_objects
+def _get_new_authorizations(r: _Row) -> int:
+    return r.new_authorizations
+
+
+def _get_authorizations(r: _Row) -> int | None:
+    return r.authorizations
+
+
 class _LazyFamily(Metric):
     """A family over the snapshot rows: text lines for :func:`render`, samples on demand.
 
@@ -485,7 +556,7 @@ class _LazyFamily(Metric):
         self._built = None
         self.rows = rows
 
-    @property  # type: ignore[override]
+    @property
     def samples(self) -> list[Sample]:
         if self._built is None:
             self._built = list(self._samples())
@@ -627,13 +698,19 @@ def _has_samples(family: Metric) -> bool:
 def _num(value: float | bool) -> str:
     """A sample value in the text format: ints and finite floats as Python prints them."""
     if type(value) is float and not math.isfinite(value):
-        return floatToGoString(value)
+        return _go_float(value)
     return repr(int(value)) if type(value) is bool else repr(value)
 
 
 def _fmt_le(bound: float) -> str:
     """Go's float text for ``le`` (1.0, 2.5, 10.0), so series match generate_latest's."""
-    return floatToGoString(bound)
+    return _go_float(bound)
+
+
+def _go_float(value: float) -> str:
+    # prometheus_client leaves this helper unannotated.
+    text: str = floatToGoString(value)  # type: ignore[no-untyped-call]
+    return text
 
 
 def _escape_label(value: str) -> str:
@@ -664,5 +741,5 @@ def render(registry: CollectorRegistry) -> bytes:
             out.append(f"# TYPE {family.exposed_name} {family.type}\n")
             out.extend(family.lines())
         else:
-            out.append(generate_latest(_One(family)).decode())  # type: ignore[arg-type]
+            out.append(generate_latest(_One(family)).decode())
     return "".join(out).encode()

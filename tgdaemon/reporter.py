@@ -21,11 +21,14 @@ from typing import TYPE_CHECKING, Any
 from tgdaemon.lifecycle import ENDED_STATES, Action, Category, Classified, Recovery, State
 from tgdaemon.logs import account_logger
 from tgdaemon.redact import redact
+from tgdaemon.status import NewLogin
+from tgdaemon.updates import CatchUp, first_sighting
 
 if TYPE_CHECKING:
     from tgdaemon.metrics import Metrics
     from tgdaemon.status import StatusBoard, UserInfo
     from tgdaemon.store import DeviceInfo, Store
+    from tgdaemon.watch import LookResult
 
 #: How often heartbeats refresh last_used/last_checked in the store (the status board always
 #: has the live value): 10,000 accounts writing every heartbeat would be 300 writes a second.
@@ -165,8 +168,42 @@ class AccountReporter:
         self.log.warning("update stream gap: server pts %d, client pts %s", server_pts,
                          local_pts)
 
+    def sessions(self, result: LookResult) -> None:
+        """A look at the account's sessions (``tgdaemon.watch``): the count, and the newest
+        foreign session when there is one (pushed to /status/ws as a status change)."""
+        found = result.assessment
+        self._metrics.sessions(self.name, found.count, len(found.new))
+        changes: dict[str, Any] = {"authorizations": found.count}
+        if found.new:
+            newest = max(found.new, key=lambda s: s.created)
+            changes["last_new_authorization"] = NewLogin(
+                newest.device, newest.app, newest.country, newest.created, self._clock(),
+                terminated=newest in result.terminated)
+        self._board.update(self.name, **changes)
+
     def plugin_error(self) -> None:
         self._metrics.plugin_error(self.name)
+
+    def caught_up(self, report: CatchUp) -> None:
+        """A finished catch-up: INFO with the count when it recovered anything (never the
+        content; an empty one, as on every connect, is DEBUG); a "too long" answer is a
+        WARNING, since those updates can only be re-read from history."""
+        where = "account" if report.channel is None else f"channel {report.channel}"
+        self._metrics.updates_recovered(self.name, report.recovered)
+        if report.skipped:
+            self.log.warning("%s difference too long: %d updates skipped (the server keeps no "
+                             "more); %d recovered", where, report.skipped, report.recovered)
+        else:
+            self.log.log(logging.INFO if report.recovered else logging.DEBUG,
+                         "caught up (%s): %d updates recovered", where, report.recovered)
+
+    def unknown_object(self, constructor_id: int) -> None:
+        """A server object this Telethon cannot parse was skipped: one WARNING per constructor
+        id and process (a new layer reaches every account at once), then DEBUG."""
+        self._metrics.unknown_object(self.name)
+        self.log.log(logging.WARNING if first_sighting(constructor_id) else logging.DEBUG,
+                     "skipped a server object of unknown constructor %08x (newer layer than "
+                     "this Telethon); the connection stays up", constructor_id)
 
     def worker_restart(self) -> None:
         self._metrics.worker_restart(self.name)

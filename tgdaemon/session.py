@@ -9,8 +9,10 @@ login binds the key to a user.
 Built on :class:`~telethon.sessions.MemorySession` because its lookup logic
 (``get_input_entity``) is what the client expects; only the entity cache is replaced, by a
 bounded LRU, since MemorySession's unbounded set grows for the lifetime of a client.
-Persisted: DC, address, port, auth key, own user id and the general update state.
-Not persisted: other entities, channel update states, takeout id, file cache.
+Persisted: DC, address, port, auth key, own user id, the general update state and each
+channel's update state with the channel's access hash (at most :data:`MAX_CHANNEL_STATES`):
+what Telethon's catch-up on connect needs (``tgdaemon.updates``).
+Not persisted: other entities, takeout id, file cache.
 
 A change of DC, key or user is submitted at once. A change of the update state alone (Telethon
 saves every 60 s, and a busy account's pts moves all the time) is written at most every
@@ -47,9 +49,12 @@ _Row = tuple[int, int, Any, Any, Any]  # (marked id, access hash, username, phon
 
 #: Seconds between writes of a changed update state when nothing else changed (see above).
 UPDATE_STATE_INTERVAL = 300.0
+#: Channel update states kept per account (Telegram lets an account join at most 500
+#: channels, 1,000 with Premium).
+MAX_CHANNEL_STATES = 1000
 
 
-class StoreSession(MemorySession):
+class StoreSession(MemorySession):  # type: ignore[misc]  # Telethon is untyped (Any)
     """Telethon session for one account, saved through the store's single writer."""
 
     def __init__(
@@ -69,6 +74,9 @@ class StoreSession(MemorySession):
         self._entity_cache_size = entity_cache_size
         self._lru: OrderedDict[int, _Row] = OrderedDict()
         self._self_id: int | None = None
+        #: Marked channel id -> access hash of every channel with an update state: pinned
+        #: outside the LRU, since a catch-up cannot ask for a channel without its hash.
+        self._channel_hashes: dict[int, int] = {}
         self._outstanding: set[asyncio.Future[None]] = set()
         self._last_submitted: SessionData | None = data
         self._error: BaseException | None = None
@@ -87,6 +95,11 @@ class StoreSession(MemorySession):
                     pts=data.pts, qts=data.qts or 0, seq=data.seq or 0, unread_count=0,
                     date=datetime.datetime.fromtimestamp(data.date or 0, tz=datetime.UTC),
                 )
+            epoch = datetime.datetime.fromtimestamp(0, tz=datetime.UTC)
+            for channel_id, pts, access_hash in data.channels:
+                self._update_states[channel_id] = types.updates.State(
+                    pts=pts, qts=0, date=epoch, seq=0, unread_count=0)
+                self._channel_hashes[_marked_channel(channel_id)] = access_hash
 
     def __repr__(self) -> str:
         return f"StoreSession(account={self._account!r}, dc={self._dc_id})"
@@ -119,7 +132,18 @@ class StoreSession(MemorySession):
             qts=state.qts if state else None,
             date=int(state.date.timestamp()) if state and state.date else None,
             seq=state.seq if state else None,
+            channels=self._channel_snapshot(),
         )
+
+    def _channel_snapshot(self) -> tuple[tuple[int, int, int], ...]:
+        states = []
+        for channel_id, state in self._update_states.items():
+            if channel_id == 0:
+                continue
+            access_hash = self._channel_hashes.get(_marked_channel(channel_id))
+            if access_hash is not None:
+                states.append((channel_id, int(state.pts), access_hash))
+        return tuple(sorted(states)[:MAX_CHANNEL_STATES])
 
     @contextlib.contextmanager
     def holding_writes(self) -> Iterator[None]:
@@ -189,13 +213,20 @@ class StoreSession(MemorySession):
         super().set_dc(dc_id, server_address, port)
         self._submit()
 
-    @MemorySession.auth_key.setter  # type: ignore[attr-defined, untyped-decorator]
+    @MemorySession.auth_key.setter  # type: ignore[untyped-decorator]  # Telethon is untyped
     def auth_key(self, value: AuthKey | None) -> None:
         self._auth_key = value
         self._submit()
 
     def set_update_state(self, entity_id: int, state: Any) -> None:
         # Written on the next save()/close(): Telethon sets states in bursts, then saves.
+        if entity_id != 0:
+            marked = _marked_channel(entity_id)
+            row = self._lru.get(marked)
+            if row is not None:
+                self._channel_hashes[marked] = row[1]
+            elif marked not in self._channel_hashes:
+                return  # no access hash: a catch-up could not use this state anyway
         super().set_update_state(entity_id, state)
 
     def save(self) -> None:
@@ -209,6 +240,7 @@ class StoreSession(MemorySession):
         self._auth_key = None
         self._self_id = None
         self._update_states.clear()
+        self._channel_hashes.clear()
         self._lru.clear()
         try:
             fut = self._store.submit_delete(self._account)
@@ -274,6 +306,9 @@ class StoreSession(MemorySession):
             if row is not None:
                 self._lru.move_to_end(i)
                 return row[0], row[1]
+            access_hash = self._channel_hashes.get(i)
+            if access_hash is not None:
+                return i, access_hash
         return None
 
     @property
@@ -283,4 +318,10 @@ class StoreSession(MemorySession):
 
 def _same_login(a: SessionData, b: SessionData) -> bool:
     """True when two snapshots differ at most in their update state."""
-    return a == dataclasses.replace(b, pts=a.pts, qts=a.qts, date=a.date, seq=a.seq)
+    return a == dataclasses.replace(b, pts=a.pts, qts=a.qts, date=a.date, seq=a.seq,
+                                    channels=a.channels)
+
+
+def _marked_channel(channel_id: int) -> int:
+    """Telethon's marked id of a channel (how the entity cache keys it)."""
+    return int(utils.get_peer_id(PeerChannel(channel_id)))

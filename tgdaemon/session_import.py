@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tgdaemon.exceptions import AccountError, DecryptionError, TgdaemonError
 from tgdaemon.handshake import AUTH_KEY_BYTES, padded_auth_key
+from tgdaemon.lifecycle import Setup
 from tgdaemon.store import AccountRecord, DeviceInfo, SessionData, Store
 
 _STRING_VERSION = "1"
@@ -146,7 +147,8 @@ async def import_session(
                                "replace it")
     await store.ensure_account(name, device)
     await store.save_session(name, data)
-    await store.update_account(name, status="imported", dc_id=data.dc_id, user_id=data.user_id)
+    await store.update_account(name, status=Setup.IMPORTED.value, dc_id=data.dc_id,
+                               user_id=data.user_id)
     record = await store.get_account(name)
     assert record is not None
     return record

@@ -31,6 +31,18 @@ class UserInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class NewLogin:
+    """The last session seen on an account that is not the daemon's (no IP, no phone)."""
+
+    device: str
+    app: str
+    country: str
+    created: float
+    seen: float
+    terminated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class AccountStatus:
     """What one account is doing now. Holds nothing secret: safe to serialise as is."""
 
@@ -44,6 +56,8 @@ class AccountStatus:
     last_error_category: str | None = None
     last_error_message: str | None = None
     flood_wait_until: float | None = None
+    authorizations: int | None = None
+    last_new_authorization: NewLogin | None = None
     changed_at: float = 0.0
 
     @property
@@ -72,6 +86,17 @@ class AccountStatus:
             if self.last_error_category is None
             else {"category": self.last_error_category, "message": self.last_error_message},
             "floodWaitUntil": _iso(self.flood_wait_until),
+            "authorizations": self.authorizations,
+            "lastNewAuthorization": None
+            if (login := self.last_new_authorization) is None
+            else {
+                "device": login.device,
+                "app": login.app,
+                "country": login.country,
+                "created": _iso(login.created),
+                "seen": _iso(login.seen),
+                "terminated": login.terminated,
+            },
             "changedAt": _iso(self.changed_at),
         }
 

@@ -91,11 +91,13 @@ class SessionData:
     port: int
     auth_key: bytes | None = field(repr=False)
     user_id: int | None = None
-    # general update state (entity 0); channel states are not persisted
+    # general update state (entity 0)
     pts: int | None = None
     qts: int | None = None
     date: int | None = None
     seq: int | None = None
+    #: channel update states, (channel id, pts, access hash): a catch-up needs both
+    channels: tuple[tuple[int, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         # Telethon keeps the DH result as its shortest big-endian bytes: about one key in 256
@@ -113,6 +115,8 @@ class SessionData:
             "uid": self.user_id, "pts": self.pts, "qts": self.qts, "date": self.date,
             "seq": self.seq,
         }
+        if self.channels:  # absent when empty: records without channels stay as they were
+            doc["ch"] = [list(c) for c in self.channels]
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
@@ -125,6 +129,7 @@ class SessionData:
             dc_id=doc["dc"], server_address=doc["addr"], port=doc["port"],
             auth_key=None if key is None else base64.b64decode(key), user_id=doc["uid"],
             pts=doc["pts"], qts=doc["qts"], date=doc["date"], seq=doc["seq"],
+            channels=tuple((int(c), int(p), int(h)) for c, p, h in doc.get("ch", ())),
         )
 
 

@@ -13,11 +13,11 @@ import logging
 from typing import TYPE_CHECKING, Any, cast
 
 from telethon import TelegramClient, functions
-from telethon._updates.messagebox import ENTRY_ACCOUNT
 from telethon.crypto import rsa
 
 from tgdaemon.connection import connection_for
 from tgdaemon.handshake import PaddedKeySender
+from tgdaemon.updates import CatchUpBox, UpdateGate
 
 if TYPE_CHECKING:
     from telethon.sessions.abstract import Session
@@ -35,7 +35,7 @@ class MigrationFailedError(ConnectionError):
     """A DC switch failed and was rolled back; the session is back on its old DC."""
 
 
-class ManagedClient(TelegramClient):
+class ManagedClient(TelegramClient):  # type: ignore[misc]  # Telethon is untyped (Any)
     """A stock Telethon client with two changes.
 
     A DC switch keeps the login: Telethon's ``_switch_dc`` (telegrambaseclient.py:770) drops
@@ -45,16 +45,50 @@ class ManagedClient(TelegramClient):
 
     New auth keys are always 256 bytes (:mod:`tgdaemon.handshake`): Telethon's own exchange
     keeps 1 key in 256 one byte short, which no longer matches the server's once stored.
+
+    Catch-ups are reported and can wait for handlers (``tgdaemon.updates``): the MessageBox is
+    a :class:`CatchUpBox`, and with ``hold_updates=True`` every connect holds update processing
+    until :meth:`release_updates`.
     """
 
     _sender: Any  # Telethon's MTProtoSender until __init__ replaces it
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, hold_updates: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._sender = PaddedKeySender.replacing(self._sender)
+        self._message_box = CatchUpBox(self._log["messagebox"])
+        self._hold_updates = hold_updates
+        self.update_gate = UpdateGate(held=hold_updates)
+
+    @property
+    def catch_up_box(self) -> CatchUpBox:
+        box: CatchUpBox = self._message_box
+        return box
+
+    async def connect(self) -> None:
+        if self._hold_updates and not self.is_connected():
+            self.update_gate.close()
+        await super().connect()
+
+    def _session_has_user(self) -> bool:
+        try:
+            self.session.get_input_entity(0)  # Telethon's own-user marker (see StoreSession)
+        except ValueError:
+            return False
+        return True
+
+    def release_updates(self) -> None:
+        """Let this connection's update loop start (the catch-up first)."""
+        self.update_gate.release()
+
+    async def _update_loop(self) -> None:
+        await self.update_gate.wait()
+        await super()._update_loop()
 
     async def _switch_dc(self, new_dc: int) -> Any:
-        if not self._authorized:
+        # A session resumed with catch_up never calls get_me(), so ``_authorized`` may still be
+        # unknown: the own user id stored in the session says it is logged in.
+        if self._authorized is False or not (self._authorized or self._session_has_user()):
             return await super()._switch_dc(new_dc)
         # Raises before anything changes when the old DC cannot export: no switch then.
         exported = await self(functions.auth.ExportAuthorizationRequest(dc_id=new_dc))
@@ -64,6 +98,8 @@ class ManagedClient(TelegramClient):
         # Telethon stores the new DC with *no* key before the import: that state must never
         # be the durable one, or a crash or a failed import loses the login.
         hold = getattr(session, "holding_writes", contextlib.nullcontext)
+        # The switch reconnects (which holds updates); handlers already in place stay so.
+        released = self.update_gate.released
         with hold():
             try:
                 result = await super()._switch_dc(new_dc)
@@ -82,6 +118,8 @@ class ManagedClient(TelegramClient):
                         f"could not carry the login to DC {new_dc}: {type(exc).__name__}"
                     ) from exc
                 raise
+        if released:
+            self.release_updates()
         return result
 
 
@@ -132,18 +170,25 @@ def build_client(
         system_lang_code=account.system_lang_code,
         base_logger=TELETHON_LOGGER,
         receive_updates=True,
-        catch_up=False,
+        # Handlers see updates one at a time, in the server's order (a catch-up of many
+        # updates would otherwise interleave); a plugin with slow work runs its own task.
+        sequential_updates=True,
+        # Resume from the session's stored update state on every connect (tgdaemon.updates).
+        catch_up=True,
+        hold_updates=True,
         entity_cache_limit=256,
     )
 
 
 def local_update_pts(client: TelegramClient) -> int | None:
-    """The account pts the client has processed, or None before the update state is known.
+    """The account pts the client has processed, or None before the update state is known
+    or while a difference is being fetched.
 
     Reads Telethon's private MessageBox (1.45: _updates/messagebox.py:237, ``map``): there is
     no public accessor, and comparing it with updates.getState is the only way to see a silent
     stall. (``session_state()`` would build a dict of every channel on each heartbeat.)
     """
     box = getattr(client, "_message_box", None)
-    entry = None if box is None else box.map.get(ENTRY_ACCOUNT)
-    return None if entry is None else int(entry.pts)
+    if isinstance(box, CatchUpBox):
+        return box.account_pts()
+    return None

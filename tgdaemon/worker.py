@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from telethon import functions, types
+from telethon import errors, events, functions, types
 
 from tgdaemon.connwatch import ConnectionWatch
 from tgdaemon.errors import NotAuthorizedError, classify
@@ -37,6 +37,8 @@ from tgdaemon.session import StoreSession
 from tgdaemon.status import UserInfo
 from tgdaemon.store import DeviceInfo
 from tgdaemon.telegram import ManagedClient, build_client, local_update_pts
+from tgdaemon.updates import observe_updates
+from tgdaemon.watch import AuthorizationWatch
 
 if TYPE_CHECKING:
     from tgdaemon.config import AccountConfig, ConfigHolder, PolicyConfig
@@ -99,6 +101,8 @@ class AccountWorker:
         self._catch_ups = 0
         self._watch = ConnectionWatch()
         self._plugins = Plugins(account, reporter)
+        #: The security watch (created with the session: it needs the stored update date).
+        self._sessions: AuthorizationWatch | None = None
 
     @property
     def policy(self) -> PolicyConfig:
@@ -136,6 +140,10 @@ class AccountWorker:
             return
         self.session = StoreSession(self.deps.store, self.name, initial)
         self.report.dc(initial.dc_id, persist=False)
+        self._sessions = AuthorizationWatch(
+            self.log, since=float(initial.date or self.deps.clock()),
+            interval=self.deps.settings.current.security.check_interval,
+            clock=self.deps.clock, rng=self.deps.rng)
         while True:
             self.report.transition(State.RECONNECTING if self._attempts else State.CONNECTING,
                                    "connecting")
@@ -153,6 +161,9 @@ class AccountWorker:
                     UserInfo(me.id, me.username, me.first_name), self.session.dc_id,
                     DeviceInfo(a.device_model, a.system_version, a.app_version))
                 await self._plugins.run(self.client, self.policy.request_timeout)
+                if self.client is not None:
+                    # Handlers are in place: this connection's catch-up may start.
+                    self.client.release_updates()
                 await self._serve()
             except asyncio.CancelledError:
                 raise
@@ -273,6 +284,9 @@ class AccountWorker:
         if self.client is None:
             self.client = build_client(self.deps.client_cls, self.session,
                                        self.deps.settings.current, self.account)
+            observe_updates(self.client, self.report)
+            self.client.add_event_handler(self._on_new_login,
+                                          events.Raw(types.UpdateNewAuthorization))
         client = self.client
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that
@@ -316,6 +330,7 @@ class AccountWorker:
                 self._network_failures = 0
             # Telethon follows a USER_MIGRATE inside the call: the DC is read, not assumed.
             self.report.heartbeat(self.last_progress - started, self.session.dc_id)
+            await self._look_at_sessions()
             local = local_update_pts(self.client)
             gap_streak = gap_streak + 1 if local is not None and server.pts > local else 0
             if gap_streak >= self.policy.update_gap_heartbeats:
@@ -341,6 +356,32 @@ class AccountWorker:
             ping_id=self.deps.rng.getrandbits(63),
             disconnect_delay=lease.disconnect_delay(self.name)))
         pong.add_done_callback(_retrieve)
+
+    async def _on_new_login(self, _update: types.UpdateNewAuthorization) -> None:
+        """Telegram announced a login on this account: look at the next heartbeat."""
+        if self._sessions is not None:
+            self._sessions.poke()
+
+    async def _look_at_sessions(self) -> None:
+        """The security watch's look, when due. Its failures end nothing: a dead connection
+        is the next heartbeat's to find, a flood wait on the listing only delays the next look,
+        and Telegram's 406 for a young session must not park the account as an auth error."""
+        watch = self._sessions
+        if watch is None or not watch.due(self.deps.clock()):
+            return
+        config = self.deps.settings.current
+        security = config.security
+        try:
+            result = await watch.look(
+                self._rpc, action=config.on_new_authorization(self.account),
+                allow=security.allow, interval=security.check_interval, log_ip=security.log_ip)
+        except errors.FloodWaitError as exc:
+            watch.postpone(exc.seconds)
+            return
+        except (errors.RPCError, TimeoutError, ConnectionError) as exc:
+            self.log.debug("could not list the account's sessions: %s", type(exc).__name__)
+            return
+        self.report.sessions(result)
 
     async def _until_next_beat(self) -> None:
         """Sleep until the next heartbeat is due; :meth:`reschedule` re-arms the wait with

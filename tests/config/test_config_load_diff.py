@@ -13,6 +13,7 @@ from tgdaemon.config import (
     ConfigValidationError,
     DaemonConfig,
     PolicyConfig,
+    SecurityConfig,
     diff_config,
     load_config,
     parse_config,
@@ -28,14 +29,16 @@ def test_example_config_loads_and_documents_every_key() -> None:
     assert [a.name for a in cfg.accounts] == ["alice", "bob"]
     assert [a.name for a in cfg.enabled_accounts] == ["alice"]
     text = EXAMPLE.read_text()
-    for section in (cfg.daemon, cfg.policy, cfg.policy.retry_limits, cfg.accounts[0]):
+    for section in (cfg.daemon, cfg.policy, cfg.policy.retry_limits, cfg.security,
+                    cfg.accounts[0]):
         for f in dataclasses.fields(section):
-            if f.name != "retry_limits":
+            if f.name != "retry_limits" and "read_from" not in f.metadata:
                 assert f"\n{f.name} = " in text, f.name
     assert "[policy.retry_limits]" in text
     # The example shows the defaults: loading it must give exactly the built-in values.
     assert cfg.daemon == DaemonConfig()
     assert cfg.policy == PolicyConfig()
+    assert cfg.security == SecurityConfig()
     for key in ("api_id", "api_hash", "api_hash_file", "rsa_keys", "use_ipv6"):
         assert f"\n{key} = " in text, key
     assert "[telegram.servers]" in text

@@ -131,7 +131,8 @@ def test_state_dir_precedence_cli_over_env_over_file(tmp_path: Path) -> None:
 def test_relative_paths_resolve_against_config_dir_and_credentials_dir() -> None:
     cfg = parse(minimal(daemon={"master_key_file": "keys/master",
                                 "http_token_file": "${CREDENTIALS_DIRECTORY}/token"}),
-                env={"CREDENTIALS_DIRECTORY": "/run/credentials/tgdaemon.service"})
+                env={"CREDENTIALS_DIRECTORY": "/run/credentials/tgdaemon.service"},
+                read_file=lambda p: b"a-token\n")
     assert cfg.daemon.master_key_file == CFG.parent / "keys/master"
     assert cfg.daemon.http_token_file == Path("/run/credentials/tgdaemon.service/token")
     assert problems(minimal(daemon={"http_token_file": "${CREDENTIALS_DIRECTORY}/t"})) == (
@@ -258,7 +259,8 @@ def test_all_problems_reported_together() -> None:
         (minimal(daemon=[1]), "daemon: must be a table, not an array"),
         (minimal(accounts={"name": "a"}),
          "accounts: must be an array of tables ([[accounts]]), not a table"),
-        (minimal(telegram={"api_id": 0}), "telegram.api_id: must be a positive integer"),
+        (minimal(telegram={"api_id": 0}),
+         "telegram.api_id: must be a positive 32-bit integer (1-2147483647)"),
         (minimal(accounts=[{"name": "a", "enabled": "yes"}]),
          "accounts[0].enabled: must be a boolean, not a string"),
         (minimal(accounts=[{"name": "a", "plugins": ["a:b", "a:b"]}]),

@@ -392,7 +392,8 @@ async def test_http_server_cleans_up_when_the_port_is_taken():
         port = taken.getsockname()[1]
         app = _app()
         server = HttpServer(app, "127.0.0.1", port)
-        with pytest.raises(OSError, match="in use"):
+        with pytest.raises(ConfigError,
+                           match=f"cannot listen on 127.0.0.1:{port}: the port is in use"):
             await server.start()
         assert not app[LOOP_LAG].running  # the started cleanup context was unwound
         await server.stop()  # nothing to do, no error

@@ -3,6 +3,7 @@ the state groupings, heartbeat timing and the watchdog's decision."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -113,6 +114,13 @@ def test_every_recovery_is_coherent(category: Category, attempt: int, seconds: i
 def test_negative_attempt_is_a_bug() -> None:
     with pytest.raises(ValueError, match="attempt"):
         recovery_for(Classified(Category.NETWORK, "X", "m"), -1, DEFAULT, random.Random())
+
+
+def test_retry_limits_name_categories() -> None:
+    names = [f.name for f in dataclasses.fields(RetryLimits)]
+    assert set(names) <= {c.value for c in Category}
+    assert RetryLimits(network=4).for_category(Category.NETWORK) == 4
+    assert RetryLimits().for_category(Category.AUTH) == 0  # never retried: no limit
 
 
 def test_state_groupings() -> None:

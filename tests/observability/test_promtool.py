@@ -45,6 +45,8 @@ DASHBOARD_METRICS = (
     "tgdaemon_dc_failovers_total",
     "tgdaemon_worker_restarts_total",
     "tgdaemon_heartbeat_timestamp_seconds",
+    "tgdaemon_new_authorizations_total",
+    "tgdaemon_authorizations",
 )
 
 

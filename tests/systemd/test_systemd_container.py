@@ -20,6 +20,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,14 @@ import pytest
 
 from tests.conftest import phone_for, wait_for_condition
 from tests.leakscan import secrets_found
-from tests.systemd.nspawn import HOME_DIRS, Container, ContainerUnavailable, booted, is_under
+from tests.systemd.nspawn import (
+    HOME_DIRS,
+    MASKED,
+    Container,
+    ContainerUnavailable,
+    booted,
+    is_under,
+)
 from tgdaemon.crypto import CREDENTIAL_NAME, KeyRing, generate_keyring, write_key_file
 from tgdaemon.exceptions import ConfigError
 from tgdaemon.localdc.testing import daemon_config_toml
@@ -52,6 +60,7 @@ CONTROL = "http://127.0.0.1:4480"
 STATUS = "http://127.0.0.1:9464/status"
 READYZ = "http://127.0.0.1:9464/readyz"
 WATCHDOG_SEC = 3
+POLL = 0.1
 #: systemd's range for dynamic users (DynamicUser=).
 DYNAMIC_UIDS = range(61184, 65520)
 #: GET (no body) or POST (JSON body) from inside the container; prints the JSON reply.
@@ -59,6 +68,13 @@ _HTTP = ("import json, sys, urllib.request as u\n"
          "data = sys.argv[2].encode() if len(sys.argv) > 2 else None\n"
          "req = u.Request(sys.argv[1], data, {'Content-Type': 'application/json'})\n"
          "print(u.urlopen(req, timeout=5).read().decode())\n")
+
+
+async def until(predicate: Any, timeout: float, message: str) -> None:
+    """:func:`wait_for_condition` at a pace fit for predicates that start processes in the
+    container (each poll is an nsenter, often a Python too): a tight loop would take the CPU
+    the daemon under test needs."""
+    await wait_for_condition(predicate, timeout, message, interval=POLL)
 
 
 # -- the container and what runs in it ---------------------------------------------------------
@@ -173,7 +189,7 @@ class Fleet:
         def reached() -> bool:
             state = self.show("ActiveState", "SubState")
             return (state["ActiveState"], state["SubState"]) == (active, sub)
-        await wait_for_condition(reached, timeout, f"{SERVICE} {active} ({sub})")
+        await until(reached, timeout, f"{SERVICE} {active} ({sub})")
 
     # -- peers inside the container
 
@@ -191,7 +207,7 @@ class Fleet:
         return {a["account"]: a["state"] for a in json.loads(proc.stdout)["accounts"]}
 
     async def wait_connected(self, *names: str, timeout: float = 30.0) -> None:
-        await wait_for_condition(
+        await until(
             lambda: all(self.status().get(n) == "connected" for n in names), timeout,
             f"{', '.join(names)} connected")
 
@@ -205,9 +221,9 @@ class Fleet:
     def heartbeats(self, name: str) -> int:
         return int(self.counters(name)["requests"].get("updates.getState", 0))
 
-    async def more_heartbeats(self, name: str, n: int, timeout: float = 20.0) -> None:
+    async def more_heartbeats(self, name: str, n: int, timeout: float = 30.0) -> None:
         start = self.heartbeats(name)
-        await wait_for_condition(lambda: self.heartbeats(name) >= start + n, timeout,
+        await until(lambda: self.heartbeats(name) >= start + n, timeout,
                                  f"{n} more heartbeats from {name}")
 
     # -- the store, read from a copy (the service's files stay untouched)
@@ -277,6 +293,9 @@ def box() -> Iterator[Container]:
 
 @pytest.fixture(scope="module")
 def fleet(box: Container, tmp_path_factory: pytest.TempPathFactory) -> Fleet:
+    # Nothing the host enabled (PostgreSQL, Prometheus, proxies...) runs in the container.
+    active = box.systemctl("is-active", *MASKED, check=False).stdout.split()
+    assert set(active) <= {"inactive"}, dict(zip(MASKED, active, strict=True))
     info = start_localdc(box)
     keyring = generate_keyring()
     fleet = Fleet(box, keyring, str(info["code"]), {})
@@ -290,9 +309,10 @@ def fleet(box: Container, tmp_path_factory: pytest.TempPathFactory) -> Fleet:
             PLAIN_KEY, ENCRYPTED_KEY)
     shutil.copy(UNIT, box.path(f"/etc/systemd/system/{SERVICE}"))
     fleet.dropin("10-venv.conf", venv_dropin(paths_to_bind()))
-    logins = ""
-    for name in ("alice", "bob"):
-        logins += cli_login(fleet, name)
+    names = ("alice", "bob")
+    with ThreadPoolExecutor(len(names)) as pool:  # two interpreters start at once
+        logins = "".join(pool.map(lambda name: cli_login(fleet, name), names))
+    for name in names:
         assert f"logged in {name}" in logins, logins
         user = fleet.http(f"{CONTROL}/user", {"phone": phone_for(name)})["user_id"]
         assert isinstance(user, int)
@@ -340,7 +360,7 @@ async def test_notify_start_as_dynamic_user_in_the_sandbox(fleet: Fleet) -> None
     # STATUS= reaches systemd through NOTIFY_SOCKET from inside the sandbox.
     assert re.fullmatch(r"1 account: 1 [a-z_]+", props["StatusText"]), props["StatusText"]
     await fleet.wait_connected("alice")
-    await wait_for_condition(lambda: fleet.show("StatusText")["StatusText"]
+    await until(lambda: fleet.show("StatusText")["StatusText"]
                              == "1 account: 1 connected", 15, "STATUS= 1 connected")
 
     # The master key came from the credential systemd decrypted for the unit.
@@ -402,7 +422,7 @@ async def test_reload_keeps_connections(fleet: Fleet) -> None:
     # A broken file: rejected, the running config stays.
     fleet.write(CONFIG, config_toml("alice", "bob") + "\n[policy\n")
     fleet.box.systemctl("reload", SERVICE)
-    await wait_for_condition(lambda: "reload rejected" in fleet.journal(invocation), 15,
+    await until(lambda: "reload rejected" in fleet.journal(invocation), 15,
                              "rejected reload logged")
     await fleet.more_heartbeats("alice", 2)
     assert fleet.show("ActiveState")["ActiveState"] == "active"
@@ -436,7 +456,7 @@ async def test_watchdog_restarts_a_blocked_daemon(fleet: Fleet) -> None:
         assert int(fleet.show("NRestarts")["NRestarts"]) == restarts
 
         fleet.box.systemctl("kill", "--kill-who=main", "--signal=SIGSTOP", SERVICE)
-        await wait_for_condition(
+        await until(
             lambda: int(fleet.show("NRestarts")["NRestarts"]) == restarts + 1
             and fleet.show("ActiveState")["ActiveState"] == "active", 40,
             "restart by the watchdog")
@@ -469,6 +489,16 @@ async def test_bad_config_fails_without_restarting(fleet: Fleet) -> None:
         fleet.box.systemctl("reset-failed", SERVICE, check=False)
 
 
+async def push_three(fleet: Fleet, name: str) -> None:
+    """Three new messages for ``name``, delivered to the daemon and past two heartbeats."""
+    pushed = int(fleet.counters(name)["updates_pushed"])
+    for i in range(3):
+        fleet.http(f"{CONTROL}/push", {"user_id": fleet.user_ids[name], "text": f"msg {i}"})
+    await until(lambda: int(fleet.counters(name)["updates_pushed"]) >= pushed + 3,
+                             15, "updates delivered to the daemon")
+    await fleet.more_heartbeats(name, 2)
+
+
 async def test_stop_flushes_sessions(fleet: Fleet, tmp_path: Path) -> None:
     if fleet.show("ActiveState")["ActiveState"] == "active":
         fleet.box.systemctl("stop", SERVICE)
@@ -477,16 +507,9 @@ async def test_stop_flushes_sessions(fleet: Fleet, tmp_path: Path) -> None:
     assert before.pts is not None
     invocation = await running(fleet, "alice")
 
-    # Three new messages move alice's pts; the session writes an update-state-only change at
-    # most every UPDATE_STATE_INTERVAL (300 s), so only the stop can have written them.
-    uid = fleet.user_ids["alice"]
-    pushed = int(fleet.counters("alice")["updates_pushed"])
-    for i in range(3):
-        fleet.http(f"{CONTROL}/push", {"user_id": uid, "text": f"before stop {i}"})
-    await wait_for_condition(lambda: int(fleet.counters("alice")["updates_pushed"]) >= pushed + 3,
-                             15, "updates delivered to the daemon")
-    await fleet.more_heartbeats("alice", 2)
-
+    # Three new messages move alice's pts; an update-state-only change is written at most
+    # every UPDATE_STATE_INTERVAL (300 s), so it is the stop that writes it.
+    await push_three(fleet, "alice")
     fleet.box.systemctl("stop", SERVICE)
     props = fleet.show("ActiveState", "Result", "ExecMainCode", "ExecMainStatus")
     assert props["ActiveState"] == "inactive", props
@@ -499,6 +522,16 @@ async def test_stop_flushes_sessions(fleet: Fleet, tmp_path: Path) -> None:
     log = fleet.journal(invocation)
     assert "stopping: draining workers" in log, log
     assert "could not be flushed" not in log, log
+
+    # The contrast: the same three messages, then SIGKILL instead of a stop: nothing written.
+    await running(fleet, "alice")
+    await push_three(fleet, "alice")
+    fleet.box.systemctl("kill", "--signal=SIGKILL", SERVICE)
+    await fleet.wait_state("activating", "auto-restart")  # Restart=on-failure, in 5 s...
+    fleet.box.systemctl("stop", SERVICE)  # ...cancelled
+    killed = await fleet.stored_session("alice", tmp_path)
+    assert killed is not None
+    assert killed.pts == after.pts, (after.pts, killed.pts)
 
     # Nothing secret reached the journal in any run of the unit.
     leaks = secrets_found(fleet.journal(), phones=[phone_for(n) for n in fleet.user_ids],

@@ -16,6 +16,7 @@ import struct
 import time
 from dataclasses import dataclass
 from hashlib import sha1, sha256
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa as crsa
@@ -142,8 +143,8 @@ class Handshake:
     tmp_key: bytes = b""
     tmp_iv: bytes = b""
 
-    def res_pq(self, req: tl.ResPQ | object, fingerprint: int) -> tl.ResPQ:
-        self.nonce = req.nonce  # type: ignore[attr-defined]
+    def res_pq(self, req: Any, fingerprint: int) -> tl.ResPQ:
+        self.nonce = req.nonce
         self.server_nonce = int.from_bytes(os.urandom(16), "big", signed=True)
         self.p, self.q = random.choice(PQ_PAIRS)
         return tl.ResPQ(
@@ -153,12 +154,12 @@ class Handshake:
             server_public_key_fingerprints=[fingerprint],
         )
 
-    def server_dh_params(self, req: object, key: ServerRsaKey, time_offset: float = 0.0
+    def server_dh_params(self, req: Any, key: ServerRsaKey, time_offset: float = 0.0
                          ) -> tl.ServerDHParamsOk:
         self._check_nonces(req)
-        if req.public_key_fingerprint != key.fingerprint:  # type: ignore[attr-defined]
+        if req.public_key_fingerprint != key.fingerprint:
             raise HandshakeError("unknown RSA fingerprint")
-        block = req.encrypted_data  # type: ignore[attr-defined]
+        block = req.encrypted_data
         if len(block) != 256:
             raise HandshakeError("bad RSA block length")
         plain = key.decrypt_raw(block)
@@ -195,12 +196,12 @@ class Handshake:
             encrypted_answer=AES.encrypt_ige(data, self.tmp_key, self.tmp_iv),
         )
 
-    def dh_gen(self, req: object) -> tuple[tl.DhGenOk, bytes]:
+    def dh_gen(self, req: Any) -> tuple[tl.DhGenOk, bytes]:
         """Finish the exchange: the answer and the new auth key's bytes."""
         self._check_nonces(req)
         if not self.tmp_key:
             raise HandshakeError("set_client_DH_params before req_DH_params")
-        data = req.encrypted_data  # type: ignore[attr-defined]
+        data = req.encrypted_data
         if not data or len(data) % 16:
             raise HandshakeError("bad client_DH_inner_data length")
         plain = AES.decrypt_ige(data, self.tmp_key, self.tmp_iv)
@@ -220,15 +221,16 @@ class Handshake:
         )
         return answer, key_bytes
 
-    def _check_nonces(self, req: object) -> None:
-        if (req.nonce != self.nonce  # type: ignore[attr-defined]
-                or req.server_nonce != self.server_nonce):  # type: ignore[attr-defined]
+    def _check_nonces(self, req: Any) -> None:
+        if (req.nonce != self.nonce
+                or req.server_nonce != self.server_nonce):
             raise HandshakeError("nonce mismatch")
 
 
 def key_id_of(key: bytes) -> int:
     """Unsigned 64-bit auth_key_id: the low 8 bytes of sha1(key)."""
-    return struct.unpack("<Q", sha1(key).digest()[12:20])[0]
+    key_id: int = struct.unpack("<Q", sha1(key).digest()[12:20])[0]
+    return key_id
 
 
 def decrypt_client_message(key: bytes, body: bytes) -> bytes:
@@ -240,7 +242,7 @@ def decrypt_client_message(key: bytes, body: bytes) -> bytes:
         raise ValueError("bad encrypted message length")
     msg_key = body[8:24]
     aes_key, aes_iv = MTProtoState._calc_key(key, msg_key, True)
-    plain = AES.decrypt_ige(body[24:], aes_key, aes_iv)
+    plain: bytes = AES.decrypt_ige(body[24:], aes_key, aes_iv)
     if sha256(key[88:120] + plain).digest()[8:24] != msg_key:
         raise ValueError("msg_key mismatch")
     return plain
@@ -251,7 +253,8 @@ def encrypt_server_message(key: bytes, key_id: int, plain: bytes) -> bytes:
     padding = os.urandom(-(len(plain) + 12) % 16 + 12)
     msg_key = sha256(key[96:128] + plain + padding).digest()[8:24]
     aes_key, aes_iv = MTProtoState._calc_key(key, msg_key, False)
-    return struct.pack("<Q", key_id) + msg_key + AES.encrypt_ige(plain + padding, aes_key, aes_iv)
+    encrypted: bytes = AES.encrypt_ige(plain + padding, aes_key, aes_iv)
+    return struct.pack("<Q", key_id) + msg_key + encrypted
 
 
 # -- SRP (2FA), server half of telethon/password.py ------------------------------------------

@@ -103,6 +103,7 @@ class Fault:
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown fault fields: {sorted(unknown)}")
+        # The field names are checked above; their values are checked by __post_init__.
         return cls(**data)  # type: ignore[arg-type]
 
 

@@ -14,7 +14,7 @@ import re
 import secrets
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ from telethon.tl.types import users as tl_users
 
 from tgdaemon.localdc.crypto import SrpChallenge, SrpVerifier, srp_challenge, srp_check
 from tgdaemon.localdc.faults import MethodNames
+from tgdaemon.localdc.store import ClientRecord
 
 if TYPE_CHECKING:
     from tgdaemon.localdc.store import Store, UserRecord
@@ -72,8 +73,10 @@ def names_for_class(cls: type) -> MethodNames:
     return MethodNames(tl=tl_name, cls=name, qualified=f"{ns}.{name}" if ns else name)
 
 
-def method_names(obj: object) -> MethodNames:
-    return names_for_class(type(obj))
+def method_names(obj: Any) -> MethodNames:
+    """Names of a TL request object (Telethon's objects are untyped)."""
+    # mypy does not see a class as Hashable through functools.cache's signature.
+    return names_for_class(type(obj))  # type: ignore[arg-type]
 
 
 def vector(items: list[Any]) -> bytes:
@@ -92,6 +95,11 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
+def _random_hash() -> int:
+    """A non-zero signed 64-bit authorization hash (0 means "this session" in Telegram)."""
+    return struct.unpack("<q", os.urandom(8))[0] or 1
+
+
 @dataclass
 class Ctx:
     """Where a request came from."""
@@ -99,6 +107,16 @@ class Ctx:
     dc_id: int
     key_id: int
     user_id: int | None
+
+
+@dataclass
+class LoginTokenState:
+    """A login token exported by a new key, until it expires or is used."""
+
+    key_id: int
+    dc_id: int
+    expires: float  # unix time
+    user_id: int | None = None  # set by auth.acceptLoginToken
 
 
 @dataclass
@@ -115,7 +133,16 @@ class World:
     last_codes: dict[str, str] = field(default_factory=dict)
     pending_2fa: dict[int, str] = field(default_factory=dict)  # key_id -> phone
     srp: dict[int, tuple[str, SrpChallenge, SrpVerifier]] = field(default_factory=dict)
-    exports: dict[bytes, tuple[int, int]] = field(default_factory=dict)  # token -> (uid, dc)
+    # token -> (uid, dc, authorization hash of the exporting key)
+    exports: dict[bytes, tuple[int, int, int | None]] = field(default_factory=dict)
+    #: Seconds a login must be old before it may terminate other sessions (Telegram: about
+    #: a day, FRESH_RESET_AUTHORISATION_FORBIDDEN before that). 0 = no such limit.
+    fresh_reset_after: int = 0
+    #: Pushes an update to the connections of one auth key (a key not yet logged in, which
+    #: ``push`` by user cannot reach): updateLoginToken.
+    push_key: Callable[[int, tl.TypeUpdates], None] | None = None
+    #: auth.exportLoginToken tokens: token -> the pending login (see localdc.account).
+    login_tokens: dict[bytes, LoginTokenState] = field(default_factory=dict)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -143,11 +170,43 @@ class World:
     def state(self, rec: UserRecord) -> tl_updates.State:
         return tl_updates.State(pts=rec.pts, qts=0, date=_now(), seq=0, unread_count=0)
 
-    def authorize(self, ctx: Ctx, rec: UserRecord) -> tl_auth.Authorization:
+    def authorize(self, ctx: Ctx, rec: UserRecord,
+                  carried: int | None = None) -> tl_auth.Authorization:
+        """Bind the key to the user. A sign-in is a new authorization, announced to the
+        user's other sessions (updateNewAuthorization); ``carried`` is the hash of a login
+        carried over from another DC (importAuthorization), which is not a new one."""
         self.bind_key(ctx.key_id, rec.id)
         ctx.user_id = rec.id
         self.pending_2fa.pop(ctx.key_id, None)
+        client = self.store.clients.get(ctx.key_id) or ClientRecord(ctx.key_id, 0, "", "", "")
+        auth_hash = carried if carried is not None else _random_hash()
+        now = int(_now().timestamp())
+        self.store.put_client(replace(client, auth_hash=auth_hash, authorized_at=now))
+        if carried is None:
+            update = tl.UpdateNewAuthorization(
+                hash=auth_hash, unconfirmed=True, date=_now(),
+                device=f"{client.device_model}, {client.app_version}".strip(", "),
+                location="Localdc, ZZ")
+            self.push(rec.id, tl.UpdateShort(update=update, date=_now()), ctx.key_id)
         return tl_auth.Authorization(user=self.tl_user(rec, rec.id))
+
+    def note_client(self, key_id: int, init: Any) -> None:
+        """Remember what an initConnection says about the app behind ``key_id``."""
+        old = self.store.clients.get(key_id)
+        self.store.put_client(ClientRecord(
+            key_id, init.api_id, init.device_model, init.system_version, init.app_version,
+            old.auth_hash if old else None, old.authorized_at if old else None))
+
+    def end_authorization(self, key_id: int) -> None:
+        """Log the key out: its next request is answered AUTH_KEY_UNREGISTERED."""
+        self.bind_key(key_id, None)
+        client = self.store.clients.get(key_id)
+        if client is not None:
+            self.store.put_client(replace(client, auth_hash=None, authorized_at=None))
+
+    def auth_hash(self, key_id: int) -> int | None:
+        client = self.store.clients.get(key_id)
+        return None if client is None else client.auth_hash
 
     def new_message(self, user_id: int, text: str, *, out: bool, peer: int,
                     exclude_key: int | None) -> tl.Message:
@@ -337,7 +396,7 @@ def _check_password(w: World, ctx: Ctx, req: Any) -> tl_auth.Authorization:
 @_handles(fn.auth.LogOutRequest)
 def _log_out(w: World, ctx: Ctx, req: Any) -> tl_auth.LoggedOut:
     w.user(ctx)
-    w.bind_key(ctx.key_id, None)
+    w.end_authorization(ctx.key_id)
     ctx.user_id = None
     return tl_auth.LoggedOut()
 
@@ -348,16 +407,16 @@ def _export_authorization(w: World, ctx: Ctx, req: Any) -> tl_auth.ExportedAutho
     if req.dc_id not in w.addresses():
         raise RpcFail(400, "DC_ID_INVALID")
     token = os.urandom(32)
-    w.exports[token] = (me.id, req.dc_id)
+    w.exports[token] = (me.id, req.dc_id, w.auth_hash(ctx.key_id))
     return tl_auth.ExportedAuthorization(id=me.id, bytes=token)
 
 
 @_handles(fn.auth.ImportAuthorizationRequest)
 def _import_authorization(w: World, ctx: Ctx, req: Any) -> tl_auth.Authorization:
     entry = w.exports.pop(req.bytes, None)
-    if entry is None or entry != (req.id, ctx.dc_id) or req.id not in w.store.users:
+    if entry is None or entry[:2] != (req.id, ctx.dc_id) or req.id not in w.store.users:
         raise RpcFail(400, "AUTH_BYTES_INVALID")
-    return w.authorize(ctx, w.store.users[req.id])
+    return w.authorize(ctx, w.store.users[req.id], carried=entry[2])
 
 
 # -- messages ----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -29,6 +30,7 @@ from telethon.tl import types as tl
 from telethon.tl.core import GzipPacked
 from telethon.tl.tlobject import TLRequest
 
+from tgdaemon.localdc import account as _account  # noqa: F401  (registers its handlers)
 from tgdaemon.localdc import transport
 from tgdaemon.localdc.crypto import (
     DH_PRIME,
@@ -77,7 +79,8 @@ _WRITE_BUFFER_LIMIT = 8 * 1024 * 1024
 
 def _salt_for(key: bytes) -> int:
     """Server salt of a key: stable across restarts, so a restart costs no extra round trip."""
-    return struct.unpack("<q", sha256(b"localdc-salt" + key[:32]).digest()[:8])[0]
+    salt: int = struct.unpack("<q", sha256(b"localdc-salt" + key[:32]).digest()[:8])[0]
+    return salt
 
 
 @dataclass(frozen=True)
@@ -243,6 +246,7 @@ class LocalDC:
             addresses=lambda: self.addresses,
             bind_key=self._bind_key,
             push=self._push,
+            push_key=self._push_key,
             history=UpdateHistory(self._store, history_limit=self.history_limit,
                                   slice_limit=self.slice_limit),
             fixed_code=self.code,
@@ -252,7 +256,7 @@ class LocalDC:
             for dc_id in range(1, self.dcs + 1):
                 port = 0 if self.port == 0 else self.port + dc_id - 1
                 server = await asyncio.start_server(
-                    lambda r, w, d=dc_id: self._serve(d, r, w), self.host, port,
+                    functools.partial(self._serve, dc_id), self.host, port,
                     limit=2**16, backlog=1024,
                 )
                 self._servers[dc_id] = server
@@ -506,9 +510,17 @@ class LocalDC:
             if self.faults.match("mute_updates", scope):
                 self._count(conn.dc_id, user_id, "updates_muted")
                 continue
-            rec = self.store.auth_keys[conn.key_id]  # type: ignore[index]
+            assert conn.key_id is not None  # a connection with a session has a key
+            rec = self.store.auth_keys[conn.key_id]
             self._count(conn.dc_id, user_id, "updates_pushed")
             self._send_encrypted(conn, rec, body, content_related=True, response=False)
+
+    def _push_key(self, key_id: int, updates: tl.TypeUpdates) -> None:
+        body = bytes(updates)
+        for conn in list(self._conns):
+            if conn.session_id is not None and conn.key_id == key_id:
+                rec = self.store.auth_keys[key_id]
+                self._send_encrypted(conn, rec, body, content_related=True, response=False)
 
     async def _serve(self, dc_id: int | None, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
@@ -662,6 +674,8 @@ class LocalDC:
         while isinstance(req, _WRAPPERS):
             if isinstance(req, fn.InvokeWithLayerRequest):
                 layer = req.layer
+            elif isinstance(req, fn.InitConnectionRequest):
+                self.world.note_client(rec.key_id, req)
             req = req.query
         if layer is not None and rec.layer != layer:
             rec = self.store.update_auth_key(rec.key_id, layer=layer) or rec
@@ -684,6 +698,7 @@ class LocalDC:
         if fault is not None:
             self._count(conn.dc_id, scope.user_id, "rpc_errors_injected")
             result = bytes(tl.RpcError(fault.error_code, fault.error))
+            assert fault.error is not None  # Fault requires one for rpc_error
             wait = flood_wait_seconds(fault.error)
             if wait and scope.user_id is not None:
                 self._flood_until[(conn.dc_id, scope.user_id)] = (

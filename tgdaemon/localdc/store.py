@@ -35,15 +35,22 @@ CREATE TABLE IF NOT EXISTS users (
 CREATE TABLE IF NOT EXISTS passwords (
     phone TEXT PRIMARY KEY, salt1 BLOB NOT NULL, salt2 BLOB NOT NULL, verifier BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS clients (
+    key_id INTEGER PRIMARY KEY, api_id INTEGER NOT NULL, device_model TEXT NOT NULL,
+    system_version TEXT NOT NULL, app_version TEXT NOT NULL,
+    auth_hash INTEGER, authorized_at INTEGER
+);
 """
 
 
 def _signed(u64: int) -> int:
-    return struct.unpack("<q", struct.pack("<Q", u64))[0]
+    value: int = struct.unpack("<q", struct.pack("<Q", u64))[0]
+    return value
 
 
 def _unsigned(i64: int) -> int:
-    return struct.unpack("<Q", struct.pack("<q", i64))[0]
+    value: int = struct.unpack("<Q", struct.pack("<q", i64))[0]
+    return value
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,24 @@ class UserRecord:
         return f"UserRecord(id={self.id}, pts={self.pts}, home_dc={self.home_dc})"
 
 
+@dataclass(frozen=True)
+class ClientRecord:
+    """What an auth key's app said in initConnection, and the login it belongs to.
+
+    ``auth_hash`` names the authorization (one per sign-in, Telegram's ``Authorization.hash``);
+    keys a login was carried to with export/importAuthorization share their login's hash, so
+    one login on several DCs is one authorization, as Telegram lists it.
+    """
+
+    key_id: int
+    api_id: int
+    device_model: str
+    system_version: str
+    app_version: str
+    auth_hash: int | None = None
+    authorized_at: int | None = None  # unix time of the sign-in
+
+
 class Store:
     """In-memory registry with write-through persistence (``path=None``: memory only)."""
 
@@ -81,6 +106,7 @@ class Store:
         self.users: dict[int, UserRecord] = {}
         self.users_by_phone: dict[str, int] = {}
         self.passwords: dict[str, SrpVerifier] = {}
+        self.clients: dict[int, ClientRecord] = {}
         self.rsa_key: ServerRsaKey
         if state_dir is not None:
             try:
@@ -121,6 +147,11 @@ class Store:
             "SELECT phone, salt1, salt2, verifier FROM passwords"
         ):
             self.passwords[phone] = SrpVerifier(bytes(s1), bytes(s2), bytes(v))
+        for key_id, *fields in self._db.execute(
+            "SELECT key_id, api_id, device_model, system_version, app_version, auth_hash,"
+            " authorized_at FROM clients"
+        ):
+            self.clients[_unsigned(key_id)] = ClientRecord(_unsigned(key_id), *fields)
         log.info("localdc state loaded: %d auth keys, %d users",
                  len(self.auth_keys), len(self.users))
 
@@ -152,6 +183,7 @@ class Store:
         rec = self.auth_keys.get(key_id)
         if rec is None:
             return None
+        # Field names and types are the caller's (localdc's own code); replace() checks names.
         rec = replace(rec, **changes)  # type: ignore[arg-type]
         self.put_auth_key(rec)
         return rec
@@ -160,7 +192,21 @@ class Store:
         if self.auth_keys.pop(key_id, None) is None:
             return False
         self._exec("DELETE FROM auth_keys WHERE key_id=?", (_signed(key_id),))
+        if self.clients.pop(key_id, None) is not None:
+            self._exec("DELETE FROM clients WHERE key_id=?", (_signed(key_id),))
         return True
+
+    # -- clients (initConnection) and authorizations -----------------------------------------
+
+    def put_client(self, rec: ClientRecord) -> None:
+        if self.clients.get(rec.key_id) == rec:
+            return
+        self.clients[rec.key_id] = rec
+        self._exec(
+            "INSERT OR REPLACE INTO clients VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (_signed(rec.key_id), rec.api_id, rec.device_model, rec.system_version,
+             rec.app_version, rec.auth_hash, rec.authorized_at),
+        )
 
     # -- users -------------------------------------------------------------------------------
 

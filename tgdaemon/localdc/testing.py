@@ -43,7 +43,7 @@ def trust_localdc(pem: str) -> int:
     import rsa as pyrsa
     from telethon.crypto.rsa import _compute_fingerprint
 
-    fingerprint = _compute_fingerprint(pyrsa.PublicKey.load_pkcs1(pem.encode("ascii")))
+    fingerprint: int = _compute_fingerprint(pyrsa.PublicKey.load_pkcs1(pem.encode("ascii")))
     if fingerprint not in rsa._server_keys:
         rsa.add_key(pem, old=False)
     return fingerprint
@@ -93,14 +93,16 @@ def _client(pem: str, addresses: dict[int, tuple[str, int]], dc_id: int,
             session: Session | str | None, kwargs: dict[str, Any]) -> TelegramClient:
     trust_localdc(pem)
     if session is None:
-        session = MemorySession()
+        live: Session = MemorySession()
     elif isinstance(session, str):
-        session = StringSession(session)
-    if not session.server_address:
+        live = StringSession(session)
+    else:
+        live = session
+    if not live.server_address:
         host, port = addresses[dc_id]
-        session.set_dc(dc_id, host, port)
+        live.set_dc(dc_id, host, port)
     opts = {**CLIENT_DEFAULTS, **kwargs}
-    return TelegramClient(session, API_ID, API_HASH, **opts)
+    return TelegramClient(live, API_ID, API_HASH, **opts)
 
 
 def point_session(session: Session, dc: LocalDC, dc_id: int | None = None) -> None:
@@ -128,7 +130,7 @@ async def login(client: TelegramClient, dc: LocalDC, phone: str,
         if password is None:
             raise
         user = await client.sign_in(password=password)
-    return user  # type: ignore[return-value]
+    return user
 
 
 # -- daemon configs for a local DC (tests, make demo, make soak, make bench) -------------------
@@ -153,6 +155,7 @@ def daemon_config_toml(
     daemon: Mapping[str, Any],
     policy: Mapping[str, Any],
     header: str = "",
+    security: Mapping[str, Any] | None = None,
 ) -> str:
     """A complete ``tgdaemon`` config whose servers are a local DC's (``servers``: DC id ->
     ``host:port`` addresses in failover order)."""
@@ -162,6 +165,8 @@ def daemon_config_toml(
               f"rsa_keys = {toml_value(list(rsa_files))}", "", "[telegram.servers]"]
     lines += [f'"{dc}" = {toml_value(list(addrs))}' for dc, addrs in servers.items()]
     lines += ["", "[policy]", *(f"{k} = {toml_value(v)}" for k, v in policy.items())]
+    if security:
+        lines += ["", "[security]", *(f"{k} = {toml_value(v)}" for k, v in security.items())]
     for account in accounts:
         lines += ["", "[[accounts]]", *(f"{k} = {toml_value(v)}" for k, v in account.items())]
     return "\n".join(lines) + "\n"

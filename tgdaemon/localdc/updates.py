@@ -286,7 +286,8 @@ def _get_difference(w: World, ctx: Ctx, req: Any) -> Any:
 
 
 def _channel_for(w: World, me_id: int, inp: Any) -> ChannelRecord:
-    rec = w.history.channels.get(getattr(inp, "channel_id", None))  # type: ignore[arg-type]
+    channel_id = getattr(inp, "channel_id", None)
+    rec = w.history.channels.get(channel_id) if isinstance(channel_id, int) else None
     if rec is None or rec.access_hash != getattr(inp, "access_hash", None):
         raise RpcFail(400, "CHANNEL_INVALID")
     if me_id not in rec.members:

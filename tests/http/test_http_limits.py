@@ -1,0 +1,214 @@
+"""Issue 11 item 6: what a client can make the HTTP server hold is bounded. A real
+:class:`HttpServer` on 127.0.0.1, raw sockets for idle and slowloris clients, real WebSocket
+clients (aiohttp) and a raw one that never reads."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry
+
+from tests.conftest import wait_for_condition
+from tgdaemon.http import SUBSCRIPTIONS, HttpLimits, HttpServer, StatusEncoder, build_app
+from tgdaemon.status import State, StatusBoard
+
+FAST = HttpLimits(max_connections=16, request_timeout=0.5, keepalive_timeout=0.5,
+                  max_subscribers=2, send_timeout=1.0)
+
+
+class Served:
+    def __init__(self, server: HttpServer, board: StatusBoard, app: Any) -> None:
+        self.server = server
+        self.board = board
+        self.app = app
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    async def connect(self) -> socket.socket:
+        sock = socket.socket()
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.server.port))
+        return sock
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Any]:
+    started: list[HttpServer] = []
+
+    async def start(limits: HttpLimits = FAST, accounts: int = 0) -> Served:
+        board = StatusBoard()
+        for i in range(accounts):
+            board.update(f"account{i:05d}", state=State.NEEDS_LOGIN,
+                         reason=f"no session: run `tgdaemon login account{i:05d}`")
+        app = build_app(board=board, registry=CollectorRegistry(), ready=lambda: True,
+                        limits=limits)
+        server = HttpServer(app, "127.0.0.1", 0)
+        await server.start()
+        started.append(server)
+        return Served(server, board, app)
+
+    yield start
+    for server in started:
+        await server.stop()
+
+
+async def closed_by_server(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Read until the server closes the connection; returns what it sent."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    async with asyncio.timeout(timeout):
+        while chunk := await loop.sock_recv(sock, 65536):
+            data += chunk
+    return data
+
+
+async def test_idle_connections_are_closed(serve):
+    served = await serve()
+    started = time.monotonic()
+    socks = [await served.connect() for _ in range(11)]
+    try:
+        for sock in socks:
+            assert await closed_by_server(sock) == b""
+    finally:
+        for sock in socks:
+            sock.close()
+    elapsed = time.monotonic() - started
+    assert FAST.request_timeout <= elapsed < 5, elapsed
+
+
+async def test_a_slowly_sent_request_head_is_cut_off(serve):
+    served = await serve()
+    sock = await served.connect()
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    await loop.sock_sendall(sock, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    reader = asyncio.ensure_future(closed_by_server(sock))
+    try:
+        # One header byte every 50 ms (pacing the attacker, not waiting for the server).
+        while not reader.done():
+            try:
+                await loop.sock_sendall(sock, b"X")
+            except OSError:
+                break
+            await asyncio.sleep(0.05)
+        assert await reader == b""
+    finally:
+        sock.close()
+    assert FAST.request_timeout <= time.monotonic() - started < 5
+
+
+async def test_an_idle_keepalive_connection_is_closed(serve):
+    served = await serve()
+    sock = await served.connect()
+    try:
+        await asyncio.get_running_loop().sock_sendall(
+            sock, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answer = await closed_by_server(sock)
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_connections_beyond_the_cap_get_503_and_are_closed(serve, caplog):
+    caplog.set_level(logging.WARNING, "tgdaemon.http")
+    served = await serve(HttpLimits(max_connections=3, request_timeout=30))
+    held = [await served.connect() for _ in range(3)]
+    try:
+        async with aiohttp.ClientSession() as http:
+            async def status() -> int:
+                async with http.get(served.url + "/healthz") as resp:
+                    return resp.status
+
+            # The three held sockets were accepted (and count) before the next one.
+            await wait_for_condition(
+                lambda: len(served.app[SUBSCRIPTIONS]) == 0 and served_connections(served) == 3,
+                5, "three connections open")
+            assert await status() == 503
+            assert "HTTP connection refused: 3 open (the limit)" in caplog.text
+            held.pop().close()
+            await wait_for_condition(lambda: served_connections(served) < 3, 5)
+            assert await status() == 200
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def served_connections(served: Served) -> int:
+    runner = served.server._runner
+    assert runner is not None
+    assert runner.server is not None
+    return len(runner.server.connections)
+
+
+async def test_websocket_subscribers_are_capped(serve):
+    served = await serve()
+    async with aiohttp.ClientSession() as http:
+        first = await http.ws_connect(served.url + "/status/ws")
+        second = await http.ws_connect(served.url + "/status/ws")
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await http.ws_connect(served.url + "/status/ws")
+        assert info.value.status == 503
+        await first.close()
+        await wait_for_condition(lambda: len(served.app[SUBSCRIPTIONS]) == 1, 5)
+        async with http.ws_connect(served.url + "/status/ws") as third:
+            assert (await third.receive_json(timeout=5))["type"] == "snapshot"
+        await second.close()
+
+
+async def test_a_subscriber_that_stops_reading_is_disconnected(serve, caplog):
+    caplog.set_level(logging.INFO, "tgdaemon.http")
+    # 30,000 accounts: a ~9 MB snapshot, more than the kernel buffers on both ends take.
+    served = await serve(accounts=30_000)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", served.server.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    await loop.sock_sendall(sock, (
+        "GET /status/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        "\r\n").encode())
+    try:
+        await wait_for_condition(lambda: len(served.app[SUBSCRIPTIONS]) == 1, 5)
+        await wait_for_condition(lambda: not served.app[SUBSCRIPTIONS], 10,
+                                 "non-reading subscriber dropped")
+        assert "subscriber stopped reading; disconnected it" in caplog.text
+    finally:
+        sock.close()
+    # A reader is served as before.
+    async with aiohttp.ClientSession() as http, http.ws_connect(
+            served.url + "/status/ws", max_msg_size=0) as ws:
+        snapshot = await ws.receive_json(timeout=20)
+        assert len(snapshot["accounts"]) == 30_000
+        served.board.update("account00000", state=State.CONNECTED)
+        assert (await ws.receive_json(timeout=5))["state"] == "connected"
+
+
+def test_a_status_is_encoded_once_whoever_receives_it():
+    board = StatusBoard(clock=lambda: 0.0)
+    encoder = StatusEncoder()
+    alice = board.update("alice", state=State.CONNECTED)
+    text = encoder.encode(alice)
+    assert encoder.encode(alice) is text  # cached: same object, same text
+    changed = board.update("alice", state=State.RECONNECTING)
+    assert encoder.encode(changed) is not text
+    assert '"state": "reconnecting"' in encoder.encode(changed)
+    board.update("bob", state=State.NEEDS_LOGIN)
+    snapshot = encoder.snapshot(board.snapshot())
+    assert snapshot.startswith('{"type": "snapshot", "accounts": [{"type": "status", '
+                               '"account": "alice"')
+    board.remove("bob")
+    encoder.snapshot(board.snapshot())
+    assert len(encoder._cache) == 1  # removed accounts are forgotten

@@ -1,0 +1,172 @@
+"""Issue 11 items 7 and 9, the pure parts: which records are fleet noise (a table), how a burst
+becomes one summary line, and the file-descriptor budget checked at start."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import io
+import logging
+import resource
+from pathlib import Path
+
+import pytest
+from aiohttp.http_exceptions import BadHttpMessage
+from prometheus_client import CollectorRegistry
+
+from tgdaemon.config import parse_config
+from tgdaemon.exceptions import ConfigError
+from tgdaemon.fdlimit import FIXED_FDS, FdBudget, budget, ensure_open_file_limit
+from tgdaemon.logvolume import COUNTS, Noise, NoiseCollector, NoiseFilter, classify
+
+
+def record(name: str, msg: str, level: int = logging.WARNING,
+           exc: BaseException | None = None) -> logging.LogRecord:
+    exc_info = (type(exc), exc, None) if exc is not None else None
+    return logging.LogRecord(name, level, __file__, 1, msg, None, exc_info)
+
+
+@pytest.mark.parametrize(("name", "msg", "level", "exc", "kind"), [
+    ("tgdaemon.telethon.network.mtprotosender", "Automatic reconnection failed 0 time(s)",
+     logging.ERROR, None, Noise.CONNECTION_LOST),
+    ("telethon.network.mtprotosender", "Automatic reconnection failed 0 time(s)",
+     logging.ERROR, None, Noise.CONNECTION_LOST),
+    ("tgdaemon.telethon.network.connection.connection",
+     "Server closed the connection: 0 bytes read", logging.WARNING, None,
+     Noise.CONNECTION_CLOSED),
+    ("tgdaemon.telethon.network.mtprotosender",
+     "Attempt 1 at connecting failed: ConnectionRefusedError: [Errno 111]", logging.WARNING,
+     None, Noise.CONNECT_FAILED),
+    ("tgdaemon.telethon.network.mtprotosender",
+     "Attempt 1 at connecting failed: OSError: [Errno 24] Too many open files",
+     logging.WARNING, None, Noise.FD_EXHAUSTED),
+    ("asyncio", "socket.accept() out of system resource", logging.ERROR,
+     OSError(errno.EMFILE, "Too many open files"), Noise.FD_EXHAUSTED),
+    ("tgdaemon.account", "[a] connect failed", logging.ERROR,
+     ConnectionError("x").with_traceback(None), None),
+    ("aiohttp.server", "Error handling request from 127.0.0.1", logging.ERROR,
+     BadHttpMessage("bad"), Noise.MALFORMED_HTTP),
+    # A handler bug is not noise: its traceback stays an ERROR.
+    ("aiohttp.server", "Error handling request from 127.0.0.1", logging.ERROR,
+     KeyError("x"), None),
+    ("asyncio", "Future exception was never retrieved", logging.ERROR, None,
+     Noise.UNRETRIEVED),
+    ("tgdaemon.worker", "Automatic reconnection failed", logging.ERROR, None, None),
+    ("tgdaemon.telethon.network.mtprotosender", "Something else", logging.ERROR, None, None),
+])
+def test_classify(name: str, msg: str, level: int, exc: BaseException | None,
+                  kind: Noise | None):
+    rule = classify(record(name, msg, level, exc))
+    assert (rule.kind if rule else None) == kind
+
+
+def test_fd_exhaustion_is_found_in_the_cause_chain():
+    try:
+        try:
+            raise OSError(errno.EMFILE, "Too many open files")
+        except OSError as inner:
+            raise ConnectionError("connect failed") from inner
+    except ConnectionError as outer:
+        rule = classify(record("tgdaemon.account", "[a] failed", logging.ERROR, outer))
+    assert rule is not None
+    assert rule.kind is Noise.FD_EXHAUSTED
+
+
+async def test_a_burst_is_demoted_and_summarised_in_one_line():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    noise = NoiseFilter(window=0.2)
+    handler.addFilter(noise)
+    telethon = logging.getLogger("tgdaemon.telethon.network.mtprotosender")
+    summaries = logging.getLogger("tgdaemon.logvolume")
+    for logger in (telethon, summaries):
+        logger.addHandler(handler)
+        logger.propagate = False
+    telethon.setLevel(logging.WARNING)
+    before = COUNTS[Noise.CONNECTION_LOST]
+    try:
+        for _ in range(500):
+            telethon.error("Automatic reconnection failed %d time(s)", 0)
+        logging.getLogger("tgdaemon.telethon.network.mtprotosender").warning("other")
+        assert stream.getvalue() == "WARNING tgdaemon.telethon.network.mtprotosender: other\n"
+        deadline = asyncio.get_running_loop().time() + 5
+        while "logvolume" not in stream.getvalue():
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        lines = stream.getvalue().splitlines()
+        assert lines[1] == ("WARNING tgdaemon.logvolume: 500 Telethon connections ended (the "
+                            "workers reconnect them) in the last 0.2 s (per-account detail at "
+                            "debug level)")
+        assert COUNTS[Noise.CONNECTION_LOST] - before == 500
+        # At debug level the detail is shown, as DEBUG.
+        telethon.setLevel(logging.DEBUG)
+        telethon.error("Automatic reconnection failed %d time(s)", 0)
+        assert stream.getvalue().splitlines()[-1].startswith("DEBUG tgdaemon.telethon")
+    finally:
+        for logger in (telethon, summaries):
+            logger.removeHandler(handler)
+            logger.propagate = True
+        telethon.setLevel(logging.NOTSET)
+
+
+def test_counts_are_exported_for_every_kind():
+    registry = CollectorRegistry()
+    registry.register(NoiseCollector())
+    kinds = {s.labels["kind"] for f in registry.collect() for s in f.samples
+             if f.name == "tgdaemon_log_events_summarised"}
+    assert kinds == {k.value for k in Noise}
+    assert registry.get_sample_value("tgdaemon_fd_exhausted_total") is not None
+
+
+# -- the file-descriptor budget ------------------------------------------------------------
+
+
+def config(accounts: int, **daemon: object):
+    data = {"daemon": daemon, "telegram": {"api_id": 1, "api_hash": "0" * 32},
+            "accounts": [{"name": f"a{i}"} for i in range(accounts)]}
+    return parse_config(data, path=Path("/etc/t.toml"), env={})
+
+
+def test_budget_counts_accounts_connects_http_and_the_process():
+    need = budget(config(10_000), http_connections=256)
+    assert need == FdBudget(accounts=10_000, connects=100, http=256)
+    assert need.total == 10_000 + 100 + 256 + FIXED_FDS
+    assert budget(config(3, http_listen=""), 256) == FdBudget(3, 3, 0)
+
+
+class Limits:
+    def __init__(self, soft: int, hard: int, settable: bool = True) -> None:
+        self.soft, self.hard, self.settable = soft, hard, settable
+
+    def get(self, which: int) -> tuple[int, int]:
+        assert which == resource.RLIMIT_NOFILE
+        return self.soft, self.hard
+
+    def set(self, which: int, limits: tuple[int, int]) -> None:
+        if not self.settable or limits[0] == resource.RLIM_INFINITY:
+            raise ValueError("not allowed")
+        self.soft, self.hard = limits
+
+
+@pytest.mark.parametrize(("soft", "hard", "settable", "need", "result"), [
+    (1024, 524288, True, 10_420, 524288),  # systemd's defaults: raised to the hard limit
+    (1024, 524288, True, 500, 524288),  # raised even when not needed now (reloads add)
+    (4096, 4096, True, 4000, 4096),
+    (1024, 8192, True, 10_420, ConfigError),  # even the hard limit is too low
+    (1024, 524288, False, 10_420, ConfigError),  # cannot raise
+    (1024, 524288, False, 900, 1024),
+    (1024, resource.RLIM_INFINITY, True, 10_420, 10_420),  # unlimited: take what is needed
+])
+def test_ensure_open_file_limit(soft: int, hard: int, settable: bool, need: int,
+                                result: int | type):
+    limits = Limits(soft, hard, settable)
+    demand = FdBudget(accounts=need - FIXED_FDS, connects=0, http=0)
+    if result is ConfigError:
+        with pytest.raises(ConfigError, match=rf"needs {need} file descriptors .* "
+                                              "raise LimitNOFILE="):
+            ensure_open_file_limit(demand, getrlimit=limits.get, setrlimit=limits.set)
+    else:
+        assert ensure_open_file_limit(demand, getrlimit=limits.get,
+                                      setrlimit=limits.set) == result
+        assert limits.soft == result

@@ -1,0 +1,79 @@
+"""File descriptors: the fleet's needs checked against ``RLIMIT_NOFILE`` before anything
+starts.
+
+systemd starts services with a soft limit of 1,024 and a hard limit of 524,288: 10,000
+accounts need the soft limit raised, which any process may do up to the hard limit. When even
+the hard limit is too low the daemon refuses to start (exit 78, one line) instead of running
+into EMFILE later, when every reconnect of every account fails at once. (EMFILE that happens
+anyway is summarised by :mod:`tgdaemon.logvolume`.)
+"""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tgdaemon.config import Config
+from tgdaemon.exceptions import ConfigError
+
+#: Descriptors the process holds whatever the fleet: stdio, epoll, the signal wake-up pipe,
+#: the database with its WAL, shared memory and lock file, the metrics thread, and margin for
+#: plugins and the CLI tools a plugin may start.
+FIXED_FDS = 64
+
+GetLimit = Callable[[int], tuple[int, int]]
+SetLimit = Callable[[int, tuple[int, int]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class FdBudget:
+    """What the fleet may hold open at once; ``total`` is compared with the soft limit."""
+
+    accounts: int  # one MTProto connection each
+    connects: int  # connects in flight (a reconnect may overlap the socket it replaces)
+    http: int  # the HTTP server's connection cap (0 when HTTP is off)
+    fixed: int = FIXED_FDS
+
+    @property
+    def total(self) -> int:
+        return self.accounts + self.connects + self.http + self.fixed
+
+    def describe(self) -> str:
+        return (f"{self.accounts} accounts + {self.connects} connects in flight + "
+                f"{self.http} HTTP connections + {self.fixed} for the store and the process")
+
+
+def budget(config: Config, http_connections: int) -> FdBudget:
+    enabled = len(config.enabled_accounts)
+    return FdBudget(
+        accounts=enabled,
+        connects=min(enabled, config.daemon.connect_concurrency),
+        http=http_connections if config.daemon.http_listen is not None else 0,
+    )
+
+
+def ensure_open_file_limit(need: FdBudget, *, getrlimit: GetLimit = resource.getrlimit,
+                           setrlimit: SetLimit = resource.setrlimit) -> int:
+    """Raise the soft limit to the hard one (reloads may add accounts later); raise
+    :class:`ConfigError` when the result is still below ``need``. Returns the soft limit."""
+    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        # An unlimited hard limit still stops at the kernel's nr_open: then ask for the need.
+        for target in (hard, max(need.total, soft)):
+            try:
+                setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            except (ValueError, OSError):
+                continue
+            soft = target
+            break
+    if soft != resource.RLIM_INFINITY and soft < need.total:
+        raise ConfigError(
+            f"the fleet needs {need.total} file descriptors ({need.describe()}) but "
+            f"RLIMIT_NOFILE allows {soft} (hard limit {_limit(hard)}): raise LimitNOFILE= in "
+            "the systemd unit (or ulimit -n), or enable fewer accounts")
+    return soft
+
+
+def _limit(value: int) -> str:
+    return "unlimited" if value == resource.RLIM_INFINITY else str(value)

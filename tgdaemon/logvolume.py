@@ -1,0 +1,177 @@
+"""Log volume: a fleet-wide event is one summary line, not one line per account.
+
+Telethon logs every lost connection (``Automatic reconnection failed 0 time(s)`` at ERROR, as
+its own retries are off), every failed connect attempt and every server close at WARNING;
+aiohttp logs a malformed request as an ERROR with a traceback; asyncio reports an exception
+nobody retrieved. Each is harmless and already handled (the worker reconnects, the client got a
+400), but with 10,000 accounts one server drop would write 10,000 ERROR lines, and running out
+of file descriptors hundreds of thousands.
+
+:class:`NoiseFilter` sits on the one handler: a record it recognises (:data:`NOISE`, a table)
+is demoted to DEBUG (shown only when its logger is at debug) and counted; the first of a burst
+schedules one summary line ``window`` seconds later with the count. Counts are exported as
+``tgdaemon_log_events_summarised_total{kind}`` and, for EMFILE/ENFILE,
+``tgdaemon_fd_exhausted_total``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("tgdaemon.logvolume")
+
+#: Errors that mean "out of file descriptors" (per process, system-wide).
+FD_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE})
+_FD_TEXT = ("Too many open files", "Errno 24]", "Errno 23]", "out of system resource")
+
+
+class Noise(StrEnum):
+    CONNECTION_LOST = "connection_lost"
+    CONNECTION_CLOSED = "connection_closed"  # the reason a lost connection was lost
+    CONNECT_FAILED = "connect_failed"
+    MALFORMED_HTTP = "malformed_http"
+    UNRETRIEVED = "unretrieved_exception"
+    FD_EXHAUSTED = "fd_exhausted"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    kind: Noise
+    logger: str  # a logger name or a parent of it
+    prefix: str  # the message starts with this
+    summary: str  # "{n} <summary> in the last {w} s"; "" = counted, no line of its own
+    level: int = logging.WARNING  # of the summary line
+
+
+_TELETHON = ("telethon.network", "tgdaemon.telethon.network")
+
+#: What is recognised; the first matching rule wins. An fd-exhaustion record of any logger
+#: becomes FD_EXHAUSTED whatever rule it also matches.
+NOISE: tuple[Rule, ...] = (
+    *(Rule(Noise.CONNECTION_LOST, name, "Automatic reconnection failed",
+           "Telethon connections ended (the workers reconnect them)")
+      for name in _TELETHON),
+    # Logged just before the line above for the same connection: counted, not summarised.
+    *(Rule(Noise.CONNECTION_CLOSED, name, prefix, "")
+      for name in _TELETHON
+      for prefix in ("Server closed the connection", "Connection closed while receiving data",
+                     "Unhandled error while receiving")),
+    *(Rule(Noise.CONNECT_FAILED, name, "Attempt ",
+           "Telethon connect attempts failed (the workers retry with backoff)")
+      for name in _TELETHON),
+    Rule(Noise.MALFORMED_HTTP, "aiohttp.server", "Error handling request",
+         "malformed HTTP requests answered with 400", logging.INFO),
+    Rule(Noise.UNRETRIEVED, "asyncio", "Future exception was never retrieved",
+         "exceptions of finished background futures nobody awaited"),
+    Rule(Noise.UNRETRIEVED, "asyncio", "Task exception was never retrieved",
+         "exceptions of finished background tasks nobody awaited"),
+)
+_FD_RULE = Rule(Noise.FD_EXHAUSTED, "", "",
+                "operations failed because the process is out of file descriptors "
+                "(EMFILE: raise LimitNOFILE=)", logging.ERROR)
+
+#: Process-wide counts, read by :class:`NoiseCollector` (the daemon's registry).
+COUNTS: Counter[Noise] = Counter()
+
+
+def classify(record: logging.LogRecord) -> Rule | None:
+    """The rule a record falls under, or None for an ordinary line. Pure."""
+    message = str(record.msg)
+    if _is_fd_exhaustion(record, message):
+        return _FD_RULE
+    for rule in NOISE:
+        if _under(record.name, rule.logger) and message.startswith(rule.prefix):
+            if rule.kind is Noise.MALFORMED_HTTP and not _is_http_error(record):
+                return None  # a bug in a handler: that traceback must stay an ERROR
+            return rule
+    return None
+
+
+def _under(name: str, parent: str) -> bool:
+    return name == parent or name.startswith(parent + ".")
+
+
+def _is_fd_exhaustion(record: logging.LogRecord, message: str) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in FD_EXHAUSTED:
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    if record.levelno < logging.WARNING:
+        return False
+    text = message if not record.args else record.getMessage()
+    return any(t in text for t in _FD_TEXT)
+
+
+def _is_http_error(record: logging.LogRecord) -> bool:
+    from aiohttp.http_exceptions import HttpProcessingError
+
+    exc = record.exc_info[1] if record.exc_info else None
+    return isinstance(exc, HttpProcessingError)
+
+
+class NoiseFilter(logging.Filter):
+    """Demotes recognised records to DEBUG and summarises each burst in one line."""
+
+    def __init__(self, window: float = 10.0) -> None:
+        super().__init__()
+        self.window = window
+        self._pending: Counter[Noise] = Counter()
+        self._rules: dict[Noise, Rule] = {}
+        self._scheduled: set[Noise] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == log.name:
+            return True  # our own summaries
+        rule = classify(record)
+        if rule is None:
+            return True
+        COUNTS[rule.kind] += 1
+        self._pending[rule.kind] += 1
+        self._rules[rule.kind] = rule
+        if rule.summary and rule.kind not in self._scheduled:
+            self._scheduled.add(rule.kind)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop in this thread: report at once
+                self.flush(rule.kind)
+            else:
+                loop.call_later(self.window, self.flush, rule.kind)
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+    def flush(self, kind: Noise) -> None:
+        self._scheduled.discard(kind)
+        n = self._pending.pop(kind, 0)
+        if n:
+            rule = self._rules[kind]
+            log.log(rule.level, "%d %s in the last %g s (per-account detail at debug level)",
+                    n, rule.summary, self.window)
+
+
+class NoiseCollector(Collector):
+    """Exports :data:`COUNTS` (one series per kind, all present from the start)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "tgdaemon_log_events_summarised",
+            "Log records of a known fleet-wide kind demoted to debug and summarised",
+            labels=["kind"])
+        for kind in Noise:
+            family.add_metric([kind.value], COUNTS[kind])
+        yield family
+        yield CounterMetricFamily(
+            "tgdaemon_fd_exhausted",
+            "Operations that failed because the process ran out of file descriptors",
+            value=COUNTS[Noise.FD_EXHAUSTED])

@@ -1,0 +1,194 @@
+"""Catching up on missed updates, and surviving server objects Telethon cannot parse.
+
+Telethon 1.45 resumes from a stored update state only when built with ``catch_up=True``: then
+every ``connect()`` loads the state from the session (``get_update_states``: the account's
+pts/qts/date/seq and each channel's pts) into its MessageBox and the update loop starts with
+``updates.getDifference``, following ``differenceSlice`` until the final ``difference``;
+channels announced by ``updateChannelTooLong`` (or whose pts jumps) get
+``updates.getChannelDifference``. What it lacks for a daemon, and what this module adds:
+
+* **Reporting**: :class:`CatchUpBox` is Telethon's MessageBox counting what each catch-up
+  delivered (one report per finished difference, slices summed) and what a "too long" answer
+  skipped: Telegram then hands over only the new state (``differenceTooLong``,
+  ``channelDifferenceTooLong``), and the skipped stretch can only be re-read with
+  ``messages.getHistory``.
+* **Handlers first**: updates are held (queued by Telethon) until the worker has run the
+  plugins after a connect, so a plugin's handlers see the catch-up (:class:`UpdateGate`).
+* **Unknown constructors**: Telethon logs an unparseable server message with its raw bytes
+  (phone numbers, message text) at INFO and drops it. :func:`guard_unknown_objects` drops it
+  without that log and reports only the constructor id; the connection stays up, and the
+  updates it carried are fetched again by the gap logic (``getDifference``).
+
+Private Telethon internals read here (1.45): ``client._message_box``,
+``MessageBox.getting_diff_for``/``map``, ``client._sender._state.decrypt_message_data``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from telethon._updates.messagebox import ENTRY_ACCOUNT, MessageBox
+from telethon.errors import TypeNotFoundError
+from telethon.tl import types
+
+if TYPE_CHECKING:
+    from tgdaemon.telegram import ManagedClient
+
+
+@dataclass(frozen=True)
+class CatchUp:
+    """One finished catch-up: ``recovered`` updates handed to handlers, ``skipped`` updates a
+    "too long" answer jumped over. ``channel`` is None for the account's own box."""
+
+    recovered: int
+    skipped: int
+    channel: int | None = None
+
+
+def _ignore_catch_up(_report: CatchUp) -> None:
+    return None
+
+
+class CatchUpBox(MessageBox):  # type: ignore[misc]
+    """Telethon's MessageBox, reporting every finished difference (see module docstring)."""
+
+    __slots__ = ("_counts", "on_catch_up")
+
+    def __init__(self, log: Any) -> None:
+        super().__init__(log)
+        self.on_catch_up: Callable[[CatchUp], None] = _ignore_catch_up
+        #: Entry -> (recovered, skipped) of a difference in progress (slices are summed).
+        self._counts: dict[object, tuple[int, int]] = {}
+
+    def _add(self, entry: object, recovered: int, skipped: int) -> None:
+        r, s = self._counts.get(entry, (0, 0))
+        self._counts[entry] = (r + recovered, s + skipped)
+
+    def _finish(self, entry: object) -> None:
+        if entry in self.getting_diff_for:
+            return  # more slices to come
+        recovered, skipped = self._counts.pop(entry, (0, 0))
+        channel = entry if isinstance(entry, int) else None
+        self.on_catch_up(CatchUp(recovered, skipped, channel))
+
+    def apply_difference(self, diff: Any, chat_hashes: Any) -> Any:
+        before = self.map[ENTRY_ACCOUNT].pts if ENTRY_ACCOUNT in self.map else None
+        result = super().apply_difference(diff, chat_hashes)
+        skipped = 0
+        if isinstance(diff, types.updates.DifferenceTooLong) and before is not None:
+            skipped = max(0, diff.pts - before)
+        self._add(ENTRY_ACCOUNT, _real_updates(result[0]), skipped)
+        self._finish(ENTRY_ACCOUNT)
+        return result
+
+    def end_difference(self) -> None:
+        super().end_difference()  # ended early (server trouble): report what came so far
+        self._finish(ENTRY_ACCOUNT)
+
+    def apply_channel_difference(self, request: Any, diff: Any, chat_hashes: Any) -> Any:
+        entry = request.channel.channel_id
+        state = self.map.get(entry)
+        before = state.pts if state is not None else None
+        result = super().apply_channel_difference(request, diff, chat_hashes)
+        skipped = 0
+        if isinstance(diff, types.updates.ChannelDifferenceTooLong) and before is not None:
+            skipped = max(0, diff.dialog.pts - before)
+        self._add(entry, _real_updates(result[0]), skipped)
+        self._finish(entry)
+        return result
+
+    def end_channel_difference(self, request: Any, reason: Any, chat_hashes: Any) -> None:
+        super().end_channel_difference(request, reason, chat_hashes)
+        self._finish(request.channel.channel_id)
+
+    def account_pts(self) -> int | None:
+        """The account pts processed so far; None before it is known or while a difference is
+        being fetched (a catch-up in progress is not a stalled stream)."""
+        if ENTRY_ACCOUNT in self.getting_diff_for:
+            return None
+        entry = self.map.get(ENTRY_ACCOUNT)
+        return None if entry is None else int(entry.pts)
+
+
+def _real_updates(updates: list[Any]) -> int:
+    """How many updates a difference handed over. Telethon 1.45 feeds an empty
+    ``other_updates`` to its MessageBox as ``Updates(updates=[])``, which comes back as one
+    pseudo-update (the container itself): not something the server held for us."""
+    return sum(1 for u in updates if not isinstance(u, types.Updates))
+
+
+class UpdateGate:
+    """Holds a client's update processing after each connect until :meth:`release`.
+
+    Telethon starts its update loop (and with it the catch-up) at the end of ``connect()``;
+    the worker adds plugin handlers only after connecting and validating. Updates that
+    arrive in between wait in Telethon's queue instead of reaching no handler."""
+
+    __slots__ = ("_open",)
+
+    def __init__(self, held: bool) -> None:
+        self._open = asyncio.Event()
+        if not held:
+            self._open.set()
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    @property
+    def released(self) -> bool:
+        return self._open.is_set()
+
+    async def wait(self) -> None:
+        await self._open.wait()
+
+
+def guard_unknown_objects(client: Any, on_unknown: Callable[[int], None]) -> None:
+    """Drop server messages whose constructor this Telethon does not know, reporting only the
+    constructor id (Telethon would log the raw remainder, secrets included). The sender keeps
+    the connection: a dropped message is one Telethon would have dropped too."""
+    state = client._sender._state
+    decrypt = state.decrypt_message_data
+
+    def decrypt_message_data(body: bytes) -> Any:
+        try:
+            return decrypt(body)
+        except TypeNotFoundError as exc:
+            on_unknown(int(exc.invalid_constructor_id))
+            return None  # Telethon's "ignore this message"
+
+    state.decrypt_message_data = decrypt_message_data
+
+
+#: Constructor ids already reported at WARNING by this process: one line per new id for the
+#: whole fleet (a server rolling out a layer sends the same object to every account).
+_WARNED_CONSTRUCTORS: set[int] = set()
+_WARNED_LIMIT = 256
+
+
+def first_sighting(constructor_id: int) -> bool:
+    """True the first time this process meets ``constructor_id`` (bounded memory)."""
+    if constructor_id in _WARNED_CONSTRUCTORS or len(_WARNED_CONSTRUCTORS) >= _WARNED_LIMIT:
+        return False
+    _WARNED_CONSTRUCTORS.add(constructor_id)
+    return True
+
+
+class UpdateSink(Protocol):
+    """Where one account's catch-ups and unknown objects are reported
+    (:class:`tgdaemon.reporter.AccountReporter`)."""
+
+    def caught_up(self, report: CatchUp) -> None: ...
+
+    def unknown_object(self, constructor_id: int) -> None: ...
+
+
+def observe_updates(client: ManagedClient, sink: UpdateSink) -> None:
+    """Report ``client``'s catch-ups and skipped unknown objects to ``sink``."""
+    client.catch_up_box.on_catch_up = sink.caught_up
+    guard_unknown_objects(client, sink.unknown_object)
