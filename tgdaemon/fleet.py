@@ -1,11 +1,13 @@
 """This daemon's share of a fleet: claims, renews and releases leases, and runs their workers.
 
-One task (:meth:`Fleet._run`) does everything, once per ``lease_renew_interval``:
+Three tasks:
 
-1. renew every lease we hold in one statement; leases that did not come back are stopped;
-2. read the fleet's counts and decide (tgdaemon/leases.py) how many to claim or give back;
-3. give back first (workers closed and flushed *before* the lease is released), then claim
-   and start workers for what we got.
+* the renewer renews every lease we hold in one statement once per ``lease_renew_interval``,
+  and nothing else: starting or closing hundreds of workers never delays a renewal;
+* after each renewal the balancer closes the leases that did not come back, reads the fleet's
+  counts, decides (tgdaemon/leases.py) how many to claim or give back, gives back first
+  (workers closed and flushed *before* the lease is released), then claims and starts workers;
+* the guard closes every worker when the leases' deadline passes unrenewed.
 
 Safety: our leases are ours only until ``renewal start + ttl - close margin`` on our monotonic
 clock.  A renewal that does not answer by then (database down, process paused) closes every
@@ -121,6 +123,13 @@ class Fleet:
         self._stopping = False
         self._wake = asyncio.Event()  # ends the loop's sleep early (stop)
         self._extended = asyncio.Event()  # the deadline moved (wakes the guard)
+        self._renewed = asyncio.Event()  # a renewal succeeded (wakes the balancer)
+        #: The last successful renewal's leases, for the balancer.
+        self._latest: dict[str, int] | None = None
+        #: Leases the renewer found gone, for the balancer to close.
+        self._to_close: set[str] = set()
+        #: Leases the guard closed: reopened if a later renewal finds them still ours.
+        self._closed_by_guard: set[str] = set()
         self.rounds = 0
 
     # -- LeaseGate --------------------------------------------------------------------------
@@ -171,6 +180,7 @@ class Fleet:
         self.supervisor = supervisor
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._run(), name="tgdaemon-fleet"),
+                       loop.create_task(self._renewer(), name="tgdaemon-fleet-renewer"),
                        loop.create_task(self._guard(), name="tgdaemon-fleet-guard")]
 
     async def stop(self, timeout: float) -> None:
@@ -180,9 +190,10 @@ class Fleet:
         # leave the connection unusable for the release below.
         self._stopping = True
         self._wake.set()
-        others = self._tasks[1:]
+        self._renewed.set()
+        others = self._tasks[2:]
         if self._tasks:
-            _done, pending = await asyncio.wait({self._tasks[0]}, timeout=timeout)
+            _done, pending = await asyncio.wait(set(self._tasks[:2]), timeout=timeout)
             others.extend(pending)
         for task in others:
             task.cancel()
@@ -217,14 +228,53 @@ class Fleet:
     # -- the loop ---------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        """The balancer: one round after each successful renewal."""
         # Daemons started together should see each other before the first claim.
         await self._sleep(self.timing.renew_interval * self._rng.uniform(0.5, 1.0))
         while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._renewed.wait(), self.timing.renew_interval)
+            self._renewed.clear()
+            if self._stopping:
+                break
             try:
                 await self.round()
-            except Exception:  # the fleet loop must survive anything; the guard closes
+            except Exception:  # the balancer must survive anything; the guard closes
                 log.exception("lease round failed")
+
+    async def _renewer(self) -> None:
+        while not self._stopping:
+            try:
+                await self.renew()
+            except Exception:  # e.g. a bug: no renewal, and the guard closes in time
+                log.exception("lease renewal failed unexpectedly")
             await self._sleep(self.timing.renew_interval)
+
+    async def renew(self) -> None:
+        """Renew every lease we hold (one statement) and move the deadline."""
+        started = self._monotonic()
+        held = set(self._epochs)  # before the statement: a claim committing meanwhile is kept
+        try:
+            renewed = await self.leases.renew(self.instance, self.timing.ttl)
+        except StoreError as exc:
+            self.metrics.renewals.labels(RenewalResult.ERROR.value).inc()
+            log.warning("lease renewal failed: %s", exc)
+            return
+        valid_until = self.timing.valid_until(started)
+        if must_close(self._monotonic(), valid_until):
+            # It answered, but too late to be sure nobody else holds them by now: the guard
+            # has closed (or is closing) everything; the next renewal reopens what is ours.
+            self.metrics.renewals.labels(RenewalResult.ERROR.value).inc()
+            log.warning("lease renewal answered too late (%.1f s)", self._monotonic() - started)
+            return
+        self.metrics.renewals.labels(renewal_result(held, set(renewed)).value).inc()
+        lost = held - set(renewed)
+        for name in lost:  # refused at once by holds(); closed by the balancer
+            self._epochs.pop(name, None)
+        self._to_close |= lost
+        self._latest = renewed
+        self._set_deadline(valid_until)
+        self._renewed.set()
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -247,34 +297,24 @@ class Fleet:
         self._extended.set()
 
     async def round(self) -> None:
-        """One renewal round (see the module docstring)."""
+        """One balancing round after a renewal (see the module docstring)."""
         self.rounds += 1
-        started = self._monotonic()
-        ttl = self.timing.ttl
-        try:
-            renewed = await self.leases.renew(self.instance, ttl)
-        except StoreError as exc:
-            self.metrics.renewals.labels(RenewalResult.ERROR.value).inc()
-            log.warning("lease renewal failed: %s", exc)
-            return
-        held = set(self._epochs)
-        result = renewal_result(held, set(renewed))
-        if must_close(self._monotonic(), self.timing.valid_until(started)):
-            # It answered, but too late to be sure nobody else holds them by now.
-            self.metrics.renewals.labels(RenewalResult.ERROR.value).inc()
-            log.warning("lease renewal answered too late (%.1f s)", self._monotonic() - started)
-            await self._close_all()
-            return
-        self.metrics.renewals.labels(result.value).inc()
-        self._set_deadline(self.timing.valid_until(started))
-        lost = held - set(renewed)
+        lost = sorted(self._to_close)
+        self._to_close.clear()
         if lost:
-            log.warning("%d lease(s) lost (expired or taken over): closing them", len(lost))
-            await self._drop(sorted(lost))
-        regained = {n: e for n, e in renewed.items() if n not in self._epochs}
+            log.warning("%d lease(s) lost (expired, taken over, disabled or removed): closing "
+                        "them", len(lost))
+            await self._close(lost)
+        renewed = self._latest
+        if renewed is None or must_close(self._monotonic(), self._valid_until):
+            return  # no valid renewal to act on
+        regained = {n: e for n, e in renewed.items()
+                    if n in self._closed_by_guard and n not in self._epochs}
+        self._closed_by_guard.clear()
         if regained:  # still ours after an outage that closed them
             log.info("%d lease(s) still ours after an outage: reopening them", len(regained))
             await self._adopt(regained)
+        ttl = self.timing.ttl
         counts = await self.leases.counts(ttl)
         self.metrics.lost.set(counts.lost_instances)
         view = ClusterView(counts.accounts, counts.live_instances, len(self._epochs),
@@ -315,19 +355,15 @@ class Fleet:
         assert self.supervisor is not None
         await self.supervisor.release(names, self.config.daemon.drain_timeout)
 
-    async def _drop(self, names: Sequence[str]) -> None:
-        """Leases already gone: forget the epochs first (their writes are refused anyway)."""
-        for name in names:
-            self._epochs.pop(name, None)
-        await self._close(names)
-
     async def _close_all(self) -> None:
         log.error("leases could not be renewed in time: closing all %d account(s) before they "
                   "expire", len(self._epochs))
         names = sorted(self._epochs)
         self._set_deadline(-1.0)  # nothing connects from here on
         await self._close(names)
-        self._epochs.clear()
+        for name in names:
+            self._epochs.pop(name, None)
+        self._closed_by_guard.update(names)
         self.metrics.owned.set(0)
 
 
