@@ -26,6 +26,7 @@ from tgdaemon import __version__
 from tgdaemon.exceptions import (
     EXIT_UNEXPECTED,
     AccountError,
+    BadInputError,
     DecryptionError,
     InputError,
     StateLockedError,
@@ -35,6 +36,7 @@ from tgdaemon.lifecycle import OWNED_STATES, Setup
 
 if TYPE_CHECKING:
     from tgdaemon.config import Config
+    from tgdaemon.crypto import KeyRing
     from tgdaemon.records import RecordReport
     from tgdaemon.store import Store
 
@@ -118,16 +120,40 @@ def _parser() -> argparse.ArgumentParser:
                  "re-encrypt every record under a new active key (daemon must be stopped)")
     sp.add_argument("--out", type=Path,
                     help="write the new key ring here (required when the key is not a file)")
+    sp = command("prune-keys", cmd_prune_keys,
+                 "drop keys no stored record uses, after checking every record decrypts")
+    sp.add_argument("--out", type=Path,
+                    help="write the pruned key ring here (required when the key is not a file)")
     sp = command("rotate-session", cmd_rotate_session,
                  "give an account a new auth key without a login code (the old key is then "
                  "logged out)")
     sp.add_argument("name")
     command("status", cmd_status, "show the running daemon's account status")
+    sp = command("send", cmd_send, "send a text message through the daemon's account API")
+    sp.add_argument("account")
+    sp.add_argument("peer", help="user id, @username, +phone or me")
+    sp.add_argument("text")
+    sp = command("tail", cmd_tail, "print an account's (or every account's) live updates")
+    sp.add_argument("account", nargs="?")
     sub.add_parser("localdc", help="run the local stand-in data centre (see localdc --help)")
     return p
 
 
 # -- commands -------------------------------------------------------------------------------
+
+
+def cmd_send(ns: argparse.Namespace) -> int:
+    from tgdaemon.apicli import send
+
+    print(asyncio.run(send(_load(ns), ns.account, ns.peer, ns.text)))
+    return 0
+
+
+def cmd_tail(ns: argparse.Namespace) -> int:
+    from tgdaemon.apicli import tail
+
+    asyncio.run(tail(_load(ns), ns.account))
+    return 0
 
 
 def _load(ns: argparse.Namespace) -> Config:
@@ -270,29 +296,77 @@ def cmd_rotate_session(ns: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_rotate_key(ns: argparse.Namespace) -> int:
-    from tgdaemon.crypto import load_keyring, write_key_file
-    from tgdaemon.store import Store
-
-    config = _load(ns)
-    ring = load_keyring(key_file=config.daemon.master_key_file)
-    new = ring.with_new_active()
-    target = ns.out or config.daemon.master_key_file
+def _key_target(ns: argparse.Namespace, config: Config) -> Path:
+    """Where a changed key ring goes: ``--out``, else the configured key file."""
+    target: Path | None = ns.out or config.daemon.master_key_file
     if target is None or (ns.out is None and os.environ.get("CREDENTIALS_DIRECTORY")):
         raise AccountError("the key does not come from a key file: pass --out PATH for the new "
                            "key ring, then install it (e.g. with systemd-creds encrypt)")
-    async def run() -> int:
-        # Open (and lock) the store first: with a daemon running, fail before touching keys.
-        async with await Store.open(config.daemon.state_dir, new) as store:
-            # The new ring is durable before any record uses it: a crash leaves every record
-            # readable (the new ring keeps the old keys).
-            write_key_file(target, new, overwrite=True)
-            return await store.rotate(new)
+    return target
 
-    count = asyncio.run(run())
-    old = ", ".join(k for k in new.key_ids if k != new.active.key_id)
-    print(f"re-encrypted {count} records under key {new.active.key_id}; wrote {target}; "
-          f"older keys kept in the ring: {old}")
+
+def cmd_rotate_key(ns: argparse.Namespace) -> int:
+    from tgdaemon.crypto import write_key_file
+    from tgdaemon.records import check_records
+    from tgdaemon.store import Store
+
+    config = _load(ns)
+    ring = _keyring(config)
+    target = _key_target(ns, config)
+
+    async def run() -> tuple[int, KeyRing, bool]:
+        # Open (and lock) the store first: with a daemon running, fail before touching keys.
+        async with await Store.open(config.daemon.state_dir, ring) as store:
+            report = await check_records(store)
+            problem = report.problem()
+            if problem is not None:
+                raise DecryptionError(f"not rotating: {problem}")
+            # Records exist but none uses the active key: an earlier run wrote its new ring
+            # and stopped before re-encrypting. Finish that rotation instead of adding a key
+            # per interrupted run.
+            resume = report.total > 0 and ring.active.key_id not in report.key_use
+            new = ring if resume else ring.with_new_active()
+            if not resume or ns.out is not None:
+                # The new ring is durable before any record uses it: a crash leaves every
+                # record readable (the new ring keeps the old keys).
+                write_key_file(target, new, overwrite=True)
+            return await store.rotate(new), new, resume
+
+    count, new, resumed = asyncio.run(run())
+    old = ", ".join(k for k in new.key_ids if k != new.active.key_id) or "none"
+    what = "finished the interrupted rotation: " if resumed else ""
+    print(f"{what}re-encrypted {count} records under key {new.active.key_id}; wrote {target}; "
+          f"older keys kept in the ring: {old} (drop unused ones with tgdaemon prune-keys)")
+    return 0
+
+
+def cmd_prune_keys(ns: argparse.Namespace) -> int:
+    from tgdaemon.crypto import write_key_file
+
+    config = _load(ns)
+    ring = _keyring(config)
+    target = _key_target(ns, config)
+
+    async def run() -> tuple[str, ...]:
+        store, _running, report = await _open_store(config)
+        async with store:
+            problem = report.problem()
+            if problem is not None:
+                raise DecryptionError(f"not pruning: {problem}")
+            unused = report.unused_key_ids
+            if unused:
+                pruned = ring
+                for key_id in unused:
+                    pruned = pruned.without(key_id)
+                write_key_file(target, pruned, overwrite=True)
+            return unused
+
+    unused = asyncio.run(run())
+    if not unused:
+        print(f"every key in the ring is in use ({', '.join(ring.key_ids)}); nothing pruned")
+    else:
+        print(f"removed key(s) {', '.join(unused)} that no record uses; wrote {target} "
+              f"(every one of the {len(ring) - len(unused)} remaining key(s) decrypts its records)")
     return 0
 
 
@@ -330,6 +404,7 @@ async def login(config: Config, name: str, *, prompt: Prompt, secret: Prompt,
     Every request has the policy's timeout and transient failures are retried
     (:mod:`tgdaemon.oneshot`). A stored session this key ring cannot decrypt is never
     replaced without ``force``: it may be the only good copy (a wrong master key)."""
+    from telethon import utils
     from telethon.errors import (
         PasswordHashInvalidError,
         PhoneCodeExpiredError,
@@ -357,6 +432,10 @@ async def login(config: Config, name: str, *, prompt: Prompt, secret: Prompt,
             phone = account.phone or prompt("Phone number (international format): ").strip()
             if not phone:
                 raise InputError("no phone number given")
+            if utils.parse_phone(phone) is None:
+                # The input is not echoed: it may be a phone number with a typo.
+                raise BadInputError("that is not a phone number (expected digits in "
+                                    "international format, e.g. +44 20 7946 0000)")
             await call("auth.sendCode", lambda: client.send_code_request(phone), policy=policy)
             for attempt in range(3):
                 code = secret("Login code (input hidden): ").strip()
@@ -498,13 +577,21 @@ async def _session_client(
     data = None if fresh else await store.load_session(name)
     session = StoreSession(store, name, data or _initial_session(config))
     client = build_client(client_class(), session, config, config.account(name))
+
+    async def close() -> None:
+        await client.disconnect()
+        # Telethon keeps the error that ended a connection in a future nobody awaits;
+        # retrieve it, or asyncio prints it with a traceback when the process exits.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.disconnected, 1.0)
+
     try:
         await call("connect", client.connect, policy=config.policy,
-                   timeout=config.policy.connect_timeout, cleanup=client.disconnect)
+                   timeout=config.policy.connect_timeout, cleanup=close)
         await session.flush()  # a fresh auth key is durable before the login binds it
         yield client, session
     finally:
-        await client.disconnect()
+        await close()
         await session.flush()
 
 
@@ -524,11 +611,10 @@ async def _open_store(config: Config) -> tuple[Store, bool, RecordReport]:
     """Open the store; returns it, whether a running daemon holds the single-instance lock
     (the CLI may then work only on accounts that daemon is not using), and how the stored
     records fare against the key ring (a problem is printed: every command says it)."""
-    from tgdaemon.crypto import load_keyring
     from tgdaemon.records import check_records
     from tgdaemon.store import Store
 
-    ring = load_keyring(key_file=config.daemon.master_key_file)
+    ring = _keyring(config)
     if config.daemon.clustered:  # fleet daemons lock their instance id only: assume running
         store, running = await Store.open(config.daemon.state_dir, ring, lock=False), True
     else:
@@ -545,6 +631,16 @@ async def _open_store(config: Config) -> tuple[Store, bool, RecordReport]:
     if problem is not None:
         print(f"tgdaemon: warning: {problem}", file=sys.stderr)
     return store, running, report
+
+
+def _keyring(config: Config) -> KeyRing:
+    """The master key ring; temporary key files an interrupted write left are removed first
+    (each holds a whole ring)."""
+    from tgdaemon.crypto import load_keyring, remove_stale_temp_files
+
+    if config.daemon.master_key_file is not None:
+        remove_stale_temp_files(config.daemon.master_key_file)
+    return load_keyring(key_file=config.daemon.master_key_file)
 
 
 async def _check_not_active(store: Store, name: str, daemon_running: bool) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from tgdaemon.apiconfig import ApiConfig, parse_api
 from tgdaemon.exceptions import AccountError, ConfigError
 from tgdaemon.leases import default_close_margin, timing_problems
 from tgdaemon.lifecycle import HEARTBEAT_JITTER, longest_heartbeat_gap
@@ -259,6 +260,7 @@ class Config:
     policy: PolicyConfig
     accounts: tuple[AccountConfig, ...]
     security: SecurityConfig = SecurityConfig()
+    api: ApiConfig = field(default_factory=ApiConfig)
 
     def on_new_authorization(self, account: AccountConfig) -> OnNewAuthorization:
         """The account's own setting, else the fleet's."""
@@ -378,7 +380,7 @@ def parse_config(
     """Validate already-parsed TOML. Only reads the files the config names (api_hash_file,
     rsa_keys), through ``read_file``."""
     p = _Parser(Path(path), env, read_file)
-    root = p.table(data, "", ("daemon", "telegram", "policy", "security", "accounts"))
+    root = p.table(data, "", ("daemon", "telegram", "policy", "security", "accounts", "api"))
     daemon = p.daemon(root.get("daemon", {}), state_dir)
     if "telegram" not in root:
         p.err("telegram", "required section missing")
@@ -386,10 +388,11 @@ def parse_config(
     policy = p.policy(root.get("policy", {}))
     security = p.security(root.get("security", {}))
     accounts = p.accounts(root.get("accounts", []))
+    api = parse_api(p, root.get("api", {}))
     if p.problems:
         raise ConfigValidationError(p.problems)
     assert telegram is not None  # no problems => telegram parsed
-    return Config(Path(path), daemon, telegram, policy, accounts, security)
+    return Config(Path(path), daemon, telegram, policy, accounts, security, api)
 
 
 class _Parser:

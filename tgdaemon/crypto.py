@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import glob
 import hashlib
 import logging
 import os
@@ -298,6 +300,29 @@ def load_keyring(*, key_file: Path | None, env: Mapping[str, str] = os.environ) 
     )
 
 
+_TMP_SUFFIX = ".tmp"
+
+
+def remove_stale_temp_files(path: Path) -> int:
+    """Remove temporary files an interrupted :func:`write_key_file` left beside ``path``
+    (each holds a whole key ring); returns how many. Called before every key file write and
+    at daemon start; only one writer runs at a time (the state lock), so none is live."""
+    path = Path(path)
+    removed = 0
+    with contextlib.suppress(OSError):
+        for tmp in path.parent.glob(f".{glob.escape(path.name)}.*{_TMP_SUFFIX}"):
+            try:
+                tmp.unlink()
+            except OSError as exc:
+                log.warning("cannot remove stale temporary key file %s: %s", tmp, exc.strerror)
+            else:
+                removed += 1
+    if removed:
+        log.warning("removed %d temporary key file(s) left by an interrupted key write beside %s",
+                    removed, path)
+    return removed
+
+
 def write_key_file(path: Path, ring: KeyRing, *, overwrite: bool = False) -> None:
     """Write ``ring`` atomically with mode 0600; an existing file is kept unless ``overwrite``.
 
@@ -306,9 +331,16 @@ def write_key_file(path: Path, ring: KeyRing, *, overwrite: bool = False) -> Non
     """
     path = Path(path)
     directory = path.parent
-    tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    if not directory.is_dir():
+        raise KeyMaterialError(f"cannot write key file {path}: directory {directory} does not "
+                               "exist")
+    remove_stale_temp_files(path)
+    tmp = directory / f".{path.name}.{secrets.token_hex(6)}{_TMP_SUFFIX}"
     data = ring.dumps().encode("utf-8")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise KeyMaterialError(f"cannot write key file {path}: {exc.strerror}") from None
     try:
         try:
             os.fchmod(fd, 0o600)  # in case of an unusual umask

@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry
 
 from tgdaemon.config import Config, ConfigHolder, allowed_hosts, config_warnings, load_config
-from tgdaemon.crypto import KeyRing, load_keyring
+from tgdaemon.crypto import KeyRing, load_keyring, remove_stale_temp_files
 from tgdaemon.dcs import DcDirectory
 from tgdaemon.exceptions import ConfigError
+from tgdaemon.fdlimit import fd_shortfall
 from tgdaemon.fleet import Fleet, fleet_lock_name
 from tgdaemon.leasestore import open_lease_store
 from tgdaemon.logvolume import NoiseCollector
@@ -78,6 +79,7 @@ class Daemon:
         self.supervisor: Supervisor | None = None
         self.fleet: Fleet | None = None
         self.http: Any = None  # tgdaemon.http.HttpServer when listening
+        self.api: Any = None  # tgdaemon.api.AccountApi when [api] has clients
         self.records = RecordsCollector(self.registry)
         self._ready = False
 
@@ -105,6 +107,8 @@ class Daemon:
             log.warning("%s", warning)
         keyring = self._keyring or load_keyring(key_file=config.daemon.master_key_file,
                                                 env=self._env)
+        if config.daemon.master_key_file is not None:
+            remove_stale_temp_files(config.daemon.master_key_file)
         trust_server_keys(config)
         lock_name = fleet_lock_name(config) if config.daemon.clustered else LOCK_NAME
         self.store = await Store.open(config.daemon.state_dir, keyring, clock=self._clock,
@@ -115,6 +119,16 @@ class Daemon:
             self.fleet = await self._join_fleet(config, self.store)
             # Workers run the accounts whose leases we hold: none until the first claim.
             self.settings.current = self.fleet.worker_config()
+
+        api = None
+        if config.api.enabled:
+            from tgdaemon.api import AccountApi
+
+            api = AccountApi(self.settings, self.board, keyring, self.registry,
+                             clock=self._clock, monotonic=self._monotonic)
+            await api.start()
+            self._stack.push_async_callback(api.stop)
+        self.api = api
 
         directory = DcDirectory(config.telegram.servers, self.store,
                                 use_ipv6=config.telegram.use_ipv6, monotonic=self._monotonic)
@@ -130,9 +144,12 @@ class Daemon:
             clock=self._clock,
             monotonic=self._monotonic,
             rng=self._rng,
+            client_hooks=api.client_hooks if api is not None else (),
             lease=self.fleet,
         )
         self.supervisor = Supervisor(deps, board=self.board, metrics=self.metrics)
+        if api is not None:
+            api.bind(self.supervisor.worker)
         await self.supervisor.start()
         self._stack.push_async_callback(self._stop_supervisor)
         if self.fleet is not None:
@@ -146,6 +163,8 @@ class Daemon:
             app = build_app(board=self.board, registry=self.registry, ready=self.ready,
                             token=config.daemon.http_token,
                             allowed_hosts=allowed_hosts(config.daemon))
+            if api is not None:
+                api.register(app)
             self.http = HttpServer(app, listen.host, listen.port)
             await self.http.start()
             self._stack.push_async_callback(self.http.stop)
@@ -221,6 +240,8 @@ class Daemon:
                         "the next restart")
         for warning in config_warnings(new):
             log.warning("%s", warning)
+        if (short := fd_shortfall(new)) is not None:
+            log.warning("%s", short)
         trust_server_keys(new)
         await self.check_records()  # e.g. after `tgdaemon login --force` replaced records
         if self.fleet is not None:

@@ -63,6 +63,12 @@ class InputError(TgdaemonError):
     exit_code = 66  # EX_NOINPUT
 
 
+class BadInputError(TgdaemonError):
+    """An answer at a prompt is not usable (e.g. not a phone number): nothing was changed."""
+
+    exit_code = 65  # EX_DATAERR
+
+
 class TelegramUnavailableError(TgdaemonError):
     """Telegram could not be reached, stalled past the timeout, or failed (5xx), after
     retries: nothing was changed locally; try again later."""

@@ -67,6 +67,9 @@ class WorkerDeps:
     clock: Callable[[], float] = time.time
     monotonic: Callable[[], float] = time.monotonic
     rng: random.Random = field(default_factory=random.Random)
+    #: Called with (account name, client) for every client object built, before it connects
+    #: (the account API attaches its update listener here).
+    client_hooks: tuple[Callable[[str, ManagedClient], None], ...] = ()
     #: Fleet mode: the leases this daemon holds (None: a single daemon owns its accounts).
     lease: LeaseGate | None = None
 
@@ -101,6 +104,9 @@ class AccountWorker:
         self._catch_ups = 0
         self._watch = ConnectionWatch()
         self._plugins = Plugins(account, reporter)
+        #: A failure another caller (the account API) ran into on this account's client,
+        #: raised at the heartbeat wait so the usual recovery applies to it.
+        self._reported: BaseException | None = None
         #: The security watch (created with the session: it needs the stored update date).
         self._sessions: AuthorizationWatch | None = None
 
@@ -179,6 +185,18 @@ class AccountWorker:
         """The policy changed: re-arm the heartbeat wait with the new interval now, rather
         than after a wait of the old length."""
         self._watch.wake()
+
+    def hold_for_flood_wait(self, exc: BaseException) -> None:
+        """A FLOOD_WAIT answered to a call made through this account's client (the account
+        API): recover from it as from our own (state flood_wait, nothing sent until the
+        deadline), starting now rather than at the next heartbeat."""
+        self._reported = exc
+        self._watch.wake()
+
+    def _raise_reported(self) -> None:
+        exc, self._reported = self._reported, None
+        if exc is not None:
+            raise exc
 
     # -- failure handling ------------------------------------------------------------------
 
@@ -285,6 +303,8 @@ class AccountWorker:
             self.client = build_client(self.deps.client_cls, self.session,
                                        self.deps.settings.current, self.account)
             observe_updates(self.client, self.report)
+            for hook in self.deps.client_hooks:
+                hook(self.name, self.client)
             self.client.add_event_handler(self._on_new_login,
                                           events.Raw(types.UpdateNewAuthorization))
         client = self.client
@@ -388,9 +408,11 @@ class AccountWorker:
         the current ``heartbeat_interval`` (counted from when this wait began)."""
         began = self.deps.monotonic()
         while True:
+            self._raise_reported()
             due = began + heartbeat_delay(self.policy.heartbeat_interval, self.deps.rng)
             remaining = due - self.deps.monotonic()
             if remaining <= 0 or await self._watch.sleep(remaining, self.client):
+                self._raise_reported()
                 return
 
     async def _on_update_gap(self, server_pts: int, local_pts: int | None) -> None:

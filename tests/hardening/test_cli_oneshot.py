@@ -71,6 +71,13 @@ async def test_login_errors_are_one_line_each(make_config, localdc) -> None:
     assert code == 66, err
     assert "end of input" in err
     assert "Traceback" not in err
+    # not a phone number at all: refused before anything is sent, without echoing it
+    code, _out, err = await arun_cli("login", "jay", "--config", str(config.path),
+                                     stdin="my phone\n")
+    assert code == 65, err
+    assert "not a phone number" in err
+    assert "my phone" not in err
+    assert "Traceback" not in err
     # an invalid phone number: Telegram's refusal, not a traceback
     localdc.inject(Fault("rpc_error", method="auth.sendCode", error="PHONE_NUMBER_INVALID"))
     code, _out, err = await arun_cli("login", "jay", "--config", str(config.path),
@@ -85,3 +92,40 @@ async def test_login_errors_are_one_line_each(make_config, localdc) -> None:
     assert code == 69, err
     assert "cannot reach Telegram for connect" in err
     assert "Traceback" not in err
+
+
+async def test_logout_against_a_refusing_dc_keeps_the_session(
+        make_config, login_account, localdc) -> None:
+    config = make_config([{"name": "kim", "phone": phone_for("kim")}],
+                         policy={"backoff_base": 0.05, "backoff_cap": 0.1})
+    await login_account(config, "kim")
+    localdc.inject(Fault("refuse"))
+    code, _out, err = await arun_cli("logout", "kim", "--config", str(config.path))
+    assert code == 69, err
+    assert "cannot reach Telegram for connect" in err
+    assert "the local session was kept" in err
+    assert "Traceback" not in err, err
+    async with await open_store(config) as store:
+        assert await store.load_session("kim") is not None
+
+
+async def test_import_of_a_session_file_with_null_or_text_columns(make_config, tmp_path) -> None:
+    import sqlite3
+
+    config = make_config([{"name": "lee"}])
+    for column, value in (("port", None), ("auth_key", "k" * 256),
+                          ("server_address", None)):
+        path = tmp_path / f"{column}.session"
+        with sqlite3.connect(path) as db:
+            db.execute("CREATE TABLE sessions (dc_id INTEGER PRIMARY KEY, server_address TEXT, "
+                       "port INTEGER, auth_key BLOB, takeout_id INTEGER)")
+            row = {"dc_id": 2, "server_address": "127.0.0.1", "port": 443,
+                   "auth_key": bytes(range(256)), column: value}
+            db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?, NULL)",
+                       (row["dc_id"], row["server_address"], row["port"], row["auth_key"]))
+        code, _out, err = await arun_cli("import", "lee", "--file", str(path),
+                                         "--config", str(config.path))
+        assert code == 65, err
+        assert f"sessions.{column} is" in err
+        assert "Traceback" not in err
+        assert "kkkk" not in err

@@ -119,3 +119,35 @@ async def test_read_only_state(make_config, login_account, localdc, notify, proc
     await daemon.wait_log(r"session writer|write of \d+ account", timeout=15)  # writes tried
     errors = [line for line in daemon.lines if " ERROR " in line or line.startswith("ERROR")]
     assert len(errors) == 1, "\n".join(errors)
+
+
+def _can_drop_caps() -> bool:
+    if shutil.which("setpriv") is None:
+        return False
+    probe = subprocess.run(["setpriv", "--bounding-set=-all", "--inh-caps=-all", "true"],
+                           capture_output=True, check=False)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_drop_caps(), reason="needs setpriv to drop capabilities")
+async def test_lock_file_owned_by_another_user_is_one_line(
+        make_config, login_account, localdc, notify, processes, state_dir):
+    import os
+
+    config = make_config(accounts("alice"))
+    await login_account(config, "alice")  # creates the lock file
+    os.chown(state_dir / LOCK_NAME, 65534, 65534)  # e.g. left by another user's CLI run
+    # Without CAP_DAC_OVERRIDE, root is an ordinary user that does not own the lock file.
+    proc = await asyncio.create_subprocess_exec(
+        "setpriv", "--bounding-set=-all", "--inh-caps=-all", sys.executable, "-m", "tgdaemon",
+        "run", "--config", str(config.path), stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=daemon_env())
+    daemon = DaemonProcess(proc)
+    processes.append(daemon)
+    assert await daemon.wait_exit(20) == 78, daemon.log
+    errors = [line for line in daemon.lines if "error" in line.lower()]
+    assert errors == [
+        f"tgdaemon: error: cannot open the lock file {state_dir / LOCK_NAME} (owned by uid "
+        "65534, mode 0600): Permission denied; the state directory must be writable by the "
+        "user tgdaemon runs as (uid 0)"], daemon.log
+    assert "Traceback" not in daemon.log

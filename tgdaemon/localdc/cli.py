@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -37,8 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed login code; 'random' for a random code per request")
     p.add_argument("--control-port", type=int, default=None,
                    help="serve the HTTP/JSON control API on this port (0 = free port)")
+    p.add_argument("--mtproxy-secret", default=None, type=_mtproxy_secret,
+                   help="also serve as an MTProxy with this secret (32 hex digits, or dd + 32 "
+                        "for padded intermediate only)")
+    p.add_argument("--mtproxy-port", type=int, default=0,
+                   help="port of the MTProxy listener (0 = free port)")
     p.add_argument("--log-level", default="INFO")
     return p
+
+
+def _mtproxy_secret(value: str) -> str:
+    s = value.lower()
+    if re.fullmatch(r"(dd)?[0-9a-f]{32}", s) is None:
+        # argparse prints this with the option name; the value (a secret) is not echoed.
+        raise argparse.ArgumentTypeError("expected 32 hex digits, or dd + 32")
+    return s
 
 
 def write_atomic(path: Path, data: str) -> None:
@@ -60,7 +74,8 @@ def write_atomic(path: Path, data: str) -> None:
 async def run(args: argparse.Namespace) -> int:
     code = None if args.code == "random" else args.code
     dc = LocalDC(args.state_dir, dcs=args.dcs, host=args.host, port=args.port, code=code,
-                 control_port=args.control_port)
+                 control_port=args.control_port, mtproxy_secret=args.mtproxy_secret,
+                 mtproxy_port=args.mtproxy_port)
     await dc.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -68,7 +83,8 @@ async def run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         write_atomic(args.info_file, json.dumps(dc.info(), indent=2) + "\n")
-        print(f"{BANNER}; serving {dc.addresses}; info in {args.info_file}",
+        mtproxy = f", MTProxy on {dc.mtproxy_address}" if dc.mtproxy_address else ""
+        print(f"{BANNER}; serving {dc.addresses}{mtproxy}; info in {args.info_file}",
               file=sys.stderr, flush=True)
         await stop.wait()
     finally:

@@ -87,6 +87,11 @@ def boolean(value: bool) -> bytes:
     return struct.pack("<I", BOOL_TRUE if value else BOOL_FALSE)
 
 
+def username_of(user_id: int) -> str:
+    """localdc's users have no chosen usernames: each is ``local<id>`` (resolvable)."""
+    return f"local{user_id}"
+
+
 def normalize_phone(phone: str) -> str:
     return re.sub(r"\D", "", phone or "")
 
@@ -158,6 +163,7 @@ class World:
             is_self=is_self,
             access_hash=rec.access_hash,
             first_name=rec.first_name,
+            username=username_of(rec.id),
             phone=rec.phone if is_self else None,
             status=tl.UserStatusRecently(),
         )
@@ -209,21 +215,25 @@ class World:
         return None if client is None else client.auth_hash
 
     def new_message(self, user_id: int, text: str, *, out: bool, peer: int,
-                    exclude_key: int | None) -> tl.Message:
+                    exclude_key: int | None, reply_to: int | None = None) -> tl.Message:
         """Store a message for ``user_id`` (its pts moves on) and push it to its sessions."""
         msg = tl.Message(
             id=self.history.next_message_id(user_id), peer_id=tl.PeerUser(peer), date=_now(),
             message=text, out=out, from_id=tl.PeerUser(user_id if out else peer),
+            reply_to=tl.MessageReplyHeader(reply_to_msg_id=reply_to) if reply_to else None,
         )
         upd = self.history.record(
             user_id, lambda pts: tl.UpdateNewMessage(message=msg, pts=pts, pts_count=1))
-        self.deliver(user_id, [upd], exclude_key)
+        self.deliver(user_id, [upd], exclude_key, peers=(peer,))
         return msg
 
     def deliver(self, user_id: int, updates: list[tl.TypeUpdate],
-                exclude_key: int | None = None) -> None:
-        """Push recorded updates to the user's sessions (all but ``exclude_key``'s)."""
+                exclude_key: int | None = None, peers: tuple[int, ...] = ()) -> None:
+        """Push recorded updates to the user's sessions (all but ``exclude_key``'s); the users
+        in ``peers`` go along so clients know who a message is from."""
         users = [self.tl_user(self.store.users[user_id], user_id), self.service_user()]
+        users += [self.tl_user(self.store.users[p], user_id) for p in peers
+                  if p != user_id and p in self.store.users]
         self.push(user_id, tl.Updates(updates=updates, users=users, chats=[], date=_now(),
                                       seq=0), exclude_key)
 
@@ -420,20 +430,6 @@ def _import_authorization(w: World, ctx: Ctx, req: Any) -> tl_auth.Authorization
 
 
 # -- messages ----------------------------------------------------------------------------------
-
-
-@_handles(fn.messages.SendMessageRequest)
-def _send_message(w: World, ctx: Ctx, req: Any) -> tl.UpdateShortSentMessage:
-    me = w.user(ctx)
-    peer = req.peer
-    if not (isinstance(peer, tl.InputPeerSelf)
-            or (isinstance(peer, tl.InputPeerUser) and peer.user_id == me.id)):
-        raise RpcFail(400, "PEER_ID_INVALID")
-    if not req.message:
-        raise RpcFail(400, "MESSAGE_EMPTY")
-    msg = w.new_message(me.id, req.message, out=True, peer=me.id, exclude_key=ctx.key_id)
-    pts = w.store.users[me.id].pts
-    return tl.UpdateShortSentMessage(id=msg.id, pts=pts, pts_count=1, date=msg.date, out=True)
 
 
 @_handles(fn.account.UpdateStatusRequest)

@@ -31,6 +31,7 @@ from telethon.tl.core import GzipPacked
 from telethon.tl.tlobject import TLRequest
 
 from tgdaemon.localdc import account as _account  # noqa: F401  (registers its handlers)
+from tgdaemon.localdc import messaging as _messaging  # noqa: F401  (registers its handlers)
 from tgdaemon.localdc import transport
 from tgdaemon.localdc.crypto import (
     DH_PRIME,
@@ -53,7 +54,13 @@ from tgdaemon.localdc.rpc import (
     normalize_phone,
 )
 from tgdaemon.localdc.store import AuthKeyRecord, Store
-from tgdaemon.localdc.updates import HISTORY_LIMIT, SLICE_LIMIT, UpdateHistory, new_channel_post
+from tgdaemon.localdc.updates import (
+    HISTORY_LIMIT,
+    SLICE_LIMIT,
+    UpdateHistory,
+    new_channel_post,
+    new_unknown_update,
+)
 
 log = logging.getLogger("tgdaemon.localdc")
 
@@ -346,6 +353,9 @@ class LocalDC:
             "rsa_public_key": self.rsa_public_pem,
             "control_url": self.control_url,
             "code": self.code,
+            # The MTProxy port, if any (its secret is the operator's: never written here).
+            "mtproxy": None if self.mtproxy_address is None else {
+                "host": self.mtproxy_address[0], "port": self.mtproxy_address[1]},
         }
 
     def set_password(self, phone: str, password: str | None) -> None:
@@ -425,6 +435,13 @@ class LocalDC:
         """Push arbitrary bytes as a server message to the user's sessions (e.g. an object
         whose constructor the client's layer does not know)."""
         self._push(user_id, body, None)
+
+    def push_unknown_update(self, user_id: int, constructor_id: int, body: bytes) -> None:
+        """Record and push an update of a layer newer than the client's (``constructor_id``
+        unknown to it, followed by ``body``): it also comes back in getDifference."""
+        if user_id not in self.store.users:
+            raise KeyError(f"unknown user {user_id}")
+        new_unknown_update(self.world, user_id, constructor_id, body)
 
     def create_channel(self, title: str, members: list[int]) -> int:
         """A broadcast channel with these users as members; returns its id."""

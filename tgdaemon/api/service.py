@@ -1,0 +1,534 @@
+"""The account API under ``/v1/`` on the daemon's HTTP server (see README "Account API").
+
+:class:`AccountApi` wires the pieces: the clients of ``[api]`` (who may do what), the
+:class:`~tgdaemon.api.gateway.Gateway` (every call through the account's worker, bounded),
+the :class:`~tgdaemon.api.events.UpdateBuffer` (the resumable update stream) and the metrics.
+The daemon creates it before its workers (their clients get the update listener when built),
+binds it to the supervisor, and registers its routes on the HTTP app.
+
+Nothing here logs a token, a phone number or message text: request bodies are never logged,
+errors carry Telegram's error name or a redacted message, and metrics only use the config's
+client and account names and the fixed method and outcome vocabularies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from aiohttp import WSCloseCode, WSMsgType, web
+from prometheus_client.core import CounterMetricFamily
+from telethon import functions
+from telethon.tl import types as tl
+
+from tgdaemon.api.events import (
+    CursorError,
+    UpdateBuffer,
+    decode_cursor,
+    encode_cursor,
+    message_json,
+    peer_json,
+)
+from tgdaemon.api.gateway import AccountHandle, ApiError, Gateway, Outcome
+from tgdaemon.api.openapi import OPENAPI
+from tgdaemon.api.peers import parse_peer, resolve_peer
+from tgdaemon.api.tljson import TlJsonError, build_request, to_json
+from tgdaemon.apiconfig import ApiClient, ApiMethod, authenticate
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
+
+    from tgdaemon.config import Config, ConfigHolder
+    from tgdaemon.crypto import KeyRing
+    from tgdaemon.status import AccountStatus, StatusBoard
+    from tgdaemon.telegram import ManagedClient
+
+log = logging.getLogger("tgdaemon.api")
+
+#: WebSocket subprotocol of the update stream, and the prefix carrying a browser's token.
+WS_PROTOCOL = "tgdaemon.updates.v1"
+WS_TOKEN_PREFIX = "bearer."
+MAX_BODY = 64 * 1024
+MAX_LIMIT = 100
+CLOSE_OVERFLOW = WSCloseCode.TRY_AGAIN_LATER  # 1013: resume with the last cursor
+NO_CLIENT = "-"
+
+
+
+class AccountApi:
+    """See the module docstring; constructed before the workers, started by the daemon."""
+
+    def __init__(self, settings: ConfigHolder, board: StatusBoard, keyring: KeyRing,
+                 registry: CollectorRegistry, *, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.board = board
+        config = settings.current
+        self.buffer = UpdateBuffer(config.daemon.state_dir, keyring, config.api.updates_buffer)
+        self._handle: Callable[[str], AccountHandle] | None = None
+        self.gateway = Gateway(lambda: self.settings.current.api, self._status, self._worker,
+                               clock=clock, monotonic=monotonic)
+        self._sockets: set[web.WebSocketResponse] = set()
+        self.requests = RequestCounter()
+        registry.register(self.requests)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.buffer.open()
+
+    async def stop(self) -> None:
+        for ws in tuple(self._sockets):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"daemon shutting down")
+        await self.buffer.close()
+
+    @property
+    def client_hooks(self) -> tuple[Callable[[str, ManagedClient], None], ...]:
+        return (self.buffer.attach,)
+
+    def bind(self, handle: Callable[[str], AccountHandle]) -> None:
+        """The supervisor's ``worker(name)``: how calls reach an account's client."""
+        self._handle = handle
+
+    @property
+    def config(self) -> Config:
+        """The running configuration: a reload's clients and limits apply to the next call
+        (``updates_buffer`` at the next start)."""
+        return self.settings.current
+
+    def register(self, app: web.Application) -> None:
+        app[API] = self
+        app.router.add_get("/v1/openapi.json", _openapi)
+        app.router.add_get("/v1/accounts", _accounts)
+        app.router.add_get("/v1/accounts/{name}", _account)
+        app.router.add_post("/v1/accounts/{name}/messages",
+                            _through_account(ApiMethod.SEND_MESSAGE, _send))
+        app.router.add_get("/v1/accounts/{name}/messages",
+                           _through_account(ApiMethod.HISTORY, _history))
+        app.router.add_get("/v1/accounts/{name}/dialogs",
+                           _through_account(ApiMethod.DIALOGS, _dialogs))
+        app.router.add_post("/v1/accounts/{name}/read", _through_account(ApiMethod.READ, _read))
+        app.router.add_post("/v1/accounts/{name}/invoke",
+                            _through_account(ApiMethod.INVOKE, _invoke))
+        app.router.add_get("/v1/updates", _updates)
+        app.on_shutdown.append(self._close_sockets)
+
+    async def _close_sockets(self, _app: web.Application) -> None:
+        for ws in tuple(self._sockets):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"daemon shutting down")
+
+    def _status(self, name: str) -> AccountStatus | None:
+        return self.board.get(name) if _has_account(self.config, name) else None
+
+    def _worker(self, name: str) -> AccountHandle:
+        assert self._handle is not None, "AccountApi.bind() not called"
+        return self._handle(name)
+
+    # -- one request -----------------------------------------------------------------------
+
+    def count(self, client: ApiClient | None, account: str | None, method: ApiMethod,
+              outcome: Outcome) -> None:
+        known = account if account is not None and _has_account(self.config, account) else "-"
+        self.requests.inc(client.name if client else NO_CLIENT, known, method, outcome)
+
+    async def serve(self, request: web.Request, method: ApiMethod, account: str | None,
+                    work: Callable[[ApiClient], Awaitable[Any]]) -> web.StreamResponse:
+        """Authenticate, authorise, run ``work``, count, answer; every refusal is one line of
+        JSON with the reason and the right status."""
+        client: ApiClient | None = None
+        try:
+            client = self.authenticate(request)
+            self.authorise(request, client, method, account)
+            result = await work(client)
+        except ApiError as err:
+            self.count(client, account, method, err.outcome)
+            return _error(err)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("API %s failed: %s", method.value, type(exc).__name__)
+            self.count(client, account, method, Outcome.ERROR)
+            return _error(ApiError(Outcome.ERROR, "internal error"))
+        if isinstance(result, web.StreamResponse):
+            return result  # a WebSocket: counted when it was accepted
+        self.count(client, account, method, Outcome.OK)
+        return _json(result)
+
+    def authenticate(self, request: web.Request) -> ApiClient:
+        token = _token(request)
+        client = authenticate(self.config.api.clients, token) if token else None
+        if client is None:
+            raise ApiError(Outcome.UNAUTHORIZED, "a valid bearer token is required")
+        return client
+
+    def authorise(self, request: web.Request, client: ApiClient, method: ApiMethod,
+                  account: str | None) -> None:
+        if not _same_origin(request):
+            raise ApiError(Outcome.FORBIDDEN, "cross-origin requests are refused")
+        if not client.may_call(method):
+            raise ApiError(Outcome.FORBIDDEN, f"client may not call {method.value}")
+        if account is not None and not client.may_use(account):
+            raise ApiError(Outcome.FORBIDDEN, "client may not use this account")
+        if account is not None and not _has_account(self.config, account):
+            raise ApiError(Outcome.NOT_FOUND, "no such account")
+
+
+class RequestCounter:
+    """``tgdaemon_api_requests_total{client,account,method,outcome}``: a plain dict of
+    numbers rendered at scrape time (no child object or ``_created`` series per label set).
+    Bounded: clients and accounts come from the config ("-" for none/unknown), methods and
+    outcomes from fixed vocabularies."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str, str, str], int] = {}
+
+    def inc(self, client: str, account: str, method: ApiMethod, outcome: Outcome) -> None:
+        key = (client, account, method.value, outcome.value)
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def collect(self) -> list[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "tgdaemon_api_requests", "Account API calls by client, account, method and outcome",
+            labels=("client", "account", "method", "outcome"))
+        for labels, value in list(self._counts.items()):
+            family.add_metric(labels, value)
+        return [family]
+
+
+API = web.AppKey("account_api", AccountApi)
+
+
+def _has_account(config: Config, name: str) -> bool:
+    try:
+        config.account(name)
+    except Exception:
+        return False
+    return True
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, headers={"Cache-Control": "no-store"})
+
+
+def _error(err: ApiError) -> web.Response:
+    response = _json(err.to_json(), err.status)
+    if err.retry_after is not None:
+        response.headers["Retry-After"] = str(err.retry_after)
+    if err.outcome is Outcome.UNAUTHORIZED:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="tgdaemon"'
+    return response
+
+
+def _token(request: web.Request) -> str:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and given.strip():
+        return given.strip()
+    for proto in request.headers.get("Sec-WebSocket-Protocol", "").split(","):
+        proto = proto.strip()
+        if proto.startswith(WS_TOKEN_PREFIX):
+            encoded = proto[len(WS_TOKEN_PREFIX):]
+            try:
+                return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+            except (binascii.Error, ValueError):
+                return ""
+    return ""
+
+
+def _same_origin(request: web.Request) -> bool:
+    """Programs send no Origin; a browser page may only call us from our own origin."""
+    origin = request.headers.get("Origin")
+    return origin is None or urlsplit(origin).netloc.lower() == request.host.lower()
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise ApiError(Outcome.BAD_REQUEST, f"body larger than {MAX_BODY} bytes")
+    raw = await request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise ApiError(Outcome.BAD_REQUEST, f"body larger than {MAX_BODY} bytes")
+    try:
+        data = json.loads(raw or b"{}")
+    except ValueError:
+        raise ApiError(Outcome.BAD_REQUEST, "body must be JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(Outcome.BAD_REQUEST, "body must be a JSON object")
+    return data
+
+
+def _int(value: Any, name: str, default: int, lo: int, hi: int) -> int:
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ApiError(Outcome.BAD_REQUEST, f"{name} must be an integer") from None
+    if isinstance(value, bool) or not lo <= number <= hi:
+        raise ApiError(Outcome.BAD_REQUEST, f"{name} must be between {lo} and {hi}")
+    return number
+
+
+def _peer(value: Any) -> Any:
+    if value is None:
+        raise ApiError(Outcome.BAD_REQUEST, "peer is required")
+    try:
+        return parse_peer(value)
+    except ValueError as exc:
+        raise ApiError(Outcome.BAD_REQUEST, str(exc)) from None
+
+
+def _api(request: web.Request) -> AccountApi:
+    return request.app[API]
+
+
+# -- handlers -----------------------------------------------------------------------------------
+
+#: What a route that acts through an account does with the account's client.
+Call = Callable[["ManagedClient"], Awaitable[Any]]
+
+
+def _through_account(method: ApiMethod, prepare: Callable[[web.Request], Awaitable[Call]]
+                     ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A route acting through ``{name}``: ``prepare`` validates the request (a 400 costs no
+    queue slot) and returns the call, which then runs through the gateway."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        api = _api(request)
+        name = request.match_info["name"]
+
+        async def work(_client: ApiClient) -> Any:
+            return await api.gateway.call(name, await prepare(request))
+
+        return await api.serve(request, method, name, work)
+
+    return handler
+
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    return _json(OPENAPI)
+
+
+async def _accounts(request: web.Request) -> web.StreamResponse:
+    api = _api(request)
+
+    async def work(client: ApiClient) -> Any:
+        return {"accounts": [s.to_json() for s in api.board.snapshot()
+                             if client.may_use(s.account)]}
+
+    return await api.serve(request, ApiMethod.ACCOUNTS, None, work)
+
+
+async def _account(request: web.Request) -> web.StreamResponse:
+    api = _api(request)
+    name = request.match_info["name"]
+
+    async def work(client: ApiClient) -> Any:
+        status = api.board.get(name)
+        if status is None:
+            raise ApiError(Outcome.NOT_FOUND, "no such account")
+        return status.to_json()
+
+    return await api.serve(request, ApiMethod.ACCOUNTS, name, work)
+
+
+async def _send(request: web.Request) -> Call:
+    body = await _body(request)
+    ref = _peer(body.get("peer"))
+    text = body.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise ApiError(Outcome.BAD_REQUEST, "text must be a non-empty string")
+    if len(text) > 4096:
+        raise ApiError(Outcome.BAD_REQUEST, "text longer than 4096 characters")
+    reply_to = _int(body.get("replyTo"), "replyTo", 0, 0, 2**31 - 1) or None
+
+    async def call(tc: ManagedClient) -> Any:
+        peer = await resolve_peer(tc, ref)
+        msg = await tc.send_message(peer, text, reply_to=reply_to, link_preview=False)
+        return {"id": msg.id, "date": int(msg.date.timestamp()) if msg.date else None,
+                "peer": peer_json(msg.peer_id)}
+
+    return call
+
+
+async def _history(request: web.Request) -> Call:
+    q = request.query
+    ref = _peer(q.get("peer"))
+    limit = _int(q.get("limit"), "limit", 20, 1, MAX_LIMIT)
+    offset_id = _int(q.get("offset_id"), "offset_id", 0, 0, 2**31 - 1)
+
+    async def call(tc: ManagedClient) -> Any:
+        peer = await resolve_peer(tc, ref)
+        result = await tc(functions.messages.GetHistoryRequest(
+            peer=peer, offset_id=offset_id, offset_date=None, add_offset=0, limit=limit,
+            max_id=0, min_id=0, hash=0))
+        return {"messages": [message_json(m) for m in result.messages
+                             if not isinstance(m, tl.MessageEmpty)]}
+
+    return call
+
+
+async def _dialogs(request: web.Request) -> Call:
+    limit = _int(request.query.get("limit"), "limit", 20, 1, MAX_LIMIT)
+
+    async def call(tc: ManagedClient) -> Any:
+        result = await tc(functions.messages.GetDialogsRequest(
+            offset_date=None, offset_id=0, offset_peer=tl.InputPeerEmpty(), limit=limit,
+            hash=0))
+        names = {("user", u.id): " ".join(filter(None, (u.first_name, u.last_name)))
+                 for u in result.users if isinstance(u, tl.User)}
+        usernames = {u.id: u.username for u in result.users if isinstance(u, tl.User)}
+        names.update({("chat" if isinstance(c, tl.Chat) else "channel", c.id): c.title
+                      for c in result.chats if hasattr(c, "title")})
+        out = []
+        for d in result.dialogs:
+            if not isinstance(d, tl.Dialog):
+                continue
+            peer = peer_json(d.peer)
+            key = (peer["type"], peer["id"]) if peer else None
+            out.append({
+                "peer": peer, "name": names.get(key) if key else None,
+                "username": usernames.get(peer["id"]) if peer and peer["type"] == "user"
+                else None,
+                "topMessage": d.top_message, "unreadCount": d.unread_count,
+                "readInboxMaxId": d.read_inbox_max_id,
+                "readOutboxMaxId": d.read_outbox_max_id})
+        return {"dialogs": out}
+
+    return call
+
+
+async def _read(request: web.Request) -> Call:
+    body = await _body(request)
+    ref = _peer(body.get("peer"))
+    max_id = _int(body.get("maxId"), "maxId", 0, 0, 2**31 - 1)
+
+    async def call(tc: ManagedClient) -> Any:
+        peer = await resolve_peer(tc, ref)
+        if isinstance(peer, tl.InputPeerChannel):
+            await tc(functions.channels.ReadHistoryRequest(
+                channel=tl.InputChannel(peer.channel_id, peer.access_hash), max_id=max_id))
+        else:
+            await tc(functions.messages.ReadHistoryRequest(peer=peer, max_id=max_id))
+        return {"ok": True}
+
+    return call
+
+
+async def _invoke(request: web.Request) -> Call:
+    body = await _body(request)
+    try:
+        tl_request = build_request(body)
+    except TlJsonError as exc:
+        raise ApiError(Outcome.BAD_REQUEST, str(exc)) from None
+
+    async def call(tc: ManagedClient) -> Any:
+        return {"result": to_json(await tc(tl_request))}
+
+    return call
+
+
+async def _updates(request: web.Request) -> web.StreamResponse:
+    """The update stream (see README): ``?accounts=a,b`` (default: every account the client
+    may use) and ``?cursor=`` (the last one received; omit it to start from now)."""
+    api = _api(request)
+
+    async def work(client: ApiClient) -> Any:
+        names = [n for n in request.query.get("accounts", "").split(",") if n]
+        for n in names:
+            if not client.may_use(n):
+                raise ApiError(Outcome.FORBIDDEN, "client may not use this account")
+            if not _has_account(api.config, n):
+                raise ApiError(Outcome.NOT_FOUND, "no such account")
+        if names:
+            accounts: frozenset[str] | None = frozenset(names)
+        elif client.accounts == ("*",):
+            accounts = None
+        else:
+            accounts = frozenset(a.name for a in api.config.accounts if client.may_use(a.name))
+        cursor = request.query.get("cursor")
+        after: int | None = None
+        if cursor:
+            try:
+                after = decode_cursor(api.buffer.epoch, cursor)
+            except CursorError as exc:
+                raise ApiError(Outcome.BAD_REQUEST, str(exc)) from None
+        return await _stream(request, api, client, accounts, after)
+
+    return await api.serve(request, ApiMethod.UPDATES, None, work)
+
+
+async def _stream(request: web.Request, api: AccountApi, client: ApiClient,
+                  accounts: frozenset[str] | None, after: int | None) -> web.WebSocketResponse:
+    buffer = api.buffer
+    ws = web.WebSocketResponse(protocols=(WS_PROTOCOL,), heartbeat=30.0, max_msg_size=4096)
+    # Subscribe first, then read what is held up to that point: nothing falls in between;
+    # live events already sent from the backlog are skipped by sequence number.
+    sub = buffer.subscribe(accounts)
+    upto = buffer.last_seq
+    api._sockets.add(ws)
+    try:
+        await ws.prepare(request)
+        api.count(client, None, ApiMethod.UPDATES, Outcome.OK)
+        last = upto if after is None else after
+        if after is not None:
+            for event in await buffer.backlog(accounts, after, upto):
+                await ws.send_str(json.dumps(event.to_json(buffer.epoch)))
+            last = upto
+        await ws.send_str(json.dumps({"type": "ready", "cursor": _cursor(buffer, last)}))
+        reader = asyncio.create_task(_drain(ws), name="api-updates-reader")
+        try:
+            async for event in _until(sub, reader):
+                if event.seq > last:
+                    await ws.send_str(json.dumps(event.to_json(buffer.epoch)))
+                    last = event.seq
+        finally:
+            reader.cancel()
+            await asyncio.wait([reader])
+        if sub.overflowed:
+            await ws.close(code=CLOSE_OVERFLOW, message=b"too slow: resume with your cursor")
+        else:
+            await ws.close()
+    finally:
+        buffer.unsubscribe(sub)
+        api._sockets.discard(ws)
+    return ws
+
+
+def _cursor(buffer: UpdateBuffer, seq: int) -> str:
+    return encode_cursor(buffer.epoch, seq)
+
+
+async def _drain(ws: web.WebSocketResponse) -> None:
+    """Read (and ignore) what the consumer sends; ends when it closes."""
+    async for msg in ws:
+        if msg.type is WSMsgType.ERROR:
+            break
+
+
+async def _until(sub: Any, reader: asyncio.Task[None]) -> Any:
+    """The subscription's events until it ends or the consumer goes away."""
+    iterator = sub.__aiter__()
+    while True:
+        nxt = asyncio.ensure_future(iterator.__anext__())
+        done, _ = await asyncio.wait({nxt, reader}, return_when=asyncio.FIRST_COMPLETED)
+        if nxt not in done:
+            nxt.cancel()
+            await asyncio.wait([nxt])
+            return
+        try:
+            yield nxt.result()
+        except StopAsyncIteration:
+            return
+
+
+__all__ = ["API", "AccountApi"]
