@@ -29,6 +29,7 @@ from tgdaemon.config import Config, ConfigHolder, allowed_hosts, config_warnings
 from tgdaemon.crypto import KeyRing, load_keyring, remove_stale_temp_files
 from tgdaemon.dcs import DcDirectory
 from tgdaemon.exceptions import ConfigError
+from tgdaemon.fdlimit import fd_shortfall
 from tgdaemon.logvolume import NoiseCollector
 from tgdaemon.metrics import Metrics
 from tgdaemon.notify import Notifier
@@ -216,6 +217,8 @@ class Daemon:
                         "the next restart")
         for warning in config_warnings(new):
             log.warning("%s", warning)
+        if (short := fd_shortfall(new)) is not None:
+            log.warning("%s", short)
         trust_server_keys(new)
         await self.check_records()  # e.g. after `tgdaemon login --force` replaced records
         await self.supervisor.apply(new)  # makes ``new`` the running configuration

@@ -53,6 +53,20 @@ def budget(config: Config, http_connections: int) -> FdBudget:
     )
 
 
+def fd_shortfall(config: Config, *, getrlimit: GetLimit = resource.getrlimit) -> str | None:
+    """For a reload: the new fleet's needs against the running soft limit (which cannot be
+    raised further: it was raised to the hard limit at start). None when it fits."""
+    from tgdaemon.http import HttpLimits  # http imports aiohttp: only when asked
+
+    need = budget(config, HttpLimits().max_connections)
+    soft = getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or soft >= need.total:
+        return None
+    return (f"the reloaded fleet needs {need.total} file descriptors ({need.describe()}) but "
+            f"RLIMIT_NOFILE allows {soft}: connects will fail with EMFILE; raise LimitNOFILE= "
+            "and restart, or enable fewer accounts")
+
+
 def ensure_open_file_limit(need: FdBudget, *, getrlimit: GetLimit = resource.getrlimit,
                            setrlimit: SetLimit = resource.setrlimit) -> int:
     """Raise the soft limit to the hard one (reloads may add accounts later); raise

@@ -84,14 +84,33 @@ class HttpLimits:
     send_timeout: float = 10.0
 
 
+class Refusals:
+    """Counts what a limit turned away; logs the first and every 1,000th, so a client hammering
+    a full server cannot flood the journal."""
+
+    def __init__(self, what: str, limit: int) -> None:
+        self.what = what
+        self.limit = limit
+        self.count = 0
+
+    def note(self) -> None:
+        self.count += 1
+        if self.count == 1 or self.count % 1000 == 0:
+            log.warning("%s refused: %d open (the limit); %d refused so far", self.what,
+                        self.limit, self.count)
+
+
 class AccessLogger(AbstractAccessLogger):
     """One line per request without the query string (a token pasted into a URL must not reach
     the journal) and without Referer/User-Agent (free text from the client)."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         query = "?[redacted]" if request.query_string else ""
-        self.logger.info('%s "%s %s%s" %d %d %.3fs', request.remote, request.method,
-                         request.path, query, response.status, response.body_length, time)
+        # key=value: bare runs of numbers ("200 7540 0.001") would look like a phone number
+        # to the redactor.
+        self.logger.info('%s "%s %s%s" status=%d bytes=%d time=%.3fs', request.remote,
+                         request.method, request.path, query, response.status,
+                         response.body_length, time)
 
 
 class LoopLagMonitor:
@@ -174,6 +193,7 @@ PAGE = web.AppKey("page", bytes)
 PAGE_CSP = web.AppKey("page_csp", str)
 ALLOWED_HOSTS = web.AppKey("allowed_hosts", frozenset[str])
 LIMITS = web.AppKey("limits", HttpLimits)
+WS_REFUSALS = web.AppKey("ws_refusals", Refusals)
 ENCODER = web.AppKey("encoder", StatusEncoder)
 #: Connections (by id) that have not yet sent a complete request head: the head timer closes
 #: those still here when it fires; the first request takes its connection out.
@@ -197,6 +217,7 @@ def build_app(
     app = web.Application(middlewares=[_guard])
     app[ALLOWED_HOSTS] = frozenset(_host_name(h) for h in allowed_hosts)
     app[LIMITS] = limits
+    app[WS_REFUSALS] = Refusals("status WebSocket subscriber", limits.max_subscribers)
     app[ENCODER] = StatusEncoder()
     app[UNSTARTED] = {}
     app[BOARD] = board
@@ -343,8 +364,7 @@ async def _status_ws(request: web.Request) -> web.StreamResponse:
     app = request.app
     limits = app[LIMITS]
     if len(app[SUBSCRIPTIONS]) >= limits.max_subscribers:
-        log.warning("status WebSocket refused: %d subscribers already (the limit)",
-                    limits.max_subscribers)
+        app[WS_REFUSALS].note()
         return _json({"error": "too many status subscribers; try again later"}, 503)
     ws = web.WebSocketResponse(protocols=(WS_PROTOCOL,), heartbeat=30.0, max_msg_size=4096)
     # Subscribe before the snapshot: a change in between is then sent twice, never lost.
@@ -508,7 +528,7 @@ class _GuardedSite(web.TCPSite):
         self._limits = limits
         self._unstarted = unstarted
         self._pending = 0  # created, connection_made not run yet
-        self.refused = 0
+        self.refusals = Refusals("HTTP connection", limits.max_connections)
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers with the runner; TCPSite's own bind below
@@ -519,10 +539,7 @@ class _GuardedSite(web.TCPSite):
         server = self._runner.server
         assert server is not None
         if len(server.connections) + self._pending >= self._limits.max_connections:
-            self.refused += 1
-            if self.refused == 1 or self.refused % 1000 == 0:
-                log.warning("HTTP connection refused: %d open (the limit); %d refused so far",
-                            self._limits.max_connections, self.refused)
+            self.refusals.note()
             return _Busy()
         handler = server()
         loop = asyncio.get_running_loop()

@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from telethon import TelegramClient, functions
 from telethon.crypto import rsa
+from telethon.errors import TypeNotFoundError
 
 from tgdaemon.connection import connection_for
 from tgdaemon.handshake import PaddedKeySender
-from tgdaemon.updates import CatchUpBox, UpdateGate
+from tgdaemon.updates import (
+    DIFFERENCE_REQUESTS,
+    CatchUpBox,
+    UpdateGate,
+    step_past_unknown,
+)
 
 if TYPE_CHECKING:
     from telethon.sessions.abstract import Session
@@ -59,6 +66,8 @@ class ManagedClient(TelegramClient):  # type: ignore[misc]  # Telethon is untype
         self._message_box = CatchUpBox(self._log["messagebox"])
         self._hold_updates = hold_updates
         self.update_gate = UpdateGate(held=hold_updates)
+        #: Told the constructor id of every server object skipped as unparseable.
+        self.on_unknown_object: Callable[[int], None] = _ignore_unknown
 
     @property
     def catch_up_box(self) -> CatchUpBox:
@@ -69,6 +78,21 @@ class ManagedClient(TelegramClient):  # type: ignore[misc]  # Telethon is untype
         if self._hold_updates and not self.is_connected():
             self.update_gate.close()
         await super().connect()
+
+    async def _call(self, sender: Any, request: Any, ordered: bool = False,
+                    flood_sleep_threshold: int | None = None) -> Any:
+        try:
+            return await super()._call(sender, request, ordered, flood_sleep_threshold)
+        except TypeNotFoundError:
+            if not isinstance(request, DIFFERENCE_REQUESTS):
+                raise
+
+            async def call(req: Any) -> Any:
+                return await super(ManagedClient, self)._call(sender, req, ordered,
+                                                              flood_sleep_threshold)
+
+            return await step_past_unknown(call, request, self._message_box.seq,
+                                           self.on_unknown_object)
 
     def _session_has_user(self) -> bool:
         try:
@@ -121,6 +145,10 @@ class ManagedClient(TelegramClient):  # type: ignore[misc]  # Telethon is untype
         if released:
             self.release_updates()
         return result
+
+
+def _ignore_unknown(_constructor_id: int) -> None:
+    return None
 
 
 def client_class() -> type[ManagedClient]:

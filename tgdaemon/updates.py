@@ -17,7 +17,9 @@ channels announced by ``updateChannelTooLong`` (or whose pts jumps) get
 * **Unknown constructors**: Telethon logs an unparseable server message with its raw bytes
   (phone numbers, message text) at INFO and drops it. :func:`guard_unknown_objects` drops it
   without that log and reports only the constructor id; the connection stays up, and the
-  updates it carried are fetched again by the gap logic (``getDifference``).
+  updates it carried are fetched again by the gap logic (``getDifference``). A difference
+  that itself holds such an object would make Telethon disconnect and retry on every
+  reconnect: :func:`step_past_unknown` skips exactly that update instead.
 
 Private Telethon internals read here (1.45): ``client._message_box``,
 ``MessageBox.getting_diff_for``/``map``, ``client._sender._state.decrypt_message_data``.
@@ -26,13 +28,13 @@ Private Telethon internals read here (1.45): ``client._message_box``,
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from telethon._updates.messagebox import ENTRY_ACCOUNT, MessageBox
 from telethon.errors import TypeNotFoundError
-from telethon.tl import types
+from telethon.tl import functions, types
 
 if TYPE_CHECKING:
     from tgdaemon.telegram import ManagedClient
@@ -148,6 +150,43 @@ class UpdateGate:
         await self._open.wait()
 
 
+async def step_past_unknown(call: Callable[[Any], Awaitable[Any]], request: Any, seq: int,
+                            on_unknown: Callable[[int], None]) -> Any:
+    """Answer a difference request whose answer held an object this Telethon cannot parse.
+
+    The whole answer is lost (TL cannot be parsed past an unknown constructor), and Telethon
+    would disconnect and ask again after every reconnect, forever. So ask for the next update
+    alone (``pts_limit``/``limit`` 1): if it parses, hand that on (the client continues from
+    there); if it is the unknown one, answer as a difference that moves past its pts and
+    holds nothing. Each unknown object costs a few extra calls, once; only it is skipped.
+    (Relies on the server honouring ``pts_limit`` for the account box, as localdc does.)"""
+    account = isinstance(request, functions.updates.GetDifferenceRequest)
+    if account:
+        one = functions.updates.GetDifferenceRequest(
+            pts=request.pts, date=request.date, qts=request.qts, pts_limit=1,
+            pts_total_limit=request.pts_total_limit, qts_limit=request.qts_limit)
+    else:
+        one = functions.updates.GetChannelDifferenceRequest(
+            channel=request.channel, filter=request.filter, pts=request.pts, limit=1,
+            force=request.force)
+    try:
+        return await call(one)
+    except TypeNotFoundError as exc:
+        on_unknown(int(exc.invalid_constructor_id))
+    if account:
+        state = types.updates.State(pts=request.pts + 1, qts=request.qts, date=request.date,
+                                    seq=seq, unread_count=0)
+        return types.updates.DifferenceSlice(new_messages=[], new_encrypted_messages=[],
+                                             other_updates=[], chats=[], users=[],
+                                             intermediate_state=state)
+    return types.updates.ChannelDifference(pts=request.pts + 1, new_messages=[],
+                                           other_updates=[], chats=[], users=[], final=False)
+
+
+DIFFERENCE_REQUESTS = (functions.updates.GetDifferenceRequest,
+                       functions.updates.GetChannelDifferenceRequest)
+
+
 def guard_unknown_objects(client: Any, on_unknown: Callable[[int], None]) -> None:
     """Drop server messages whose constructor this Telethon does not know, reporting only the
     constructor id (Telethon would log the raw remainder, secrets included). The sender keeps
@@ -191,4 +230,5 @@ class UpdateSink(Protocol):
 def observe_updates(client: ManagedClient, sink: UpdateSink) -> None:
     """Report ``client``'s catch-ups and skipped unknown objects to ``sink``."""
     client.catch_up_box.on_catch_up = sink.caught_up
+    client.on_unknown_object = sink.unknown_object
     guard_unknown_objects(client, sink.unknown_object)

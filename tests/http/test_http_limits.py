@@ -135,7 +135,8 @@ async def test_connections_beyond_the_cap_get_503_and_are_closed(serve, caplog):
                 lambda: len(served.app[SUBSCRIPTIONS]) == 0 and served_connections(served) == 3,
                 5, "three connections open")
             assert await status() == 503
-            assert "HTTP connection refused: 3 open (the limit)" in caplog.text
+            assert "HTTP connection refused: 3 open (the limit); 1 refused so far" \
+                in caplog.text
             held.pop().close()
             await wait_for_condition(lambda: served_connections(served) < 3, 5)
             assert await status() == 200
@@ -151,7 +152,8 @@ def served_connections(served: Served) -> int:
     return len(runner.server.connections)
 
 
-async def test_websocket_subscribers_are_capped(serve):
+async def test_websocket_subscribers_are_capped(serve, caplog):
+    caplog.set_level(logging.WARNING, "tgdaemon.http")
     served = await serve()
     async with aiohttp.ClientSession() as http:
         first = await http.ws_connect(served.url + "/status/ws")
@@ -159,6 +161,11 @@ async def test_websocket_subscribers_are_capped(serve):
         with pytest.raises(aiohttp.WSServerHandshakeError) as info:
             await http.ws_connect(served.url + "/status/ws")
         assert info.value.status == 503
+        for _ in range(5):
+            with pytest.raises(aiohttp.WSServerHandshakeError):
+                await http.ws_connect(served.url + "/status/ws")
+        # One line for six refusals (the first, then every 1,000th).
+        assert caplog.text.count("status WebSocket subscriber refused: 2 open") == 1
         await first.close()
         await wait_for_condition(lambda: len(served.app[SUBSCRIPTIONS]) == 1, 5)
         async with http.ws_connect(served.url + "/status/ws") as third:

@@ -11,7 +11,7 @@ import pytest
 from telethon import errors, events, functions, types
 from telethon.sessions import StringSession
 
-from tgdaemon.localdc import LocalDC
+from tgdaemon.localdc import Fault, LocalDC
 from tgdaemon.localdc.testing import login, point_session
 
 
@@ -152,3 +152,42 @@ async def test_channel_posts_reach_members_and_are_caught_up(localdc: LocalDC, c
     await back.connect()
     await wait_until(lambda: got2 == ["away 0", "away 1", "away 2"], 10, "channel catch-up")
     assert localdc.counters()["requests"]["updates.getChannelDifference"] >= 2
+
+
+async def test_unknown_update_is_kept_in_history_and_survives_a_restart(
+        tmp_path: Path, clients, phone, isolated_telethon):
+    """An update of a newer layer is logged like any other (it takes a pts), so a stock
+    client cannot parse a difference that holds it; pts_limit lets a client step past it."""
+    dc = LocalDC(tmp_path / "dc")
+    await dc.start()
+    try:
+        client = clients(dc)
+        me = await login(client, dc, phone)
+        start = (await client(functions.updates.GetStateRequest())).pts
+        # Not pushed: stock Telethon would fetch the difference itself on the gap, fail to
+        # parse it and disconnect (what tgdaemon.updates.step_past_unknown avoids).
+        dc.inject(Fault("mute_updates", user_id=me.id))
+        dc.push_unknown_update(me.id, 0x0BADF00D, b"\x00" * 4)
+        dc.push_update(me.id, "after")
+
+        async def check() -> None:
+            with pytest.raises(errors.TypeNotFoundError):
+                await client(functions.updates.GetDifferenceRequest(
+                    pts=start, date=datetime.now(UTC), qts=0))
+            with pytest.raises(errors.TypeNotFoundError):
+                await client(functions.updates.GetDifferenceRequest(
+                    pts=start, date=datetime.now(UTC), qts=0, pts_limit=1))
+            rest = await client(functions.updates.GetDifferenceRequest(
+                pts=start + 1, date=datetime.now(UTC), qts=0, pts_limit=1))
+            assert _texts(rest) == ["after"]
+
+        await check()
+        await client.disconnect()
+        await dc.stop()
+        dc = LocalDC(tmp_path / "dc")
+        await dc.start()
+        point_session(client.session, dc)
+        await client.connect()
+        await check()
+    finally:
+        await dc.stop()

@@ -130,9 +130,10 @@ async def localdc(tmp_path: Path, isolated_telethon: None) -> AsyncIterator[Loca
         yield dc
 
 
-def socket_owner_pid(local_port: int) -> int | None:
-    """The pid owning the loopback TCP socket bound to ``local_port`` (via /proc/net/tcp and
-    each process's fd table); None when not found."""
+def socket_owner_pid(local_port: int, remote_port: int) -> int | None:
+    """The pid owning the loopback TCP socket from ``local_port`` to ``remote_port`` (via
+    /proc/net/tcp and each process's fd table); None when not found. Both ports count: Linux
+    reuses an ephemeral port for connections to different destinations."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -141,7 +142,9 @@ def socket_owner_pid(local_port: int) -> int | None:
             continue
         for row in rows:
             fields = row.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == local_port and fields[9] != "0":
+            local = int(fields[1].rsplit(":", 1)[1], 16)
+            remote = int(fields[2].rsplit(":", 1)[1], 16)
+            if (local, remote) == (local_port, remote_port) and fields[9] != "0":
                 inodes.add(f"socket:[{fields[9]}]")
     for pid_dir in Path("/proc").iterdir():
         if not pid_dir.name.isdigit():

@@ -53,7 +53,7 @@ def assert_connections_come_from(localdc: LocalDC, user_id: int, proxy: ProxyPro
     assert conns, "the account has no live connection"
     for conn in conns:
         assert conn.via == "dc"
-        owner = socket_owner_pid(conn.peer[1])
+        owner = socket_owner_pid(conn.peer[1], localdc.addresses[conn.dc_id][1])
         assert owner is not None, f"no process owns the peer socket {conn.peer}"
         assert owner != os.getpid(), "the daemon connected directly, bypassing the proxy"
         assert proxy.pid in (owner, _parent(owner)), (owner, proxy.pid)

@@ -53,7 +53,13 @@ from tgdaemon.localdc.rpc import (
     normalize_phone,
 )
 from tgdaemon.localdc.store import AuthKeyRecord, Store
-from tgdaemon.localdc.updates import HISTORY_LIMIT, SLICE_LIMIT, UpdateHistory, new_channel_post
+from tgdaemon.localdc.updates import (
+    HISTORY_LIMIT,
+    SLICE_LIMIT,
+    UpdateHistory,
+    new_channel_post,
+    new_unknown_update,
+)
 
 log = logging.getLogger("tgdaemon.localdc")
 
@@ -423,6 +429,13 @@ class LocalDC:
         """Push arbitrary bytes as a server message to the user's sessions (e.g. an object
         whose constructor the client's layer does not know)."""
         self._push(user_id, body, None)
+
+    def push_unknown_update(self, user_id: int, constructor_id: int, body: bytes) -> None:
+        """Record and push an update of a layer newer than the client's (``constructor_id``
+        unknown to it, followed by ``body``): it also comes back in getDifference."""
+        if user_id not in self.store.users:
+            raise KeyError(f"unknown user {user_id}")
+        new_unknown_update(self.world, user_id, constructor_id, body)
 
     def create_channel(self, title: str, members: list[int]) -> int:
         """A broadcast channel with these users as members; returns its id."""

@@ -16,7 +16,8 @@ Behaviour follows https://core.telegram.org/api/updates and the method pages:
 
 * ``updates.getDifference``: ``differenceEmpty`` when up to date; ``differenceTooLong`` when
   the client's pts is older than the log or more than ``pts_total_limit`` behind; otherwise at
-  most ``slice_limit`` updates per answer: ``differenceSlice`` with an ``intermediate_state``
+  most ``slice_limit`` (or the client's ``pts_limit``) updates per answer: ``differenceSlice``
+  with an ``intermediate_state``
   while more remain, ``difference`` with the final state. New messages go to ``new_messages``,
   every other update to ``other_updates``. Channels the user is in that changed at or after the
   client's ``date`` are announced with ``updateChannelTooLong`` (the client then asks
@@ -37,12 +38,14 @@ and deletions made while a client was away reach it through history calls, not h
 from __future__ import annotations
 
 import sqlite3
+import struct
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from telethon.errors import TypeNotFoundError
 from telethon.extensions import BinaryReader
 from telethon.tl import functions as fn
 from telethon.tl import types as tl
@@ -83,6 +86,30 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
+class OpaqueUpdate:
+    """An update of a layer newer than the client's: a constructor id Telethon does not know
+    and a body, carrying a pts like any other (what a real server rolling out a new layer
+    sends). Serialises as its raw bytes."""
+
+    def __init__(self, raw: bytes, pts: int, pts_count: int = 1) -> None:
+        self.raw = raw
+        self.pts = pts
+        self.pts_count = pts_count
+
+    def _bytes(self) -> bytes:
+        return self.raw
+
+    def __bytes__(self) -> bytes:
+        return self.raw
+
+
+def _parse(body: bytes, pts: int) -> Any:
+    try:
+        return BinaryReader(body).tgread_object()
+    except TypeNotFoundError:
+        return OpaqueUpdate(body, pts)
+
+
 def pts_of(update: Any) -> tuple[int, int]:
     """(pts, pts_count) of a pts-bearing update."""
     return int(update.pts), int(getattr(update, "pts_count", 1) or 0)
@@ -100,8 +127,9 @@ class PtsLog:
         self._logs: dict[int, deque[Any]] = {}
         self._floor: dict[int, int] = {}
         if db is not None:
-            for box, body in db.execute(f"SELECT box, body FROM {table} ORDER BY box, pts"):
-                self._keep(box, BinaryReader(bytes(body)).tgread_object(), persist=False)
+            for box, pts, body in db.execute(
+                    f"SELECT box, pts, body FROM {table} ORDER BY box, pts"):
+                self._keep(box, _parse(bytes(body), pts), persist=False)
 
     def append(self, box: int, update: Any) -> None:
         self._keep(box, update, persist=True)
@@ -244,6 +272,14 @@ def new_channel_post(w: World, channel_id: int, text: str) -> tl.Message:
     return msg
 
 
+def new_unknown_update(w: World, user_id: int, constructor_id: int, body: bytes) -> None:
+    """Record an update whose constructor the client's layer does not know (see
+    :class:`OpaqueUpdate`) in the user's box and push it, inside an ``updates``."""
+    raw = struct.pack("<I", constructor_id) + body
+    upd = w.history.record(user_id, lambda pts: OpaqueUpdate(raw, pts))
+    w.deliver(user_id, [upd])
+
+
 def _split(updates: list[Any]) -> tuple[list[Any], list[Any]]:
     """(new messages, other updates) of a stretch of a log, as a difference carries them."""
     messages = [u.message for u in updates
@@ -270,7 +306,7 @@ def _get_difference(w: World, ctx: Ctx, req: Any) -> Any:
     if req.pts < history.account.floor(me.id, me.pts) or (limit and me.pts - req.pts > limit):
         return tl_updates.DifferenceTooLong(pts=me.pts)
     pending = history.account.after(me.id, req.pts)
-    chunk = pending[:history.slice_limit]
+    chunk = pending[:min(history.slice_limit, req.pts_limit or history.slice_limit)]
     messages, others = _split(chunk)
     users = [w.tl_user(me, me.id), w.service_user()]
     if len(chunk) < len(pending):

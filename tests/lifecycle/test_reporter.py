@@ -1,0 +1,109 @@
+"""The reporter is the one writer of an account's public record: every sink agrees."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from tgdaemon.config import PolicyConfig
+from tgdaemon.lifecycle import Category, Classified, State, recovery_for
+from tgdaemon.metrics import Metrics
+from tgdaemon.reporter import AccountReporter
+from tgdaemon.status import StatusBoard, UserInfo
+from tgdaemon.store import DeviceInfo, Store
+
+NOW = 1_800_000_000.0
+
+
+@pytest.fixture
+async def setup(store: Store) -> tuple[AccountReporter, StatusBoard, CollectorRegistry, Store]:
+    board = StatusBoard(clock=lambda: NOW)
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, board, clock=lambda: NOW)
+    await store.ensure_account("alice")
+    reporter = AccountReporter("alice", board=board, metrics=metrics, store=store,
+                               clock=lambda: NOW)
+    reporter.known_to_store = True
+    return reporter, board, registry, store
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, {"account": "alice", **labels})
+
+
+async def test_connected_then_parked_every_sink_agrees(setup, caplog) -> None:
+    reporter, board, registry, store = setup
+    caplog.set_level(logging.INFO, logger="tgdaemon.account")
+    reporter.transition(State.CONNECTING, "connecting")
+    reporter.connected_as(UserInfo(42, "al", "Al"), 2, DeviceInfo("rack", "Linux", "1"))
+    reporter.heartbeat(0.25, 2)
+    assert reporter.connected.is_set()
+    assert sample(registry, "tgdaemon_account_up") == 1
+    assert sample(registry, "tgdaemon_heartbeat_timestamp_seconds") == NOW
+    await store.flush()
+    record = await store.get_account("alice")
+    assert record is not None
+    assert (record.status, record.dc_id, record.user_id) == ("connected", 2, 42)
+    assert record.device == DeviceInfo("rack", "Linux", "1")
+
+    revoked = Classified(Category.AUTH, "SESSION_REVOKED", "SESSION_REVOKED: gone",
+                         park_state=State.NEEDS_LOGIN)
+    reporter.failure(revoked, recovery_for(revoked, 0, PolicyConfig(), random.Random()), 0)
+    status = board.get("alice")
+    assert status is not None
+    assert (status.state, status.last_error_category) == (State.NEEDS_LOGIN, "auth")
+    assert status.latency is None  # no live values once parked
+    assert not reporter.connected.is_set()
+    assert sample(registry, "tgdaemon_heartbeat_timestamp_seconds") is None
+    assert sample(registry, "tgdaemon_errors_total", category="auth") == 1
+    assert sample(registry, "tgdaemon_account_state", state="needs_login") == 1
+    await store.flush()
+    record = await store.get_account("alice")
+    assert record is not None
+    assert (record.status, record.last_error_category) == ("needs_login", "auth")
+    # One log line per change of state, none for a repeat.
+    reporter.stopped()  # a parked account stays parked when the daemon stops
+    assert reporter.state is State.NEEDS_LOGIN
+    lines = [r.getMessage() for r in caplog.records if "state " in r.getMessage()]
+    assert lines == ["[alice] state starting -> connecting (connecting)",
+                     "[alice] state connecting -> connected (validated)",
+                     "[alice] state connected -> needs_login (SESSION_REVOKED)"]
+
+
+async def test_long_flood_wait_shows_its_deadline_and_counts(setup) -> None:
+    reporter, board, registry, _store = setup
+    flood = Classified(Category.FLOOD_WAIT, "FLOOD_WAIT", "m", wait_seconds=120)
+    rec = recovery_for(flood, 0, PolicyConfig(flood_sleep_max=60), random.Random(1))
+    reporter.failure(flood, rec, 0)
+    status = board.get("alice")
+    assert status is not None
+    assert status.state is State.FLOOD_WAIT
+    assert status.flood_wait_until == NOW + rec.delay
+    assert sample(registry, "tgdaemon_flood_wait_seconds_total") == 120
+    assert sample(registry, "tgdaemon_reconnects_total") == 1  # the connection was closed
+    reporter.transition(State.RECONNECTING, "connecting")
+    status = board.get("alice")
+    assert status is not None
+    assert status.flood_wait_until is None
+
+
+async def test_a_dc_read_from_the_session_is_recorded_once(setup) -> None:
+    reporter, board, registry, store = setup
+    reporter.dc(1, persist=False)
+    reporter.heartbeat(0.1, 1)
+    await store.flush()
+    record = await store.get_account("alice")
+    assert record is not None
+    assert record.dc_id is None  # the session's own DC is not re-written at start
+    reporter.heartbeat(0.1, 4)  # Telethon followed a USER_MIGRATE inside the call
+    status = board.get("alice")
+    assert status is not None
+    assert status.dc_id == 4
+    assert sample(registry, "tgdaemon_account_dc") == 4
+    await store.flush()
+    record = await store.get_account("alice")
+    assert record is not None
+    assert record.dc_id == 4
