@@ -23,6 +23,7 @@ from telethon import errors, events, functions, types
 from tgdaemon.connwatch import ConnectionWatch
 from tgdaemon.errors import NotAuthorizedError, classify
 from tgdaemon.exceptions import DecryptionError
+from tgdaemon.leases import LeaseGate, LeaseLostError
 from tgdaemon.lifecycle import (
     Action,
     Category,
@@ -69,6 +70,8 @@ class WorkerDeps:
     #: Called with (account name, client) for every client object built, before it connects
     #: (the account API attaches its update listener here).
     client_hooks: tuple[Callable[[str, ManagedClient], None], ...] = ()
+    #: Fleet mode: the leases this daemon holds (None: a single daemon owns its accounts).
+    lease: LeaseGate | None = None
 
 
 class AccountWorker:
@@ -158,6 +161,7 @@ class AccountWorker:
                     await self.deps.directory.refresh(
                         lambda: self._rpc(functions.help.GetConfigRequest()))
                 self._catch_ups = 0
+                self._arm_server_disconnect()
                 a = self.account
                 self.report.connected_as(
                     UserInfo(me.id, me.username, me.first_name), self.session.dc_id,
@@ -169,6 +173,10 @@ class AccountWorker:
                 await self._serve()
             except asyncio.CancelledError:
                 raise
+            except LeaseLostError:
+                await self._close_client()
+                self.report.transition(State.STOPPED, "lease lost: another instance may own it")
+                return
             except Exception as exc:
                 if not await self._recover(exc):
                     return
@@ -289,6 +297,8 @@ class AccountWorker:
             return
         # Waiting for a connect slot is a deliberate wait, not a stuck worker.
         await self._deliberate_wait(self.deps.limiter.reserve())
+        if self.deps.lease is not None and not self.deps.lease.holds(self.name):
+            raise LeaseLostError(self.name)
         if self.client is None:
             self.client = build_client(self.deps.client_cls, self.session,
                                        self.deps.settings.current, self.account)
@@ -346,6 +356,26 @@ class AccountWorker:
             if gap_streak >= self.policy.update_gap_heartbeats:
                 gap_streak = 0
                 await self._on_update_gap(server.pts, local)
+            self._arm_server_disconnect()
+
+    def _arm_server_disconnect(self) -> None:
+        """Fleet mode: ask the server to close this connection when the lease's local deadline
+        passes without a newer ping (``ping_delay_disconnect``), so a paused or cut-off
+        process cannot keep using the session next to its new owner."""
+        lease = self.deps.lease
+        if lease is None:
+            return
+        if not lease.holds(self.name):
+            raise LeaseLostError(self.name)
+        assert self.client is not None
+        # Sent the way Telethon sends its own keepalive ping: queued on the sender, pong not
+        # awaited (the heartbeat proves the connection).  Awaiting it through client() would
+        # let a cancelled worker cancel the future the pong then resolves (an error logged
+        # by Telethon's _handle_pong).
+        pong = self.client._sender.send(functions.PingDelayDisconnectRequest(
+            ping_id=self.deps.rng.getrandbits(63),
+            disconnect_delay=lease.disconnect_delay(self.name)))
+        pong.add_done_callback(_retrieve)
 
     async def _on_new_login(self, _update: types.UpdateNewAuthorization) -> None:
         """Telegram announced a login on this account: look at the next heartbeat."""
@@ -415,3 +445,8 @@ class AccountWorker:
                              type(exc).__name__)
             self.client = None
 
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a fire-and-forget future's outcome as seen (no "never retrieved" warning)."""
+    if not fut.cancelled():
+        fut.exception()
