@@ -7,7 +7,9 @@ are kept in a plain dict rather than a TaskGroup (whose first failure would canc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -111,6 +113,31 @@ class Supervisor:
             return await self.deps.store.load_session(name)
         except DecryptionError as exc:
             return exc
+
+    # -- fleet mode (tgdaemon/fleet.py): accounts come and go with their leases -------------
+
+    async def adopt(self, accounts: Sequence[AccountConfig]) -> None:
+        """Start workers for accounts whose leases this daemon just took (sessions read in
+        one pass); they join the running config's accounts so reloads and restarts see them."""
+        new = [a for a in accounts if a.name not in self._slots]
+        if not new:
+            return
+        self._set_accounts((*self.config.accounts, *new))
+        sessions = await self.deps.store.load_sessions([a.name for a in new])
+        for account in new:
+            self._spawn(account, sessions.get(account.name))
+
+    async def release(self, names: Sequence[str], timeout: float) -> None:
+        """Stop the workers (connections closed, sessions flushed) and forget the accounts:
+        their leases may be given away once this returns."""
+        gone = set(names)
+        await self._stop_many([n for n in names if n in self._slots], timeout)
+        self._set_accounts(tuple(a for a in self.config.accounts if a.name not in gone))
+        for name in gone & self._reporters.keys():
+            self._reporters.pop(name).remove()
+
+    def _set_accounts(self, accounts: tuple[AccountConfig, ...]) -> None:
+        self.deps.settings.current = dataclasses.replace(self.config, accounts=accounts)
 
     # -- watchdog --------------------------------------------------------------------------
 
