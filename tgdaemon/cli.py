@@ -94,7 +94,14 @@ def _parser() -> argparse.ArgumentParser:
     sp = command("keygen", cmd_keygen, "write a new master key file (mode 0600)", config=False)
     sp.add_argument("path", type=Path, help="where to write the key file")
     sp.add_argument("--force", action="store_true", help="overwrite an existing file")
-    command("accounts", cmd_accounts, "list accounts: name, user, status, last used, last error")
+    sp = command("accounts", cmd_accounts,
+                 "list accounts: name, user, status, last used, last error; in a fleet also "
+                 "add|remove|enable|disable NAME...")
+    sp.add_argument("action", nargs="?", choices=("add", "remove", "enable", "disable"),
+                    help="edit the fleet's accounts (daemon.instance_id set)")
+    sp.add_argument("names", nargs="*", metavar="NAME")
+    sp = command("cluster", cmd_cluster, "the fleet: `cluster status` lists its instances")
+    sp.add_argument("what", choices=("status",))
     sp = command("import", cmd_import,
                  "import a Telethon session (StringSession on stdin, or --file x.session)")
     sp.add_argument("name")
@@ -126,6 +133,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("account")
     sp.add_argument("peer", help="user id, @username, +phone or me")
     sp.add_argument("text")
+    sp = command("sessions", cmd_sessions,
+                 "list an account's sessions through the running daemon, or terminate them")
+    sp.add_argument("account")
+    which = sp.add_mutually_exclusive_group()
+    which.add_argument("--terminate", metavar="HASH", help="log this session out")
+    which.add_argument("--all-others", action="store_true",
+                       help="log out every session but the daemon's")
     sp = command("tail", cmd_tail, "print an account's (or every account's) live updates")
     sp.add_argument("account", nargs="?")
     sub.add_parser("localdc", help="run the local stand-in data centre (see localdc --help)")
@@ -139,6 +153,25 @@ def cmd_send(ns: argparse.Namespace) -> int:
     from tgdaemon.apicli import send
 
     print(asyncio.run(send(_load(ns), ns.account, ns.peer, ns.text)))
+    return 0
+
+
+def cmd_sessions(ns: argparse.Namespace) -> int:
+    from tgdaemon.apicli import sessions, terminate
+
+    config = _load(ns)
+    if ns.terminate or ns.all_others:
+        asyncio.run(terminate(config, ns.account, None if ns.all_others else ns.terminate))
+        print("terminated" + (" every other session" if ns.all_others else f" {ns.terminate}"))
+        return 0
+    rows = [["*" if s["current"] else "", s["hash"], s["device"], s["app"], s["country"],
+             _ago(s["created"])] + ([s["ip"]] if "ip" in s else [])
+            for s in asyncio.run(sessions(config, ns.account))]
+    header = ["", "HASH", "DEVICE", "APP", "COUNTRY", "CREATED"]
+    if any(len(r) > len(header) for r in rows):
+        header.append("IP")
+    print(_table(header, rows))
+    print("* = the daemon's own session")
     return 0
 
 
@@ -189,6 +222,15 @@ def cmd_keygen(ns: argparse.Namespace) -> int:
 
 def cmd_accounts(ns: argparse.Namespace) -> int:
     config = _load(ns)
+    if ns.action or config.daemon.clustered:
+        from tgdaemon import cluster_cli
+
+        if ns.action:
+            print(asyncio.run(cluster_cli.edit_accounts(config, ns.action, ns.names)))
+        else:
+            print(_table(["NAME", "ENABLED", "OWNER", "LEASE LEFT", "EPOCH"],
+                         asyncio.run(cluster_cli.fleet_accounts(config))))
+        return 0
 
     async def run() -> tuple[list[list[str]], RecordReport]:
         store, _running, report = await _open_store(config)
@@ -213,6 +255,13 @@ def cmd_accounts(ns: argparse.Namespace) -> int:
     configured = {a.name for a in config.accounts}
     if any(name in configured for name in report.unreadable):
         return DecryptionError.exit_code
+    return 0
+
+
+def cmd_cluster(ns: argparse.Namespace) -> int:
+    from tgdaemon import cluster_cli
+
+    print(asyncio.run(cluster_cli.cluster_status(_load(ns))))
     return 0
 
 
@@ -592,10 +641,13 @@ async def _open_store(config: Config) -> tuple[Store, bool, RecordReport]:
     from tgdaemon.store import Store
 
     ring = _keyring(config)
-    try:
-        store, running = await Store.open(config.daemon.state_dir, ring), False
-    except StateLockedError:
+    if config.daemon.clustered:  # fleet daemons lock their instance id only: assume running
         store, running = await Store.open(config.daemon.state_dir, ring, lock=False), True
+    else:
+        try:
+            store, running = await Store.open(config.daemon.state_dir, ring), False
+        except StateLockedError:
+            store, running = await Store.open(config.daemon.state_dir, ring, lock=False), True
     try:
         report = await check_records(store)
     except BaseException:

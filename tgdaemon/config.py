@@ -35,6 +35,7 @@ from urllib.parse import unquote, urlsplit
 
 from tgdaemon.apiconfig import ApiConfig, parse_api
 from tgdaemon.exceptions import AccountError, ConfigError
+from tgdaemon.leases import default_close_margin, timing_problems
 from tgdaemon.lifecycle import HEARTBEAT_JITTER, longest_heartbeat_gap
 from tgdaemon.security import OnNewAuthorization
 
@@ -57,6 +58,9 @@ __all__ = [
 ]
 
 STATE_DIR_ENV = "TGDAEMON_STATE_DIR"
+#: Set by systemd/tgdaemon@.service to the unit's instance name (%i); beats daemon.instance_id.
+INSTANCE_ENV = "TGDAEMON_INSTANCE"
+INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 NAME_RE = re.compile(r"[a-z0-9_-]{1,32}")
 _DIGITS_ONLY = re.compile(r"[0-9_-]{7,}")
 _PLUGIN_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", re.ASCII)
@@ -137,6 +141,18 @@ class DaemonConfig:
     connect_concurrency: int = 100  # connects (handshake + validation) in flight at once
     drain_timeout: float = 10.0
     metrics_histograms: str = "fleet"
+    # -- a fleet shared by several daemons (tgdaemon/fleet.py); "" = a single daemon
+    instance_id: str = ""
+    capacity: int = 10_000
+    database_url: str = field(default="", repr=False)  # "" = SQLite in state_dir
+    lease_ttl: float = 60.0
+    lease_renew_interval: float = 10.0
+    lease_moves_per_minute: int = 120
+
+    @property
+    def clustered(self) -> bool:
+        """Whether accounts come from leases in a store shared with other daemons."""
+        return bool(self.instance_id)
 
 
 def allowed_hosts(daemon: DaemonConfig) -> tuple[str, ...]:
@@ -266,6 +282,8 @@ class Config:
         return tuple(a for a in self.accounts if a.enabled)
 
 
+_CLUSTER_KEYS = ("instance_id", "capacity", "database_url", "lease_ttl", "lease_renew_interval",
+                 "lease_moves_per_minute")
 #: The categories with a retry limit: the fields of RetryLimits (a subset of lifecycle.Category).
 _RETRY_KEYS = tuple(f.name for f in dataclasses.fields(RetryLimits))
 #: Telegram's api_id is an MTProto ``int`` (32-bit signed).
@@ -298,6 +316,18 @@ def config_warnings(config: Config) -> list[str]:
             f"{config.path}: policy.stale_after ({p.stale_after:g}) is below the longest gap "
             f"between two answered heartbeats ({HEARTBEAT_JITTER:g} x heartbeat_interval + "
             f"request_timeout = {slowest:g}): the watchdog may restart workers that are only slow")
+    d = config.daemon
+    if d.clustered:
+        # The worker asks the server to drop its connection when no heartbeat comes within
+        # the lease's remaining time: heartbeats must come sooner, or connections churn.
+        room = d.lease_ttl - default_close_margin(d.lease_ttl) - d.lease_renew_interval
+        beat = HEARTBEAT_JITTER * p.heartbeat_interval + 5
+        if room < beat:
+            out.append(
+                f"{config.path}: daemon.lease_ttl ({d.lease_ttl:g}) leaves {room:g} s between "
+                f"renewal and close, less than a heartbeat ({beat:g} s with jitter and slack): "
+                "connections would be dropped by the server between heartbeats; raise lease_ttl "
+                "or lower policy.heartbeat_interval")
     return out
 
 
@@ -475,7 +505,7 @@ class _Parser:
         t = self.table(value, "daemon", (
             "state_dir", "master_key_file", "http_listen", "http_token_file", "log_level",
             "log_format", "connect_rate", "connect_burst", "connect_concurrency", "drain_timeout",
-            "metrics_histograms", "http_allowed_hosts",
+            "metrics_histograms", "http_allowed_hosts", *_CLUSTER_KEYS,
         ))
         state_dir: Path | None = d.state_dir
         raw_state = self.get(t, "daemon", "state_dir", str, "")
@@ -515,7 +545,34 @@ class _Parser:
                                       minimum=0, exclusive=True),
             metrics_histograms=self.choice(t, "daemon", "metrics_histograms",
                                            ("account", "fleet"), d.metrics_histograms),
+            **self._cluster(t, d),
         )
+
+    def _cluster(self, t: Mapping[str, Any], d: DaemonConfig) -> dict[str, Any]:
+        """The fleet keys of ``[daemon]`` (README: Scaling out)."""
+        instance = self.env.get(INSTANCE_ENV, "") or self.get(t, "daemon", "instance_id", str, "")
+        if instance and not INSTANCE_RE.fullmatch(instance):
+            self.err("daemon.instance_id", f"must match {INSTANCE_RE.pattern}")
+        url = self.get(t, "daemon", "database_url", str, "")
+        if url and not url.startswith(("postgresql://", "postgres://")):
+            self.err("daemon.database_url", "must be a postgresql:// URL (or \"\" for SQLite)")
+        elif url and not instance:
+            self.err("daemon.database_url", f"needs daemon.instance_id (or ${INSTANCE_ENV})")
+        ttl = self.number(t, "daemon", "lease_ttl", float, d.lease_ttl, minimum=0,
+                          exclusive=True)
+        renew = self.number(t, "daemon", "lease_renew_interval", float, d.lease_renew_interval,
+                            minimum=0, exclusive=True)
+        for problem in timing_problems(ttl, renew, default_close_margin(ttl)):
+            self.err("daemon.lease_ttl", problem)
+        return {
+            "instance_id": instance,
+            "capacity": self.number(t, "daemon", "capacity", int, d.capacity, minimum=1),
+            "database_url": url,
+            "lease_ttl": ttl,
+            "lease_renew_interval": renew,
+            "lease_moves_per_minute": self.number(t, "daemon", "lease_moves_per_minute", int,
+                                                  d.lease_moves_per_minute, minimum=0),
+        }
 
     def _token(self, path: Path | None) -> str | None:
         """A set token file must hold a token: an empty one would silently disable

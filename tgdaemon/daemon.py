@@ -30,6 +30,8 @@ from tgdaemon.crypto import KeyRing, load_keyring, remove_stale_temp_files
 from tgdaemon.dcs import DcDirectory
 from tgdaemon.exceptions import ConfigError
 from tgdaemon.fdlimit import fd_shortfall
+from tgdaemon.fleet import Fleet, fleet_lock_name
+from tgdaemon.leasestore import open_lease_store
 from tgdaemon.logvolume import NoiseCollector
 from tgdaemon.looplag import LoopLag
 from tgdaemon.metrics import Metrics
@@ -37,7 +39,7 @@ from tgdaemon.notify import Notifier
 from tgdaemon.ratelimit import ConnectRateLimiter
 from tgdaemon.records import RecordsCollector, check_records
 from tgdaemon.status import StatusBoard
-from tgdaemon.store import Store
+from tgdaemon.store import LOCK_NAME, Store
 from tgdaemon.supervisor import Supervisor
 from tgdaemon.telegram import client_class, trust_server_keys
 from tgdaemon.worker import WorkerDeps
@@ -76,6 +78,7 @@ class Daemon:
             heartbeat_interval=lambda: self.settings.current.policy.heartbeat_interval)
         self.store: Store | None = None
         self.supervisor: Supervisor | None = None
+        self.fleet: Fleet | None = None
         self.http: Any = None  # tgdaemon.http.HttpServer when listening
         self.api: Any = None  # tgdaemon.api.AccountApi when [api] has clients
         self.records = RecordsCollector(self.registry)
@@ -111,9 +114,15 @@ class Daemon:
         if config.daemon.master_key_file is not None:
             remove_stale_temp_files(config.daemon.master_key_file)
         trust_server_keys(config)
-        self.store = await Store.open(config.daemon.state_dir, keyring, clock=self._clock)
+        lock_name = fleet_lock_name(config) if config.daemon.clustered else LOCK_NAME
+        self.store = await Store.open(config.daemon.state_dir, keyring, clock=self._clock,
+                                      lock_name=lock_name)
         self._stack.push_async_callback(self.store.close)
         await self.check_records()
+        if config.daemon.clustered:
+            self.fleet = await self._join_fleet(config, self.store)
+            # Workers run the accounts whose leases we hold: none until the first claim.
+            self.settings.current = self.fleet.worker_config()
 
         api = None
         if config.api.enabled:
@@ -141,12 +150,16 @@ class Daemon:
             monotonic=self._monotonic,
             rng=self._rng,
             client_hooks=api.client_hooks if api is not None else (),
+            lease=self.fleet,
         )
         self.supervisor = Supervisor(deps, board=self.board, metrics=self.metrics)
         if api is not None:
             api.bind(self.supervisor.worker)
         await self.supervisor.start()
         self._stack.push_async_callback(self._stop_supervisor)
+        if self.fleet is not None:
+            self.fleet.start(self.supervisor)
+            self._stack.push_async_callback(self.fleet.stop, config.daemon.drain_timeout)
 
         listen = config.daemon.http_listen
         if listen is not None:
@@ -163,6 +176,16 @@ class Daemon:
             log.info("HTTP listening on %s:%d", listen.host, self.http.port)
         self._ready = True
         log.info("daemon started: %s", self.board.summary())
+
+    async def _join_fleet(self, config: Config, store: Store) -> Fleet:
+        """Fleet mode: open the shared lease store and join (README: Scaling out)."""
+        leases = await open_lease_store(config.daemon.database_url, store.path,
+                                        config.daemon.lease_ttl)
+        self._stack.push_async_callback(leases.close)
+        fleet = Fleet(config=config, leases=leases, store=store, registry=self.registry,
+                      monotonic=self._monotonic, rng=self._rng)
+        await fleet.prepare()
+        return fleet
 
     async def _stop_supervisor(self) -> None:
         assert self.supervisor is not None
@@ -226,7 +249,10 @@ class Daemon:
             log.warning("%s", short)
         trust_server_keys(new)
         await self.check_records()  # e.g. after `tgdaemon login --force` replaced records
-        await self.supervisor.apply(new)  # makes ``new`` the running configuration
+        if self.fleet is not None:
+            await self.fleet.reload(new)  # ``new`` with the accounts we hold
+        else:
+            await self.supervisor.apply(new)  # makes ``new`` the running configuration
         logging.getLogger().setLevel(new.daemon.log_level.upper())
         self.metrics.config_reload(True)
         return True

@@ -17,6 +17,21 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
+from typing import Protocol
+
+
+class LeaseGate(Protocol):
+    """What a worker asks before it connects and after each heartbeat (tgdaemon/fleet.py)."""
+
+    def holds(self, account: str) -> bool:
+        """Whether this daemon may use the account's session now."""
+
+    def disconnect_delay(self, account: str) -> int:
+        """Seconds until the lease's local deadline (for ``ping_delay_disconnect``)."""
+
+
+class LeaseLostError(Exception):
+    """The account's lease is no longer ours: the worker must not connect (it ends)."""
 
 
 class RenewalResult(enum.Enum):

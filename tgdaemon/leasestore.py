@@ -25,15 +25,15 @@ import socket
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import aiosqlite
+from typing import Any, TypeVar
 
 from tgdaemon.exceptions import StoreError
 from tgdaemon.migrations import PG_MIGRATIONS, unapplied
-from tgdaemon.store import immediate_transaction
+
+_T = TypeVar("_T")
 
 #: Placeholder epoch meaning "no lease": never equal to a stored one (those start at 1).
 NO_EPOCH = -1
@@ -68,6 +68,7 @@ class FleetCounts:
     accounts: int
     live_instances: int
     claimable: int  # without a valid lease (nobody owns them, or the lease expired)
+    lost_instances: int = 0  # registered, not renewed within the TTL, not stopped cleanly
 
 
 class LeaseStore(abc.ABC):
@@ -81,8 +82,10 @@ class LeaseStore(abc.ABC):
     # -- the fleet definition ---------------------------------------------------------------
 
     @abc.abstractmethod
-    async def sync_accounts(self, names: Iterable[str]) -> int:
-        """Add the accounts that are missing (enabled); returns how many were added."""
+    async def sync_accounts(self, accounts: Mapping[str, bool]) -> int:
+        """Add the accounts that are missing (name -> enabled); existing ones are left as
+        they are (the store, edited by ``tgdaemon accounts``, is authoritative).  Returns
+        how many were added."""
 
     @abc.abstractmethod
     async def remove_account(self, name: str) -> bool:
@@ -157,142 +160,171 @@ def _host() -> str:
 
 class SqliteLeaseStore(LeaseStore):
     """Leases in the daemon's own state database (``tgdaemon.sqlite3``), shared by the
-    daemons of one machine: WAL, every write a ``BEGIN IMMEDIATE`` transaction.  The schema is
-    created by :class:`tgdaemon.store.Store` (migration 2), which must have opened it first."""
+    daemons of one machine.  The schema is created by :class:`tgdaemon.store.Store`
+    (migration 2), which must have opened it first.
+
+    Every operation is ONE call into one dedicated thread that runs the whole
+    ``BEGIN IMMEDIATE`` .. ``COMMIT``: the write lock every daemon of the machine shares is
+    held for the milliseconds of the SQL only, never across event-loop turns.  (A daemon
+    paused while it holds it — SIGSTOP mid-transaction — still blocks the others' writes
+    until it resumes; their leases then lapse safely: README, Scaling out.)"""
 
     kind = "sqlite"
 
-    def __init__(self, conn: aiosqlite.Connection, path: Path,
-                 clock: Callable[[], float]) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: Path, clock: Callable[[], float],
+                 executor: ThreadPoolExecutor) -> None:
         self._conn = conn
         self.path = path
         self._clock = clock
-        self._lock = asyncio.Lock()
+        self._executor = executor
 
     @classmethod
     async def open(cls, db_path: Path, *, clock: Callable[[], float] = time.time
                    ) -> SqliteLeaseStore:
+        executor = ThreadPoolExecutor(1, thread_name_prefix="tgdaemon-leases")
+
+        def connect() -> sqlite3.Connection:
+            conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute("PRAGMA busy_timeout=10000")
+                conn.execute("PRAGMA foreign_keys=ON")
+                conn.execute("PRAGMA synchronous=FULL")
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
         try:
-            conn = await aiosqlite.connect(db_path, isolation_level=None)
+            conn = await asyncio.get_running_loop().run_in_executor(executor, connect)
         except sqlite3.Error as exc:
+            executor.shutdown(wait=False)
             raise StoreError(f"cannot open lease store {db_path}: {exc}") from None
-        try:
-            await conn.execute("PRAGMA busy_timeout=10000")
-            await conn.execute("PRAGMA foreign_keys=ON")
-            await conn.execute("PRAGMA synchronous=FULL")
-        except BaseException:
-            await conn.close()
-            raise
-        return cls(conn, Path(db_path), clock)
+        return cls(conn, Path(db_path), clock, executor)
 
     async def close(self) -> None:
-        await self._conn.close()
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
+        self._executor.shutdown(wait=False)
 
-    @contextlib.asynccontextmanager
-    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock, immediate_transaction(self._conn, f"lease store {self.path}"):
-            yield self._conn
+    async def _run(self, fn: Callable[[sqlite3.Connection], _T], *, write: bool = True) -> _T:
+        """``fn(conn)`` in the lease thread, inside one immediate transaction when ``write``."""
+        conn = self._conn
 
-    async def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
-        async with self._lock:
+        def call() -> _T:
+            if not write:
+                return fn(conn)
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                return list(await self._conn.execute_fetchall(sql, args))
-            except sqlite3.Error as exc:
-                raise StoreError(f"lease store {self.path}: {exc}") from None
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
 
-    async def sync_accounts(self, names: Iterable[str]) -> int:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except sqlite3.Error as exc:
+            raise StoreError(f"lease store {self.path}: {exc}") from None
+
+    async def sync_accounts(self, accounts: Mapping[str, bool]) -> int:
         now = self._clock()
-        count = "SELECT count(*) FROM accounts"
-        async with self._tx() as conn:
-            ((before,),) = await conn.execute_fetchall(count)
-            await conn.executemany(
-                "INSERT INTO accounts (name, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
-                [(n, now) for n in names])
-            ((after,),) = await conn.execute_fetchall(count)
-        return int(after - before)
+
+        def tx(conn: sqlite3.Connection) -> int:
+            count = "SELECT count(*) FROM accounts"
+            (before,) = conn.execute(count).fetchone()
+            conn.executemany(
+                "INSERT INTO accounts (name, created_at, enabled) VALUES (?, ?, ?) "
+                "ON CONFLICT DO NOTHING", [(n, now, int(e)) for n, e in accounts.items()])
+            (after,) = conn.execute(count).fetchone()
+            return int(after - before)
+
+        return await self._run(tx)
 
     async def remove_account(self, name: str) -> bool:
-        async with self._tx() as conn:
-            cur = await conn.execute("DELETE FROM accounts WHERE name=?", (name,))
-            return cur.rowcount > 0
+        return await self._run(lambda conn: conn.execute(
+            "DELETE FROM accounts WHERE name=?", (name,)).rowcount > 0)
 
     async def set_enabled(self, name: str, enabled: bool) -> bool:
-        async with self._tx() as conn:
-            cur = await conn.execute("UPDATE accounts SET enabled=? WHERE name=?",
-                                     (int(enabled), name))
-            return cur.rowcount > 0
+        return await self._run(lambda conn: conn.execute(
+            "UPDATE accounts SET enabled=? WHERE name=?", (int(enabled), name)).rowcount > 0)
 
     async def fleet(self) -> list[FleetAccount]:
         now = self._clock()
-        rows = await self._read(
+        rows = await self._run(lambda conn: conn.execute(
             "SELECT a.name, a.enabled, l.owner, l.epoch, l.expires_at FROM accounts a "
-            "JOIN leases l ON l.account = a.name ORDER BY a.name")
+            "JOIN leases l ON l.account = a.name ORDER BY a.name").fetchall(), write=False)
         return [FleetAccount(n, bool(e), o, ep, None if o is None else x - now)
                 for n, e, o, ep, x in rows]
 
     async def register(self, instance: str, capacity: int) -> None:
         now = self._clock()
-        async with self._tx() as conn:
-            await conn.execute(
-                "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
-                "capacity=excluded.capacity, host=excluded.host, pid=excluded.pid, "
-                "started_at=excluded.started_at, renewed_at=excluded.renewed_at",
-                (instance, capacity, _host(), os.getpid(), now, now))
+        await self._run(lambda conn: conn.execute(
+            "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+            "capacity=excluded.capacity, host=excluded.host, pid=excluded.pid, "
+            "started_at=excluded.started_at, renewed_at=excluded.renewed_at",
+            (instance, capacity, _host(), os.getpid(), now, now)))
 
     async def unregister(self, instance: str) -> None:
-        async with self._tx() as conn:
-            await conn.execute(
-                "UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=?", (instance,))
-            await conn.execute("DELETE FROM instances WHERE id=?", (instance,))
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=?", (instance,))
+            conn.execute("DELETE FROM instances WHERE id=?", (instance,))
+
+        await self._run(tx)
 
     async def instances(self) -> list[InstanceInfo]:
         now = self._clock()
-        rows = await self._read(
+        rows = await self._run(lambda conn: conn.execute(
             "SELECT i.id, i.capacity, i.host, i.pid, i.started_at, i.renewed_at, "
             "(SELECT count(*) FROM leases l WHERE l.owner = i.id AND l.expires_at > ?) "
-            "FROM instances i ORDER BY i.id", (now,))
+            "FROM instances i ORDER BY i.id", (now,)).fetchall(), write=False)
         return [InstanceInfo(i, c, h, p, s, now - r, o) for i, c, h, p, s, r, o in rows]
 
     async def counts(self, ttl: float) -> FleetCounts:
         now = self._clock()
-        rows = await self._read(
+        row = await self._run(lambda conn: conn.execute(
             "SELECT (SELECT count(*) FROM accounts WHERE enabled=1), "
             "(SELECT count(*) FROM instances WHERE renewed_at > ?), "
             "(SELECT count(*) FROM leases l JOIN accounts a ON a.name = l.account "
-            " WHERE a.enabled=1 AND (l.owner IS NULL OR l.expires_at <= ?))",
-            (now - ttl, now))
-        return FleetCounts(*rows[0])
+            " WHERE a.enabled=1 AND (l.owner IS NULL OR l.expires_at <= ?)), "
+            "(SELECT count(*) FROM instances WHERE renewed_at <= ?)",
+            (now - ttl, now, now - ttl)).fetchone(), write=False)
+        return FleetCounts(*row)
 
     async def renew(self, instance: str, ttl: float) -> dict[str, int]:
         now = self._clock()
-        async with self._tx() as conn:
-            await conn.execute("UPDATE instances SET renewed_at=? WHERE id=?", (now, instance))
-            await conn.execute(
+
+        def tx(conn: sqlite3.Connection) -> dict[str, int]:
+            conn.execute("UPDATE instances SET renewed_at=? WHERE id=?", (now, instance))
+            conn.execute(
                 "UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=? AND account IN "
                 "(SELECT name FROM accounts WHERE enabled=0)", (instance,))
-            rows = await conn.execute_fetchall(
+            rows = conn.execute(
                 "UPDATE leases SET expires_at=? WHERE owner=? AND expires_at > ? "
-                "RETURNING account, epoch", (now + ttl, instance, now))
-        return {a: e for a, e in rows}
+                "RETURNING account, epoch", (now + ttl, instance, now)).fetchall()
+            return {a: e for a, e in rows}
+
+        return await self._run(tx)
 
     async def claim(self, instance: str, n: int, ttl: float) -> dict[str, int]:
         if n <= 0:
             return {}
         now = self._clock()
-        async with self._tx() as conn:
-            rows = await conn.execute_fetchall(
+
+        def tx(conn: sqlite3.Connection) -> dict[str, int]:
+            rows = conn.execute(
                 "UPDATE leases SET owner=?, epoch=epoch+1, expires_at=? WHERE account IN ("
                 " SELECT l.account FROM leases l JOIN accounts a ON a.name = l.account"
                 " WHERE a.enabled=1 AND (l.owner IS NULL OR l.expires_at <= ?)"
                 " ORDER BY random() LIMIT ?) RETURNING account, epoch",
-                (instance, now + ttl, now, n))
-        return {a: e for a, e in rows}
+                (instance, now + ttl, now, n)).fetchall()
+            return {a: e for a, e in rows}
+
+        return await self._run(tx)
 
     async def release(self, instance: str, names: Iterable[str]) -> None:
-        async with self._tx() as conn:
-            await conn.executemany(
-                "UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=? AND account=?",
-                [(instance, n) for n in names])
+        args = [(instance, n) for n in names]
+        await self._run(lambda conn: conn.executemany(
+            "UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=? AND account=?", args))
 
     async def write_sessions(
         self, instance: str, writes: Mapping[str, tuple[int, bytes | None]]
@@ -301,38 +333,42 @@ class SqliteLeaseStore(LeaseStore):
             return set()
         now = self._clock()
         names = list(writes)
-        async with self._tx() as conn:
+
+        def tx(conn: sqlite3.Connection) -> set[str]:
             held: dict[str, int] = {}
             for i in range(0, len(names), 500):
                 chunk = names[i:i + 500]
-                rows = await conn.execute_fetchall(
+                held.update(conn.execute(
                     f"SELECT account, epoch FROM leases WHERE owner=? AND account IN "
-                    f"({','.join('?' * len(chunk))})", (instance, *chunk))
-                held.update((a, e) for a, e in rows)
+                    f"({','.join('?' * len(chunk))})", (instance, *chunk)).fetchall())
             rejected = {n for n, (epoch, _r) in writes.items() if held.get(n) != epoch}
             ok = [(n, r) for n, (_e, r) in writes.items() if n not in rejected]
-            await conn.executemany("DELETE FROM sessions WHERE account=?",
-                                   [(n,) for n, r in ok if r is None])
-            await conn.executemany(
+            conn.executemany("DELETE FROM sessions WHERE account=?",
+                             [(n,) for n, r in ok if r is None])
+            conn.executemany(
                 "INSERT INTO sessions (account, record, updated_at) VALUES (?, ?, ?) "
                 "ON CONFLICT(account) DO UPDATE SET record=excluded.record, "
                 "updated_at=excluded.updated_at",
                 [(n, r, now) for n, r in ok if r is not None])
-        return rejected
+            return rejected
+
+        return await self._run(tx)
 
     async def read_sessions(self, names: Sequence[str] | None = None) -> dict[str, bytes]:
-        if names is None:
-            rows = await self._read("SELECT account, record FROM sessions")
-            return {a: r for a, r in rows}
-        out: dict[str, bytes] = {}
-        names = list(names)
-        for i in range(0, len(names), 500):
-            chunk = names[i:i + 500]
-            rows = await self._read(
-                f"SELECT account, record FROM sessions WHERE account IN "
-                f"({','.join('?' * len(chunk))})", chunk)
-            out.update((a, r) for a, r in rows)
-        return out
+        wanted = None if names is None else list(names)
+
+        def read(conn: sqlite3.Connection) -> dict[str, bytes]:
+            if wanted is None:
+                return dict(conn.execute("SELECT account, record FROM sessions").fetchall())
+            out: dict[str, bytes] = {}
+            for i in range(0, len(wanted), 500):
+                chunk = wanted[i:i + 500]
+                out.update(conn.execute(
+                    f"SELECT account, record FROM sessions WHERE account IN "
+                    f"({','.join('?' * len(chunk))})", chunk).fetchall())
+            return out
+
+        return await self._run(read, write=False)
 
     async def seed_sessions(self, records: Mapping[str, bytes]) -> int:
         # The sessions already live in this database: nothing to move.
@@ -370,12 +406,18 @@ class PgLeaseStore(LeaseStore):
         self.url = redact_url(url)
 
     @classmethod
-    async def open(cls, url: str, *, timeout: float = 10.0) -> PgLeaseStore:
+    async def open(cls, url: str, *, timeout: float = 10.0,
+                   idle_in_transaction: float = 5.0) -> PgLeaseStore:
+        """``idle_in_transaction``: PostgreSQL ends a session of ours that sits in a
+        transaction this long (a paused daemon), so its row locks cannot keep the other
+        instances from claiming its expired leases."""
         import asyncpg
 
+        settings = {"idle_in_transaction_session_timeout": str(int(idle_in_transaction * 1000))}
         try:
             pool = await asyncpg.create_pool(url, min_size=1, max_size=4, timeout=timeout,
-                                             command_timeout=timeout)
+                                             command_timeout=timeout,
+                                             server_settings=settings)
         except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
             raise StoreError(f"cannot connect to {redact_url(url)}: {type(exc).__name__}: "
                              f"{exc}") from None
@@ -419,12 +461,12 @@ class PgLeaseStore(LeaseStore):
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StoreError(f"lease store {self.url}: {type(exc).__name__}: {exc}") from None
 
-    async def sync_accounts(self, names: Iterable[str]) -> int:
-        names = list(names)
+    async def sync_accounts(self, accounts: Mapping[str, bool]) -> int:
         async with self._conn() as conn, conn.transaction():
             added = await conn.fetch(
-                f"INSERT INTO accounts (name, created_at) SELECT n, {_PG_NOW} "
-                "FROM unnest($1::text[]) AS n ON CONFLICT DO NOTHING RETURNING name", names)
+                f"INSERT INTO accounts (name, created_at, enabled) SELECT n, {_PG_NOW}, e "
+                "FROM unnest($1::text[], $2::boolean[]) AS t(n, e) ON CONFLICT DO NOTHING "
+                "RETURNING name", list(accounts), list(accounts.values()))
             await conn.execute(
                 "INSERT INTO leases (account) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
                 [r[0] for r in added])
@@ -476,19 +518,22 @@ class PgLeaseStore(LeaseStore):
                 "SELECT (SELECT count(*) FROM accounts WHERE enabled), "
                 f"(SELECT count(*) FROM instances WHERE renewed_at > {_PG_NOW} - $1), "
                 "(SELECT count(*) FROM leases l JOIN accounts a ON a.name = l.account "
-                f" WHERE a.enabled AND (l.owner IS NULL OR l.expires_at <= {_PG_NOW}))", ttl)
+                f" WHERE a.enabled AND (l.owner IS NULL OR l.expires_at <= {_PG_NOW})), "
+                f"(SELECT count(*) FROM instances WHERE renewed_at <= {_PG_NOW} - $1)", ttl)
         return FleetCounts(*row)
 
     async def renew(self, instance: str, ttl: float) -> dict[str, int]:
-        async with self._conn() as conn, conn.transaction():
-            await conn.execute(f"UPDATE instances SET renewed_at={_PG_NOW} WHERE id=$1",
-                               instance)
-            await conn.execute(
-                "UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=$1 AND account IN "
-                "(SELECT name FROM accounts WHERE NOT enabled)", instance)
+        # One statement, one round trip: the instance's heartbeat, the release of disabled
+        # accounts and the renewal of everything else (disjoint rows).
+        async with self._conn() as conn:
             rows = await conn.fetch(
+                f"WITH alive AS (UPDATE instances SET renewed_at={_PG_NOW} WHERE id=$1), "
+                "disabled AS (SELECT name FROM accounts WHERE NOT enabled), "
+                "dropped AS (UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=$1 AND "
+                "account IN (SELECT name FROM disabled)) "
                 f"UPDATE leases SET expires_at={_PG_NOW} + $2 WHERE owner=$1 "
-                f"AND expires_at > {_PG_NOW} RETURNING account, epoch", instance, ttl)
+                f"AND expires_at > {_PG_NOW} AND account NOT IN (SELECT name FROM disabled) "
+                "RETURNING account, epoch", instance, ttl)
         return {a: e for a, e in rows}
 
     async def claim(self, instance: str, n: int, ttl: float) -> dict[str, int]:
@@ -557,8 +602,10 @@ class PgLeaseStore(LeaseStore):
         return len(rows)
 
 
-async def open_lease_store(database_url: str | None, sqlite_path: Path) -> LeaseStore:
+async def open_lease_store(database_url: str | None, sqlite_path: Path,
+                           ttl: float = 60.0) -> LeaseStore:
     """PostgreSQL when ``database_url`` is set, else the SQLite state database."""
     if database_url:
-        return await PgLeaseStore.open(database_url)
+        return await PgLeaseStore.open(database_url,
+                                       idle_in_transaction=max(1.0, min(5.0, ttl / 4)))
     return await SqliteLeaseStore.open(sqlite_path)

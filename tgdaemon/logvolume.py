@@ -64,7 +64,7 @@ NOISE: tuple[Rule, ...] = (
     *(Rule(Noise.CONNECTION_CLOSED, name, prefix, "")
       for name in _TELETHON
       for prefix in ("Server closed the connection", "Connection closed while receiving data",
-                     "Unhandled error while receiving")),
+                     "Unhandled error while receiving", "Server response had invalid buffer")),
     *(Rule(Noise.CONNECT_FAILED, name, "Attempt ",
            "Telethon connect attempts failed (the workers retry with backoff)")
       for name in _TELETHON),

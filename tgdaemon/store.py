@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import aiosqlite
 
@@ -196,6 +196,17 @@ def _decode_session(name: str, record: bytes | None, ring: KeyRing, kind: str = 
         ) from None
 
 
+class SessionRoute(Protocol):
+    """Where session records live when not in this database (see :meth:`Store.route_sessions`)."""
+
+    async def write_records(self, records: Mapping[str, bytes | None]
+                            ) -> dict[str, BaseException]:
+        """Write (None: delete) encrypted records; returns the refused ones with the reason."""
+
+    async def read_records(self, names: Sequence[str] | None) -> dict[str, bytes]:
+        """Encrypted records of ``names`` (all when None)."""
+
+
 # -- files and lock --------------------------------------------------------------------------
 
 
@@ -234,9 +245,9 @@ def _state_error(what: str, path: Path, exc: OSError) -> StoreError:
     return StoreError(f"cannot {what} {path}: {reason}")
 
 
-def _flock(fd: int, state_dir: Path, holder_fd: int) -> None:
+def _flock(fd: int, state_dir: Path, holder_fd: int, *, shared: bool = False) -> None:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(holder_fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
         raise StateLockedError(
@@ -245,7 +256,7 @@ def _flock(fd: int, state_dir: Path, holder_fd: int) -> None:
         ) from None
 
 
-def _acquire_lock(state_dir: Path) -> tuple[int, ...]:
+def _acquire_lock(state_dir: Path, name: str = LOCK_NAME) -> tuple[int, ...]:
     """Take the single-instance lock: ``flock`` on the lock file (which also names the pid)
     AND on the database file itself. The lock file alone is not enough: deleted by a
     clean-up script, the next daemon creates a new one and locks that, and two daemons run
@@ -253,8 +264,13 @@ def _acquire_lock(state_dir: Path) -> tuple[int, ...]:
     lock holds (a missing database is refused by the store marker, see ``_check_evidence``).
 
     ``flock`` and SQLite's own ``fcntl`` locks are independent; the database fd is kept open
-    until after SQLite closes (closing an fd would drop SQLite's POSIX locks otherwise)."""
-    path = state_dir / LOCK_NAME
+    until after SQLite closes (closing an fd would drop SQLite's POSIX locks otherwise).
+
+    A fleet daemon (tgdaemon/fleet.py) locks its own ``name`` (one daemon per instance id)
+    and shares the database with the other instances: it takes the database's lock shared,
+    which still keeps a single daemon (exclusive) off the fleet's database and vice versa."""
+    path = state_dir / name
+    shared = name != LOCK_NAME
     db_path = state_dir / DB_NAME
     fds: list[int] = []
     try:
@@ -272,7 +288,7 @@ def _acquire_lock(state_dir: Path) -> tuple[int, ...]:
             raise _state_error("open the state database", db_path, exc) from None
         if db_fd is not None:
             fds.append(db_fd)
-            _flock(db_fd, state_dir, fd)
+            _flock(db_fd, state_dir, fd, shared=shared)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     except BaseException:
@@ -281,13 +297,14 @@ def _acquire_lock(state_dir: Path) -> tuple[int, ...]:
     return tuple(fds)
 
 
-def _lock_new_database(state_dir: Path, fds: tuple[int, ...]) -> tuple[int, ...]:
+def _lock_new_database(state_dir: Path, fds: tuple[int, ...], *, shared: bool = False
+                       ) -> tuple[int, ...]:
     """Lock a database file created after :func:`_acquire_lock` (a brand-new store)."""
     if len(fds) != 1:
         return fds
     db_fd = os.open(state_dir / DB_NAME, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _flock(db_fd, state_dir, fds[0])
+        _flock(db_fd, state_dir, fds[0], shared=shared)
     except BaseException:
         os.close(db_fd)
         raise
@@ -362,11 +379,19 @@ async def immediate_transaction(conn: aiosqlite.Connection,
                                 what: str) -> AsyncIterator[aiosqlite.Connection]:
     """``BEGIN IMMEDIATE`` .. ``COMMIT`` (the write lock up front, so a transaction never
     fails half-way on a busy database), rolled back on any error; SQLite's errors become
-    :class:`StoreError` naming ``what``.  Shared by the store and the lease store."""
+    :class:`StoreError` naming ``what``."""
     try:
         await conn.execute("BEGIN IMMEDIATE")
     except sqlite3.Error as exc:
         raise StoreError(f"{what}: {exc}") from None
+    except BaseException:
+        # Cancelled while aiosqlite's thread runs the BEGIN: it may still take the write lock
+        # after we left, and a transaction nobody ends holds it for good (every other writer
+        # of the file, other daemons of a fleet included, then fails "database is locked").
+        # Queued behind the BEGIN, this ROLLBACK ends it; without one it fails harmlessly.
+        with contextlib.suppress(sqlite3.Error):
+            await asyncio.shield(conn.execute("ROLLBACK"))
+        raise
     try:
         yield conn
     except BaseException as exc:
@@ -485,6 +510,7 @@ class Store:
         self._wake = asyncio.Event()
         self._closing = False
         self._closed = False
+        self._route: SessionRoute | None = None
         #: The database refuses writes (read-only file or mount): the daemon reports not ready.
         self.read_only = False
         self._writer = asyncio.get_running_loop().create_task(
@@ -513,13 +539,14 @@ class Store:
         *,
         clock: Callable[[], float] = time.time,
         lock: bool = True,
+        lock_name: str = LOCK_NAME,
     ) -> Store:
         state_dir = Path(state_dir)
         try:
             _prepare_dir(state_dir)
         except OSError as exc:
             raise _state_error("use the state directory", state_dir, exc) from None
-        lock_fds = _acquire_lock(state_dir) if lock else ()
+        lock_fds = _acquire_lock(state_dir, lock_name) if lock else ()
         db_path = state_dir / DB_NAME
         conn: aiosqlite.Connection | None = None
         try:
@@ -529,7 +556,8 @@ class Store:
             except OSError as exc:
                 raise _state_error("create the state database", db_path, exc) from None
             if lock:
-                lock_fds = _lock_new_database(state_dir, lock_fds)
+                lock_fds = _lock_new_database(state_dir, lock_fds,
+                                              shared=lock_name != LOCK_NAME)
             conn = await aiosqlite.connect(db_path, isolation_level=None)
             await _configure(conn)
             await _migrate(conn, db_path, clock)
@@ -747,21 +775,47 @@ class Store:
         if futures:
             await asyncio.wait(futures)
 
+    def route_sessions(self, route: SessionRoute) -> None:
+        """Fleet mode: session records are written to and read from ``route`` (the lease
+        store, which fences every write by its lease epoch) instead of this database's
+        ``sessions`` table.  Account metadata stays here."""
+        self._route = route
+
+    async def session_records(self) -> dict[str, bytes]:
+        """Every encrypted record of this database's ``sessions`` table, as stored."""
+        rows = await self._read(f"SELECT account, {_RECORD_COLUMNS} FROM sessions")
+        return {name: record for name, record, _kind in rows if record is not None}
+
+    async def _records(self, names: Sequence[str] | None
+                       ) -> list[tuple[str, bytes | None, str]]:
+        """(account, record, SQLite type of the record) of ``names`` (all when None)."""
+        if self._route is not None:
+            routed = await self._route.read_records(names)
+            return [(n, r, "blob") for n, r in sorted(routed.items())]
+        if names is None:
+            return list(await self._read(
+                f"SELECT account, {_RECORD_COLUMNS} FROM sessions ORDER BY account"))
+        if len(names) == 1:
+            return list(await self._read(
+                f"SELECT account, {_RECORD_COLUMNS} FROM sessions WHERE account=?", names))
+        wanted = set(names)
+        return [r for r in await self._records(None) if r[0] in wanted]
+
     async def load_session(self, name: str) -> SessionData | None:
         futures = [b[name].future for b in (self._pending, self._inflight) if name in b]
         if futures:
             await asyncio.wait(futures)
-        rows = await self._read(
-            f"SELECT {_RECORD_COLUMNS} FROM sessions WHERE account=?", (name,))
+        rows = await self._records([name])
         if not rows:
             return None
-        return _decode_session(name, rows[0][0], self._keyring, rows[0][1])
+        return _decode_session(name, rows[0][1], self._keyring, rows[0][2])
 
-    async def load_sessions(self) -> dict[str, SessionData | DecryptionError]:
-        """Every stored session, decrypted off the event loop; failures are returned per account."""
+    async def load_sessions(self, names: Sequence[str] | None = None
+                            ) -> dict[str, SessionData | DecryptionError]:
+        """Every stored session (or those of ``names``), decrypted off the event loop;
+        failures are returned per account."""
         await self.flush()
-        rows = await self._read(
-            f"SELECT account, {_RECORD_COLUMNS} FROM sessions ORDER BY account")
+        rows = await self._records(names)
         ring = self._keyring
 
         def decode_all() -> dict[str, SessionData | DecryptionError]:
@@ -802,6 +856,7 @@ class Store:
     async def _write_batch(self, batch: dict[str, _Pending]) -> None:
         failed: dict[str, BaseException] = {}
         quiet: dict[str, BaseException] = {}  # metadata for an account without a row
+        routed: dict[str, bytes | None] = {}
         try:
             async with self._lock, self._tx_locked(durable=True) as conn:
                 names = list(batch)
@@ -831,6 +886,9 @@ class Store:
                             item.data.to_bytes(), account=name, purpose=SESSION_PURPOSE
                         )
                         upserts.append((name, record, now))
+                if self._route is not None:
+                    routed = {n: r for n, r, _at in upserts} | {n: None for (n,) in deletes}
+                    upserts, deletes = [], []
                 if deletes:
                     await conn.executemany("DELETE FROM sessions WHERE account=?", deletes)
                 if upserts:
@@ -844,6 +902,9 @@ class Store:
                     assignments = ", ".join(f"{c}=?" for c in columns)  # whitelisted names
                     await conn.executemany(
                         f"UPDATE accounts SET {assignments} WHERE name=?", rows)
+            if routed:
+                assert self._route is not None
+                failed.update(await self._route.write_records(routed))
         except Exception as exc:
             err = exc if isinstance(exc, TgdaemonError) else StoreError(
                 f"writing sessions to {self.path} failed: {type(exc).__name__}: {exc}"

@@ -18,11 +18,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from telethon import errors, events, functions, types
+from telethon import functions, types
 
 from tgdaemon.connwatch import ConnectionWatch
 from tgdaemon.errors import NotAuthorizedError, classify
 from tgdaemon.exceptions import DecryptionError
+from tgdaemon.leases import LeaseGate, LeaseLostError
 from tgdaemon.lifecycle import (
     Action,
     Category,
@@ -69,6 +70,8 @@ class WorkerDeps:
     #: Called with (account name, client) for every client object built, before it connects
     #: (the account API attaches its update listener here).
     client_hooks: tuple[Callable[[str, ManagedClient], None], ...] = ()
+    #: Fleet mode: the leases this daemon holds (None: a single daemon owns its accounts).
+    lease: LeaseGate | None = None
 
 
 class AccountWorker:
@@ -158,6 +161,7 @@ class AccountWorker:
                     await self.deps.directory.refresh(
                         lambda: self._rpc(functions.help.GetConfigRequest()))
                 self._catch_ups = 0
+                self._arm_server_disconnect()
                 a = self.account
                 self.report.connected_as(
                     UserInfo(me.id, me.username, me.first_name), self.session.dc_id,
@@ -169,6 +173,10 @@ class AccountWorker:
                 await self._serve()
             except asyncio.CancelledError:
                 raise
+            except LeaseLostError:
+                await self._close_client()
+                self.report.transition(State.STOPPED, "lease lost: another instance may own it")
+                return
             except Exception as exc:
                 if not await self._recover(exc):
                     return
@@ -289,14 +297,16 @@ class AccountWorker:
             return
         # Waiting for a connect slot is a deliberate wait, not a stuck worker.
         await self._deliberate_wait(self.deps.limiter.reserve())
+        if self.deps.lease is not None and not self.deps.lease.holds(self.name):
+            raise LeaseLostError(self.name)
         if self.client is None:
             self.client = build_client(self.deps.client_cls, self.session,
                                        self.deps.settings.current, self.account)
             observe_updates(self.client, self.report)
             for hook in self.deps.client_hooks:
                 hook(self.name, self.client)
-            self.client.add_event_handler(self._on_new_login,
-                                          events.Raw(types.UpdateNewAuthorization))
+            if self._sessions is not None:
+                self._sessions.attach(self.client)
         client = self.client
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that
@@ -340,38 +350,34 @@ class AccountWorker:
                 self._network_failures = 0
             # Telethon follows a USER_MIGRATE inside the call: the DC is read, not assumed.
             self.report.heartbeat(self.last_progress - started, self.session.dc_id)
-            await self._look_at_sessions()
+            if self._sessions is not None:
+                await self._sessions.step(self._rpc, self.deps.settings.current, self.account,
+                                          self.report)
             local = local_update_pts(self.client)
             gap_streak = gap_streak + 1 if local is not None and server.pts > local else 0
             if gap_streak >= self.policy.update_gap_heartbeats:
                 gap_streak = 0
                 await self._on_update_gap(server.pts, local)
+            self._arm_server_disconnect()
 
-    async def _on_new_login(self, _update: types.UpdateNewAuthorization) -> None:
-        """Telegram announced a login on this account: look at the next heartbeat."""
-        if self._sessions is not None:
-            self._sessions.poke()
-
-    async def _look_at_sessions(self) -> None:
-        """The security watch's look, when due. Its failures end nothing: a dead connection
-        is the next heartbeat's to find, a flood wait on the listing only delays the next look,
-        and Telegram's 406 for a young session must not park the account as an auth error."""
-        watch = self._sessions
-        if watch is None or not watch.due(self.deps.clock()):
+    def _arm_server_disconnect(self) -> None:
+        """Fleet mode: ask the server to close this connection when the lease's local deadline
+        passes without a newer ping (``ping_delay_disconnect``), so a paused or cut-off
+        process cannot keep using the session next to its new owner."""
+        lease = self.deps.lease
+        if lease is None:
             return
-        config = self.deps.settings.current
-        security = config.security
-        try:
-            result = await watch.look(
-                self._rpc, action=config.on_new_authorization(self.account),
-                allow=security.allow, interval=security.check_interval, log_ip=security.log_ip)
-        except errors.FloodWaitError as exc:
-            watch.postpone(exc.seconds)
-            return
-        except (errors.RPCError, TimeoutError, ConnectionError) as exc:
-            self.log.debug("could not list the account's sessions: %s", type(exc).__name__)
-            return
-        self.report.sessions(result)
+        if not lease.holds(self.name):
+            raise LeaseLostError(self.name)
+        assert self.client is not None
+        # Sent the way Telethon sends its own keepalive ping: queued on the sender, pong not
+        # awaited (the heartbeat proves the connection).  Awaiting it through client() would
+        # let a cancelled worker cancel the future the pong then resolves (an error logged
+        # by Telethon's _handle_pong).
+        pong = self.client._sender.send(functions.PingDelayDisconnectRequest(
+            ping_id=self.deps.rng.getrandbits(63),
+            disconnect_delay=lease.disconnect_delay(self.name)))
+        pong.add_done_callback(_retrieve)
 
     async def _until_next_beat(self) -> None:
         """Sleep until the next heartbeat is due; :meth:`reschedule` re-arms the wait with
@@ -415,3 +421,8 @@ class AccountWorker:
                              type(exc).__name__)
             self.client = None
 
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a fire-and-forget future's outcome as seen (no "never retrieved" warning)."""
+    if not fut.cancelled():
+        fut.exception()

@@ -318,3 +318,17 @@ async def test_buffer_keeps_the_newest_per_account_across_restarts(tmp_path: Pat
         assert again.append("a", EventKind.EDIT, {}).seq == 7  # numbering continues
     finally:
         await again.close()
+
+
+async def test_a_subscriber_that_falls_behind_is_closed_and_marked() -> None:
+    from tgdaemon.api.events import Event, Subscriber
+
+    sub = Subscriber(frozenset({"a"}), maxsize=3)
+    assert sub.wants("a")
+    assert not sub.wants("b")
+    for i in range(5):
+        sub.offer(Event(i, "a", EventKind.MESSAGE, {}))
+    assert sub.overflowed
+    assert sub.closed
+    got = [e.seq async for e in sub]
+    assert got == [0, 1, 2]  # a prefix: resuming from the cursor of 2 misses nothing

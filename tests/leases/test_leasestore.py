@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import WaitUntil
 from tgdaemon.crypto import KeyRing
 from tgdaemon.exceptions import StoreError
-from tgdaemon.leasestore import NO_EPOCH, LeaseStore, PgLeaseStore, SqliteLeaseStore
+from tgdaemon.leasestore import NO_EPOCH, FleetCounts, LeaseStore, PgLeaseStore, SqliteLeaseStore
 from tgdaemon.store import DB_NAME, Store
 
 TTL = 30.0
@@ -34,15 +34,15 @@ async def leases(request: pytest.FixtureRequest, state_dir: Path,
 
 
 async def test_sync_adds_missing_accounts_once(leases: LeaseStore) -> None:
-    assert await leases.sync_accounts(["a", "b", "c"]) == 3
-    assert await leases.sync_accounts(["b", "c", "d"]) == 1
+    assert await leases.sync_accounts(dict.fromkeys(["a", "b", "c"], True)) == 3
+    assert await leases.sync_accounts({"b": False, "c": True, "d": False}) == 1
     fleet = await leases.fleet()
     assert [(f.name, f.enabled, f.owner) for f in fleet] == [
-        ("a", True, None), ("b", True, None), ("c", True, None), ("d", True, None)]
+        ("a", True, None), ("b", True, None), ("c", True, None), ("d", False, None)]
 
 
 async def test_claims_never_overlap_and_renew_keeps_them(leases: LeaseStore) -> None:
-    await leases.sync_accounts([f"a{i}" for i in range(10)])
+    await leases.sync_accounts(dict.fromkeys([f"a{i}" for i in range(10)], True))
     await leases.register("one", 100)
     await leases.register("two", 100)
     first = await leases.claim("one", 6, TTL)
@@ -54,14 +54,14 @@ async def test_claims_never_overlap_and_renew_keeps_them(leases: LeaseStore) -> 
     assert await leases.claim("two", 5, TTL) == {}
     assert await leases.renew("one", TTL) == first
     counts = await leases.counts(TTL)
-    assert (counts.accounts, counts.live_instances, counts.claimable) == (10, 2, 0)
+    assert counts == FleetCounts(accounts=10, live_instances=2, claimable=0, lost_instances=0)
     owned = {i.id: i.owned for i in await leases.instances()}
     assert owned == {"one": 6, "two": 4}
 
 
 async def test_expired_lease_is_claimed_with_a_new_epoch_and_old_owner_fenced(
         leases: LeaseStore, wait_until: WaitUntil) -> None:
-    await leases.sync_accounts(["a"])
+    await leases.sync_accounts(dict.fromkeys(["a"], True))
     await leases.register("old", 10)
     await leases.register("new", 10)
     assert await leases.claim("old", 1, 0.3) == {"a": 1}
@@ -84,7 +84,7 @@ async def test_expired_lease_is_claimed_with_a_new_epoch_and_old_owner_fenced(
 
 
 async def test_write_needs_the_current_epoch_and_ownership(leases: LeaseStore) -> None:
-    await leases.sync_accounts(["a", "b"])
+    await leases.sync_accounts(dict.fromkeys(["a", "b"], True))
     await leases.register("me", 10)
     lease = await leases.claim("me", 1, TTL)
     (name, epoch), = lease.items()
@@ -100,7 +100,7 @@ async def test_write_needs_the_current_epoch_and_ownership(leases: LeaseStore) -
 
 async def test_release_makes_claimable_at_once_and_unregister_frees_all(
         leases: LeaseStore) -> None:
-    await leases.sync_accounts(["a", "b", "c"])
+    await leases.sync_accounts(dict.fromkeys(["a", "b", "c"], True))
     await leases.register("x", 10)
     held = await leases.claim("x", 3, TTL)
     await leases.release("x", ["a"])
@@ -113,7 +113,7 @@ async def test_release_makes_claimable_at_once_and_unregister_frees_all(
 
 
 async def test_disabled_accounts_are_released_and_never_claimed(leases: LeaseStore) -> None:
-    await leases.sync_accounts(["a", "b"])
+    await leases.sync_accounts(dict.fromkeys(["a", "b"], True))
     await leases.register("x", 10)
     assert set(await leases.claim("x", 2, TTL)) == {"a", "b"}
     assert await leases.set_enabled("a", False)
@@ -124,7 +124,7 @@ async def test_disabled_accounts_are_released_and_never_claimed(leases: LeaseSto
 
 
 async def test_remove_account_drops_lease_and_session(leases: LeaseStore) -> None:
-    await leases.sync_accounts(["a"])
+    await leases.sync_accounts(dict.fromkeys(["a"], True))
     await leases.register("x", 10)
     epoch = (await leases.claim("x", 1, TTL))["a"]
     await leases.write_sessions("x", {"a": (epoch, b"rec")})
@@ -136,7 +136,7 @@ async def test_remove_account_drops_lease_and_session(leases: LeaseStore) -> Non
 
 
 async def test_concurrent_claims_from_many_instances_are_disjoint(leases: LeaseStore) -> None:
-    await leases.sync_accounts([f"a{i}" for i in range(60)])
+    await leases.sync_accounts(dict.fromkeys([f"a{i}" for i in range(60)], True))
     ids = [f"i{k}" for k in range(4)]
     for i in ids:
         await leases.register(i, 100)
@@ -161,3 +161,17 @@ async def test_postgres_migrations_are_checksummed(pg_url: str) -> None:
 async def test_postgres_unreachable_is_a_store_error() -> None:
     with pytest.raises(StoreError, match="cannot connect"):
         await PgLeaseStore.open("postgresql://nobody:secret@127.0.0.1:9/x", timeout=2)
+
+
+async def test_an_instance_that_stops_renewing_is_counted_lost(
+        leases: LeaseStore, wait_until: WaitUntil) -> None:
+    await leases.register("quiet", 10)
+    await leases.register("busy", 10)
+
+    async def one_lost() -> bool:
+        await leases.renew("busy", TTL)
+        return (await leases.counts(0.3)) == FleetCounts(0, 1, 0, 1)
+
+    await wait_until(one_lost, timeout=10, message="quiet instance lost")
+    await leases.unregister("quiet")  # a clean stop is not a loss: its row is gone
+    assert [i.id for i in await leases.instances()] == ["busy"]

@@ -161,13 +161,17 @@ class Event:
 
 
 class Subscriber:
-    """A live consumer's queue; closed (``overflowed``) when it falls too far behind."""
+    """A live consumer's queue; closed (``overflowed``) when it falls too far behind. What it
+    got is always a prefix of what it was offered (no hole), so resuming from the last cursor
+    it received loses nothing."""
 
     def __init__(self, accounts: frozenset[str] | None, maxsize: int = SUBSCRIBER_QUEUE) -> None:
         self.accounts = accounts
         self.overflowed = False
         self.closed = False
-        self._queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize)
+        self._maxsize = maxsize
+        # One slot more than the limit: the end marker always fits.
+        self._queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize + 1)
 
     def wants(self, account: str) -> bool:
         return self.accounts is None or account in self.accounts
@@ -175,20 +179,16 @@ class Subscriber:
     def offer(self, event: Event) -> None:
         if self.closed:
             return
-        try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
+        if self._queue.qsize() >= self._maxsize:
             self.overflowed = True
             self.close()
+            return
+        self._queue.put_nowait(event)
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            with contextlib.suppress(asyncio.QueueFull):
-                self._queue.put_nowait(None)
-            if self._queue.full():  # make room for the end marker
-                self._queue.get_nowait()
-                self._queue.put_nowait(None)
+            self._queue.put_nowait(None)
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         while (event := await self._queue.get()) is not None:

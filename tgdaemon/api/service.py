@@ -19,7 +19,7 @@ import binascii
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -30,6 +30,8 @@ from telethon.tl import types as tl
 
 from tgdaemon.api.events import (
     CursorError,
+    Event,
+    Subscriber,
     UpdateBuffer,
     decode_cursor,
     encode_cursor,
@@ -39,6 +41,7 @@ from tgdaemon.api.events import (
 from tgdaemon.api.gateway import AccountHandle, ApiError, Gateway, Outcome
 from tgdaemon.api.openapi import OPENAPI
 from tgdaemon.api.peers import parse_peer, resolve_peer
+from tgdaemon.api.sessions import list_sessions, terminate_sessions
 from tgdaemon.api.tljson import TlJsonError, build_request, to_json
 from tgdaemon.apiconfig import ApiClient, ApiMethod, authenticate
 
@@ -58,6 +61,10 @@ WS_TOKEN_PREFIX = "bearer."
 MAX_BODY = 64 * 1024
 MAX_LIMIT = 100
 CLOSE_OVERFLOW = WSCloseCode.TRY_AGAIN_LATER  # 1013: resume with the last cursor
+#: Open update streams, daemon-wide; one more is refused with 503.
+MAX_STREAMS = 64
+#: Seconds one event may take to leave; a consumer that stops reading is disconnected.
+SEND_TIMEOUT = 10.0
 NO_CLIENT = "-"
 
 
@@ -117,6 +124,10 @@ class AccountApi:
         app.router.add_post("/v1/accounts/{name}/read", _through_account(ApiMethod.READ, _read))
         app.router.add_post("/v1/accounts/{name}/invoke",
                             _through_account(ApiMethod.INVOKE, _invoke))
+        app.router.add_get("/v1/accounts/{name}/sessions",
+                           _through_account(ApiMethod.SESSIONS, _sessions))
+        app.router.add_post("/v1/accounts/{name}/sessions/terminate",
+                            _through_account(ApiMethod.TERMINATE_SESSIONS, terminate_sessions))
         app.router.add_get("/v1/updates", _updates)
         app.on_shutdown.append(self._close_sockets)
 
@@ -437,6 +448,10 @@ async def _invoke(request: web.Request) -> Call:
     return call
 
 
+async def _sessions(request: web.Request) -> Call:
+    return list_sessions(with_ip=_api(request).config.security.log_ip)
+
+
 async def _updates(request: web.Request) -> web.StreamResponse:
     """The update stream (see README): ``?accounts=a,b`` (default: every account the client
     may use) and ``?cursor=`` (the last one received; omit it to start from now)."""
@@ -470,6 +485,8 @@ async def _updates(request: web.Request) -> web.StreamResponse:
 async def _stream(request: web.Request, api: AccountApi, client: ApiClient,
                   accounts: frozenset[str] | None, after: int | None) -> web.WebSocketResponse:
     buffer = api.buffer
+    if len(api._sockets) >= MAX_STREAMS:
+        raise ApiError(Outcome.BUSY, f"{MAX_STREAMS} update streams already open", retry_after=5)
     ws = web.WebSocketResponse(protocols=(WS_PROTOCOL,), heartbeat=30.0, max_msg_size=4096)
     # Subscribe first, then read what is held up to that point: nothing falls in between;
     # live events already sent from the backlog are skipped by sequence number.
@@ -479,22 +496,13 @@ async def _stream(request: web.Request, api: AccountApi, client: ApiClient,
     try:
         await ws.prepare(request)
         api.count(client, None, ApiMethod.UPDATES, Outcome.OK)
-        last = upto if after is None else after
-        if after is not None:
-            for event in await buffer.backlog(accounts, after, upto):
-                await ws.send_str(json.dumps(event.to_json(buffer.epoch)))
-            last = upto
-        await ws.send_str(json.dumps({"type": "ready", "cursor": _cursor(buffer, last)}))
-        reader = asyncio.create_task(_drain(ws), name="api-updates-reader")
         try:
-            async for event in _until(sub, reader):
-                if event.seq > last:
-                    await ws.send_str(json.dumps(event.to_json(buffer.epoch)))
-                    last = event.seq
-        finally:
-            reader.cancel()
-            await asyncio.wait([reader])
-        if sub.overflowed:
+            overflowed = await _pump(ws, buffer, sub, after, upto)
+        except (TimeoutError, ConnectionError) as exc:  # the consumer stopped reading
+            log.info("update stream closed: the consumer did not read (%s)", type(exc).__name__)
+            await ws.close(code=CLOSE_OVERFLOW, message=b"too slow: resume with your cursor")
+            return ws
+        if overflowed:
             await ws.close(code=CLOSE_OVERFLOW, message=b"too slow: resume with your cursor")
         else:
             await ws.close()
@@ -502,6 +510,35 @@ async def _stream(request: web.Request, api: AccountApi, client: ApiClient,
         buffer.unsubscribe(sub)
         api._sockets.discard(ws)
     return ws
+
+
+async def _pump(ws: web.WebSocketResponse, buffer: UpdateBuffer, sub: Subscriber,
+                after: int | None, upto: int) -> bool:
+    """The backlog after the cursor, ``ready``, then live events until the consumer leaves
+    or the subscription ends; True when it ended because the consumer fell behind."""
+    last = upto if after is None else after
+    if after is not None:
+        for event in await buffer.backlog(sub.accounts, after, upto):
+            await _emit(ws, event.to_json(buffer.epoch))
+        last = upto
+    await _emit(ws, {"type": "ready", "cursor": _cursor(buffer, last)})
+    reader = asyncio.create_task(_drain(ws), name="api-updates-reader")
+    try:
+        async for event in _until(sub, reader):
+            if event.seq > last:
+                await _emit(ws, event.to_json(buffer.epoch))
+                last = event.seq
+    finally:
+        reader.cancel()
+        await asyncio.wait([reader])
+    return sub.overflowed
+
+
+async def _emit(ws: web.WebSocketResponse, data: dict[str, Any]) -> None:
+    """One event out, within SEND_TIMEOUT: a consumer that stopped reading holds no handler
+    (it resumes with its last cursor and misses nothing)."""
+    async with asyncio.timeout(SEND_TIMEOUT):
+        await ws.send_str(json.dumps(data))
 
 
 def _cursor(buffer: UpdateBuffer, seq: int) -> str:
@@ -515,7 +552,7 @@ async def _drain(ws: web.WebSocketResponse) -> None:
             break
 
 
-async def _until(sub: Any, reader: asyncio.Task[None]) -> Any:
+async def _until(sub: Subscriber, reader: asyncio.Task[None]) -> AsyncIterator[Event]:
     """The subscription's events until it ends or the consumer goes away."""
     iterator = sub.__aiter__()
     while True:

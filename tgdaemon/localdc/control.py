@@ -61,6 +61,11 @@ def make_app(dc: LocalDC) -> web.Application:
         return web.json_response(dc.counters(_opt_int(request, "dc_id"),
                                              _opt_int(request, "user_id")))
 
+    @routes.get("/overlaps")
+    async def overlaps(request: web.Request) -> web.Response:
+        counts = dc.key_use.overlap_snapshot()
+        return web.json_response({"total": sum(counts.values()), "by_auth_key": counts})
+
     @routes.get("/faults")
     async def faults(request: web.Request) -> web.Response:
         return web.json_response(

@@ -44,6 +44,7 @@ from tgdaemon.localdc.crypto import (
 )
 from tgdaemon.localdc.faults import Fault, FaultBook, MethodNames, Scope, flood_wait_seconds
 from tgdaemon.localdc.keyuse import KeyUse
+from tgdaemon.localdc.overlaps import peer_pid
 from tgdaemon.localdc.rpc import (
     SERVICE_USER_ID,
     Ctx,
@@ -170,6 +171,10 @@ class _Conn:
             self.writer.transport.abort()
 
 
+def _client_process(conn: Any) -> int | None:
+    return peer_pid(conn.writer)
+
+
 class LocalDC:
     """A local MTProto server with ``dcs`` data centres sharing one user registry.
 
@@ -221,8 +226,9 @@ class LocalDC:
         self.history_limit = history_limit
         self.slice_limit = slice_limit
         self.faults = FaultBook()
-        #: Live connections and session ids per auth key (AUTH_KEY_DUPLICATED).
-        self.key_use = KeyUse()
+        #: Live connections and session ids per auth key (AUTH_KEY_DUPLICATED), and the
+        #: connections of one key open at once from different client processes (overlaps).
+        self.key_use = KeyUse(process_of=_client_process)
         self._store: Store | None = None
         self._world: World | None = None
         self._servers: dict[int, asyncio.base_events.Server] = {}

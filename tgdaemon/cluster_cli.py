@@ -1,0 +1,105 @@
+"""The CLI's fleet commands: ``tgdaemon accounts add|remove|enable|disable NAME...`` and
+``tgdaemon cluster status``.  They edit and read the lease store the daemons share
+(README: Scaling out); running daemons pick the changes up at their next renewal."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
+
+from tgdaemon.exceptions import AccountError, ConfigError
+
+if TYPE_CHECKING:
+    from tgdaemon.config import Config
+    from tgdaemon.leasestore import LeaseStore
+
+ACTIONS = ("add", "remove", "enable", "disable")
+
+
+def _require_fleet(config: Config, what: str) -> None:
+    if not config.daemon.clustered:
+        raise ConfigError(
+            f"{config.path}: {what} needs a fleet (daemon.instance_id or $TGDAEMON_INSTANCE); "
+            "a single daemon takes its accounts from [[accounts]]")
+
+
+@contextlib.asynccontextmanager
+async def open_fleet(config: Config) -> AsyncIterator[LeaseStore]:
+    """The fleet's lease store; for SQLite the state database is opened (and migrated) first,
+    without taking any daemon's lock."""
+    from tgdaemon.crypto import load_keyring
+    from tgdaemon.leasestore import open_lease_store
+    from tgdaemon.store import Store
+
+    path = config.daemon.state_dir / "tgdaemon.sqlite3"
+    if not config.daemon.database_url:
+        ring = load_keyring(key_file=config.daemon.master_key_file)
+        store = await Store.open(config.daemon.state_dir, ring, lock=False)
+        path = store.path
+        await store.close()
+    leases = await open_lease_store(config.daemon.database_url, path, config.daemon.lease_ttl)
+    try:
+        yield leases
+    finally:
+        await leases.close()
+
+
+async def edit_accounts(config: Config, action: str, names: Sequence[str]) -> str:
+    """Apply ``action`` to ``names``; returns the line to print."""
+    from tgdaemon.config import NAME_RE
+
+    _require_fleet(config, f"accounts {action}")
+    if not names:
+        raise AccountError(f"accounts {action}: name at least one account")
+    bad = [n for n in names if not NAME_RE.fullmatch(n)]
+    if bad:
+        raise AccountError(f"account names must match {NAME_RE.pattern}: {bad[0]!r}")
+    async with open_fleet(config) as leases:
+        if action == "add":
+            added = await leases.sync_accounts(dict.fromkeys(names, True))
+            return f"added {added} account(s) ({len(names) - added} already in the fleet)"
+        missing = []
+        for name in names:
+            ok = (await leases.remove_account(name) if action == "remove"
+                  else await leases.set_enabled(name, action == "enable"))
+            if not ok:
+                missing.append(name)
+        if missing:
+            raise AccountError(f"no account named {missing[0]!r} in the fleet")
+    done = {"remove": "removed", "enable": "enabled", "disable": "disabled"}[action]
+    return f"{done} {len(names)} account(s); owners apply it at their next renewal"
+
+
+async def fleet_accounts(config: Config) -> list[list[str]]:
+    """Rows of ``tgdaemon accounts`` in fleet mode: name, enabled, owner, lease left."""
+    async with open_fleet(config) as leases:
+        fleet = await leases.fleet()
+    rows = []
+    for a in fleet:
+        left = a.expires_in if a.owner is not None and a.expires_in is not None else 0.0
+        rows.append([a.name, "yes" if a.enabled else "no",
+                     a.owner if a.owner is not None and left > 0 else "-",
+                     f"{left:.0f}s" if left > 0 else "-", str(a.epoch)])
+    return rows
+
+
+async def cluster_status(config: Config) -> str:
+    """``tgdaemon cluster status``: instances, last renewal, accounts owned, lag."""
+    _require_fleet(config, "cluster status")
+    ttl = config.daemon.lease_ttl
+    async with open_fleet(config) as leases:
+        instances = await leases.instances()
+        counts = await leases.counts(ttl)
+    rows = [[i.id, i.host, str(i.pid), str(i.capacity), str(i.owned),
+             f"{i.renewed_ago:.1f}s ago", "live" if i.renewed_ago < ttl else "LOST",
+             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i.started_at))]
+            for i in instances]
+    from tgdaemon.cli import _table
+
+    table = _table(["INSTANCE", "HOST", "PID", "CAPACITY", "OWNED", "LAST RENEWAL", "STATE",
+                    "STARTED"], rows)
+    return (f"{table}\nfleet: {counts.accounts} enabled account(s), {counts.claimable} "
+            f"without a valid lease; {counts.live_instances} instance(s) live, "
+            f"{counts.lost_instances} lost (lease_ttl {ttl:g}s)")
