@@ -13,9 +13,9 @@ import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from telethon import errors, functions
+from telethon import errors, events, functions, types
 
 from tgdaemon.security import (
     EVENT_CHECK_GAP,
@@ -27,6 +27,10 @@ from tgdaemon.security import (
     first_check_delay,
     session_from_tl,
 )
+
+if TYPE_CHECKING:
+    from tgdaemon.config import AccountConfig, Config
+    from tgdaemon.reporter import AccountReporter
 
 __all__ = ["AuthorizationWatch", "LookResult"]
 
@@ -102,6 +106,33 @@ class AuthorizationWatch:
         if terminated:
             self._known = self._known - {s.hash for s in terminated}
         return LookResult(found, tuple(terminated), refused)
+
+    def attach(self, client: Any) -> None:
+        """Listen on ``client`` for Telegram's announcement of a new login."""
+        client.add_event_handler(self._on_new_login, events.Raw(types.UpdateNewAuthorization))
+
+    async def _on_new_login(self, _update: types.UpdateNewAuthorization) -> None:
+        self.poke()
+
+    async def step(self, rpc: Rpc, config: Config, account: AccountConfig,
+                   report: AccountReporter) -> None:
+        """After a heartbeat: the look, when due. Its failures end nothing: a dead connection
+        is the next heartbeat's to find, a flood wait on the listing only delays the next look,
+        and Telegram's 406 for a young session must not park the account as an auth error."""
+        if not self.due(self._clock()):
+            return
+        security = config.security
+        try:
+            result = await self.look(
+                rpc, action=config.on_new_authorization(account), allow=security.allow,
+                interval=security.check_interval, log_ip=security.log_ip)
+        except errors.FloodWaitError as exc:
+            self.postpone(exc.seconds)
+            return
+        except (errors.RPCError, TimeoutError, ConnectionError) as exc:
+            self._log.debug("could not list the account's sessions: %s", type(exc).__name__)
+            return
+        report.sessions(result)
 
     def postpone(self, seconds: float) -> None:
         """The listing failed (e.g. a flood wait on it): try again after ``seconds``."""

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from telethon import errors, events, functions, types
+from telethon import functions, types
 
 from tgdaemon.connwatch import ConnectionWatch
 from tgdaemon.errors import NotAuthorizedError, classify
@@ -305,8 +305,8 @@ class AccountWorker:
             observe_updates(self.client, self.report)
             for hook in self.deps.client_hooks:
                 hook(self.name, self.client)
-            self.client.add_event_handler(self._on_new_login,
-                                          events.Raw(types.UpdateNewAuthorization))
+            if self._sessions is not None:
+                self._sessions.attach(self.client)
         client = self.client
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that
@@ -350,7 +350,9 @@ class AccountWorker:
                 self._network_failures = 0
             # Telethon follows a USER_MIGRATE inside the call: the DC is read, not assumed.
             self.report.heartbeat(self.last_progress - started, self.session.dc_id)
-            await self._look_at_sessions()
+            if self._sessions is not None:
+                await self._sessions.step(self._rpc, self.deps.settings.current, self.account,
+                                          self.report)
             local = local_update_pts(self.client)
             gap_streak = gap_streak + 1 if local is not None and server.pts > local else 0
             if gap_streak >= self.policy.update_gap_heartbeats:
@@ -376,32 +378,6 @@ class AccountWorker:
             ping_id=self.deps.rng.getrandbits(63),
             disconnect_delay=lease.disconnect_delay(self.name)))
         pong.add_done_callback(_retrieve)
-
-    async def _on_new_login(self, _update: types.UpdateNewAuthorization) -> None:
-        """Telegram announced a login on this account: look at the next heartbeat."""
-        if self._sessions is not None:
-            self._sessions.poke()
-
-    async def _look_at_sessions(self) -> None:
-        """The security watch's look, when due. Its failures end nothing: a dead connection
-        is the next heartbeat's to find, a flood wait on the listing only delays the next look,
-        and Telegram's 406 for a young session must not park the account as an auth error."""
-        watch = self._sessions
-        if watch is None or not watch.due(self.deps.clock()):
-            return
-        config = self.deps.settings.current
-        security = config.security
-        try:
-            result = await watch.look(
-                self._rpc, action=config.on_new_authorization(self.account),
-                allow=security.allow, interval=security.check_interval, log_ip=security.log_ip)
-        except errors.FloodWaitError as exc:
-            watch.postpone(exc.seconds)
-            return
-        except (errors.RPCError, TimeoutError, ConnectionError) as exc:
-            self.log.debug("could not list the account's sessions: %s", type(exc).__name__)
-            return
-        self.report.sessions(result)
 
     async def _until_next_beat(self) -> None:
         """Sleep until the next heartbeat is due; :meth:`reschedule` re-arms the wait with

@@ -40,7 +40,8 @@ from tests.observability.promhelpers import (
 )
 from tgdaemon.config import Config
 from tgdaemon.daemon import Daemon
-from tgdaemon.localdc import Fault
+from tgdaemon.localdc import Fault, LocalDC
+from tgdaemon.localdc.testing import login, make_client
 from tgdaemon.status import State
 
 pytestmark = pytest.mark.skipif(not os.access(PROMETHEUS, os.X_OK),
@@ -93,8 +94,9 @@ async def live_stack(tmp_path: Path, make_config: Any, login_account: Any,
 
 
 async def test_every_dashboard_and_alert_expression_returns_data(
-        tmp_path, make_config, login_account, wait_until):
-    async with live_stack(tmp_path, make_config, login_account, wait_until) as live:
+        tmp_path, make_config, login_account, localdc, wait_until):
+    async with live_stack(tmp_path, make_config, login_account, wait_until) as live, \
+            foreign_login(localdc, "carol"):  # a look at carol's sessions: their gauge
         prom = live.prom
         variables = {"instance": live.instance, "account": "|".join(NAMES),
                      "__rate_interval": "10s"}
@@ -141,6 +143,18 @@ async def test_every_dashboard_and_alert_expression_returns_data(
                 assert data["result"], f"{rule['name']}: no series for {selector}"
 
 
+@contextlib.asynccontextmanager
+async def foreign_login(localdc: LocalDC, name: str) -> AsyncIterator[None]:
+    """A stock Telethon client signs into ``name``'s user, as an intruder would: the daemon's
+    security watch looks at the account's sessions at its next heartbeat."""
+    client = make_client(localdc, device_model="Intruder")
+    try:
+        await login(client, localdc, phone_for(name))
+        yield
+    finally:
+        await client.disconnect()
+
+
 def _firing(alerts: list[dict[str, Any]]) -> set[tuple[str, str]]:
     return {(a["labels"]["alertname"],
              a["labels"].get("account") or a["labels"].get("instance", ""))
@@ -173,22 +187,26 @@ async def test_alerts_fire_in_prometheus(tmp_path, make_config, login_account, l
             ("TgdaemonAccountDown", "bob"),
             ("TgdaemonScrapeFailing", live.dead_instance),
             ("TgdaemonConfigReloadFailed", live.instance),
+            ("TgdaemonNewAuthorization", "carol"),
         }
 
         async def all_firing() -> bool:
             return expected <= _firing(await prom.alerts())
 
-        try:
-            await wait_until(all_firing, 25, "alerts firing")
-        except AssertionError:
-            raise AssertionError(f"alerts: {await prom.alerts()}") from None
+        async with foreign_login(localdc, "carol"):
+            try:
+                await wait_until(all_firing, 25, "alerts firing")
+            except AssertionError:
+                raise AssertionError(f"alerts: {await prom.alerts()}") from None
 
         assert live.daemon.board.get("alice").state is State.NEEDS_LOGIN
         alerts = await prom.alerts()
         firing = _firing(alerts)
-        # alice's own alert, not the generic "down" one; carol stays quiet.
+        # alice's own alert, not the generic "down" one; carol, connected, has only the
+        # security alert.
         assert ("TgdaemonAccountDown", "alice") not in firing
-        assert not [a for a in alerts if a["labels"].get("account") == "carol"]
+        assert {a["labels"]["alertname"] for a in alerts
+                if a["labels"].get("account") == "carol"} == {"TgdaemonNewAuthorization"}
         needs_login = next(a for a in alerts
                            if a["labels"]["alertname"] == "TgdaemonAccountNeedsLogin")
         assert "tgdaemon login alice" in needs_login["annotations"]["description"]
