@@ -49,15 +49,14 @@ def _base(config: Config) -> str:
     return f"http://{host}:{listen.port}/v1"
 
 
-async def send(config: Config, account: str, peer: str, text: str) -> int:
-    """POST the message; returns the new message id."""
-    client = _client_for(config, ApiMethod.SEND_MESSAGE, account)
-    peer_value: Any = int(peer) if peer.lstrip("-").isdigit() else peer
+async def _call(config: Config, method: ApiMethod, account: str, verb: str, path: str,
+                json_body: Any = None) -> Any:
+    """One API call as the first client allowed to make it; the answer's JSON, or one line."""
+    client = _client_for(config, method, account)
     try:
-        async with aiohttp.ClientSession() as http, http.post(
-                f"{_base(config)}/accounts/{account}/messages",
-                headers={"Authorization": f"Bearer {client.token}"},
-                json={"peer": peer_value, "text": text},
+        async with aiohttp.ClientSession() as http, http.request(
+                verb, f"{_base(config)}/accounts/{account}/{path}",
+                headers={"Authorization": f"Bearer {client.token}"}, json=json_body,
                 timeout=aiohttp.ClientTimeout(total=config.api.request_timeout + 5)) as r:
             body = await r.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
@@ -65,7 +64,28 @@ async def send(config: Config, account: str, peer: str, text: str) -> int:
             from None
     if r.status != 200:
         raise _refusal(r.status, r.headers.get("Retry-After"), body)
+    return body
+
+
+async def send(config: Config, account: str, peer: str, text: str) -> int:
+    """POST the message; returns the new message id."""
+    peer_value: Any = int(peer) if peer.lstrip("-").isdigit() else peer
+    body = await _call(config, ApiMethod.SEND_MESSAGE, account, "POST", "messages",
+                       {"peer": peer_value, "text": text})
     return int(body["id"])
+
+
+async def sessions(config: Config, account: str) -> list[dict[str, Any]]:
+    """The account's sessions, as the running daemon lists them."""
+    body = await _call(config, ApiMethod.SESSIONS, account, "GET", "sessions")
+    return list(body["sessions"])
+
+
+async def terminate(config: Config, account: str, session_hash: str | None) -> None:
+    """Log one session out (``session_hash``), or every one but the daemon's (None)."""
+    payload = {"allOthers": True} if session_hash is None else {"hash": session_hash}
+    await _call(config, ApiMethod.TERMINATE_SESSIONS, account, "POST", "sessions/terminate",
+                payload)
 
 
 def _refusal(status: int, retry_after: str | None, body: Any) -> TgdaemonError:

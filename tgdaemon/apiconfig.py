@@ -30,11 +30,14 @@ class ApiMethod(StrEnum):
     SEND_MESSAGE = "send_message"
     READ = "read"  # mark read
     INVOKE = "invoke"  # any TL method
+    SESSIONS = "sessions"  # list the account's sessions (authorizations)
+    TERMINATE_SESSIONS = "terminate_sessions"  # log other sessions out
 
 
 #: ``methods = "read-only"``: nothing that changes state on Telegram.
 READ_ONLY: frozenset[ApiMethod] = frozenset(
-    {ApiMethod.ACCOUNTS, ApiMethod.DIALOGS, ApiMethod.HISTORY, ApiMethod.UPDATES})
+    {ApiMethod.ACCOUNTS, ApiMethod.DIALOGS, ApiMethod.HISTORY, ApiMethod.UPDATES,
+     ApiMethod.SESSIONS})
 ALL_METHODS: frozenset[ApiMethod] = frozenset(ApiMethod)
 
 

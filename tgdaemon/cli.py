@@ -133,6 +133,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("account")
     sp.add_argument("peer", help="user id, @username, +phone or me")
     sp.add_argument("text")
+    sp = command("sessions", cmd_sessions,
+                 "list an account's sessions through the running daemon, or terminate them")
+    sp.add_argument("account")
+    which = sp.add_mutually_exclusive_group()
+    which.add_argument("--terminate", metavar="HASH", help="log this session out")
+    which.add_argument("--all-others", action="store_true",
+                       help="log out every session but the daemon's")
     sp = command("tail", cmd_tail, "print an account's (or every account's) live updates")
     sp.add_argument("account", nargs="?")
     sub.add_parser("localdc", help="run the local stand-in data centre (see localdc --help)")
@@ -146,6 +153,25 @@ def cmd_send(ns: argparse.Namespace) -> int:
     from tgdaemon.apicli import send
 
     print(asyncio.run(send(_load(ns), ns.account, ns.peer, ns.text)))
+    return 0
+
+
+def cmd_sessions(ns: argparse.Namespace) -> int:
+    from tgdaemon.apicli import sessions, terminate
+
+    config = _load(ns)
+    if ns.terminate or ns.all_others:
+        asyncio.run(terminate(config, ns.account, None if ns.all_others else ns.terminate))
+        print("terminated" + (" every other session" if ns.all_others else f" {ns.terminate}"))
+        return 0
+    rows = [["*" if s["current"] else "", s["hash"], s["device"], s["app"], s["country"],
+             _ago(s["created"])] + ([s["ip"]] if "ip" in s else [])
+            for s in asyncio.run(sessions(config, ns.account))]
+    header = ["", "HASH", "DEVICE", "APP", "COUNTRY", "CREATED"]
+    if any(len(r) > len(header) for r in rows):
+        header.append("IP")
+    print(_table(header, rows))
+    print("* = the daemon's own session")
     return 0
 
 

@@ -103,6 +103,22 @@ OPENAPI: dict[str, Any] = {
             body={"type": "object", "required": ["_"], "properties": {
                 "_": {"type": "string", "examples": ["messages.getHistory"]}},
                 "additionalProperties": True})},
+        "/v1/accounts/{name}/sessions": {"get": _op(
+            "the account's sessions (authorizations), the daemon's own marked current",
+            {"type": "object", "properties": {"sessions": {"type": "array", "items": {
+                "type": "object", "properties": {
+                    "hash": {"type": "string"}, "current": {"type": "boolean"},
+                    "device": {"type": "string"}, "platform": {"type": "string"},
+                    "app": {"type": "string"}, "country": {"type": "string"},
+                    "created": {"type": "integer"},
+                    "ip": {"type": "string", "description": "only with security.log_ip"}}}}}},
+            params=[_NAME])},
+        "/v1/accounts/{name}/sessions/terminate": {"post": _op(
+            "log one session (hash) or every session but the daemon's (allOthers) out; 403 "
+            "with rpcError FRESH_RESET_AUTHORISATION_FORBIDDEN while the daemon's session is "
+            "younger than Telegram allows", {"type": "object"}, params=[_NAME],
+            body={"type": "object", "properties": {
+                "hash": {"type": "string"}, "allOthers": {"type": "boolean"}}})},
         "/v1/updates": {"get": {
             "summary": "WebSocket: new messages, edits, deletions and read receipts as JSON "
                        "events, each with a cursor; reconnect with ?cursor= to resume",

@@ -43,6 +43,7 @@ from tgdaemon.api.events import (
 from tgdaemon.api.gateway import AccountHandle, ApiError, Gateway, Outcome
 from tgdaemon.api.openapi import OPENAPI
 from tgdaemon.api.peers import parse_peer, resolve_peer
+from tgdaemon.api.sessions import list_sessions, terminate_sessions
 from tgdaemon.api.tljson import TlJsonError, build_request, to_json
 from tgdaemon.apiconfig import ApiClient, ApiMethod, authenticate
 from tgdaemon.exceptions import AccountError, ConfigError
@@ -137,6 +138,10 @@ class AccountApi:
         app.router.add_post("/v1/accounts/{name}/read", _through_account(ApiMethod.READ, _read))
         app.router.add_post("/v1/accounts/{name}/invoke",
                             _through_account(ApiMethod.INVOKE, _invoke))
+        app.router.add_get("/v1/accounts/{name}/sessions",
+                           _through_account(ApiMethod.SESSIONS, _sessions))
+        app.router.add_post("/v1/accounts/{name}/sessions/terminate",
+                            _through_account(ApiMethod.TERMINATE_SESSIONS, terminate_sessions))
         app.router.add_get("/v1/updates", _updates)
         app.on_shutdown.append(self._close_sockets)
 
@@ -482,6 +487,10 @@ async def _invoke(request: web.Request) -> Call:
         return {"result": to_json(await tc(tl_request))}
 
     return call
+
+
+async def _sessions(request: web.Request) -> Call:
+    return list_sessions(with_ip=_api(request).config.security.log_ip)
 
 
 async def _updates(request: web.Request) -> web.StreamResponse:
