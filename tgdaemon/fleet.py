@@ -130,6 +130,9 @@ class Fleet:
         self._to_close: set[str] = set()
         #: Leases the guard closed: reopened if a later renewal finds them still ours.
         self._closed_by_guard: set[str] = set()
+        #: Leases to give back once their stuck worker has ended (never while it may be
+        #: connected): still renewed, so nobody else takes them meanwhile.
+        self._held_back: set[str] = set()
         self.rounds = 0
 
     # -- LeaseGate --------------------------------------------------------------------------
@@ -200,11 +203,18 @@ class Fleet:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        stuck: set[str] = set()
         if self.supervisor is not None:
-            await self.supervisor.release(sorted(self._epochs), timeout)
+            stuck = await self.supervisor.release(sorted(self._epochs), timeout)
         await self._store.flush()
         try:
-            await asyncio.wait_for(self.leases.unregister(self.instance), timeout)
+            if stuck:  # those expire after the TTL, when this process is long gone
+                log.warning("%d worker(s) did not end: their leases are left to expire",
+                            len(stuck))
+                await asyncio.wait_for(self.leases.release(
+                    self.instance, [n for n in self._epochs if n not in stuck]), timeout)
+            else:
+                await asyncio.wait_for(self.leases.unregister(self.instance), timeout)
         except (StoreError, TimeoutError) as exc:
             log.warning("leases not released (%s): other instances take them after the TTL",
                         type(exc).__name__)
@@ -308,6 +318,7 @@ class Fleet:
         renewed = self._latest
         if renewed is None or must_close(self._monotonic(), self._valid_until):
             return  # no valid renewal to act on
+        await self._give_back_ended()
         regained = {n: e for n, e in renewed.items()
                     if n in self._closed_by_guard and n not in self._epochs}
         self._closed_by_guard.clear()
@@ -327,12 +338,16 @@ class Fleet:
 
     async def _apply(self, decision: Balance) -> int:
         if decision.release:
-            names = self._rng.sample(sorted(self._epochs), decision.release)
+            candidates = sorted(set(self._epochs) - self._held_back)
+            names = self._rng.sample(candidates, min(decision.release, len(candidates)))
             log.info("giving back %d account(s) to balance the fleet", len(names))
             self._budget.spend(len(names))
-            await self._close(names)  # closed and flushed before anybody may claim them
-            await self.leases.release(self.instance, names)
-            for name in names:
+            # Closed and flushed before anybody may claim them; a worker that did not end
+            # keeps its lease until it has.
+            self._held_back |= await self._close(names)
+            free = [n for n in names if n not in self._held_back]
+            await self.leases.release(self.instance, free)
+            for name in free:
                 self._epochs.pop(name, None)
         if not decision.claim:
             return 0
@@ -351,9 +366,22 @@ class Fleet:
         await self._store.ensure_accounts(dict.fromkeys(leases))
         await self.supervisor.adopt([account_spec(self.config, n) for n in sorted(leases)])
 
-    async def _close(self, names: Sequence[str]) -> None:
+    async def _close(self, names: Sequence[str]) -> set[str]:
+        """Close the workers; returns those that did not end (see Supervisor.release)."""
         assert self.supervisor is not None
-        await self.supervisor.release(names, self.config.daemon.drain_timeout)
+        return await self.supervisor.release(names, self.config.daemon.drain_timeout)
+
+    async def _give_back_ended(self) -> None:
+        """Release the held-back leases whose stuck worker has ended by now."""
+        if not self._held_back:
+            return
+        assert self.supervisor is not None
+        ended = self._held_back - self.supervisor.stuck()
+        if ended:
+            await self.leases.release(self.instance, sorted(ended))
+            for name in ended:
+                self._epochs.pop(name, None)
+            self._held_back -= ended
 
     async def _close_all(self) -> None:
         log.error("leases could not be renewed in time: closing all %d account(s) before they "

@@ -41,6 +41,8 @@ class Supervisor:
         self._board = board
         self._metrics = metrics
         self._slots: dict[str, _Slot] = {}
+        #: Stopped workers that did not end (see _stop_many).
+        self._stuck: dict[str, asyncio.Task[None]] = {}
         #: One per configured account, kept across worker restarts.
         self._reporters: dict[str, AccountReporter] = {}
 
@@ -64,13 +66,15 @@ class Supervisor:
         names = list(self._slots)
         await self._stop_many(names, timeout)
 
-    async def _stop_many(self, names: list[str], timeout: float) -> None:
+    async def _stop_many(self, names: list[str], timeout: float) -> set[str]:
         """Cancel the workers and wait for them: ``timeout`` is when stragglers are reported;
         they are still awaited (their client close is bounded), so a replacement never runs
-        beside a worker that may still hold the same auth key (AUTH_KEY_DUPLICATED)."""
+        beside a worker that may still hold the same auth key (AUTH_KEY_DUPLICATED).
+        Returns the accounts whose worker still has not ended (a bug): kept in
+        :meth:`stuck` until it does."""
         slots = [self._slots.pop(name) for name in names if name in self._slots]
         if not slots:
-            return
+            return set()
         for slot in slots:
             slot.task.cancel()
         tasks = [s.task for s in slots]
@@ -92,6 +96,15 @@ class Supervisor:
                 log.error("%d sessions could not be flushed on stop", failed)
         for slot in slots:
             slot.worker.report.stopped()
+        stuck = {s.worker.name: s.task for s in slots if not s.task.done()}
+        self._stuck.update(stuck)
+        return set(stuck)
+
+    def stuck(self) -> set[str]:
+        """Accounts whose stopped worker has still not ended (it may hold a connection)."""
+        for name in [n for n, task in self._stuck.items() if task.done()]:
+            del self._stuck[name]
+        return set(self._stuck)
 
     def _reporter(self, name: str) -> AccountReporter:
         reporter = self._reporters.get(name)
@@ -127,14 +140,16 @@ class Supervisor:
         for account in new:
             self._spawn(account, sessions.get(account.name))
 
-    async def release(self, names: Sequence[str], timeout: float) -> None:
+    async def release(self, names: Sequence[str], timeout: float) -> set[str]:
         """Stop the workers (connections closed, sessions flushed) and forget the accounts:
-        their leases may be given away once this returns."""
+        their leases may be given away once this returns, except those of the returned
+        accounts, whose worker did not end (it may still be connected)."""
         gone = set(names)
-        await self._stop_many([n for n in names if n in self._slots], timeout)
+        stuck = await self._stop_many([n for n in names if n in self._slots], timeout)
         self._set_accounts(tuple(a for a in self.config.accounts if a.name not in gone))
         for name in gone & self._reporters.keys():
             self._reporters.pop(name).remove()
+        return stuck | (gone & self.stuck())
 
     def _set_accounts(self, accounts: tuple[AccountConfig, ...]) -> None:
         self.deps.settings.current = dataclasses.replace(self.config, accounts=accounts)

@@ -109,6 +109,10 @@ class ManagedClient(TelegramClient):  # type: ignore[misc]  # Telethon is untype
         await self.update_gate.wait()
         await super()._update_loop()
 
+    async def _dispatch_update(self, update: Any) -> None:
+        await super()._dispatch_update(update)
+        self.catch_up_box.dispatched()  # not reached when a disconnect cancels the handlers
+
     async def _switch_dc(self, new_dc: int) -> Any:
         # A session resumed with catch_up never calls get_me(), so ``_authorized`` may still be
         # unknown: the own user id stored in the session says it is logged in.

@@ -55,15 +55,68 @@ def _ignore_catch_up(_report: CatchUp) -> None:
 
 
 class CatchUpBox(MessageBox):  # type: ignore[misc]
-    """Telethon's MessageBox, reporting every finished difference (see module docstring)."""
+    """Telethon's MessageBox, reporting every finished difference (see module docstring),
+    whose saved state never runs ahead of the handlers.
 
-    __slots__ = ("_counts", "on_catch_up")
+    Telethon moves the box's pts when it *accepts* a batch of updates, then hands them to the
+    handlers one by one; a disconnect in between (a stop, a network fault, a watchdog restart)
+    cancels the rest, and the state it saves on the way out already counts them: lost. Here,
+    while accepted updates wait for their handlers, :meth:`session_state` (what Telethon saves
+    into the session) answers the state from before that batch, so the next catch-up fetches
+    the interrupted batch again: at least once, never lost."""
+
+    __slots__ = ("_counts", "_in_difference", "_safe", "_undispatched", "on_catch_up")
 
     def __init__(self, log: Any) -> None:
         super().__init__(log)
         self.on_catch_up: Callable[[CatchUp], None] = _ignore_catch_up
         #: Entry -> (recovered, skipped) of a difference in progress (slices are summed).
         self._counts: dict[object, tuple[int, int]] = {}
+        self._in_difference = False
+        #: Updates accepted but not yet through the handlers, and the state from before them.
+        self._undispatched = 0
+        self._safe: Any = None
+
+    # -- the saved state follows the handlers -----------------------------------------------
+
+    def load(self, session_state: Any, channel_states: Any) -> None:
+        super().load(session_state, channel_states)
+        self._undispatched = 0
+        self._safe = None
+
+    def session_state(self) -> Any:
+        if self._undispatched and self._safe is not None:
+            return self._safe
+        return super().session_state()
+
+    def _before_handing_out(self) -> Any:
+        return None if self._undispatched else super().session_state()
+
+    def _handed_out(self, before: Any, count: int) -> None:
+        if count <= 0:
+            return
+        if not self._undispatched:
+            self._safe = before
+        self._undispatched += count
+
+    def dispatched(self) -> None:
+        """One accepted update went through the handlers (not called when cancelled)."""
+        if self._undispatched:
+            self._undispatched -= 1
+            if not self._undispatched:
+                self._safe = None
+
+    def process_updates(self, updates: Any, chat_hashes: Any, result: list[Any]) -> Any:
+        if self._in_difference:  # a difference's other_updates: counted with the difference
+            return super().process_updates(updates, chat_hashes, result)
+        before = self._before_handing_out()
+        size = len(result)
+        try:
+            return super().process_updates(updates, chat_hashes, result)
+        finally:
+            self._handed_out(before, len(result) - size)
+
+    # -- reporting -------------------------------------------------------------------------
 
     def _add(self, entry: object, recovered: int, skipped: int) -> None:
         r, s = self._counts.get(entry, (0, 0))
@@ -78,7 +131,13 @@ class CatchUpBox(MessageBox):  # type: ignore[misc]
 
     def apply_difference(self, diff: Any, chat_hashes: Any) -> Any:
         before = self.map[ENTRY_ACCOUNT].pts if ENTRY_ACCOUNT in self.map else None
-        result = super().apply_difference(diff, chat_hashes)
+        saved = self._before_handing_out()
+        self._in_difference = True
+        try:
+            result = super().apply_difference(diff, chat_hashes)
+        finally:
+            self._in_difference = False
+        self._handed_out(saved, len(result[0]))
         skipped = 0
         if isinstance(diff, types.updates.DifferenceTooLong) and before is not None:
             skipped = max(0, diff.pts - before)
@@ -94,7 +153,13 @@ class CatchUpBox(MessageBox):  # type: ignore[misc]
         entry = request.channel.channel_id
         state = self.map.get(entry)
         before = state.pts if state is not None else None
-        result = super().apply_channel_difference(request, diff, chat_hashes)
+        saved = self._before_handing_out()
+        self._in_difference = True
+        try:
+            result = super().apply_channel_difference(request, diff, chat_hashes)
+        finally:
+            self._in_difference = False
+        self._handed_out(saved, len(result[0]))
         skipped = 0
         if isinstance(diff, types.updates.ChannelDifferenceTooLong) and before is not None:
             skipped = max(0, diff.dialog.pts - before)
