@@ -568,7 +568,9 @@ class Store:
                     f"state database {db_path} is corrupt ({problems[0]}); restore it from a "
                     "backup"
                 )
-            writable = await _probe_writable(conn)
+            # Beside a running daemon (lock=False) the probe could wait for its write lock;
+            # that daemon has already checked (and reports) the database's writability.
+            writable = await _probe_writable(conn) if lock else True
             if writable:
                 _write_marker(state_dir)
         except BaseException as exc:
