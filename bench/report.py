@@ -374,12 +374,11 @@ def target_lines(results: dict[str, Any]) -> list[str]:
                     f"({'never' if rec is None else f'{rec:.1f} s'})",
                     rec is not None and rec <= 60))
                 rate = size.get("fast_rate", 0.0) if runs is d else DEFAULT_CONNECT_RATE
-                if rate:
-                    bound = max(2.0, n / rate)
-                    checks.append(_check(
-                        f"{label}: back ≤ max(2 s, N/connect_rate) = {bound:.1f} s after the "
-                        f"server returned ({'never' if rec is None else f'{rec:.1f} s'})",
-                        rec is not None and rec <= bound))
+                bound = max(2.0, n / rate) if rate else 2.0  # unlimited: 2 s
+                checks.append(_check(
+                    f"{label}: back ≤ max(2 s, N/connect_rate) = {bound:.1f} s after the "
+                    f"server returned ({'never' if rec is None else f'{rec:.1f} s'})",
+                    rec is not None and rec <= bound))
                 peak = o.get("attempts_peak_fraction", 1)
                 text = f"{label}: peak attempts ≤ 10 % of N per second ({100 * peak:.1f} %)"
                 if runs is d and not size.get("fast_rate"):
