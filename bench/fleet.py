@@ -77,6 +77,31 @@ class GcProbe:
             self.full.append((time.time(), time.perf_counter() - self._started))
 
 
+class LagProbe:
+    """Event-loop lag of the fleet's process, the same probe for both fleets
+    (``tgdaemon.looplag``): (wall clock, seconds late) of every wake-up >= 5 ms late."""
+
+    def __init__(self) -> None:
+        from tgdaemon.looplag import LoopLag
+
+        self.late: list[tuple[float, float]] = []
+        probe = self
+
+        class _Recording(LoopLag):
+            def observe(self, lag: float, now: float) -> None:
+                super().observe(lag, now)
+                if lag >= 0.005:
+                    probe.late.append((time.time(), lag))
+
+        self._lag = _Recording()
+
+    def start(self) -> None:
+        self._lag.start()
+
+    async def stop(self) -> None:
+        await self._lag.stop()
+
+
 class Fleet:
     """What the sampling loop needs from either kind of fleet."""
 
@@ -264,6 +289,8 @@ async def run(args: argparse.Namespace) -> int:
         base_rss = rss_kb(os.getpid())
         await baseline.load()
         fleet = baseline
+    lag_probe = LagProbe()
+    lag_probe.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -273,7 +300,9 @@ async def run(args: argparse.Namespace) -> int:
     await fleet.start()
     samples = await sampler
     await fleet.stop()
+    await lag_probe.stop()
     args.timeline.write_text(json.dumps({
+        "loop_lag": lag_probe.late,
         "n": fleet.size,
         "samples": samples,
         "attempts": sorted(probe.per_second.items()),

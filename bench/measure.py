@@ -102,8 +102,17 @@ def run_fleet(
         timeline = fleet.stop()
     if plan.outage and "outage" in out:
         out["outage"].update(_recovery_stats(timeline, n, out["outage"]))
+    lags = timeline.get("loop_lag", [])
+    if plan.outage and "outage" in out:
+        o = out["outage"]
+        end = o["t_back"] + (o["recovered_s"] if o.get("recovered_s") is not None
+                             else plan.recovery_timeout)
+        o["loop_lag_max_s"] = max((d for t, d in lags if o["t_back"] <= t <= end),
+                                  default=0.0)
     if "window_wall" in out:
         a, b = out.pop("window_wall")
+        out["loop_lag_idle_max_s"] = max((d for t, d in lags if a <= t <= b), default=0.0)
+        out["loop_lag_connect_max_s"] = max((d for t, d in lags if t < a), default=0.0)
         full = [d for t, d in timeline.get("gc_full", []) if a <= t <= b]
         out["gc_full_count"] = len(full)
         out["gc_full_pct"] = 100.0 * sum(full) / (b - a) if b > a else 0.0

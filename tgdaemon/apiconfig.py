@@ -69,13 +69,16 @@ class ApiConfig:
     account_queue: int = 64
     #: Seconds a call may take, queueing included.
     request_timeout: float = 30.0
+    #: Also serve the API on this Unix socket (mode 0660: the daemon's user and group).
+    unix_socket: Path | None = None
 
     @property
     def enabled(self) -> bool:
         return bool(self.clients)
 
 
-_KEYS = ("clients", "updates_buffer", "account_concurrency", "account_queue", "request_timeout")
+_KEYS = ("clients", "updates_buffer", "account_concurrency", "account_queue", "request_timeout",
+         "unix_socket")
 _CLIENT_KEYS = ("name", "token_file", "accounts", "methods")
 
 
@@ -109,7 +112,16 @@ def parse_api(p: _Parser, value: Any) -> ApiConfig:
         account_queue=p.number(t, "api", "account_queue", int, d.account_queue, minimum=0),
         request_timeout=p.number(t, "api", "request_timeout", float, d.request_timeout,
                                  minimum=0, exclusive=True),
+        unix_socket=_unix_socket(p, t),
     )
+
+
+def _unix_socket(p: _Parser, t: Mapping[str, Any]) -> Path | None:
+    path = p.file_path(t, "api", "unix_socket")
+    if path is not None and len(os.fsencode(path)) > 107:
+        p.err("api.unix_socket", "path longer than 107 bytes (the limit of a Unix socket)")
+        return None
+    return path
 
 
 def _client(p: _Parser, value: Any, prefix: str) -> ApiClient | None:

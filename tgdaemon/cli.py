@@ -117,7 +117,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="delete the local session even when the server did not confirm the "
                          "logout (the login may stay active on the server)")
     sp = command("rotate-key", cmd_rotate_key,
-                 "re-encrypt every record under a new active key (daemon must be stopped)")
+                 "re-encrypt every record under a new active key (a running daemon does it "
+                 "after a reload)")
     sp.add_argument("--out", type=Path,
                     help="write the new key ring here (required when the key is not a file)")
     sp = command("prune-keys", cmd_prune_keys,
@@ -333,17 +334,16 @@ def _key_target(ns: argparse.Namespace, config: Config) -> Path:
 
 def cmd_rotate_key(ns: argparse.Namespace) -> int:
     from tgdaemon.crypto import write_key_file
-    from tgdaemon.records import check_records
-    from tgdaemon.store import Store
 
     config = _load(ns)
     ring = _keyring(config)
     target = _key_target(ns, config)
 
-    async def run() -> tuple[int, KeyRing, bool]:
-        # Open (and lock) the store first: with a daemon running, fail before touching keys.
-        async with await Store.open(config.daemon.state_dir, ring) as store:
-            report = await check_records(store)
+    async def run() -> tuple[int | None, KeyRing, bool]:
+        # With a daemon running, the store is opened without the lock and the daemon does
+        # the re-encryption after its next reload (tgdaemon.keyrotation).
+        store, running, report = await _open_store(config)
+        async with store:
             problem = report.problem()
             if problem is not None:
                 raise DecryptionError(f"not rotating: {problem}")
@@ -356,9 +356,18 @@ def cmd_rotate_key(ns: argparse.Namespace) -> int:
                 # The new ring is durable before any record uses it: a crash leaves every
                 # record readable (the new ring keeps the old keys).
                 write_key_file(target, new, overwrite=True)
+            if running:
+                return None, new, resume
             return await store.rotate(new), new, resume
 
     count, new, resumed = asyncio.run(run())
+    if count is None:
+        print(f"wrote {target} with the new active key {new.active.key_id}; the running daemon "
+              "re-encrypts every session in the background after `systemctl reload tgdaemon` "
+              "(progress in `tgdaemon status` and tgdaemon_key_rotation_pending_records). "
+              "A key kept as a systemd credential is read at start only: re-encrypt the "
+              "credential from this file and restart instead.")
+        return 0
     old = ", ".join(k for k in new.key_ids if k != new.active.key_id) or "none"
     what = "finished the interrupted rotation: " if resumed else ""
     print(f"{what}re-encrypted {count} records under key {new.active.key_id}; wrote {target}; "

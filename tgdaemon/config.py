@@ -140,7 +140,7 @@ class DaemonConfig:
     connect_burst: int = 50
     connect_concurrency: int = 100  # connects (handshake + validation) in flight at once
     drain_timeout: float = 10.0
-    metrics_histograms: str = "account"
+    metrics_histograms: str = "fleet"
     # -- a fleet shared by several daemons (tgdaemon/fleet.py); "" = a single daemon
     instance_id: str = ""
     capacity: int = 10_000

@@ -28,11 +28,13 @@ from prometheus_client import CollectorRegistry
 from tgdaemon.config import Config, ConfigHolder, allowed_hosts, config_warnings, load_config
 from tgdaemon.crypto import KeyRing, load_keyring, remove_stale_temp_files
 from tgdaemon.dcs import DcDirectory
-from tgdaemon.exceptions import ConfigError
+from tgdaemon.exceptions import ConfigError, TgdaemonError
 from tgdaemon.fdlimit import fd_shortfall
 from tgdaemon.fleet import Fleet, fleet_lock_name
+from tgdaemon.keyrotation import KeyRotation
 from tgdaemon.leasestore import open_lease_store
 from tgdaemon.logvolume import NoiseCollector
+from tgdaemon.looplag import LoopLag
 from tgdaemon.metrics import Metrics
 from tgdaemon.notify import Notifier
 from tgdaemon.ratelimit import ConnectRateLimiter
@@ -81,6 +83,8 @@ class Daemon:
         self.http: Any = None  # tgdaemon.http.HttpServer when listening
         self.api: Any = None  # tgdaemon.api.AccountApi when [api] has clients
         self.records = RecordsCollector(self.registry)
+        self.loop_lag = LoopLag(self.registry, monotonic=monotonic)
+        self.rotation: KeyRotation | None = None
         self._ready = False
 
     @property
@@ -103,6 +107,8 @@ class Daemon:
 
     async def _start(self) -> None:
         config = self.config
+        self.loop_lag.start()
+        self._stack.push_async_callback(self.loop_lag.stop)
         for warning in config_warnings(config):
             log.warning("%s", warning)
         keyring = self._keyring or load_keyring(key_file=config.daemon.master_key_file,
@@ -115,6 +121,9 @@ class Daemon:
                                       lock_name=lock_name)
         self._stack.push_async_callback(self.store.close)
         await self.check_records()
+        self.rotation = KeyRotation(self.store, self.board, self.registry)
+        self._stack.push_async_callback(self.rotation.stop)
+        self._resume_rotation()
         if config.daemon.clustered:
             self.fleet = await self._join_fleet(config, self.store)
             # Workers run the accounts whose leases we hold: none until the first claim.
@@ -140,7 +149,8 @@ class Daemon:
                                        concurrency=config.daemon.connect_concurrency,
                                        clock=self._monotonic),
             directory=directory,
-            client_cls=client_class(),
+            # The workers' heartbeats prove each connection: no Telethon ping on top.
+            client_cls=client_class(keepalive_ping=False),
             clock=self._clock,
             monotonic=self._monotonic,
             rng=self._rng,
@@ -208,6 +218,38 @@ class Daemon:
         if problem is not None:
             log.error("%s%s", problem, "; not ready" if report.none_readable else "")
 
+    def _reload_keyring(self, config: Config) -> None:
+        """Pick up a ring written by ``tgdaemon rotate-key`` while running: a new active key
+        starts the background re-encryption (``tgdaemon.keyrotation``)."""
+        if self._keyring is not None or self.store is None:
+            return  # a ring handed in by the caller (library use) is the caller's to change
+        try:
+            ring = load_keyring(key_file=config.daemon.master_key_file, env=self._env)
+        except ConfigError as exc:
+            log.error("key ring not reloaded, keeping the running one: %s", exc)
+            return
+        running = self.store.keyring
+        if ring.active.key_id == running.active.key_id and ring.key_ids == running.key_ids:
+            return
+        try:
+            self.store.set_keyring(ring)
+        except TgdaemonError as exc:
+            log.error("%s", exc)
+            return
+        log.info("new master key %s: re-encrypting stored sessions in the background",
+                 ring.active.key_id)
+        self._resume_rotation()
+
+    def _resume_rotation(self) -> None:
+        """Re-encrypt what is not under the active key yet (a rotation the last run did not
+        finish, or one just begun); cheap when there is nothing to do."""
+        report = self.records.report
+        active = self.store.keyring.active.key_id if self.store is not None else None
+        if self.rotation is None or report is None or self.config.daemon.clustered:
+            return  # a fleet's records live in the shared store: rotated with the fleet down
+        if any(key != active for key in report.key_use) or self.rotation.running:
+            self.rotation.start()
+
     def summary(self) -> str:
         return self.board.summary()
 
@@ -243,6 +285,7 @@ class Daemon:
         if (short := fd_shortfall(new)) is not None:
             log.warning("%s", short)
         trust_server_keys(new)
+        self._reload_keyring(new)
         await self.check_records()  # e.g. after `tgdaemon login --force` replaced records
         if self.fleet is not None:
             await self.fleet.reload(new)  # ``new`` with the accounts we hold

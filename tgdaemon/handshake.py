@@ -166,17 +166,33 @@ async def do_authentication(sender: Any) -> tuple[AuthKey, int]:
 
 
 class PaddedKeySender(MTProtoSender):  # type: ignore[misc]  # Telethon is untyped
-    """Telethon's sender, creating its auth keys with :func:`do_authentication`."""
+    """Telethon's sender, creating its auth keys with :func:`do_authentication`.
+
+    With ``keepalive_ping=False`` it ignores the client's keep-alive loop, which otherwise
+    sends a ``ping`` every 60 s (updates.py ``_keepalive_loop``) and reconnects when the
+    previous one is unanswered: in the daemon every connected account's heartbeat already
+    proves the connection every ``heartbeat_interval`` and reconnects on a missed one, so the
+    ping is a third request a minute that detects nothing sooner (issue 17). The loop's other
+    chores (exported senders, saving entities) still run.
+    """
+
+    keepalive_ping = True
 
     @classmethod
-    def replacing(cls, old: MTProtoSender) -> PaddedKeySender:
+    def replacing(cls, old: MTProtoSender, *, keepalive_ping: bool = True) -> PaddedKeySender:
         """A sender configured like ``old`` (the client's, before it ever connected)."""
-        return cls(
+        sender = cls(
             old.auth_key, loggers=old._loggers, retries=old._retries, delay=old._delay,
             auto_reconnect=old._auto_reconnect, connect_timeout=old._connect_timeout,
             auth_key_callback=old._auth_key_callback, updates_queue=old._updates_queue,
             auto_reconnect_callback=old._auto_reconnect_callback,
         )
+        sender.keepalive_ping = keepalive_ping
+        return sender
+
+    def _keepalive_ping(self, rnd_id: int) -> None:
+        if self.keepalive_ping:
+            super()._keepalive_ping(rnd_id)
 
     async def _try_gen_auth_key(self, attempt: int) -> bool:
         # Telethon's method (mtprotosender.py:310) with this module's key exchange.

@@ -132,14 +132,23 @@ def _versions() -> dict[str, str]:
 class Metrics:
     """The daemon's metrics; registers itself as a collector in ``registry``.
 
-    ``histograms="account"`` (the default, as in the config) keeps one histogram per account
-    (``account`` label), which the dashboard's per-account p50/p95/p99 panels need;
-    ``histograms="fleet"`` keeps ONE fleet-wide ``tgdaemon_rpc_latency_seconds`` histogram plus
-    a per-account ``tgdaemon_rpc_last_latency_seconds`` gauge.
-    Numbers (bench/metrics_scrape.py, 10,000 accounts, 2-core box): "account" is 37
-    series/account, 0.15 s and 24 MB per scrape; "fleet" is 26 series/account, 0.10 s and
-    16 MB. Both are well inside the 1 s budget; "fleet" saves Prometheus ~30 % of the series
-    for very large fleets whose per-account latency quantiles are not worth storing.
+    ``histograms="fleet"`` (the default, as in the config) keeps ONE fleet-wide
+    ``tgdaemon_rpc_latency_seconds`` histogram; ``histograms="account"`` (opt-in) keeps one
+    per account (``account`` label, 12 more series per account). Both export the per-account
+    ``tgdaemon_rpc_last_latency_seconds`` gauge.
+
+    Cardinality (issue 17: at most 8 series per account by default): a healthy account is 7
+    series (up, state, dc, last latency, last heartbeat, sessions, new sessions).
+    ``account_state`` is ONE series per account whose ``state`` label is the current state
+    (value 1), not one series per state. Per-account counters are exported from their first
+    increment on (except ``new_authorizations``, always there: its alert must see 0 -> 1 across
+    a restart): a counter that has only ever been 0 is not a series (its ``# HELP`` and ``#
+    TYPE`` are always there, so its name is declared). Once exported, a counter stays until the
+    account leaves the config or the daemon restarts (Prometheus sees a counter reset, as for
+    any restart), so ``rate()``/``increase()`` behave as usual except that the first increment
+    of a new series is its first sample: the shipped alerts add ``or (x unless x offset W)`` to
+    catch it. Fleet-wide ``tgdaemon_accounts{state}`` counts the accounts in each state (every
+    state always present).
 
     Calls naming an account that was never added (or was removed) are ignored: a late
     report from a stopping worker must not resurrect its series.
@@ -150,7 +159,7 @@ class Metrics:
         registry: CollectorRegistry,
         board: StatusBoard,
         *,
-        histograms: str = "account",
+        histograms: str = "fleet",
         version: str = tgdaemon.__version__,
         buckets: tuple[float, ...] = LATENCY_BUCKETS,
         clock: Callable[[], float] = time.time,
@@ -343,7 +352,8 @@ class Metrics:
             ),
             _StateFamily(
                 p + "account_state",
-                "The account worker's current state: 1 for the current state, 0 for the others.",
+                "The account worker's current state: one series per account, always 1, whose "
+                "state label is the current state.",
                 rows,
             ),
             _AccountFamily(
@@ -371,15 +381,15 @@ class Metrics:
             if snap.fleet is not None:
                 fleet.samples.extend(_histogram_samples(snap.fleet, le, {}))
             fams.append(fleet)
-            fams.append(
-                _AccountFamily(
-                    p + "rpc_last_latency_seconds",
-                    "Round-trip time of the account's last successful heartbeat RPC.",
-                    "gauge",
-                    rows,
-                    lambda r: r.last_latency,
-                )
+        fams.append(
+            _AccountFamily(
+                p + "rpc_last_latency_seconds",
+                "Round-trip time of the account's last successful heartbeat RPC.",
+                "gauge",
+                rows,
+                lambda r: r.last_latency,
             )
+        )
         fams.append(_ErrorFamily(p + "errors", "Errors seen by the account's worker, by "
                                  "recovery category.", rows))  # fmt: skip
         for name, doc, get in (
@@ -425,7 +435,9 @@ class Metrics:
                 _get_new_authorizations,
             ),
         ):
-            fams.append(_AccountFamily(p + name, doc, "counter", rows, get))
+            # The security alert must see 0 -> 1 even across a restart: always exported.
+            fams.append(_AccountFamily(p + name, doc, "counter", rows, get,
+                                       sparse=name != "new_authorizations"))
         fams.append(
             _AccountFamily(
                 p + "authorizations",
@@ -466,7 +478,18 @@ class Metrics:
             "The configured policy.heartbeat_interval (alerts derive staleness from it).",
             value=snap.heartbeat_interval,
         )
-        fams += [reload_ok, reload_at, interval, build]
+        accounts = GaugeMetricFamily(
+            p + "accounts",
+            "Accounts in each state, the whole fleet (every state present, 0 included).",
+            labels=["state"],
+        )
+        per_state = dict.fromkeys(_STATES, 0)
+        for r in rows:
+            if r.state is not None:
+                per_state[r.state] += 1
+        for st, count in per_state.items():
+            accounts.add_metric([st.value], float(count))
+        fams += [accounts, reload_ok, reload_at, interval, build]
         return fams
 
 
@@ -581,7 +604,9 @@ class _LazyFamily(Metric):
 
 
 class _AccountFamily(_LazyFamily):
-    """One series per account, ``account`` label only; rows whose value is None are skipped."""
+    """One series per account, ``account`` label only; rows whose value is None are skipped,
+    and with ``sparse`` rows whose value is 0 (a counter is a series from its first increment;
+    the family is declared even when no account has one yet)."""
 
     def __init__(
         self,
@@ -590,24 +615,27 @@ class _AccountFamily(_LazyFamily):
         typ: str,
         rows: Sequence[_Row],
         get: Callable[[_Row], float | bool | None],
+        *,
+        sparse: bool = False,
     ) -> None:
         super().__init__(name, documentation, typ, rows)
         self._get = get
+        self._sparse = sparse
 
     def has_samples(self) -> bool:
         get = self._get
-        return any(get(r) is not None for r in self.rows)
+        return self._sparse or any(get(r) is not None for r in self.rows)
 
     def _samples(self) -> Iterator[Sample]:
-        n, get = self.exposed_name, self._get
+        n, get, dense = self.exposed_name, self._get, not self._sparse
         for r in self.rows:
-            if (v := get(r)) is not None:
+            if (v := get(r)) is not None and (v or dense):
                 yield Sample(n, r.labels, float(v))
 
     def lines(self) -> Iterator[str]:
-        n, get = self.exposed_name, self._get
+        n, get, dense = self.exposed_name, self._get, not self._sparse
         for r in self.rows:
-            if (v := get(r)) is not None:
+            if (v := get(r)) is not None and (v or dense):
                 yield f"{n}{{{r.fragment}}} {_num(v)}\n"
 
 
@@ -615,37 +643,43 @@ class _StateFamily(_LazyFamily):
     def __init__(self, name: str, documentation: str, rows: Sequence[_Row]) -> None:
         super().__init__(name, documentation, "gauge", rows)
 
+    def has_samples(self) -> bool:
+        return any(r.state is not None for r in self.rows)
+
     def _samples(self) -> Iterator[Sample]:
         n = self.name
         for r in self.rows:
-            for st in _STATES:
-                yield Sample(n, {"account": r.name, "state": st.value},
-                             1.0 if st is r.state else 0.0)  # fmt: skip
+            if r.state is not None:
+                yield Sample(n, {"account": r.name, "state": r.state.value}, 1.0)
 
     def lines(self) -> Iterator[str]:
         n = self.name
         for r in self.rows:
-            prefix = f"{n}{{{r.fragment},state="
-            for st in _STATES:
-                yield f'{prefix}"{st.value}"}} {1 if st is r.state else 0}\n'
+            if r.state is not None:
+                yield f'{n}{{{r.fragment},state="{r.state.value}"}} 1\n'
 
 
 class _ErrorFamily(_LazyFamily):
     def __init__(self, name: str, documentation: str, rows: Sequence[_Row]) -> None:
         super().__init__(name, documentation, "counter", rows)
 
+    def has_samples(self) -> bool:
+        return True  # declared even before the first error (see Metrics)
+
     def _samples(self) -> Iterator[Sample]:
         n = self.exposed_name
         for r in self.rows:
             for category, count in zip(_CATEGORIES, r.errors, strict=True):
-                yield Sample(n, {"account": r.name, "category": category.value}, float(count))
+                if count:
+                    yield Sample(n, {"account": r.name, "category": category.value},
+                                 float(count))
 
     def lines(self) -> Iterator[str]:
         n = self.exposed_name
         for r in self.rows:
-            prefix = f"{n}{{{r.fragment},category="
             for category, count in zip(_CATEGORIES, r.errors, strict=True):
-                yield f'{prefix}"{category.value}"}} {count}\n'
+                if count:
+                    yield f'{n}{{{r.fragment},category="{category.value}"}} {count}\n'
 
 
 class _AccountHistogramFamily(_LazyFamily):

@@ -163,6 +163,8 @@ class StatusBoard:
         self._clock = clock
         self._status: dict[str, AccountStatus] = {}
         self._subscribers: set[Subscription] = set()
+        #: A fleet-wide note appended to the summary (e.g. a key rotation's progress).
+        self.note: str | None = None
 
     def update(self, account: str, **changes: Any) -> AccountStatus:
         """Apply ``changes`` to the account's status; publish it when something changed."""
@@ -207,7 +209,8 @@ class StatusBoard:
 
     def summary(self) -> str:
         """One ASCII line for systemd's STATUS=: "5 accounts: 4 connected, 1 needs_login"."""
-        return summarise(len(self._status), self.counts().items())
+        line = summarise(len(self._status), self.counts().items())
+        return line if self.note is None else f"{line}; {self.note}"
 
 
 def summarise(total: int, counts: Iterable[tuple[State, int]]) -> str:

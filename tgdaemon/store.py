@@ -568,7 +568,9 @@ class Store:
                     f"state database {db_path} is corrupt ({problems[0]}); restore it from a "
                     "backup"
                 )
-            writable = await _probe_writable(conn)
+            # Beside a running daemon (lock=False) the probe could wait for its write lock;
+            # that daemon has already checked (and reports) the database's writability.
+            writable = await _probe_writable(conn) if lock else True
             if writable:
                 _write_marker(state_dir)
         except BaseException as exc:
@@ -948,6 +950,51 @@ class Store:
             )
 
     # -- key rotation --------------------------------------------------------------------
+
+    def set_keyring(self, ring: KeyRing) -> None:
+        """Use ``ring`` from now on (a reload after ``tgdaemon rotate-key``). It must keep every
+        key of the current ring: records under any of them must stay readable."""
+        missing = [k for k in self._keyring.key_ids if k not in ring.key_ids]
+        if missing:
+            raise DecryptionError(
+                f"the new key ring lacks key(s) {', '.join(missing)} of the running one; "
+                "records under them would become unreadable: keeping the running ring")
+        self._keyring = ring
+
+    async def reencrypt_some(self, limit: int) -> tuple[int, int]:
+        """Re-encrypt up to ``limit`` session records that are not under the active key, in
+        one durable transaction under the writer's lock (a worker's write can neither
+        interleave nor be overwritten; each record is all old or all new, whatever kills the
+        process). Returns (re-encrypted now, still under another key and readable)."""
+        if self._route is not None:
+            raise StoreError("sessions live in the shared fleet store: rotate its records "
+                             "with the fleet stopped (tgdaemon rotate-key)")
+        ring = self._keyring
+        target = ring.active.key_id
+        async with self._lock, self._tx_locked(durable=True) as conn:
+            rows = await conn.execute_fetchall(f"SELECT account, {_RECORD_COLUMNS} FROM sessions")
+            stale = [(name, record) for name, record, _kind in rows
+                     if record is not None and record_key_id(record) != target
+                     and record_key_id(record) in ring.key_ids]
+
+            def reencrypt() -> tuple[list[tuple[bytes, str]], int]:
+                out: list[tuple[bytes, str]] = []
+                bad = 0
+                for name, record in stale:
+                    if len(out) == limit:
+                        break
+                    try:
+                        plain = ring.decrypt(record, account=name, purpose=SESSION_PURPOSE)
+                    except DecryptionError:  # tampered: left as it is (reported at start)
+                        bad += 1
+                        continue
+                    out.append((ring.encrypt(plain, account=name, purpose=SESSION_PURPOSE),
+                                name))
+                return out, bad
+
+            updates, bad = await asyncio.to_thread(reencrypt)
+            await conn.executemany("UPDATE sessions SET record=? WHERE account=?", updates)
+        return len(updates), len(stale) - len(updates) - bad
 
     async def rotate(self, new_ring: KeyRing) -> int:
         """Re-encrypt every session under ``new_ring.active`` in ONE transaction.

@@ -59,10 +59,14 @@ class ManagedClient(TelegramClient):  # type: ignore[misc]  # Telethon is untype
     """
 
     _sender: Any  # Telethon's MTProtoSender until __init__ replaces it
+    #: Telethon's 60 s keep-alive ping; the daemon's class turns it off (its heartbeats prove
+    #: each connection: see :class:`~tgdaemon.handshake.PaddedKeySender`).
+    keepalive_ping = True
 
     def __init__(self, *args: Any, hold_updates: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._sender = PaddedKeySender.replacing(self._sender)
+        self._sender = PaddedKeySender.replacing(self._sender,
+                                                 keepalive_ping=self.keepalive_ping)
         self._message_box = CatchUpBox(self._log["messagebox"])
         self._hold_updates = hold_updates
         self.update_gate = UpdateGate(held=hold_updates)
@@ -155,10 +159,12 @@ def _ignore_unknown(_constructor_id: int) -> None:
     return None
 
 
-def client_class() -> type[ManagedClient]:
+def client_class(*, keepalive_ping: bool = True) -> type[ManagedClient]:
     """A fresh subclass per daemon: ``TelegramClient._config`` is a class-level cache of
-    help.getConfig, and two daemons (or tests) in one process must not share it."""
-    return cast(type[ManagedClient], type("ManagedClient", (ManagedClient,), {"_config": None}))
+    help.getConfig, and two daemons (or tests) in one process must not share it.
+    ``keepalive_ping=False`` for clients whose connection a heartbeat proves."""
+    return cast(type[ManagedClient], type("ManagedClient", (ManagedClient,),
+                                          {"_config": None, "keepalive_ping": keepalive_ping}))
 
 
 def trust_server_keys(config: Config) -> None:

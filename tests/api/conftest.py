@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ class ApiDaemon:
     config: Path
     tokens: dict[str, str]  # client name -> token
     user_ids: dict[str, int]  # account -> localdc user id
+    unix_socket: Path
 
     @property
     def url(self) -> str:
@@ -83,13 +86,20 @@ async def api_daemon(tmp_path: Path, make_config: ConfigFactory, login_account: 
                      localdc: LocalDC) -> AsyncIterator[ApiDaemon]:
     port = free_port()
     config = make_config([{"name": n, "phone": phone_for(n)} for n in ("alice", "bob", "carol")],
-                         daemon={"http_listen": f"127.0.0.1:{port}", "log_level": "debug"})
+                         # per-account latency histograms (opt-in): the burst test
+                         # reads one account's mean round trip from them
+                         daemon={"http_listen": f"127.0.0.1:{port}", "log_level": "debug",
+                                 "metrics_histograms": "account"})
     user_ids = {name: await login_account(config, name) for name in ("alice", "bob")}
     tokens = {name: secrets.token_urlsafe(24) for name in CLIENTS}
+    # AF_UNIX paths are limited to 108 bytes: pytest's tmp_path can be longer.
+    sock_dir = Path(tempfile.mkdtemp(prefix="tgdapi-"))
+    unix_socket = sock_dir / "api.sock"
     with config.path.open("a") as f:
-        f.write(api_section(tmp_path, tokens, "updates_buffer = 50"))
+        f.write(api_section(tmp_path, tokens,
+                            f'updates_buffer = 50\nunix_socket = "{unix_socket}"'))
     process = await start_api_daemon(config.path)
-    daemon = ApiDaemon(process, port, config.path, tokens, user_ids)
+    daemon = ApiDaemon(process, port, config.path, tokens, user_ids, unix_socket)
     try:
         async def up() -> bool:
             with contextlib.suppress(aiohttp.ClientError, AssertionError):
@@ -101,5 +111,7 @@ async def api_daemon(tmp_path: Path, make_config: ConfigFactory, login_account: 
         await wait_for_condition(up, 30, "alice and bob connected, carol parked")
         yield daemon
     finally:
-        await process.kill()
-        assert "Traceback" not in process.log, process.tail()
+        await daemon.process.kill()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+        for p in {process, daemon.process}:
+            assert "Traceback" not in p.log, p.tail()

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import stat
 import statistics
 import sys
 import time
@@ -206,6 +207,16 @@ async def test_who_may_do_what(api_daemon: ApiDaemon) -> None:
            'outcome="forbidden"} 1.0' in metrics
     assert 'client="-"' in metrics
     assert 'outcome="unauthorized"' in metrics
+    # A peer named by phone number, in a query string: the access log must not keep it.
+    from tests.conftest import phone_for
+
+    phone = phone_for("bob")
+    status, _h, found = await d.request(
+        "GET", f"/v1/accounts/alice/messages?peer=%2B{phone.lstrip('+')}&limit=1")
+    assert status == 200, found
+    await wait_for_condition(lambda: "/v1/accounts/alice/messages" in d.process.log, 10,
+                             "the access log line")
+    assert phone.lstrip("+") not in d.process.log
     for token in d.tokens.values():
         assert token not in metrics
         assert token not in d.process.log
@@ -433,3 +444,22 @@ async def _connected(d: ApiDaemon, name: str) -> bool:
         return (await d.states()).get(name) == "connected"
     except (aiohttp.ClientError, AssertionError):
         return False
+
+
+async def test_unix_socket_serves_the_api_with_file_permissions(api_daemon: ApiDaemon) -> None:
+    d = api_daemon
+    mode = d.unix_socket.stat().st_mode
+    assert stat.S_ISSOCK(mode)
+    assert stat.S_IMODE(mode) == 0o660
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(str(d.unix_socket))) as http:
+        async with http.get("http://localhost/v1/accounts/alice",
+                            headers=d.headers("alice-app")) as r:
+            assert r.status == 200
+            assert (await r.json())["account"] == "alice"
+        async with http.get("http://localhost/v1/accounts/bob",
+                            headers=d.headers("alice-app")) as r:
+            assert r.status == 403
+        async with http.get("http://localhost/v1/accounts/alice") as r:
+            assert r.status == 401
+        async with http.get("http://localhost/status") as r:
+            assert r.status == 404  # only the account API is on the socket

@@ -76,6 +76,7 @@ updates_buffer = 7
 account_concurrency = 2
 account_queue = 0
 request_timeout = 1.5
+unix_socket = "api.sock"
 [[api.clients]]
 name = "one"
 token_file = "{a}"
@@ -90,6 +91,7 @@ methods = ["send_message", "invoke"]
     api = cfg.api
     assert (api.updates_buffer, api.account_concurrency, api.account_queue,
             api.request_timeout) == (7, 2, 0, 1.5)
+    assert api.unix_socket == tmp_path / "api.sock"  # relative to the config file
     one, two = api.clients
     assert one.methods == READ_ONLY
     assert two.methods == {ApiMethod.SEND_MESSAGE, ApiMethod.INVOKE}
@@ -109,6 +111,7 @@ methods = ["send_message", "invoke"]
     ('account_queue = -1', "api.account_queue: must be >= 0"),
     ('request_timeout = 0', "api.request_timeout: must be > 0"),
     ('nope = 1', "api.nope: unknown key"),
+    ('unix_socket = "/' + 'x' * 120 + '"', "api.unix_socket: path longer than 107 bytes"),
     ('[[api.clients]]\nname = "x"\naccounts = ["*"]', "api.clients[0].token_file: required"),
     ('[[api.clients]]\nname = "Bad Name"\ntoken_file = "{tok}"\naccounts = ["*"]',
      "api.clients[0].name: must match"),

@@ -55,7 +55,7 @@ def _results(n: int, daemon: dict, baseline: dict) -> dict:
 def test_targets_met_and_missed_at_10000() -> None:
     scrape = {"seconds": 0.5, "seconds_gzip": 0.6, "bytes": 1, "bytes_gzip": 1, "series": 1,
               "account_series": 1}
-    good = target_lines(_results(10000, _run(50, 10, scrape=scrape), _run(45, 9)))[0]
+    good = target_lines(_results(10000, _run(40, 8, scrape=scrape), _run(45, 9)))[0]
     assert "MISSED" not in good
     bad = target_lines(_results(10000, _run(80, 30, scrape=scrape), _run(45, 9)))[0]
     assert "≤ 64 KB/account **MISSED**" in bad
@@ -93,3 +93,27 @@ def test_flood_storm_verdict() -> None:
     line = target_lines(_results(1000, _run(50, 1, flood=early), _run(45, 1)))[0]
     assert "(3 from 100 flooded accounts)" in line
     assert line.rstrip().endswith("**MISSED**")
+
+
+def test_issue_17_targets() -> None:
+    scrape = {"seconds": 0.5, "seconds_gzip": 0.6, "bytes": 2_500_000, "bytes_gzip": 1,
+              "series": 80_000, "account_series": 70_000}
+    outage = {"seconds": 12, "recovered_s": 1.5, "connected_at_end": 10000,
+              "attempts_peak_fraction": 0.05, "attempts_peak_per_s": 500, "attempts_total": 9,
+              "loop_lag_max_s": 0.25}
+    daemon = _run(40, 8, scrape=scrape, outage=outage, connect_s=20.0,
+                  loop_lag_idle_max_s=0.02, loop_lag_connect_max_s=0.09)
+    results = _results(10000, daemon, _run(45, 9, connect_s=15.0))
+    results["sizes"][0]["fast_rate"] = 5000.0
+    line = target_lines(results)[0]
+    assert "connect 20.0 s vs 15.0 s, 1.33x baseline **MISSED**" in line
+    assert "event-loop lag, idle window: max 20 ms ≤ 100 ms **met**" in line
+    assert "event-loop lag, connecting all: max 90 ms ≤ 100 ms **met**" in line
+    assert "event-loop lag, outage end until all back: max 250 ms ≤ 100 ms **MISSED**" in line
+    assert "7.0 series per account ≤ 8 **met**" in line
+    assert "/metrics 2.38 MB ≤ 3 MB **met**" in line
+    assert "back ≤ max(2 s, N/connect_rate) = 2.0 s after the server returned (1.5 s) " \
+        "**met**" in line
+    slow = {**outage, "recovered_s": 9.6}
+    results["sizes"][0]["daemon"][0]["outage"] = slow
+    assert "(9.6 s) **MISSED**" in target_lines(results)[0]

@@ -43,10 +43,13 @@ async def test_connect_validate_heartbeat(make_config, login_account, localdc, w
             async def latency_count() -> float:
                 async with http.get(f"{url}/metrics") as r:
                     text = await r.text()
-                return sample(text, "tgdaemon_rpc_latency_seconds_count", account="alice") or 0
+                # The default fleet-wide histogram (no account label) and alice's last one.
+                if sample(text, "tgdaemon_rpc_last_latency_seconds", account="alice") is None:
+                    return 0
+                return sample(text, "tgdaemon_rpc_latency_seconds_count") or 0
 
-            await wait_until(lambda: _at_least(latency_count(), 2), 10,
-                             "two heartbeat latencies in /metrics")
+            await wait_until(lambda: _at_least(latency_count(), 4), 10,
+                             "two heartbeat latencies per account in /metrics")
 
             async with http.get(f"{url}/status") as r:
                 body = await r.json()

@@ -7,6 +7,7 @@ import sqlite3
 
 from tests.cli.test_cli import arun_cli, run_cli
 from tests.conftest import phone_for
+from tests.hardening.tables import table_column
 from tgdaemon.crypto import KeyRing, record_key_id, write_key_file
 from tgdaemon.store import DB_NAME
 
@@ -54,7 +55,7 @@ async def test_interrupted_rotations_do_not_pile_up_and_prune_keys(
     assert "removed key(s)" in out
     code, out, err = await arun_cli("accounts", "--config", str(config.path))
     assert code == 0, err
-    assert out.splitlines()[1].split()[3] == "ok"
+    assert table_column(out, "SESSION") == "ok"
     code, out, _err = await arun_cli("prune-keys", "--config", str(config.path))
     assert code == 0
     assert "nothing pruned" in out

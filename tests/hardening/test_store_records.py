@@ -12,6 +12,7 @@ import aiohttp
 from tests.cli.test_cli import arun_cli
 from tests.conftest import phone_for, wait_for_condition
 from tests.daemon.test_process import accounts, free_port, start_daemon, states_are
+from tests.hardening.tables import table_column
 from tgdaemon.crypto import generate_keyring, write_key_file
 from tgdaemon.store import DB_NAME
 
@@ -67,7 +68,7 @@ async def test_wrong_master_key_is_loud_and_login_keeps_the_record(
     key_file.write_bytes(good)
     code, out, err = await arun_cli("accounts", "--config", str(config.path))
     assert code == 0, err
-    assert out.splitlines()[1].split()[3] == "ok"
+    assert table_column(out, "SESSION") == "ok"
     assert "warning" not in err
 
 

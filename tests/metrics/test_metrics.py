@@ -1,4 +1,5 @@
-"""tgdaemon.metrics: values, labels, zero-start, removal, both histogram modes, fast renderer."""
+"""tgdaemon.metrics: values, labels, sparse counters, removal, both histogram modes, the
+series budget per account, fast renderer."""
 
 from __future__ import annotations
 
@@ -77,15 +78,23 @@ def metrics(request, registry, board, clock) -> Metrics:
     return Metrics(registry, board, histograms=request.param, version="9.9.9", clock=clock)
 
 
-def test_new_account_has_every_counter_at_zero(metrics, registry):
+SPARSE_COUNTERS = ("reconnects", "flood_wait_seconds", "dc_failovers", "worker_restarts",
+                   "update_gaps", "plugin_errors")
+
+
+def test_new_account_declares_every_counter_and_exports_none_at_zero(metrics, registry):
+    """Issue 17: a counter is a series from its first increment (declared before), except
+    new_authorizations whose alert must see 0 -> 1."""
     metrics.add_account("alice")
-    fams = scrape(registry)
-    assert fams.keys() >= ACCOUNT_FAMILIES
-    for category in Category:
-        assert value(registry, "tgdaemon_errors_total", account="alice", category=category) == 0
-    for name in ("reconnects", "flood_wait_seconds", "dc_failovers", "worker_restarts",
-                 "update_gaps", "plugin_errors"):  # fmt: skip
-        assert value(registry, f"tgdaemon_{name}_total", account="alice") == 0
+    for text in (generate_latest(registry).decode(), render(registry).decode()):
+        for family in ACCOUNT_FAMILIES - {"tgdaemon_account_state"}:
+            assert f"# TYPE {family}" in text, family
+    # No state published yet: no state series (see test_state_and_up_...).
+    assert scrape(registry).keys() >= ACCOUNT_FAMILIES - {"tgdaemon_account_state"}
+    assert samples(registry, "tgdaemon_errors_total", account="alice") == []
+    for name in SPARSE_COUNTERS:
+        assert samples(registry, f"tgdaemon_{name}_total", account="alice") == [], name
+    assert value(registry, "tgdaemon_new_authorizations_total", account="alice") == 0
     # Nothing measured yet: no heartbeat timestamp rather than "stale since 1970".
     assert samples(registry, "tgdaemon_heartbeat_timestamp_seconds", account="alice") == []
 
@@ -108,7 +117,7 @@ def test_counters_count(metrics, registry):
 
     assert value(registry, "tgdaemon_errors_total", account="alice", category="auth") == 2
     assert value(registry, "tgdaemon_errors_total", account="alice", category="flood_wait") == 1
-    assert value(registry, "tgdaemon_errors_total", account="alice", category="network") == 0
+    assert samples(registry, "tgdaemon_errors_total", account="alice", category="network") == []
     assert value(registry, "tgdaemon_reconnects_total", account="alice") == 1
     assert value(registry, "tgdaemon_flood_wait_seconds_total", account="alice") == 32.5
     assert value(registry, "tgdaemon_dc_failovers_total", account="alice") == 1
@@ -118,15 +127,21 @@ def test_counters_count(metrics, registry):
     assert value(registry, "tgdaemon_heartbeat_timestamp_seconds", account="alice") == (
         1_700_000_123.5
     )
-    # bob is untouched
-    assert sum(samples(registry, "tgdaemon_errors_total", account="bob")) == 0
-    assert value(registry, "tgdaemon_reconnects_total", account="bob") == 0
+    # bob is untouched: none of his counters is a series
+    assert samples(registry, "tgdaemon_errors_total", account="bob") == []
+    assert samples(registry, "tgdaemon_reconnects_total", account="bob") == []
 
 
 def test_unknown_category_counts_as_unknown(metrics, registry):
     metrics.add_account("alice")
     metrics.error("alice", "martian")
     assert value(registry, "tgdaemon_errors_total", account="alice", category="unknown") == 1
+    categories = {
+        s.labels["category"] for s in scrape(registry)["tgdaemon_errors"].samples
+    }
+    assert categories == {Category.UNKNOWN}
+    for category in Category:
+        metrics.error("alice", category)
     categories = {
         s.labels["category"] for s in scrape(registry)["tgdaemon_errors"].samples
     }
@@ -155,19 +170,21 @@ def test_bad_latency_and_heartbeat_are_dropped(metrics, registry, bad):
 def test_state_and_up_are_read_from_the_board_at_scrape_time(metrics, registry, board):
     metrics.add_account("alice")
     assert value(registry, "tgdaemon_account_up", account="alice") == 0
-    states = samples(registry, "tgdaemon_account_state", account="alice")
-    assert len(states) == len(State)
-    assert sum(states) == 0  # no status published yet
+    assert samples(registry, "tgdaemon_account_state", account="alice") == []  # no status yet
+    assert value(registry, "tgdaemon_accounts", state="connected") == 0
 
     board.update("alice", state=State.CONNECTED)
     assert value(registry, "tgdaemon_account_up", account="alice") == 1
     assert value(registry, "tgdaemon_account_state", account="alice", state="connected") == 1
+    assert value(registry, "tgdaemon_accounts", state="connected") == 1
 
     board.update("alice", state=State.FLOOD_WAIT)
     assert value(registry, "tgdaemon_account_up", account="alice") == 0
+    # ONE series per account, labelled with the current state.
     assert value(registry, "tgdaemon_account_state", account="alice", state="flood_wait") == 1
-    assert value(registry, "tgdaemon_account_state", account="alice", state="connected") == 0
-    assert sum(samples(registry, "tgdaemon_account_state", account="alice")) == 1
+    assert samples(registry, "tgdaemon_account_state", account="alice") == [1]
+    counts = {st: value(registry, "tgdaemon_accounts", state=st) for st in State}
+    assert counts == {st: int(st is State.FLOOD_WAIT) for st in State}
 
 
 def test_board_accounts_without_add_account_are_not_exported(metrics, registry, board):
@@ -196,7 +213,9 @@ def test_remove_account_drops_every_series_and_ignores_late_reports(metrics, reg
     assert metrics.accounts() == ["bob"]
     # Re-adding starts again from zero.
     metrics.add_account("alice")
-    assert value(registry, "tgdaemon_reconnects_total", account="alice") == 0
+    assert samples(registry, "tgdaemon_reconnects_total", account="alice") == []
+    metrics.reconnect("alice")
+    assert value(registry, "tgdaemon_reconnects_total", account="alice") == 1
 
 
 def test_add_account_is_idempotent(metrics, registry):
@@ -289,7 +308,50 @@ def test_account_histogram_mode(registry, board):
         pytest.approx(0.4)
     )
     assert value(registry, "tgdaemon_rpc_latency_seconds_count", account="bob") == 0
-    assert "tgdaemon_rpc_last_latency_seconds" not in scrape(registry)
+    # The last-latency gauge is there in both modes (the dashboard reads it).
+    assert value(registry, "tgdaemon_rpc_last_latency_seconds", account="alice") == 0.3
+    assert samples(registry, "tgdaemon_rpc_last_latency_seconds", account="bob") == []
+
+
+def test_fleet_histogram_is_the_default(registry, board):
+    assert Metrics(registry, board).histograms == "fleet"
+
+
+@pytest.mark.parametrize(("histograms", "healthy"), [("fleet", 7), ("account", 7 + 12)])
+def test_series_per_account_within_budget(registry, board, histograms, healthy):
+    """Issue 17: at most 8 series per account with the defaults: a healthy account is 7 (the
+    state one series, not one per state; no counter at 0 but new_authorizations), and each
+    kind of trouble it has had adds one."""
+    m = Metrics(registry, board, histograms=histograms)
+    names = [f"acc{i}" for i in range(20)]
+    for i, name in enumerate(names):
+        m.add_account(name)
+        board.update(name, state=State.CONNECTED if i % 4 else State.RECONNECTING, dc_id=2)
+        m.observe_latency(name, 0.05 * (i + 1))
+        m.heartbeat(name, 1_700_000_000.0 + i)
+        m.sessions(name, 2, 0)
+    m.error("acc0", Category.NETWORK)  # an account with a reconnect behind it
+    m.reconnect("acc0")
+
+    def per_account() -> dict[str, int]:
+        count = dict.fromkeys(names, 0)
+        for text in (render(registry).decode(),):
+            for family in text_string_to_metric_families(text):
+                for s in family.samples:
+                    if "account" in s.labels:
+                        count[s.labels["account"]] += 1
+        return count
+
+    count = per_account()
+    assert {count[n] for n in names[1:]} == {healthy}
+    assert count["acc0"] == healthy + 2  # errors{category="network"}, reconnects
+    if histograms == "fleet":
+        assert healthy <= 8
+    # The fleet-wide families do not grow with the fleet.
+    fleet_wide = [s for f in scrape(registry, fast=True).values() for s in f.samples
+                  if "account" not in s.labels]
+    expected = len(State) + 4 + (len(LATENCY_BUCKETS) + 3 if histograms == "fleet" else 0)
+    assert len(fleet_wide) == expected
 
 
 def test_invalid_options_are_refused(registry, board):

@@ -121,8 +121,11 @@ def test_dashboard_is_well_formed() -> None:
             assert var in variables or var == "__rate_interval", (q.panel, var)
 
 
-async def test_check_metrics_on_live_daemon_output(make_config, login_account, wait_until):
-    config = make_config([{"name": n, "phone": phone_for(n)} for n in ("alice", "bob")])
+@pytest.mark.parametrize("histograms", ["fleet", "account"])
+async def test_check_metrics_on_live_daemon_output(make_config, login_account, wait_until,
+                                                   histograms):
+    config = make_config([{"name": n, "phone": phone_for(n)} for n in ("alice", "bob")],
+                         daemon={"metrics_histograms": histograms})
     for name in ("alice", "bob"):
         await login_account(config, name)
     async with Daemon(config) as daemon:
@@ -136,10 +139,16 @@ async def test_check_metrics_on_live_daemon_output(make_config, login_account, w
                     return await r.text()
 
             # Wait for the histogram and the heartbeat gauge, so every family is present.
+            histogram = {"fleet": r"tgdaemon_rpc_latency_seconds_count [1-9]",
+                         "account": r'tgdaemon_rpc_latency_seconds_count\{account="bob"\} [1-9]'}
+
             async def complete() -> bool:
                 text = await scrape()
-                return "tgdaemon_heartbeat_timestamp_seconds{" in text and re.search(
-                    r'tgdaemon_rpc_latency_seconds_count\{account="bob"\} [1-9]', text) is not None
+                return ("tgdaemon_heartbeat_timestamp_seconds{" in text
+                        and re.search(r"tgdaemon_event_loop_lag_seconds_count [1-9]", text)
+                        is not None
+                        and 'tgdaemon_rpc_last_latency_seconds{account="bob"}' in text
+                        and re.search(histogram[histograms], text) is not None)
 
             await wait_until(complete, 10, "heartbeats in /metrics")
             text = await scrape()

@@ -2,6 +2,7 @@
 
 Usage: _store_crash_worker.py write STATE_DIR KEY_FILE N_ACCOUNTS
        _store_crash_worker.py rotate STATE_DIR KEY_FILE
+       _store_crash_worker.py online STATE_DIR KEY_FILE BATCH
 
 ``write`` prints ``ok NAME SEQ`` only after the store reported the write durable, so the
 parent knows exactly which writes must survive the kill.
@@ -53,10 +54,25 @@ async def rotate(state_dir: Path, key_file: Path) -> None:
     await store.close()
 
 
+async def online(state_dir: Path, key_file: Path, batch: int) -> None:
+    """What the daemon's key rotation does (tgdaemon.keyrotation): small batches, each one
+    durable transaction, until no record is left under an older key."""
+    store = await Store.open(state_dir, load_keyring(key_file=key_file, env={}))
+    while True:
+        _done, left = await store.reencrypt_some(batch)
+        print(f"batch {left}", flush=True)
+        if left == 0:
+            break
+    print("done", flush=True)
+    await store.close()
+
+
 def main() -> None:
     mode, state_dir, key_file = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     if mode == "write":
         asyncio.run(write(state_dir, key_file, int(sys.argv[4])))
+    elif mode == "online":
+        asyncio.run(online(state_dir, key_file, int(sys.argv[4])))
     else:
         asyncio.run(rotate(state_dir, key_file))
 

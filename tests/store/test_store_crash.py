@@ -166,3 +166,50 @@ def test_sigkill_during_rotation(tmp_path: Path) -> None:
         if not finished:
             outcomes.append(ids == {new.active.key_id})
     assert outcomes, f"seed {SEED}: no kill landed inside a rotation"
+
+
+def test_sigkill_loop_during_online_rotation(tmp_path: Path) -> None:
+    """The daemon's background re-encryption (small durable batches), SIGKILLed again and
+    again: after every kill each record decrypts with the ring on disk and is under the old
+    or the new key, progress never goes back, and a last run finishes the job."""
+    rng = random.Random(SEED)
+    old = generate_keyring()
+    state = tmp_path / "state"
+    populate(state, old, 1500)
+    new = old.with_new_active()
+    write_key_file(tmp_path / "new.key", new)  # rotate-key writes the ring first
+    under_new = 0
+    kills = 0
+    while kills < 20:
+        proc = spawn("online", str(state), str(tmp_path / "new.key"), "25")
+        assert proc.stdout is not None
+        for _ in range(rng.randint(1, 3)):  # kill after a few batches, mid-transaction or not
+            line = proc.stdout.readline()
+            assert line.startswith("batch "), line
+        time.sleep(rng.uniform(0, 0.02))  # somewhere inside the next batch
+        kill(proc)
+        kills += 1
+        stored = audit(state, new)  # raises if a record is unreadable or torn
+        assert len(stored) == 1500
+        db = sqlite3.connect(state / DB_NAME)
+        try:
+            ids = [record_key_id(r) for (r,) in db.execute("SELECT record FROM sessions")]
+        finally:
+            db.close()
+        assert set(ids) <= {old.active.key_id, new.active.key_id}, f"seed {SEED}"
+        count = ids.count(new.active.key_id)
+        assert count >= under_new, f"seed {SEED}: progress lost"
+        under_new = count
+    assert 0 < under_new < 1500, f"seed {SEED}: kills did not land mid-rotation"
+    proc = spawn("online", str(state), str(tmp_path / "new.key"), "500")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert out.endswith("done\n")
+    stored = audit(state, new)
+    assert stored["a00042"].pts == 42
+    db = sqlite3.connect(state / DB_NAME)
+    try:
+        assert {record_key_id(r) for (r,) in db.execute("SELECT record FROM sessions")} == {
+            new.active.key_id}
+    finally:
+        db.close()

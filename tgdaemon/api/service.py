@@ -18,8 +18,10 @@ import base64
 import binascii
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -44,6 +46,7 @@ from tgdaemon.api.peers import parse_peer, resolve_peer
 from tgdaemon.api.sessions import list_sessions, terminate_sessions
 from tgdaemon.api.tljson import TlJsonError, build_request, to_json
 from tgdaemon.apiconfig import ApiClient, ApiMethod, authenticate
+from tgdaemon.exceptions import AccountError, ConfigError
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
@@ -83,6 +86,7 @@ class AccountApi:
         self.gateway = Gateway(lambda: self.settings.current.api, self._status, self._worker,
                                clock=clock, monotonic=monotonic)
         self._sockets: set[web.WebSocketResponse] = set()
+        self._unix: web.AppRunner | None = None
         self.requests = RequestCounter()
         registry.register(self.requests)
 
@@ -90,10 +94,20 @@ class AccountApi:
 
     async def start(self) -> None:
         await self.buffer.open()
+        path = self.config.api.unix_socket
+        if path is not None:
+            try:
+                self._unix = await _serve_unix(self, path)
+            except BaseException:
+                await self.buffer.close()
+                raise
 
     async def stop(self) -> None:
         for ws in tuple(self._sockets):
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"daemon shutting down")
+        if self._unix is not None:
+            await self._unix.cleanup()
+            self._unix = None
         await self.buffer.close()
 
     @property
@@ -139,7 +153,8 @@ class AccountApi:
         return self.board.get(name) if _has_account(self.config, name) else None
 
     def _worker(self, name: str) -> AccountHandle:
-        assert self._handle is not None, "AccountApi.bind() not called"
+        if self._handle is None:  # the Unix socket answers before the workers exist
+            raise AccountError("the daemon is starting")
         return self._handle(name)
 
     # -- one request -----------------------------------------------------------------------
@@ -214,6 +229,32 @@ class RequestCounter:
 
 
 API = web.AppKey("account_api", AccountApi)
+
+
+async def _serve_unix(api: AccountApi, path: Path) -> web.AppRunner:
+    """The /v1 routes alone on a Unix socket, mode 0660. A stale socket left by a crash is
+    replaced; one another process still answers on is not (ConfigError)."""
+    if await asyncio.to_thread(path.is_socket):
+        try:
+            _reader, writer = await asyncio.open_unix_connection(str(path))
+        except OSError:
+            await asyncio.to_thread(path.unlink)
+        else:
+            writer.close()
+            raise ConfigError(f"api.unix_socket {path} is in use by another process")
+    app = web.Application(client_max_size=MAX_BODY)
+    api.register(app)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.UnixSite(runner, str(path))
+        await site.start()
+        await asyncio.to_thread(os.chmod, path, 0o660)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    log.info("account API also on Unix socket %s", path)
+    return runner
 
 
 def _has_account(config: Config, name: str) -> bool:

@@ -1,0 +1,69 @@
+"""Issue 17: the daemon's clients send no Telethon keep-alive ping on top of the heartbeat.
+
+Telethon's ``_keepalive_loop`` pings every 60 s; a test cannot wait a minute, so it calls the
+sender's hook the loop calls (``_keepalive_ping``) and lets the local DC count what arrives.
+The dead-peer detection the heartbeat keeps is covered by tests/daemon/test_failover.py
+(stalls) and tests/lifecycle (``longest_heartbeat_gap``).
+"""
+
+from __future__ import annotations
+
+import random
+
+from telethon.tl.functions.updates import GetStateRequest
+
+from tests.conftest import phone_for
+from tgdaemon.crypto import load_keyring
+from tgdaemon.daemon import Daemon
+from tgdaemon.lifecycle import State
+from tgdaemon.rekey import memory_session
+from tgdaemon.store import Store
+from tgdaemon.telegram import build_client, client_class, trust_server_keys
+
+
+def _pings(localdc, uid: int) -> int:
+    return localdc.counters(user_id=uid)["requests"].get("ping", 0)
+
+
+async def test_daemon_clients_skip_telethons_keepalive_ping(make_config, login_account,
+                                                            localdc, wait_until):
+    config = make_config([{"name": "alice", "phone": phone_for("alice")}])
+    uid = await login_account(config, "alice")
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: daemon.board.get("alice") is not None
+                         and daemon.board.get("alice").state is State.CONNECTED, 15,
+                         "connected")
+        assert daemon.supervisor is not None
+        client = daemon.supervisor.worker("alice").client
+        assert client is not None
+        assert type(client).keepalive_ping is False
+        before = _pings(localdc, uid)
+        client._sender._keepalive_ping(random.randrange(2**62))  # what the 60 s loop calls
+        # A request after it: the send loop keeps order, so a ping would have arrived first.
+        await client(GetStateRequest())
+        assert _pings(localdc, uid) == before
+        assert client.is_connected()
+
+
+async def test_stock_behaviour_when_not_turned_off(make_config, login_account, localdc,
+                                                   wait_until):
+    """The contrast (and the CLI's clients): the hook sends Telethon's ping."""
+    config = make_config([{"name": "alice", "phone": phone_for("alice")}])
+    uid = await login_account(config, "alice")
+    async with await Store.open(config.daemon.state_dir,
+                                load_keyring(key_file=config.daemon.master_key_file)) as store:
+        data = await store.load_session("alice")
+    assert data is not None
+    trust_server_keys(config)
+    cls = client_class()
+    assert cls.keepalive_ping is True
+    client = build_client(cls, memory_session(data, with_key=True), config,
+                          config.account("alice"))
+    await client.connect()
+    try:
+        before = _pings(localdc, uid)
+        client._sender._keepalive_ping(random.randrange(2**62))
+        await client(GetStateRequest())
+        await wait_until(lambda: _pings(localdc, uid) == before + 1, 10, "the ping counted")
+    finally:
+        await client.disconnect()
