@@ -161,7 +161,7 @@ class AccountWorker:
                     await self.deps.directory.refresh(
                         lambda: self._rpc(functions.help.GetConfigRequest()))
                 self._catch_ups = 0
-                self._arm_server_disconnect()
+                self._arm_server_disconnect()  # again: validating may have taken a while
                 a = self.account
                 self.report.connected_as(
                     UserInfo(me.id, me.username, me.first_name), self.session.dc_id,
@@ -320,6 +320,8 @@ class AccountWorker:
                 # an unknown state: abandon this client object, build a fresh one next time.
                 self.client = None
             raise
+        # Fleet mode: the server-side deadline first, before anything else can stall.
+        self._arm_server_disconnect()
         # A fresh auth key must be durable before anything binds it to a user.
         await self.session.flush()
         self._watch.watch(client)

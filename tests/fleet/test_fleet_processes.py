@@ -35,7 +35,7 @@ from tgdaemon.store import DB_NAME, SessionData, Store
 N = 300
 TTL = 15.0
 RENEW = 1.0
-LEASE = {"lease_ttl": TTL, "lease_renew_interval": RENEW, "lease_moves_per_minute": 600,
+LEASE = {"lease_ttl": TTL, "lease_renew_interval": RENEW, "lease_moves_per_minute": 3000,
          "connect_rate": 0.0, "log_level": "info", "drain_timeout": 5.0}
 POLICY = {"heartbeat_interval": 2.0, "stale_after": 30.0, "connect_timeout": 10.0,
           "request_timeout": 10.0, "backoff_base": 0.2, "backoff_cap": 2.0}
@@ -185,8 +185,7 @@ async def spread_ok(fleet: Fleet, instances: list[str]) -> bool:
 async def test_fleet_of_processes(fleet: Fleet, wait_until: WaitUntil) -> None:
     timings: dict[str, float] = {}
     t = time.monotonic()
-    for i in ("d1", "d2", "d3"):
-        await fleet.start(i)
+    await asyncio.gather(*(fleet.start(i) for i in ("d1", "d2", "d3")))
     await wait_until(lambda: spread_ok(fleet, ["d1", "d2", "d3"]), 120, "spread within 20 %")
     await wait_until(fleet.connected_once, 120, "every account connected exactly once")
     timings["start"] = time.monotonic() - t
