@@ -22,7 +22,8 @@ from collections.abc import Callable, Iterator
 
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
-from prometheus_client.utils import floatToGoString
+
+from tgdaemon.metrics import go_float
 
 #: Seconds between two probes: 4 wake-ups a second cost nothing and catch pauses of >= 0.25 s
 #: to within their length (a shorter pause is caught when the probe's wake-up falls into it).
@@ -109,7 +110,7 @@ class LoopLag:
         for bound, count in zip((*LAG_BUCKETS, float("inf")), list(self._buckets),
                                 strict=True):
             cumulative += count
-            buckets.append((floatToGoString(bound), float(cumulative)))
+            buckets.append((go_float(bound), float(cumulative)))
         hist.add_metric([], buckets, self._sum)
         yield hist
         yield GaugeMetricFamily(

@@ -732,16 +732,16 @@ def _has_samples(family: Metric) -> bool:
 def _num(value: float | bool) -> str:
     """A sample value in the text format: ints and finite floats as Python prints them."""
     if type(value) is float and not math.isfinite(value):
-        return _go_float(value)
+        return go_float(value)
     return repr(int(value)) if type(value) is bool else repr(value)
 
 
 def _fmt_le(bound: float) -> str:
     """Go's float text for ``le`` (1.0, 2.5, 10.0), so series match generate_latest's."""
-    return _go_float(bound)
+    return go_float(bound)
 
 
-def _go_float(value: float) -> str:
+def go_float(value: float) -> str:
     # prometheus_client leaves this helper unannotated.
     text: str = floatToGoString(value)  # type: ignore[no-untyped-call]
     return text
