@@ -43,6 +43,7 @@ from tgdaemon.leases import (
     renewal_result,
 )
 from tgdaemon.leasestore import NO_EPOCH, LeaseStore
+from tgdaemon.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from tgdaemon.store import Store
@@ -199,9 +200,7 @@ class Fleet:
             _done, pending = await asyncio.wait(set(self._tasks[:2]), timeout=timeout)
             others.extend(pending)
         for task in others:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         self._tasks = []
         stuck: set[str] = set()
         if self.supervisor is not None:

@@ -12,7 +12,6 @@ readable with the ring on disk; the next start sees records under an older key a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -21,6 +20,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from tgdaemon.exceptions import TgdaemonError
+from tgdaemon.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -65,10 +65,7 @@ class KeyRotation(Collector):
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         store = self._store

@@ -13,7 +13,6 @@ window) and ``tgdaemon_event_loop_lag_max_seconds`` (the largest lag of the last
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 from bisect import bisect_left
@@ -24,6 +23,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.registry import CollectorRegistry
 
 from tgdaemon.metrics import go_float
+from tgdaemon.tasks import cancel_and_wait
 
 #: Seconds between two probes: 4 wake-ups a second cost nothing and catch pauses of >= 0.25 s
 #: to within their length (a shorter pause is caught when the probe's wake-up falls into it).
@@ -85,10 +85,7 @@ class LoopLag:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:
