@@ -974,8 +974,8 @@ class Store:
         async with self._lock, self._tx_locked(durable=True) as conn:
             rows = await conn.execute_fetchall(f"SELECT account, {_RECORD_COLUMNS} FROM sessions")
             stale = [(name, record) for name, record, _kind in rows
-                     if record is not None and record_key_id(record) != target
-                     and record_key_id(record) in ring.key_ids]
+                     if record is not None and (kid := record_key_id(record)) != target
+                     and kid in ring.key_ids]
 
             def reencrypt() -> tuple[list[tuple[bytes, str]], int]:
                 out: list[tuple[bytes, str]] = []

@@ -141,7 +141,7 @@ class AccountApi:
         app.router.add_get("/v1/accounts/{name}/sessions",
                            _through_account(ApiMethod.SESSIONS, _sessions))
         app.router.add_post("/v1/accounts/{name}/sessions/terminate",
-                            _through_account(ApiMethod.TERMINATE_SESSIONS, terminate_sessions))
+                            _through_account(ApiMethod.TERMINATE_SESSIONS, _terminate))
         app.router.add_get("/v1/updates", _updates)
         app.on_shutdown.append(self._close_sockets)
 
@@ -491,6 +491,10 @@ async def _invoke(request: web.Request) -> Call:
 
 async def _sessions(request: web.Request) -> Call:
     return list_sessions(with_ip=_api(request).config.security.log_ip)
+
+
+async def _terminate(request: web.Request) -> Call:
+    return terminate_sessions(await _body(request))
 
 
 async def _updates(request: web.Request) -> web.StreamResponse:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
 from telethon import errors, functions
 
 from tgdaemon.api.gateway import ApiError, Outcome
@@ -44,21 +43,16 @@ def list_sessions(with_ip: bool) -> Call:
     return call
 
 
-async def terminate_sessions(request: web.Request) -> Call:
-    """``{"hash": "…"}`` ends one session, ``{"allOthers": true}`` every one but the daemon's."""
-    try:
-        body = await request.json()
-    except ValueError:
-        raise ApiError(Outcome.BAD_REQUEST, "body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise ApiError(Outcome.BAD_REQUEST, "body must be a JSON object")
+def terminate_sessions(body: dict[str, Any]) -> Call:
+    """``{"hash": "…"}`` ends one session, ``{"allOthers": true}`` every one but the daemon's
+    (``body`` as the API's one body reader parsed and bounded it)."""
     all_others = body.get("allOthers") is True
     raw = body.get("hash")
     if all_others == (raw is not None):
         raise ApiError(Outcome.BAD_REQUEST, "give exactly one of hash or allOthers: true")
-    request_: Any
+    reset: Any
     if all_others:
-        request_ = functions.auth.ResetAuthorizationsRequest()
+        reset = functions.auth.ResetAuthorizationsRequest()
     else:
         try:
             value = int(str(raw))
@@ -66,11 +60,11 @@ async def terminate_sessions(request: web.Request) -> Call:
             raise ApiError(Outcome.BAD_REQUEST, "hash must be a session hash") from None
         if value == 0 or not -(2**63) <= value < 2**63:
             raise ApiError(Outcome.BAD_REQUEST, "hash must be another session's hash")
-        request_ = functions.account.ResetAuthorizationRequest(hash=value)
+        reset = functions.account.ResetAuthorizationRequest(hash=value)
 
     async def call(tc: ManagedClient) -> Any:
         try:
-            await tc(request_)
+            await tc(reset)
         except errors.FreshResetAuthorisationForbiddenError:
             # Telegram's rule, not a problem of this session: it must not read as "parked".
             raise ApiError(Outcome.FORBIDDEN, "Telegram refuses: this session is too new to "
