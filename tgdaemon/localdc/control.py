@@ -66,6 +66,10 @@ def make_app(dc: LocalDC) -> web.Application:
         counts = dc.key_use.overlap_snapshot()
         return web.json_response({"total": sum(counts.values()), "by_auth_key": counts})
 
+    @routes.get("/keys")
+    async def keys(request: web.Request) -> web.Response:
+        return web.json_response({"live": dc.key_use.live_snapshot()})
+
     @routes.get("/faults")
     async def faults(request: web.Request) -> web.Response:
         return web.json_response(
