@@ -42,7 +42,7 @@ from tgdaemon.leases import (
     must_close,
     renewal_result,
 )
-from tgdaemon.leasestore import NO_EPOCH, LeaseStore
+from tgdaemon.leasestore import NO_EPOCH, LeaseStore, Reencrypt
 from tgdaemon.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -163,6 +163,10 @@ class Fleet:
 
     async def read_records(self, names: Sequence[str] | None) -> dict[str, bytes]:
         return await self.leases.read_sessions(names)
+
+    async def reencrypt_records(self, old_key_ids: Sequence[str], limit: int,
+                                skip: Sequence[str], convert: Reencrypt) -> tuple[int, int]:
+        return await self.leases.reencrypt(old_key_ids, limit, skip, convert)
 
     # -- lifecycle --------------------------------------------------------------------------
 

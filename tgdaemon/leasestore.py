@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import sqlite3
@@ -37,6 +38,11 @@ _T = TypeVar("_T")
 
 #: Placeholder epoch meaning "no lease": never equal to a stored one (those start at 1).
 NO_EPOCH = -1
+
+#: Turns (account, record) pairs into re-encrypted ones (those it could not decrypt left out).
+Reencrypt = Callable[[list[tuple[str, bytes]]], list[tuple[str, bytes]]]
+#: Where a record's key id sits (tgdaemon/crypto.py's layout: version byte, then 4 bytes).
+_KEY_ID_AT, _KEY_ID_LEN = 2, 4  # SQL's substr()/substring() count from 1
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,10 @@ class InstanceInfo:
     #: Seconds since its last renewal on the store's clock (its lag).
     renewed_ago: float
     owned: int
+    #: The key ids of its master key ring, and the one it writes records under (published
+    #: by the instance, tgdaemon/keyrotation.py; empty/None until it has).
+    key_ids: tuple[str, ...] = ()
+    write_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -150,9 +160,28 @@ class LeaseStore(abc.ABC):
         """Store records for accounts that have none yet (moving a single daemon's sessions
         into a fleet); never overwrites.  Returns how many were stored."""
 
+    # -- master key rotation (tgdaemon/keyrotation.py) --------------------------------------
+
+    @abc.abstractmethod
+    async def publish_keys(self, instance: str, key_ids: Sequence[str], write_key: str
+                           ) -> None:
+        """Record which keys the instance's ring holds and which one it writes under."""
+
+    @abc.abstractmethod
+    async def reencrypt(self, old_key_ids: Sequence[str], limit: int, skip: Sequence[str],
+                        convert: Reencrypt) -> tuple[int, int]:
+        """Rewrite up to ``limit`` records under one of ``old_key_ids`` (accounts in ``skip``
+        excepted) with ``convert``, in one transaction that no other daemon's re-encryption
+        or session write can interleave with; returns (rewritten, still under those keys).
+        The plaintext does not change, so no lease is needed: whoever writes next wins."""
+
 
 def _host() -> str:
     return socket.gethostname()[:64]
+
+
+def _split_keys(text: str | None) -> tuple[str, ...]:
+    return tuple(text.split(",")) if text else ()
 
 
 # -- SQLite ---------------------------------------------------------------------------------
@@ -259,7 +288,8 @@ class SqliteLeaseStore(LeaseStore):
     async def register(self, instance: str, capacity: int) -> None:
         now = self._clock()
         await self._run(lambda conn: conn.execute(
-            "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+            "INSERT INTO instances (id, capacity, host, pid, started_at, renewed_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
             "capacity=excluded.capacity, host=excluded.host, pid=excluded.pid, "
             "started_at=excluded.started_at, renewed_at=excluded.renewed_at",
             (instance, capacity, _host(), os.getpid(), now, now)))
@@ -275,9 +305,11 @@ class SqliteLeaseStore(LeaseStore):
         now = self._clock()
         rows = await self._run(lambda conn: conn.execute(
             "SELECT i.id, i.capacity, i.host, i.pid, i.started_at, i.renewed_at, "
-            "(SELECT count(*) FROM leases l WHERE l.owner = i.id AND l.expires_at > ?) "
-            "FROM instances i ORDER BY i.id", (now,)).fetchall(), write=False)
-        return [InstanceInfo(i, c, h, p, s, now - r, o) for i, c, h, p, s, r, o in rows]
+            "(SELECT count(*) FROM leases l WHERE l.owner = i.id AND l.expires_at > ?), "
+            "i.key_ids, i.write_key FROM instances i ORDER BY i.id", (now,)).fetchall(),
+            write=False)
+        return [InstanceInfo(i, c, h, p, s, now - r, o, _split_keys(k), w)
+                for i, c, h, p, s, r, o, k, w in rows]
 
     async def counts(self, ttl: float) -> FleetCounts:
         now = self._clock()
@@ -373,6 +405,36 @@ class SqliteLeaseStore(LeaseStore):
     async def seed_sessions(self, records: Mapping[str, bytes]) -> int:
         # The sessions already live in this database: nothing to move.
         return 0
+
+    async def publish_keys(self, instance: str, key_ids: Sequence[str], write_key: str
+                           ) -> None:
+        await self._run(lambda conn: conn.execute(
+            "UPDATE instances SET key_ids=?, write_key=? WHERE id=?",
+            (",".join(key_ids), write_key, instance)))
+
+    async def reencrypt(self, old_key_ids: Sequence[str], limit: int, skip: Sequence[str],
+                        convert: Reencrypt) -> tuple[int, int]:
+        if not old_key_ids:
+            return 0, 0
+        # The whole batch in one BEGIN IMMEDIATE: the database's write lock keeps every
+        # other writer of the machine (re-encrypting or not) out until it commits.
+        old = [bytes.fromhex(k) for k in old_key_ids]
+        where = (f"substr(record, {_KEY_ID_AT}, {_KEY_ID_LEN}) IN "
+                 f"({','.join('?' * len(old))}) AND account NOT IN "
+                 f"(SELECT value FROM json_each(?))")
+        args = (*old, json.dumps(list(skip)))
+
+        def tx(conn: sqlite3.Connection) -> tuple[int, int]:
+            rows = conn.execute(f"SELECT account, record FROM sessions WHERE {where} LIMIT ?",
+                                (*args, limit)).fetchall()
+            updates = convert([(a, bytes(r)) for a, r in rows])
+            conn.executemany("UPDATE sessions SET record=? WHERE account=?",
+                             [(r, a) for a, r in updates])
+            (left,) = conn.execute(f"SELECT count(*) FROM sessions WHERE {where}",
+                                   args).fetchone()
+            return len(updates), int(left)
+
+        return await self._run(tx)
 
 
 # -- PostgreSQL -----------------------------------------------------------------------------
@@ -493,7 +555,8 @@ class PgLeaseStore(LeaseStore):
     async def register(self, instance: str, capacity: int) -> None:
         async with self._conn() as conn:
             await conn.execute(
-                f"INSERT INTO instances VALUES ($1, $2, $3, $4, {_PG_NOW}, {_PG_NOW}) "
+                "INSERT INTO instances (id, capacity, host, pid, started_at, renewed_at) "
+                f"VALUES ($1, $2, $3, $4, {_PG_NOW}, {_PG_NOW}) "
                 "ON CONFLICT(id) DO UPDATE SET capacity=excluded.capacity, host=excluded.host, "
                 "pid=excluded.pid, started_at=excluded.started_at, "
                 "renewed_at=excluded.renewed_at", instance, capacity, _host(), os.getpid())
@@ -509,8 +572,10 @@ class PgLeaseStore(LeaseStore):
             rows = await conn.fetch(
                 f"SELECT i.id, i.capacity, i.host, i.pid, i.started_at, "
                 f"{_PG_NOW} - i.renewed_at, (SELECT count(*) FROM leases l WHERE "
-                f"l.owner = i.id AND l.expires_at > {_PG_NOW}) FROM instances i ORDER BY i.id")
-        return [InstanceInfo(*r) for r in rows]
+                f"l.owner = i.id AND l.expires_at > {_PG_NOW}), i.key_ids, i.write_key "
+                "FROM instances i ORDER BY i.id")
+        return [InstanceInfo(i, c, h, p, s, ago, o, _split_keys(k), w)
+                for i, c, h, p, s, ago, o, k, w in rows]
 
     async def counts(self, ttl: float) -> FleetCounts:
         async with self._conn() as conn:
@@ -600,6 +665,33 @@ class PgLeaseStore(LeaseStore):
                 "ON CONFLICT DO NOTHING RETURNING account",
                 list(records), list(records.values()))
         return len(rows)
+
+    async def publish_keys(self, instance: str, key_ids: Sequence[str], write_key: str
+                           ) -> None:
+        async with self._conn() as conn:
+            await conn.execute("UPDATE instances SET key_ids=$2, write_key=$3 WHERE id=$1",
+                               instance, ",".join(key_ids), write_key)
+
+    async def reencrypt(self, old_key_ids: Sequence[str], limit: int, skip: Sequence[str],
+                        convert: Reencrypt) -> tuple[int, int]:
+        if not old_key_ids:
+            return 0, 0
+        old = [bytes.fromhex(k) for k in old_key_ids]
+        where = (f"substring(record from {_KEY_ID_AT} for {_KEY_ID_LEN}) = ANY($1::bytea[]) "
+                 "AND account <> ALL($2::text[])")
+        async with self._conn() as conn, conn.transaction():
+            # FOR UPDATE SKIP LOCKED: daemons re-encrypting at once take disjoint rows, and
+            # an owner's session write to a row waits for this commit (then overwrites it).
+            rows = await conn.fetch(
+                f"SELECT account, record FROM sessions WHERE {where} LIMIT $3 "
+                "FOR UPDATE SKIP LOCKED", old, list(skip), limit)
+            updates = await asyncio.to_thread(convert, [(a, bytes(r)) for a, r in rows])
+            if updates:
+                await conn.executemany("UPDATE sessions SET record=$2 WHERE account=$1",
+                                       updates)
+            left = await conn.fetchval(f"SELECT count(*) FROM sessions WHERE {where}",
+                                       old, list(skip))
+        return len(updates), int(left)
 
 
 async def open_lease_store(database_url: str | None, sqlite_path: Path,
