@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from tgdaemon.exceptions import DecryptionError, TgdaemonError
+from tgdaemon.exceptions import TgdaemonError
 from tgdaemon.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -176,11 +176,7 @@ class FleetKeys:
     def set_ring(self, ring: KeyRing) -> None:
         """A reload brought a new ring: it must keep every key of the running one (records
         under them must stay readable); it is used from the next agreement on."""
-        missing = [k for k in self.ring.key_ids if k not in ring.key_ids]
-        if missing:
-            raise DecryptionError(
-                f"the new key ring lacks key(s) {', '.join(missing)} of the running one; "
-                "records under them would become unreadable: keeping the running ring")
+        self.ring.check_replacement(ring)
         self.ring = ring
         self._wake.set()
 

@@ -963,11 +963,7 @@ class Store:
     def set_keyring(self, ring: KeyRing) -> None:
         """Use ``ring`` from now on (a reload after ``tgdaemon rotate-key``). It must keep every
         key of the current ring: records under any of them must stay readable."""
-        missing = [k for k in self._keyring.key_ids if k not in ring.key_ids]
-        if missing:
-            raise DecryptionError(
-                f"the new key ring lacks key(s) {', '.join(missing)} of the running one; "
-                "records under them would become unreadable: keeping the running ring")
+        self._keyring.check_replacement(ring)
         self._keyring = ring
 
     async def reencrypt_some(self, limit: int) -> tuple[int, int]:
