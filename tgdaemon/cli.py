@@ -101,8 +101,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("action", nargs="?", choices=("add", "remove", "enable", "disable"),
                     help="edit the fleet's accounts (daemon.instance_id set)")
     sp.add_argument("names", nargs="*", metavar="NAME")
-    sp = command("cluster", cmd_cluster, "the fleet: `cluster status` lists its instances")
-    sp.add_argument("what", choices=("status",))
+    sp = command("cluster", cmd_cluster,
+                 "the fleet: `cluster status` lists its instances, `cluster forget INSTANCE` "
+                 "removes a dead one (its accounts free at once)")
+    sp.add_argument("what", choices=("status", "forget"))
+    sp.add_argument("instance", nargs="?", help="forget: the instance id")
+    sp.add_argument("--force", action="store_true",
+                    help="forget: even if it renewed within lease_ttl (you know it is dead)")
     sp = command("import", cmd_import,
                  "import a Telethon session (StringSession on stdin, or --file x.session)")
     sp.add_argument("name")
@@ -263,7 +268,16 @@ def cmd_accounts(ns: argparse.Namespace) -> int:
 def cmd_cluster(ns: argparse.Namespace) -> int:
     from tgdaemon import cluster_cli
 
-    print(asyncio.run(cluster_cli.cluster_status(_load(ns))))
+    config = _load(ns)
+    if ns.what == "forget":
+        if not ns.instance:
+            raise AccountError("cluster forget: name the instance (tgdaemon cluster status "
+                               "lists them)")
+        print(asyncio.run(cluster_cli.forget_instance(config, ns.instance, force=ns.force)))
+        return 0
+    if ns.instance or ns.force:
+        raise AccountError("cluster status takes no instance and no --force")
+    print(asyncio.run(cluster_cli.cluster_status(config)))
     return 0
 
 

@@ -168,6 +168,56 @@ async def cluster_status(config: Config) -> str:
             f"{counts.lost_instances} lost (lease_ttl {ttl:g}s)")
 
 
+async def forget_instance(config: Config, instance: str, *, force: bool) -> str:
+    """``tgdaemon cluster forget INSTANCE [--force]``; returns the line to print."""
+    from tgdaemon.exceptions import InstanceLiveError
+
+    _require_fleet(config, "cluster forget")
+    ttl = config.daemon.lease_ttl
+    _refuse_if_running_here(config, instance)
+    async with open_fleet(config) as leases:
+        result = await leases.forget(instance, ttl, force=force)
+    if result is None:
+        raise AccountError(f"no instance named {instance!r} in the fleet (tgdaemon cluster "
+                           "status lists them)")
+    if not result.forgotten:
+        raise InstanceLiveError(
+            f"instance {instance} renewed its leases {result.renewed_ago:.1f}s ago, within "
+            f"lease_ttl ({ttl:g}s): it may still be running, and its accounts would run twice; "
+            "stop it or wait until it is LOST, or pass --force if you know it is dead")
+    return (f"forgot instance {instance} (last renewal {result.renewed_ago:.1f}s ago): "
+            f"released {result.released} lease(s); the live instances claim its accounts at "
+            "their next renewal")
+
+
+def _refuse_if_running_here(config: Config, instance: str) -> None:
+    """Even with ``--force``: an instance of this state directory whose lock is held runs
+    (or is paused) on this machine; it must be stopped, not forgotten."""
+    import fcntl
+    import os
+
+    from tgdaemon.exceptions import InstanceLiveError
+    from tgdaemon.fleet import instance_lock_name
+
+    try:
+        fd = os.open(config.daemon.state_dir / instance_lock_name(instance),
+                     os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # never ran here
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise InstanceLiveError(
+                f"instance {instance} runs on this machine (pid {pid} holds "
+                f"{instance_lock_name(instance)}): stop it (systemctl stop "
+                f"tgdaemon@{instance}) instead of forgetting it") from None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 def _keys(i: InstanceInfo) -> str:
     """The key ids of the instance's ring, ``*`` on the one it writes under."""
     if not i.key_ids:

@@ -79,7 +79,11 @@ class FleetMetrics:
 
 def fleet_lock_name(config: Config) -> str:
     """One daemon per instance id: the lock file in the state directory names the id."""
-    return f"tgdaemon.{config.daemon.instance_id}.lock"
+    return instance_lock_name(config.daemon.instance_id)
+
+
+def instance_lock_name(instance: str) -> str:
+    return f"tgdaemon.{instance}.lock"
 
 
 def account_spec(config: Config, name: str) -> AccountConfig:

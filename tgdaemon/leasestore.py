@@ -72,6 +72,15 @@ class InstanceInfo:
 
 
 @dataclass(frozen=True)
+class ForgetResult:
+    """What ``forget`` found: the instance's lag, and whether its row and leases went."""
+
+    renewed_ago: float
+    forgotten: bool
+    released: int = 0
+
+
+@dataclass(frozen=True)
 class FleetCounts:
     """Counts over enabled accounts, as of one read."""
 
@@ -118,6 +127,14 @@ class LeaseStore(abc.ABC):
     @abc.abstractmethod
     async def unregister(self, instance: str) -> None:
         """Release every lease of the instance and delete its row (a clean stop)."""
+
+    @abc.abstractmethod
+    async def forget(self, instance: str, ttl: float, *, force: bool) -> ForgetResult | None:
+        """An operator removes a dead instance (``tgdaemon cluster forget``): its row goes and
+        its leases are released, all in one transaction, unless it renewed within ``ttl``
+        and not ``force``.  The leases keep their epochs, so its writes stay refused; if it
+        still runs, its next renewal finds no lease and registers it again.  None when there
+        is no such instance."""
 
     @abc.abstractmethod
     async def instances(self) -> list[InstanceInfo]: ...
@@ -206,6 +223,9 @@ class SqliteLeaseStore(LeaseStore):
         self.path = path
         self._clock = clock
         self._executor = executor
+        #: Capacity of the instances registered through this store: a renewal registers an
+        #: instance again whose row an operator removed (``forget``) while it ran.
+        self._capacities: dict[str, int] = {}
 
     @classmethod
     async def open(cls, db_path: Path, *, clock: Callable[[], float] = time.time
@@ -287,6 +307,7 @@ class SqliteLeaseStore(LeaseStore):
 
     async def register(self, instance: str, capacity: int) -> None:
         now = self._clock()
+        self._capacities[instance] = capacity
         await self._run(lambda conn: conn.execute(
             "INSERT INTO instances (id, capacity, host, pid, started_at, renewed_at) "
             "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
@@ -300,6 +321,24 @@ class SqliteLeaseStore(LeaseStore):
             conn.execute("DELETE FROM instances WHERE id=?", (instance,))
 
         await self._run(tx)
+
+    async def forget(self, instance: str, ttl: float, *, force: bool) -> ForgetResult | None:
+        now = self._clock()
+
+        def tx(conn: sqlite3.Connection) -> ForgetResult | None:
+            row = conn.execute("SELECT renewed_at FROM instances WHERE id=?",
+                               (instance,)).fetchone()
+            if row is None:
+                return None
+            ago = now - row[0]
+            if ago < ttl and not force:
+                return ForgetResult(ago, forgotten=False)
+            released = conn.execute("UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=?",
+                                    (instance,)).rowcount
+            conn.execute("DELETE FROM instances WHERE id=?", (instance,))
+            return ForgetResult(ago, forgotten=True, released=released)
+
+        return await self._run(tx)
 
     async def instances(self) -> list[InstanceInfo]:
         now = self._clock()
@@ -325,8 +364,15 @@ class SqliteLeaseStore(LeaseStore):
     async def renew(self, instance: str, ttl: float) -> dict[str, int]:
         now = self._clock()
 
+        capacity = self._capacities.get(instance)
+
         def tx(conn: sqlite3.Connection) -> dict[str, int]:
-            conn.execute("UPDATE instances SET renewed_at=? WHERE id=?", (now, instance))
+            alive = conn.execute("UPDATE instances SET renewed_at=? WHERE id=?", (now, instance))
+            if alive.rowcount == 0 and capacity is not None:  # forgotten while running
+                conn.execute(
+                    "INSERT INTO instances (id, capacity, host, pid, started_at, renewed_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)", (instance, capacity, _host(), os.getpid(),
+                                                  now, now))
             conn.execute(
                 "UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=? AND account IN "
                 "(SELECT name FROM accounts WHERE enabled=0)", (instance,))
@@ -466,6 +512,8 @@ class PgLeaseStore(LeaseStore):
     def __init__(self, pool: Any, url: str) -> None:
         self._pool = pool
         self.url = redact_url(url)
+        #: As for SQLite: a renewal registers an instance again that was forgotten.
+        self._capacities: dict[str, int] = {}
 
     @classmethod
     async def open(cls, url: str, *, timeout: float = 10.0,
@@ -553,6 +601,7 @@ class PgLeaseStore(LeaseStore):
         return [FleetAccount(n, e, o, ep, None if o is None else x) for n, e, o, ep, x in rows]
 
     async def register(self, instance: str, capacity: int) -> None:
+        self._capacities[instance] = capacity
         async with self._conn() as conn:
             await conn.execute(
                 "INSERT INTO instances (id, capacity, host, pid, started_at, renewed_at) "
@@ -566,6 +615,20 @@ class PgLeaseStore(LeaseStore):
             await conn.execute(
                 "UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=$1", instance)
             await conn.execute("DELETE FROM instances WHERE id=$1", instance)
+
+    async def forget(self, instance: str, ttl: float, *, force: bool) -> ForgetResult | None:
+        async with self._conn() as conn, conn.transaction():
+            # FOR UPDATE: a renewal of the instance waits for this decision.
+            ago = await conn.fetchval(f"SELECT {_PG_NOW} - renewed_at FROM instances "
+                                      "WHERE id=$1 FOR UPDATE", instance)
+            if ago is None:
+                return None
+            if ago < ttl and not force:
+                return ForgetResult(ago, forgotten=False)
+            status = await conn.execute(
+                "UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=$1", instance)
+            await conn.execute("DELETE FROM instances WHERE id=$1", instance)
+        return ForgetResult(ago, forgotten=True, released=int(status.split()[-1]))
 
     async def instances(self) -> list[InstanceInfo]:
         async with self._conn() as conn:
@@ -590,15 +653,23 @@ class PgLeaseStore(LeaseStore):
     async def renew(self, instance: str, ttl: float) -> dict[str, int]:
         # One statement, one round trip: the instance's heartbeat, the release of disabled
         # accounts and the renewal of everything else (disjoint rows).
+        capacity = self._capacities.get(instance)
+        alive = f"UPDATE instances SET renewed_at={_PG_NOW} WHERE id=$1"
+        args: tuple[Any, ...] = (instance, ttl)
+        if capacity is not None:  # registers it again if it was forgotten while running
+            alive = ("INSERT INTO instances (id, capacity, host, pid, started_at, renewed_at) "
+                     f"VALUES ($1, $3, $4, $5, {_PG_NOW}, {_PG_NOW}) ON CONFLICT (id) DO "
+                     "UPDATE SET renewed_at=excluded.renewed_at")
+            args = (*args, capacity, _host(), os.getpid())
         async with self._conn() as conn:
             rows = await conn.fetch(
-                f"WITH alive AS (UPDATE instances SET renewed_at={_PG_NOW} WHERE id=$1), "
+                f"WITH alive AS ({alive}), "
                 "disabled AS (SELECT name FROM accounts WHERE NOT enabled), "
                 "dropped AS (UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=$1 AND "
                 "account IN (SELECT name FROM disabled)) "
                 f"UPDATE leases SET expires_at={_PG_NOW} + $2 WHERE owner=$1 "
                 f"AND expires_at > {_PG_NOW} AND account NOT IN (SELECT name FROM disabled) "
-                "RETURNING account, epoch", instance, ttl)
+                "RETURNING account, epoch", *args)
         return {a: e for a, e in rows}
 
     async def claim(self, instance: str, n: int, ttl: float) -> dict[str, int]:
