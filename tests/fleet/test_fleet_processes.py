@@ -39,7 +39,7 @@ TTL = 15.0
 RENEW = 1.0
 LEASE = {"lease_ttl": TTL, "lease_renew_interval": RENEW, "lease_moves_per_minute": 3000,
          "connect_rate": 0.0, "log_level": "info", "drain_timeout": 5.0}
-POLICY = {"heartbeat_interval": 2.0, "stale_after": 30.0, "connect_timeout": 10.0,
+POLICY = {"heartbeat_interval": 4.0, "stale_after": 30.0, "connect_timeout": 10.0,
           "request_timeout": 10.0, "backoff_base": 0.2, "backoff_cap": 2.0}
 TAKEOVER = TTL + RENEW + 15
 #: Seconds between two looks at localdc or the database while waiting (each look costs them).
@@ -191,6 +191,10 @@ async def fleet(request: pytest.FixtureRequest, tmp_path: Path, keyring: KeyRing
     leases = await open_lease_store(url, state / DB_NAME, TTL)
     dc = LocalDcProcess(procs[0], tmp_path)
     await asyncio.to_thread(dc.start)
+    # Telegram's servers are not slowed down by this machine's load: where allowed (root),
+    # localdc runs ahead of the daemons, the test and whatever else runs here.
+    with contextlib.suppress(PermissionError):
+        os.setpriority(os.PRIO_PROCESS, dc.pid, -10)
     try:
         f = Fleet(tmp_path, config, DcControl(str(dc.info["control_url"])), leases, keys, users)
         f.backend = request.param  # type: ignore[attr-defined]
