@@ -31,8 +31,10 @@ from tgdaemon.dcs import DcDirectory
 from tgdaemon.exceptions import ConfigError, TgdaemonError
 from tgdaemon.fdlimit import fd_shortfall
 from tgdaemon.fleet import Fleet, fleet_lock_name
+from tgdaemon.gcpolicy import GcPolicy
 from tgdaemon.keyrotation import KeyRotation
 from tgdaemon.leasestore import open_lease_store
+from tgdaemon.lifecycle import State
 from tgdaemon.logvolume import NoiseCollector
 from tgdaemon.looplag import LoopLag
 from tgdaemon.metrics import Metrics
@@ -85,6 +87,8 @@ class Daemon:
         self.records = RecordsCollector(self.registry)
         self.loop_lag = LoopLag(self.registry, monotonic=monotonic)
         self.rotation: KeyRotation | None = None
+        #: Freezes the long-lived heap while the fleet connects (``tgdaemon.gcpolicy``).
+        self.gc = GcPolicy(self._first_connects_pending)
         self._ready = False
 
     @property
@@ -160,8 +164,11 @@ class Daemon:
         self.supervisor = Supervisor(deps, board=self.board, metrics=self.metrics)
         if api is not None:
             api.bind(self.supervisor.worker)
+        self._stack.push_async_callback(self.gc.stop)
+        self.gc.freeze()  # imports, configuration, the store: before any worker allocates
         await self.supervisor.start()
         self._stack.push_async_callback(self._stop_supervisor)
+        self.gc.start()  # every worker exists; freeze as they connect
         if self.fleet is not None:
             self.fleet.start(self.supervisor)
             self._stack.push_async_callback(self.fleet.stop, config.daemon.drain_timeout)
@@ -181,6 +188,10 @@ class Daemon:
             log.info("HTTP listening on %s:%d", listen.host, self.http.port)
         self._ready = True
         log.info("daemon started: %s", self.board.summary())
+
+    def _first_connects_pending(self) -> bool:
+        counts = self.board.counts()
+        return bool(counts[State.STARTING] or counts[State.CONNECTING])
 
     async def _join_fleet(self, config: Config, store: Store) -> Fleet:
         """Fleet mode: open the shared lease store and join (README: Scaling out)."""

@@ -117,3 +117,16 @@ def test_issue_17_targets() -> None:
     slow = {**outage, "recovered_s": 9.6}
     results["sizes"][0]["daemon"][0]["outage"] = slow
     assert "(9.6 s) **MISSED**" in target_lines(results)[0]
+
+
+def test_lag_and_gc_pauses_shown_beside_the_baseline(tmp_path: Path) -> None:
+    daemon = _run(40, 8, loop_lag_idle_max_s=0.02, gc_full_total=0, gc_pause_max_s=0.004)
+    baseline = _run(45, 9, loop_lag_idle_max_s=0.31, gc_full_total=7, gc_pause_max_s=1.2)
+    results = _results(1000, daemon, baseline)
+    line = target_lines(results)[0]
+    assert "event-loop lag, idle window: max 20 ms (baseline 310 ms) ≤ 100 ms **met**" in line
+    out = tmp_path / "RESULTS.md"
+    write_results(results, out, None)
+    text = out.read_text()
+    assert "| full GCs from start to stop (count) | 0 | 7 | 0.00x |" in text
+    assert "| longest GC pause from start to stop, s | 0.004 | 1.200 | 0.00x |" in text
