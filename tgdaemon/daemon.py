@@ -48,6 +48,8 @@ from tgdaemon.telegram import client_class, trust_server_keys
 from tgdaemon.worker import WorkerDeps
 
 if TYPE_CHECKING:
+    from tgdaemon.exceptions import DecryptionError
+    from tgdaemon.store import SessionData
     from tgdaemon.telegram import ManagedClient
 
 log = logging.getLogger("tgdaemon.daemon")
@@ -124,7 +126,9 @@ class Daemon:
         self.store = await Store.open(config.daemon.state_dir, keyring, clock=self._clock,
                                       lock_name=lock_name)
         self._stack.push_async_callback(self.store.close)
-        await self.check_records()
+        # Read and decrypt every session once: the record check and the workers share them.
+        sessions = await self.store.load_sessions()
+        await self.check_records(sessions)
         self.rotation = KeyRotation(self.store, self.board, self.registry)
         self._stack.push_async_callback(self.rotation.stop)
         self._resume_rotation()
@@ -166,7 +170,8 @@ class Daemon:
             api.bind(self.supervisor.worker)
         self._stack.push_async_callback(self.gc.stop)
         self.gc.freeze()  # imports, configuration, the store: before any worker allocates
-        await self.supervisor.start()
+        # A fleet member's sessions come from the lease store (routed since the join).
+        await self.supervisor.start(None if self.fleet is not None else sessions)
         self._stack.push_async_callback(self._stop_supervisor)
         self.gc.start()  # every worker exists; freeze as they connect
         if self.fleet is not None:
@@ -219,11 +224,13 @@ class Daemon:
             return False
         return self._ready and not (self.store is not None and self.store.read_only)
 
-    async def check_records(self) -> None:
+    async def check_records(
+        self, sessions: Mapping[str, SessionData | DecryptionError] | None = None,
+    ) -> None:
         """Measure the stored records against the key ring: one ERROR line for the fleet
         (not one per account) when some cannot be decrypted."""
         assert self.store is not None
-        report = await check_records(self.store)
+        report = await check_records(self.store, sessions)
         self.records.report = report
         problem = report.problem()
         if problem is not None:

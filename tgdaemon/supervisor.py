@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -56,9 +56,13 @@ class Supervisor:
 
     # -- start / stop ----------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Start a worker for every enabled account, reading all sessions in one pass."""
-        sessions = await self.deps.store.load_sessions()
+    async def start(
+        self, sessions: Mapping[str, SessionData | DecryptionError] | None = None,
+    ) -> None:
+        """Start a worker for every enabled account, reading all sessions in one pass
+        (``sessions``: what the caller just read)."""
+        if sessions is None:
+            sessions = await self.deps.store.load_sessions()
         for i, account in enumerate(self.config.accounts, 1):
             if account.enabled:
                 self._spawn(account, sessions.get(account.name))

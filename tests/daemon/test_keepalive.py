@@ -18,7 +18,7 @@ from tgdaemon.daemon import Daemon
 from tgdaemon.lifecycle import State
 from tgdaemon.rekey import memory_session
 from tgdaemon.store import Store
-from tgdaemon.telegram import build_client, client_class, trust_server_keys
+from tgdaemon.telegram import build_client, client_class, local_update_pts, trust_server_keys
 
 
 def _pings(localdc, uid: int) -> int:
@@ -67,3 +67,30 @@ async def test_stock_behaviour_when_not_turned_off(make_config, login_account, l
         await wait_until(lambda: _pings(localdc, uid) == before + 1, 10, "the ping counted")
     finally:
         await client.disconnect()
+
+
+async def test_no_keepalive_task_the_heartbeat_keeps_house(make_config, login_account, localdc,
+                                                           wait_until, monkeypatch):
+    """No Telethon keep-alive loop per daemon client; its bookkeeping (the update state
+    copied into the session) runs between heartbeats instead."""
+    import tgdaemon.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "HOUSEKEEPING_INTERVAL", 0.0)  # every heartbeat
+    config = make_config([{"name": "alice", "phone": phone_for("alice")}],
+                         policy={"heartbeat_interval": 0.3})
+    uid = await login_account(config, "alice")
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: daemon.board.get("alice") is not None
+                         and daemon.board.get("alice").state is State.CONNECTED, 15,
+                         "connected")
+        assert daemon.supervisor is not None
+        worker = daemon.supervisor.worker("alice")
+        client, session = worker.client, worker.session
+        assert client is not None
+        assert session is not None
+        assert client._keepalive_handle.done()  # returned at once: no loop per client
+        start = session.get_update_state(0).pts
+        localdc.push_update(uid, "moves the pts")
+        await wait_until(lambda: (local_update_pts(client) or 0) > start, 10, "update seen")
+        await wait_until(lambda: session.get_update_state(0).pts == local_update_pts(client),
+                         10, "the session follows the client's update state")
