@@ -232,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     plot = None
     if not args.no_plot:
         plot = plot_outages(results, args.plot)
+    # bench/metrics_scrape.py --prometheus is a run of its own: its section stays.
+    if args.json.exists() and (kept := json.loads(args.json.read_text()).get(
+            "prometheus_scrape")):
+        results["prometheus_scrape"] = kept
     if args.merge and args.json.exists():
         old = json.loads(args.json.read_text())
         ran = {(s["n"], s.get("variant")) for s in results["sizes"]}
