@@ -158,6 +158,7 @@ def render_config(
     names: Sequence[str],
     daemon: dict[str, object],
     policy: dict[str, object],
+    security: dict[str, object] | None = None,
 ) -> str:
     """A tgdaemon config for the bench fleet (no phone numbers: sessions already exist)."""
     daemon_cfg: dict[str, object] = {
@@ -166,4 +167,5 @@ def render_config(
     }
     return daemon_config_toml(
         servers={p.dc_id: [f"{HOST}:{p.port}"] for p in procs}, rsa_files=rsa_files,
-        accounts=[{"name": name} for name in names], daemon=daemon_cfg, policy=policy)
+        accounts=[{"name": name} for name in names], daemon=daemon_cfg, policy=policy,
+        security=security)

@@ -130,7 +130,7 @@ def _prom(body: float, samples: float) -> dict:
     return {"scrapes": 20.0, "failed_scrapes": 0.0, "duration_median_s": 0.12,
             "duration_max_s": 0.31, "samples_per_scrape": samples, "body_bytes": body,
             "head_series": int(samples) + 300, "rss_end_kb": 200 * 1024,
-            "rss_max_kb": 210 * 1024, "cpu_pct": 3.25}
+            "rss_max_kb": 210 * 1024, "cpu_pct": 3.25, "sessions_gauges": 10000}
 
 
 def test_prometheus_scrape_section(tmp_path: Path) -> None:
@@ -146,15 +146,17 @@ def test_prometheus_scrape_section(tmp_path: Path) -> None:
     text = out.read_text()
     assert "## A real Prometheus scraping /metrics, N = 10,000 accounts" in text
     assert "| `fleet` (default) | 20 (0 failed) | 0.120 / 0.310 | 50,040 | 5.0 | 2.77 | " \
-        "50,340 | 200 / 210 | 3.2 |" in text
+        "50,340 | 200 / 210 | 3.2 | 10,000 |" in text
     assert "| `account` | 20 (0 failed) |" in text
     assert "2.77 MB ≤ 3 MB and 5.0 samples per account ≤ 8 **met**" in text
     measured["settings"]["fleet"] = _prom(3_300_000, 50_040)
     assert "3.15 MB ≤ 3 MB and 5.0 samples per account ≤ 8 **MISSED**" in "\n".join(
         prometheus_lines(measured))
-    small = {**measured, "accounts": 1000, "duration_s": 60.0}
-    assert "(not the issue's 10,000 accounts for 5 minutes: a validation run)" in "\n".join(
-        prometheus_lines(small))
+    small = {**measured, "accounts": 1000, "duration_s": 60.0,
+             "settings": {"fleet": _prom(250_000, 4_050)}}
+    text = "\n".join(prometheus_lines(small))
+    assert "0.24 MB, scaled to 10,000 accounts 2.38 MB ≤ 3 MB and 4.0 samples per account " \
+        "≤ 8 (not the issue's 10,000 accounts for 5 minutes: a validation run) **met**" in text
 
 
 def test_prometheus_section_replaces_only_itself() -> None:

@@ -29,7 +29,7 @@ def test_prometheus_scrapes_the_daemon_in_both_histogram_settings(tmp_path: Path
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "metrics_scrape.py"), "--prometheus",
          "--accounts", str(n), "--duration", "3", "--interval", "1", "--heartbeat", "1",
-         "--dc-procs", "1", "--json", str(tmp_path / "results.json"),
+         "--dc-procs", "1", "--sessions-look", "0", "--json", str(tmp_path / "results.json"),
          "--out", str(tmp_path / "RESULTS.md"), "--workdir", str(tmp_path / "work")],
         cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
