@@ -21,7 +21,6 @@ Not a test: numbers depend on the machine.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import datetime
 import gc
@@ -54,8 +53,7 @@ from bench.procfs import cpu_mark, cpu_percent, rss_kb
 from bench.procs import LocalDcProcess
 from bench.report import prometheus_lines, with_prometheus_section
 from bench.run import BENCH_POLICY_EXTRA, daemon_args, raise_nofile
-from bench.seed import free_port_block, plan_dc_procs, render_config, seed_fleet
-from tgdaemon.crypto import generate_keyring, write_key_file
+from bench.seed import free_port_block, render_config, seed_dir
 from tgdaemon.lifecycle import Category, State
 from tgdaemon.metrics import HISTOGRAM_MODES, LATENCY_BUCKETS, Metrics, render
 from tgdaemon.status import StatusBoard
@@ -275,15 +273,10 @@ def wait_for_sessions_gauges(port: int, n: int, timeout: float) -> int:
 def prometheus_bench(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """Seed N accounts once; per histogram setting run the daemon, scrape it, stop it."""
     n = args.accounts
-    ring = generate_keyring()
-    key_file = root / "master.key"
-    write_key_file(key_file, ring)
-    specs = plan_dc_procs(root, args.dc_procs)
-    state = root / "state"
     t0 = time.monotonic()
-    names, rsa_files, _users = asyncio.run(seed_fleet(n, specs, state, ring))
+    seeded = seed_dir(n, root, args.dc_procs)
     progress(f"N={n}: seeded in {time.monotonic() - t0:.1f}s")
-    dcs = [LocalDcProcess(s, root) for s in specs]
+    dcs = [LocalDcProcess(s, root) for s in seeded.specs]
     out: dict[str, Any] = {"accounts": n, "duration_s": args.duration,
                            "interval_s": args.interval, "date": _now(),
                            "loadavg": os.getloadavg()[0], "nproc": os.cpu_count(),
@@ -295,8 +288,9 @@ def prometheus_bench(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         for mode in args.histograms:
             path = root / f"tgdaemon-{mode}.toml"
             path.write_text(render_config(
-                state_dir=state, key_file=key_file, rsa_files=rsa_files, procs=specs,
-                names=names, policy={"heartbeat_interval": args.heartbeat, **BENCH_POLICY_EXTRA},
+                state_dir=seeded.state, key_file=seeded.key_file, rsa_files=seeded.rsa_files,
+                procs=seeded.specs, names=seeded.names,
+                policy={"heartbeat_interval": args.heartbeat, **BENCH_POLICY_EXTRA},
                 daemon={"log_level": "warning", "connect_rate": 0, "metrics_histograms": mode},
                 security={"check_interval": args.sessions_look} if args.sessions_look else None))
             fleet = start_fleet("daemon", root, f"daemon-{mode}", daemon_args(path))

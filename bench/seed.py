@@ -12,6 +12,7 @@ lives on exactly one process and a session can only ever reach the process holdi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tgdaemon.crypto import KeyRing
+from tgdaemon.crypto import KeyRing, generate_keyring, write_key_file
 from tgdaemon.localdc.crypto import key_id_of
 from tgdaemon.localdc.store import AuthKeyRecord
 from tgdaemon.localdc.store import Store as DcStore
@@ -147,6 +148,30 @@ async def seed_fleet(
     sessions.sort()
     await seed_sessions(state_dir, ring, sessions)
     return [name for name, _ in sessions], rsa_files, users
+
+
+@dataclass(frozen=True)
+class SeededDir:
+    """What :func:`seed_dir` left in a work directory."""
+
+    key_file: Path
+    specs: list[DcProc]
+    state: Path
+    names: list[str]
+    rsa_files: list[Path]
+    users: list[list[int]]
+
+
+def seed_dir(n: int, work: Path, dc_procs: int) -> SeededDir:
+    """A fresh master key, ``dc_procs`` planned localdc processes and ``n`` seeded accounts
+    (:func:`seed_fleet`) under ``work``."""
+    ring = generate_keyring()
+    key_file = work / "master.key"
+    write_key_file(key_file, ring)
+    specs = plan_dc_procs(work, dc_procs)
+    state = work / "state"
+    names, rsa_files, users = asyncio.run(seed_fleet(n, specs, state, ring))
+    return SeededDir(key_file, specs, state, names, rsa_files, users)
 
 
 def render_config(
