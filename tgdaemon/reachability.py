@@ -1,7 +1,8 @@
 """What the fleet knows about each route to a server: one probe while it is down, everyone
 as soon as it is back.
 
-A route is the way an account reaches its server: its DC, through its proxy if any. When
+A route is the way an account reaches its server: the DC address it uses, through its proxy
+if any. When
 connections on a route fail, every account retrying on its own would spend the daemon's
 connect-rate budget on attempts that cannot succeed: 10,000 accounts retrying within a second
 each keep the limiter saturated for the whole outage, and when the server returns they are
@@ -30,6 +31,8 @@ from tgdaemon.connwatch import settle
 class _Route:
     #: A network failure was reported since the last success.
     down: bool = False
+    #: Network failures reported since the last success (any account's).
+    failures: int = 0
     #: Monotonic time before which no new probe starts (one is running, or failed recently).
     next_probe: float = 0.0
     sleepers: set[asyncio.Future[bool]] = field(default_factory=set)
@@ -53,6 +56,7 @@ class Reachability:
         ``retry_in`` seconds (the failing account's own backoff)."""
         r = self._routes.setdefault(route, _Route())
         r.down = True
+        r.failures += 1
         r.next_probe = self._clock() + retry_in
 
     def claim(self, route: Hashable, hold: float) -> bool:
@@ -99,6 +103,11 @@ class Reachability:
     def sleeping(self, route: Hashable) -> int:
         r = self._routes.get(route)
         return 0 if r is None else len(r.sleepers)
+
+    def failures(self, route: Hashable) -> int:
+        """Consecutive network failures on ``route`` (every account's) since a success."""
+        r = self._routes.get(route)
+        return 0 if r is None else r.failures
 
     def is_down(self, route: Hashable) -> bool:
         r = self._routes.get(route)

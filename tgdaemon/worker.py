@@ -238,9 +238,11 @@ class AccountWorker:
             case Action.RETRY:
                 route = None
                 if c.category is Category.NETWORK:
-                    self._note_network_failure()
-                    route = self._route()
-                    self.deps.reachability.failed(route, rec.delay)
+                    self.deps.reachability.failed(self._route(), rec.delay)
+                    self._network_failures += 1
+                    if self._network_failures >= self.policy.failover_after:
+                        self._fail_over(self._network_failures)
+                    route = self._route()  # the next address after a failover
                 await self._close_client()
                 # Another account reaching the route ends the wait (tgdaemon.reachability).
                 await self._deliberate_wait(rec.delay, route)
@@ -259,21 +261,21 @@ class AccountWorker:
         self._watch.watch(self.client)
         self.report.dc(self.session.dc_id)
 
-    def _note_network_failure(self) -> None:
-        """Move to the DC's next address after ``failover_after`` consecutive failures."""
-        self._network_failures += 1
-        if self.session is None or self._network_failures < self.policy.failover_after:
-            return
+    def _fail_over(self, failures: int) -> bool:
+        """Move to the DC's next address (after ``failures`` consecutive failures on this one,
+        ours or, waiting for a probe, the fleet's); False when it has no other address."""
+        assert self.session is not None
         dc_id = self.session.dc_id
         addresses = self.deps.directory.addresses(dc_id)
         if len(addresses) < 2:
-            return
+            return False
         current = (self.session.server_address, self.session.port)
         index = addresses.index(current) if current in addresses else -1
         host, port = addresses[(index + 1) % len(addresses)]
-        self.report.failover(dc_id, self._network_failures)
+        self.report.failover(dc_id, failures)
         self.session.set_dc(dc_id, host, port)
         self._network_failures = 0
+        return True
 
     async def _deliberate_wait(self, delay: float, route: Hashable | None = None) -> None:
         """Sleep ``delay``; with a ``route``, until another account reaches it if sooner."""
@@ -356,18 +358,28 @@ class AccountWorker:
         """Retrying on a route that is down: attempt as its probe, or wait until an account
         reaches it (or, should no probe ever succeed, for a backoff of our own)."""
         policy = self.policy
+        reach = self.deps.reachability
         waits = 0
-        while not self.deps.reachability.claim(route, hold=policy.connect_timeout):
+        moved = False
+        while not reach.claim(route, hold=policy.connect_timeout):
+            failures = reach.failures(route)
+            if not moved and failures >= policy.failover_after and self._fail_over(failures):
+                # The fleet's failures on this address count: try the DC's next one now
+                # rather than each account failing there on its own first (once per turn).
+                moved = True
+                route = self._route()
+                continue
             fallback = backoff_delay(waits, base=policy.backoff_base, cap=policy.backoff_cap,
                                      jitter=policy.backoff_jitter, rng=self.deps.rng)
             waits += 1
             await self._deliberate_wait(fallback, route)
 
     def _route(self) -> Hashable:
-        """The way this account reaches its server: its DC, through its proxy if any."""
+        """The way this account reaches its server: the DC's address it uses, through its
+        proxy if any."""
         assert self.session is not None
         proxy = self.account.proxy
-        return (self.session.dc_id, None if proxy is None else
+        return (self.session.server_address, self.session.port, None if proxy is None else
                 (proxy.scheme, proxy.host, proxy.port))
 
     async def _validate(self) -> types.User:

@@ -167,6 +167,39 @@ async def test_address_down_fails_over_to_the_next_address_of_the_dc(
             assert _metric(daemon, "tgdaemon_dc_failovers_total", "alice") == 1
 
 
+async def test_a_fleet_fails_over_on_the_fleets_failures(
+        make_config, login_account, localdc, wait_until, monkeypatch):
+    """Address A of DC 1 goes away under four accounts: the failures the fleet saw there
+    count, so the accounts waiting for a probe move to address B without each failing on A
+    `failover_after` times first."""
+    names = ["alice", "bob", "carol", "dave"]
+    dc1 = localdc.addresses[1]
+    h2, p2 = localdc.addresses[2]
+    async with TcpProxy(dc1) as a, TcpProxy(dc1) as b:
+        config, _ids = await _fleet(make_config, login_account, names,
+                                    servers={1: [a.address, b.address], 2: [f"{h2}:{p2}"]},
+                                    policy={"failover_after": 3})
+        probe = AttemptProbe(monkeypatch)
+        async with Daemon(config) as daemon:
+            await wait_until(lambda: all(_connected(daemon, n) for n in names), 15,
+                             "all connected")
+            on_a = [n for n in names if (s := daemon.board.get(n)) and s.dc_id == 1]
+            assert len(on_a) >= 2, "the test needs several accounts on DC 1"
+            before = len(probe.ports)
+            await a.close()
+            await wait_until(lambda: not any(_connected(daemon, n) for n in on_a), 10,
+                             "drops noticed")
+            await wait_until(lambda: all(_connected(daemon, n) for n in names), 15,
+                             "all connected through B")
+            refused = probe.ports[before:].count(a.port)
+            # Alone, every account would try A failover_after - 1 more times (the drop was
+            # its first failure): 2 x len(on_a). The fleet's drops already count 3 on A.
+            assert refused < len(on_a), f"{refused} attempts on the dead address"
+            assert b.accepted >= len(on_a)
+            for n in on_a:
+                assert _metric(daemon, "tgdaemon_dc_failovers_total", n) == 1
+
+
 # -- a whole server restart --------------------------------------------------------------------
 
 
@@ -214,11 +247,13 @@ class AttemptProbe:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.times: list[float] = []
+        self.ports: list[int] = []
         original = Connection.connect
-        times = self.times
+        times, ports = self.times, self.ports
 
         async def counting_connect(conn: Any, *args: Any, **kwargs: Any) -> Any:
             times.append(time.monotonic())
+            ports.append(conn._port)
             return await original(conn, *args, **kwargs)
 
         monkeypatch.setattr(Connection, "connect", counting_connect)

@@ -37,8 +37,10 @@ def test_one_probe_at_a_time_while_a_route_is_down() -> None:
     now[0] = 15.5
     assert reach.claim("dc2", hold=15.0)  # a probe that never reported is replaced
     reach.failed("dc2", retry_in=2.0)
+    assert reach.failures("dc2") == 2  # every account's failures count
     reach.reached("dc2")
     assert not reach.is_down("dc2")
+    assert reach.failures("dc2") == 0
     assert reach.claim("dc2", hold=15.0)  # up: everyone
     assert reach.claim("dc2", hold=15.0)
 
