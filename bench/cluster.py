@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import resource
 import shutil
 import sqlite3
@@ -55,6 +56,14 @@ HERE = Path(__file__).resolve().parent
 POLICY_EXTRA = {"failover_after": 1_000_000}
 #: Sockets one localdc process should hold at most (the machine's hard RLIMIT_NOFILE is 20,000).
 PER_DC = 10_000
+#: Lines of a daemon's log worth counting in the report: the fleet's trouble, fleet-wide.
+LOG_EVENTS = {
+    "closed_all": "leases could not be renewed in time",
+    "renewal_failed": "lease renewal failed",
+    "database_locked": "database is locked",
+    "fenced_writes": "session write(s) refused",
+    "errors": "ERROR ",
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -160,15 +169,25 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 work / f"{i}.log", work / f"{i}.timeline.json", env={"TGDAEMON_INSTANCE": i})
         base = {i: f.wait_event("base", 300)["rss_kb"] for i, f in fleets.items()}
         connect_timeout = args.connect_timeout or 120 + n / 50
-        reached = _wait(lambda: _sum(dcs, "live_keys") >= n, connect_timeout)
+        first: dict[str, float] = {}  # when each instance had its first account connected
+
+        def all_connected() -> bool:
+            for i, f in fleets.items():
+                f.drain()
+                if i not in first and f.last_count["n"] > 0:
+                    first[i] = time.monotonic() - started
+            return _sum(dcs, "live_keys") >= n
+
+        reached = _wait(all_connected, connect_timeout)
+        out["first_connected_s"] = first
         if reached is None:
             out["connected_at_timeout"] = _sum(dcs, "live_keys")
             raise ChildError(f"not all connected within {connect_timeout:.0f}s "
                              f"({out['connected_at_timeout']}/{n}); see {work}/d*.log")
         out["connect_s"] = reached - started
         out["owned_at_connect"] = leases.owned()
-        progress(f"all {n} connected {out['connect_s']:.1f}s after starting {d} daemons; "
-                 f"leases {out['owned_at_connect']}")
+        progress(f"all {n} connected {out['connect_s']:.1f}s after starting {d} daemons "
+                 f"(first connected per instance at {first}); leases {out['owned_at_connect']}")
         out["instances"] = _idle(args, fleets, dcs, base, leases, out)
 
         victim = instances[-1]
@@ -207,7 +226,22 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 progress(f"{i}: {exc}")
         for dc in dcs:
             dc.stop()
+        out["log_events"] = {i: log_events(f.log_path) for i, f in fleets.items()}
     return out
+
+
+def log_events(path: Path) -> dict[str, int]:
+    """How often each of ``LOG_EVENTS`` appears in a daemon's log."""
+    counts = dict.fromkeys(LOG_EVENTS, 0)
+    try:
+        with path.open(errors="replace") as log:
+            for line in log:
+                for key, text in LOG_EVENTS.items():
+                    if text in line:
+                        counts[key] += 1
+    except OSError:
+        pass
+    return counts
 
 
 def _idle(args: argparse.Namespace, fleets: dict[str, FleetProcess],
@@ -286,7 +320,8 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         "",
         f"- {m['nproc']} CPUs ({m['cpu']}), {m['ram_gb']} GB RAM, Python {m['python']}, "
         f"tgdaemon {m['tgdaemon']}; {m['date']}; whole run {results['wall_seconds'] / 60:.1f} "
-        "min",
+        "min; load average (1 min) at start "
+        f"{results['loadavg_start'][0]:.1f}, at end {results['loadavg_end'][0]:.1f}",
         f"- {r['n']:,} accounts, {r['daemons']} daemon processes (instances of one fleet, "
         f"SQLite in one state directory), {r['dc_procs']} localdc process(es); lease_ttl "
         f"{r['lease_ttl']:g} s, lease_renew_interval {r['renew']:g} s, heartbeat "
@@ -300,8 +335,12 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         lines += [f"**Run failed:** {results['error']}", ""]
     if "connect_s" in r:
         owned = r.get("owned_at_connect", {})
+        first = r.get("first_connected_s", {})
         lines += [f"All {r['n']:,} connected **{r['connect_s']:.1f} s** after the daemons "
-                  "were started (imports, store, first claims included); leases then: "
+                  "were started (imports, store, first claims included; each instance's first "
+                  "account connected after "
+                  + ", ".join(f"{i} {t:.1f} s" for i, t in sorted(first.items()))
+                  + "); leases then: "
                   + ", ".join(f"{i} {c:,}" for i, c in sorted(owned.items())) + ".", ""]
     if "instances" in r:
         lines += ["| instance | accounts held | RSS, MB | RSS per account, KB | idle CPU, % "
@@ -333,6 +372,14 @@ def write_report(results: dict[str, Any], path: Path) -> None:
             f"whole run): **{r.get('overlaps', '-')}**.",
             "",
         ]
+    events = r.get("log_events")
+    if events:
+        lines += ["Counted in the daemons' logs over the run (fleet-wide trouble):", "",
+                  "| instance | " + " | ".join(LOG_EVENTS) + " |",
+                  "|---|" + "---|" * len(LOG_EVENTS)]
+        lines += [f"| {i} | " + " | ".join(str(c[k]) for k in LOG_EVENTS) + " |"
+                  for i, c in sorted(events.items())]
+        lines.append("")
     path.write_text("\n".join(lines))
 
 
@@ -345,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"machine": machine_info(), "args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "single": single_daemon(args.single), "run": {}}
+        "single": single_daemon(args.single), "run": {}, "loadavg_start": os.getloadavg()}
     failed = False
     try:
         results["run"] = run(args, work)
@@ -355,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = True
     finally:
         results["wall_seconds"] = time.monotonic() - started
+        results["loadavg_end"] = os.getloadavg()
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     args.json.write_text(json.dumps(results, indent=1, default=str) + "\n")
