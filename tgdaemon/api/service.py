@@ -21,6 +21,8 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -71,6 +73,13 @@ SEND_TIMEOUT = 10.0
 NO_CLIENT = "-"
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """A JSON answer already encoded (off the event loop: :meth:`AccountApi.encode`)."""
+
+    body: bytes
+
+
 
 class AccountApi:
     """See the module docstring; constructed before the workers, started by the daemon."""
@@ -88,6 +97,8 @@ class AccountApi:
         self._sockets: set[web.WebSocketResponse] = set()
         self._unix: web.AppRunner | None = None
         self.requests = RequestCounter()
+        #: One thread turns large TL results into JSON (see :meth:`encode`).
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-encode")
         registry.register(self.requests)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -108,6 +119,7 @@ class AccountApi:
         if self._unix is not None:
             await self._unix.cleanup()
             self._unix = None
+        self._encoder.shutdown(wait=False, cancel_futures=True)
         await self.buffer.close()
 
     @property
@@ -185,7 +197,20 @@ class AccountApi:
         if isinstance(result, web.StreamResponse):
             return result  # a WebSocket: counted when it was accepted
         self.count(client, account, method, Outcome.OK)
+        if isinstance(result, Encoded):
+            return web.Response(body=result.body, content_type="application/json",
+                                headers={"Cache-Control": "no-store"})
         return _json(result)
+
+    async def encode(self, build: Callable[[], Any]) -> Encoded:
+        """``json(build())`` in the encoder thread. A TL result can be large (a history of
+        100 long messages through ``invoke``: ~0.7 MB of JSON, 50-100 ms of Python); on the
+        loop that would delay every heartbeat by as much, in a thread the loop keeps the
+        interpreter at least every switch interval (5 ms). One thread: at most one encoding
+        competes with the loop at a time."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._encoder, lambda: Encoded(json.dumps(build()).encode()))
 
     def authenticate(self, request: web.Request) -> ApiClient:
         token = _token(request)
@@ -357,8 +382,8 @@ def _through_account(method: ApiMethod, prepare: Callable[[web.Request], Awaitab
         api = _api(request)
         name = request.match_info["name"]
 
-        async def work(_client: ApiClient) -> Any:
-            return await api.gateway.call(name, await prepare(request))
+        async def work(client: ApiClient) -> Any:
+            return await api.gateway.call(name, await prepare(request), client=client.name)
 
         return await api.serve(request, method, name, work)
 
@@ -477,6 +502,7 @@ async def _read(request: web.Request) -> Call:
 
 
 async def _invoke(request: web.Request) -> Call:
+    api = _api(request)
     body = await _body(request)
     try:
         tl_request = build_request(body)
@@ -484,7 +510,8 @@ async def _invoke(request: web.Request) -> Call:
         raise ApiError(Outcome.BAD_REQUEST, str(exc)) from None
 
     async def call(tc: ManagedClient) -> Any:
-        return {"result": to_json(await tc(tl_request))}
+        result = await tc(tl_request)
+        return await api.encode(lambda: {"result": to_json(result)})
 
     return call
 
