@@ -25,7 +25,6 @@ not rot.  The lead's run: ``make bench-cluster`` (N = 40,000, 4 daemons, 4 local
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import os
@@ -46,8 +45,7 @@ from bench.measure import progress
 from bench.procfs import cpu_mark, cpu_percent, rss_kb
 from bench.procs import ChildError, FleetProcess, LocalDcProcess
 from bench.report import machine_info
-from bench.seed import plan_dc_procs, render_config, seed_fleet
-from tgdaemon.crypto import generate_keyring, write_key_file
+from bench.seed import prepare_fleet, render_config
 from tgdaemon.store import DB_NAME
 
 HERE = Path(__file__).resolve().parent
@@ -136,15 +134,9 @@ def _wait(done: Callable[[], bool], timeout: float, poll: float = 1.0) -> float 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     n, d = args.accounts, args.daemons
-    ring = generate_keyring()
-    key_file = work / "master.key"
-    write_key_file(key_file, ring)
-    specs = plan_dc_procs(work, args.dc_procs)
-    state = work / "state"
-    t0 = time.monotonic()
-    names, rsa_files, _users = asyncio.run(seed_fleet(n, specs, state, ring))
-    progress(f"seeded {len(names)} accounts in {time.monotonic() - t0:.1f}s over "
-             f"{len(specs)} localdc process(es)")
+    seeded = prepare_fleet(work, n, args.dc_procs)
+    key_file, specs, state, rsa_files = (seeded.key_file, seeded.specs, seeded.state,
+                                         seeded.rsa_files)
     config = work / "tgdaemon.toml"
     config.write_text(render_config(
         state_dir=state, key_file=key_file, rsa_files=rsa_files, procs=specs, names=[],

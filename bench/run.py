@@ -18,7 +18,6 @@ test suite runs so the harness does not rot.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import resource
 import shutil
@@ -34,9 +33,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from bench.measure import RunPlan, progress, run_fleet, start_fleet
 from bench.procs import LocalDcProcess
 from bench.report import machine_info, plot_outages, write_results
-from bench.seed import plan_dc_procs, render_config, seed_fleet
+from bench.seed import prepare_fleet, render_config
 from tgdaemon.config import DaemonConfig
-from tgdaemon.crypto import generate_keyring, write_key_file
 
 HERE = Path(__file__).resolve().parent
 #: Every localdc process serves only its own DC, but getConfig from one process names its
@@ -121,15 +119,9 @@ def bench_size(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """Every run for one fleet size; localdc processes live for all of them."""
     work = root / f"n{n}"
     work.mkdir(parents=True)
-    ring = generate_keyring()
-    key_file = work / "master.key"
-    write_key_file(key_file, ring)
-    specs = plan_dc_procs(work, args.dc_procs)
-    state = work / "state"
-    t0 = time.monotonic()
-    names, rsa_files, users = asyncio.run(seed_fleet(n, specs, state, ring))
-    progress(f"N={n}: seeded {len(names)} users, keys and sessions in "
-             f"{time.monotonic() - t0:.1f}s over {len(specs)} localdc process(es)")
+    seeded = prepare_fleet(work, n, args.dc_procs)
+    key_file, specs, state = seeded.key_file, seeded.specs, seeded.state
+    names, rsa_files, users = seeded.names, seeded.rsa_files, seeded.users
     policy = {"heartbeat_interval": args.heartbeat, **BENCH_POLICY_EXTRA}
     configs = {}
     for label, rate in (("unlimited", {"connect_rate": args.fast_rate}), ("default", {})):

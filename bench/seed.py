@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tgdaemon.crypto import KeyRing
+from tgdaemon.crypto import KeyRing, generate_keyring, write_key_file
 from tgdaemon.localdc.crypto import key_id_of
 from tgdaemon.localdc.store import AuthKeyRecord
 from tgdaemon.localdc.store import Store as DcStore
@@ -147,6 +147,37 @@ async def seed_fleet(
     sessions.sort()
     await seed_sessions(state_dir, ring, sessions)
     return [name for name, _ in sessions], rsa_files, users
+
+
+@dataclass(frozen=True)
+class SeededFleet:
+    """A work directory ready for a bench run (see :func:`prepare_fleet`)."""
+
+    key_file: Path
+    specs: list[DcProc]
+    state: Path
+    names: list[str]
+    rsa_files: list[Path]
+    users: list[list[int]]
+
+
+def prepare_fleet(work: Path, n: int, dc_procs: int) -> SeededFleet:
+    """A new key file, ``dc_procs`` localdc stores and one tgdaemon store in ``work``, all
+    seeded with ``n`` accounts (:func:`seed_fleet`); says how long it took."""
+    import asyncio
+    import sys
+
+    ring = generate_keyring()
+    key_file = work / "master.key"
+    write_key_file(key_file, ring)
+    specs = plan_dc_procs(work, dc_procs)
+    state = work / "state"
+    t0 = time.monotonic()
+    names, rsa_files, users = asyncio.run(seed_fleet(n, specs, state, ring))
+    print(f"[bench {time.strftime('%H:%M:%S')}] N={n}: seeded {len(names)} users, keys and "
+          f"sessions in {time.monotonic() - t0:.1f}s over {len(specs)} localdc process(es)",
+          file=sys.stderr, flush=True)
+    return SeededFleet(key_file, specs, state, names, rsa_files, users)
 
 
 def render_config(
