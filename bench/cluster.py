@@ -45,7 +45,7 @@ from bench.measure import progress
 from bench.procfs import cpu_mark, cpu_percent, rss_kb
 from bench.procs import ChildError, FleetProcess, LocalDcProcess
 from bench.report import machine_info
-from bench.seed import prepare_fleet, render_config
+from bench.seed import render_config, seed_dir
 from tgdaemon.store import DB_NAME
 
 HERE = Path(__file__).resolve().parent
@@ -134,7 +134,10 @@ def _wait(done: Callable[[], bool], timeout: float, poll: float = 1.0) -> float 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     n, d = args.accounts, args.daemons
-    seeded = prepare_fleet(work, n, args.dc_procs)
+    t0 = time.monotonic()
+    seeded = seed_dir(n, work, args.dc_procs)
+    progress(f"seeded {n} accounts in {time.monotonic() - t0:.1f}s over "
+             f"{len(seeded.specs)} localdc process(es)")
     key_file, specs, state, rsa_files = (seeded.key_file, seeded.specs, seeded.state,
                                          seeded.rsa_files)
     config = work / "tgdaemon.toml"

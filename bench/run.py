@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from bench.measure import RunPlan, progress, run_fleet, start_fleet
 from bench.procs import LocalDcProcess
 from bench.report import machine_info, plot_outages, write_results
-from bench.seed import prepare_fleet, render_config
+from bench.seed import render_config, seed_dir
 from tgdaemon.config import DaemonConfig
 
 HERE = Path(__file__).resolve().parent
@@ -119,9 +119,12 @@ def bench_size(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """Every run for one fleet size; localdc processes live for all of them."""
     work = root / f"n{n}"
     work.mkdir(parents=True)
-    seeded = prepare_fleet(work, n, args.dc_procs)
+    t0 = time.monotonic()
+    seeded = seed_dir(n, work, args.dc_procs)
     key_file, specs, state = seeded.key_file, seeded.specs, seeded.state
     names, rsa_files, users = seeded.names, seeded.rsa_files, seeded.users
+    progress(f"N={n}: seeded {len(names)} users, keys and sessions in "
+             f"{time.monotonic() - t0:.1f}s over {len(specs)} localdc process(es)")
     policy = {"heartbeat_interval": args.heartbeat, **BENCH_POLICY_EXTRA}
     configs = {}
     for label, rate in (("unlimited", {"connect_rate": args.fast_rate}), ("default", {})):
@@ -224,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     plot = None
     if not args.no_plot:
         plot = plot_outages(results, args.plot)
+    # bench/metrics_scrape.py --prometheus is a run of its own: its section stays.
+    if args.json.exists() and (kept := json.loads(args.json.read_text()).get(
+            "prometheus_scrape")):
+        results["prometheus_scrape"] = kept
     if args.merge and args.json.exists():
         old = json.loads(args.json.read_text())
         ran = {(s["n"], s.get("variant")) for s in results["sizes"]}

@@ -12,6 +12,7 @@ lives on exactly one process and a session can only ever reach the process holdi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -150,8 +151,8 @@ async def seed_fleet(
 
 
 @dataclass(frozen=True)
-class SeededFleet:
-    """A work directory ready for a bench run (see :func:`prepare_fleet`)."""
+class SeededDir:
+    """What :func:`seed_dir` left in a work directory."""
 
     key_file: Path
     specs: list[DcProc]
@@ -161,23 +162,16 @@ class SeededFleet:
     users: list[list[int]]
 
 
-def prepare_fleet(work: Path, n: int, dc_procs: int) -> SeededFleet:
-    """A new key file, ``dc_procs`` localdc stores and one tgdaemon store in ``work``, all
-    seeded with ``n`` accounts (:func:`seed_fleet`); says how long it took."""
-    import asyncio
-    import sys
-
+def seed_dir(n: int, work: Path, dc_procs: int) -> SeededDir:
+    """A fresh master key, ``dc_procs`` planned localdc processes and ``n`` seeded accounts
+    (:func:`seed_fleet`) under ``work``."""
     ring = generate_keyring()
     key_file = work / "master.key"
     write_key_file(key_file, ring)
     specs = plan_dc_procs(work, dc_procs)
     state = work / "state"
-    t0 = time.monotonic()
     names, rsa_files, users = asyncio.run(seed_fleet(n, specs, state, ring))
-    print(f"[bench {time.strftime('%H:%M:%S')}] N={n}: seeded {len(names)} users, keys and "
-          f"sessions in {time.monotonic() - t0:.1f}s over {len(specs)} localdc process(es)",
-          file=sys.stderr, flush=True)
-    return SeededFleet(key_file, specs, state, names, rsa_files, users)
+    return SeededDir(key_file, specs, state, names, rsa_files, users)
 
 
 def render_config(
@@ -189,6 +183,7 @@ def render_config(
     names: Sequence[str],
     daemon: dict[str, object],
     policy: dict[str, object],
+    security: dict[str, object] | None = None,
 ) -> str:
     """A tgdaemon config for the bench fleet (no phone numbers: sessions already exist)."""
     daemon_cfg: dict[str, object] = {
@@ -197,4 +192,5 @@ def render_config(
     }
     return daemon_config_toml(
         servers={p.dc_id: [f"{HOST}:{p.port}"] for p in procs}, rsa_files=rsa_files,
-        accounts=[{"name": name} for name in names], daemon=daemon_cfg, policy=policy)
+        accounts=[{"name": name} for name in names], daemon=daemon_cfg, policy=policy,
+        security=security)

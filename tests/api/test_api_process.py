@@ -461,7 +461,11 @@ async def test_beyond_the_daemon_wide_bound_calls_are_refused_at_once(
     slowest = max(o[2] for o in refused)
     print(f"\nat 2 + 6 places, 200 calls: {counts}; slowest refusal {slowest * 1e3:.0f} ms")
     assert slowest < 2.0, "a refusal waited"  # served calls took ~10-70 ms each here
-    assert 'outcome="busy"' in await _metrics(d)
+    metrics = await _metrics(d)
+    assert 'outcome="busy"' in metrics
+    # Nothing left holding a place: every refused and served call released it.
+    assert "tgdaemon_api_calls_running 0.0" in metrics
+    assert "tgdaemon_api_calls_waiting 0.0" in metrics
 
 
 async def _reloads(d: ApiDaemon) -> float:

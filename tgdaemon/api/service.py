@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from aiohttp import WSCloseCode, WSMsgType, web
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from telethon import functions
 from telethon.tl import types as tl
 
@@ -96,7 +96,7 @@ class AccountApi:
                                clock=clock, monotonic=monotonic)
         self._sockets: set[web.WebSocketResponse] = set()
         self._unix: web.AppRunner | None = None
-        self.requests = RequestCounter()
+        self.requests = RequestCounter(self.gateway)
         #: One thread turns large TL results into JSON (see :meth:`encode`).
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-encode")
         registry.register(self.requests)
@@ -235,22 +235,30 @@ class RequestCounter:
     """``tgdaemon_api_requests_total{client,account,method,outcome}``: a plain dict of
     numbers rendered at scrape time (no child object or ``_created`` series per label set).
     Bounded: clients and accounts come from the config ("-" for none/unknown), methods and
-    outcomes from fixed vocabularies."""
+    outcomes from fixed vocabularies. With it, the gateway's daemon-wide load: calls running
+    and waiting for a turn (one series each; alert on waiting near ``api.max_queued``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, gateway: Gateway) -> None:
         self._counts: dict[tuple[str, str, str, str], int] = {}
+        self._gateway = gateway
 
     def inc(self, client: str, account: str, method: ApiMethod, outcome: Outcome) -> None:
         key = (client, account, method.value, outcome.value)
         self._counts[key] = self._counts.get(key, 0) + 1
 
-    def collect(self) -> list[CounterMetricFamily]:
+    def collect(self) -> list[Metric]:
         family = CounterMetricFamily(
             "tgdaemon_api_requests", "Account API calls by client, account, method and outcome",
             labels=("client", "account", "method", "outcome"))
         for labels, value in list(self._counts.items()):
             family.add_metric(labels, value)
-        return [family]
+        return [family,
+                GaugeMetricFamily("tgdaemon_api_calls_running",
+                                  "Account API calls running through the workers now "
+                                  "(at most api.max_in_flight)", value=self._gateway.running),
+                GaugeMetricFamily("tgdaemon_api_calls_waiting",
+                                  "Account API calls waiting for their turn now (at most "
+                                  "api.max_queued)", value=self._gateway.waiting)]
 
 
 API = web.AppKey("account_api", AccountApi)
