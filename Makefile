@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SYSDEPS := $(VENV)/.system-deps
 
-.PHONY: test lint demo demo-chaos bench soak clean
+.PHONY: test lint demo demo-chaos bench bench-cluster soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ bench: $(STAMP)
 		--outage-sizes 10000 --merge
 	$(BIN)/python bench/run.py --sizes 100 --repeats 1 --fast-rate 3 --fast-burst 6 \
 		--fleets daemon --outage-sizes 100 --flood-sizes --merge
+
+# One fleet of 40,000 accounts over 4 daemons on one SQLite store, one daemon SIGKILLed
+# (issue 15): bench/CLUSTER.md. About 25 minutes on an idle 2-core machine; needs nothing
+# else running (see bench/cluster.py --help for smaller runs).
+bench-cluster: $(STAMP)
+	$(BIN)/python bench/cluster.py --accounts 40000 --daemons 4
 
 # Random faults + SIGKILLs for SOAK_SECONDS (default 600), then the store's kill test at 500
 # kills; writes bench/SOAK.md.
