@@ -37,6 +37,7 @@ from tgdaemon.lifecycle import OWNED_STATES, Setup
 if TYPE_CHECKING:
     from tgdaemon.config import Config
     from tgdaemon.crypto import KeyRing
+    from tgdaemon.leasestore import LeaseStore
     from tgdaemon.records import RecordReport
     from tgdaemon.store import Store
 
@@ -100,8 +101,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("action", nargs="?", choices=("add", "remove", "enable", "disable"),
                     help="edit the fleet's accounts (daemon.instance_id set)")
     sp.add_argument("names", nargs="*", metavar="NAME")
-    sp = command("cluster", cmd_cluster, "the fleet: `cluster status` lists its instances")
-    sp.add_argument("what", choices=("status",))
+    sp = command("cluster", cmd_cluster,
+                 "the fleet: `cluster status` lists its instances, `cluster forget INSTANCE` "
+                 "removes a dead one (its accounts free at once)")
+    sp.add_argument("what", choices=("status", "forget"))
+    sp.add_argument("instance", nargs="?", help="forget: the instance id")
+    sp.add_argument("--force", action="store_true",
+                    help="forget: even if it renewed within lease_ttl (you know it is dead)")
     sp = command("import", cmd_import,
                  "import a Telethon session (StringSession on stdin, or --file x.session)")
     sp.add_argument("name")
@@ -262,7 +268,16 @@ def cmd_accounts(ns: argparse.Namespace) -> int:
 def cmd_cluster(ns: argparse.Namespace) -> int:
     from tgdaemon import cluster_cli
 
-    print(asyncio.run(cluster_cli.cluster_status(_load(ns))))
+    config = _load(ns)
+    if ns.what == "forget":
+        if not ns.instance:
+            raise AccountError("cluster forget: name the instance (tgdaemon cluster status "
+                               "lists them)")
+        print(asyncio.run(cluster_cli.forget_instance(config, ns.instance, force=ns.force)))
+        return 0
+    if ns.instance or ns.force:
+        raise AccountError("cluster status takes no instance and no --force")
+    print(asyncio.run(cluster_cli.cluster_status(config)))
     return 0
 
 
@@ -332,6 +347,22 @@ def _key_target(ns: argparse.Namespace, config: Config) -> Path:
     return target
 
 
+@contextlib.asynccontextmanager
+async def _key_store(config: Config, ring: KeyRing
+                     ) -> AsyncIterator[tuple[Store, bool, RecordReport, LeaseStore | None]]:
+    """The store whose records a key command checks, whether a daemon may be running, the
+    records' report, and in a fleet the lease store (the records are the fleet's)."""
+    if config.daemon.clustered:
+        from tgdaemon.cluster_cli import fleet_records
+
+        async with fleet_records(config, ring) as (store, leases, report):
+            yield store, True, report, leases
+        return
+    store, running, report = await _open_store(config)
+    async with store:
+        yield store, running, report, None
+
+
 def cmd_rotate_key(ns: argparse.Namespace) -> int:
     from tgdaemon.crypto import write_key_file
 
@@ -342,14 +373,13 @@ def cmd_rotate_key(ns: argparse.Namespace) -> int:
     async def run() -> tuple[int | None, KeyRing, bool]:
         # With a daemon running, the store is opened without the lock and the daemon does
         # the re-encryption after its next reload (tgdaemon.keyrotation).
-        store, running, report = await _open_store(config)
-        async with store:
+        async with _key_store(config, ring) as (store, running, report, _leases):
             problem = report.problem()
             if problem is not None:
                 raise DecryptionError(f"not rotating: {problem}")
             # Records exist but none uses the active key: an earlier run wrote its new ring
-            # and stopped before re-encrypting. Finish that rotation instead of adding a key
-            # per interrupted run.
+            # and stopped before re-encrypting (or, in a fleet, the instances do not all
+            # hold it yet). Finish that rotation instead of adding a key per run.
             resume = report.total > 0 and ring.active.key_id not in report.key_use
             new = ring if resume else ring.with_new_active()
             if not resume or ns.out is not None:
@@ -361,6 +391,12 @@ def cmd_rotate_key(ns: argparse.Namespace) -> int:
             return await store.rotate(new), new, resume
 
     count, new, resumed = asyncio.run(run())
+    if count is None and config.daemon.clustered:
+        print(f"wrote {target} with the new active key {new.active.key_id} (older keys kept); "
+              "install this ring on every instance of the fleet and reload each: they write "
+              "and re-encrypt under it once every live instance holds it (progress in "
+              "`tgdaemon cluster status` and tgdaemon_key_rotation_pending_records)")
+        return 0
     if count is None:
         print(f"wrote {target} with the new active key {new.active.key_id}; the running daemon "
               "re-encrypts every session in the background after `systemctl reload tgdaemon` "
@@ -382,26 +418,35 @@ def cmd_prune_keys(ns: argparse.Namespace) -> int:
     ring = _keyring(config)
     target = _key_target(ns, config)
 
-    async def run() -> tuple[str, ...]:
-        store, _running, report = await _open_store(config)
-        async with store:
+    async def run() -> tuple[tuple[str, ...], dict[str, str]]:
+        async with _key_store(config, ring) as (_store, _running, report, leases):
             problem = report.problem()
             if problem is not None:
                 raise DecryptionError(f"not pruning: {problem}")
-            unused = report.unused_key_ids
+            in_use: dict[str, str] = {k: f"{n} record(s)" for k, n in report.key_use.items()}
+            if leases is not None:
+                from tgdaemon.cluster_cli import keys_in_use
+
+                in_use = await keys_in_use(leases, report)
+            unused = tuple(k for k in ring.key_ids[1:] if k not in in_use)
             if unused:
                 pruned = ring
                 for key_id in unused:
                     pruned = pruned.without(key_id)
                 write_key_file(target, pruned, overwrite=True)
-            return unused
+            return unused, in_use
 
-    unused = asyncio.run(run())
+    unused, in_use = asyncio.run(run())
+    kept = "; ".join(f"{k}: {in_use[k]}" for k in ring.key_ids[1:] if k in in_use)
     if not unused:
-        print(f"every key in the ring is in use ({', '.join(ring.key_ids)}); nothing pruned")
+        print(f"every key in the ring is in use ({', '.join(ring.key_ids)}"
+              f"{'; ' + kept if kept else ''}); nothing pruned")
     else:
         print(f"removed key(s) {', '.join(unused)} that no record uses; wrote {target} "
               f"(every one of the {len(ring) - len(unused)} remaining key(s) decrypts its records)")
+        if config.daemon.clustered:
+            print("install the pruned ring on every instance; a running instance keeps the "
+                  "keys it holds until its next restart")
     return 0
 
 

@@ -184,6 +184,24 @@ class KeyRing:
             new = DataKey.generate()
         return KeyRing(new, self._keys.values())
 
+    def check_replacement(self, new: KeyRing) -> None:
+        """Refuse ``new`` as the running ring's successor unless it keeps every key: records
+        under a dropped key would become unreadable (a reload after ``rotate-key``)."""
+        missing = [k for k in self._keys if k not in new._keys]
+        if missing:
+            raise DecryptionError(
+                f"the new key ring lacks key(s) {', '.join(missing)} of the running one; "
+                "records under them would become unreadable: keeping the running ring")
+
+    def with_active(self, key_id: str) -> KeyRing:
+        """The same keys with ``key_id`` encrypting (a fleet writes under the newest key
+        every instance holds, tgdaemon/keyrotation.py)."""
+        if key_id not in self._keys:
+            raise KeyMaterialError(f"key {key_id} is not in the key ring")
+        if key_id == self._active.key_id:
+            return self
+        return KeyRing(self._keys[key_id], self._keys.values())
+
     def without(self, key_id: str) -> KeyRing:
         """A ring without ``key_id`` (records under it become unreadable)."""
         if key_id == self._active.key_id:

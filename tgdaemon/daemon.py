@@ -32,7 +32,7 @@ from tgdaemon.exceptions import ConfigError, TgdaemonError
 from tgdaemon.fdlimit import fd_shortfall
 from tgdaemon.fleet import Fleet, fleet_lock_name
 from tgdaemon.gcpolicy import GcPolicy
-from tgdaemon.keyrotation import KeyRotation
+from tgdaemon.keyrotation import FleetKeys, KeyRotation
 from tgdaemon.leasestore import open_lease_store
 from tgdaemon.lifecycle import State
 from tgdaemon.logvolume import NoiseCollector
@@ -91,6 +91,8 @@ class Daemon:
         self.rotation: KeyRotation | None = None
         #: Freezes the long-lived heap while the fleet connects (``tgdaemon.gcpolicy``).
         self.gc = GcPolicy(self._first_connects_pending)
+        #: A fleet instance's side of a key rotation (agreement on the write key).
+        self.fleet_keys: FleetKeys | None = None
         self._ready = False
 
     @property
@@ -126,16 +128,26 @@ class Daemon:
         self.store = await Store.open(config.daemon.state_dir, keyring, clock=self._clock,
                                       lock_name=lock_name)
         self._stack.push_async_callback(self.store.close)
-        # Read and decrypt every session once: the record check and the workers share them.
-        sessions = await self.store.load_sessions()
-        await self.check_records(sessions)
-        self.rotation = KeyRotation(self.store, self.board, self.registry)
-        self._stack.push_async_callback(self.rotation.stop)
-        self._resume_rotation()
         if config.daemon.clustered:
             self.fleet = await self._join_fleet(config, self.store)
+        self.rotation = KeyRotation(self.store, self.board, self.registry)
+        self._stack.push_async_callback(self.rotation.stop)  # before the lease store closes
+        #: Read once for the record check and the workers (a fleet member's come later).
+        sessions: Mapping[str, SessionData | DecryptionError] | None = None
+        if self.fleet is not None:
+            await self.check_records()  # the fleet's records, now that they are routed
+            self.fleet_keys = FleetKeys(
+                instance=self.fleet.instance, leases=self.fleet.leases, store=self.store,
+                rotation=self.rotation, ring=keyring, ttl=config.daemon.lease_ttl,
+                interval=config.daemon.lease_renew_interval)
+            await self.fleet_keys.start()  # before the first claim: the fleet sees our ring
+            self._stack.push_async_callback(self.fleet_keys.stop)
             # Workers run the accounts whose leases we hold: none until the first claim.
             self.settings.current = self.fleet.worker_config()
+        else:
+            sessions = await self.store.load_sessions()
+            await self.check_records(sessions)
+            self._resume_rotation()
 
         api = None
         if config.api.enabled:
@@ -170,8 +182,7 @@ class Daemon:
             api.bind(self.supervisor.worker)
         self._stack.push_async_callback(self.gc.stop)
         self.gc.freeze()  # imports, configuration, the store: before any worker allocates
-        # A fleet member's sessions come from the lease store (routed since the join).
-        await self.supervisor.start(None if self.fleet is not None else sessions)
+        await self.supervisor.start(sessions)
         self._stack.push_async_callback(self._stop_supervisor)
         self.gc.start()  # every worker exists; freeze as they connect
         if self.fleet is not None:
@@ -246,13 +257,21 @@ class Daemon:
         except ConfigError as exc:
             log.error("key ring not reloaded, keeping the running one: %s", exc)
             return
-        running = self.store.keyring
+        fleet_keys = self.fleet_keys
+        running = self.store.keyring if fleet_keys is None else fleet_keys.ring
         if ring.active.key_id == running.active.key_id and ring.key_ids == running.key_ids:
             return
         try:
-            self.store.set_keyring(ring)
+            if fleet_keys is not None:
+                fleet_keys.set_ring(ring)
+            else:
+                self.store.set_keyring(ring)
         except TgdaemonError as exc:
             log.error("%s", exc)
+            return
+        if fleet_keys is not None:
+            log.info("new master key ring (active key %s): used for writing and re-encryption "
+                     "once every live instance of the fleet holds the key", ring.active.key_id)
             return
         log.info("new master key %s: re-encrypting stored sessions in the background",
                  ring.active.key_id)
@@ -263,8 +282,8 @@ class Daemon:
         finish, or one just begun); cheap when there is nothing to do."""
         report = self.records.report
         active = self.store.keyring.active.key_id if self.store is not None else None
-        if self.rotation is None or report is None or self.config.daemon.clustered:
-            return  # a fleet's records live in the shared store: rotated with the fleet down
+        if self.rotation is None or report is None or self.fleet_keys is not None:
+            return  # a fleet instance: tgdaemon.keyrotation.FleetKeys decides when
         if any(key != active for key in report.key_use) or self.rotation.running:
             self.rotation.start()
 

@@ -51,6 +51,13 @@ class StateLockedError(StoreError):
     exit_code = 75  # EX_TEMPFAIL
 
 
+class InstanceLiveError(TgdaemonError):
+    """``tgdaemon cluster forget``: the instance may still be running (it renewed within the
+    TTL, or holds its lock on this machine); retry once it is LOST, or stop it."""
+
+    exit_code = 75  # EX_TEMPFAIL
+
+
 class AccountError(TgdaemonError):
     """An operation names an account that does not exist or is in the wrong state."""
 

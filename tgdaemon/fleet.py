@@ -42,7 +42,7 @@ from tgdaemon.leases import (
     must_close,
     renewal_result,
 )
-from tgdaemon.leasestore import NO_EPOCH, LeaseStore
+from tgdaemon.leasestore import NO_EPOCH, LeaseStore, Reencrypt
 from tgdaemon.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -79,7 +79,11 @@ class FleetMetrics:
 
 def fleet_lock_name(config: Config) -> str:
     """One daemon per instance id: the lock file in the state directory names the id."""
-    return f"tgdaemon.{config.daemon.instance_id}.lock"
+    return instance_lock_name(config.daemon.instance_id)
+
+
+def instance_lock_name(instance: str) -> str:
+    return f"tgdaemon.{instance}.lock"
 
 
 def account_spec(config: Config, name: str) -> AccountConfig:
@@ -163,6 +167,10 @@ class Fleet:
 
     async def read_records(self, names: Sequence[str] | None) -> dict[str, bytes]:
         return await self.leases.read_sessions(names)
+
+    async def reencrypt_records(self, old_key_ids: Sequence[str], limit: int,
+                                skip: Sequence[str], convert: Reencrypt) -> tuple[int, int]:
+        return await self.leases.reencrypt(old_key_ids, limit, skip, convert)
 
     # -- lifecycle --------------------------------------------------------------------------
 

@@ -13,7 +13,8 @@ never logged.
 Every route first checks the Host header against an allow-list (421 otherwise): a DNS-rebinding
 page reaches 127.0.0.1 under its own host name. Everything an outsider can make the server hold
 is bounded by :class:`HttpLimits`: connections, the time to send a request, idle keep-alive,
-WebSocket subscribers, and what a subscriber that stops reading may cost.
+WebSocket subscribers, and what subscribers that stop reading may cost (their unsent data, in
+the process and in the kernel).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import hashlib
 import hmac
 import json
 import logging
+import operator
 import re
+import socket
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +78,13 @@ class HttpLimits:
     * ``send_timeout``: a WebSocket message (the snapshot too) must leave the process this
       soon; a subscriber that does not read is disconnected, so its unsent data (at most one
       snapshot) is freed.
+    * ``subscriber_backlog``: unsent WebSocket data, in bytes, all subscribers together may
+      hold in the process; a new subscriber whose snapshot does not fit gets a 503 (when
+      nothing is held, one always fits). Without it 64 non-readers pin 64 snapshots (3.5 MB
+      each at 10,000 accounts) for ``send_timeout``, again and again.
+    * ``subscriber_socket_buffer``: the kernel send buffer of a subscriber's socket (Linux
+      doubles it). The kernel would otherwise grow it up to ``net.ipv4.tcp_wmem``'s 4 MiB per
+      non-reader, and whether it does depends on the machine's memory pressure.
     """
 
     max_connections: int = 256
@@ -82,22 +92,23 @@ class HttpLimits:
     keepalive_timeout: float = 15.0
     max_subscribers: int = 64
     send_timeout: float = 10.0
+    subscriber_backlog: int = 16 * 1024 * 1024
+    subscriber_socket_buffer: int = 64 * 1024
 
 
 class Refusals:
     """Counts what a limit turned away; logs the first and every 1,000th, so a client hammering
     a full server cannot flood the journal."""
 
-    def __init__(self, what: str, limit: int) -> None:
+    def __init__(self, what: str, why: str) -> None:
         self.what = what
-        self.limit = limit
+        self.why = why
         self.count = 0
 
     def note(self) -> None:
         self.count += 1
         if self.count == 1 or self.count % 1000 == 0:
-            log.warning("%s refused: %d open (the limit); %d refused so far", self.what,
-                        self.limit, self.count)
+            log.warning("%s refused: %s; %d refused so far", self.what, self.why, self.count)
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -156,27 +167,34 @@ class LoopLagMonitor:
 
 
 class StatusEncoder:
-    """Each status becomes JSON text once, however many subscribers receive it; a snapshot is
-    the cached texts joined. Keyed by account, checked by identity: a changed status is a new
-    object (the board replaces, never mutates)."""
+    """Each status becomes UTF-8 JSON once, however many subscribers receive it; a snapshot is
+    the cached encodings joined, and the same snapshot object while no status changed.
+    Keyed by account, checked by identity: a changed status is a new object (the board
+    replaces, never mutates)."""
 
     def __init__(self) -> None:
-        self._cache: dict[str, tuple[AccountStatus, str]] = {}
+        self._cache: dict[str, tuple[AccountStatus, bytes]] = {}
+        self._last: tuple[list[AccountStatus], bytes] = ([], b"")
 
-    def encode(self, status: AccountStatus) -> str:
+    def encode(self, status: AccountStatus) -> bytes:
         cached = self._cache.get(status.account)
         if cached is not None and cached[0] is status:
             return cached[1]
-        text = json.dumps(status.to_json())
+        text = json.dumps(status.to_json()).encode()
         self._cache[status.account] = (status, text)
         return text
 
-    def snapshot(self, statuses: list[AccountStatus]) -> str:
+    def snapshot(self, statuses: list[AccountStatus]) -> bytes:
+        last, data = self._last
+        if data and len(last) == len(statuses) and all(map(operator.is_, last, statuses)):
+            return data
         texts = [self.encode(s) for s in statuses]
         if len(self._cache) > len(statuses):  # accounts removed since: forget them
             keep = {s.account for s in statuses}
             self._cache = {k: v for k, v in self._cache.items() if k in keep}
-        return '{"type": "snapshot", "accounts": [' + ", ".join(texts) + "]}"
+        data = b'{"type": "snapshot", "accounts": [' + b", ".join(texts) + b"]}"
+        self._last = (statuses, data)
+        return data
 
 
 # -- typed application state -----------------------------------------------------------------
@@ -194,6 +212,9 @@ PAGE_CSP = web.AppKey("page_csp", str)
 ALLOWED_HOSTS = web.AppKey("allowed_hosts", frozenset[str])
 LIMITS = web.AppKey("limits", HttpLimits)
 WS_REFUSALS = web.AppKey("ws_refusals", Refusals)
+BACKLOG_REFUSALS = web.AppKey("backlog_refusals", Refusals)
+#: The open subscribers' senders: what they hold unsent is summed against the backlog limit.
+SENDERS: web.AppKey[set[_Sender]] = web.AppKey("senders")
 ENCODER = web.AppKey("encoder", StatusEncoder)
 #: Connections (by id) that have not yet sent a complete request head: the head timer closes
 #: those still here when it fires; the first request takes its connection out.
@@ -217,7 +238,12 @@ def build_app(
     app = web.Application(middlewares=[_guard])
     app[ALLOWED_HOSTS] = frozenset(_host_name(h) for h in allowed_hosts)
     app[LIMITS] = limits
-    app[WS_REFUSALS] = Refusals("status WebSocket subscriber", limits.max_subscribers)
+    app[WS_REFUSALS] = Refusals("status WebSocket subscriber",
+                                f"{limits.max_subscribers} open (the limit)")
+    app[BACKLOG_REFUSALS] = Refusals(
+        "status WebSocket subscriber",
+        f"subscribers that do not read hold {limits.subscriber_backlog} bytes unsent (the limit)")
+    app[SENDERS] = set()
     app[ENCODER] = StatusEncoder()
     app[UNSTARTED] = {}
     app[BOARD] = board
@@ -366,51 +392,91 @@ async def _status_ws(request: web.Request) -> web.StreamResponse:
     if len(app[SUBSCRIPTIONS]) >= limits.max_subscribers:
         app[WS_REFUSALS].note()
         return _json({"error": "too many status subscribers; try again later"}, 503)
-    ws = web.WebSocketResponse(protocols=(WS_PROTOCOL,), heartbeat=30.0, max_msg_size=4096)
     # Subscribe before the snapshot: a change in between is then sent twice, never lost.
     sub = app[BOARD].subscribe(app[WS_QUEUE_SIZE])
     app[SUBSCRIPTIONS].add(sub)
+    senders = app[SENDERS]
     try:
-        await ws.prepare(request)
-        sender = _Sender(ws, request, app[ENCODER], limits.send_timeout)
-        if not await sender.send(app[ENCODER].snapshot(app[BOARD].snapshot())):
-            return ws
-        pump = asyncio.create_task(_pump(sender, sub), name="status-ws-pump")
+        snapshot = app[ENCODER].snapshot(app[BOARD].snapshot())
+        held = sum(s.held() for s in senders)
+        if held and held + len(snapshot) > limits.subscriber_backlog:
+            app[BACKLOG_REFUSALS].note()
+            return _json({"error": "status subscribers are behind; try again later"}, 503)
+        ws = web.WebSocketResponse(protocols=(WS_PROTOCOL,), heartbeat=30.0, max_msg_size=4096)
+        # Counted from here: the handshake below lets other subscribers in meanwhile.
+        sender = _Sender(ws, request, app[ENCODER], limits.send_timeout, reserved=len(snapshot))
+        senders.add(sender)
         try:
-            async for msg in ws:  # the client says nothing; reading handles ping/close
-                if msg.type is WSMsgType.ERROR:
-                    break
+            try:
+                await ws.prepare(request)
+            except ConnectionError:  # gone before the handshake's answer: for the access log
+                return web.Response(status=499, reason="Client Closed Request")
+            sender.limit_kernel_buffer(limits.subscriber_socket_buffer)
+            if await sender.send(snapshot):
+                del snapshot  # a newer one may replace it in the encoder: do not pin this one
+                await _serve_subscriber(ws, sender, sub)
         finally:
-            pump.cancel()
-            await asyncio.wait([pump])
-            if not pump.cancelled() and (exc := pump.exception()) is not None:
-                log.debug("status WebSocket ended: %s", type(exc).__name__)
+            senders.discard(sender)
     finally:
         sub.close()
         app[SUBSCRIPTIONS].discard(sub)
     return ws
 
 
+async def _serve_subscriber(ws: web.WebSocketResponse, sender: _Sender,
+                            sub: Subscription) -> None:
+    pump = asyncio.create_task(_pump(sender, sub), name="status-ws-pump")
+    try:
+        async for msg in ws:  # the client says nothing; reading handles ping/close
+            if msg.type is WSMsgType.ERROR:
+                break
+    finally:
+        pump.cancel()
+        await asyncio.wait([pump])
+        if not pump.cancelled() and (exc := pump.exception()) is not None:
+            log.debug("status WebSocket ended: %s", type(exc).__name__)
+
+
 class _Sender:
     """Sends to one subscriber with a deadline. aiohttp waits for the socket to drain once
     64 KiB are pending, so a subscriber that stops reading blocks here; at the deadline its
-    connection is aborted, which frees what was waiting for it."""
+    connection is aborted, which frees what was waiting for it.
+
+    :meth:`held` is what this subscriber keeps in the process: the message being sent
+    (referenced until aiohttp's drain returns) and the transport's unsent copy of it."""
 
     def __init__(self, ws: web.WebSocketResponse, request: web.Request,
-                 encoder: StatusEncoder, timeout: float) -> None:
+                 encoder: StatusEncoder, timeout: float, *, reserved: int = 0) -> None:
         self.ws = ws
         self._transport = request.transport
         self.encoder = encoder
         self._timeout = timeout
+        self._sending = reserved
 
-    async def send(self, text: str) -> bool:
+    def held(self) -> int:
+        transport = self._transport
+        buffered = 0 if transport is None else transport.get_write_buffer_size()
+        return self._sending + buffered
+
+    def limit_kernel_buffer(self, size: int) -> None:
+        sock = None if self._transport is None else self._transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+    async def send(self, data: bytes) -> bool:
+        """Send one UTF-8 JSON text message; False when the subscriber was cut off."""
+        self._sending = len(data)
         try:
-            await asyncio.wait_for(self.ws.send_str(text), self._timeout)
+            await asyncio.wait_for(self.ws.send_frame(data, WSMsgType.TEXT), self._timeout)
         except TimeoutError:
             log.info("status WebSocket subscriber stopped reading; disconnected it")
             if self._transport is not None:
                 self._transport.abort()
             return False
+        except ConnectionError:  # the subscriber went away while we waited for it to read
+            return False
+        finally:
+            self._sending = 0
         return True
 
 
@@ -527,32 +593,40 @@ class _GuardedSite(web.TCPSite):
         super().__init__(runner, host, port)
         self._limits = limits
         self._unstarted = unstarted
-        self._pending = 0  # created, connection_made not run yet
-        self.refusals = Refusals("HTTP connection", limits.max_connections)
+        #: Accepted, counted by aiohttp only once connection_made runs (a burst accepts up to
+        #: 100 before any of those runs).
+        self._starting: set[web.RequestHandler] = set()
+        self.refusals = Refusals("HTTP connection", f"{limits.max_connections} open (the limit)")
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers with the runner; TCPSite's own bind below
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._protocol, self._host, self._port)
 
+    def open_connections(self) -> int:
+        server = self._runner.server
+        assert server is not None
+        # A handler whose connection_made ran has a transport and is in server.connections:
+        # counting it here too refused connections of a burst of 200 at "256 open".
+        starting = sum(1 for h in self._starting if h.transport is None)
+        return len(server.connections) + starting
+
     def _protocol(self) -> asyncio.BaseProtocol:
         server = self._runner.server
         assert server is not None
-        if len(server.connections) + self._pending >= self._limits.max_connections:
+        if self.open_connections() >= self._limits.max_connections:
             self.refusals.note()
             return _Busy()
         handler = server()
         loop = asyncio.get_running_loop()
-        self._pending += 1
-        # The transport schedules connection_made right after this returns: settle after it.
-        loop.call_soon(loop.call_soon, self._settle)
+        self._starting.add(handler)
+        # The transport schedules connection_made right after this returns: forget the
+        # handler after it ran (or never will: the transport could not be made).
+        loop.call_soon(loop.call_soon, self._starting.discard, handler)
         self._unstarted[id(handler)] = handler
         # The timer holds the handler, so its id is not reused before the timer fires.
         loop.call_later(self._limits.request_timeout, self._expire, handler)
         return handler
-
-    def _settle(self) -> None:
-        self._pending -= 1
 
     def _expire(self, handler: web.RequestHandler) -> None:
         transport = handler.transport

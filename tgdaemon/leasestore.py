@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import sqlite3
@@ -37,6 +38,11 @@ _T = TypeVar("_T")
 
 #: Placeholder epoch meaning "no lease": never equal to a stored one (those start at 1).
 NO_EPOCH = -1
+
+#: Turns (account, record) pairs into re-encrypted ones (those it could not decrypt left out).
+Reencrypt = Callable[[list[tuple[str, bytes]]], list[tuple[str, bytes]]]
+#: Where a record's key id sits (tgdaemon/crypto.py's layout: version byte, then 4 bytes).
+_KEY_ID_AT, _KEY_ID_LEN = 2, 4  # SQL's substr()/substring() count from 1
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,19 @@ class InstanceInfo:
     #: Seconds since its last renewal on the store's clock (its lag).
     renewed_ago: float
     owned: int
+    #: The key ids of its master key ring, and the one it writes records under (published
+    #: by the instance, tgdaemon/keyrotation.py; empty/None until it has).
+    key_ids: tuple[str, ...] = ()
+    write_key: str | None = None
+
+
+@dataclass(frozen=True)
+class ForgetResult:
+    """What ``forget`` found: the instance's lag, and whether its row and leases went."""
+
+    renewed_ago: float
+    forgotten: bool
+    released: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,6 +129,14 @@ class LeaseStore(abc.ABC):
         """Release every lease of the instance and delete its row (a clean stop)."""
 
     @abc.abstractmethod
+    async def forget(self, instance: str, ttl: float, *, force: bool) -> ForgetResult | None:
+        """An operator removes a dead instance (``tgdaemon cluster forget``): its row goes and
+        its leases are released, all in one transaction, unless it renewed within ``ttl``
+        and not ``force``.  The leases keep their epochs, so its writes stay refused; if it
+        still runs, its next renewal finds no lease and registers it again.  None when there
+        is no such instance."""
+
+    @abc.abstractmethod
     async def instances(self) -> list[InstanceInfo]: ...
 
     @abc.abstractmethod
@@ -150,9 +177,28 @@ class LeaseStore(abc.ABC):
         """Store records for accounts that have none yet (moving a single daemon's sessions
         into a fleet); never overwrites.  Returns how many were stored."""
 
+    # -- master key rotation (tgdaemon/keyrotation.py) --------------------------------------
+
+    @abc.abstractmethod
+    async def publish_keys(self, instance: str, key_ids: Sequence[str], write_key: str
+                           ) -> None:
+        """Record which keys the instance's ring holds and which one it writes under."""
+
+    @abc.abstractmethod
+    async def reencrypt(self, old_key_ids: Sequence[str], limit: int, skip: Sequence[str],
+                        convert: Reencrypt) -> tuple[int, int]:
+        """Rewrite up to ``limit`` records under one of ``old_key_ids`` (accounts in ``skip``
+        excepted) with ``convert``, in one transaction that no other daemon's re-encryption
+        or session write can interleave with; returns (rewritten, still under those keys).
+        The plaintext does not change, so no lease is needed: whoever writes next wins."""
+
 
 def _host() -> str:
     return socket.gethostname()[:64]
+
+
+def _split_keys(text: str | None) -> tuple[str, ...]:
+    return tuple(text.split(",")) if text else ()
 
 
 # -- SQLite ---------------------------------------------------------------------------------
@@ -177,6 +223,9 @@ class SqliteLeaseStore(LeaseStore):
         self.path = path
         self._clock = clock
         self._executor = executor
+        #: Capacity of the instances registered through this store: a renewal registers an
+        #: instance again whose row an operator removed (``forget``) while it ran.
+        self._capacities: dict[str, int] = {}
 
     @classmethod
     async def open(cls, db_path: Path, *, clock: Callable[[], float] = time.time
@@ -258,8 +307,10 @@ class SqliteLeaseStore(LeaseStore):
 
     async def register(self, instance: str, capacity: int) -> None:
         now = self._clock()
+        self._capacities[instance] = capacity
         await self._run(lambda conn: conn.execute(
-            "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+            "INSERT INTO instances (id, capacity, host, pid, started_at, renewed_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
             "capacity=excluded.capacity, host=excluded.host, pid=excluded.pid, "
             "started_at=excluded.started_at, renewed_at=excluded.renewed_at",
             (instance, capacity, _host(), os.getpid(), now, now)))
@@ -271,13 +322,33 @@ class SqliteLeaseStore(LeaseStore):
 
         await self._run(tx)
 
+    async def forget(self, instance: str, ttl: float, *, force: bool) -> ForgetResult | None:
+        now = self._clock()
+
+        def tx(conn: sqlite3.Connection) -> ForgetResult | None:
+            row = conn.execute("SELECT renewed_at FROM instances WHERE id=?",
+                               (instance,)).fetchone()
+            if row is None:
+                return None
+            ago = now - row[0]
+            if ago < ttl and not force:
+                return ForgetResult(ago, forgotten=False)
+            released = conn.execute("UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=?",
+                                    (instance,)).rowcount
+            conn.execute("DELETE FROM instances WHERE id=?", (instance,))
+            return ForgetResult(ago, forgotten=True, released=released)
+
+        return await self._run(tx)
+
     async def instances(self) -> list[InstanceInfo]:
         now = self._clock()
         rows = await self._run(lambda conn: conn.execute(
             "SELECT i.id, i.capacity, i.host, i.pid, i.started_at, i.renewed_at, "
-            "(SELECT count(*) FROM leases l WHERE l.owner = i.id AND l.expires_at > ?) "
-            "FROM instances i ORDER BY i.id", (now,)).fetchall(), write=False)
-        return [InstanceInfo(i, c, h, p, s, now - r, o) for i, c, h, p, s, r, o in rows]
+            "(SELECT count(*) FROM leases l WHERE l.owner = i.id AND l.expires_at > ?), "
+            "i.key_ids, i.write_key FROM instances i ORDER BY i.id", (now,)).fetchall(),
+            write=False)
+        return [InstanceInfo(i, c, h, p, s, now - r, o, _split_keys(k), w)
+                for i, c, h, p, s, r, o, k, w in rows]
 
     async def counts(self, ttl: float) -> FleetCounts:
         now = self._clock()
@@ -293,8 +364,15 @@ class SqliteLeaseStore(LeaseStore):
     async def renew(self, instance: str, ttl: float) -> dict[str, int]:
         now = self._clock()
 
+        capacity = self._capacities.get(instance)
+
         def tx(conn: sqlite3.Connection) -> dict[str, int]:
-            conn.execute("UPDATE instances SET renewed_at=? WHERE id=?", (now, instance))
+            alive = conn.execute("UPDATE instances SET renewed_at=? WHERE id=?", (now, instance))
+            if alive.rowcount == 0 and capacity is not None:  # forgotten while running
+                conn.execute(
+                    "INSERT INTO instances (id, capacity, host, pid, started_at, renewed_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)", (instance, capacity, _host(), os.getpid(),
+                                                  now, now))
             conn.execute(
                 "UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=? AND account IN "
                 "(SELECT name FROM accounts WHERE enabled=0)", (instance,))
@@ -374,6 +452,36 @@ class SqliteLeaseStore(LeaseStore):
         # The sessions already live in this database: nothing to move.
         return 0
 
+    async def publish_keys(self, instance: str, key_ids: Sequence[str], write_key: str
+                           ) -> None:
+        await self._run(lambda conn: conn.execute(
+            "UPDATE instances SET key_ids=?, write_key=? WHERE id=?",
+            (",".join(key_ids), write_key, instance)))
+
+    async def reencrypt(self, old_key_ids: Sequence[str], limit: int, skip: Sequence[str],
+                        convert: Reencrypt) -> tuple[int, int]:
+        if not old_key_ids:
+            return 0, 0
+        # The whole batch in one BEGIN IMMEDIATE: the database's write lock keeps every
+        # other writer of the machine (re-encrypting or not) out until it commits.
+        old = [bytes.fromhex(k) for k in old_key_ids]
+        where = (f"substr(record, {_KEY_ID_AT}, {_KEY_ID_LEN}) IN "
+                 f"({','.join('?' * len(old))}) AND account NOT IN "
+                 f"(SELECT value FROM json_each(?))")
+        args = (*old, json.dumps(list(skip)))
+
+        def tx(conn: sqlite3.Connection) -> tuple[int, int]:
+            rows = conn.execute(f"SELECT account, record FROM sessions WHERE {where} LIMIT ?",
+                                (*args, limit)).fetchall()
+            updates = convert([(a, bytes(r)) for a, r in rows])
+            conn.executemany("UPDATE sessions SET record=? WHERE account=?",
+                             [(r, a) for a, r in updates])
+            (left,) = conn.execute(f"SELECT count(*) FROM sessions WHERE {where}",
+                                   args).fetchone()
+            return len(updates), int(left)
+
+        return await self._run(tx)
+
 
 # -- PostgreSQL -----------------------------------------------------------------------------
 
@@ -404,6 +512,8 @@ class PgLeaseStore(LeaseStore):
     def __init__(self, pool: Any, url: str) -> None:
         self._pool = pool
         self.url = redact_url(url)
+        #: As for SQLite: a renewal registers an instance again that was forgotten.
+        self._capacities: dict[str, int] = {}
 
     @classmethod
     async def open(cls, url: str, *, timeout: float = 10.0,
@@ -491,9 +601,11 @@ class PgLeaseStore(LeaseStore):
         return [FleetAccount(n, e, o, ep, None if o is None else x) for n, e, o, ep, x in rows]
 
     async def register(self, instance: str, capacity: int) -> None:
+        self._capacities[instance] = capacity
         async with self._conn() as conn:
             await conn.execute(
-                f"INSERT INTO instances VALUES ($1, $2, $3, $4, {_PG_NOW}, {_PG_NOW}) "
+                "INSERT INTO instances (id, capacity, host, pid, started_at, renewed_at) "
+                f"VALUES ($1, $2, $3, $4, {_PG_NOW}, {_PG_NOW}) "
                 "ON CONFLICT(id) DO UPDATE SET capacity=excluded.capacity, host=excluded.host, "
                 "pid=excluded.pid, started_at=excluded.started_at, "
                 "renewed_at=excluded.renewed_at", instance, capacity, _host(), os.getpid())
@@ -504,13 +616,29 @@ class PgLeaseStore(LeaseStore):
                 "UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=$1", instance)
             await conn.execute("DELETE FROM instances WHERE id=$1", instance)
 
+    async def forget(self, instance: str, ttl: float, *, force: bool) -> ForgetResult | None:
+        async with self._conn() as conn, conn.transaction():
+            # FOR UPDATE: a renewal of the instance waits for this decision.
+            ago = await conn.fetchval(f"SELECT {_PG_NOW} - renewed_at FROM instances "
+                                      "WHERE id=$1 FOR UPDATE", instance)
+            if ago is None:
+                return None
+            if ago < ttl and not force:
+                return ForgetResult(ago, forgotten=False)
+            status = await conn.execute(
+                "UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=$1", instance)
+            await conn.execute("DELETE FROM instances WHERE id=$1", instance)
+        return ForgetResult(ago, forgotten=True, released=int(status.split()[-1]))
+
     async def instances(self) -> list[InstanceInfo]:
         async with self._conn() as conn:
             rows = await conn.fetch(
                 f"SELECT i.id, i.capacity, i.host, i.pid, i.started_at, "
                 f"{_PG_NOW} - i.renewed_at, (SELECT count(*) FROM leases l WHERE "
-                f"l.owner = i.id AND l.expires_at > {_PG_NOW}) FROM instances i ORDER BY i.id")
-        return [InstanceInfo(*r) for r in rows]
+                f"l.owner = i.id AND l.expires_at > {_PG_NOW}), i.key_ids, i.write_key "
+                "FROM instances i ORDER BY i.id")
+        return [InstanceInfo(i, c, h, p, s, ago, o, _split_keys(k), w)
+                for i, c, h, p, s, ago, o, k, w in rows]
 
     async def counts(self, ttl: float) -> FleetCounts:
         async with self._conn() as conn:
@@ -525,15 +653,23 @@ class PgLeaseStore(LeaseStore):
     async def renew(self, instance: str, ttl: float) -> dict[str, int]:
         # One statement, one round trip: the instance's heartbeat, the release of disabled
         # accounts and the renewal of everything else (disjoint rows).
+        capacity = self._capacities.get(instance)
+        alive = f"UPDATE instances SET renewed_at={_PG_NOW} WHERE id=$1"
+        args: tuple[Any, ...] = (instance, ttl)
+        if capacity is not None:  # registers it again if it was forgotten while running
+            alive = ("INSERT INTO instances (id, capacity, host, pid, started_at, renewed_at) "
+                     f"VALUES ($1, $3, $4, $5, {_PG_NOW}, {_PG_NOW}) ON CONFLICT (id) DO "
+                     "UPDATE SET renewed_at=excluded.renewed_at")
+            args = (*args, capacity, _host(), os.getpid())
         async with self._conn() as conn:
             rows = await conn.fetch(
-                f"WITH alive AS (UPDATE instances SET renewed_at={_PG_NOW} WHERE id=$1), "
+                f"WITH alive AS ({alive}), "
                 "disabled AS (SELECT name FROM accounts WHERE NOT enabled), "
                 "dropped AS (UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=$1 AND "
                 "account IN (SELECT name FROM disabled)) "
                 f"UPDATE leases SET expires_at={_PG_NOW} + $2 WHERE owner=$1 "
                 f"AND expires_at > {_PG_NOW} AND account NOT IN (SELECT name FROM disabled) "
-                "RETURNING account, epoch", instance, ttl)
+                "RETURNING account, epoch", *args)
         return {a: e for a, e in rows}
 
     async def claim(self, instance: str, n: int, ttl: float) -> dict[str, int]:
@@ -600,6 +736,33 @@ class PgLeaseStore(LeaseStore):
                 "ON CONFLICT DO NOTHING RETURNING account",
                 list(records), list(records.values()))
         return len(rows)
+
+    async def publish_keys(self, instance: str, key_ids: Sequence[str], write_key: str
+                           ) -> None:
+        async with self._conn() as conn:
+            await conn.execute("UPDATE instances SET key_ids=$2, write_key=$3 WHERE id=$1",
+                               instance, ",".join(key_ids), write_key)
+
+    async def reencrypt(self, old_key_ids: Sequence[str], limit: int, skip: Sequence[str],
+                        convert: Reencrypt) -> tuple[int, int]:
+        if not old_key_ids:
+            return 0, 0
+        old = [bytes.fromhex(k) for k in old_key_ids]
+        where = (f"substring(record from {_KEY_ID_AT} for {_KEY_ID_LEN}) = ANY($1::bytea[]) "
+                 "AND account <> ALL($2::text[])")
+        async with self._conn() as conn, conn.transaction():
+            # FOR UPDATE SKIP LOCKED: daemons re-encrypting at once take disjoint rows, and
+            # an owner's session write to a row waits for this commit (then overwrites it).
+            rows = await conn.fetch(
+                f"SELECT account, record FROM sessions WHERE {where} LIMIT $3 "
+                "FOR UPDATE SKIP LOCKED", old, list(skip), limit)
+            updates = await asyncio.to_thread(convert, [(a, bytes(r)) for a, r in rows])
+            if updates:
+                await conn.executemany("UPDATE sessions SET record=$2 WHERE account=$1",
+                                       updates)
+            left = await conn.fetchval(f"SELECT count(*) FROM sessions WHERE {where}",
+                                       old, list(skip))
+        return len(updates), int(left)
 
 
 async def open_lease_store(database_url: str | None, sqlite_path: Path,

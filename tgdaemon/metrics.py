@@ -116,7 +116,7 @@ class _Slots:
         self.unknown_objects = 0
         self.new_authorizations = 0
         self.authorizations: int | None = None
-        self.heartbeat: float | None = None
+        self.heartbeat: int | None = None
         self.last_latency: float | None = None
         self.histogram = histogram
 
@@ -133,20 +133,24 @@ class Metrics:
     """The daemon's metrics; registers itself as a collector in ``registry``.
 
     ``histograms="fleet"`` (the default, as in the config) keeps ONE fleet-wide
-    ``tgdaemon_rpc_latency_seconds`` histogram; ``histograms="account"`` (opt-in) keeps one
-    per account (``account`` label, 12 more series per account). Both export the per-account
-    ``tgdaemon_rpc_last_latency_seconds`` gauge.
+    ``tgdaemon_rpc_latency_seconds`` histogram; ``histograms="account"`` (opt-in) is the
+    per-account latency detail: one histogram per account (``account`` label, 12 series) and
+    the ``tgdaemon_rpc_last_latency_seconds`` gauge (1 series). The status page shows every
+    account's last latency in both modes.
 
-    Cardinality (issue 17: at most 8 series per account by default): a healthy account is 7
-    series (up, state, dc, last latency, last heartbeat, sessions, new sessions).
-    ``account_state`` is ONE series per account whose ``state`` label is the current state
-    (value 1), not one series per state. Per-account counters are exported from their first
-    increment on (except ``new_authorizations``, always there: its alert must see 0 -> 1 across
-    a restart): a counter that has only ever been 0 is not a series (its ``# HELP`` and ``#
-    TYPE`` are always there, so its name is declared). Once exported, a counter stays until the
-    account leaves the config or the daemon restarts (Prometheus sees a counter reset, as for
-    any restart), so ``rate()``/``increase()`` behave as usual except that the first increment
-    of a new series is its first sample: the shipped alerts add ``or (x unless x offset W)`` to
+    Cardinality (issue 17: /metrics at 10,000 accounts <= 3 MB and <= 8 series per account by
+    default): a healthy account is 5 series (up, state, last heartbeat, sessions, new
+    sessions), ~290 bytes with a 10-character name. ``account_state`` is ONE series per
+    account whose ``state`` label is the current state (value 1) and whose ``dc`` label is the
+    session's DC (absent before it is known): one series says what the account does and
+    where. The heartbeat timestamp is in whole seconds (alerts look minutes back).
+    Per-account counters are exported from their first increment on (except
+    ``new_authorizations``, always there: its alert must see 0 -> 1 across a restart): a
+    counter that has only ever been 0 is not a series (its ``# HELP`` and ``# TYPE`` are
+    always there, so its name is declared). Once exported, a counter stays until the account
+    leaves the config or the daemon restarts (Prometheus sees a counter reset, as for any
+    restart), so ``rate()``/``increase()`` behave as usual except that the first increment of
+    a new series is its first sample: the shipped alerts add ``or (x unless x offset W)`` to
     catch it. Fleet-wide ``tgdaemon_accounts{state}`` counts the accounts in each state (every
     state always present).
 
@@ -219,14 +223,18 @@ class Metrics:
         slot = self._slots.get(name)
         if slot is None or not 0 <= seconds < math.inf:
             return
-        slot.last_latency = seconds
-        hist = slot.histogram if slot.histogram is not None else self._fleet
-        assert hist is not None
-        hist.observe(self._bounds, seconds)
+        if slot.histogram is not None:  # per-account detail: histogram and last value
+            slot.last_latency = seconds
+            slot.histogram.observe(self._bounds, seconds)
+        else:
+            assert self._fleet is not None
+            self._fleet.observe(self._bounds, seconds)
 
     def heartbeat(self, name: str, timestamp: float) -> None:
+        """The last answered heartbeat, kept in whole seconds: the staleness alert looks
+        minutes back, and 10,000 timestamps with 7 decimals each are 80 KB per scrape."""
         if (slot := self._slots.get(name)) is not None and math.isfinite(timestamp):
-            slot.heartbeat = timestamp
+            slot.heartbeat = math.floor(timestamp)
 
     def clear_live(self, name: str) -> None:
         """Drop the account's live values (last heartbeat, last latency): an ended account
@@ -353,15 +361,9 @@ class Metrics:
             _StateFamily(
                 p + "account_state",
                 "The account worker's current state: one series per account, always 1, whose "
-                "state label is the current state.",
+                "state label is the current state and dc label the session's data centre "
+                "(absent before it is known).",
                 rows,
-            ),
-            _AccountFamily(
-                p + "account_dc",
-                "The data centre the account's session is on (absent before it is known).",
-                "gauge",
-                rows,
-                lambda r: r.dc_id,
             ),
         ]
         if self._per_account:
@@ -373,6 +375,15 @@ class Metrics:
                     le,
                 )
             )
+            fams.append(
+                _AccountFamily(
+                    p + "rpc_last_latency_seconds",
+                    "Round-trip time of the account's last successful heartbeat RPC.",
+                    "gauge",
+                    rows,
+                    lambda r: r.last_latency,
+                )
+            )
         else:
             fleet = HistogramMetricFamily(
                 p + "rpc_latency_seconds",
@@ -381,15 +392,6 @@ class Metrics:
             if snap.fleet is not None:
                 fleet.samples.extend(_histogram_samples(snap.fleet, le, {}))
             fams.append(fleet)
-        fams.append(
-            _AccountFamily(
-                p + "rpc_last_latency_seconds",
-                "Round-trip time of the account's last successful heartbeat RPC.",
-                "gauge",
-                rows,
-                lambda r: r.last_latency,
-            )
-        )
         fams.append(_ErrorFamily(p + "errors", "Errors seen by the account's worker, by "
                                  "recovery category.", rows))  # fmt: skip
         for name, doc, get in (
@@ -513,7 +515,7 @@ class _Row(NamedTuple):
     unknown_objects: int
     new_authorizations: int
     authorizations: int | None
-    heartbeat: float | None
+    heartbeat: int | None
     last_latency: float | None
     buckets: tuple[int, ...] | None
     latency_sum: float
@@ -640,6 +642,8 @@ class _AccountFamily(_LazyFamily):
 
 
 class _StateFamily(_LazyFamily):
+    """``account_state{account, state, dc}``: one series per account with a known state."""
+
     def __init__(self, name: str, documentation: str, rows: Sequence[_Row]) -> None:
         super().__init__(name, documentation, "gauge", rows)
 
@@ -650,13 +654,20 @@ class _StateFamily(_LazyFamily):
         n = self.name
         for r in self.rows:
             if r.state is not None:
-                yield Sample(n, {"account": r.name, "state": r.state.value}, 1.0)
+                labels = {"account": r.name, "state": r.state.value}
+                if r.dc_id is not None:
+                    labels["dc"] = str(r.dc_id)
+                yield Sample(n, labels, 1.0)
 
     def lines(self) -> Iterator[str]:
         n = self.name
         for r in self.rows:
-            if r.state is not None:
+            if r.state is None:
+                continue
+            if r.dc_id is None:
                 yield f'{n}{{{r.fragment},state="{r.state.value}"}} 1\n'
+            else:
+                yield f'{n}{{{r.fragment},state="{r.state.value}",dc="{r.dc_id}"}} 1\n'
 
 
 class _ErrorFamily(_LazyFamily):

@@ -94,6 +94,14 @@ MIGRATIONS: tuple[Migration, ...] = (
             ) WITHOUT ROWID""",
         ),
     ),
+    Migration(
+        3,
+        "fleet: the key ids each instance holds and the key it writes under",
+        (
+            "ALTER TABLE instances ADD COLUMN key_ids TEXT",
+            "ALTER TABLE instances ADD COLUMN write_key TEXT",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version
@@ -136,6 +144,14 @@ PG_MIGRATIONS: tuple[Migration, ...] = (
                 record BYTEA NOT NULL,
                 updated_at DOUBLE PRECISION NOT NULL
             )""",
+        ),
+    ),
+    Migration(
+        2,
+        "fleet: the key ids each instance holds and the key it writes under",
+        (
+            "ALTER TABLE instances ADD COLUMN key_ids TEXT",
+            "ALTER TABLE instances ADD COLUMN write_key TEXT",
         ),
     ),
 )

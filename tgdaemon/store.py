@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiosqlite
 
@@ -45,6 +45,9 @@ from tgdaemon.exceptions import (
     TgdaemonError,
 )
 from tgdaemon.migrations import LATEST, MIGRATIONS
+
+if TYPE_CHECKING:
+    from tgdaemon.leasestore import Reencrypt
 
 log = logging.getLogger("tgdaemon.store")
 
@@ -205,6 +208,10 @@ class SessionRoute(Protocol):
 
     async def read_records(self, names: Sequence[str] | None) -> dict[str, bytes]:
         """Encrypted records of ``names`` (all when None)."""
+
+    async def reencrypt_records(self, old_key_ids: Sequence[str], limit: int,
+                                skip: Sequence[str], convert: Reencrypt) -> tuple[int, int]:
+        """:meth:`tgdaemon.leasestore.LeaseStore.reencrypt` on the shared records."""
 
 
 # -- files and lock --------------------------------------------------------------------------
@@ -511,6 +518,8 @@ class Store:
         self._closing = False
         self._closed = False
         self._route: SessionRoute | None = None
+        #: Routed records a re-encryption could not decrypt: left alone from then on.
+        self._reencrypt_skip: set[str] = set()
         #: The database refuses writes (read-only file or mount): the daemon reports not ready.
         self.read_only = False
         self._writer = asyncio.get_running_loop().create_task(
@@ -832,10 +841,10 @@ class Store:
         return await asyncio.to_thread(decode_all)
 
     async def session_key_ids(self) -> dict[str, str | None]:
-        """Key id of every stored session record (for rotation status; no decryption)."""
-        rows = await self._read(f"SELECT account, {_RECORD_COLUMNS} FROM sessions")
+        """Key id of every stored session record (for rotation status; no decryption); in
+        a fleet, of the fleet's records."""
         return {name: None if record is None else record_key_id(record)
-                for name, record, _kind in rows}
+                for name, record, _kind in await self._records(None)}
 
     async def _write_loop(self) -> None:
         while True:
@@ -954,23 +963,36 @@ class Store:
     def set_keyring(self, ring: KeyRing) -> None:
         """Use ``ring`` from now on (a reload after ``tgdaemon rotate-key``). It must keep every
         key of the current ring: records under any of them must stay readable."""
-        missing = [k for k in self._keyring.key_ids if k not in ring.key_ids]
-        if missing:
-            raise DecryptionError(
-                f"the new key ring lacks key(s) {', '.join(missing)} of the running one; "
-                "records under them would become unreadable: keeping the running ring")
+        self._keyring.check_replacement(ring)
         self._keyring = ring
 
     async def reencrypt_some(self, limit: int) -> tuple[int, int]:
         """Re-encrypt up to ``limit`` session records that are not under the active key, in
         one durable transaction under the writer's lock (a worker's write can neither
         interleave nor be overwritten; each record is all old or all new, whatever kills the
-        process). Returns (re-encrypted now, still under another key and readable)."""
-        if self._route is not None:
-            raise StoreError("sessions live in the shared fleet store: rotate its records "
-                             "with the fleet stopped (tgdaemon rotate-key)")
+        process). Returns (re-encrypted now, still under another key and readable).
+
+        In a fleet the records live in the shared store: the batch is one transaction there
+        that no other daemon's re-encryption or session write interleaves with."""
         ring = self._keyring
         target = ring.active.key_id
+        if self._route is not None:
+            skip = self._reencrypt_skip
+
+            def convert(rows: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+                out = []
+                for name, record in rows:
+                    try:
+                        plain = ring.decrypt(record, account=name, purpose=SESSION_PURPOSE)
+                    except DecryptionError:  # tampered: left as it is (reported at start)
+                        skip.add(name)
+                        continue
+                    out.append((name, ring.encrypt(plain, account=name,
+                                                   purpose=SESSION_PURPOSE)))
+                return out
+
+            old = [k for k in ring.key_ids if k != target]
+            return await self._route.reencrypt_records(old, limit, sorted(skip), convert)
         async with self._lock, self._tx_locked(durable=True) as conn:
             rows = await conn.execute_fetchall(f"SELECT account, {_RECORD_COLUMNS} FROM sessions")
             stale = [(name, record) for name, record, _kind in rows

@@ -43,8 +43,8 @@ async def test_connect_validate_heartbeat(make_config, login_account, localdc, w
             async def latency_count() -> float:
                 async with http.get(f"{url}/metrics") as r:
                     text = await r.text()
-                # The default fleet-wide histogram (no account label) and alice's last one.
-                if sample(text, "tgdaemon_rpc_last_latency_seconds", account="alice") is None:
+                # The default fleet-wide histogram (no account label) and alice's heartbeat.
+                if sample(text, "tgdaemon_heartbeat_timestamp_seconds", account="alice") is None:
                     return 0
                 return sample(text, "tgdaemon_rpc_latency_seconds_count") or 0
 

@@ -145,6 +145,38 @@ async def test_connections_beyond_the_cap_get_503_and_are_closed(serve, caplog):
             sock.close()
 
 
+async def test_a_burst_of_connections_up_to_the_cap_is_accepted(serve, caplog):
+    """asyncio accepts up to 100 connections in one go; counting one both as accepted and as
+    aiohttp's once its connection_made ran refused a burst of 200 at "256 open"."""
+    caplog.set_level(logging.WARNING, "tgdaemon.http")
+    clients = 150
+    served = await serve(HttpLimits(max_connections=clients, request_timeout=30))
+
+    def burst() -> list[socket.socket]:  # as fast as a thread can: batches on the server
+        return [socket.create_connection(("127.0.0.1", served.server.port))
+                for _ in range(clients)]
+
+    async def busy_loop() -> None:  # a loaded daemon: connections pile up between iterations
+        while True:
+            until = time.monotonic() + 0.002
+            while time.monotonic() < until:  # 2 ms of work per loop iteration
+                pass
+            await asyncio.sleep(0)
+
+    busy = asyncio.create_task(busy_loop())
+    try:
+        socks = await asyncio.get_running_loop().run_in_executor(None, burst)
+    finally:
+        busy.cancel()
+    try:
+        await wait_for_condition(lambda: served_connections(served) == clients, 10,
+                                 f"{clients} connections open")
+        assert "HTTP connection refused" not in caplog.text
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def served_connections(served: Served) -> int:
     runner = served.server._runner
     assert runner is not None
@@ -211,11 +243,15 @@ def test_a_status_is_encoded_once_whoever_receives_it():
     assert encoder.encode(alice) is text  # cached: same object, same text
     changed = board.update("alice", state=State.RECONNECTING)
     assert encoder.encode(changed) is not text
-    assert '"state": "reconnecting"' in encoder.encode(changed)
+    assert b'"state": "reconnecting"' in encoder.encode(changed)
     board.update("bob", state=State.NEEDS_LOGIN)
     snapshot = encoder.snapshot(board.snapshot())
-    assert snapshot.startswith('{"type": "snapshot", "accounts": [{"type": "status", '
-                               '"account": "alice"')
+    assert snapshot.startswith(b'{"type": "snapshot", "accounts": [{"type": "status", '
+                               b'"account": "alice"')
+    # Nothing changed: every subscriber gets the same object, not a copy of its own.
+    assert encoder.snapshot(board.snapshot()) is snapshot
+    board.update("bob", state=State.CONNECTED)
+    assert b'"connected"' in encoder.snapshot(board.snapshot())
     board.remove("bob")
     encoder.snapshot(board.snapshot())
     assert len(encoder._cache) == 1  # removed accounts are forgotten

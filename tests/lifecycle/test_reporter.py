@@ -59,7 +59,7 @@ async def test_connected_then_parked_every_sink_agrees(setup, caplog) -> None:
     assert not reporter.connected.is_set()
     assert sample(registry, "tgdaemon_heartbeat_timestamp_seconds") is None
     assert sample(registry, "tgdaemon_errors_total", category="auth") == 1
-    assert sample(registry, "tgdaemon_account_state", state="needs_login") == 1
+    assert sample(registry, "tgdaemon_account_state", state="needs_login", dc="2") == 1
     await store.flush()
     record = await store.get_account("alice")
     assert record is not None
@@ -102,7 +102,8 @@ async def test_a_dc_read_from_the_session_is_recorded_once(setup) -> None:
     status = board.get("alice")
     assert status is not None
     assert status.dc_id == 4
-    assert sample(registry, "tgdaemon_account_dc") == 4
+    # The DC is a label of the account's one state series.
+    assert sample(registry, "tgdaemon_account_state", state="starting", dc="4") == 1
     await store.flush()
     record = await store.get_account("alice")
     assert record is not None
