@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--heartbeat", type=float, default=30.0)
     p.add_argument("--fast-rate", type=float, default=0.0,
                    help="connect_rate of the main tgdaemon run (0 = unlimited)")
+    p.add_argument("--fast-burst", type=int, default=None,
+                   help="connect_burst of the main tgdaemon run (default: the daemon's)")
     p.add_argument("--connect-timeout", type=float, default=None,
                    help="give up on 'all connected' after this long (default 120 + N/50 s)")
     p.add_argument("--gc-freeze", action="store_true",
@@ -70,8 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scrapes", type=int, default=5)
     p.add_argument("--default-rate-max", type=int, default=1000,
                    help="measure the default connect rate up to this N")
-    p.add_argument("--outage", type=float, default=30.0)
-    p.add_argument("--outage-sizes", type=int, nargs="*", default=[1000, 10000])
+    # Issue 17's short outage: long enough for a per-account backoff to grow past it.
+    p.add_argument("--outage", type=float, default=12.0)
+    p.add_argument("--outage-sizes", type=int, nargs="*", default=[100, 10000])
     p.add_argument("--recovery-timeout", type=float, default=90.0)
     p.add_argument("--flood-sizes", type=int, nargs="*", default=[1000, 10000],
                    help="sizes with a flood-wait storm (a tenth of the accounts)")
@@ -101,6 +104,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def variant(args: argparse.Namespace) -> str | None:
     parts = [f"connect_rate {args.fast_rate:g}/s"] if args.fast_rate else []
+    parts += [f"burst {args.fast_burst}"] if args.fast_burst is not None else []
     parts += ["gc.freeze() once connected"] if args.gc_freeze else []
     return ", ".join(parts) or None
 
@@ -127,7 +131,10 @@ def bench_size(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
              f"{time.monotonic() - t0:.1f}s over {len(specs)} localdc process(es)")
     policy = {"heartbeat_interval": args.heartbeat, **BENCH_POLICY_EXTRA}
     configs = {}
-    for label, rate in (("unlimited", {"connect_rate": args.fast_rate}), ("default", {})):
+    fast = {"connect_rate": args.fast_rate}
+    if args.fast_burst is not None:
+        fast["connect_burst"] = args.fast_burst
+    for label, rate in (("unlimited", fast), ("default", {})):
         path = work / f"tgdaemon-{label}.toml"
         path.write_text(render_config(
             state_dir=state, key_file=key_file, rsa_files=rsa_files, procs=specs, names=names,
@@ -145,6 +152,8 @@ def bench_size(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     default_connect_budget = 120 + 2 * n / d.connect_rate
     result: dict[str, Any] = {"n": n, "repeats": repeats, "daemon": [], "baseline": [],
                               "daemon_default_rate": [], "fast_rate": args.fast_rate,
+                              "fast_burst": args.fast_burst if args.fast_burst is not None
+                              else d.connect_burst,
                               "variant": variant(args)}
     try:
         for dc in dcs:
