@@ -209,8 +209,8 @@ class PolicyConfig:
     connect_timeout: float = 15.0
     request_timeout: float = 15.0
     backoff_base: float = 1.0
-    # After a long outage the last account is back within about backoff_cap of the network
-    # returning (full jitter draws up to the cap): 30 s keeps a fleet's recovery under a minute.
+    # A network failure younger than this is retried within backoff_base; an older one backs
+    # off up to it (tgdaemon.lifecycle.recovery_for).
     backoff_cap: float = 30.0
     backoff_jitter: str = "full"
     # Longest FLOOD_WAIT waited out on an open connection; a longer one closes the connection

@@ -18,9 +18,10 @@ in /status and sends nothing — heartbeats included — before the deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
@@ -37,6 +38,10 @@ if TYPE_CHECKING:
     from tgdaemon.telegram import ManagedClient
 
 T = TypeVar("T")
+
+#: The scheduler's lane for work over every account (``GET /v1/accounts``); not a valid
+#: account name, so it never shares a lane with one.
+FLEET_LANE = "*"
 
 
 class Outcome(StrEnum):
@@ -183,9 +188,37 @@ class Gateway:
         """Run ``fn(client)`` for ``account`` when the scheduler gives ``client`` (the API
         client's name) a turn, within ``request_timeout``."""
         self.check(account)
-        config = self._config()
-        ticket = Ticket(client, account)
-        admitted = self._scheduler.submit(ticket, config)
+        async with self.turn(client, account):
+            self.check(account)  # the account may have changed while queued
+            handle = self._handle_of(account)
+            tc = handle.client
+            if tc is None or not tc.is_connected():
+                raise ApiError(Outcome.UNAVAILABLE, "account is not connected",
+                               retry_after=1)
+            try:
+                return await fn(tc)
+            except (ApiError, asyncio.CancelledError, TimeoutError):
+                raise
+            except Exception as exc:
+                raise self._failed(account, handle, exc) from None
+
+    @contextlib.asynccontextmanager
+    async def turn(self, client: str, lane: str) -> AsyncIterator[None]:
+        """Wait for a turn and hold it, all within ``request_timeout`` (then 504): ``lane``
+        is the account, or :data:`FLEET_LANE` for work over every account. Refused at once
+        with :class:`ApiError` when there is no place."""
+        timeout = self._config().request_timeout
+        try:
+            async with asyncio.timeout(timeout), self._place(client, lane):
+                yield
+        except TimeoutError:
+            raise ApiError(Outcome.TIMEOUT, "the call took longer than request_timeout "
+                           f"({timeout:g} s)") from None
+
+    @contextlib.asynccontextmanager
+    async def _place(self, client: str, lane: str) -> AsyncIterator[None]:
+        ticket = Ticket(client, lane)
+        admitted = self._scheduler.submit(ticket, self._config())
         if not isinstance(admitted, Admitted):
             raise _refused(admitted.why, admitted.retry_after)
         if admitted.evicted is not None:
@@ -194,23 +227,8 @@ class Gateway:
         self._waiters[ticket] = turn
         self._schedule()
         try:
-            async with asyncio.timeout(config.request_timeout):
-                await turn
-                self.check(account)  # the account may have changed while queued
-                handle = self._handle_of(account)
-                tc = handle.client
-                if tc is None or not tc.is_connected():
-                    raise ApiError(Outcome.UNAVAILABLE, "account is not connected",
-                                   retry_after=1)
-                try:
-                    return await fn(tc)
-                except (ApiError, asyncio.CancelledError, TimeoutError):
-                    raise
-                except Exception as exc:
-                    raise self._failed(account, handle, exc) from None
-        except TimeoutError:
-            raise ApiError(Outcome.TIMEOUT, "the call took longer than request_timeout "
-                           f"({config.request_timeout:g} s)") from None
+            await turn
+            yield
         finally:
             self._waiters.pop(ticket, None)
             if ticket.state is not TicketState.DONE:
