@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 
 #: Bound on tearing down a client: a wedged one is abandoned and replaced.
 CLOSE_TIMEOUT = 5.0
+#: Seconds between two runs of the client's housekeeping (``ManagedClient.keep_house``), the
+#: period of the Telethon keep-alive loop it replaces.
+HOUSEKEEPING_INTERVAL = 60.0
 
 
 class UpdateStallError(ConnectionError):
@@ -395,6 +398,7 @@ class AccountWorker:
         assert self.client is not None
         assert self.session is not None
         gap_streak = 0
+        housekept = self.deps.monotonic()
         while True:
             await self._until_next_beat()
             started = self.deps.monotonic()
@@ -415,6 +419,9 @@ class AccountWorker:
             if gap_streak >= self.policy.update_gap_heartbeats:
                 gap_streak = 0
                 await self._on_update_gap(server.pts, local)
+            if self.last_progress - housekept >= HOUSEKEEPING_INTERVAL:
+                housekept = self.last_progress
+                await self.client.keep_house()
             self._arm_server_disconnect()
 
     def _arm_server_disconnect(self) -> None:
