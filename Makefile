@@ -50,8 +50,9 @@ bench: $(STAMP)
 		--fleets daemon --outage-sizes 100 --flood-sizes --merge
 
 # One fleet of 40,000 accounts over 4 daemons on one SQLite store, one daemon SIGKILLed
-# (issue 15): bench/CLUSTER.md. About 25 minutes on an idle 2-core machine; needs nothing
-# else running (see bench/cluster.py --help for smaller runs).
+# (issue 15): bench/CLUSTER.md. About 10-15 minutes on a quiet 2-core machine (seeding ~1.5,
+# connecting ~3, idle window 1, takeover ~2, stops ~1), at most ~35 (every budget used up);
+# run it with nothing else on the machine (bench/cluster.py --help for smaller runs).
 bench-cluster: $(STAMP)
 	$(BIN)/python bench/cluster.py --accounts 40000 --daemons 4
 
