@@ -111,6 +111,8 @@ def size_rows(size: dict[str, Any]) -> list[list[str]]:
     rows.append(["connect all, default rate (20/s, burst 50), s",
                  spread(_col(dr, lambda r: r["connect_s"])), "no limiter", ""])
     row("time in full GC during idle window, % of wall", lambda r: r["gc_full_pct"])
+    row("full GCs from start to stop (count)", lambda r: r["gc_full_total"], "{:.0f}")
+    row("longest GC pause from start to stop, s", lambda r: r["gc_pause_max_s"], "{:.3f}")
     row("event-loop lag, max in the idle window, s", lambda r: r["loop_lag_idle_max_s"],
         "{:.3f}")
     row("event-loop lag, max while connecting all, s", lambda r: r["loop_lag_connect_max_s"],
@@ -370,10 +372,12 @@ def target_lines(results: dict[str, Any]) -> list[str]:
         marginal = _marginal_into(results["sizes"], size)
         if marginal is not None:
             m, bm = marginal
-            checks.append(_check(f"marginal memory {m:.1f} KB/acct, {m / bm:.2f}x baseline",
+            checks.append(_check(f"marginal memory {m:.1f} vs {bm:.1f} KB/acct, {m / bm:.2f}x "
+                                 "baseline",
                                  m / bm <= TARGET_RATIO))
         elif rss is not None and brss:
-            checks.append(_check(f"memory {rss:.1f} KB/acct, {rss / brss:.2f}x baseline",
+            checks.append(_check(f"memory {rss:.1f} vs {brss:.1f} KB/acct, {rss / brss:.2f}x "
+                                 "baseline",
                                  rss / brss <= TARGET_RATIO))
         if cpu is not None and bcpu is not None:
             # Below 1 % of a core the ratio of two tiny numbers says nothing.
@@ -388,8 +392,10 @@ def target_lines(results: dict[str, Any]) -> list[str]:
                 ("connecting all", lambda r: r["loop_lag_connect_max_s"]),
                 ("outage end until all back", lambda r: r["outage"]["loop_lag_max_s"])):
             lag = max((v for v in _col(d, get) if v is not None), default=None)
+            blag = max((v for v in _col(b, get) if v is not None), default=None)
             if lag is not None:
-                checks.append(_check(f"event-loop lag, {label}: max {lag * 1000:.0f} ms "
+                base = "" if blag is None else f" (baseline {blag * 1000:.0f} ms)"
+                checks.append(_check(f"event-loop lag, {label}: max {lag * 1000:.0f} ms{base} "
                                      f"≤ {LAG_TARGET_S * 1000:.0f} ms", lag <= LAG_TARGET_S))
         series = median(_col(d, lambda r, n=n: r["scrape"]["account_series"] / n))
         if series is not None:

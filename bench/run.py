@@ -57,8 +57,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="connect_burst of the main tgdaemon run (default: the daemon's)")
     p.add_argument("--connect-timeout", type=float, default=None,
                    help="give up on 'all connected' after this long (default 120 + N/50 s)")
-    p.add_argument("--gc-freeze", action="store_true",
-                   help="experiment: the main tgdaemon run calls gc.freeze() once connected")
     p.add_argument("--fleets", nargs="+", default=["daemon", "baseline"],
                    choices=["daemon", "baseline"])
     p.add_argument("--note", action="append", default=[],
@@ -105,7 +103,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def variant(args: argparse.Namespace) -> str | None:
     parts = [f"connect_rate {args.fast_rate:g}/s"] if args.fast_rate else []
     parts += [f"burst {args.fast_burst}"] if args.fast_burst is not None else []
-    parts += ["gc.freeze() once connected"] if args.gc_freeze else []
     return ", ".join(parts) or None
 
 
@@ -115,8 +112,8 @@ def raise_nofile() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def daemon_args(config: Path, gc_freeze: bool = False) -> list[str]:
-    return ["--config", str(config), *(["--gc-freeze"] if gc_freeze else [])]
+def daemon_args(config: Path) -> list[str]:
+    return ["--config", str(config)]
 
 
 def bench_size(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -169,7 +166,7 @@ def bench_size(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 progress(f"N={n} repeat {r + 1}/{repeats}: tgdaemon, connect_rate "
                          f"{args.fast_rate:g} (0 = unlimited)")
                 fleet = start_fleet("daemon", work, f"daemon-{r}",
-                                    daemon_args(configs["unlimited"], args.gc_freeze))
+                                    daemon_args(configs["unlimited"]))
                 result["daemon"].append(run_fleet(fleet, n, dcs, plan))
             if r == 0 and n <= args.default_rate_max and "daemon" in args.fleets:
                 progress(f"N={n}: tgdaemon, default connect_rate {d.connect_rate:g}/s "

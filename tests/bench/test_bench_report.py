@@ -127,6 +127,19 @@ def test_issue_17_targets() -> None:
     assert "(9.6 s) **MISSED**" in target_lines(results)[0]
 
 
+def test_lag_and_gc_pauses_shown_beside_the_baseline(tmp_path: Path) -> None:
+    daemon = _run(40, 8, loop_lag_idle_max_s=0.02, gc_full_total=0, gc_pause_max_s=0.004)
+    baseline = _run(45, 9, loop_lag_idle_max_s=0.31, gc_full_total=7, gc_pause_max_s=1.2)
+    results = _results(1000, daemon, baseline)
+    line = target_lines(results)[0]
+    assert "event-loop lag, idle window: max 20 ms (baseline 310 ms) ≤ 100 ms **met**" in line
+    out = tmp_path / "RESULTS.md"
+    write_results(results, out, None)
+    text = out.read_text()
+    assert "| full GCs from start to stop (count) | 0 | 7 | 0.00x |" in text
+    assert "| longest GC pause from start to stop, s | 0.004 | 1.200 | 0.00x |" in text
+
+
 def test_short_outage_table_judges_each_tgdaemon_run_and_shows_the_baseline() -> None:
     """N = 100: the default rate (20/s, burst 50) is back within N / rate = 5 s but its
     reconnect wave is far above 10 % of N per second; a 10 %-of-N rate meets both; the
