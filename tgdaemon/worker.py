@@ -337,6 +337,8 @@ class AccountWorker:
             if self._sessions is not None:
                 self._sessions.attach(self.client)
         client = self.client
+        if self.deps.lease is not None:  # the server's deadline before any use of the key
+            client._sender.first_request = self._server_deadline
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that
             # arrives as connect() fails, and the stopped worker would reconnect forever.
@@ -350,8 +352,10 @@ class AccountWorker:
                 self.client = None
             raise
         self.deps.reachability.reached(self._route())
-        # Fleet mode: the server-side deadline first, before anything else can stall.
-        self._arm_server_disconnect()
+        # Fleet mode: the server's deadline went first on the connection; the lease may
+        # have lapsed while connecting.
+        if self.deps.lease is not None and not self.deps.lease.holds(self.name):
+            raise LeaseLostError(self.name)
         # A fresh auth key must be durable before anything binds it to a user.
         await self.session.flush()
         self._watch.watch(client)
@@ -434,14 +438,14 @@ class AccountWorker:
         if not lease.holds(self.name):
             raise LeaseLostError(self.name)
         assert self.client is not None
-        # Sent the way Telethon sends its own keepalive ping: queued on the sender, pong not
-        # awaited (the heartbeat proves the connection).  Awaiting it through client() would
-        # let a cancelled worker cancel the future the pong then resolves (an error logged
-        # by Telethon's _handle_pong).
-        pong = self.client._sender.send(functions.PingDelayDisconnectRequest(
-            ping_id=self.deps.rng.getrandbits(63),
-            disconnect_delay=lease.disconnect_delay(self.name)))
-        pong.add_done_callback(_retrieve)
+        self.client._sender.send_unawaited(self._server_deadline())
+
+    def _server_deadline(self) -> Any:
+        """The ``ping_delay_disconnect`` for the lease's local deadline as of now."""
+        assert self.deps.lease is not None
+        return functions.PingDelayDisconnectRequest(
+            ping_id=int(__import__('time').time() * 1e6),
+            disconnect_delay=self.deps.lease.disconnect_delay(self.name))
 
     async def _until_next_beat(self) -> None:
         """Sleep until the next heartbeat is due; :meth:`reschedule` re-arms the wait with
@@ -485,8 +489,3 @@ class AccountWorker:
                              type(exc).__name__)
             self.client = None
 
-
-def _retrieve(fut: asyncio.Future[Any]) -> None:
-    """Mark a fire-and-forget future's outcome as seen (no "never retrieved" warning)."""
-    if not fut.cancelled():
-        fut.exception()

@@ -399,6 +399,9 @@ SCRIPTS: dict[str, tuple[dict[str, Any], list[tuple[tuple[Any, ...], str]]]] = {
         *[(("+", "A", "a"), "ok")] * 4,
         (("run", 10.0), "0 1 again@10.5"), (("run", 10.25), "again@10.5"),
         (("run", 10.5), "2 again@11.0"), (("run", 11.0), "3")]),
+    "a rate below one a second still starts calls": (dict(max_rate=0.5), [
+        (("+", "A", "a"), "ok"), (("+", "A", "a"), "ok"),
+        (("run", 0.0), "0 again@2.0"), (("run", 2.0), "1")]),
     "a pass starts a bounded number of calls": (dict(max_rate=0, account_concurrency=10), [
         *[(("+", "A", "a"), "ok")] * 6, (("run", 0), "0 1 2 3 again@0.0"), (("run", 0), "4 5")]),
 }
