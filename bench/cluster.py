@@ -136,7 +136,8 @@ def _wait(done: Callable[[], bool], timeout: float, poll: float = 1.0) -> float 
     return time.monotonic()
 
 
-def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run(args: argparse.Namespace, work: Path, out: dict[str, Any]) -> None:
+    """Fills ``out`` as it goes: a failed run still reports what it measured."""
     n, d = args.accounts, args.daemons
     t0 = time.monotonic()
     seeded = seed_dir(n, work, args.dc_procs)
@@ -155,9 +156,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     dcs = [LocalDcProcess(s, work) for s in specs]
     instances = [f"d{i + 1}" for i in range(d)]
     fleets: dict[str, FleetProcess] = {}
-    out: dict[str, Any] = {"n": n, "daemons": d, "dc_procs": len(specs),
-                           "lease_ttl": args.lease_ttl, "renew": args.renew,
-                           "heartbeat": args.heartbeat, "connect_rate": args.connect_rate}
+    out.update({"n": n, "daemons": d, "dc_procs": len(specs), "lease_ttl": args.lease_ttl,
+                "renew": args.renew, "heartbeat": args.heartbeat,
+                "connect_rate": args.connect_rate})
     try:
         for dc in dcs:
             dc.start()
@@ -227,7 +228,6 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         for dc in dcs:
             dc.stop()
         out["log_events"] = {i: log_events(f.log_path) for i, f in fleets.items()}
-    return out
 
 
 def log_events(path: Path) -> dict[str, int]:
@@ -311,6 +311,10 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     r = results["run"]
     m = results["machine"]
     single = results.get("single")
+    if "n" not in r:  # failed before the daemons started
+        path.write_text(f"# Benchmark: one fleet, several daemons on one SQLite store\n\n"
+                        f"**Run failed:** {results.get('error')}\n")
+        return
     lines = [
         "# Benchmark: one fleet, several daemons on one SQLite store",
         "",
@@ -410,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         "notes": list(args.note)}
     failed = False
     try:
-        results["run"] = run(args, work)
+        run(args, work, results["run"])
     except Exception as exc:  # report what ran, say what did not
         progress(f"failed: {exc}")
         results["error"] = str(exc)

@@ -76,10 +76,9 @@ class Reachability:
     def reached(self, route: Hashable) -> int:
         """An account reached ``route``: it is up; wake its sleepers; how many were woken."""
         r = self._routes.pop(route, None)
-        if r is None:
+        if r is None or not r.sleepers:
             return 0
-        for sleeper in r.sleepers:
-            settle(sleeper, False)
+        _wake_in_batches(list(r.sleepers), 0)
         return len(r.sleepers)
 
     async def sleep(self, route: Hashable, seconds: float) -> bool:
@@ -112,3 +111,15 @@ class Reachability:
     def is_down(self, route: Hashable) -> bool:
         r = self._routes.get(route)
         return r is not None and r.down
+
+
+#: Sleepers woken per event-loop iteration: 10,000 tasks resumed in one iteration would
+#: stall the loop for a few hundred milliseconds (every heartbeat and timer waits behind them).
+WAKE_BATCH = 256
+
+
+def _wake_in_batches(sleepers: list[asyncio.Future[bool]], start: int) -> None:
+    for sleeper in sleepers[start:start + WAKE_BATCH]:
+        settle(sleeper, False)
+    if start + WAKE_BATCH < len(sleepers):
+        asyncio.get_running_loop().call_soon(_wake_in_batches, sleepers, start + WAKE_BATCH)

@@ -4,10 +4,11 @@ waiters only."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
-from tgdaemon.reachability import Reachability, may_probe
+from tgdaemon.reachability import WAKE_BATCH, Reachability, may_probe
 
 # (route down, next probe at, now) -> may this account attempt?
 MAY_PROBE = [
@@ -67,3 +68,19 @@ async def test_a_sleep_runs_out_by_itself() -> None:
     assert await reach.sleep("r", 0.01) is True
     assert await reach.sleep("r", 0) is True
     assert reach.sleeping("r") == 0
+
+
+async def test_a_big_route_is_woken_a_batch_per_loop_iteration(wait_until) -> None:
+    """A success on a route with thousands waiting does not resume them all in one
+    event-loop iteration (the loop would stall for every other account)."""
+    reach = Reachability()
+    n = 2 * WAKE_BATCH + 10
+    sleepers = [asyncio.create_task(reach.sleep("dc", 60.0)) for _ in range(n)]
+    await wait_until(lambda: reach.sleeping("dc") == n, 5, "all asleep")
+    assert reach.reached("dc") == n
+    woken = [sum(1 for t in sleepers if t.done())]
+    while woken[-1] < n:
+        await asyncio.sleep(0)  # one event-loop iteration
+        woken.append(sum(1 for t in sleepers if t.done()))
+    assert max(b - a for a, b in itertools.pairwise([0, *woken])) <= WAKE_BATCH
+    assert all(t.result() is False for t in sleepers)
