@@ -201,14 +201,18 @@ def test_sigkill_loop_during_online_rotation(tmp_path: Path) -> None:
     write_key_file(tmp_path / "new.key", new)  # rotate-key writes the ring first
     under_new = 0
     kills = 0
+    partial = False  # some kill left the rotation half done
     while kills < 20:
         proc = spawn("online", str(state), str(tmp_path / "new.key"), "25")
         assert proc.stdout is not None
         for _ in range(rng.randint(1, 3)):  # kill after a few batches, mid-transaction or not
             line = proc.stdout.readline()
-            assert line.startswith("batch "), line
+            assert line.startswith(("batch ", "done")), line
+            if line.startswith(("batch 0", "done")):  # these kills' batches finished the job
+                break
         time.sleep(rng.uniform(0, 0.02))  # somewhere inside the next batch
-        kill(proc)
+        proc.kill()
+        proc.communicate(timeout=20)
         kills += 1
         stored = audit(state, new)  # raises if a record is unreadable or torn
         assert len(stored) == 1500
@@ -221,7 +225,10 @@ def test_sigkill_loop_during_online_rotation(tmp_path: Path) -> None:
         count = ids.count(new.active.key_id)
         assert count >= under_new, f"seed {SEED}: progress lost"
         under_new = count
-    assert 0 < under_new < 1500, f"seed {SEED}: kills did not land mid-rotation"
+        partial = partial or 0 < count < 1500
+        if count == 1500:  # the kills' batches finished the job (a seed with long runs)
+            break
+    assert partial, f"seed {SEED}: kills did not land mid-rotation"
     proc = spawn("online", str(state), str(tmp_path / "new.key"), "500")
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-2000:]
