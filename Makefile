@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SYSDEPS := $(VENV)/.system-deps
 
-.PHONY: test lint demo demo-chaos bench soak clean
+.PHONY: test lint demo demo-chaos bench bench-cluster soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py --large-repeats 3
 	$(BIN)/python bench/run.py --sizes 10000 --fast-rate 250 --fleets daemon \
 		--outage-sizes 10000 --merge
+
+# One fleet of 40,000 accounts over 4 daemons on one SQLite store, one daemon SIGKILLed
+# (issue 15): bench/CLUSTER.md. About 25 minutes on an idle 2-core machine; needs nothing
+# else running (see bench/cluster.py --help for smaller runs).
+bench-cluster: $(STAMP)
+	$(BIN)/python bench/cluster.py --accounts 40000 --daemons 4
 
 # Random faults + SIGKILLs for SOAK_SECONDS (default 600), then the store's kill test at 500
 # kills; writes bench/SOAK.md.

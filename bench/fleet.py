@@ -246,13 +246,15 @@ class BaselineFleet(Fleet):
 
 async def sample(fleet: Fleet, stop: asyncio.Event, interval: float,
                  clock: Callable[[], float] = time.time,
-                 freeze_gc: bool = False) -> list[tuple[float, int]]:
-    """Connected-count samples until ``stop``; emits ``all_connected`` the first time all are."""
+                 freeze_gc: bool = False, share: bool = False) -> list[tuple[float, int]]:
+    """Connected-count samples until ``stop``; emits ``all_connected`` the first time all are.
+    ``share``: a fleet instance, whose share of the accounts is not known in advance: sampled
+    every ``interval`` from the start, never "all connected" (bench/cluster.py)."""
     import gc
 
     samples: list[tuple[float, int]] = []
     started = time.monotonic()
-    reported = False
+    reported = share
     last = -1
     while not stop.is_set():
         count = fleet.connected()
@@ -296,7 +298,8 @@ async def run(args: argparse.Namespace) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     emit("base", rss_kb=base_rss, n=fleet.size)
     sampler: Awaitable[list[tuple[float, int]]] = asyncio.create_task(
-        sample(fleet, stop, args.sample_interval, freeze_gc=args.gc_freeze))
+        sample(fleet, stop, args.sample_interval, freeze_gc=args.gc_freeze,
+               share=args.fleet_instance))
     await fleet.start()
     samples = await sampler
     await fleet.stop()
@@ -325,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeline", type=Path, required=True)
     p.add_argument("--gc-freeze", action="store_true",
                    help="experiment: gc.freeze() once all accounts are connected")
+    p.add_argument("--fleet-instance", action="store_true",
+                   help="daemon: one instance of a fleet ($TGDAEMON_INSTANCE): holds a share")
     return asyncio.run(run(p.parse_args(argv)))
 
 

@@ -66,7 +66,16 @@ class LocalDcProcess:
 
     def counters(self) -> dict[str, Any]:
         """The control API's counters (requests by TL method under ``"requests"``)."""
-        with urllib.request.urlopen(f"{self.info['control_url']}/counters", timeout=30) as r:
+        return self._get("counters")
+
+    def overlaps(self) -> dict[str, Any]:
+        """Connections of one auth key open at once from different client processes
+        (``total``), keys with a connection open now (``live_keys``) and with more than one
+        (``open_twice``)."""
+        return self._get("overlaps")
+
+    def _get(self, what: str) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.info['control_url']}/{what}", timeout=30) as r:
             return dict(json.loads(r.read()))
 
     def requests(self) -> dict[str, int]:
@@ -100,7 +109,8 @@ class LocalDcProcess:
 class FleetProcess:
     """``python -m bench.fleet``: its JSON-line events are read by a thread into a queue."""
 
-    def __init__(self, args: list[str], log_path: Path, timeline: Path) -> None:
+    def __init__(self, args: list[str], log_path: Path, timeline: Path,
+                 env: dict[str, str] | None = None) -> None:
         self.log_path = log_path
         self.timeline = timeline
         self.events: dict[str, dict[str, Any]] = {}
@@ -110,6 +120,7 @@ class FleetProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "bench.fleet", *args, "--timeline", str(timeline)],
                 cwd=ROOT, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+                env=None if env is None else {**os.environ, **env},
             )
         assert self.proc.stdout is not None
         self._reader = threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True)

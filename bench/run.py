@@ -18,7 +18,6 @@ test suite runs so the harness does not rot.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import resource
 import shutil
@@ -34,9 +33,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from bench.measure import RunPlan, progress, run_fleet, start_fleet
 from bench.procs import LocalDcProcess
 from bench.report import machine_info, plot_outages, write_results
-from bench.seed import plan_dc_procs, render_config, seed_fleet
+from bench.seed import render_config, seed_dir
 from tgdaemon.config import DaemonConfig
-from tgdaemon.crypto import generate_keyring, write_key_file
 
 HERE = Path(__file__).resolve().parent
 #: Every localdc process serves only its own DC, but getConfig from one process names its
@@ -121,13 +119,10 @@ def bench_size(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """Every run for one fleet size; localdc processes live for all of them."""
     work = root / f"n{n}"
     work.mkdir(parents=True)
-    ring = generate_keyring()
-    key_file = work / "master.key"
-    write_key_file(key_file, ring)
-    specs = plan_dc_procs(work, args.dc_procs)
-    state = work / "state"
     t0 = time.monotonic()
-    names, rsa_files, users = asyncio.run(seed_fleet(n, specs, state, ring))
+    seeded = seed_dir(n, work, args.dc_procs)
+    key_file, specs, state = seeded.key_file, seeded.specs, seeded.state
+    names, rsa_files, users = seeded.names, seeded.rsa_files, seeded.users
     progress(f"N={n}: seeded {len(names)} users, keys and sessions in "
              f"{time.monotonic() - t0:.1f}s over {len(specs)} localdc process(es)")
     policy = {"heartbeat_interval": args.heartbeat, **BENCH_POLICY_EXTRA}
@@ -232,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     plot = None
     if not args.no_plot:
         plot = plot_outages(results, args.plot)
+    # bench/metrics_scrape.py --prometheus is a run of its own: its section stays.
+    if args.json.exists() and (kept := json.loads(args.json.read_text()).get(
+            "prometheus_scrape")):
+        results["prometheus_scrape"] = kept
     if args.merge and args.json.exists():
         old = json.loads(args.json.read_text())
         ran = {(s["n"], s.get("variant")) for s in results["sizes"]}

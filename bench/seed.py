@@ -12,6 +12,7 @@ lives on exactly one process and a session can only ever reach the process holdi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tgdaemon.crypto import KeyRing
+from tgdaemon.crypto import KeyRing, generate_keyring, write_key_file
 from tgdaemon.localdc.crypto import key_id_of
 from tgdaemon.localdc.store import AuthKeyRecord
 from tgdaemon.localdc.store import Store as DcStore
@@ -149,6 +150,30 @@ async def seed_fleet(
     return [name for name, _ in sessions], rsa_files, users
 
 
+@dataclass(frozen=True)
+class SeededDir:
+    """What :func:`seed_dir` left in a work directory."""
+
+    key_file: Path
+    specs: list[DcProc]
+    state: Path
+    names: list[str]
+    rsa_files: list[Path]
+    users: list[list[int]]
+
+
+def seed_dir(n: int, work: Path, dc_procs: int) -> SeededDir:
+    """A fresh master key, ``dc_procs`` planned localdc processes and ``n`` seeded accounts
+    (:func:`seed_fleet`) under ``work``."""
+    ring = generate_keyring()
+    key_file = work / "master.key"
+    write_key_file(key_file, ring)
+    specs = plan_dc_procs(work, dc_procs)
+    state = work / "state"
+    names, rsa_files, users = asyncio.run(seed_fleet(n, specs, state, ring))
+    return SeededDir(key_file, specs, state, names, rsa_files, users)
+
+
 def render_config(
     *,
     state_dir: Path,
@@ -158,6 +183,7 @@ def render_config(
     names: Sequence[str],
     daemon: dict[str, object],
     policy: dict[str, object],
+    security: dict[str, object] | None = None,
 ) -> str:
     """A tgdaemon config for the bench fleet (no phone numbers: sessions already exist)."""
     daemon_cfg: dict[str, object] = {
@@ -166,4 +192,5 @@ def render_config(
     }
     return daemon_config_toml(
         servers={p.dc_id: [f"{HOST}:{p.port}"] for p in procs}, rsa_files=rsa_files,
-        accounts=[{"name": name} for name in names], daemon=daemon_cfg, policy=policy)
+        accounts=[{"name": name} for name in names], daemon=daemon_cfg, policy=policy,
+        security=security)

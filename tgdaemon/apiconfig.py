@@ -67,6 +67,11 @@ class ApiConfig:
     #: Calls of one account running at once, and waiting beyond those.
     account_concurrency: int = 4
     account_queue: int = 64
+    #: Daemon-wide: calls running at once, calls waiting beyond those, and calls started per
+    #: second (0 = no rate limit); see :mod:`tgdaemon.api.admission`.
+    max_in_flight: int = 32
+    max_queued: int = 512
+    max_rate: float = 100.0
     #: Seconds a call may take, queueing included.
     request_timeout: float = 30.0
     #: Also serve the API on this Unix socket (mode 0660: the daemon's user and group).
@@ -77,8 +82,8 @@ class ApiConfig:
         return bool(self.clients)
 
 
-_KEYS = ("clients", "updates_buffer", "account_concurrency", "account_queue", "request_timeout",
-         "unix_socket")
+_KEYS = ("clients", "updates_buffer", "account_concurrency", "account_queue", "max_in_flight",
+         "max_queued", "max_rate", "request_timeout", "unix_socket")
 _CLIENT_KEYS = ("name", "token_file", "accounts", "methods")
 
 
@@ -110,6 +115,9 @@ def parse_api(p: _Parser, value: Any) -> ApiConfig:
         account_concurrency=p.number(t, "api", "account_concurrency", int,
                                      d.account_concurrency, minimum=1),
         account_queue=p.number(t, "api", "account_queue", int, d.account_queue, minimum=0),
+        max_in_flight=p.number(t, "api", "max_in_flight", int, d.max_in_flight, minimum=1),
+        max_queued=p.number(t, "api", "max_queued", int, d.max_queued, minimum=0),
+        max_rate=p.number(t, "api", "max_rate", float, d.max_rate, minimum=0),
         request_timeout=p.number(t, "api", "request_timeout", float, d.request_timeout,
                                  minimum=0, exclusive=True),
         unix_socket=_unix_socket(p, t),

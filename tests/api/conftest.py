@@ -81,15 +81,18 @@ async def start_api_daemon(config: Path) -> DaemonProcess:
     return await DaemonProcess.start(config, daemon_env())
 
 
-@pytest.fixture
-async def api_daemon(tmp_path: Path, make_config: ConfigFactory, login_account: LoginFn,
-                     localdc: LocalDC) -> AsyncIterator[ApiDaemon]:
+@contextlib.asynccontextmanager
+async def open_api_daemon(tmp_path: Path, make_config: ConfigFactory, login_account: LoginFn,
+                          *, daemon: dict[str, Any] | None = None,
+                          policy: dict[str, Any] | None = None) -> AsyncIterator[ApiDaemon]:
+    """The daemon with alice and bob logged in and carol parked; ``daemon``/``policy``
+    override the fixture's settings."""
     port = free_port()
     config = make_config([{"name": n, "phone": phone_for(n)} for n in ("alice", "bob", "carol")],
-                         # per-account latency histograms (opt-in): the burst test
-                         # reads one account's mean round trip from them
+                         # per-account latency histograms (opt-in)
                          daemon={"http_listen": f"127.0.0.1:{port}", "log_level": "debug",
-                                 "metrics_histograms": "account"})
+                                 "metrics_histograms": "account", **(daemon or {})},
+                         policy=policy)
     user_ids = {name: await login_account(config, name) for name in ("alice", "bob")}
     tokens = {name: secrets.token_urlsafe(24) for name in CLIENTS}
     # AF_UNIX paths are limited to 108 bytes: pytest's tmp_path can be longer.
@@ -99,19 +102,26 @@ async def api_daemon(tmp_path: Path, make_config: ConfigFactory, login_account: 
         f.write(api_section(tmp_path, tokens,
                             f'updates_buffer = 50\nunix_socket = "{unix_socket}"'))
     process = await start_api_daemon(config.path)
-    daemon = ApiDaemon(process, port, config.path, tokens, user_ids, unix_socket)
+    d = ApiDaemon(process, port, config.path, tokens, user_ids, unix_socket)
     try:
         async def up() -> bool:
             with contextlib.suppress(aiohttp.ClientError, AssertionError):
-                states = await daemon.states()
+                states = await d.states()
                 return states.get("alice") == states.get("bob") == "connected" \
                     and states.get("carol") == "needs_login"
             return False
 
         await wait_for_condition(up, 30, "alice and bob connected, carol parked")
-        yield daemon
+        yield d
     finally:
-        await daemon.process.kill()
+        await d.process.kill()
         shutil.rmtree(sock_dir, ignore_errors=True)
-        for p in {process, daemon.process}:
+        for p in {process, d.process}:
             assert "Traceback" not in p.log, p.tail()
+
+
+@pytest.fixture
+async def api_daemon(tmp_path: Path, make_config: ConfigFactory, login_account: LoginFn,
+                     localdc: LocalDC) -> AsyncIterator[ApiDaemon]:
+    async with open_api_daemon(tmp_path, make_config, login_account) as d:
+        yield d

@@ -11,14 +11,16 @@ import stat
 import statistics
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.api.conftest import ApiDaemon, start_api_daemon
-from tests.conftest import wait_for_condition
+from tests.api.conftest import ApiDaemon, open_api_daemon, start_api_daemon
+from tests.conftest import ConfigFactory, LoginFn, wait_for_condition
+from tgdaemon.apiconfig import ApiConfig
 from tgdaemon.localdc import LocalDC
 from tgdaemon.localdc.faults import Fault
 
@@ -282,71 +284,200 @@ async def test_consumer_resumes_by_cursor_and_misses_nothing(api_daemon: ApiDaem
     assert status == 400, err
 
 
+#: The burst's caller, in its own process so that this one (which hosts localdc, whose answers
+#: are part of every heartbeat's round trip) does not share its loop with it. Plain sockets
+#: rather than an HTTP client library, at the lowest CPU priority: it stands for the other
+#: programs, and on a 2-core machine its own CPU would otherwise be taken from the daemon.
+#: Prints one [status, Retry-After or null, seconds] per call.
 LOAD_SCRIPT = """
-import asyncio, json, sys
-import aiohttp
+import asyncio, json, os, sys, time
+from urllib.parse import urlsplit
 
-async def main(url, token):
-    statuses = []
-    async def caller(http):
-        for _ in range(25):
-            async with http.get(url, headers={"Authorization": "Bearer " + token}) as r:
-                await r.read()
-                statuses.append(r.status)
-    async with aiohttp.ClientSession() as http:
-        await asyncio.gather(*(caller(http) for _ in range(40)))
-    print(json.dumps(statuses))
+async def main(url, token, conns, per):
+    u = urlsplit(url)
+    req = (f"GET {u.path}?{u.query} HTTP/1.1\\r\\nHost: {u.netloc}\\r\\n"
+           f"Authorization: Bearer {token}\\r\\n\\r\\n").encode()
+    out = []
+    async def caller():
+        reader, writer = await asyncio.open_connection(u.hostname, u.port)
+        for _ in range(per):
+            t0 = time.monotonic()
+            writer.write(req)
+            head = (await reader.readuntil(b"\\r\\n\\r\\n")).decode().split("\\r\\n")
+            headers = dict(h.lower().split(": ", 1) for h in head[1:] if h)
+            await reader.readexactly(int(headers["content-length"]))
+            out.append([int(head[0].split()[1]), headers.get("retry-after"),
+                        time.monotonic() - t0])
+        writer.close()
+    await asyncio.gather(*(caller() for _ in range(conns)))
+    print(json.dumps(out))
 
-asyncio.run(main(sys.argv[1], sys.argv[2]))
+os.nice(19)
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
 """
 
 
-async def test_burst_of_1000_calls_leaves_other_heartbeats_alone(
-        api_daemon: ApiDaemon) -> None:
-    d = api_daemon
-    bob = d.user_ids["bob"]
+async def _load(d: ApiDaemon, path: str, conns: int, per: int
+                ) -> tuple[asyncio.subprocess.Process, asyncio.Task[tuple[bytes, bytes]]]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", LOAD_SCRIPT, d.url + path, d.tokens["ops"], str(conns), str(per),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    return proc, asyncio.create_task(proc.communicate())
 
-    async def bob_latency() -> tuple[float, float]:
-        text = await _metrics(d)
-        values = {}
-        for line in text.splitlines():
-            for key in ("sum", "count"):
-                if line.startswith(f'tgdaemon_rpc_latency_seconds_{key}{{account="bob"}}'):
-                    values[key] = float(line.rsplit(" ", 1)[1])
-        return values["sum"], values["count"]
 
-    async def window(seconds: float, during: asyncio.Task[Any] | None = None) -> float:
-        s0, c0 = await bob_latency()
-        await wait_for_condition(lambda: during.done() if during else False, seconds,
-                                 "burst finished") if during else await asyncio.sleep(seconds)
-        s1, c1 = await bob_latency()
-        assert c1 - c0 >= 3, "too few heartbeats in the window"
-        return (s1 - s0) / (c1 - c0)
-
-    quiet = await window(4.0)
-    # The load comes from its own process: this one hosts localdc, whose answers are part
-    # of every heartbeat's round trip, and must not share its loop with 40 HTTP clients.
-    t0 = time.monotonic()
-    load = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", LOAD_SCRIPT, f"{d.url}/v1/accounts/alice/messages?peer={bob}",
-        d.tokens["ops"], stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    task = asyncio.create_task(load.communicate())
-    busy = await window(120, task)
+async def _outcomes(proc: asyncio.subprocess.Process, task: asyncio.Task[tuple[bytes, bytes]]
+                    ) -> list[tuple[int, str | None, float]]:
     out, err = await task
-    assert load.returncode == 0, err.decode()
-    elapsed = time.monotonic() - t0
-    outcomes: list[int] = json.loads(out)
+    assert proc.returncode == 0, err.decode()
+    return [(int(s), r, float(t)) for s, r, t in json.loads(out)]
+
+
+class Beats:
+    """Heartbeat round trips as the daemon reports them: each account's status carries its
+    last heartbeat's latency and time, so a poll that sees a new (time, latency) pair has
+    one more sample. A heartbeat comes every 0.225-0.275 s (0.25 s with jitter) and a poll
+    every 0.1 s: none is missed, and the polls cost the daemon little."""
+
+    def __init__(self, d: ApiDaemon, http: aiohttp.ClientSession, accounts: tuple[str, ...]
+                 ) -> None:
+        self.d = d
+        self.http = http
+        self._seen: dict[str, tuple[Any, Any]] = {}
+        self.samples: dict[str, list[float]] = {a: [] for a in accounts}
+
+    async def poll(self) -> None:
+        async with self.http.get(f"{self.d.url}/v1/accounts",
+                                 headers=self.d.headers("reader")) as r:
+            assert r.status == 200
+            body = await r.json()
+        for status in body["accounts"]:
+            name = status["account"]
+            if name in self.samples:
+                key = (status["lastChecked"], status["latency"])
+                if self._seen.get(name, key) != key and status["latency"] is not None:
+                    self.samples[name].append(float(status["latency"]))
+                self._seen[name] = key
+
+    async def window(self, until: Callable[[], bool], timeout: float) -> dict[str, list[float]]:
+        """The samples taken from now until ``until()`` holds."""
+        await self.poll()
+        for samples in self.samples.values():
+            samples.clear()
+
+        async def done() -> bool:
+            await self.poll()
+            return until()
+
+        await wait_for_condition(done, timeout, "the measurement window", interval=0.1)
+        return {a: list(s) for a, s in self.samples.items()}
+
+
+def _pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _ms(samples: list[float]) -> str:
+    return (f"n={len(samples)} median {statistics.median(samples) * 1e3:.1f} "
+            f"p90 {_pct(samples, 0.9) * 1e3:.1f} max {max(samples) * 1e3:.1f} ms")
+
+
+#: How much later than in the quiet baseline a heartbeat may come back during the burst and
+#: still be "on time", seconds: the median by less than the first bound of the latency
+#: histogram (50 ms, below any real Telegram round trip: no panel or alert can tell), the
+#: 90th percentile by less than 150 ms (the heartbeat's own deadline is 3 s here, 30 s by
+#: default). What a regression costs is far more: a heartbeat queued behind the burst's
+#: calls waits for ~40 of them (1000 calls over 10 s: ~400 ms), a loop held by one
+#: serialisation waits for all of it (invoke's JSON of a long history: 50-100 ms per call).
+#: Measured here (2 cores shared with other work, load 5-9): quiet medians 2-4 ms, burst
+#: medians 2-47 ms, p90 4-64 ms — what rises is the daemon waiting for a CPU (its run-queue
+#: delay went from 13 to 540-700 ms per second), not for API calls; with a 20 ms blocking
+#: step added to each call, bob's median went to 69 ms and this test failed.
+MEDIAN_SLACK = 0.05
+P90_SLACK = 0.15
+
+
+@pytest.fixture
+async def burst_daemon(tmp_path: Path, make_config: ConfigFactory, login_account: LoginFn,
+                       localdc: LocalDC) -> AsyncIterator[ApiDaemon]:
+    """As in production: INFO logging (at DEBUG Telethon's per-message lines are a quarter of
+    the daemon's CPU in a burst), and heartbeats every 0.25 s for enough samples."""
+    async with open_api_daemon(tmp_path, make_config, login_account,
+                               daemon={"log_level": "info"},
+                               policy={"heartbeat_interval": 0.25}) as d:
+        yield d
+
+
+async def test_burst_of_1000_calls_leaves_other_heartbeats_alone(
+        burst_daemon: ApiDaemon) -> None:
+    """1,000 history calls through alice from 40 connections at once, with the default
+    limits: all are served (alice's lane holds 40; 100 calls/s make it ~10 s), and bob's
+    heartbeats come back as fast as in a quiet baseline taken just before, within the
+    slack above. Alice's own heartbeats are measured too: they do not queue behind her
+    calls either (at most account_concurrency of them are ahead on her connection)."""
+    d = burst_daemon
+    bob = d.user_ids["bob"]
+    async with aiohttp.ClientSession() as http:
+        beats = Beats(d, http, ("alice", "bob"))
+        quiet = await beats.window(lambda: min(map(len, beats.samples.values())) >= 20, 30)
+        t0 = time.monotonic()
+        proc, task = await _load(d, f"/v1/accounts/alice/messages?peer={bob}", 40, 25)
+        busy = await beats.window(task.done, 120)
+        outcomes = await _outcomes(proc, task)
+        elapsed = time.monotonic() - t0
     assert len(outcomes) == 1000
-    counts = {s: outcomes.count(s) for s in set(outcomes)}
-    assert set(counts) <= {200, 429}, counts
-    assert counts.get(200, 0) >= 900, counts  # queue bound 64 > 40 callers: nearly all pass
-    print(f"\nburst: 1000 calls in {elapsed:.1f}s, outcomes {counts}; bob heartbeat latency "
-          f"quiet {quiet * 1000:.2f} ms, during burst {busy * 1000:.2f} ms")
-    # On time: the daemon's one event loop also serves the burst, so its round trips wait
-    # for the loop a little (measured: quiet 5-17 ms, burst 15-100 ms on this shared
-    # 2-core machine at load 10), but never stall: far below the heartbeat's timeout.
-    assert busy < quiet + 0.15, (quiet, busy)
-    assert statistics.mean([quiet, busy]) < 0.2
+    counts = {s: sum(1 for o in outcomes if o[0] == s) for s in {o[0] for o in outcomes}}
+    print(f"\nburst: 1000 calls in {elapsed:.1f}s, outcomes {counts}")
+    for name in ("bob", "alice"):
+        print(f"{name} heartbeats: quiet {_ms(quiet[name])}; burst {_ms(busy[name])}")
+    assert counts == {200: 1000}, counts
+    rate = ApiConfig().max_rate  # a second's worth at once, then max_rate a second
+    assert elapsed >= (1000 - rate) / rate, "max_rate was not applied"
+    for name in ("bob", "alice"):
+        q, b = quiet[name], busy[name]
+        assert len(b) >= 10, (name, b)
+        assert statistics.median(b) <= statistics.median(q) + MEDIAN_SLACK, (name, q, b)
+        assert _pct(b, 0.9) <= _pct(q, 0.9) + P90_SLACK, (name, q, b)
+
+
+async def test_beyond_the_daemon_wide_bound_calls_are_refused_at_once(
+        burst_daemon: ApiDaemon) -> None:
+    """A reload lowers max_in_flight + max_queued to 2 + 6; 40 callers at once: 8 places,
+    every other call answered 429 with Retry-After at once (never a hang), and the calls
+    given a place served."""
+    d = burst_daemon
+    text = d.config.read_text()
+    d.config.write_text(text.replace("updates_buffer = 50\n", "updates_buffer = 50\n"
+                                     "max_in_flight = 2\nmax_queued = 6\nmax_rate = 0\n", 1))
+    before = await _reloads(d)
+    d.process.send(signal.SIGHUP)
+    await wait_for_condition(lambda: _reloaded(d, before), 15, "the reload")
+    bob = d.user_ids["bob"]
+    proc, task = await _load(d, f"/v1/accounts/alice/messages?peer={bob}", 40, 5)
+    outcomes = await asyncio.wait_for(_outcomes(proc, task), 60)
+    counts = {s: sum(1 for o in outcomes if o[0] == s) for s in {o[0] for o in outcomes}}
+    assert set(counts) == {200, 429}, counts
+    refused = [o for o in outcomes if o[0] == 429]
+    assert all(o[1] is not None and int(o[1]) >= 1 for o in refused), refused[:3]
+    slowest = max(o[2] for o in refused)
+    print(f"\nat 2 + 6 places, 200 calls: {counts}; slowest refusal {slowest * 1e3:.0f} ms")
+    assert slowest < 2.0, "a refusal waited"  # served calls took ~10-70 ms each here
+    metrics = await _metrics(d)
+    assert 'outcome="busy"' in metrics
+    # Nothing left holding a place: every refused and served call released it.
+    assert "tgdaemon_api_calls_running 0.0" in metrics
+    assert "tgdaemon_api_calls_waiting 0.0" in metrics
+
+
+async def _reloads(d: ApiDaemon) -> float:
+    for line in (await _metrics(d)).splitlines():
+        if line.startswith("tgdaemon_config_last_reload_success_timestamp_seconds "):
+            return float(line.split()[1])
+    return 0.0
+
+
+async def _reloaded(d: ApiDaemon, before: float) -> bool:
+    return await _reloads(d) > before
 
 
 async def test_cli_send_and_tail(api_daemon: ApiDaemon) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +193,15 @@ def _gateway(handle: _Handle, **api: Any) -> Gateway:
                    lambda n: handle, clock=lambda: NOW, monotonic=asyncio.get_running_loop().time)
 
 
+async def _until(predicate: Callable[[], bool]) -> None:
+    """Let the loop run (no wall-clock wait) until ``predicate`` holds."""
+    for _ in range(100):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition not reached within 100 loop iterations")
+
+
 async def test_lane_bounds_concurrency_and_queue() -> None:
     handle = _Handle()
     gw = _gateway(handle, account_concurrency=2, account_queue=1, request_timeout=5)
@@ -208,7 +218,8 @@ async def test_lane_bounds_concurrency_and_queue() -> None:
         return 1
 
     calls = [asyncio.create_task(gw.call("a", work)) for _ in range(3)]
-    await asyncio.sleep(0)
+    await _until(lambda: running == 2)
+    assert (gw.running, gw.waiting) == (2, 1)
     with pytest.raises(ApiError) as busy:
         await gw.call("a", work)
     assert busy.value.outcome is Outcome.BUSY
@@ -335,3 +346,114 @@ async def test_a_subscriber_that_falls_behind_is_closed_and_marked() -> None:
     assert sub.closed
     got = [e.seq async for e in sub]
     assert got == [0, 1, 2]  # a prefix: resuming from the cursor of 2 misses nothing
+
+
+# -- the scheduler: who runs next (pure; a script of steps and what each gives) --------------
+
+#: Steps: ("+", client, account) submits a call (tickets are numbered from 0 in that order);
+#: ("run", now) is a scheduling pass; ("end", n) ends call n. Expected per step: for "+",
+#: "ok", "ok, evicts n" or the refusal; for "run", the tickets granted (and "again@t").
+SCRIPTS: dict[str, tuple[dict[str, Any], list[tuple[tuple[Any, ...], str]]]] = {
+    "max_in_flight bounds what runs": (dict(max_in_flight=2, max_queued=10, max_rate=0), [
+        (("+", "A", "a"), "ok"), (("+", "A", "a"), "ok"), (("+", "A", "a"), "ok"),
+        (("run", 0), "0 1"), (("run", 0), ""), (("end", 0), ""), (("run", 0), "2")]),
+    "turns go round-robin over clients": (dict(max_in_flight=1, max_rate=0), [
+        *[(("+", "A", "a"), "ok")] * 4, (("+", "B", "b"), "ok"), (("+", "B", "b"), "ok"),
+        (("run", 0), "0"), (("end", 0), ""), (("run", 0), "4"), (("end", 4), ""),
+        (("run", 0), "1"), (("end", 1), ""), (("run", 0), "5"), (("end", 5), ""),
+        (("run", 0), "2")]),
+    "then over a client's accounts": (dict(max_in_flight=1, max_rate=0), [
+        (("+", "A", "a"), "ok"), (("+", "A", "a"), "ok"), (("+", "A", "b"), "ok"),
+        (("run", 0), "0"), (("end", 0), ""), (("run", 0), "2"), (("end", 2), ""),
+        (("run", 0), "1")]),
+    "account_concurrency holds an account back, not the others": (
+        dict(account_concurrency=1, max_rate=0), [
+            (("+", "A", "a"), "ok"), (("+", "A", "a"), "ok"), (("+", "A", "b"), "ok"),
+            (("run", 0), "0 2"), (("end", 2), ""), (("run", 0), ""), (("end", 0), ""),
+            (("run", 0), "1")]),
+    "account_queue bounds an account's waiting calls": (
+        dict(account_concurrency=1, account_queue=1, max_rate=0), [
+            (("+", "A", "a"), "ok"), (("+", "B", "a"), "ok"), (("+", "A", "a"), "account_full"),
+            (("+", "A", "b"), "ok")]),
+    "a full daemon: a newcomer pushes out the biggest holder's newest waiting call": (
+        dict(max_in_flight=1, max_queued=2, max_rate=0), [
+            (("+", "A", "a"), "ok"), (("+", "A", "b"), "ok"), (("+", "A", "a"), "ok"),
+            (("run", 0), "0"),
+            (("+", "B", "c"), "ok, evicts 2"),  # A held 3, B 0
+            (("+", "B", "c"), "daemon_full"),  # A 2, B 1: even enough
+            (("+", "A", "a"), "over_share"),  # A holds the most
+            # B joined the rotation behind A (as in deficit round-robin): A, then B.
+            (("end", 0), ""), (("run", 0), "1"), (("end", 1), ""), (("run", 0), "3")]),
+    "a call that gave up waiting leaves no trace": (dict(max_in_flight=1, max_rate=0), [
+        (("+", "A", "a"), "ok"), (("+", "A", "a"), "ok"), (("+", "A", "a"), "ok"),
+        (("run", 0), "0"), (("end", 1), ""), (("end", 0), ""), (("run", 0), "2")]),
+    "max_rate: a second's worth at once, then one per 1/rate s": (dict(max_rate=2), [
+        *[(("+", "A", "a"), "ok")] * 4,
+        (("run", 10.0), "0 1 again@10.5"), (("run", 10.25), "again@10.5"),
+        (("run", 10.5), "2 again@11.0"), (("run", 11.0), "3")]),
+    "a pass starts a bounded number of calls": (dict(max_rate=0, account_concurrency=10), [
+        *[(("+", "A", "a"), "ok")] * 6, (("run", 0), "0 1 2 3 again@0.0"), (("run", 0), "4 5")]),
+}
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_scheduler(name: str) -> None:
+    from tgdaemon.api.admission import Admitted, Scheduler, Ticket
+
+    overrides, steps = SCRIPTS[name]
+    limits = dataclasses.replace(ApiConfig(), **overrides)
+    scheduler = Scheduler()
+    tickets: list[Ticket] = []
+    for step, expected in steps:
+        if step[0] == "+":
+            ticket = Ticket(step[1], step[2])
+            tickets.append(ticket)
+            result = scheduler.submit(ticket, limits)
+            if isinstance(result, Admitted):
+                got = "ok" if result.evicted is None else \
+                    f"ok, evicts {tickets.index(result.evicted)}"
+            else:
+                got = result.why.value
+                assert result.retry_after >= 1
+        elif step[0] == "run":
+            done = scheduler.schedule(limits, step[1])
+            got = " ".join([*(str(tickets.index(t)) for t in done.granted),
+                            *([f"again@{done.again_at}"] if done.again_at is not None else [])])
+        else:
+            scheduler.finish(tickets[step[1]], limits)
+            got = ""
+        assert got == expected, (step, scheduler.running, scheduler.waiting)
+    assert scheduler.running + scheduler.waiting == sum(
+        t.state.value != "done" for t in tickets)
+
+
+async def test_a_full_daemon_refuses_at_once_with_retry_after() -> None:
+    """Through the gateway: calls beyond max_in_flight + max_queued get 429/503 with
+    Retry-After at once; a call pushed out of the queue is answered 429 at once too."""
+    handle = _Handle()
+    limits = dict(max_in_flight=1, max_queued=1, max_rate=0, request_timeout=5)
+    gw = _gateway(handle, **limits)
+    release = asyncio.Event()
+
+    async def work(_client: Any) -> int:
+        await release.wait()
+        return 1
+
+    first = asyncio.create_task(gw.call("a", work, client="A"))
+    queued = asyncio.create_task(gw.call("a", work, client="A"))
+    await _until(lambda: (gw.running, gw.waiting) == (1, 1))
+    with pytest.raises(ApiError) as over:
+        await gw.call("b", work, client="A")
+    assert (over.value.status, over.value.retry_after) == (429, 1)
+    # Another client: A's waiting call makes room and is answered at once.
+    fair = asyncio.create_task(gw.call("b", work, client="B"))
+    with pytest.raises(ApiError) as pushed:
+        await queued
+    assert pushed.value.outcome is Outcome.BUSY
+    with pytest.raises(ApiError) as full:  # A 1 running, B 1 waiting: nobody is over
+        await gw.call("c", work, client="C")
+    assert (full.value.status, full.value.outcome, full.value.retry_after) == (
+        503, Outcome.OVERLOADED, 1)
+    release.set()
+    assert await asyncio.gather(first, fair) == [1, 1]
+    assert (gw.running, gw.waiting) == (0, 0)

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from bench.procfs import CpuMark, cpu_percent, cpu_seconds, rss_kb
-from bench.report import ratio, spread, target_lines, write_results
+from bench.report import (
+    prometheus_lines,
+    ratio,
+    spread,
+    target_lines,
+    with_prometheus_section,
+    write_results,
+)
 
 
 def test_proc_readers_see_this_process() -> None:
@@ -117,3 +124,50 @@ def test_issue_17_targets() -> None:
     slow = {**outage, "recovered_s": 9.6}
     results["sizes"][0]["daemon"][0]["outage"] = slow
     assert "(9.6 s) **MISSED**" in target_lines(results)[0]
+
+
+def _prom(body: float, samples: float) -> dict:
+    return {"scrapes": 20.0, "failed_scrapes": 0.0, "duration_median_s": 0.12,
+            "duration_max_s": 0.31, "samples_per_scrape": samples, "body_bytes": body,
+            "head_series": int(samples) + 300, "rss_end_kb": 200 * 1024,
+            "rss_max_kb": 210 * 1024, "cpu_pct": 3.25, "sessions_gauges": 10000}
+
+
+def test_prometheus_scrape_section(tmp_path: Path) -> None:
+    """bench/metrics_scrape.py --prometheus: one row per histogram setting, the issue-17
+    target judged on the default one, and a validation run said to be one."""
+    measured = {"accounts": 10000, "duration_s": 300.0, "interval_s": 15.0, "date": "d",
+                "settings": {"fleet": _prom(2_900_000, 50_040),
+                             "account": _prom(12_000_000, 180_040)}}
+    results = _results(100, _run(50, 1), _run(40, 1))
+    results["prometheus_scrape"] = measured
+    out = tmp_path / "RESULTS.md"
+    write_results(results, out, None)
+    text = out.read_text()
+    assert "## A real Prometheus scraping /metrics, N = 10,000 accounts" in text
+    assert "| `fleet` (default) | 20 (0 failed) | 0.120 / 0.310 | 50,040 | 5.0 | 2.77 | " \
+        "50,340 | 200 / 210 | 3.2 | 10,000 |" in text
+    assert "| `account` | 20 (0 failed) |" in text
+    assert "2.77 MB ≤ 3 MB and 5.0 samples per account ≤ 8 **met**" in text
+    measured["settings"]["fleet"] = _prom(3_300_000, 50_040)
+    assert "3.15 MB ≤ 3 MB and 5.0 samples per account ≤ 8 **MISSED**" in "\n".join(
+        prometheus_lines(measured))
+    small = {**measured, "accounts": 1000, "duration_s": 60.0,
+             "settings": {"fleet": _prom(250_000, 4_050)}}
+    text = "\n".join(prometheus_lines(small))
+    assert "0.24 MB, scaled to 10,000 accounts 2.38 MB ≤ 3 MB and 4.0 samples per account " \
+        "≤ 8 (not the issue's 10,000 accounts for 5 minutes: a validation run) **met**" in text
+
+
+def test_prometheus_section_replaces_only_itself() -> None:
+    md = "# B\n\n## N = 100 accounts\n\nkept\n\n## Targets (x)\n\n- t\n"
+    first = with_prometheus_section(md, ["## A real Prometheus scraping /metrics, N = 1", "",
+                                         "one", ""])
+    assert first == ("# B\n\n## N = 100 accounts\n\nkept\n\n## A real Prometheus scraping "
+                     "/metrics, N = 1\n\none\n\n## Targets (x)\n\n- t\n")
+    second = with_prometheus_section(first, ["## A real Prometheus scraping /metrics, N = 2",
+                                             "", "two", ""])
+    assert second == first.replace("N = 1\n\none", "N = 2\n\ntwo")
+    assert with_prometheus_section("# B\n", ["## A real Prometheus scraping /metrics", "",
+                                             "x", ""]) == (
+        "# B\n\n## A real Prometheus scraping /metrics\n\nx\n")

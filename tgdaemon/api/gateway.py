@@ -4,8 +4,10 @@ at all, and never hangs.
 Admission is a pure decision on the account's status (:func:`admission`, tested as a table):
 a connected account is called; one in a flood wait answers 429 with the seconds left; a
 parked, disabled or stopped one 409; one (re)connecting 503 — at once, with the reason. Then
-a per-account lane bounds the calls in flight (``account_concurrency``) and waiting
-(``account_queue``), and ``request_timeout`` bounds the whole call, queueing included.
+the :class:`~tgdaemon.api.admission.Scheduler` gives the call its turn: per account
+(``account_concurrency`` running, ``account_queue`` waiting) and daemon-wide
+(``max_in_flight``, ``max_queued``, ``max_rate``), fairly between clients, refusing at once
+what does not fit; ``request_timeout`` bounds the whole call, queueing included.
 
 A FLOOD_WAIT answer to an API call is the account's business, not the caller's: the gateway
 refuses further calls until the deadline itself (the worker learns of it asynchronously) and
@@ -16,14 +18,16 @@ in /status and sends nothing — heartbeats included — before the deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from telethon import errors as te
 
+from tgdaemon.api.admission import Admitted, Refusal, Scheduler, Ticket, TicketState
 from tgdaemon.errors import classify
 from tgdaemon.exceptions import AccountError
 from tgdaemon.lifecycle import ENDED_STATES, Category, State
@@ -35,6 +39,10 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+#: The scheduler's lane for work over every account (``GET /v1/accounts``); not a valid
+#: account name, so it never shares a lane with one.
+FLEET_LANE = "*"
+
 
 class Outcome(StrEnum):
     """How a call ended; the ``outcome`` metric label and the ``error`` code of the reply."""
@@ -45,7 +53,8 @@ class Outcome(StrEnum):
     FORBIDDEN = "forbidden"
     NOT_FOUND = "not_found"
     FLOOD_WAIT = "flood_wait"
-    BUSY = "busy"  # the account's queue is full
+    BUSY = "busy"  # the account's queue is full, or the client holds more than its share
+    OVERLOADED = "overloaded"  # the daemon-wide bound on API calls is reached
     PARKED = "parked"  # needs_login, banned, duplicated, disabled, stopped
     UNAVAILABLE = "unavailable"  # starting, connecting, reconnecting, network trouble
     TIMEOUT = "timeout"
@@ -57,7 +66,7 @@ HTTP_STATUS: dict[Outcome, int] = {
     Outcome.OK: 200, Outcome.BAD_REQUEST: 400, Outcome.UNAUTHORIZED: 401,
     Outcome.FORBIDDEN: 403, Outcome.NOT_FOUND: 404, Outcome.PARKED: 409,
     Outcome.FLOOD_WAIT: 429, Outcome.BUSY: 429, Outcome.ERROR: 500, Outcome.UPSTREAM: 502,
-    Outcome.UNAVAILABLE: 503, Outcome.TIMEOUT: 504,
+    Outcome.UNAVAILABLE: 503, Outcome.OVERLOADED: 503, Outcome.TIMEOUT: 504,
 }
 
 
@@ -86,6 +95,17 @@ class ApiError(Exception):
         return body
 
 
+def _refused(why: Refusal, retry_after: int) -> ApiError:
+    if why is Refusal.ACCOUNT_FULL:
+        return ApiError(Outcome.BUSY, "too many calls queued for this account",
+                        retry_after=retry_after)
+    if why is Refusal.OVER_SHARE:
+        return ApiError(Outcome.BUSY, "the daemon is at its API limit and this client holds "
+                        "the most calls", retry_after=retry_after)
+    return ApiError(Outcome.OVERLOADED, "the daemon is at its API limit (api.max_in_flight "
+                    "+ api.max_queued)", retry_after=retry_after)
+
+
 def admission(status: AccountStatus | None, now: float) -> ApiError | None:
     """Whether an account in ``status`` takes a call now (None) or why not. Pure."""
     if status is None:
@@ -112,16 +132,6 @@ class AccountHandle(Protocol):
     def hold_for_flood_wait(self, exc: BaseException) -> None: ...
 
 
-class _Lane:
-    """One account's calls: ``running`` bounded by a semaphore, ``waiting`` by the queue."""
-
-    __slots__ = ("semaphore", "users")
-
-    def __init__(self, concurrency: int) -> None:
-        self.semaphore = asyncio.Semaphore(concurrency)
-        self.users = 0  # running + waiting
-
-
 _NOT_FOUND_TEXT = re.compile(r"Cannot find any entity|Could not find the input entity|"
                              r"No user has .* as username|Cannot get entity|Invalid object ID")
 
@@ -143,7 +153,10 @@ class Gateway:
         self._handle = handle
         self._clock = clock
         self._monotonic = monotonic
-        self._lanes: dict[str, _Lane] = {}
+        self._scheduler = Scheduler()
+        #: The waiting calls' wake-ups, and the one pending scheduling pass (if any).
+        self._waiters: dict[Ticket, asyncio.Future[None]] = {}
+        self._pass: asyncio.Handle | None = None
         #: Account -> monotonic deadline of a flood wait an API call ran into.
         self._flood_until: dict[str, float] = {}
 
@@ -160,39 +173,93 @@ class Gateway:
         if refusal is not None:
             raise refusal
 
-    async def call(self, account: str, fn: Callable[[ManagedClient], Awaitable[T]]) -> T:
-        """Run ``fn(client)`` for ``account`` within the lane and the timeout."""
+    @property
+    def running(self) -> int:
+        """API calls running through the workers now (daemon-wide)."""
+        return self._scheduler.running
+
+    @property
+    def waiting(self) -> int:
+        """API calls waiting for their turn now (daemon-wide)."""
+        return self._scheduler.waiting
+
+    async def call(self, account: str, fn: Callable[[ManagedClient], Awaitable[T]], *,
+                   client: str = "-") -> T:
+        """Run ``fn(client)`` for ``account`` when the scheduler gives ``client`` (the API
+        client's name) a turn, within ``request_timeout``."""
         self.check(account)
-        config = self._config()
-        lane = self._lanes.get(account)
-        if lane is None:
-            lane = self._lanes[account] = _Lane(config.account_concurrency)
-        if lane.users >= config.account_concurrency + config.account_queue:
-            raise ApiError(Outcome.BUSY, "too many calls queued for this account",
-                           retry_after=1)
-        lane.users += 1
+        async with self.turn(client, account):
+            self.check(account)  # the account may have changed while queued
+            handle = self._handle_of(account)
+            tc = handle.client
+            if tc is None or not tc.is_connected():
+                raise ApiError(Outcome.UNAVAILABLE, "account is not connected",
+                               retry_after=1)
+            try:
+                return await fn(tc)
+            except (ApiError, asyncio.CancelledError, TimeoutError):
+                raise
+            except Exception as exc:
+                raise self._failed(account, handle, exc) from None
+
+    @contextlib.asynccontextmanager
+    async def turn(self, client: str, lane: str) -> AsyncIterator[None]:
+        """Wait for a turn and hold it, all within ``request_timeout`` (then 504): ``lane``
+        is the account, or :data:`FLEET_LANE` for work over every account. Refused at once
+        with :class:`ApiError` when there is no place."""
+        timeout = self._config().request_timeout
         try:
-            async with asyncio.timeout(config.request_timeout):
-                async with lane.semaphore:
-                    self.check(account)  # the account may have changed while queued
-                    handle = self._handle_of(account)
-                    client = handle.client
-                    if client is None or not client.is_connected():
-                        raise ApiError(Outcome.UNAVAILABLE, "account is not connected",
-                                       retry_after=1)
-                    try:
-                        return await fn(client)
-                    except (ApiError, asyncio.CancelledError, TimeoutError):
-                        raise
-                    except Exception as exc:
-                        raise self._failed(account, handle, exc) from None
+            async with asyncio.timeout(timeout), self._place(client, lane):
+                yield
         except TimeoutError:
             raise ApiError(Outcome.TIMEOUT, "the call took longer than request_timeout "
-                           f"({config.request_timeout:g} s)") from None
+                           f"({timeout:g} s)") from None
+
+    @contextlib.asynccontextmanager
+    async def _place(self, client: str, lane: str) -> AsyncIterator[None]:
+        ticket = Ticket(client, lane)
+        admitted = self._scheduler.submit(ticket, self._config())
+        if not isinstance(admitted, Admitted):
+            raise _refused(admitted.why, admitted.retry_after)
+        if admitted.evicted is not None:
+            self._wake(admitted.evicted, _refused(Refusal.OVER_SHARE, 1))
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters[ticket] = turn
+        self._schedule()
+        try:
+            await turn
+            yield
         finally:
-            lane.users -= 1
-            if lane.users == 0:
-                del self._lanes[account]
+            self._waiters.pop(ticket, None)
+            if ticket.state is not TicketState.DONE:
+                self._scheduler.finish(ticket, self._config())
+                self._schedule()
+
+    def _wake(self, ticket: Ticket, error: ApiError | None = None) -> None:
+        turn = self._waiters.pop(ticket, None)
+        if turn is not None and not turn.done():
+            if error is None:
+                turn.set_result(None)
+            else:
+                turn.set_exception(error)
+
+    def _schedule(self) -> None:
+        """Run a scheduling pass soon, unless one is pending: either on the next loop
+        iteration (a pass starts a bounded number of calls) or when the rate limit's next
+        token is due — nothing can start before that anyway."""
+        if self._pass is None:
+            self._pass = asyncio.get_running_loop().call_soon(self._run_pass)
+
+    def _run_pass(self) -> None:
+        self._pass = None
+        loop = asyncio.get_running_loop()
+        result = self._scheduler.schedule(self._config(), self._monotonic())
+        for ticket in result.granted:
+            self._wake(ticket)
+        if result.again_at is not None:
+            delay = max(0.0, result.again_at - self._monotonic())
+            self._pass = loop.call_later(delay, self._run_pass) if delay else \
+                loop.call_soon(self._run_pass)
 
     def _handle_of(self, account: str) -> AccountHandle:
         try:

@@ -21,10 +21,12 @@ _ERRORS = {
     "403": _resp("this client may not use the account or method; or cross-origin", _ERROR),
     "404": _resp("no such account, or the peer was not found", _ERROR),
     "409": _resp("the account is parked, disabled or stopped (the reason says which)", _ERROR),
-    "429": _resp("flood wait (Retry-After: the seconds left) or the account's queue is full",
-                 _ERROR),
+    "429": _resp("flood wait (Retry-After: the seconds left), the account's queue is full, or "
+                 "the daemon is at its API limit and this client holds the most calls "
+                 "(Retry-After)", _ERROR),
     "502": _resp("Telegram answered with a server error", _ERROR),
-    "503": _resp("the account is starting, connecting or reconnecting (Retry-After)", _ERROR),
+    "503": _resp("the account is starting, connecting or reconnecting, or the daemon is at its "
+                 "API limit (error \"overloaded\"); Retry-After", _ERROR),
     "504": _resp("the call took longer than api.request_timeout", _ERROR),
 }
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}

@@ -21,12 +21,14 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from aiohttp import WSCloseCode, WSMsgType, web
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from telethon import functions
 from telethon.tl import types as tl
 
@@ -40,7 +42,7 @@ from tgdaemon.api.events import (
     message_json,
     peer_json,
 )
-from tgdaemon.api.gateway import AccountHandle, ApiError, Gateway, Outcome
+from tgdaemon.api.gateway import FLEET_LANE, AccountHandle, ApiError, Gateway, Outcome
 from tgdaemon.api.openapi import OPENAPI
 from tgdaemon.api.peers import parse_peer, resolve_peer
 from tgdaemon.api.sessions import list_sessions, terminate_sessions
@@ -71,6 +73,13 @@ SEND_TIMEOUT = 10.0
 NO_CLIENT = "-"
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """A JSON answer already encoded (off the event loop: :meth:`AccountApi.encode`)."""
+
+    body: bytes
+
+
 
 class AccountApi:
     """See the module docstring; constructed before the workers, started by the daemon."""
@@ -87,7 +96,9 @@ class AccountApi:
                                clock=clock, monotonic=monotonic)
         self._sockets: set[web.WebSocketResponse] = set()
         self._unix: web.AppRunner | None = None
-        self.requests = RequestCounter()
+        self.requests = RequestCounter(self.gateway)
+        #: One thread turns large TL results into JSON (see :meth:`encode`).
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-encode")
         registry.register(self.requests)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -108,6 +119,7 @@ class AccountApi:
         if self._unix is not None:
             await self._unix.cleanup()
             self._unix = None
+        self._encoder.shutdown(wait=False, cancel_futures=True)
         await self.buffer.close()
 
     @property
@@ -185,7 +197,20 @@ class AccountApi:
         if isinstance(result, web.StreamResponse):
             return result  # a WebSocket: counted when it was accepted
         self.count(client, account, method, Outcome.OK)
+        if isinstance(result, Encoded):
+            return web.Response(body=result.body, content_type="application/json",
+                                headers={"Cache-Control": "no-store"})
         return _json(result)
+
+    async def encode(self, build: Callable[[], Any]) -> Encoded:
+        """``json(build())`` in the encoder thread. A TL result can be large (a history of
+        100 long messages through ``invoke``: ~0.7 MB of JSON, 50-100 ms of Python); on the
+        loop that would delay every heartbeat by as much, in a thread the loop keeps the
+        interpreter at least every switch interval (5 ms). One thread: at most one encoding
+        competes with the loop at a time."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._encoder, lambda: Encoded(json.dumps(build()).encode()))
 
     def authenticate(self, request: web.Request) -> ApiClient:
         token = _token(request)
@@ -210,22 +235,30 @@ class RequestCounter:
     """``tgdaemon_api_requests_total{client,account,method,outcome}``: a plain dict of
     numbers rendered at scrape time (no child object or ``_created`` series per label set).
     Bounded: clients and accounts come from the config ("-" for none/unknown), methods and
-    outcomes from fixed vocabularies."""
+    outcomes from fixed vocabularies. With it, the gateway's daemon-wide load: calls running
+    and waiting for a turn (one series each; alert on waiting near ``api.max_queued``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, gateway: Gateway) -> None:
         self._counts: dict[tuple[str, str, str, str], int] = {}
+        self._gateway = gateway
 
     def inc(self, client: str, account: str, method: ApiMethod, outcome: Outcome) -> None:
         key = (client, account, method.value, outcome.value)
         self._counts[key] = self._counts.get(key, 0) + 1
 
-    def collect(self) -> list[CounterMetricFamily]:
+    def collect(self) -> list[Metric]:
         family = CounterMetricFamily(
             "tgdaemon_api_requests", "Account API calls by client, account, method and outcome",
             labels=("client", "account", "method", "outcome"))
         for labels, value in list(self._counts.items()):
             family.add_metric(labels, value)
-        return [family]
+        return [family,
+                GaugeMetricFamily("tgdaemon_api_calls_running",
+                                  "Account API calls running through the workers now "
+                                  "(at most api.max_in_flight)", value=self._gateway.running),
+                GaugeMetricFamily("tgdaemon_api_calls_waiting",
+                                  "Account API calls waiting for their turn now (at most "
+                                  "api.max_queued)", value=self._gateway.waiting)]
 
 
 API = web.AppKey("account_api", AccountApi)
@@ -357,8 +390,8 @@ def _through_account(method: ApiMethod, prepare: Callable[[web.Request], Awaitab
         api = _api(request)
         name = request.match_info["name"]
 
-        async def work(_client: ApiClient) -> Any:
-            return await api.gateway.call(name, await prepare(request))
+        async def work(client: ApiClient) -> Any:
+            return await api.gateway.call(name, await prepare(request), client=client.name)
 
         return await api.serve(request, method, name, work)
 
@@ -374,8 +407,12 @@ async def _accounts(request: web.Request) -> web.StreamResponse:
     api = _api(request)
 
     async def work(client: ApiClient) -> Any:
-        return {"accounts": [s.to_json() for s in api.board.snapshot()
-                             if client.may_use(s.account)]}
+        # 10,000 statuses are ~3 MB of JSON and ~0.3 s of Python: a turn like a call to
+        # Telegram, and encoded off the loop.
+        async with api.gateway.turn(client.name, FLEET_LANE):
+            statuses = api.board.snapshot()
+            return await api.encode(lambda: {"accounts": [
+                s.to_json() for s in statuses if client.may_use(s.account)]})
 
     return await api.serve(request, ApiMethod.ACCOUNTS, None, work)
 
@@ -477,6 +514,7 @@ async def _read(request: web.Request) -> Call:
 
 
 async def _invoke(request: web.Request) -> Call:
+    api = _api(request)
     body = await _body(request)
     try:
         tl_request = build_request(body)
@@ -484,7 +522,8 @@ async def _invoke(request: web.Request) -> Call:
         raise ApiError(Outcome.BAD_REQUEST, str(exc)) from None
 
     async def call(tc: ManagedClient) -> Any:
-        return {"result": to_json(await tc(tl_request))}
+        result = await tc(tl_request)
+        return await api.encode(lambda: {"result": to_json(result)})
 
     return call
 

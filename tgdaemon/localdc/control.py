@@ -64,7 +64,12 @@ def make_app(dc: LocalDC) -> web.Application:
     @routes.get("/overlaps")
     async def overlaps(request: web.Request) -> web.Response:
         counts = dc.key_use.overlap_snapshot()
-        return web.json_response({"total": sum(counts.values()), "by_auth_key": counts})
+        live = dc.key_use.live_counts()
+        # live_keys: auth keys with a connection open now (a fleet bench's "connected");
+        # open_twice: keys with more than one at this instant.
+        return web.json_response({"total": sum(counts.values()), "by_auth_key": counts,
+                                  "live_keys": len(live),
+                                  "open_twice": sum(1 for n in live.values() if n > 1)})
 
     @routes.get("/faults")
     async def faults(request: web.Request) -> web.Response:

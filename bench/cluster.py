@@ -1,0 +1,410 @@
+"""``make bench-cluster``: one fleet split over several daemons on one SQLite store (issue 15,
+"Measure"), written to bench/CLUSTER.md.
+
+N accounts are seeded as in ``bench/run.py`` (users and bound auth keys in the localdc stores,
+the same keys as encrypted sessions in one tgdaemon state directory), then D daemon processes
+start together as instances of one fleet (``bench/fleet.py daemon --fleet-instance``, i.e.
+``Daemon`` as ``serve()`` runs it, with ``$TGDAEMON_INSTANCE``).  Measured:
+
+* time from the start of the D processes until every account's key has a connection open on
+  its localdc (``live_keys`` of localdc's control API) and how the leases spread;
+* per instance, after a settle time, over an idle window: CPU (utime+stime from /proc) and
+  RSS (VmRSS; incremental = after the window minus once imported, per account it holds),
+  set against the single-daemon figures of ``bench/results.json``;
+* one instance SIGKILLed: time until all its accounts are connected on the survivors (the
+  takeover), and localdc's overlap counter (connections of one key open at once from two
+  client processes) over the whole run, which must stay 0.
+
+The config holds no ``[[accounts]]``: the fleet's accounts live in the store (seeded there),
+so no instance sizes its file-descriptor budget for the whole fleet.
+
+``--smoke`` is the seconds-long variant the test suite runs (tests/bench) so the harness does
+not rot.  The lead's run: ``make bench-cluster`` (N = 40,000, 4 daemons, 4 localdc processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import sqlite3
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.measure import progress
+from bench.procfs import cpu_mark, cpu_percent, rss_kb
+from bench.procs import ChildError, FleetProcess, LocalDcProcess
+from bench.report import machine_info
+from bench.seed import render_config, seed_dir
+from tgdaemon.store import DB_NAME
+
+HERE = Path(__file__).resolve().parent
+#: As in bench/run.py: each localdc process serves one DC; failover would reach one without
+#: the key (a bench artefact, see RESULTS.md).
+POLICY_EXTRA = {"failover_after": 1_000_000}
+#: Sockets one localdc process should hold at most (the machine's hard RLIMIT_NOFILE is 20,000).
+PER_DC = 10_000
+#: Lines of a daemon's log worth counting in the report: the fleet's trouble, fleet-wide.
+LOG_EVENTS = {
+    "closed_all": "leases could not be renewed in time",
+    "renewal_failed": "lease renewal failed",
+    "database_locked": "database is locked",
+    "fenced_writes": "session write(s) refused",
+    "errors": "ERROR ",
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--accounts", type=int, default=40_000)
+    p.add_argument("--daemons", type=int, default=4)
+    p.add_argument("--dc-procs", type=int, default=None,
+                   help=f"localdc processes (default: one per {PER_DC:,} accounts)")
+    p.add_argument("--lease-ttl", type=float, default=60.0, help="the default")
+    p.add_argument("--renew", type=float, default=10.0, help="lease_renew_interval (default)")
+    p.add_argument("--heartbeat", type=float, default=30.0)
+    p.add_argument("--connect-rate", type=float, default=0.0,
+                   help="each daemon's connect_rate (0 = unlimited, as bench/run.py's main run)")
+    p.add_argument("--settle", type=float, default=5.0)
+    p.add_argument("--window", type=float, default=60.0, help="idle CPU window, seconds")
+    p.add_argument("--connect-timeout", type=float, default=None,
+                   help="give up on 'all connected' after this long (default 120 + N/50 s)")
+    p.add_argument("--takeover-timeout", type=float, default=None,
+                   help="give up on the takeover after this long (default TTL + renew + "
+                        "60 + N/200 s)")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--single", type=Path, default=HERE / "results.json",
+                   help="bench/run.py's results: the single-daemon figures to compare with")
+    p.add_argument("--out", type=Path, default=HERE / "CLUSTER.md")
+    p.add_argument("--json", type=Path, default=HERE / "cluster.json")
+    p.add_argument("--workdir", type=Path, default=None, help="keep state and logs here")
+    p.add_argument("--smoke", action="store_true", help="N=40, seconds-long windows")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.accounts, args.dc_procs, args.lease_ttl, args.renew = 40, 1, 4.0, 0.5
+        args.heartbeat, args.settle, args.window = 1.0, 0.2, 1.0
+    if args.dc_procs is None:
+        args.dc_procs = max(1, math.ceil(args.accounts / PER_DC))
+    if args.daemons < 2:
+        p.error("--daemons: at least 2 (one of them is killed)")
+    return args
+
+
+class Leases:
+    """Read-only look at the fleet's leases in the shared SQLite database."""
+
+    def __init__(self, db: Path) -> None:
+        self._db = db
+
+    def owned(self) -> dict[str, int]:
+        """Valid leases per instance (the SQLite fleet's expiries are this machine's clock)."""
+        conn = sqlite3.connect(f"file:{self._db}?mode=ro", uri=True, timeout=30)
+        try:
+            rows = conn.execute("SELECT owner, count(*) FROM leases WHERE owner IS NOT NULL "
+                                "AND expires_at > ? GROUP BY owner", (time.time(),)).fetchall()
+        finally:
+            conn.close()
+        return {owner: int(n) for owner, n in rows}
+
+
+def _sum(dcs: Sequence[LocalDcProcess], key: str) -> int:
+    return sum(int(d.overlaps()[key]) for d in dcs)
+
+
+def _wait(done: Callable[[], bool], timeout: float, poll: float = 1.0) -> float | None:
+    """Poll ``done``; the monotonic time it first held, or None after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(poll)
+    return time.monotonic()
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    n, d = args.accounts, args.daemons
+    t0 = time.monotonic()
+    seeded = seed_dir(n, work, args.dc_procs)
+    progress(f"seeded {n} accounts in {time.monotonic() - t0:.1f}s over "
+             f"{len(seeded.specs)} localdc process(es)")
+    key_file, specs, state, rsa_files = (seeded.key_file, seeded.specs, seeded.state,
+                                         seeded.rsa_files)
+    config = work / "tgdaemon.toml"
+    config.write_text(render_config(
+        state_dir=state, key_file=key_file, rsa_files=rsa_files, procs=specs, names=[],
+        daemon={"log_level": args.log_level, "connect_rate": args.connect_rate,
+                "lease_ttl": args.lease_ttl, "lease_renew_interval": args.renew,
+                "capacity": n, "instance_id": "bench"},
+        policy={"heartbeat_interval": args.heartbeat, **POLICY_EXTRA}))
+    leases = Leases(state / DB_NAME)
+    dcs = [LocalDcProcess(s, work) for s in specs]
+    instances = [f"d{i + 1}" for i in range(d)]
+    fleets: dict[str, FleetProcess] = {}
+    out: dict[str, Any] = {"n": n, "daemons": d, "dc_procs": len(specs),
+                           "lease_ttl": args.lease_ttl, "renew": args.renew,
+                           "heartbeat": args.heartbeat, "connect_rate": args.connect_rate}
+    try:
+        for dc in dcs:
+            dc.start()
+        started = time.monotonic()
+        for i in instances:
+            fleets[i] = FleetProcess(
+                ["daemon", "--config", str(config), "--fleet-instance"],
+                work / f"{i}.log", work / f"{i}.timeline.json", env={"TGDAEMON_INSTANCE": i})
+        base = {i: f.wait_event("base", 300)["rss_kb"] for i, f in fleets.items()}
+        connect_timeout = args.connect_timeout or 120 + n / 50
+        first: dict[str, float] = {}  # when each instance had its first account connected
+
+        def all_connected() -> bool:
+            for i, f in fleets.items():
+                f.drain()
+                if i not in first and f.last_count["n"] > 0:
+                    first[i] = time.monotonic() - started
+            return _sum(dcs, "live_keys") >= n
+
+        reached = _wait(all_connected, connect_timeout)
+        out["first_connected_s"] = first
+        if reached is None:
+            out["connected_at_timeout"] = _sum(dcs, "live_keys")
+            raise ChildError(f"not all connected within {connect_timeout:.0f}s "
+                             f"({out['connected_at_timeout']}/{n}); see {work}/d*.log")
+        out["connect_s"] = reached - started
+        out["owned_at_connect"] = leases.owned()
+        progress(f"all {n} connected {out['connect_s']:.1f}s after starting {d} daemons "
+                 f"(first connected per instance at {first}); leases {out['owned_at_connect']}")
+        out["instances"] = _idle(args, fleets, dcs, base, leases, out)
+
+        victim = instances[-1]
+        lost = leases.owned().get(victim, 0)
+        progress(f"SIGKILL {victim} ({lost} accounts)")
+        t_kill = time.monotonic()
+        fleets[victim].kill()
+        takeover_timeout = args.takeover_timeout or (
+            args.lease_ttl + args.renew + 60 + n / 200)
+
+        def taken_over() -> bool:
+            return victim not in leases.owned() and _sum(dcs, "live_keys") >= n
+
+        back = _wait(taken_over, takeover_timeout, poll=0.5)
+        out["takeover"] = {
+            "victim": victim, "accounts": lost,
+            "seconds": None if back is None else back - t_kill,
+            "bound_s": args.lease_ttl + args.renew + 15,
+            "owned_after": leases.owned(),
+            "live_keys_at_end": _sum(dcs, "live_keys"),
+        }
+        progress("takeover: " + ("NOT complete" if back is None else
+                                 f"{back - t_kill:.1f}s") + f", leases {leases.owned()}")
+        out["overlaps"] = _sum(dcs, "total")
+        out["open_twice_at_end"] = _sum(dcs, "open_twice")
+        progress(f"overlapping connections (localdc): {out['overlaps']}")
+    finally:
+        for i, f in fleets.items():
+            try:
+                if f.proc.poll() is None:
+                    timeline = f.stop()
+                    if "instances" in out and i in out["instances"]:
+                        out["instances"][i]["loop_lag_max_s"] = max(
+                            (lag for _t, lag in timeline.get("loop_lag", [])), default=0.0)
+            except ChildError as exc:
+                progress(f"{i}: {exc}")
+        for dc in dcs:
+            dc.stop()
+        out["log_events"] = {i: log_events(f.log_path) for i, f in fleets.items()}
+    return out
+
+
+def log_events(path: Path) -> dict[str, int]:
+    """How often each of ``LOG_EVENTS`` appears in a daemon's log."""
+    counts = dict.fromkeys(LOG_EVENTS, 0)
+    try:
+        with path.open(errors="replace") as log:
+            for line in log:
+                for key, text in LOG_EVENTS.items():
+                    if text in line:
+                        counts[key] += 1
+    except OSError:
+        pass
+    return counts
+
+
+def _idle(args: argparse.Namespace, fleets: dict[str, FleetProcess],
+          dcs: Sequence[LocalDcProcess], base: dict[str, int], leases: Leases,
+          out: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    time.sleep(args.settle)  # a measurement window, not a wait for a condition
+    t0 = time.monotonic()
+    marks = {i: cpu_mark(f.pid, t0) for i, f in fleets.items()}
+    dc_marks = [cpu_mark(dc.pid, t0) for dc in dcs]
+    owned_before = leases.owned()
+    time.sleep(args.window)
+    t1 = time.monotonic()
+    owned = leases.owned()
+    result: dict[str, dict[str, Any]] = {}
+    for i, f in fleets.items():
+        cpu = cpu_percent(marks[i], cpu_mark(f.pid, t1))
+        rss = rss_kb(f.pid)
+        held = owned.get(i, 0)
+        result[i] = {
+            "owned": held, "moved_in_window": held - owned_before.get(i, 0),
+            "rss_base_kb": base[i], "rss_kb": rss, "cpu_pct": cpu,
+            "rss_per_account_kb": (rss - base[i]) / held if held else None,
+            "cpu_pct_per_1000": 1000 * cpu / held if held else None,
+        }
+    out["dc_cpu_pct"] = [cpu_percent(m, cpu_mark(dc.pid, t1)) for m, dc in zip(
+        dc_marks, dcs, strict=True)]
+    total_cpu = sum(r["cpu_pct"] for r in result.values())
+    out["total"] = {
+        "cpu_pct": total_cpu,
+        "cpu_pct_per_1000": 1000 * total_cpu / args.accounts,
+        "rss_kb": sum(r["rss_kb"] for r in result.values()),
+        "rss_per_account_kb": sum(r["rss_kb"] - r["rss_base_kb"] for r in result.values())
+        / args.accounts,
+    }
+    progress(f"idle: {total_cpu:.1f}% CPU in all, "
+             f"{out['total']['rss_per_account_kb']:.1f} KB/account; localdc "
+             + ", ".join(f"{c:.1f}%" for c in out["dc_cpu_pct"]))
+    return result
+
+
+def single_daemon(path: Path) -> dict[str, Any] | None:
+    """The largest plain (no variant) tgdaemon size of bench/run.py's results, as medians."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    sizes = [s for s in results.get("sizes", []) if not s.get("variant") and s.get("daemon")]
+    if not sizes:
+        return None
+    size = max(sizes, key=lambda s: s["n"])
+
+    def median(key: str) -> float | None:
+        vals = sorted(r[key] for r in size["daemon"] if r.get(key) is not None)
+        return vals[len(vals) // 2] if vals else None
+
+    cpu = median("cpu_pct")
+    return {"n": size["n"], "rss_per_account_kb": median("rss_per_account_kb"),
+            "cpu_pct": cpu, "cpu_pct_per_1000": None if cpu is None else 1000 * cpu / size["n"],
+            "connect_s": median("connect_s"), "date": results.get("machine", {}).get("date")}
+
+
+def _f(value: float | None, fmt: str = "{:.2f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def write_report(results: dict[str, Any], path: Path) -> None:
+    r = results["run"]
+    m = results["machine"]
+    single = results.get("single")
+    lines = [
+        "# Benchmark: one fleet, several daemons on one SQLite store",
+        "",
+        "Generated by `make bench-cluster` (`bench/cluster.py`); raw numbers in "
+        "`bench/cluster.json`. The local DC is a stand-in (`tgdaemon.localdc`): its cost is on "
+        "the same machine.",
+        "",
+        f"- {m['nproc']} CPUs ({m['cpu']}), {m['ram_gb']} GB RAM, Python {m['python']}, "
+        f"tgdaemon {m['tgdaemon']}; {m['date']}; whole run {results['wall_seconds'] / 60:.1f} "
+        "min; load average (1 min) at start "
+        f"{results['loadavg_start'][0]:.1f}, at end {results['loadavg_end'][0]:.1f}",
+        f"- {r['n']:,} accounts, {r['daemons']} daemon processes (instances of one fleet, "
+        f"SQLite in one state directory), {r['dc_procs']} localdc process(es); lease_ttl "
+        f"{r['lease_ttl']:g} s, lease_renew_interval {r['renew']:g} s, heartbeat "
+        f"{r['heartbeat']:g} s, connect_rate {r['connect_rate']:g} (0 = unlimited) per daemon.",
+        "- Connected = the account's auth key has a connection open on its localdc. Per "
+        "instance: RSS and CPU from /proc over the idle window; incremental RSS per account = "
+        "(RSS after the window - RSS once imported) / accounts it holds.",
+        "",
+    ]
+    if "error" in results:
+        lines += [f"**Run failed:** {results['error']}", ""]
+    if "connect_s" in r:
+        owned = r.get("owned_at_connect", {})
+        first = r.get("first_connected_s", {})
+        lines += [f"All {r['n']:,} connected **{r['connect_s']:.1f} s** after the daemons "
+                  "were started (imports, store, first claims included; each instance's first "
+                  "account connected after "
+                  + ", ".join(f"{i} {t:.1f} s" for i, t in sorted(first.items()))
+                  + "); leases then: "
+                  + ", ".join(f"{i} {c:,}" for i, c in sorted(owned.items())) + ".", ""]
+    if "instances" in r:
+        lines += ["| instance | accounts held | RSS, MB | RSS per account, KB | idle CPU, % "
+                  "of one core | CPU per 1,000 accounts, % |", "|---|---|---|---|---|---|"]
+        for i, x in sorted(r["instances"].items()):
+            lines.append(f"| {i} | {x['owned']:,} | {x['rss_kb'] / 1024:.0f} | "
+                         f"{_f(x['rss_per_account_kb'], '{:.1f}')} | {x['cpu_pct']:.2f} | "
+                         f"{_f(x['cpu_pct_per_1000'])} |")
+        t = r["total"]
+        lines.append(f"| all {r['daemons']} | {r['n']:,} | {t['rss_kb'] / 1024:.0f} | "
+                     f"{t['rss_per_account_kb']:.1f} | {t['cpu_pct']:.2f} | "
+                     f"{t['cpu_pct_per_1000']:.2f} |")
+        if single:
+            lines.append(f"| one daemon (bench/RESULTS.md, N = {single['n']:,}) | "
+                         f"{single['n']:,} | - | {_f(single['rss_per_account_kb'], '{:.1f}')} "
+                         f"| {_f(single['cpu_pct'])} | {_f(single['cpu_pct_per_1000'])} |")
+        lines += ["", "localdc CPU in the window, % per process: "
+                  + " / ".join(f"{c:.1f}" for c in r.get("dc_cpu_pct", [])), ""]
+    tk = r.get("takeover")
+    if tk:
+        seconds = tk["seconds"]
+        lines += [
+            f"SIGKILL of {tk['victim']} ({tk['accounts']:,} accounts): all of them connected "
+            f"on the survivors after **{_f(seconds, '{:.1f}')} s** (documented bound "
+            f"TTL + renewal + 15 s = {tk['bound_s']:g} s); leases after: "
+            + ", ".join(f"{i} {c:,}" for i, c in sorted(tk["owned_after"].items())) + ".",
+            "",
+            f"Overlapping connections of one auth key from two processes (localdc's counter, "
+            f"whole run): **{r.get('overlaps', '-')}**.",
+            "",
+        ]
+    events = r.get("log_events")
+    if events:
+        lines += ["Counted in the daemons' logs over the run (fleet-wide trouble):", "",
+                  "| instance | " + " | ".join(LOG_EVENTS) + " |",
+                  "|---|" + "---|" * len(LOG_EVENTS)]
+        lines += [f"| {i} | " + " | ".join(str(c[k]) for k in LOG_EVENTS) + " |"
+                  for i, c in sorted(events.items())]
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
+    started = time.monotonic()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="tgdaemon-bench-cluster-"))
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"machine": machine_info(), "args": {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "single": single_daemon(args.single), "run": {}, "loadavg_start": os.getloadavg()}
+    failed = False
+    try:
+        results["run"] = run(args, work)
+    except Exception as exc:  # report what ran, say what did not
+        progress(f"failed: {exc}")
+        results["error"] = str(exc)
+        failed = True
+    finally:
+        results["wall_seconds"] = time.monotonic() - started
+        results["loadavg_end"] = os.getloadavg()
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    args.json.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    write_report(results, args.out)
+    progress(f"done in {results['wall_seconds']:.0f}s: {args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
