@@ -105,16 +105,16 @@ async def test_running_out_of_file_descriptors_is_one_error_and_a_metric(
     set_nofile(pid, open_fds(pid) - 25, hard)
     try:
         assert localdc.drop_connections() >= 20
-        await wait_for_condition(lambda: len(daemon.lines) - mark > 0, 10)
-        # Let the fleet fail for a while: several backoff rounds of 20 accounts.
         deadline = asyncio.get_running_loop().time() + 8
-        await wait_for_condition(lambda: asyncio.get_running_loop().time() > deadline, 10)
-        # Meanwhile the HTTP server answers from its spare descriptors, while 20 accounts
-        # retry for every descriptor that comes free.
+        await wait_for_condition(lambda: len(daemon.lines) - mark > 0, 10)
+        # The HTTP server answers from its spare descriptors, while 20 accounts retry for
+        # every descriptor that comes free.
         assert (await fetch(port, "/healthz"))[:2] == (200, "close")
         status, _connection, body = await fetch(port, "/metrics")
         assert status == 200
         assert re.search(r"^tgdaemon_fd_exhausted_total [1-9]", body, re.MULTILINE)
+        # Let the fleet fail for a while: several backoff rounds of 20 accounts.
+        await wait_for_condition(lambda: asyncio.get_running_loop().time() > deadline, 10)
     finally:
         set_nofile(pid, soft, hard)
     await wait_for_condition(lambda: states_are(port, dict.fromkeys(names, "connected")),
