@@ -36,18 +36,23 @@ demo-chaos: $(STAMP) $(SYSDEPS)
 	$(BIN)/python scripts/demo.py --chaos
 
 # tgdaemon vs plain Telethon at N = 100, 1,000, 10,000 on the local DC: bench/RESULTS.md
-# (about 40 minutes on 2 cores; see bench/run.py --help for smaller runs). The second run is
-# N = 10,000 at connect_rate 250/s (N/40), the rate a large fleet should set: it recovers all
-# accounts within 60 s of an outage without a herd; the default 20/s suits small fleets.
+# (about 45 minutes on 2 cores; see bench/run.py --help for smaller runs). The second run is
+# N = 10,000 at connect_rate 250/s (N/40) with a 2 s burst, what a large fleet should set: all
+# back within N/rate = 40 s of a short outage, at most 7.5 % of N attempts in a second; the
+# default 20/s suits small fleets. The third is N = 100 at a rate that keeps the reconnect
+# wave within 10 % of N per second (3/s, burst 6), issue 17's peak rule.
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/python bench/run.py --large-repeats 3
-	$(BIN)/python bench/run.py --sizes 10000 --fast-rate 250 --fleets daemon \
+	$(BIN)/python bench/run.py --sizes 10000 --fast-rate 250 --fast-burst 500 --fleets daemon \
 		--outage-sizes 10000 --merge
+	$(BIN)/python bench/run.py --sizes 100 --repeats 1 --fast-rate 3 --fast-burst 6 \
+		--fleets daemon --outage-sizes 100 --flood-sizes --merge
 
 # One fleet of 40,000 accounts over 4 daemons on one SQLite store, one daemon SIGKILLed
-# (issue 15): bench/CLUSTER.md. About 25 minutes on an idle 2-core machine; needs nothing
-# else running (see bench/cluster.py --help for smaller runs).
+# (issue 15): bench/CLUSTER.md. About 10-15 minutes on a quiet 2-core machine (seeding ~1.5,
+# connecting ~3, idle window 1, takeover ~2, stops ~1), at most ~35 (every budget used up);
+# run it with nothing else on the machine (bench/cluster.py --help for smaller runs).
 bench-cluster: $(STAMP)
 	$(BIN)/python bench/cluster.py --accounts 40000 --daemons 4
 

@@ -90,6 +90,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=HERE / "cluster.json")
     p.add_argument("--workdir", type=Path, default=None, help="keep state and logs here")
     p.add_argument("--smoke", action="store_true", help="N=40, seconds-long windows")
+    p.add_argument("--note", action="append", default=[],
+                   help="a sentence for the report (e.g. under what load it ran)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite --out from --json (adding --note) without measuring")
     args = p.parse_args(argv)
     if args.smoke:
         args.accounts, args.dc_procs, args.lease_ttl, args.renew = 40, 1, 4.0, 0.5
@@ -132,7 +136,8 @@ def _wait(done: Callable[[], bool], timeout: float, poll: float = 1.0) -> float 
     return time.monotonic()
 
 
-def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run(args: argparse.Namespace, work: Path, out: dict[str, Any]) -> None:
+    """Fills ``out`` as it goes: a failed run still reports what it measured."""
     n, d = args.accounts, args.daemons
     t0 = time.monotonic()
     seeded = seed_dir(n, work, args.dc_procs)
@@ -151,9 +156,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     dcs = [LocalDcProcess(s, work) for s in specs]
     instances = [f"d{i + 1}" for i in range(d)]
     fleets: dict[str, FleetProcess] = {}
-    out: dict[str, Any] = {"n": n, "daemons": d, "dc_procs": len(specs),
-                           "lease_ttl": args.lease_ttl, "renew": args.renew,
-                           "heartbeat": args.heartbeat, "connect_rate": args.connect_rate}
+    out.update({"n": n, "daemons": d, "dc_procs": len(specs), "lease_ttl": args.lease_ttl,
+                "renew": args.renew, "heartbeat": args.heartbeat,
+                "connect_rate": args.connect_rate})
     try:
         for dc in dcs:
             dc.start()
@@ -200,6 +205,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         out["takeover"] = {
             "victim": victim, "accounts": lost,
             "seconds": None if back is None else back - t_kill,
+            "budget_s": takeover_timeout,
             "bound_s": args.lease_ttl + args.renew + 15,
             "owned_after": leases.owned(),
             "live_keys_at_end": _sum(dcs, "live_keys"),
@@ -222,7 +228,6 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         for dc in dcs:
             dc.stop()
         out["log_events"] = {i: log_events(f.log_path) for i, f in fleets.items()}
-    return out
 
 
 def log_events(path: Path) -> dict[str, int]:
@@ -306,6 +311,10 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     r = results["run"]
     m = results["machine"]
     single = results.get("single")
+    if "n" not in r:  # failed before the daemons started
+        path.write_text(f"# Benchmark: one fleet, several daemons on one SQLite store\n\n"
+                        f"**Run failed:** {results.get('error')}\n")
+        return
     lines = [
         "# Benchmark: one fleet, several daemons on one SQLite store",
         "",
@@ -316,7 +325,8 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         f"- {m['nproc']} CPUs ({m['cpu']}), {m['ram_gb']} GB RAM, Python {m['python']}, "
         f"tgdaemon {m['tgdaemon']}; {m['date']}; whole run {results['wall_seconds'] / 60:.1f} "
         "min; load average (1 min) at start "
-        f"{results['loadavg_start'][0]:.1f}, at end {results['loadavg_end'][0]:.1f}",
+        + (f"{results['loadavg_start'][0]:.1f}, at end {results['loadavg_end'][0]:.1f}"
+           if "loadavg_start" in results else "not recorded"),
         f"- {r['n']:,} accounts, {r['daemons']} daemon processes (instances of one fleet, "
         f"SQLite in one state directory), {r['dc_procs']} localdc process(es); lease_ttl "
         f"{r['lease_ttl']:g} s, lease_renew_interval {r['renew']:g} s, heartbeat "
@@ -326,15 +336,18 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         "(RSS after the window - RSS once imported) / accounts it holds.",
         "",
     ]
+    lines += [f"> {note}" for note in results.get("notes", [])]
+    if results.get("notes"):
+        lines.append("")
     if "error" in results:
         lines += [f"**Run failed:** {results['error']}", ""]
     if "connect_s" in r:
         owned = r.get("owned_at_connect", {})
-        first = r.get("first_connected_s", {})
+        first = r.get("first_connected_s")
         lines += [f"All {r['n']:,} connected **{r['connect_s']:.1f} s** after the daemons "
-                  "were started (imports, store, first claims included; each instance's first "
-                  "account connected after "
-                  + ", ".join(f"{i} {t:.1f} s" for i, t in sorted(first.items()))
+                  "were started (imports, store, first claims included"
+                  + ("; each instance's first account connected after " + ", ".join(
+                      f"{i} {t:.1f} s" for i, t in sorted(first.items())) if first else "")
                   + "); leases then: "
                   + ", ".join(f"{i} {c:,}" for i, c in sorted(owned.items())) + ".", ""]
     if "instances" in r:
@@ -357,10 +370,14 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     tk = r.get("takeover")
     if tk:
         seconds = tk["seconds"]
+        budget = tk.get("budget_s")
+        when = (f"after **{seconds:.1f} s**" if seconds is not None else
+                "**NOT within the run's budget**" + (f" of {budget:.0f} s" if budget else ""))
         lines += [
             f"SIGKILL of {tk['victim']} ({tk['accounts']:,} accounts): all of them connected "
-            f"on the survivors after **{_f(seconds, '{:.1f}')} s** (documented bound "
-            f"TTL + renewal + 15 s = {tk['bound_s']:g} s); leases after: "
+            f"on the survivors {when} (documented bound "
+            f"TTL + renewal + 15 s = {tk['bound_s']:g} s); then {tk['live_keys_at_end']:,} of "
+            f"{r['n']:,} accounts connected, leases: "
             + ", ".join(f"{i} {c:,}" for i, c in sorted(tk["owned_after"].items())) + ".",
             "",
             f"Overlapping connections of one auth key from two processes (localdc's counter, "
@@ -380,6 +397,12 @@ def write_report(results: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report_only:
+        results = json.loads(args.json.read_text())
+        results["notes"] = results.get("notes", []) + args.note
+        args.json.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        write_report(results, args.out)
+        return 0
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
     started = time.monotonic()
@@ -387,10 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"machine": machine_info(), "args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "single": single_daemon(args.single), "run": {}, "loadavg_start": os.getloadavg()}
+        "single": single_daemon(args.single), "run": {}, "loadavg_start": os.getloadavg(),
+        "notes": list(args.note)}
     failed = False
     try:
-        results["run"] = run(args, work)
+        run(args, work, results["run"])
     except Exception as exc:  # report what ran, say what did not
         progress(f"failed: {exc}")
         results["error"] = str(exc)

@@ -57,10 +57,11 @@ class AttemptProbe:
 
 
 class GcProbe:
-    """Wall time spent in full (generation 2) garbage collections, with when they ran."""
+    """Every garbage collection's pause (``gc.callbacks``): (wall clock at start, seconds,
+    generation)."""
 
     def __init__(self) -> None:
-        self.full: list[tuple[float, float]] = []  # (wall clock at start, seconds)
+        self.pauses: list[tuple[float, float, int]] = []
         self._started = 0.0
 
     def install(self) -> None:
@@ -68,13 +69,17 @@ class GcProbe:
 
         gc.callbacks.append(self._callback)
 
+    @property
+    def full(self) -> list[tuple[float, float]]:
+        """(wall clock, seconds) of the full (generation 2) collections."""
+        return [(t, d) for t, d, gen in self.pauses if gen == 2]
+
     def _callback(self, phase: str, info: dict[str, int]) -> None:
-        if info.get("generation") != 2:
-            return
         if phase == "start":
             self._started = time.perf_counter()
         else:
-            self.full.append((time.time(), time.perf_counter() - self._started))
+            self.pauses.append((time.time(), time.perf_counter() - self._started,
+                                info.get("generation", -1)))
 
 
 class LagProbe:
@@ -246,12 +251,10 @@ class BaselineFleet(Fleet):
 
 async def sample(fleet: Fleet, stop: asyncio.Event, interval: float,
                  clock: Callable[[], float] = time.time,
-                 freeze_gc: bool = False, share: bool = False) -> list[tuple[float, int]]:
+                 share: bool = False) -> list[tuple[float, int]]:
     """Connected-count samples until ``stop``; emits ``all_connected`` the first time all are.
     ``share``: a fleet instance, whose share of the accounts is not known in advance: sampled
     every ``interval`` from the start, never "all connected" (bench/cluster.py)."""
-    import gc
-
     samples: list[tuple[float, int]] = []
     started = time.monotonic()
     reported = share
@@ -265,9 +268,6 @@ async def sample(fleet: Fleet, stop: asyncio.Event, interval: float,
         if not reported and count >= fleet.size:
             reported = True
             emit("all_connected", seconds=time.monotonic() - started, n=count)
-            if freeze_gc:  # the experiment: move the settled heap out of the GC's sight
-                gc.collect()
-                gc.freeze()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval if reported else FAST_SAMPLE)
     return samples
@@ -298,8 +298,7 @@ async def run(args: argparse.Namespace) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     emit("base", rss_kb=base_rss, n=fleet.size)
     sampler: Awaitable[list[tuple[float, int]]] = asyncio.create_task(
-        sample(fleet, stop, args.sample_interval, freeze_gc=args.gc_freeze,
-               share=args.fleet_instance))
+        sample(fleet, stop, args.sample_interval, share=args.fleet_instance))
     await fleet.start()
     samples = await sampler
     await fleet.stop()
@@ -310,6 +309,7 @@ async def run(args: argparse.Namespace) -> int:
         "samples": samples,
         "attempts": sorted(probe.per_second.items()),
         "gc_full": gc_probe.full,
+        "gc_pauses": gc_probe.pauses,
     }))
     emit("stopped")
     return 0
@@ -326,8 +326,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="info")
     p.add_argument("--sample-interval", type=float, default=1.0)
     p.add_argument("--timeline", type=Path, required=True)
-    p.add_argument("--gc-freeze", action="store_true",
-                   help="experiment: gc.freeze() once all accounts are connected")
     p.add_argument("--fleet-instance", action="store_true",
                    help="daemon: one instance of a fleet ($TGDAEMON_INSTANCE): holds a share")
     return asyncio.run(run(p.parse_args(argv)))

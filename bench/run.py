@@ -53,10 +53,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--heartbeat", type=float, default=30.0)
     p.add_argument("--fast-rate", type=float, default=0.0,
                    help="connect_rate of the main tgdaemon run (0 = unlimited)")
+    p.add_argument("--fast-burst", type=int, default=None,
+                   help="connect_burst of the main tgdaemon run (default: the daemon's)")
     p.add_argument("--connect-timeout", type=float, default=None,
                    help="give up on 'all connected' after this long (default 120 + N/50 s)")
-    p.add_argument("--gc-freeze", action="store_true",
-                   help="experiment: the main tgdaemon run calls gc.freeze() once connected")
     p.add_argument("--fleets", nargs="+", default=["daemon", "baseline"],
                    choices=["daemon", "baseline"])
     p.add_argument("--note", action="append", default=[],
@@ -70,8 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scrapes", type=int, default=5)
     p.add_argument("--default-rate-max", type=int, default=1000,
                    help="measure the default connect rate up to this N")
-    p.add_argument("--outage", type=float, default=30.0)
-    p.add_argument("--outage-sizes", type=int, nargs="*", default=[1000, 10000])
+    # Issue 17's short outage: long enough for a per-account backoff to grow past it.
+    p.add_argument("--outage", type=float, default=12.0)
+    p.add_argument("--outage-sizes", type=int, nargs="*", default=[100, 10000])
     p.add_argument("--recovery-timeout", type=float, default=90.0)
     p.add_argument("--flood-sizes", type=int, nargs="*", default=[1000, 10000],
                    help="sizes with a flood-wait storm (a tenth of the accounts)")
@@ -101,7 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def variant(args: argparse.Namespace) -> str | None:
     parts = [f"connect_rate {args.fast_rate:g}/s"] if args.fast_rate else []
-    parts += ["gc.freeze() once connected"] if args.gc_freeze else []
+    parts += [f"burst {args.fast_burst}"] if args.fast_burst is not None else []
     return ", ".join(parts) or None
 
 
@@ -111,8 +112,8 @@ def raise_nofile() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def daemon_args(config: Path, gc_freeze: bool = False) -> list[str]:
-    return ["--config", str(config), *(["--gc-freeze"] if gc_freeze else [])]
+def daemon_args(config: Path) -> list[str]:
+    return ["--config", str(config)]
 
 
 def bench_size(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -127,7 +128,10 @@ def bench_size(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
              f"{time.monotonic() - t0:.1f}s over {len(specs)} localdc process(es)")
     policy = {"heartbeat_interval": args.heartbeat, **BENCH_POLICY_EXTRA}
     configs = {}
-    for label, rate in (("unlimited", {"connect_rate": args.fast_rate}), ("default", {})):
+    fast = {"connect_rate": args.fast_rate}
+    if args.fast_burst is not None:
+        fast["connect_burst"] = args.fast_burst
+    for label, rate in (("unlimited", fast), ("default", {})):
         path = work / f"tgdaemon-{label}.toml"
         path.write_text(render_config(
             state_dir=state, key_file=key_file, rsa_files=rsa_files, procs=specs, names=names,
@@ -145,6 +149,8 @@ def bench_size(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     default_connect_budget = 120 + 2 * n / d.connect_rate
     result: dict[str, Any] = {"n": n, "repeats": repeats, "daemon": [], "baseline": [],
                               "daemon_default_rate": [], "fast_rate": args.fast_rate,
+                              "fast_burst": args.fast_burst if args.fast_burst is not None
+                              else d.connect_burst,
                               "variant": variant(args)}
     try:
         for dc in dcs:
@@ -160,7 +166,7 @@ def bench_size(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 progress(f"N={n} repeat {r + 1}/{repeats}: tgdaemon, connect_rate "
                          f"{args.fast_rate:g} (0 = unlimited)")
                 fleet = start_fleet("daemon", work, f"daemon-{r}",
-                                    daemon_args(configs["unlimited"], args.gc_freeze))
+                                    daemon_args(configs["unlimited"]))
                 result["daemon"].append(run_fleet(fleet, n, dcs, plan))
             if r == 0 and n <= args.default_rate_max and "daemon" in args.fleets:
                 progress(f"N={n}: tgdaemon, default connect_rate {d.connect_rate:g}/s "

@@ -35,7 +35,7 @@ from urllib.parse import unquote, urlsplit
 
 from tgdaemon.apiconfig import ApiConfig, parse_api
 from tgdaemon.exceptions import AccountError, ConfigError
-from tgdaemon.leases import default_close_margin, timing_problems
+from tgdaemon.leases import default_close_margin, heartbeat_room, timing_problems
 from tgdaemon.lifecycle import HEARTBEAT_JITTER, longest_heartbeat_gap
 from tgdaemon.security import OnNewAuthorization
 
@@ -209,8 +209,8 @@ class PolicyConfig:
     connect_timeout: float = 15.0
     request_timeout: float = 15.0
     backoff_base: float = 1.0
-    # After a long outage the last account is back within about backoff_cap of the network
-    # returning (full jitter draws up to the cap): 30 s keeps a fleet's recovery under a minute.
+    # A network failure younger than this is retried within backoff_base; an older one backs
+    # off up to it (tgdaemon.lifecycle.recovery_for).
     backoff_cap: float = 30.0
     backoff_jitter: str = "full"
     # Longest FLOOD_WAIT waited out on an open connection; a longer one closes the connection
@@ -320,7 +320,7 @@ def config_warnings(config: Config) -> list[str]:
     if d.clustered:
         # The worker asks the server to drop its connection when no heartbeat comes within
         # the lease's remaining time: heartbeats must come sooner, or connections churn.
-        room = d.lease_ttl - default_close_margin(d.lease_ttl) - d.lease_renew_interval
+        room = heartbeat_room(d.lease_ttl, d.lease_renew_interval)
         beat = HEARTBEAT_JITTER * p.heartbeat_interval + 5
         if room < beat:
             out.append(

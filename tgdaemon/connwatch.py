@@ -47,7 +47,7 @@ class ConnectionWatch:
     def wake(self) -> None:
         """End the sleep in progress early (it returns False)."""
         if self._sleeper is not None:
-            _wake(self._sleeper, False)
+            settle(self._sleeper, False)
 
     async def sleep(self, seconds: float, client: Any) -> bool:
         """Sleep ``seconds``: True when the time ran out, False when :meth:`wake` cut it
@@ -60,7 +60,7 @@ class ConnectionWatch:
         if not watched.done():
             loop = asyncio.get_running_loop()
             sleeper: asyncio.Future[bool] = loop.create_future()
-            timer = loop.call_later(seconds, _wake, sleeper, True)
+            timer = loop.call_later(seconds, settle, sleeper, True)
             self._sleeper = sleeper
             try:
                 ran_out = await sleeper
@@ -77,9 +77,10 @@ class ConnectionWatch:
 
     def _on_disconnected(self, _watched: asyncio.Future[None]) -> None:
         if self._sleeper is not None:
-            _wake(self._sleeper, True)
+            settle(self._sleeper, True)
 
 
-def _wake(fut: asyncio.Future[bool], ran_out: bool) -> None:
+def settle(fut: asyncio.Future[bool], ran_out: bool) -> None:
+    """End a sleep's future with ``ran_out`` unless it has ended already."""
     if not fut.done():
         fut.set_result(ran_out)

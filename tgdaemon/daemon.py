@@ -31,8 +31,10 @@ from tgdaemon.dcs import DcDirectory
 from tgdaemon.exceptions import ConfigError, TgdaemonError
 from tgdaemon.fdlimit import HTTP_SPARE_FDS, FdReserve, fd_shortfall
 from tgdaemon.fleet import Fleet, fleet_lock_name
+from tgdaemon.gcpolicy import GcPolicy
 from tgdaemon.keyrotation import FleetKeys, KeyRotation
 from tgdaemon.leasestore import open_lease_store
+from tgdaemon.lifecycle import State
 from tgdaemon.logvolume import NoiseCollector
 from tgdaemon.looplag import LoopLag
 from tgdaemon.metrics import Metrics
@@ -46,6 +48,8 @@ from tgdaemon.telegram import client_class, trust_server_keys
 from tgdaemon.worker import WorkerDeps
 
 if TYPE_CHECKING:
+    from tgdaemon.exceptions import DecryptionError
+    from tgdaemon.store import SessionData
     from tgdaemon.telegram import ManagedClient
 
 log = logging.getLogger("tgdaemon.daemon")
@@ -85,6 +89,8 @@ class Daemon:
         self.records = RecordsCollector(self.registry)
         self.loop_lag = LoopLag(self.registry, monotonic=monotonic)
         self.rotation: KeyRotation | None = None
+        #: Freezes the long-lived heap while the fleet connects (``tgdaemon.gcpolicy``).
+        self.gc = GcPolicy(self._first_connects_pending)
         #: A fleet instance's side of a key rotation (agreement on the write key).
         self.fleet_keys: FleetKeys | None = None
         self._ready = False
@@ -117,6 +123,10 @@ class Daemon:
             self._stack.callback(spare_fds.close)
         self.loop_lag.start()
         self._stack.push_async_callback(self.loop_lag.stop)
+        self._stack.push_async_callback(self.gc.stop)
+        # Imports and the parsed configuration (10,000 accounts' worth) are long-lived: out of
+        # the collector's sight before reading the sessions triggers a full collection.
+        self.gc.freeze()
         for warning in config_warnings(config):
             log.warning("%s", warning)
         keyring = self._keyring or load_keyring(key_file=config.daemon.master_key_file,
@@ -132,6 +142,8 @@ class Daemon:
             self.fleet = await self._join_fleet(config, self.store)
         self.rotation = KeyRotation(self.store, self.board, self.registry)
         self._stack.push_async_callback(self.rotation.stop)  # before the lease store closes
+        #: Read once for the record check and the workers (a fleet member's come later).
+        sessions: Mapping[str, SessionData | DecryptionError] | None = None
         if self.fleet is not None:
             await self.check_records()  # the fleet's records, now that they are routed
             self.fleet_keys = FleetKeys(
@@ -143,7 +155,8 @@ class Daemon:
             # Workers run the accounts whose leases we hold: none until the first claim.
             self.settings.current = self.fleet.worker_config()
         else:
-            await self.check_records()
+            sessions = await self.store.load_sessions()
+            await self.check_records(sessions)
             self._resume_rotation()
 
         api = None
@@ -177,8 +190,10 @@ class Daemon:
         self.supervisor = Supervisor(deps, board=self.board, metrics=self.metrics)
         if api is not None:
             api.bind(self.supervisor.worker)
-        await self.supervisor.start()
+        self.gc.freeze()  # the sessions, the store: before any worker allocates
+        await self.supervisor.start(sessions)
         self._stack.push_async_callback(self._stop_supervisor)
+        self.gc.start()  # every worker exists; freeze as they connect
         if self.fleet is not None:
             self.fleet.start(self.supervisor)
             self._stack.push_async_callback(self.fleet.stop, config.daemon.drain_timeout)
@@ -198,6 +213,10 @@ class Daemon:
             log.info("HTTP listening on %s:%d", listen.host, self.http.port)
         self._ready = True
         log.info("daemon started: %s", self.board.summary())
+
+    def _first_connects_pending(self) -> bool:
+        counts = self.board.counts()
+        return bool(counts[State.STARTING] or counts[State.CONNECTING])
 
     async def _join_fleet(self, config: Config, store: Store) -> Fleet:
         """Fleet mode: open the shared lease store and join (README: Scaling out)."""
@@ -225,11 +244,13 @@ class Daemon:
             return False
         return self._ready and not (self.store is not None and self.store.read_only)
 
-    async def check_records(self) -> None:
+    async def check_records(
+        self, sessions: Mapping[str, SessionData | DecryptionError] | None = None,
+    ) -> None:
         """Measure the stored records against the key ring: one ERROR line for the fleet
         (not one per account) when some cannot be decrypted."""
         assert self.store is not None
-        report = await check_records(self.store)
+        report = await check_records(self.store, sessions)
         self.records.report = report
         problem = report.problem()
         if problem is not None:

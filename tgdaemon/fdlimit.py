@@ -55,7 +55,11 @@ class FdBudget:
 
 
 def budget(config: Config, http_connections: int) -> FdBudget:
+    """A fleet instance holds at most ``capacity`` of the fleet's accounts, however many the
+    config lists (a fleet of 40,000 over 4 instances needs ~10,000 sockets each)."""
     enabled = len(config.enabled_accounts)
+    if config.daemon.clustered:
+        enabled = min(enabled, config.daemon.capacity)
     return FdBudget(
         accounts=enabled,
         connects=min(enabled, config.daemon.connect_concurrency),

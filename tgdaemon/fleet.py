@@ -138,6 +138,8 @@ class Fleet:
         #: Leases to give back once their stuck worker has ended (never while it may be
         #: connected): still renewed, so nobody else takes them meanwhile.
         self._held_back: set[str] = set()
+        #: Leases given back whose release statement failed (retried each round).
+        self._unreleased: set[str] = set()
         self.rounds = 0
 
     # -- LeaseGate --------------------------------------------------------------------------
@@ -146,7 +148,8 @@ class Fleet:
         return account in self._epochs and not must_close(self._monotonic(), self._valid_until)
 
     def disconnect_delay(self, account: str) -> int:
-        return disconnect_delay(self._monotonic(), self._valid_until)
+        return disconnect_delay(self._monotonic(), self._valid_until,
+                                self.timing.transit_allowance)
 
     @property
     def owned(self) -> frozenset[str]:
@@ -256,6 +259,8 @@ class Fleet:
                 break
             try:
                 await self.round()
+            except StoreError as exc:  # the database is down: one line, the guard closes
+                log.warning("lease round failed: %s", exc)
             except Exception:  # the balancer must survive anything; the guard closes
                 log.exception("lease round failed")
 
@@ -332,6 +337,8 @@ class Fleet:
         if regained:  # still ours after an outage that closed them
             log.info("%d lease(s) still ours after an outage: reopening them", len(regained))
             await self._adopt(regained)
+        if self._unreleased:  # given back here, but the release did not reach the store
+            await self._release(sorted(self._unreleased))
         ttl = self.timing.ttl
         counts = await self.leases.counts(ttl)
         self.metrics.lost.set(counts.lost_instances)
@@ -353,9 +360,9 @@ class Fleet:
             # keeps its lease until it has.
             self._held_back |= await self._close(names)
             free = [n for n in names if n not in self._held_back]
-            await self.leases.release(self.instance, free)
             for name in free:
                 self._epochs.pop(name, None)
+            await self._release(free)
         if not decision.claim:
             return 0
         claim_started = self._monotonic()
@@ -364,13 +371,21 @@ class Fleet:
             log.info("claimed %d account(s)", len(claimed))
             await self._adopt(claimed)
         elif claimed:  # too slow to be safe: give them back untouched
-            await self.leases.release(self.instance, claimed)
+            await self._release(list(claimed))
         return len(claimed)
 
     async def _adopt(self, leases: Mapping[str, int]) -> None:
+        """Start workers for these leases; a lease is ours in :attr:`_epochs` only once its
+        worker can start, else it is given back (never held, renewed, and not run)."""
         assert self.supervisor is not None
+        try:
+            await self._store.ensure_accounts(dict.fromkeys(leases))
+        except StoreError as exc:
+            log.warning("%d lease(s) given back: the local state database refused them (%s)",
+                        len(leases), exc)
+            await self._release(list(leases))
+            return
         self._epochs.update(leases)
-        await self._store.ensure_accounts(dict.fromkeys(leases))
         await self.supervisor.adopt([account_spec(self.config, n) for n in sorted(leases)])
 
     async def _close(self, names: Sequence[str]) -> set[str]:
@@ -385,10 +400,19 @@ class Fleet:
         assert self.supervisor is not None
         ended = self._held_back - self.supervisor.stuck()
         if ended:
-            await self.leases.release(self.instance, sorted(ended))
             for name in ended:
                 self._epochs.pop(name, None)
             self._held_back -= ended
+            await self._release(sorted(ended))
+
+    async def _release(self, names: Sequence[str]) -> None:
+        """Give back leases no worker runs (any more).  If the store does not answer they stay
+        in :attr:`_unreleased`, retried each round: never held, renewed and not run."""
+        if not names:
+            return
+        self._unreleased.update(names)
+        await self.leases.release(self.instance, names)
+        self._unreleased.difference_update(names)
 
     async def _close_all(self) -> None:
         log.error("leases could not be renewed in time: closing all %d account(s) before they "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from hashlib import sha1
 from typing import Any
 
@@ -177,6 +178,24 @@ class PaddedKeySender(MTProtoSender):  # type: ignore[misc]  # Telethon is untyp
     """
 
     keepalive_ping = True
+    #: Called when a connection is up, before any request goes out on it; its request is sent
+    #: first (fleet mode: ``ping_delay_disconnect``, so the server's deadline is armed before
+    #: the auth key is used for anything else: a process paused mid-connect cannot leave a
+    #: connection open past its lease).
+    first_request: Callable[[], Any] | None = None
+
+    async def connect(self, connection: Any) -> bool:
+        if not await super().connect(connection):
+            return False
+        if self.first_request is not None:  # queued ahead of the client's initConnection
+            self.send_unawaited(self.first_request())
+        return True
+
+    def send_unawaited(self, request: Any) -> None:
+        """Queue ``request`` the way Telethon queues its own keep-alive ping: its answer is
+        not awaited (awaiting it through the client would let a cancelled caller cancel the
+        future the answer then resolves, an error Telethon logs)."""
+        self.send(request).add_done_callback(_retrieve)
 
     @classmethod
     def replacing(cls, old: MTProtoSender, *, keepalive_ping: bool = True) -> PaddedKeySender:
@@ -208,6 +227,12 @@ class PaddedKeySender(MTProtoSender):  # type: ignore[misc]  # Telethon is untyp
             self._log.warning("Attempt %d at new auth_key failed: %s", attempt, e)
             await asyncio.sleep(self._delay)
             return False
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a fire-and-forget future's outcome as seen (no "never retrieved" warning)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 __all__ = ["AUTH_KEY_BYTES", "PaddedKeySender", "do_authentication", "padded_auth_key"]

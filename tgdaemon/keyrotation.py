@@ -100,8 +100,8 @@ class KeyRotation(Collector):
                 self._board.note = f"re-encrypting sessions: {left} left"
                 await asyncio.sleep(self._pause)
         except TgdaemonError as exc:
-            log.error("re-encrypting stored sessions stopped: %s (retried at the next reload "
-                      "or start)", exc)
+            log.error("re-encrypting stored sessions stopped: %s (retried: in a fleet within "
+                      "a renewal period, else at the next reload or start)", exc)
             return
         finally:
             self._board.note = None
@@ -151,7 +151,6 @@ class FleetKeys:
         self._interval = interval
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._published: tuple[tuple[str, ...], str] | None = None
         self._warned: tuple[str, ...] = ()
         #: Completed agreements (tests wait on it).
         self.agreements = 0
@@ -192,7 +191,8 @@ class FleetKeys:
 
     async def agree(self) -> None:
         ring = self.ring
-        live = [i for i in await self._leases.instances()
+        infos = await self._leases.instances()
+        live = [i for i in infos
                 if i.id != self._instance and i.renewed_ago < self._ttl and i.key_ids]
         write = fleet_write_key(ring.key_ids, (i.key_ids for i in live))
         store = self._store
@@ -212,10 +212,11 @@ class FleetKeys:
             self._warned = ()
             log.info("every live instance holds master key %s: writing and re-encrypting "
                      "under it", write)
-        mine = (ring.key_ids, write)
-        if mine != self._published:
+        # Published again whenever our row says otherwise (e.g. registered anew after an
+        # operator's ``cluster forget``).
+        own = next((i for i in infos if i.id == self._instance), None)
+        if own is not None and (own.key_ids, own.write_key) != (ring.key_ids, write):
             await self._leases.publish_keys(self._instance, ring.key_ids, write)
-            self._published = mine
         rotation = self._rotation
         if write == ring.active.key_id and not rotation.running and (
                 switched or rotation.pending != 0):

@@ -56,6 +56,10 @@ class LeaseTiming:
         if problems:
             raise ValueError("; ".join(problems))
 
+    @property
+    def transit_allowance(self) -> float:
+        return transit_allowance(self.close_margin)
+
     def valid_until(self, renewal_started: float) -> float:
         """Local monotonic time until which a lease renewed at ``renewal_started`` may be used."""
         return renewal_started + self.ttl - self.close_margin
@@ -81,16 +85,33 @@ def default_close_margin(ttl: float) -> float:
     return min(10.0, max(1.0, ttl / 6))
 
 
+def transit_allowance(close_margin: float) -> float:
+    """How much earlier than the lease's local deadline the server is asked to close: the
+    server starts its ``ping_delay_disconnect`` timer when the ping *arrives*, and the ping
+    waits in our send queue and on the wire after its delay is computed.  Half the close
+    margin, at most 2 s (so the default timings keep their heartbeat room)."""
+    return min(2.0, close_margin / 2)
+
+
+def heartbeat_room(ttl: float, renew_interval: float) -> float:
+    """About the shortest ``ping_delay_disconnect`` a connected worker sends (just before a
+    renewal): a heartbeat must re-arm the server's timer within it, or the server drops
+    connections between heartbeats (``check-config`` warns)."""
+    margin = default_close_margin(ttl)
+    return ttl - margin - renew_interval - transit_allowance(margin)
+
+
 def must_close(now: float, valid_until: float) -> bool:
     """Whether connections of a lease valid until ``valid_until`` must be closed now."""
     return now >= valid_until
 
 
-def disconnect_delay(now: float, valid_until: float) -> int:
+def disconnect_delay(now: float, valid_until: float, allowance: float = 0.0) -> int:
     """Seconds to ask the server for in ``ping_delay_disconnect``: if this process stops
     talking (paused, partitioned), the server closes the connection by the lease deadline
-    even though we cannot.  Whole seconds, rounded down, at least 1."""
-    return max(1, math.floor(valid_until - now))
+    even though we cannot.  ``allowance`` (:func:`transit_allowance`) is for the time
+    between now and the ping's arrival.  Whole seconds, rounded down, at least 1."""
+    return max(1, math.floor(valid_until - allowance - now))
 
 
 @dataclass(frozen=True)

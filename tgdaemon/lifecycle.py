@@ -19,11 +19,17 @@ Recovery rules (``recovery_for``):
 * MIGRATE (USER/PHONE/NETWORK_MIGRATE_X) gives ``MIGRATE`` to ``new_dc``. FILE/STATS_MIGRATE
   concern one request, not the account's home DC: ``FAIL``. More than :data:`MAX_MIGRATIONS`
   consecutive migrations is a loop: ``FAIL``.
+* NETWORK retries quickly while the failure is young: ``uniform(0, backoff_base)`` until it
+  has persisted ``backoff_cap`` seconds (``persisted``), then the capped, jittered exponential
+  backoff of its attempt number. A short outage (a restart, a blip) is over before any account
+  sleeps long; the daemon-wide connect-rate limiter, not each account's backoff, keeps the
+  fleet's retries from being a herd. A failure that persists backs off as before.
 * Everything else retries after a capped, jittered exponential backoff.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from enum import Enum, StrEnum
@@ -139,12 +145,14 @@ HOME_MIGRATE_CODES = frozenset({"USER_MIGRATE", "PHONE_MIGRATE", "NETWORK_MIGRAT
 
 
 def recovery_for(
-    c: Classified, attempt: int, policy: PolicyConfig, rng: random.Random
+    c: Classified, attempt: int, policy: PolicyConfig, rng: random.Random, *,
+    persisted: float = math.inf,
 ) -> Recovery:
     """What to do about ``c``, the failure after ``attempt`` earlier consecutive ones of the
-    same category (0-based). Pure: the delay comes from ``rng``, never from a clock."""
-    if attempt < 0:
-        raise ValueError("attempt must be >= 0")
+    same category (0-based), ``persisted`` seconds after the first of them (unknown: treated
+    as a failure that persists). Pure: the delay comes from ``rng``, never from a clock."""
+    if attempt < 0 or persisted < 0:
+        raise ValueError("attempt and persisted must be >= 0")
     if c.category is Category.AUTH:
         state = c.park_state if c.park_state in PARKED_STATES else State.NEEDS_LOGIN
         assert state is not None
@@ -164,6 +172,8 @@ def recovery_for(
         keep = seconds <= policy.flood_sleep_max
         return Recovery(Action.WAIT if keep else Action.RETRY, flood_wait_delay(seconds, rng),
                         State.FLOOD_WAIT, reason=f"{c.code} {seconds}s")
+    if c.category is Category.NETWORK and persisted < policy.backoff_cap:
+        attempt = 0  # a young failure: retry within backoff_base (module docstring)
     delay = backoff_delay(attempt, base=policy.backoff_base, cap=policy.backoff_cap,
                           jitter=policy.backoff_jitter, rng=rng)
     return Recovery(Action.RETRY, delay, State.RECONNECTING, reason=c.code)

@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from tgdaemon.exceptions import DecryptionError
+
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
-    from tgdaemon.store import Store
+    from tgdaemon.store import SessionData, Store
 
 #: Values of the ``state`` label of ``tgdaemon_session_records``.
 RECORD_STATES = ("readable", "undecryptable")
@@ -80,11 +82,13 @@ def _names(names: Mapping[str, str], limit: int = 5) -> str:
     return ", ".join(shown) + (f" and {more} more" if more else "")
 
 
-async def check_records(store: Store) -> RecordReport:
-    """Decrypt every stored record (off the event loop) and count the keys they use."""
-    from tgdaemon.exceptions import DecryptionError
-
-    sessions = await store.load_sessions()
+async def check_records(
+    store: Store, sessions: Mapping[str, SessionData | DecryptionError] | None = None,
+) -> RecordReport:
+    """Decrypt every stored record (off the event loop) and count the keys they use;
+    ``sessions``: what ``store.load_sessions()`` just returned (the start-up reads them once)."""
+    if sessions is None:
+        sessions = await store.load_sessions()
     key_ids = await store.session_key_ids()
     use = Counter(k for k in key_ids.values() if k is not None)
     unreadable = {name: str(result) for name, result in sessions.items()

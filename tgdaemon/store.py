@@ -27,7 +27,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -474,6 +474,62 @@ async def _migrate(conn: aiosqlite.Connection, db_path: Path, clock: Callable[[]
 _NO_SESSION: Any = object()  # a pending item that only updates account metadata
 
 
+@dataclass
+class _Plan:
+    """What one writer batch does to the database: session upserts (account, encrypted
+    record, time), session deletes, and metadata updates grouped by their columns."""
+
+    upserts: list[tuple[str, bytes, float]]
+    deletes: list[tuple[str]]
+    updates: dict[tuple[str, ...], list[tuple[Any, ...]]]
+
+
+async def _existing(conn: aiosqlite.Connection, names: Iterable[str]) -> set[str]:
+    """Which of these accounts (at most ``_BATCH``) have a row."""
+    names = list(names)
+    placeholders = ",".join("?" * len(names))
+    return {r[0] for r in await conn.execute_fetchall(
+        f"SELECT name FROM accounts WHERE name IN ({placeholders})", names)}
+
+
+def _plan_batch(batch: Mapping[str, _Pending], existing: set[str], ring: KeyRing, now: float,
+                failed: dict[str, BaseException], quiet: dict[str, BaseException]) -> _Plan:
+    """The batch as statements (records encrypted here); accounts without a row go to
+    ``failed`` (a session) or ``quiet`` (metadata only)."""
+    plan = _Plan([], [], {})
+    for name, item in batch.items():
+        if item.meta and name in existing:
+            columns = tuple(item.meta)
+            plan.updates.setdefault(columns, []).append((*item.meta.values(), name))
+        if item.data is _NO_SESSION:
+            if item.meta and name not in existing:
+                quiet[name] = AccountError(f"no account named {name!r}")
+            continue
+        if item.data is None:
+            plan.deletes.append((name,))
+        elif name not in existing:
+            failed[name] = AccountError(f"no account named {name!r}")
+        else:
+            record = ring.encrypt(item.data.to_bytes(), account=name, purpose=SESSION_PURPOSE)
+            plan.upserts.append((name, record, now))
+    return plan
+
+
+async def _apply_plan(conn: aiosqlite.Connection, plan: _Plan) -> None:
+    if plan.deletes:
+        await conn.executemany("DELETE FROM sessions WHERE account=?", plan.deletes)
+    if plan.upserts:
+        await conn.executemany(
+            "INSERT INTO sessions (account, record, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT(account) DO UPDATE SET record=excluded.record, "
+            "updated_at=excluded.updated_at",
+            plan.upserts,
+        )
+    for columns, rows in plan.updates.items():
+        assignments = ", ".join(f"{c}=?" for c in columns)  # whitelisted names
+        await conn.executemany(f"UPDATE accounts SET {assignments} WHERE name=?", rows)
+
+
 class _Pending:
     """One account's queued writes, coalesced until the writer takes them: a session write
     (``data``; None = delete; ``_NO_SESSION`` = none) and/or metadata columns (``meta``)."""
@@ -690,6 +746,21 @@ class Store:
         """:meth:`ensure_account` for many accounts in one transaction (start-up with 10,000)."""
         for name in accounts:
             _check_name(name)
+        if not any(accounts.values()):
+            # Nothing to write when every row exists (a fleet adopting accounts it has run
+            # before): no write lock, which another daemon of the machine may hold.
+            async with self._lock:
+                self._check_open()
+                try:
+                    existing = set()
+                    names = list(accounts)
+                    for i in range(0, len(names), _BATCH):
+                        existing |= await _existing(self._conn, names[i:i + _BATCH])
+                except sqlite3.Error as exc:
+                    raise StoreError(f"state database {self.path}: {exc}") from None
+            accounts = {n: d for n, d in accounts.items() if n not in existing}
+            if not accounts:
+                return
         now = self._clock()
         async with self._transaction() as conn:
             await conn.executemany(
@@ -867,79 +938,70 @@ class Store:
     async def _write_batch(self, batch: dict[str, _Pending]) -> None:
         failed: dict[str, BaseException] = {}
         quiet: dict[str, BaseException] = {}  # metadata for an account without a row
-        routed: dict[str, bytes | None] = {}
+        refused: set[str] = set()  # refused by the route, which has said so once
+        meta_error: BaseException | None = None  # routed: the metadata part failed
         try:
-            async with self._lock, self._tx_locked(durable=True) as conn:
-                names = list(batch)
-                placeholders = ",".join("?" * len(names))
-                existing = {
-                    r[0] for r in await conn.execute_fetchall(
-                        f"SELECT name FROM accounts WHERE name IN ({placeholders})", names
-                    )
-                }
-                now = self._clock()
-                upserts, deletes = [], []
-                updates: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
-                for name, item in batch.items():
-                    if item.meta and name in existing:
-                        columns = tuple(item.meta)
-                        updates.setdefault(columns, []).append((*item.meta.values(), name))
-                    if item.data is _NO_SESSION:
-                        if item.meta and name not in existing:
-                            quiet[name] = AccountError(f"no account named {name!r}")
-                        continue
-                    if item.data is None:
-                        deletes.append((name,))
-                    elif name not in existing:
-                        failed[name] = AccountError(f"no account named {name!r}")
-                    else:
-                        record = self._keyring.encrypt(
-                            item.data.to_bytes(), account=name, purpose=SESSION_PURPOSE
-                        )
-                        upserts.append((name, record, now))
-                if self._route is not None:
-                    routed = {n: r for n, r, _at in upserts} | {n: None for (n,) in deletes}
-                    upserts, deletes = [], []
-                if deletes:
-                    await conn.executemany("DELETE FROM sessions WHERE account=?", deletes)
-                if upserts:
-                    await conn.executemany(
-                        "INSERT INTO sessions (account, record, updated_at) VALUES (?, ?, ?) "
-                        "ON CONFLICT(account) DO UPDATE SET record=excluded.record, "
-                        "updated_at=excluded.updated_at",
-                        upserts,
-                    )
-                for columns, rows in updates.items():
-                    assignments = ", ".join(f"{c}=?" for c in columns)  # whitelisted names
-                    await conn.executemany(
-                        f"UPDATE accounts SET {assignments} WHERE name=?", rows)
+            async with self._lock:
+                if self._route is None:
+                    async with self._tx_locked(durable=True) as conn:
+                        plan = _plan_batch(batch, await _existing(conn, batch), self._keyring,
+                                           self._clock(), failed, quiet)
+                        await _apply_plan(conn, plan)
+                    routed: dict[str, bytes | None] = {}
+                else:
+                    # Session records go to the route; this database gets metadata only, and
+                    # its write lock (shared by the daemons of a machine) is taken only for
+                    # that: a paused daemon holding it cannot stop our session writes.
+                    self._check_open()
+                    plan = _plan_batch(batch, await _existing(self._conn, batch),
+                                       self._keyring, self._clock(), failed, quiet)
+                    routed = {n: r for n, r, _at in plan.upserts} | {
+                        n: None for (n,) in plan.deletes}
+                    if plan.updates:
+                        try:
+                            async with self._tx_locked(durable=False) as conn:
+                                await _apply_plan(conn, _Plan([], [], plan.updates))
+                        except StoreError as exc:
+                            meta_error = exc
             if routed:
                 assert self._route is not None
-                failed.update(await self._route.write_records(routed))
+                refusals = await self._route.write_records(routed)
+                refused = set(refusals)
+                failed.update(refusals)
         except Exception as exc:
             err = exc if isinstance(exc, TgdaemonError) else StoreError(
                 f"writing sessions to {self.path} failed: {type(exc).__name__}: {exc}"
             )
-            if _is_read_only(exc) or "readonly" in str(exc).replace("read-only", "readonly"):
-                self._mark_read_only(str(exc))
-            if self.read_only:  # said once at ERROR by _mark_read_only; not per batch
-                log.debug("write of %d account(s) failed: %s", len(batch), err)
-            else:
-                log.error("write of %d account(s) failed: %s", len(batch), err)
+            self._write_failed(len(batch), err)
             for item in batch.values():
                 if not item.future.done():
                     item.future.set_exception(err)
             return
+        if meta_error is not None:  # metadata is best effort: said once, sessions written
+            self._write_failed(len(batch), meta_error)
         for name, item in batch.items():
             if item.future.done():
                 continue
             if name in failed:
-                log.error("session write refused: %s", failed[name])
+                if name in refused:
+                    log.debug("session write refused: %s", failed[name])
+                else:
+                    log.error("session write refused: %s", failed[name])
                 item.future.set_exception(failed[name])
             elif name in quiet:
                 item.future.set_exception(quiet[name])
+            elif meta_error is not None and item.data is _NO_SESSION:
+                item.future.set_exception(meta_error)
             else:
                 item.future.set_result(None)
+
+    def _write_failed(self, accounts: int, err: BaseException) -> None:
+        if _is_read_only(err) or "readonly" in str(err).replace("read-only", "readonly"):
+            self._mark_read_only(str(err))
+        if self.read_only:  # said once at ERROR by _mark_read_only; not per batch
+            log.debug("write of %d account(s) failed: %s", accounts, err)
+        else:
+            log.error("write of %d account(s) failed: %s", accounts, err)
 
     # -- DC address cache ----------------------------------------------------------------
 

@@ -105,6 +105,21 @@ class ManagedClient(TelegramClient):  # type: ignore[misc]  # Telethon is untype
             return False
         return True
 
+    async def _keepalive_loop(self) -> None:
+        if self.keepalive_ping:
+            await super()._keepalive_loop()
+        # Otherwise no task-long loop per client (a coroutine, a task, a timer and two shield
+        # futures a minute for every account): its ping is what the heartbeat replaces, and
+        # its bookkeeping is :meth:`keep_house`, which the worker runs between heartbeats.
+
+    async def keep_house(self) -> None:
+        """What Telethon's keep-alive loop does each minute besides its ping: close idle
+        exported senders and copy the update state into the session (saved through it; the
+        session decides when that reaches the disk)."""
+        await self._clean_exported_senders()
+        await self._save_states_and_entities()
+        self.session.save()
+
     def release_updates(self) -> None:
         """Let this connection's update loop start (the catch-up first)."""
         self.update_gate.release()

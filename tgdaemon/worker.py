@@ -14,7 +14,7 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,8 @@ from tgdaemon.lifecycle import (
     recovery_for,
 )
 from tgdaemon.plugins import Plugins
+from tgdaemon.reachability import Reachability
+from tgdaemon.retry import backoff_delay
 from tgdaemon.session import StoreSession
 from tgdaemon.status import UserInfo
 from tgdaemon.store import DeviceInfo
@@ -49,6 +51,9 @@ if TYPE_CHECKING:
 
 #: Bound on tearing down a client: a wedged one is abandoned and replaced.
 CLOSE_TIMEOUT = 5.0
+#: Seconds between two runs of the client's housekeeping (``ManagedClient.keep_house``), the
+#: period of the Telethon keep-alive loop it replaces.
+HOUSEKEEPING_INTERVAL = 60.0
 
 
 class UpdateStallError(ConnectionError):
@@ -72,6 +77,8 @@ class WorkerDeps:
     client_hooks: tuple[Callable[[str, ManagedClient], None], ...] = ()
     #: Fleet mode: the leases this daemon holds (None: a single daemon owns its accounts).
     lease: LeaseGate | None = None
+    #: One account reaching a server wakes the others backing off from it.
+    reachability: Reachability = field(default_factory=Reachability)
 
 
 class AccountWorker:
@@ -101,6 +108,10 @@ class AccountWorker:
         #: Consecutive failures per category; cleared by the first heartbeat of a connection,
         #: not by connecting: a server that accepts and then drops must still see backoff grow.
         self._attempts: dict[Category, int] = {}
+        #: Monotonic time of the first failure of that streak (how long it has persisted).
+        self._failing_since = 0.0
+        #: The route of the network failure being retried: the next attempt waits its turn.
+        self._retry_route: Hashable | None = None
         self._catch_ups = 0
         self._watch = ConnectionWatch()
         self._plugins = Plugins(account, reporter)
@@ -203,9 +214,13 @@ class AccountWorker:
     async def _recover(self, exc: Exception) -> bool:
         """Apply the recovery for ``exc``; False when the worker must end (parked/stopped)."""
         c = classify(exc)
+        now = self.deps.monotonic()
+        if not self._attempts:
+            self._failing_since = now
         attempt = self._attempts.get(c.category, 0)
         self._attempts[c.category] = attempt + 1
-        rec = recovery_for(c, attempt, self.policy, self.deps.rng)
+        rec = recovery_for(c, attempt, self.policy, self.deps.rng,
+                           persisted=now - self._failing_since)
         self.report.failure(c, rec, attempt)
         match rec.action:
             case Action.PARK | Action.FAIL:
@@ -224,10 +239,17 @@ class AccountWorker:
                     return await self._recover(again)
                 return True
             case Action.RETRY:
+                route = None
                 if c.category is Category.NETWORK:
-                    self._note_network_failure()
+                    self.deps.reachability.failed(self._route(), rec.delay)
+                    self._network_failures += 1
+                    if self._network_failures >= self.policy.failover_after:
+                        self._fail_over(self._network_failures)
+                    route = self._route()  # the next address after a failover
                 await self._close_client()
-                await self._deliberate_wait(rec.delay)
+                # Another account reaching the route ends the wait (tgdaemon.reachability).
+                await self._deliberate_wait(rec.delay, route)
+                self._retry_route = route
                 return True
 
     async def _migrate(self, new_dc: int) -> None:
@@ -242,28 +264,32 @@ class AccountWorker:
         self._watch.watch(self.client)
         self.report.dc(self.session.dc_id)
 
-    def _note_network_failure(self) -> None:
-        """Move to the DC's next address after ``failover_after`` consecutive failures."""
-        self._network_failures += 1
-        if self.session is None or self._network_failures < self.policy.failover_after:
-            return
+    def _fail_over(self, failures: int) -> bool:
+        """Move to the DC's next address (after ``failures`` consecutive failures on this one,
+        ours or, waiting for a probe, the fleet's); False when it has no other address."""
+        assert self.session is not None
         dc_id = self.session.dc_id
         addresses = self.deps.directory.addresses(dc_id)
         if len(addresses) < 2:
-            return
+            return False
         current = (self.session.server_address, self.session.port)
         index = addresses.index(current) if current in addresses else -1
         host, port = addresses[(index + 1) % len(addresses)]
-        self.report.failover(dc_id, self._network_failures)
+        self.report.failover(dc_id, failures)
         self.session.set_dc(dc_id, host, port)
         self._network_failures = 0
+        return True
 
-    async def _deliberate_wait(self, delay: float) -> None:
+    async def _deliberate_wait(self, delay: float, route: Hashable | None = None) -> None:
+        """Sleep ``delay``; with a ``route``, until another account reaches it if sooner."""
         if delay <= 0:
             return
         self.waiting_until = self.deps.monotonic() + delay
         try:
-            await asyncio.sleep(delay)
+            if route is None:
+                await asyncio.sleep(delay)
+            else:
+                await self.deps.reachability.sleep(route, delay)
         finally:
             self.waiting_until = None
             self.last_progress = self.deps.monotonic()
@@ -295,6 +321,9 @@ class AccountWorker:
             if self._watch.lost:
                 self._watch.watch(self.client)  # e.g. after a DC switch
             return
+        route, self._retry_route = self._retry_route, None
+        if route is not None:
+            await self._await_turn(route)
         # Waiting for a connect slot is a deliberate wait, not a stuck worker.
         await self._deliberate_wait(self.deps.limiter.reserve())
         if self.deps.lease is not None and not self.deps.lease.holds(self.name):
@@ -308,6 +337,8 @@ class AccountWorker:
             if self._sessions is not None:
                 self._sessions.attach(self.client)
         client = self.client
+        if self.deps.lease is not None:  # the server's deadline before any use of the key
+            client._sender.first_request = self._server_deadline
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that
             # arrives as connect() fails, and the stopped worker would reconnect forever.
@@ -320,12 +351,43 @@ class AccountWorker:
                 # an unknown state: abandon this client object, build a fresh one next time.
                 self.client = None
             raise
-        # Fleet mode: the server-side deadline first, before anything else can stall.
-        self._arm_server_disconnect()
+        self.deps.reachability.reached(self._route())
+        # Fleet mode: the server's deadline went first on the connection; the lease may
+        # have lapsed while connecting.
+        if self.deps.lease is not None and not self.deps.lease.holds(self.name):
+            raise LeaseLostError(self.name)
         # A fresh auth key must be durable before anything binds it to a user.
         await self.session.flush()
         self._watch.watch(client)
         self.last_progress = self.deps.monotonic()
+
+    async def _await_turn(self, route: Hashable) -> None:
+        """Retrying on a route that is down: attempt as its probe, or wait until an account
+        reaches it (or, should no probe ever succeed, for a backoff of our own)."""
+        policy = self.policy
+        reach = self.deps.reachability
+        waits = 0
+        moved = False
+        while not reach.claim(route, hold=policy.connect_timeout):
+            failures = reach.failures(route)
+            if not moved and failures >= policy.failover_after and self._fail_over(failures):
+                # The fleet's failures on this address count: try the DC's next one now
+                # rather than each account failing there on its own first (once per turn).
+                moved = True
+                route = self._route()
+                continue
+            fallback = backoff_delay(waits, base=policy.backoff_base, cap=policy.backoff_cap,
+                                     jitter=policy.backoff_jitter, rng=self.deps.rng)
+            waits += 1
+            await self._deliberate_wait(fallback, route)
+
+    def _route(self) -> Hashable:
+        """The way this account reaches its server: the DC's address it uses, through its
+        proxy if any."""
+        assert self.session is not None
+        proxy = self.account.proxy
+        return (self.session.server_address, self.session.port, None if proxy is None else
+                (proxy.scheme, proxy.host, proxy.port))
 
     async def _validate(self) -> types.User:
         """A real call (users.getUsers([self])) proves the session is logged in."""
@@ -340,6 +402,7 @@ class AccountWorker:
         assert self.client is not None
         assert self.session is not None
         gap_streak = 0
+        housekept = self.deps.monotonic()
         while True:
             await self._until_next_beat()
             started = self.deps.monotonic()
@@ -360,6 +423,9 @@ class AccountWorker:
             if gap_streak >= self.policy.update_gap_heartbeats:
                 gap_streak = 0
                 await self._on_update_gap(server.pts, local)
+            if self.last_progress - housekept >= HOUSEKEEPING_INTERVAL:
+                housekept = self.last_progress
+                await self.client.keep_house()
             self._arm_server_disconnect()
 
     def _arm_server_disconnect(self) -> None:
@@ -372,14 +438,14 @@ class AccountWorker:
         if not lease.holds(self.name):
             raise LeaseLostError(self.name)
         assert self.client is not None
-        # Sent the way Telethon sends its own keepalive ping: queued on the sender, pong not
-        # awaited (the heartbeat proves the connection).  Awaiting it through client() would
-        # let a cancelled worker cancel the future the pong then resolves (an error logged
-        # by Telethon's _handle_pong).
-        pong = self.client._sender.send(functions.PingDelayDisconnectRequest(
-            ping_id=self.deps.rng.getrandbits(63),
-            disconnect_delay=lease.disconnect_delay(self.name)))
-        pong.add_done_callback(_retrieve)
+        self.client._sender.send_unawaited(self._server_deadline())
+
+    def _server_deadline(self) -> Any:
+        """The ``ping_delay_disconnect`` for the lease's local deadline as of now."""
+        assert self.deps.lease is not None
+        return functions.PingDelayDisconnectRequest(
+            ping_id=int(__import__('time').time() * 1e6),
+            disconnect_delay=self.deps.lease.disconnect_delay(self.name))
 
     async def _until_next_beat(self) -> None:
         """Sleep until the next heartbeat is due; :meth:`reschedule` re-arms the wait with
@@ -423,8 +489,3 @@ class AccountWorker:
                              type(exc).__name__)
             self.client = None
 
-
-def _retrieve(fut: asyncio.Future[Any]) -> None:
-    """Mark a fire-and-forget future's outcome as seen (no "never retrieved" warning)."""
-    if not fut.cancelled():
-        fut.exception()

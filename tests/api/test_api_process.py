@@ -389,10 +389,11 @@ def _ms(samples: list[float]) -> str:
 #: default). What a regression costs is far more: a heartbeat queued behind the burst's
 #: calls waits for ~40 of them (1000 calls over 10 s: ~400 ms), a loop held by one
 #: serialisation waits for all of it (invoke's JSON of a long history: 50-100 ms per call).
-#: Measured here (2 cores shared with other work, load 5-9): quiet medians 2-4 ms, burst
-#: medians 2-47 ms, p90 4-64 ms — what rises is the daemon waiting for a CPU (its run-queue
-#: delay went from 13 to 540-700 ms per second), not for API calls; with a 20 ms blocking
-#: step added to each call, bob's median went to 69 ms and this test failed.
+#: Measured here (2 cores shared with other work, load 5-18): quiet medians 1-6 ms, burst
+#: medians 2-47 ms, p90 4-83 ms — what rises is the daemon waiting for a CPU (runnable but
+#: not running: 1-3 % of the time when quiet, 50-80 % in the burst at load 10-13), not for
+#: API calls; with a 20 ms blocking step added to each call, bob's median went to 69 ms and
+#: this test failed.
 MEDIAN_SLACK = 0.05
 P90_SLACK = 0.15
 
@@ -421,13 +422,18 @@ async def test_burst_of_1000_calls_leaves_other_heartbeats_alone(
         beats = Beats(d, http, ("alice", "bob"))
         quiet = await beats.window(lambda: min(map(len, beats.samples.values())) >= 20, 30)
         t0 = time.monotonic()
+        waited0 = _cpu_wait(d)
         proc, task = await _load(d, f"/v1/accounts/alice/messages?peer={bob}", 40, 25)
         busy = await beats.window(task.done, 120)
         outcomes = await _outcomes(proc, task)
         elapsed = time.monotonic() - t0
+        # How much of the burst the daemon spent runnable but without a CPU: the host's
+        # share of any rise (the loop cannot run a heartbeat's callbacks then).
+        host = (_cpu_wait(d) - waited0) / elapsed
     assert len(outcomes) == 1000
     counts = {s: sum(1 for o in outcomes if o[0] == s) for s in {o[0] for o in outcomes}}
-    print(f"\nburst: 1000 calls in {elapsed:.1f}s, outcomes {counts}")
+    print(f"\nburst: 1000 calls in {elapsed:.1f}s, outcomes {counts}; the daemon waited for a "
+          f"CPU {host:.0%} of it")
     for name in ("bob", "alice"):
         print(f"{name} heartbeats: quiet {_ms(quiet[name])}; burst {_ms(busy[name])}")
     assert counts == {200: 1000}, counts
@@ -436,8 +442,8 @@ async def test_burst_of_1000_calls_leaves_other_heartbeats_alone(
     for name in ("bob", "alice"):
         q, b = quiet[name], busy[name]
         assert len(b) >= 10, (name, b)
-        assert statistics.median(b) <= statistics.median(q) + MEDIAN_SLACK, (name, q, b)
-        assert _pct(b, 0.9) <= _pct(q, 0.9) + P90_SLACK, (name, q, b)
+        assert statistics.median(b) <= statistics.median(q) + MEDIAN_SLACK, (name, host, q, b)
+        assert _pct(b, 0.9) <= _pct(q, 0.9) + P90_SLACK, (name, host, q, b)
 
 
 async def test_beyond_the_daemon_wide_bound_calls_are_refused_at_once(
@@ -467,6 +473,12 @@ async def test_beyond_the_daemon_wide_bound_calls_are_refused_at_once(
     # Nothing left holding a place: every refused and served call released it.
     assert "tgdaemon_api_calls_running 0.0" in metrics
     assert "tgdaemon_api_calls_waiting 0.0" in metrics
+
+
+def _cpu_wait(d: ApiDaemon) -> float:
+    """Seconds the daemon's main thread has spent runnable, waiting for a CPU (Linux
+    schedstat: on-CPU ns, run-queue wait ns, time slices)."""
+    return int(Path(f"/proc/{d.process.proc.pid}/schedstat").read_text().split()[1]) / 1e9
 
 
 async def _reloads(d: ApiDaemon) -> float:

@@ -76,6 +76,9 @@ def test_client_keys(tmp_path: Path) -> None:
 updates_buffer = 7
 account_concurrency = 2
 account_queue = 0
+max_in_flight = 3
+max_queued = 0
+max_rate = 12
 request_timeout = 1.5
 unix_socket = "api.sock"
 [[api.clients]]
@@ -91,7 +94,8 @@ methods = ["send_message", "invoke"]
 """)
     api = cfg.api
     assert (api.updates_buffer, api.account_concurrency, api.account_queue,
-            api.request_timeout) == (7, 2, 0, 1.5)
+            api.max_in_flight, api.max_queued, api.max_rate,
+            api.request_timeout) == (7, 2, 0, 3, 0, 12.0, 1.5)
     assert api.unix_socket == tmp_path / "api.sock"  # relative to the config file
     one, two = api.clients
     assert one.methods == READ_ONLY
@@ -111,6 +115,10 @@ methods = ["send_message", "invoke"]
     ('account_concurrency = 0', "api.account_concurrency: must be >= 1"),
     ('account_queue = -1', "api.account_queue: must be >= 0"),
     ('request_timeout = 0', "api.request_timeout: must be > 0"),
+    ('max_in_flight = 0', "api.max_in_flight: must be >= 1"),
+    ('max_queued = -1', "api.max_queued: must be >= 0"),
+    ('max_rate = -1', "api.max_rate: must be >= 0"),
+    ('max_rate = "fast"', "api.max_rate"),
     ('nope = 1', "api.nope: unknown key"),
     ('unix_socket = "/' + 'x' * 120 + '"', "api.unix_socket: path longer than 107 bytes"),
     ('[[api.clients]]\nname = "x"\naccounts = ["*"]', "api.clients[0].token_file: required"),
@@ -391,6 +399,9 @@ SCRIPTS: dict[str, tuple[dict[str, Any], list[tuple[tuple[Any, ...], str]]]] = {
         *[(("+", "A", "a"), "ok")] * 4,
         (("run", 10.0), "0 1 again@10.5"), (("run", 10.25), "again@10.5"),
         (("run", 10.5), "2 again@11.0"), (("run", 11.0), "3")]),
+    "a rate below one a second still starts calls": (dict(max_rate=0.5), [
+        (("+", "A", "a"), "ok"), (("+", "A", "a"), "ok"),
+        (("run", 0.0), "0 again@2.0"), (("run", 2.0), "1")]),
     "a pass starts a bounded number of calls": (dict(max_rate=0, account_concurrency=10), [
         *[(("+", "A", "a"), "ok")] * 6, (("run", 0), "0 1 2 3 again@0.0"), (("run", 0), "4 5")]),
 }

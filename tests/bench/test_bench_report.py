@@ -9,6 +9,7 @@ import pytest
 
 from bench.procfs import CpuMark, cpu_percent, cpu_seconds, rss_kb
 from bench.report import (
+    outage_rows,
     prometheus_lines,
     ratio,
     spread,
@@ -124,6 +125,44 @@ def test_issue_17_targets() -> None:
     slow = {**outage, "recovered_s": 9.6}
     results["sizes"][0]["daemon"][0]["outage"] = slow
     assert "(9.6 s) **MISSED**" in target_lines(results)[0]
+
+
+def test_lag_and_gc_pauses_shown_beside_the_baseline(tmp_path: Path) -> None:
+    daemon = _run(40, 8, loop_lag_idle_max_s=0.02, gc_full_total=0, gc_pause_max_s=0.004)
+    baseline = _run(45, 9, loop_lag_idle_max_s=0.31, gc_full_total=7, gc_pause_max_s=1.2)
+    results = _results(1000, daemon, baseline)
+    line = target_lines(results)[0]
+    assert "event-loop lag, idle window: max 20 ms (baseline 310 ms) ≤ 100 ms **met**" in line
+    out = tmp_path / "RESULTS.md"
+    write_results(results, out, None)
+    text = out.read_text()
+    assert "| full GCs from start to stop (count) | 0 | 7 | 0.00x |" in text
+    assert "| longest GC pause from start to stop, s | 0.004 | 1.200 | 0.00x |" in text
+
+
+def test_short_outage_table_judges_each_tgdaemon_run_and_shows_the_baseline() -> None:
+    """N = 100: the default rate (20/s, burst 50) is back within N / rate = 5 s but its
+    reconnect wave is far above 10 % of N per second; a 10 %-of-N rate meets both; the
+    baseline has no limiter and is shown, not judged."""
+    def outage(back: float, peak: int) -> dict:
+        return {"seconds": 12, "recovered_s": back, "connected_at_end": 100,
+                "attempts_peak_per_s": peak, "attempts_peak_fraction": peak / 100,
+                "attempts_total": 120}
+
+    results = _results(100, _run(50, 1, outage=outage(18.0, 9)), _run(45, 1,
+                                                                     outage=outage(0.8, 100)))
+    size = results["sizes"][0]
+    size.update(fast_rate=5.0, fast_burst=4,
+                daemon_default_rate=[{"outage": outage(3.1, 68)}])
+    rows = {r[1]: r for r in outage_rows(size)}
+    fast = rows["tgdaemon, connect_rate 5/s, burst 4"]
+    assert fast[4:] == ["20.0", "9 (9.0 %)", "120", "time met; peak met"]
+    default = rows["tgdaemon, default rate (20/s, burst 50)"]
+    assert default[3:] == ["3.1", "5.0", "68 (68.0 %)", "120", "time met; peak MISSED"]
+    assert rows["baseline"][4] == "-"
+    assert rows["baseline"][-1] == "no limiter (contrast)"
+    size["fast_rate"] = 0.0  # the limiter off: 2 s to meet, the peak not judged
+    assert outage_rows(size)[0][-1] == "time MISSED; peak: limiter off, not a target"
 
 
 def _prom(body: float, samples: float) -> dict:

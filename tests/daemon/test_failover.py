@@ -4,17 +4,22 @@ against the local DC."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import random
 import socket
+import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
+import pytest
 from telethon import events
+from telethon.network.connection.connection import Connection
 
 from tests.conftest import phone_for, render_config
 from tgdaemon.cli import login
-from tgdaemon.config import Config, load_config
+from tgdaemon.config import Config, PolicyConfig, load_config
 from tgdaemon.daemon import Daemon
 from tgdaemon.lifecycle import PARKED_STATES, State
 from tgdaemon.localdc import Fault, LocalDC
@@ -162,6 +167,39 @@ async def test_address_down_fails_over_to_the_next_address_of_the_dc(
             assert _metric(daemon, "tgdaemon_dc_failovers_total", "alice") == 1
 
 
+async def test_a_fleet_fails_over_on_the_fleets_failures(
+        make_config, login_account, localdc, wait_until, monkeypatch):
+    """Address A of DC 1 goes away under four accounts: the failures the fleet saw there
+    count, so the accounts waiting for a probe move to address B without each failing on A
+    `failover_after` times first."""
+    names = ["alice", "bob", "carol", "dave"]
+    dc1 = localdc.addresses[1]
+    h2, p2 = localdc.addresses[2]
+    async with TcpProxy(dc1) as a, TcpProxy(dc1) as b:
+        config, _ids = await _fleet(make_config, login_account, names,
+                                    servers={1: [a.address, b.address], 2: [f"{h2}:{p2}"]},
+                                    policy={"failover_after": 3})
+        probe = AttemptProbe(monkeypatch)
+        async with Daemon(config) as daemon:
+            await wait_until(lambda: all(_connected(daemon, n) for n in names), 15,
+                             "all connected")
+            on_a = [n for n in names if (s := daemon.board.get(n)) and s.dc_id == 1]
+            assert len(on_a) >= 2, "the test needs several accounts on DC 1"
+            before = len(probe.ports)
+            await a.close()
+            await wait_until(lambda: not any(_connected(daemon, n) for n in on_a), 10,
+                             "drops noticed")
+            await wait_until(lambda: all(_connected(daemon, n) for n in names), 15,
+                             "all connected through B")
+            refused = probe.ports[before:].count(a.port)
+            # Alone, every account would try A failover_after - 1 more times (the drop was
+            # its first failure): 2 x len(on_a). The fleet's drops already count 3 on A.
+            assert refused < len(on_a), f"{refused} attempts on the dead address"
+            assert b.accepted >= len(on_a)
+            for n in on_a:
+                assert _metric(daemon, "tgdaemon_dc_failovers_total", n) == 1
+
+
 # -- a whole server restart --------------------------------------------------------------------
 
 
@@ -203,32 +241,82 @@ async def _login_all(config: Config, dc: LocalDC, names: list[str]) -> None:
         await login(config, name, prompt=lambda _p, phone=phone: phone, secret=code)
 
 
-async def test_server_restart_brings_every_account_back(
-        tmp_path, isolated_telethon, state_dir, key_file, wait_until):
-    names = ["alice", "bob", "carol"]
+class AttemptProbe:
+    """When each TCP connect attempt of Telethon's (first or re-) began: a counting wrapper
+    around ``Connection.connect`` that still makes the real call (as bench/fleet.py counts)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.times: list[float] = []
+        self.ports: list[int] = []
+        original = Connection.connect
+        times, ports = self.times, self.ports
+
+        async def counting_connect(conn: Any, *args: Any, **kwargs: Any) -> Any:
+            times.append(time.monotonic())
+            ports.append(conn._port)
+            return await original(conn, *args, **kwargs)
+
+        monkeypatch.setattr(Connection, "connect", counting_connect)
+
+    def peak(self, since: float, window: float = 1.0) -> int:
+        """Most attempts that began within any ``window`` seconds after ``since``."""
+        ts = [t for t in self.times if t >= since]
+        return max((bisect.bisect_right(ts, t + window) - i for i, t in enumerate(ts)),
+                   default=0)
+
+
+#: The short outage of issue 17: long enough for an exponential backoff to grow past it.
+OUTAGE_S = 12.0
+
+
+async def test_short_outage_every_account_back_within_the_rate_bound(
+        tmp_path, isolated_telethon, state_dir, key_file, wait_until, monkeypatch):
+    """localdc down for 12 s and back on the same ports, the daemon's default backoff: every
+    account is back within max(2 s, N / connect_rate) of the server's return (the limiter,
+    not a backoff grown during the outage, is what paces them), the retries during the outage
+    never beat the limiter's rate + burst per second, and nothing was parked or re-keyed."""
+    names = [f"acct{i}" for i in range(12)]
+    rate, burst = 3.0, 6
     dc_dir = tmp_path / "localdc"
     dc = await _start_fixed(dc_dir)
     try:
         rsa_file = tmp_path / "localdc_rsa.pem"
         rsa_file.write_text(dc.rsa_public_pem)
         path = tmp_path / "tgdaemon.toml"
-        path.write_text(render_config(localdc=dc, state_dir=state_dir, key_file=key_file,
-                                      rsa_file=rsa_file, accounts=_accounts(names),
-                                      daemon={"http_listen": ""}))
+        defaults = PolicyConfig()
+        path.write_text(render_config(
+            localdc=dc, state_dir=state_dir, key_file=key_file, rsa_file=rsa_file,
+            accounts=_accounts(names),
+            daemon={"http_listen": "", "connect_rate": rate, "connect_burst": burst},
+            policy={"backoff_base": defaults.backoff_base, "backoff_cap": defaults.backoff_cap}))
         config = load_config(path)
         await _login_all(config, dc, names)
         ports = dc.addresses
+        probe = AttemptProbe(monkeypatch)
         async with Daemon(config) as daemon:
-            await wait_until(lambda: all(_connected(daemon, n) for n in names), 15,
+            await wait_until(lambda: all(_connected(daemon, n) for n in names), 30,
                              "all connected")
+            down = time.monotonic()
             await dc.stop()
             await wait_until(lambda: not any(_connected(daemon, n) for n in names), 10,
                              "every account noticed the server went away")
+            await asyncio.sleep(OUTAGE_S - (time.monotonic() - down))  # the outage itself
             dc = LocalDC(dc_dir, dcs=2, port=ports[1][1])
             await dc.start()
+            back = time.monotonic()
             assert dc.addresses == ports
-            await wait_until(lambda: all(_connected(daemon, n) for n in names), 20,
-                             "all back after the restart")
+            bound = max(2.0, len(names) / rate)
+            await wait_until(lambda: all(_connected(daemon, n) for n in names), 60,
+                             "all back after the restart", interval=0.01)
+            recovered = time.monotonic() - back
+            peak = probe.peak(down)
+            print(f"short outage: all {len(names)} back {recovered:.2f} s after the server "
+                  f"returned (bound {bound:g} s); peak {peak} connect attempts/s "
+                  f"(limit {burst + rate:g}); {len(probe.times)} attempts")
+            assert recovered <= bound, f"back after {recovered:.2f} s, bound {bound} s"
+            # The limiter admits burst + rate per second at most; each attempt's slot is
+            # kept, so the peak can only be lower, never a herd of all N.
+            assert peak <= burst + rate
             assert not [n for n in names if _state(daemon, n) in PARKED_STATES]
             # The persisted auth keys were accepted: nobody had to make a new one.
             assert dc.counters()["key_exchanges"] == 0

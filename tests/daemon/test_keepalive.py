@@ -12,17 +12,27 @@ import random
 
 from telethon.tl.functions.updates import GetStateRequest
 
+import tgdaemon.worker
 from tests.conftest import phone_for
 from tgdaemon.crypto import load_keyring
 from tgdaemon.daemon import Daemon
 from tgdaemon.lifecycle import State
 from tgdaemon.rekey import memory_session
 from tgdaemon.store import Store
-from tgdaemon.telegram import build_client, client_class, trust_server_keys
+from tgdaemon.telegram import build_client, client_class, local_update_pts, trust_server_keys
+from tgdaemon.worker import AccountWorker
 
 
 def _pings(localdc, uid: int) -> int:
     return localdc.counters(user_id=uid)["requests"].get("ping", 0)
+
+
+async def _connected_worker(daemon: Daemon, wait_until) -> AccountWorker:
+    """alice's worker once her account is connected."""
+    await wait_until(lambda: daemon.board.get("alice") is not None
+                     and daemon.board.get("alice").state is State.CONNECTED, 15, "connected")
+    assert daemon.supervisor is not None
+    return daemon.supervisor.worker("alice")
 
 
 async def test_daemon_clients_skip_telethons_keepalive_ping(make_config, login_account,
@@ -30,11 +40,7 @@ async def test_daemon_clients_skip_telethons_keepalive_ping(make_config, login_a
     config = make_config([{"name": "alice", "phone": phone_for("alice")}])
     uid = await login_account(config, "alice")
     async with Daemon(config) as daemon:
-        await wait_until(lambda: daemon.board.get("alice") is not None
-                         and daemon.board.get("alice").state is State.CONNECTED, 15,
-                         "connected")
-        assert daemon.supervisor is not None
-        client = daemon.supervisor.worker("alice").client
+        client = (await _connected_worker(daemon, wait_until)).client
         assert client is not None
         assert type(client).keepalive_ping is False
         before = _pings(localdc, uid)
@@ -67,3 +73,24 @@ async def test_stock_behaviour_when_not_turned_off(make_config, login_account, l
         await wait_until(lambda: _pings(localdc, uid) == before + 1, 10, "the ping counted")
     finally:
         await client.disconnect()
+
+
+async def test_no_keepalive_task_the_heartbeat_keeps_house(make_config, login_account, localdc,
+                                                           wait_until, monkeypatch):
+    """No Telethon keep-alive loop per daemon client; its bookkeeping (the update state
+    copied into the session) runs between heartbeats instead."""
+    monkeypatch.setattr(tgdaemon.worker, "HOUSEKEEPING_INTERVAL", 0.0)  # every heartbeat
+    config = make_config([{"name": "alice", "phone": phone_for("alice")}],
+                         policy={"heartbeat_interval": 0.3})
+    uid = await login_account(config, "alice")
+    async with Daemon(config) as daemon:
+        worker = await _connected_worker(daemon, wait_until)
+        client, session = worker.client, worker.session
+        assert client is not None
+        assert session is not None
+        assert client._keepalive_handle.done()  # returned at once: no loop per client
+        start = session.get_update_state(0).pts
+        localdc.push_update(uid, "moves the pts")
+        await wait_until(lambda: (local_update_pts(client) or 0) > start, 10, "update seen")
+        await wait_until(lambda: session.get_update_state(0).pts == local_update_pts(client),
+                         10, "the session follows the client's update state")

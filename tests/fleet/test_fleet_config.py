@@ -50,6 +50,6 @@ def test_heartbeat_slower_than_the_lease_room_warns() -> None:
     ok = parse(minimal(daemon={"instance_id": "a"}))
     assert config_warnings(ok) == []
     slow = parse(minimal(daemon={"instance_id": "a"}, policy={"heartbeat_interval": 40}))
-    assert any("daemon.lease_ttl (60) leaves 40 s" in w for w in config_warnings(slow))
+    assert any("daemon.lease_ttl (60) leaves 38 s" in w for w in config_warnings(slow))
     single = parse(minimal(policy={"heartbeat_interval": 40}))
     assert not any("lease_ttl" in w for w in config_warnings(single))

@@ -14,9 +14,11 @@ from tgdaemon.leases import (
     default_close_margin,
     disconnect_delay,
     fair_share,
+    heartbeat_room,
     must_close,
     renewal_result,
     timing_problems,
+    transit_allowance,
 )
 
 
@@ -92,10 +94,23 @@ def test_deadline_counts_from_the_renewal_start() -> None:
     assert must_close(150.0, until)
 
 
-@pytest.mark.parametrize(("now", "until", "delay"), [
-    (100.0, 150.0, 50), (100.0, 100.5, 1), (100.0, 90.0, 1), (100.0, 130.9, 30)])
-def test_disconnect_delay(now: float, until: float, delay: int) -> None:
-    assert disconnect_delay(now, until) == delay
+@pytest.mark.parametrize(("now", "until", "allowance", "delay"), [
+    (100.0, 150.0, 0, 50), (100.0, 100.5, 0, 1), (100.0, 90.0, 0, 1), (100.0, 130.9, 0, 30),
+    (100.0, 150.0, 2, 48), (100.0, 112.5, 1.25, 11), (100.0, 101.0, 2, 1)])
+def test_disconnect_delay(now: float, until: float, allowance: float, delay: int) -> None:
+    assert disconnect_delay(now, until, allowance) == delay
+
+
+@pytest.mark.parametrize(("margin", "allowance"), [(10, 2), (4, 2), (2.5, 1.25), (1, 0.5)])
+def test_transit_allowance(margin: float, allowance: float) -> None:
+    assert transit_allowance(margin) == allowance
+    assert LeaseTiming(60, 10, margin).transit_allowance == allowance
+
+
+@pytest.mark.parametrize(("ttl", "renew", "room"), [(60, 10, 38), (15, 1, 10.25), (6, 1, 3.5)])
+def test_heartbeat_room(ttl: float, renew: float, room: float) -> None:
+    """ttl - close margin - renew interval - transit allowance."""
+    assert heartbeat_room(ttl, renew) == room
 
 
 @pytest.mark.parametrize(("ttl", "margin"), [(60, 10), (6, 1), (3, 1), (30, 5)])

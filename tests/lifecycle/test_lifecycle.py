@@ -86,6 +86,44 @@ def test_recovery_table(c: Classified, attempt: int, policy: PolicyConfig, actio
     assert (r.new_dc is not None) == (action is Action.MIGRATE)
 
 
+# (category, attempt, seconds the failure has persisted) -> delay, backoff_cap 30, no jitter:
+# a young network failure is retried within backoff_base whatever its attempt number; one that
+# has persisted backoff_cap seconds, and every other category, back off exponentially.
+NET, SRV = Category.NETWORK, Category.SERVER
+YOUNG_FAILURES = [
+    (NET, 0, 0.0, 1),
+    (NET, 5, 0.0, 1),
+    (NET, 40, 12.0, 1),  # a 12 s outage: still retried every second
+    (NET, 5, 29.9, 1),
+    (NET, 5, 30.0, 30),  # persisted backoff_cap: the exponential schedule, capped
+    (NET, 3, 31.0, 8),
+    (NET, 3, math.inf, 8),  # age unknown: treated as persisting
+    (SRV, 3, 0.0, 8),  # a server error backs off at once (the server asks for it)
+    (Category.UNKNOWN, 3, 0.0, 8),
+]
+
+
+@pytest.mark.parametrize(("category", "attempt", "persisted", "delay"), YOUNG_FAILURES)
+def test_young_network_failures_retry_fast(category: Category, attempt: int,
+                                           persisted: float, delay: float) -> None:
+    r = recovery_for(Classified(category, "X", "m"), attempt, FIXED, random.Random(),
+                     persisted=persisted)
+    assert (r.action, r.delay, r.next_state) == (Action.RETRY, delay, S.RECONNECTING)
+
+
+def test_young_network_failures_keep_full_jitter() -> None:
+    delays = [recovery_for(Classified(Category.NETWORK, "X", "m"), 9, DEFAULT,
+                           random.Random(s), persisted=5.0).delay for s in range(200)]
+    assert 0 <= min(delays) < 0.1 < 0.9 < max(delays) <= DEFAULT.backoff_base
+
+
+def test_young_network_failures_keep_the_retry_limit() -> None:
+    limited = dataclasses.replace(DEFAULT, retry_limits=RetryLimits(network=3))
+    c = Classified(Category.NETWORK, "X", "m")
+    assert recovery_for(c, 1, limited, random.Random(), persisted=1.0).action is Action.RETRY
+    assert recovery_for(c, 2, limited, random.Random(), persisted=1.0).action is Action.FAIL
+
+
 @given(category=st.sampled_from(Category), attempt=st.integers(0, 10_000),
        seconds=st.integers(0, 10**6), sleep_max=st.integers(0, 10**6),
        seed=st.integers(0, 2**32), new_dc=st.one_of(st.none(), st.integers(1, 5)),
@@ -114,6 +152,9 @@ def test_every_recovery_is_coherent(category: Category, attempt: int, seconds: i
 def test_negative_attempt_is_a_bug() -> None:
     with pytest.raises(ValueError, match="attempt"):
         recovery_for(Classified(Category.NETWORK, "X", "m"), -1, DEFAULT, random.Random())
+    with pytest.raises(ValueError, match="persisted"):
+        recovery_for(Classified(Category.NETWORK, "X", "m"), 0, DEFAULT, random.Random(),
+                     persisted=-1.0)
 
 
 def test_retry_limits_name_categories() -> None:

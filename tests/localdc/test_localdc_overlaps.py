@@ -38,6 +38,7 @@ def test_overlap_rules() -> None:
     assert use.overlaps == {7: 2}
     assert use.live_counts() == {7: 2, 8: 1}
     assert use.overlap_snapshot() == {f"{7:016x}": 2}
+    assert use.live_snapshot() == {f"{7:016x}": 2, f"{8:016x}": 1}
     assert KeyUse().overlaps == {}  # without a process lookup nothing is counted
 
 
@@ -87,8 +88,12 @@ async def test_a_second_process_on_a_connected_key_is_counted(
             async with aiohttp.ClientSession() as http, \
                     http.get(f"{dc.control_url}/overlaps") as resp:
                 body = await resp.json()
+            async with aiohttp.ClientSession() as http, \
+                    http.get(f"{dc.control_url}/keys") as resp:
+                live = (await resp.json())["live"]
         finally:
             proc.stdin.close()
             await asyncio.wait_for(proc.wait(), 30)
         assert body["total"] == 1
         assert list(body["by_auth_key"].values()) == [1]
+        assert live == {k: 2 for k in body["by_auth_key"]}  # both connections open

@@ -55,6 +55,13 @@ def record(name: str, msg: str, level: int = logging.WARNING,
      KeyError("x"), None),
     ("asyncio", "Future exception was never retrieved", logging.ERROR, None,
      Noise.UNRETRIEVED),
+    # get_me in an update handler when the server closes the connection (fleet takeovers)
+    ("tgdaemon.telethon.client.updates",
+     "Fatal error handling updates (this is a bug in Telethon v%s, please report it)",
+     logging.ERROR, asyncio.IncompleteReadError(b"", 8), Noise.CONNECTION_CLOSED),
+    ("tgdaemon.telethon.client.updates",
+     "Fatal error handling updates (this is a bug in Telethon v%s, please report it)",
+     logging.ERROR, ValueError("a real bug"), None),
     ("tgdaemon.worker", "Automatic reconnection failed", logging.ERROR, None, None),
     ("tgdaemon.telethon.network.mtprotosender", "Something else", logging.ERROR, None, None),
 ])
@@ -137,6 +144,10 @@ def test_budget_counts_accounts_connects_http_and_the_process():
     assert need == FdBudget(accounts=10_000, connects=100, http=256)
     assert need.total == 10_000 + 100 + 256 + FIXED_FDS
     assert budget(config(3, http_listen=""), 256) == FdBudget(3, 3, 0)
+    # a fleet instance: at most its capacity of the listed accounts
+    fleet = config(40_000, instance_id="d1", capacity=10_000)
+    assert budget(fleet, 256) == FdBudget(accounts=10_000, connects=100, http=256)
+    assert budget(config(50, instance_id="d1", capacity=10_000), 256).accounts == 50
 
 
 class Limits:

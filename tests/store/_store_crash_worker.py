@@ -1,11 +1,12 @@
 """Child process for the crash tests: writes sessions (or rotates) until SIGKILLed.
 
-Usage: _store_crash_worker.py write STATE_DIR KEY_FILE N_ACCOUNTS
+Usage: _store_crash_worker.py write STATE_DIR KEY_FILE N_ACCOUNTS [POSTGRESQL_URL]
        _store_crash_worker.py rotate STATE_DIR KEY_FILE
        _store_crash_worker.py online STATE_DIR KEY_FILE BATCH
 
 ``write`` prints ``ok NAME SEQ`` only after the store reported the write durable, so the
-parent knows exactly which writes must survive the kill.
+parent knows exactly which writes must survive the kill; with a URL the session records go to
+that PostgreSQL database, the way a fleet's daemon writes them (storehelpers.LeaseRoute).
 """
 
 from __future__ import annotations
@@ -16,12 +17,19 @@ import random
 import sys
 from pathlib import Path
 
+from storehelpers import SessionBackend
+
 from tgdaemon.crypto import load_keyring
 from tgdaemon.store import DeviceInfo, SessionData, Store
 
 
-async def write(state_dir: Path, key_file: Path, n: int) -> None:
-    store = await Store.open(state_dir, load_keyring(key_file=key_file, env={}))
+async def write(state_dir: Path, key_file: Path, n: int, url: str) -> None:
+    async with SessionBackend(state_dir, url).open(
+            load_keyring(key_file=key_file, env={})) as store:
+        await write_forever(store, n)
+
+
+async def write_forever(store: Store, n: int) -> None:
     names = [f"acct{i:03d}" for i in range(n)]
     existing = {a.name for a in await store.list_accounts()}
     for name in names:
@@ -70,7 +78,8 @@ async def online(state_dir: Path, key_file: Path, batch: int) -> None:
 def main() -> None:
     mode, state_dir, key_file = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     if mode == "write":
-        asyncio.run(write(state_dir, key_file, int(sys.argv[4])))
+        url = sys.argv[5] if len(sys.argv) > 5 else ""
+        asyncio.run(write(state_dir, key_file, int(sys.argv[4]), url))
     elif mode == "online":
         asyncio.run(online(state_dir, key_file, int(sys.argv[4])))
     else:

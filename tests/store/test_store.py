@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import stat
 import subprocess
@@ -11,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from storehelpers import make_session
+from storehelpers import SessionBackend, make_session
 
 from tgdaemon.crypto import generate_keyring, record_key_id
 from tgdaemon.exceptions import AccountError, DecryptionError, StateLockedError, StoreError
@@ -236,98 +237,119 @@ def test_session_data_repr_hides_auth_key() -> None:
     assert SessionData.from_bytes(short.to_bytes()).auth_key == b"\x01" * 255
 
 
-async def test_session_round_trip_is_durable_and_encrypted(state_dir: Path, ring) -> None:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, state_dir: Path) -> SessionBackend:
+    """Session records in the state database, or (a fleet) in a real PostgreSQL."""
+    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else ""
+    return SessionBackend(state_dir, url)
+
+
+def local_session_rows(state_dir: Path) -> int:
+    with contextlib.closing(sqlite3.connect(state_dir / DB_NAME)) as db:
+        return int(db.execute("SELECT count(*) FROM sessions").fetchone()[0])
+
+
+async def test_session_round_trip_is_durable_and_encrypted(backend: SessionBackend,
+                                                          ring) -> None:
     data = make_session(7, user_id=99)
-    async with await Store.open(state_dir, ring) as s:
+    async with backend.open(ring) as s:
         await s.ensure_account("a")
         assert await s.load_session("a") is None
         await s.save_session("a", data)
         assert await s.load_session("a") == data
-    raw = await asyncio.to_thread(
-        lambda: b"".join(p.read_bytes() for p in sorted(state_dir.glob(f"{DB_NAME}*")))
-    )
     assert data.auth_key is not None
-    assert data.auth_key[:32] not in raw
-    async with await Store.open(state_dir, ring) as s:
+    raw = await backend.raw()
+    assert set(raw) == {"a"}
+    assert data.auth_key[:32] not in raw["a"]
+    files = await asyncio.to_thread(
+        lambda: b"".join(p.read_bytes() for p in sorted(backend.state_dir.glob(f"{DB_NAME}*")))
+    )
+    assert data.auth_key[:32] not in files
+    if backend.kind == "postgresql":  # the fleet's records never land in the local database
+        assert local_session_rows(backend.state_dir) == 0
+    async with backend.open(ring) as s:
         assert await s.load_session("a") == data
         await s.delete_session("a")
         assert await s.load_session("a") is None
+    assert await backend.raw() == {}
 
 
-async def test_submit_coalesces_per_account(store: Store) -> None:
-    await store.ensure_account("a")
-    await store.ensure_account("b")
-    futs = [store.submit_session("a", make_session(i)) for i in range(50)]
-    fb = store.submit_session("b", make_session(1))
-    assert all(f is futs[0] for f in futs)
-    assert fb is not futs[0]
-    await asyncio.wait_for(asyncio.gather(futs[0], fb), 10)
-    loaded = await store.load_session("a")
+async def test_submit_coalesces_per_account(backend: SessionBackend, ring) -> None:
+    async with backend.open(ring) as store:
+        await store.ensure_account("a")
+        await store.ensure_account("b")
+        futs = [store.submit_session("a", make_session(i)) for i in range(50)]
+        fb = store.submit_session("b", make_session(1))
+        assert all(f is futs[0] for f in futs)
+        assert fb is not futs[0]
+        await asyncio.wait_for(asyncio.gather(futs[0], fb), 10)
+        loaded = await store.load_session("a")
     assert loaded is not None
     assert loaded.seq == 49
 
 
-async def test_writes_are_batched(store: Store, monkeypatch) -> None:
+async def test_writes_are_batched(backend: SessionBackend, ring, monkeypatch) -> None:
     names = [f"acct{i:05d}" for i in range(1200)]
-    for n in names:
-        await store.ensure_account(n)
-    batches: list[int] = []
-    original = store._write_batch
+    async with backend.open(ring) as store:
+        await store.ensure_accounts(dict.fromkeys(names))
+        batches: list[int] = []
+        original = store._write_batch
 
-    async def counting(batch):
-        batches.append(len(batch))
-        await original(batch)
+        async def counting(batch):
+            batches.append(len(batch))
+            await original(batch)
 
-    monkeypatch.setattr(store, "_write_batch", counting)
-    futs = [store.submit_session(n, make_session(i)) for i, n in enumerate(names)]
-    await asyncio.wait_for(asyncio.gather(*futs), 30)
-    assert sum(batches) == 1200
-    assert len(batches) <= 4
-    loaded = await store.load_sessions()
+        monkeypatch.setattr(store, "_write_batch", counting)
+        futs = [store.submit_session(n, make_session(i)) for i, n in enumerate(names)]
+        await asyncio.wait_for(asyncio.gather(*futs), 30)
+        assert sum(batches) == 1200
+        assert len(batches) <= 4
+        loaded = await store.load_sessions()
     assert len(loaded) == 1200
     assert all(isinstance(v, SessionData) for v in loaded.values())
     assert loaded["acct00042"].seq == 42  # type: ignore[union-attr]
+    assert len(await backend.raw()) == 1200
 
 
-async def test_submit_for_unknown_account_fails_only_that_account(store: Store) -> None:
-    await store.ensure_account("a")
-    good = store.submit_session("a", make_session(1))
-    bad = store.submit_session("ghost", make_session(1))
-    with pytest.raises(AccountError, match="ghost"):
-        await asyncio.wait_for(bad, 10)
-    await asyncio.wait_for(good, 10)
-    assert await store.load_session("a") is not None
+async def test_submit_for_unknown_account_fails_only_that_account(backend: SessionBackend,
+                                                                 ring) -> None:
+    async with backend.open(ring) as store:
+        await store.ensure_account("a")
+        good = store.submit_session("a", make_session(1))
+        bad = store.submit_session("ghost", make_session(1))
+        with pytest.raises(AccountError, match="ghost"):
+            await asyncio.wait_for(bad, 10)
+        await asyncio.wait_for(good, 10)
+        assert await store.load_session("a") is not None
+    assert set(await backend.raw()) == {"a"}
 
 
-async def test_close_drains_pending_writes(state_dir: Path, ring) -> None:
-    s = await Store.open(state_dir, ring)
-    for i in range(20):
-        await s.ensure_account(f"a{i}")
-    for i in range(20):
-        s.submit_session(f"a{i}", make_session(i))
-    await s.close()
-    with pytest.raises(StoreError, match="clos"):
-        s.submit_session("a1", make_session(1))
-    async with await Store.open(state_dir, ring) as s:
+async def test_close_drains_pending_writes(backend: SessionBackend, ring) -> None:
+    async with backend.open(ring) as s:
+        await s.ensure_accounts({f"a{i}": None for i in range(20)})
+        for i in range(20):
+            s.submit_session(f"a{i}", make_session(i))
+        await s.close()
+        with pytest.raises(StoreError, match="clos"):
+            s.submit_session("a1", make_session(1))
+    async with backend.open(ring) as s:
         loaded = await s.load_sessions()
     assert {k: v.seq for k, v in loaded.items()} == {f"a{i}": i for i in range(20)}  # type: ignore[union-attr]
 
 
 async def test_row_swap_wrong_key_and_tamper_are_reported_per_account(
-    state_dir: Path, ring
+    backend: SessionBackend, ring
 ) -> None:
-    async with await Store.open(state_dir, ring) as s:
+    async with backend.open(ring) as s:
         for n in ("a", "b", "c"):
             await s.ensure_account(n)
             await s.save_session(n, make_session())
-    with sqlite3.connect(state_dir / DB_NAME) as db:
-        (rec_a,) = db.execute("SELECT record FROM sessions WHERE account='a'").fetchone()
-        db.execute("UPDATE sessions SET record=? WHERE account='b'", (rec_a,))
-        (rec_c,) = db.execute("SELECT record FROM sessions WHERE account='c'").fetchone()
-        flipped = bytearray(rec_c)
-        flipped[-1] ^= 1
-        db.execute("UPDATE sessions SET record=? WHERE account='c'", (bytes(flipped),))
-    async with await Store.open(state_dir, ring) as s:
+    raw = await backend.raw()
+    await backend.put_raw("b", raw["a"])
+    flipped = bytearray(raw["c"])
+    flipped[-1] ^= 1
+    await backend.put_raw("c", bytes(flipped))
+    async with backend.open(ring) as s:
         loaded = await s.load_sessions()
         assert isinstance(loaded["a"], SessionData)
         assert isinstance(loaded["b"], DecryptionError)
@@ -337,9 +359,8 @@ async def test_row_swap_wrong_key_and_tamper_are_reported_per_account(
         with pytest.raises(DecryptionError, match=r"account 'b'.*authentication failed"):
             await s.load_session("b")
     # nothing was overwritten: the swapped-in record is still byte-identical
-    with sqlite3.connect(state_dir / DB_NAME) as db:
-        assert db.execute("SELECT record FROM sessions WHERE account='b'").fetchone()[0] == rec_a
-    async with await Store.open(state_dir, generate_keyring()) as s:
+    assert (await backend.raw())["b"] == raw["a"]
+    async with backend.open(generate_keyring()) as s:
         with pytest.raises(DecryptionError, match=r"account 'a'.*not in the key ring"):
             await s.load_session("a")
 

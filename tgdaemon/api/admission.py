@@ -244,15 +244,16 @@ class Scheduler:
         _decrement(self._account_users, account)
 
     def _refill(self, limits: ApiConfig, now: float) -> None:
-        """The token bucket of ``max_rate``: one second's worth at most."""
+        """The token bucket of ``max_rate``: one second's worth at most (one call at least,
+        or a rate below 1 a second would never start one)."""
         if not limits.max_rate:
             self._stamp = None
             return
+        capacity = max(1.0, limits.max_rate)
         if self._stamp is None:
-            self._tokens = float(limits.max_rate)
+            self._tokens = capacity
         else:
-            self._tokens = min(float(limits.max_rate),
-                               self._tokens + (now - self._stamp) * limits.max_rate)
+            self._tokens = min(capacity, self._tokens + (now - self._stamp) * limits.max_rate)
         self._stamp = now
 
     def _retry_after(self, limits: ApiConfig) -> int:

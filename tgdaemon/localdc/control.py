@@ -71,6 +71,10 @@ def make_app(dc: LocalDC) -> web.Application:
                                   "live_keys": len(live),
                                   "open_twice": sum(1 for n in live.values() if n > 1)})
 
+    @routes.get("/keys")
+    async def keys(request: web.Request) -> web.Response:
+        return web.json_response({"live": dc.key_use.live_snapshot()})
+
     @routes.get("/faults")
     async def faults(request: web.Request) -> web.Response:
         return web.json_response(

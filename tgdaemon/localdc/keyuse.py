@@ -83,6 +83,15 @@ class KeyUse:
         """Open connections per auth key id (keys with at least one)."""
         return {k: len(v) for k, v in self._sessions.items()}
 
+    def live_snapshot(self) -> dict[str, int]:
+        """Open connections per auth key id (hex, the key's public id), keys with at least one."""
+        return {_hex(k): len(v) for k, v in sorted(self._sessions.items())}
+
     def overlap_snapshot(self) -> dict[str, int]:
         """Overlaps per auth key id (hex, the key's public id), only keys that had one."""
-        return {f"{k & 0xFFFF_FFFF_FFFF_FFFF:016x}": n for k, n in sorted(self.overlaps.items())}
+        return {_hex(k): n for k, n in sorted(self.overlaps.items())}
+
+
+def _hex(key_id: int) -> str:
+    """An auth key id as the control API names it (64-bit, hex)."""
+    return f"{key_id & 0xFFFF_FFFF_FFFF_FFFF:016x}"

@@ -558,6 +558,8 @@ class LocalDC:
                 conn.codec = await transport.detect(reader)
             while True:
                 payload = await conn.codec.read(reader)
+                if conn.writer.is_closing():  # aborted: what it had sent is not served
+                    break
                 self._on_packet(conn, payload)
         except (asyncio.IncompleteReadError, ConnectionError, transport.TransportError,
                 HandshakeError) as exc:
@@ -672,10 +674,16 @@ class LocalDC:
             if conn.ping_timer is not None:
                 conn.ping_timer.cancel()
             conn.ping_timer = asyncio.get_running_loop().call_later(
-                ping.disconnect_delay, conn.abort)
+                ping.disconnect_delay, self._ping_deadline, conn)
         pong = bytes(tl.Pong(msg_id=msg_id, ping_id=ping.ping_id))
         self._send_encrypted(conn, rec, pong, content_related=True, response=True,
                              delay=self._latency(scope, names))
+
+    def _ping_deadline(self, conn: _Conn) -> None:
+        """No newer ``ping_delay_disconnect`` in time: the connection is closed, and its auth
+        key is no longer in use by it from this moment (not when its task has wound down)."""
+        self.key_use.detach(conn, conn.key_id)
+        conn.abort()
 
     def _admit(self, conn: _Conn, names: MethodNames) -> Scope | None:
         """Count a request by method; None when a stall fault swallows it."""
