@@ -117,6 +117,10 @@ class Daemon:
         config = self.config
         self.loop_lag.start()
         self._stack.push_async_callback(self.loop_lag.stop)
+        self._stack.push_async_callback(self.gc.stop)
+        # Imports and the parsed configuration (10,000 accounts' worth) are long-lived: out of
+        # the collector's sight before reading the sessions triggers a full collection.
+        self.gc.freeze()
         for warning in config_warnings(config):
             log.warning("%s", warning)
         keyring = self._keyring or load_keyring(key_file=config.daemon.master_key_file,
@@ -180,8 +184,7 @@ class Daemon:
         self.supervisor = Supervisor(deps, board=self.board, metrics=self.metrics)
         if api is not None:
             api.bind(self.supervisor.worker)
-        self._stack.push_async_callback(self.gc.stop)
-        self.gc.freeze()  # imports, configuration, the store: before any worker allocates
+        self.gc.freeze()  # the sessions, the store: before any worker allocates
         await self.supervisor.start(sessions)
         self._stack.push_async_callback(self._stop_supervisor)
         self.gc.start()  # every worker exists; freeze as they connect

@@ -65,6 +65,10 @@ NOISE: tuple[Rule, ...] = (
       for name in _TELETHON
       for prefix in ("Server closed the connection", "Connection closed while receiving data",
                      "Unhandled error while receiving", "Server response had invalid buffer")),
+    # An update handler (Telethon's get_me while dispatching) cut by that lost connection;
+    # Telethon calls it a bug of its own, with a traceback (only for connection errors).
+    *(Rule(Noise.CONNECTION_CLOSED, name, "Fatal error handling updates", "")
+      for name in ("telethon.client.updates", "tgdaemon.telethon.client.updates")),
     *(Rule(Noise.CONNECT_FAILED, name, "Attempt ",
            "Telethon connect attempts failed (the workers retry with backoff)")
       for name in _TELETHON),
@@ -92,8 +96,15 @@ def classify(record: logging.LogRecord) -> Rule | None:
         if _under(record.name, rule.logger) and message.startswith(rule.prefix):
             if rule.kind is Noise.MALFORMED_HTTP and not _is_http_error(record):
                 return None  # a bug in a handler: that traceback must stay an ERROR
+            if rule.prefix.startswith("Fatal") and not _is_connection_lost(record):
+                return None  # a real failure of an update handler stays an ERROR
             return rule
     return None
+
+
+def _is_connection_lost(record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return isinstance(exc, (ConnectionError, asyncio.IncompleteReadError))
 
 
 def _under(name: str, parent: str) -> bool:

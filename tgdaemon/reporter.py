@@ -13,11 +13,11 @@ but ageing on a dashboard.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from tgdaemon.flag import Flag
 from tgdaemon.lifecycle import ENDED_STATES, Action, Category, Classified, Recovery, State
 from tgdaemon.logs import account_logger
 from tgdaemon.redact import redact
@@ -56,7 +56,7 @@ class AccountReporter:
         self._clock = clock
         self.state = State.STARTING
         #: Set while the account is connected: what ``Daemon.client()`` waits for.
-        self.connected = asyncio.Event()
+        self.connected = Flag()
         #: Whether the store has a row for this account (metadata writes need one).
         self.known_to_store = False
         self._dc_id: int | None = None

@@ -27,7 +27,6 @@ Private Telethon internals read here (1.45): ``client._message_box``,
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -35,6 +34,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from telethon._updates.messagebox import ENTRY_ACCOUNT, MessageBox
 from telethon.errors import TypeNotFoundError
 from telethon.tl import functions, types
+
+from tgdaemon.flag import Flag
 
 if TYPE_CHECKING:
     from tgdaemon.telegram import ManagedClient
@@ -197,9 +198,7 @@ class UpdateGate:
     __slots__ = ("_open",)
 
     def __init__(self, held: bool) -> None:
-        self._open = asyncio.Event()
-        if not held:
-            self._open.set()
+        self._open = Flag(not held)  # one per client: no waiter deque until waited on
 
     def close(self) -> None:
         self._open.clear()

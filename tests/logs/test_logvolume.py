@@ -55,6 +55,13 @@ def record(name: str, msg: str, level: int = logging.WARNING,
      KeyError("x"), None),
     ("asyncio", "Future exception was never retrieved", logging.ERROR, None,
      Noise.UNRETRIEVED),
+    # get_me in an update handler when the server closes the connection (fleet takeovers)
+    ("tgdaemon.telethon.client.updates",
+     "Fatal error handling updates (this is a bug in Telethon v%s, please report it)",
+     logging.ERROR, asyncio.IncompleteReadError(b"", 8), Noise.CONNECTION_CLOSED),
+    ("tgdaemon.telethon.client.updates",
+     "Fatal error handling updates (this is a bug in Telethon v%s, please report it)",
+     logging.ERROR, ValueError("a real bug"), None),
     ("tgdaemon.worker", "Automatic reconnection failed", logging.ERROR, None, None),
     ("tgdaemon.telethon.network.mtprotosender", "Something else", logging.ERROR, None, None),
 ])
