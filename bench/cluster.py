@@ -251,9 +251,19 @@ def _idle(args: argparse.Namespace, fleets: dict[str, FleetProcess],
     t0 = time.monotonic()
     marks = {i: cpu_mark(f.pid, t0) for i, f in fleets.items()}
     dc_marks = [cpu_mark(dc.pid, t0) for dc in dcs]
+    served = [dc.requests() for dc in dcs]
     owned_before = leases.owned()
     time.sleep(args.window)
     t1 = time.monotonic()
+    # What the fleet asked of the servers, per account and minute (bench/measure.py's measure).
+    per_min = 60.0 / (t1 - t0) / args.accounts
+    requests: dict[str, float] = {}
+    for dc, before in zip(dcs, served, strict=True):
+        for method, count in dc.requests().items():
+            if count - before.get(method, 0):
+                requests[method] = requests.get(method, 0.0) + (
+                    count - before.get(method, 0)) * per_min
+    out["requests_per_account_min"] = requests
     owned = leases.owned()
     result: dict[str, dict[str, Any]] = {}
     for i, f in fleets.items():
@@ -336,9 +346,8 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         "(RSS after the window - RSS once imported) / accounts it holds.",
         "",
     ]
-    lines += [f"> {note}" for note in results.get("notes", [])]
-    if results.get("notes"):
-        lines.append("")
+    for note in results.get("notes", []):
+        lines += [f"> {note}", ""]
     if "error" in results:
         lines += [f"**Run failed:** {results['error']}", ""]
     if "connect_s" in r:
@@ -367,6 +376,11 @@ def write_report(results: dict[str, Any], path: Path) -> None:
                          f"| {_f(single['cpu_pct'])} | {_f(single['cpu_pct_per_1000'])} |")
         lines += ["", "localdc CPU in the window, % per process: "
                   + " / ".join(f"{c:.1f}" for c in r.get("dc_cpu_pct", [])), ""]
+        requests = r.get("requests_per_account_min")
+        if requests:
+            lines += ["Requests served per account and minute in the window: "
+                      + ", ".join(f"{m} {v:.2f}" for m, v in sorted(requests.items()))
+                      + f" (total {sum(requests.values()):.2f}).", ""]
     tk = r.get("takeover")
     if tk:
         seconds = tk["seconds"]

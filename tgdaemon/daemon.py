@@ -29,7 +29,7 @@ from tgdaemon.config import Config, ConfigHolder, allowed_hosts, config_warnings
 from tgdaemon.crypto import KeyRing, load_keyring, remove_stale_temp_files
 from tgdaemon.dcs import DcDirectory
 from tgdaemon.exceptions import ConfigError, TgdaemonError
-from tgdaemon.fdlimit import fd_shortfall
+from tgdaemon.fdlimit import HTTP_SPARE_FDS, FdReserve, fd_shortfall
 from tgdaemon.fleet import Fleet, fleet_lock_name
 from tgdaemon.gcpolicy import GcPolicy
 from tgdaemon.keyrotation import FleetKeys, KeyRotation
@@ -115,6 +115,12 @@ class Daemon:
 
     async def _start(self) -> None:
         config = self.config
+        spare_fds = FdReserve(HTTP_SPARE_FDS)
+        if config.daemon.http_listen is not None:
+            # First of all, so the spares get the lowest numbers: below the limit even if it
+            # is lowered under what the process holds (README: out of file descriptors).
+            spare_fds.fill()
+            self._stack.callback(spare_fds.close)
         self.loop_lag.start()
         self._stack.push_async_callback(self.loop_lag.stop)
         self._stack.push_async_callback(self.gc.stop)
@@ -201,7 +207,7 @@ class Daemon:
                             allowed_hosts=allowed_hosts(config.daemon))
             if api is not None:
                 api.register(app)
-            self.http = HttpServer(app, listen.host, listen.port)
+            self.http = HttpServer(app, listen.host, listen.port, spare_fds)
             await self.http.start()
             self._stack.push_async_callback(self.http.stop)
             log.info("HTTP listening on %s:%d", listen.host, self.http.port)

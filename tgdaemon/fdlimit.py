@@ -6,20 +6,30 @@ accounts need the soft limit raised, which any process may do up to the hard lim
 the hard limit is too low the daemon refuses to start (exit 78, one line) instead of running
 into EMFILE later, when every reconnect of every account fails at once. (EMFILE that happens
 anyway is summarised by :mod:`tgdaemon.logvolume`.)
+
+EMFILE can still happen (a plugin or a leak holds descriptors, or the limit was lowered while
+running). Then the HTTP server must stay reachable, because its ``/metrics`` and ``/healthz``
+are how an operator sees it: :class:`FdReserve` holds a few descriptors on ``/dev/null`` that
+the server releases to accept a connection when ``accept()`` fails with EMFILE.
 """
 
 from __future__ import annotations
 
+import os
 import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from tgdaemon.config import Config
 from tgdaemon.exceptions import ConfigError
+from tgdaemon.logvolume import FD_EXHAUSTED
 
+#: Spare descriptors the HTTP server keeps for when the process runs out (:class:`FdReserve`).
+HTTP_SPARE_FDS = 4
 #: Descriptors the process holds whatever the fleet: stdio, epoll, the signal wake-up pipe,
-#: the database with its WAL, shared memory and lock file, the metrics thread, and margin for
-#: plugins and the CLI tools a plugin may start.
+#: the database with its WAL, shared memory and lock file, the metrics thread, the HTTP
+#: server's listening sockets and :class:`FdReserve`, and margin for plugins and the CLI
+#: tools a plugin may start.
 FIXED_FDS = 64
 
 GetLimit = Callable[[int], tuple[int, int]]
@@ -95,3 +105,51 @@ def ensure_open_file_limit(need: FdBudget, *, getrlimit: GetLimit = resource.get
 
 def _limit(value: int) -> str:
     return "unlimited" if value == resource.RLIM_INFINITY else str(value)
+
+
+class FdReserve:
+    """Spare descriptors, held open on ``/dev/null`` while nobody needs them.
+
+    When the process runs out, :meth:`release` closes one so that the very next descriptor
+    the process creates (the kernel hands out the lowest free number, and the event loop runs
+    nothing in between) is the one it is needed for; :meth:`fill` takes them back as soon as
+    descriptors are free again (it stops quietly at EMFILE). Constructing one opens nothing.
+
+    A spare helps only while its number is below the soft limit, which someone may lower
+    below what the process already holds (``prlimit``): the daemon fills its reserve first
+    thing, so the spares have the lowest numbers, and :meth:`release` never closes one it
+    could not reopen.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._fds: list[int] = []
+
+    @property
+    def held(self) -> int:
+        return len(self._fds)
+
+    def fill(self) -> None:
+        while len(self._fds) < self.size:
+            try:
+                self._fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as exc:
+                if exc.errno in FD_EXHAUSTED:
+                    return
+                raise
+
+    def release(self, *, getrlimit: GetLimit = resource.getrlimit) -> bool:
+        """Free the lowest spare; False when none is held below the soft limit."""
+        if not self._fds:
+            return False
+        lowest = min(self._fds)
+        soft = getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft != resource.RLIM_INFINITY and lowest >= soft:
+            return False
+        self._fds.remove(lowest)
+        os.close(lowest)
+        return True
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.pop())

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import errno
 import gzip
 import hashlib
@@ -29,6 +30,7 @@ import hmac
 import json
 import logging
 import operator
+import os
 import re
 import socket
 from collections import deque
@@ -44,6 +46,8 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import CollectorRegistry
 
 from tgdaemon.exceptions import ConfigError
+from tgdaemon.fdlimit import HTTP_SPARE_FDS, FdReserve
+from tgdaemon.logvolume import FD_EXHAUSTED
 from tgdaemon.metrics import render
 from tgdaemon.status import AccountStatus, StatusBoard, Subscription
 
@@ -85,6 +89,9 @@ class HttpLimits:
     * ``subscriber_socket_buffer``: the kernel send buffer of a subscriber's socket (Linux
       doubles it). The kernel would otherwise grow it up to ``net.ipv4.tcp_wmem``'s 4 MiB per
       non-reader, and whether it does depends on the machine's memory pressure.
+    * ``spare_fds``: descriptors held in reserve for when the process runs out (EMFILE):
+      all but one serve a request each at a time, the last turns connections away with a 503
+      (see :class:`_GuardedSite`). Part of :data:`tgdaemon.fdlimit.FIXED_FDS`.
     """
 
     max_connections: int = 256
@@ -94,6 +101,7 @@ class HttpLimits:
     send_timeout: float = 10.0
     subscriber_backlog: int = 16 * 1024 * 1024
     subscriber_socket_buffer: int = 64 * 1024
+    spare_fds: int = HTTP_SPARE_FDS
 
 
 class Refusals:
@@ -219,6 +227,9 @@ ENCODER = web.AppKey("encoder", StatusEncoder)
 #: Connections (by id) that have not yet sent a complete request head: the head timer closes
 #: those still here when it fires; the first request takes its connection out.
 UNSTARTED = web.AppKey("unstarted", dict[int, web.RequestHandler])
+#: Connections (by handler id) accepted into a spare descriptor while the process is out of
+#: them: one request each, no WebSocket, so that the spare comes back soon.
+SPARE: web.AppKey[set[int]] = web.AppKey("spare")
 
 
 def build_app(
@@ -246,6 +257,7 @@ def build_app(
     app[SENDERS] = set()
     app[ENCODER] = StatusEncoder()
     app[UNSTARTED] = {}
+    app[SPARE] = set()
     app[BOARD] = board
     app[REGISTRY] = registry
     app[READY] = ready
@@ -305,7 +317,16 @@ async def _guard(request: web.Request,
     # No Host header: not a browser (HTTP/1.0 tools), so not a rebinding vector.
     if host is not None and _host_name(host) not in request.app[ALLOWED_HOSTS]:
         return _json({"error": "unknown Host: add it to daemon.http_allowed_hosts"}, 421)
-    return await handler(request)
+    if id(request.protocol) not in request.app[SPARE]:
+        return await handler(request)
+    # Out of file descriptors, on a spare one: answer this request and give it back.
+    if "Upgrade" in request.headers:
+        response: web.StreamResponse = _json(
+            {"error": "the daemon is out of file descriptors; try again later"}, 503)
+    else:
+        response = await handler(request)
+    response.force_close()
+    return response
 
 
 def _host_name(host: str) -> str:
@@ -571,62 +592,213 @@ _BIND_ERRORS = {
     errno.EACCES: "permission denied (ports below 1024 need privileges)",
 }
 
-_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
-         b"Content-Length: 21\r\nConnection: close\r\n\r\ntoo many connections\n")
+def _answer(status: bytes, text: bytes) -> bytes:
+    return (b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain\r\nContent-Length: "
+            + str(len(text)).encode() + b"\r\nConnection: close\r\n\r\n" + text)
 
 
-class _Busy(asyncio.Protocol):
-    """What a connection beyond the limit gets: a 503 and the door closed."""
+_BUSY = _answer(b"503 Service Unavailable", b"too many connections\n")
+_NO_FDS = _answer(b"503 Service Unavailable", b"the daemon is out of file descriptors\n")
+#: Connections taken per wake-up of a listening socket before other callbacks run (asyncio's).
+_ACCEPT_BATCH = 100
+#: How long a listening socket rests when not even a spare descriptor is left (asyncio's).
+_ACCEPT_RETRY_DELAY = 1.0
+_OUT_OF_RESOURCES = FD_EXHAUSTED | {errno.ENOBUFS, errno.ENOMEM}
+
+
+def _turn_away(conn: socket.socket, answer: bytes) -> None:
+    """Answer on a raw accepted socket and close it. The request already received is read
+    first: closing with unread data would reset the connection before the client reads."""
+    with contextlib.suppress(OSError), conn:
+        conn.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            conn.recv(65536)
+        conn.send(answer)
+        conn.shutdown(socket.SHUT_WR)
+
+
+class _Tracked(asyncio.Protocol):
+    """aiohttp's handler for one accepted socket, seen by the site from ``accept()`` to the
+    close: the connection count and the spare descriptors follow the socket itself."""
+
+    def __init__(self, handler: web.RequestHandler, conn: socket.socket,
+                 closed: Callable[[_Tracked], None]) -> None:
+        self.handler = handler
+        self._conn = conn
+        self._closed = closed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(_BUSY)
-        transport.close()
+        self.handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.handler.data_received(data)
+
+    def eof_received(self) -> None:
+        self.handler.eof_received()
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self.handler.connection_lost(exc)
+        finally:
+            # asyncio closes the socket only after this returns: close it first (asyncio's
+            # close then does nothing), so that its descriptor is free when the site looks.
+            self._conn.close()
+            self._closed(self)
 
 
 class _GuardedSite(web.TCPSite):
-    """A TCP site whose connections are counted (503 beyond ``max_connections``) and must
-    send a request head within ``request_timeout``."""
+    """A TCP site that accepts itself (instead of asyncio's server) so that it can count every
+    socket from ``accept()`` to its close (503 beyond ``max_connections``), give each a
+    deadline for its request head, and keep answering when the process is out of file
+    descriptors.
+
+    Out of descriptors, asyncio's server logs and stops accepting for a second, again and
+    again: ``/metrics`` and ``/healthz`` hang exactly when the operator needs them. Here
+    ``accept()`` failing with EMFILE releases one of :class:`FdReserve`'s spares and accepts
+    into it: while another spare is left the connection is served (one request, then closed,
+    no WebSocket), with the last one it gets a 503 and is closed at once (the backlog drains
+    instead of filling up). Whenever a connection closes the spares are taken back at once,
+    before anything else can take the freed descriptor. Only with no spare at all does a
+    listening socket rest for a second, as asyncio's does (Linux reports it readable for as
+    long as connections wait, so accepting nothing would spin).
+    """
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, limits: HttpLimits,
-                 unstarted: dict[int, web.RequestHandler]) -> None:
+                 unstarted: dict[int, web.RequestHandler], spare: set[int],
+                 reserve: FdReserve) -> None:
         super().__init__(runner, host, port)
         self._limits = limits
         self._unstarted = unstarted
-        #: Accepted, counted by aiohttp only once connection_made runs (a burst accepts up to
-        #: 100 before any of those runs).
-        self._starting: set[web.RequestHandler] = set()
+        self._spare = spare  # ids of the handlers served from the reserve
+        self._reserve = reserve
+        self._open: set[_Tracked] = set()
+        self._listeners: list[socket.socket] = []
+        self._setups: set[asyncio.Task[None]] = set()
+        self._resting: list[asyncio.TimerHandle] = []
         self.refusals = Refusals("HTTP connection", f"{limits.max_connections} open (the limit)")
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers with the runner; TCPSite's own bind below
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._protocol, self._host, self._port)
+        # Binding (addresses, IPv6, SO_REUSEADDR, errors) as asyncio does; accepting is ours.
+        self._server = await loop.create_server(asyncio.Protocol, self._host, self._port,
+                                                start_serving=False)
+        self._reserve.fill()
+        for bound in self._server.sockets:
+            listener = socket.socket(fileno=os.dup(bound.fileno()))
+            listener.setblocking(False)
+            listener.listen(self._backlog)
+            self._listeners.append(listener)
+            loop.add_reader(listener, self._accept, listener)
+
+    async def stop(self) -> None:
+        loop = asyncio.get_running_loop()
+        for handle in self._resting:
+            handle.cancel()
+        for listener in self._listeners:
+            loop.remove_reader(listener)
+            listener.close()
+        self._listeners.clear()
+        for task in self._setups:
+            task.cancel()
+        if self._setups:
+            await asyncio.wait(self._setups)
+        await super().stop()
 
     def open_connections(self) -> int:
-        server = self._runner.server
-        assert server is not None
-        # A handler whose connection_made ran has a transport and is in server.connections:
-        # counting it here too refused connections of a burst of 200 at "256 open".
-        starting = sum(1 for h in self._starting if h.transport is None)
-        return len(server.connections) + starting
+        return len(self._open)
 
-    def _protocol(self) -> asyncio.BaseProtocol:
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, _address = listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    log.warning("HTTP accept failed: %s", exc)
+                    return
+                # Demoted and summarised (one line per burst) by logvolume, and counted in
+                # tgdaemon_fd_exhausted_total.
+                log.warning("HTTP accept: %s; answering from the spare descriptors", exc)
+                if not self._accept_spare(listener):
+                    return
+                continue
+            if len(self._open) >= self._limits.max_connections:
+                self.refusals.note()
+                _turn_away(conn, _BUSY)
+                continue
+            self._serve(conn, spare=False)
+
+    def _accept_spare(self, listener: socket.socket) -> bool:
+        """Accept one connection into a spare descriptor; False when the listener rests."""
+        if not self._reserve.release():
+            self._rest(listener)
+            return False
+        try:
+            conn, _address = listener.accept()
+        except OSError:  # gone meanwhile, or a thread took the descriptor
+            self._reserve.fill()
+            if self._reserve.held == 0:
+                self._rest(listener)
+            return False
+        if self._reserve.held == 0:  # that was the last spare: keep it for the next one
+            _turn_away(conn, _NO_FDS)
+            self._reserve.fill()
+        else:
+            self._serve(conn, spare=True)
+        return True
+
+    def _rest(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(listener)
+
+        def wake() -> None:
+            self._resting.remove(handle)
+            self._reserve.fill()
+            if listener in self._listeners:
+                loop.add_reader(listener, self._accept, listener)
+
+        handle = loop.call_later(_ACCEPT_RETRY_DELAY, wake)
+        self._resting.append(handle)
+
+    def _serve(self, conn: socket.socket, *, spare: bool) -> None:
         server = self._runner.server
         assert server is not None
-        if self.open_connections() >= self._limits.max_connections:
-            self.refusals.note()
-            return _Busy()
         handler = server()
+        tracked = _Tracked(handler, conn, self._closed)
+        self._open.add(tracked)
+        if spare:
+            self._spare.add(id(handler))
         loop = asyncio.get_running_loop()
-        self._starting.add(handler)
-        # The transport schedules connection_made right after this returns: forget the
-        # handler after it ran (or never will: the transport could not be made).
-        loop.call_soon(loop.call_soon, self._starting.discard, handler)
+        task = loop.create_task(self._connect(conn, tracked), name="http-accept")
+        self._setups.add(task)
+        task.add_done_callback(self._setups.discard)
         self._unstarted[id(handler)] = handler
         # The timer holds the handler, so its id is not reused before the timer fires.
         loop.call_later(self._limits.request_timeout, self._expire, handler)
-        return handler
+
+    async def _connect(self, conn: socket.socket, tracked: _Tracked) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: tracked, conn)
+        except BaseException as exc:
+            conn.close()
+            self._closed(tracked)
+            if not isinstance(exc, Exception):
+                raise
+            log.debug("HTTP connection not set up: %s", type(exc).__name__)
+
+    def _closed(self, tracked: _Tracked) -> None:
+        self._open.discard(tracked)
+        self._spare.discard(id(tracked.handler))
+        # Nothing ran since the socket's close: its descriptor is still free to take back.
+        self._reserve.fill()
 
     def _expire(self, handler: web.RequestHandler) -> None:
         transport = handler.transport
@@ -639,14 +811,19 @@ class HttpServer:
     """Runs an app on one TCP address; binds what it is given (the config defaults to loopback).
 
     ``port`` is the bound port (useful with port 0). An address that cannot be bound is a
-    :class:`ConfigError` with one line saying why.
+    :class:`ConfigError` with one line saying why. ``spare_fds``: the reserve for when the
+    process runs out of descriptors, best filled early (the daemon does); by default the
+    server fills its own at start and closes it at stop.
     """
 
-    def __init__(self, app: web.Application, host: str, port: int) -> None:
+    def __init__(self, app: web.Application, host: str, port: int,
+                 spare_fds: FdReserve | None = None) -> None:
         self._app = app
         self._host = host
         self._requested_port = port
         self._runner: web.AppRunner | None = None
+        self._spare_fds = spare_fds
+        self._own_spare_fds: FdReserve | None = None
         self.port = port
 
     async def start(self) -> None:
@@ -661,18 +838,24 @@ class HttpServer:
             keepalive_timeout=limits.keepalive_timeout,
         )
         await runner.setup()
+        reserve = self._spare_fds
+        if reserve is None:
+            reserve = self._own_spare_fds = FdReserve(limits.spare_fds)
+        reserve.fill()
         try:
             site = _GuardedSite(runner, self._host, self._requested_port, limits,
-                                self._app[UNSTARTED])
+                                self._app[UNSTARTED], self._app[SPARE], reserve)
             await site.start()
         except OSError as exc:
             await runner.cleanup()  # setup started the app: undo exactly that
+            self._close_own_spares()
             host = f"[{self._host}]" if ":" in self._host else self._host
             why = _BIND_ERRORS.get(exc.errno or 0, exc.strerror or type(exc).__name__)
             raise ConfigError(f"daemon.http_listen: cannot listen on {host}:"
                               f"{self._requested_port}: {why}") from None
         except BaseException:
             await runner.cleanup()
+            self._close_own_spares()
             raise
         self._runner = runner
         self.port = runner.addresses[0][1]
@@ -681,3 +864,9 @@ class HttpServer:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        self._close_own_spares()
+
+    def _close_own_spares(self) -> None:
+        if self._own_spare_fds is not None:
+            self._own_spare_fds.close()
+            self._own_spare_fds = None

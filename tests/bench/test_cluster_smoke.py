@@ -40,6 +40,7 @@ def test_cluster_bench_smoke(tmp_path: Path) -> None:
         assert x["owned"] > 0
         assert x["rss_kb"] > x["rss_base_kb"] > 0
         assert x["cpu_pct"] >= 0
+    assert sum(run["requests_per_account_min"].values()) > 0  # heartbeats, at least
     takeover = run["takeover"]
     assert takeover["victim"] == "d4"
     assert takeover["accounts"] > 0

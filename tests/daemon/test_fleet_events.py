@@ -5,16 +5,19 @@ summary, not one ERROR line or traceback per account."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import resource
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.conftest import phone_for, wait_for_condition
 from tests.daemon import test_process
@@ -26,6 +29,7 @@ from tests.daemon.test_process import (
     start_daemon,
     states_are,
 )
+from tgdaemon.http import HttpLimits
 
 notify = test_process.notify
 notify_dir = test_process.notify_dir
@@ -101,9 +105,15 @@ async def test_running_out_of_file_descriptors_is_one_error_and_a_metric(
     set_nofile(pid, open_fds(pid) - 25, hard)
     try:
         assert localdc.drop_connections() >= 20
-        await wait_for_condition(lambda: len(daemon.lines) - mark > 0, 10)
-        # Let the fleet fail for a while: several backoff rounds of 20 accounts.
         deadline = asyncio.get_running_loop().time() + 8
+        await wait_for_condition(lambda: len(daemon.lines) - mark > 0, 10)
+        # The HTTP server answers from its spare descriptors, while 20 accounts retry for
+        # every descriptor that comes free.
+        assert (await fetch(port, "/healthz"))[:2] == (200, "close")
+        status, _connection, body = await fetch(port, "/metrics")
+        assert status == 200
+        assert re.search(r"^tgdaemon_fd_exhausted_total [1-9]", body, re.MULTILINE)
+        # Let the fleet fail for a while: several backoff rounds of 20 accounts.
         await wait_for_condition(lambda: asyncio.get_running_loop().time() > deadline, 10)
     finally:
         set_nofile(pid, soft, hard)
@@ -162,3 +172,81 @@ async def test_the_open_file_limit_is_checked_at_start(tmp_path, key_file, proce
     daemon.send(signal.SIGHUP)
     await daemon.wait_log(r"WARNING tgdaemon.daemon: the reloaded fleet needs 820 file "
                           r"descriptors .* RLIMIT_NOFILE allows 800", 30)
+
+
+# -- the HTTP server's spare descriptors -------------------------------------------------------
+
+
+def descriptors(pid: int) -> dict[int, str]:
+    fds = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):  # closed while we look
+            fds[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+    return fds
+
+
+def on_dev_null(pid: int) -> int:
+    return list(descriptors(pid).values()).count("/dev/null")
+
+
+def exhaust(pid: int, hard: int) -> None:
+    """Lower the soft limit to the lowest free descriptor number: the process can open
+    nothing until it closes something."""
+    used = descriptors(pid)
+    set_nofile(pid, min(set(range(len(used) + 1)) - set(used)), hard)
+
+
+async def fetch(port: int, path: str) -> tuple[int, str, str]:
+    async with aiohttp.ClientSession() as http, http.get(
+            f"http://127.0.0.1:{port}{path}", timeout=aiohttp.ClientTimeout(total=10)) as r:
+        return r.status, r.headers.get("Connection", ""), await r.text()
+
+
+async def test_http_stays_reachable_when_the_process_is_out_of_descriptors(
+        tmp_path, key_file, processes, notify):
+    port = free_port()
+    daemon = await start_daemon(
+        processes, plain_config(tmp_path, key_file, http_listen=f"127.0.0.1:{port}"), notify)
+    await notify.wait("READY", "1", timeout=30)
+    pid = daemon.proc.pid
+    spares = HttpLimits().spare_fds
+    null = on_dev_null(pid)  # the spares, stdin and stdout
+    assert null >= spares
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    mark = len(daemon.lines)
+    exhaust(pid, hard)
+    held: list[socket.socket] = []
+    try:
+        # Measured before the spares: asyncio's server logged and stopped accepting for a
+        # second, again and again; every request hung until the client gave up.
+        for _ in range(2 * spares):  # more than there are spares: each is taken back
+            status, connection, _body = await fetch(port, "/healthz")
+            assert (status, connection) == (200, "close")
+        status, _connection, body = await fetch(port, "/metrics")
+        assert status == 200
+        assert re.search(r"^tgdaemon_fd_exhausted_total [1-9]", body, re.MULTILINE), body[:300]
+        # Connections that hold their spare (here: never send a request) leave the last one,
+        # which turns the next connection away at once instead of letting it wait.
+        for _ in range(spares - 1):
+            held.append(socket.create_connection(("127.0.0.1", port)))
+        await wait_for_condition(lambda: on_dev_null(pid) == null - (spares - 1), 10,
+                                 "spares in use")
+        assert await fetch(port, "/healthz") == (
+            503, "close", "the daemon is out of file descriptors\n")
+        held.pop().close()  # its spare comes back; a WebSocket would keep it: refused
+        await wait_for_condition(lambda: on_dev_null(pid) == null - (spares - 2), 10)
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            async with aiohttp.ClientSession() as http:
+                await http.ws_connect(f"http://127.0.0.1:{port}/status/ws")
+        assert refused.value.status == 503
+    finally:
+        for sock in held:
+            sock.close()
+        set_nofile(pid, soft, hard)
+    await wait_for_condition(lambda: on_dev_null(pid) == null, 10, "spares taken back")
+    assert (await fetch(port, "/healthz"))[:2] == (200, "")  # HTTP/1.1 keep-alive again
+    await daemon.wait_log("ERROR tgdaemon.logvolume: \\d+ operations failed because the "
+                          "process is out of file descriptors", 20)
+    assert error_lines(daemon, mark) == [
+        line for line in daemon.lines[mark:] if line.startswith("ERROR tgdaemon.logvolume")]
+    assert len(error_lines(daemon, mark)) == 1

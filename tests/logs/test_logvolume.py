@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from tgdaemon.config import parse_config
 from tgdaemon.exceptions import ConfigError
-from tgdaemon.fdlimit import FIXED_FDS, FdBudget, budget, ensure_open_file_limit
+from tgdaemon.fdlimit import FIXED_FDS, FdBudget, FdReserve, budget, ensure_open_file_limit
 from tgdaemon.logvolume import COUNTS, Noise, NoiseCollector, NoiseFilter, classify
 
 
@@ -185,3 +185,22 @@ def test_ensure_open_file_limit(soft: int, hard: int, settable: bool, need: int,
         assert ensure_open_file_limit(demand, getrlimit=limits.get,
                                       setrlimit=limits.set) == result
         assert limits.soft == result
+
+
+def test_the_reserve_releases_only_spares_it_could_take_back():
+    reserve = FdReserve(3)
+    reserve.fill()
+    try:
+        assert reserve.held == 3
+        spares = sorted(reserve._fds)
+        # A soft limit lowered below the spares: closing one would lose it for nothing.
+        assert not reserve.release(getrlimit=lambda _: (spares[0], 1 << 20))
+        assert reserve.held == 3
+        assert reserve.release(getrlimit=lambda _: (spares[0] + 1, 1 << 20))
+        assert sorted(reserve._fds) == spares[1:]  # the lowest went
+        reserve.fill()
+        assert sorted(reserve._fds) == spares  # and came back under its number
+    finally:
+        reserve.close()
+    assert reserve.held == 0
+    assert not reserve.release()
