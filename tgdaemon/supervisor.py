@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from tgdaemon.telegram import ManagedClient
 
 log = logging.getLogger("tgdaemon.supervisor")
+#: More watchdog restarts than this in one check are logged as one summary line.
+RESTART_LINES = 3
 
 #: Workers created between two yields to the event loop at start: creating them took 0.15 s
 #: per 1,000 accounts under a profiler, so 10,000 in one go held the loop for about a second.
@@ -179,10 +181,16 @@ class Supervisor:
                 slot.worker.report.state, now=now, last_progress=slot.worker.last_progress,
                 waiting_until=slot.worker.waiting_until, stale_after=policy.stale_after)
         ]
-        for name in stale:
-            log.warning("worker %s made no progress for %.0fs: restarting", name,
-                        now - self._slots[name].worker.last_progress)
+        ages = {name: now - self._slots[name].worker.last_progress for name in stale}
+        # A paused or starved process stalls every worker at once: that is one line, not one
+        # per account (the names go to DEBUG; the per-account restart counter has them all).
+        level = logging.WARNING if len(stale) <= RESTART_LINES else logging.DEBUG
+        for name, age in ages.items():
+            log.log(level, "worker %s made no progress for %.0fs: restarting", name, age)
             self._reporters[name].worker_restart()
+        if len(stale) > RESTART_LINES:
+            log.warning("%d workers made no progress for %.0fs or more (was the process paused "
+                        "or starved of CPU?): restarting them", len(stale), min(ages.values()))
         # One stop for all of them: stuck workers are awaited together, not one by one.
         await self._stop_many(stale, policy.connect_timeout)
         for name in stale:

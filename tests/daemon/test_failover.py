@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import logging
 import random
 import socket
 import time
@@ -364,6 +365,33 @@ async def test_stuck_worker_is_restarted_by_the_watchdog(
         await wait_until(back, 15, "alice reconnected after the fault cleared")
         assert _metric(daemon, "tgdaemon_worker_restarts_total", "alice") >= 1
         assert _never_counted(daemon, "tgdaemon_worker_restarts_total", "bob")
+
+
+async def test_a_fleet_wide_stall_is_one_watchdog_line(
+        make_config, login_account, localdc, wait_until, caplog):
+    """Every worker stuck at once (a paused process, a stalled server): one WARNING summary,
+    not one line per account; each account's restart is still counted."""
+    names = ["alice", "bob", "carol", "dave", "erin"]
+    config, _ids = await _fleet(make_config, login_account, names,
+                                policy={"request_timeout": 30, "stale_after": 1.5,
+                                        "heartbeat_interval": 0.3})
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: all(_connected(daemon, n) for n in names), 15, "all connected")
+        fault = localdc.inject(Fault("stall", method=None))  # every account's heartbeat hangs
+        assert daemon.supervisor is not None
+        workers = [daemon.supervisor.worker(n) for n in names]
+        # One look once every worker is overdue, as a tick after a pause sees them.
+        await wait_until(lambda: all(time.monotonic() - w.last_progress > 1.6 for w in workers),
+                         15, "every worker overdue")
+        caplog.clear()
+        assert await daemon.check() == len(names)  # serve() does this every tick
+        localdc.clear(fault)
+    lines = [r.getMessage() for r in caplog.records
+             if r.name == "tgdaemon.supervisor" and r.levelno >= logging.WARNING]
+    assert lines, "no watchdog line"
+    assert all(line.endswith("restarting them") for line in lines), lines
+    for n in names:
+        assert _count(daemon, "tgdaemon_worker_restarts_total", n) >= 1
 
 
 # -- update-stream stall -----------------------------------------------------------------------
