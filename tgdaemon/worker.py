@@ -444,7 +444,7 @@ class AccountWorker:
         """The ``ping_delay_disconnect`` for the lease's local deadline as of now."""
         assert self.deps.lease is not None
         return functions.PingDelayDisconnectRequest(
-            ping_id=int(__import__('time').time() * 1e6),
+            ping_id=int(time.time() * 1e6),
             disconnect_delay=self.deps.lease.disconnect_delay(self.name))
 
     async def _until_next_beat(self) -> None:
