@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import os
 
-from tests.conftest import phone_for
-from tests.fleet.conftest import connected
+from tests.fleet.conftest import connected, logged_in_fleet
 from tests.fleet.test_cluster_cli import cli
 from tgdaemon.daemon import Daemon
 from tgdaemon.leasestore import open_lease_store
@@ -21,12 +20,8 @@ TTL = 30.0
 
 async def test_forget_frees_a_dead_instances_accounts_at_once(
         make_config, login_account, wait_until, fleet_settings) -> None:
-    accounts = [{"name": n, "phone": phone_for(n)} for n in NAMES]
-    plain = make_config(accounts)
-    for n in NAMES:
-        await login_account(plain, n)
-    config = make_config(accounts, daemon={**fleet_settings, "lease_ttl": TTL,
-                                           "instance_id": "one"})
+    config = await logged_in_fleet(make_config, login_account, NAMES,
+                                   {**fleet_settings, "lease_ttl": TTL, "instance_id": "one"})
     state = config.daemon.state_dir
     async with Daemon(config) as one:  # creates the store and the fleet's accounts
         assert one.fleet is not None

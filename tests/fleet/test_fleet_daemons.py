@@ -7,7 +7,7 @@ from prometheus_client import generate_latest
 
 from tests.conftest import phone_for
 from tests.daemon.test_connect import sample
-from tests.fleet.conftest import FLEET, as_instance, connected
+from tests.fleet.conftest import FLEET, as_instance, connected, logged_in_fleet
 from tgdaemon.daemon import Daemon
 
 NAMES = [f"acc{i}" for i in range(6)]
@@ -15,11 +15,8 @@ NAMES = [f"acc{i}" for i in range(6)]
 
 async def test_two_daemons_split_the_fleet_and_hand_over_on_stop(
         make_config, login_account, localdc, wait_until, fleet_settings) -> None:
-    plain = make_config([{"name": n, "phone": phone_for(n)} for n in NAMES])
-    for n in NAMES:
-        await login_account(plain, n)
-    config = make_config([{"name": n, "phone": phone_for(n)} for n in NAMES],
-                         daemon={**fleet_settings, "instance_id": "one"})
+    config = await logged_in_fleet(make_config, login_account, NAMES,
+                                   {**fleet_settings, "instance_id": "one"})
     async with Daemon(config) as one, Daemon(as_instance(config, "two")) as two:
         await wait_until(lambda: connected(one, two) == NAMES, 30, "all connected once")
         assert one.fleet is not None

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import phone_for
-from tests.fleet.conftest import FLEET, connected
+from tests.fleet.conftest import FLEET, connected, logged_in_fleet
 from tgdaemon.daemon import Daemon
 from tgdaemon.store import DB_NAME
 
@@ -23,12 +22,8 @@ NAMES = ["a0", "a1"]
 async def test_local_write_lock_held_elsewhere_gives_back_what_cannot_run(
         make_config, login_account, localdc, wait_until, pg_url, state_dir: Path,
         caplog: pytest.LogCaptureFixture) -> None:
-    accounts = [{"name": n, "phone": phone_for(n)} for n in NAMES]
-    plain = make_config(accounts)
-    for n in NAMES:
-        await login_account(plain, n)
-    config = make_config(accounts, daemon={**FLEET, "database_url": pg_url,
-                                           "instance_id": "one"})
+    config = await logged_in_fleet(make_config, login_account, NAMES,
+                                   {**FLEET, "database_url": pg_url, "instance_id": "one"})
     caplog.set_level(logging.WARNING, logger="tgdaemon.fleet")
     async with Daemon(config) as one:
         assert one.fleet is not None

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import phone_for
-from tests.fleet.conftest import as_instance, connected
+from tests.fleet.conftest import as_instance, connected, logged_in_fleet
 from tests.fleet.test_cluster_cli import cli
 from tgdaemon.crypto import load_keyring, record_key_id
 from tgdaemon.daemon import Daemon
@@ -20,11 +19,8 @@ EXTRA = 300  # disabled accounts' records: only the re-encryption touches them
 
 async def test_fleet_rotates_once_every_instance_holds_the_key(
         make_config, login_account, localdc, wait_until, fleet_settings) -> None:
-    accounts = [{"name": n, "phone": phone_for(n)} for n in NAMES]
-    plain = make_config(accounts)
-    for n in NAMES:
-        await login_account(plain, n)
-    config = make_config(accounts, daemon={**fleet_settings, "instance_id": "one"})
+    config = await logged_in_fleet(make_config, login_account, NAMES,
+                                   {**fleet_settings, "instance_id": "one"})
     key_file = config.daemon.master_key_file
     assert key_file is not None
     old = load_keyring(key_file=key_file, env={})
