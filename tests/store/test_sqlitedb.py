@@ -10,7 +10,17 @@ import contextlib
 import sqlite3
 from pathlib import Path
 
-from tgdaemon.sqlitedb import SqliteThread, TxKind, WriteLockStats
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tgdaemon.sqlitedb import (
+    SqliteThread,
+    TxKind,
+    WriteLockCollector,
+    WriteLockStats,
+    quantile,
+)
 
 
 async def test_cancelled_write_leaves_no_transaction(tmp_path: Path) -> None:
@@ -42,3 +52,27 @@ async def test_cancelled_write_leaves_no_transaction(tmp_path: Path) -> None:
     finally:
         other.close()
         await db.close()
+
+
+def test_write_lock_metrics_per_transaction_kind() -> None:
+    stats = WriteLockStats()
+    registry = CollectorRegistry()
+    WriteLockCollector(registry, stats)
+    stats.observe(TxKind.RENEW, wait=0.003, hold=0.004)
+    stats.observe(TxKind.RENEW, wait=0.0, hold=0.2)
+    stats.observe(TxKind.SESSIONS, wait=1.5, hold=0.02)
+    samples = {(s.name, s.labels.get("tx"), s.labels.get("le")): s.value
+               for family in text_string_to_metric_families(generate_latest(registry).decode())
+               for s in family.samples}
+    hold = "tgdaemon_store_write_lock_hold_seconds"
+    assert samples[(f"{hold}_count", "renew", None)] == 2
+    assert samples[(f"{hold}_bucket", "renew", "0.005")] == 1
+    assert samples[(f"{hold}_bucket", "renew", "0.25")] == 2
+    assert samples[(f"{hold}_sum", "renew", None)] == pytest.approx(0.204)
+    assert samples[("tgdaemon_store_write_lock_hold_max_seconds", "renew", None)] == 0.2
+    assert samples[("tgdaemon_store_write_lock_wait_seconds_bucket", "sessions", "1.0")] == 0
+    assert samples[("tgdaemon_store_write_lock_wait_seconds_bucket", "sessions", "2.5")] == 1
+    assert samples[(f"{hold}_count", "metadata", None)] == 0
+    times = stats.snapshot()[TxKind.RENEW]
+    assert quantile(times, 0.5) == 0.005
+    assert quantile(times, 0.99) == 0.25
