@@ -186,6 +186,34 @@ async def non_reading_ws(port: int) -> socket.socket:
         "Sec-WebSocket-Version: 13\r\n"))
 
 
+class NonReaders:
+    """Raw clients that never read, and what the daemon holds for them: its peak RSS, the
+    largest kernel send queue on its port, and each client's answer status (peeked)."""
+
+    def __init__(self, pid: int, port: int) -> None:
+        self.pid = pid
+        self.port = port
+        self.socks: list[socket.socket] = []
+        self.before = self.peak = rss_kib(pid)
+        self.kernel = 0
+        self.statuses: list[int | None] = []
+
+    def sample(self) -> bool:
+        """Take a sample; True once every client has its answer's status line."""
+        self.peak = max(self.peak, rss_kib(self.pid))
+        self.kernel = max(self.kernel, max(tcp_send_queues(self.port), default=0))
+        self.statuses = [response_status(s) for s in self.socks]
+        return None not in self.statuses
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.before) / 1024
+
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.close()
+
+
 def config_with_accounts(tmp_path: Path, key_file: Path, port: int, accounts: int) -> Path:
     """Accounts that were never logged in: their statuses and series, no DC needed."""
     config = plain_config(tmp_path, key_file, http_listen=f"127.0.0.1:{port}")
@@ -240,38 +268,24 @@ async def test_non_reading_websocket_clients_do_not_grow_memory(
 
     size = await snapshot_size()
     assert size > 500_000
-    pid = daemon.proc.pid
-    before = peak = rss_kib(pid)
-    socks = [await non_reading_ws(port) for _ in range(clients)]
-    statuses: list[int | None] = []
-    kernel = 0
-
-    def sample() -> None:
-        nonlocal peak, kernel, statuses
-        peak = max(peak, rss_kib(pid))
-        kernel = max(kernel, max(tcp_send_queues(port), default=0))
-        statuses = [response_status(s) for s in socks]
-
+    held = NonReaders(daemon.proc.pid, port)
     try:
-        def answered() -> bool:
-            sample()
-            return None not in statuses
-
-        await wait_for_condition(answered, 30, "every WebSocket handshake answered")
-        admitted = statuses.count(101)
+        held.socks = [await non_reading_ws(port) for _ in range(clients)]
+        await wait_for_condition(held.sample, 30, "every WebSocket handshake answered")
+        admitted = held.statuses.count(101)
         # Each admitted one stops reading: cut off at the send deadline, which frees its data.
         await wait_for_condition(
-            lambda: (sample(), daemon.log.count("subscriber stopped reading; disconnected"))[1]
-            >= admitted, limits.send_timeout + 20, "non-reading subscribers cut off")
-        sample()
+            lambda: (held.sample(), daemon.log.count("subscriber stopped reading; disconnected"))
+            [1] >= admitted, limits.send_timeout + 20, "non-reading subscribers cut off")
+        held.sample()
     finally:
-        for s in socks:
-            s.close()
-    growth_mb = (peak - before) / 1024
-    print(f"snapshot {size / 1e6:.2f} MB, RSS before {before / 1024:.0f} MB, peak growth with "
-          f"{clients} non-reading clients {growth_mb:.0f} MB; {admitted} admitted, "
-          f"{statuses.count(503)} refused; largest kernel send queue {kernel / 1024:.0f} KiB")
-    assert statuses.count(503) == clients - admitted
+        held.close()
+    growth_mb, kernel = held.growth_mb, held.kernel
+    print(f"snapshot {size / 1e6:.2f} MB, RSS before {held.before / 1024:.0f} MB, peak growth "
+          f"with {clients} non-reading clients {growth_mb:.0f} MB; {admitted} admitted, "
+          f"{held.statuses.count(503)} refused; largest kernel send queue "
+          f"{kernel / 1024:.0f} KiB")
+    assert held.statuses.count(503) == clients - admitted
     assert 1 <= admitted <= limits.max_subscribers
     # Their unsent data is bounded by the backlog limit, not by how many connect: ~2 MB each
     # (the snapshot and the transport's copy of its unsent part) until 16 MiB are held.
@@ -323,22 +337,12 @@ async def test_non_reading_metrics_and_status_clients_do_not_grow_memory(
             status_size = len(await resp.read())
     assert metrics_size > 300_000, metrics_size
     assert status_size > 500_000, status_size
-    pid = daemon.proc.pid
-    before = peak = rss_kib(pid)
-    socks = [await non_reading(port, "/metrics" if i % 2 else "/status",
-                               "Accept-Encoding: identity\r\n") for i in range(clients)]
-    statuses: list[int | None] = []
-    kernel = 0
-
-    def sample() -> bool:
-        nonlocal peak, kernel, statuses
-        peak = max(peak, rss_kib(pid))
-        kernel = max(kernel, max(tcp_send_queues(port), default=0))
-        statuses = [response_status(s) for s in socks]
-        return None not in statuses
-
+    held = NonReaders(daemon.proc.pid, port)
     try:
-        await wait_for_condition(sample, 60, "every request answered")
+        held.socks = [await non_reading(port, "/metrics" if i % 2 else "/status",
+                                        "Accept-Encoding: identity\r\n")
+                      for i in range(clients)]
+        await wait_for_condition(held.sample, 60, "every request answered")
         # A client that reads is served while they hold their answers.
         t0 = asyncio.get_running_loop().time()
         async with aiohttp.ClientSession() as http, http.get(url + "/metrics",
@@ -346,23 +350,22 @@ async def test_non_reading_metrics_and_status_clients_do_not_grow_memory(
             assert resp.status == 200
             assert len(await resp.read()) >= metrics_size
         served_in = asyncio.get_running_loop().time() - t0
-        sample()
-        growth_mb = (peak - before) / 1024
+        held.sample()
+        statuses = held.statuses
         print(f"/metrics {metrics_size / 1e6:.2f} MB, /status {status_size / 1e6:.2f} MB; "
-              f"RSS before {before / 1024:.0f} MB, peak growth with {clients} non-reading "
-              f"clients {growth_mb:.0f} MB; answers {statuses.count(200)} x 200, "
-              f"{statuses.count(503)} x 503; largest kernel send queue {kernel / 1024:.0f} KiB;"
-              f" a reading client served in {served_in:.2f} s")
+              f"RSS before {held.before / 1024:.0f} MB, peak growth with {clients} non-reading "
+              f"clients {held.growth_mb:.0f} MB; answers {statuses.count(200)} x 200, "
+              f"{statuses.count(503)} x 503; largest kernel send queue "
+              f"{held.kernel / 1024:.0f} KiB; a reading client served in {served_in:.2f} s")
         assert set(statuses) <= {200, 503}, statuses
         assert statuses.count(200) >= 2
-        assert growth_mb < 30, growth_mb
-        assert kernel <= 2 * limits.send_buffer, kernel
+        assert held.growth_mb < 30, held.growth_mb
+        assert held.kernel <= 2 * limits.send_buffer, held.kernel
         assert served_in < 10, served_in
         # Each is cut off at the send deadline, which frees what it held.
-        await wait_for_condition(lambda: (sample(), not tcp_send_queues(port))[1],
+        await wait_for_condition(lambda: (held.sample(), not tcp_send_queues(port))[1],
                                  limits.send_timeout + 20, "non-reading clients cut off")
     finally:
-        for sock in socks:
-            sock.close()
+        held.close()
     assert "HTTP client disconnected: did not take a large answer within 10 s" in daemon.log
     assert "Traceback" not in daemon.log
