@@ -18,6 +18,7 @@ import base64
 import binascii
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -49,6 +50,7 @@ from tgdaemon.api.sessions import list_sessions, terminate_sessions
 from tgdaemon.api.tljson import TlJsonError, build_request, to_json
 from tgdaemon.apiconfig import ApiClient, ApiMethod, authenticate
 from tgdaemon.exceptions import AccountError, ConfigError
+from tgdaemon.httpsend import OUTBOX, Outbox, bounded_answers
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
@@ -275,7 +277,14 @@ async def _serve_unix(api: AccountApi, path: Path) -> web.AppRunner:
         else:
             writer.close()
             raise ConfigError(f"api.unix_socket {path} is in use by another process")
-    app = web.Application(client_max_size=MAX_BODY)
+    from tgdaemon.http import HttpLimits
+
+    # Large answers (the accounts list, invoke results) bounded as on the TCP listener, with
+    # a budget of their own.
+    limits = HttpLimits()
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[bounded_answers])
+    app[OUTBOX] = Outbox(backlog=limits.answer_backlog, timeout=limits.send_timeout,
+                         socket_buffer=limits.send_buffer)
     api.register(app)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -407,6 +416,10 @@ async def _accounts(request: web.Request) -> web.StreamResponse:
     api = _api(request)
 
     async def work(client: ApiClient) -> Any:
+        outbox = request.app.get(OUTBOX)
+        if outbox is not None and outbox.full():  # ~3 MB at 10,000 that could not go out
+            raise ApiError(Outcome.OVERLOADED, "clients that do not read hold the answers' "
+                           "memory", retry_after=max(1, math.ceil(outbox.timeout)))
         # 10,000 statuses are ~3 MB of JSON and ~0.3 s of Python: a turn like a call to
         # Telegram, and encoded off the loop.
         async with api.gateway.turn(client.name, FLEET_LANE):
