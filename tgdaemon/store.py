@@ -47,7 +47,13 @@ from tgdaemon.exceptions import (
     TgdaemonError,
 )
 from tgdaemon.migrations import LATEST, MIGRATIONS
-from tgdaemon.sqlitedb import SqliteThread, TxKind, WriteLockStats
+from tgdaemon.sqlitedb import (
+    SqliteThread,
+    TxKind,
+    WriteLockStats,
+    delete_sessions,
+    upsert_sessions,
+)
 
 if TYPE_CHECKING:
     from tgdaemon.leasestore import Reencrypt
@@ -493,18 +499,15 @@ def _plan_batch(batch: Mapping[str, _Pending], existing: set[str], ring: KeyRing
 
 
 def _apply_plan(conn: sqlite3.Connection, plan: _Plan) -> None:
-    if plan.deletes:
-        conn.executemany("DELETE FROM sessions WHERE account=?", plan.deletes)
-    if plan.upserts:
-        conn.executemany(
-            "INSERT INTO sessions (account, record, updated_at) VALUES (?, ?, ?) "
-            "ON CONFLICT(account) DO UPDATE SET record=excluded.record, "
-            "updated_at=excluded.updated_at",
-            plan.upserts,
-        )
+    """The plan in a few set-wise statements, whatever its size (tgdaemon/sqlitedb.py)."""
+    delete_sessions(conn, [n for (n,) in plan.deletes])
+    upsert_sessions(conn, plan.upserts)
     for columns, rows in plan.updates.items():
-        assignments = ", ".join(f"{c}=?" for c in columns)  # whitelisted names
-        conn.executemany(f"UPDATE accounts SET {assignments} WHERE name=?", rows)
+        assignments = ", ".join(  # whitelisted names
+            f"{c}=json_extract(j.value, '$[{i}]')" for i, c in enumerate(columns))
+        conn.execute(f"UPDATE accounts SET {assignments} FROM json_each(?) AS j "
+                     "WHERE accounts.name = j.key",
+                     (json.dumps({row[-1]: row[:-1] for row in rows}),))
 
 
 class _Pending:
