@@ -30,6 +30,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import sqlite3
 import sys
 import tempfile
@@ -255,17 +256,7 @@ def run(args: argparse.Namespace, work: Path, out: dict[str, Any]) -> None:
         progress(f"all {n} connected {out['connect_s']:.1f}s after starting {d} daemons "
                  f"(first connected per instance at {first}); leases {out['owned_at_connect']}")
         out["instances"] = _idle(args, fleets, dcs, base, leases, out)
-        out["write_lock"] = {}
-        for i, f in fleets.items():
-            try:
-                out["write_lock"][i] = scrape_fleet(f.wait_event("http", 60)["port"])
-            except (OSError, ChildError) as exc:
-                progress(f"{i}: no metrics ({exc})")
-        progress("write lock held (p50/p99/max ms, transactions): " + "; ".join(
-            f"{i} " + ", ".join(f"{tx} {_ms(x['hold_p50'])}/{_ms(x['hold_p99'])}/"
-                                f"{_ms(x['hold_max'])} ({x['count']})"
-                                for tx, x in sorted(w["lock"].items()))
-            for i, w in sorted(out["write_lock"].items())))
+        _write_lock(fleets, out)
 
         victim = instances[-1]
         lost = leases.owned().get(victim, 0)
@@ -293,6 +284,11 @@ def run(args: argparse.Namespace, work: Path, out: dict[str, Any]) -> None:
         out["open_twice_at_end"] = _sum(dcs, "open_twice")
         progress(f"overlapping connections (localdc): {out['overlaps']}")
     finally:
+        if "write_lock" not in out:  # failed before the idle window: how the lock fared
+            _write_lock(fleets, out)
+        for f in fleets.values():  # all at once: one by one, the last ones claim the rest
+            if f.proc.poll() is None:
+                os.kill(f.pid, signal.SIGTERM)
         for i, f in fleets.items():
             try:
                 if f.proc.poll() is None:
@@ -305,6 +301,23 @@ def run(args: argparse.Namespace, work: Path, out: dict[str, Any]) -> None:
         for dc in dcs:
             dc.stop()
         out["log_events"] = {i: log_events(f.log_path) for i, f in fleets.items()}
+
+
+def _write_lock(fleets: dict[str, FleetProcess], out: dict[str, Any]) -> None:
+    """Every live instance's write-lock times and renewal counts into ``out``."""
+    out["write_lock"] = {}
+    for i, f in fleets.items():
+        if f.proc.poll() is not None:
+            continue
+        try:
+            out["write_lock"][i] = scrape_fleet(f.wait_event("http", 60)["port"])
+        except (OSError, ChildError) as exc:
+            progress(f"{i}: no metrics ({exc})")
+    progress("write lock held (p50/p99/max ms, transactions): " + "; ".join(
+        f"{i} " + ", ".join(f"{tx} {_ms(x['hold_p50'])}/{_ms(x['hold_p99'])}/"
+                            f"{_ms(x['hold_max'])} ({x['count']})"
+                            for tx, x in sorted(w["lock"].items()))
+        for i, w in sorted(out["write_lock"].items())))
 
 
 def _ms(seconds: float | None) -> str:

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 from tgdaemon.exceptions import StoreError
 from tgdaemon.migrations import PG_MIGRATIONS, unapplied
 from tgdaemon.sqlitedb import (
+    BUSY_TIMEOUT,
     SqliteThread,
     TxKind,
     WriteLockStats,
@@ -260,7 +261,7 @@ class SqliteLeaseStore(LeaseStore):
         stats = lock_stats if lock_stats is not None else WriteLockStats()
         opened: list[SqliteThread] = []
         try:
-            for name, busy in (("tgdaemon-leases", 10.0), ("tgdaemon-renewals", min(
+            for name, busy in (("tgdaemon-leases", BUSY_TIMEOUT), ("tgdaemon-renewals", min(
                     RENEW_BUSY_TIMEOUT, renew_patience / 4))):
                 opened.append(await SqliteThread.open(db_path, name=name, busy_timeout=busy,
                                                       durable=True, stats=stats))

@@ -38,6 +38,11 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 
 _T = TypeVar("_T")
 
+#: Seconds a write waits for another connection's transaction before "database is locked":
+#: far beyond any transaction here (under a second on a loaded machine), so reaching it
+#: means a paused daemon holds the lock (lease renewals wait less: tgdaemon/leasestore.py).
+BUSY_TIMEOUT = 10.0
+
 #: Upper bounds (seconds) of the lock-time histograms: from one fsync to a busy timeout.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 

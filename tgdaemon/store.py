@@ -48,10 +48,12 @@ from tgdaemon.exceptions import (
 )
 from tgdaemon.migrations import LATEST, MIGRATIONS
 from tgdaemon.sqlitedb import (
+    BUSY_TIMEOUT,
     SqliteThread,
     TxKind,
     WriteLockStats,
     delete_sessions,
+    json_list,
     upsert_sessions,
 )
 
@@ -471,8 +473,12 @@ async def _existing(conn: aiosqlite.Connection, names: Iterable[str]) -> set[str
 
 
 def _existing_now(conn: sqlite3.Connection, names: Sequence[str]) -> set[str]:
-    """:func:`_existing` inside a transaction, in the write thread."""
-    return {r[0] for r in conn.execute(_existing_sql(names), names).fetchall()}
+    """:func:`_existing` inside a transaction, in the write thread: one row, not one per
+    account (see tgdaemon/sqlitedb.py)."""
+    (found,) = conn.execute(
+        "SELECT json_group_array(name) FROM accounts WHERE name IN "
+        "(SELECT value FROM json_each(?))", (json_list(names),)).fetchone()
+    return set(json.loads(found))
 
 
 def _plan_batch(batch: Mapping[str, _Pending], existing: set[str], ring: KeyRing, now: float,
@@ -625,7 +631,7 @@ class Store:
             writable = await _probe_writable(conn) if lock else True
             if writable:
                 _write_marker(state_dir)
-            db = await SqliteThread.open(db_path, name="tgdaemon-store", busy_timeout=5.0,
+            db = await SqliteThread.open(db_path, name="tgdaemon-store", busy_timeout=BUSY_TIMEOUT,
                                          durable=False, stats=WriteLockStats())
         except BaseException as exc:
             if conn is not None:
