@@ -43,6 +43,7 @@ from tgdaemon.leases import (
     renewal_result,
 )
 from tgdaemon.leasestore import NO_EPOCH, LeaseStore, Reencrypt
+from tgdaemon.sqlitedb import WriteLockCollector
 from tgdaemon.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -120,6 +121,9 @@ class Fleet:
                                   default_close_margin(d.lease_ttl))
         self._budget = MoveBudget(d.lease_moves_per_minute, monotonic())
         self.metrics = FleetMetrics(registry)
+        # The daemons of one machine share the state database's write lock: how long this
+        # one holds it (tgdaemon/sqlitedb.py) is what the others' renewals wait for.
+        WriteLockCollector(registry, store.lock_stats)
         self.supervisor: Supervisor | None = None
         #: Leases we hold and run workers for: account -> epoch.
         self._epochs: dict[str, int] = {}
