@@ -98,6 +98,9 @@ class HttpLimits:
       large answer (Linux doubles it). The kernel would otherwise grow it up to
       ``net.ipv4.tcp_wmem``'s 4 MiB per non-reader, and whether it does depends on the
       machine's memory pressure.
+    * ``max_headers``: header lines in one request (aiohttp's default is 128, each up to
+      8 KiB: a head of ~1 MB, ~2 MB in the process until it is refused or its 10 s run out;
+      200 connections doing that took +400 MB). Browsers send about 20, scripts fewer.
     * ``spare_fds``: descriptors held in reserve for when the process runs out (EMFILE):
       all but one serve a request each at a time, the last turns connections away with a 503
       (see :class:`_GuardedSite`). Part of :data:`tgdaemon.fdlimit.FIXED_FDS`.
@@ -111,6 +114,7 @@ class HttpLimits:
     subscriber_backlog: int = 16 * 1024 * 1024
     answer_backlog: int = 32 * 1024 * 1024
     send_buffer: int = 64 * 1024
+    max_headers: int = 32
     spare_fds: int = HTTP_SPARE_FDS
 
 
@@ -872,6 +876,7 @@ class HttpServer:
             access_log_class=AccessLogger,
             shutdown_timeout=5.0,
             keepalive_timeout=limits.keepalive_timeout,
+            max_headers=limits.max_headers,
         )
         await runner.setup()
         reserve = self._spare_fds

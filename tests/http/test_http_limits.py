@@ -131,6 +131,26 @@ async def test_an_idle_keepalive_connection_is_closed(serve):
     assert answer.startswith(b"HTTP/1.1 200 ")
 
 
+async def test_a_request_head_has_at_most_32_header_lines(serve):
+    """aiohttp allows 128 lines of up to 8 KiB: ~2 MB in the process per connection, held
+    for up to the head timeout (200 connections: +400 MB)."""
+    served = await serve(HttpLimits(request_timeout=5))
+
+    async def status(lines: int) -> bytes:
+        sock = await served.connect()
+        try:
+            extra = "".join(f"X-Filler-{i}: {'a' * 100}\r\n" for i in range(lines - 1))
+            await asyncio.get_running_loop().sock_sendall(sock, (
+                f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}Connection: close\r\n"
+                "\r\n").encode())
+            return (await closed_by_server(sock)).partition(b"\r\n")[0]
+        finally:
+            sock.close()
+
+    assert await status(31) == b"HTTP/1.1 200 OK"
+    assert (await status(33)).endswith(b" 400 Bad Request")
+
+
 async def test_connections_beyond_the_cap_get_503_and_are_closed(serve, caplog):
     caplog.set_level(logging.WARNING, "tgdaemon.http")
     served = await serve(HttpLimits(max_connections=3, request_timeout=30))

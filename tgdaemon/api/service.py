@@ -286,7 +286,7 @@ async def _serve_unix(api: AccountApi, path: Path) -> web.AppRunner:
     app[OUTBOX] = Outbox(backlog=limits.answer_backlog, timeout=limits.send_timeout,
                          socket_buffer=limits.send_buffer)
     api.register(app)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, max_headers=limits.max_headers)
     await runner.setup()
     try:
         site = web.UnixSite(runner, str(path))
