@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from hashlib import sha1
 from typing import Any
@@ -45,8 +46,12 @@ from telethon.tl.types import (
     ServerDHParamsOk,
 )
 
+from tgdaemon.flag import Flag
+
 #: An MTProto auth key is a 2048-bit number, always used as this many big-endian bytes.
 AUTH_KEY_BYTES = 256
+#: Sent acks a sender keeps to resend (Telethon: 10; see :class:`PaddedKeySender`).
+KEPT_ACKS = 2
 
 
 def padded_auth_key(key: bytes) -> bytes:
@@ -212,13 +217,25 @@ class PaddedKeySender(MTProtoSender):  # type: ignore[misc]  # Telethon is untyp
         future the answer then resolves, an error Telethon logs)."""
         self.send(request).add_done_callback(_retrieve)
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Telethon keeps its last 10 acks (each a RequestState, a future, a message) only to
+        # resend one the server refers to by msg_id; the last two are what that ever needs.
+        self._last_acks: deque[Any] = deque(maxlen=KEPT_ACKS)
+        # Its packer's "something to send" Event holds a ~760-byte waiter deque.
+        self._send_queue._ready = Flag()
+
     @classmethod
-    def replacing(cls, old: MTProtoSender, *, keepalive_ping: bool = True) -> PaddedKeySender:
-        """A sender configured like ``old`` (the client's, before it ever connected)."""
+    def replacing(cls, old: MTProtoSender, *, loggers: Any = None, updates_queue: Any = None,
+                  keepalive_ping: bool = True) -> PaddedKeySender:
+        """A sender configured like ``old`` (the client's, before it ever connected), with
+        ``loggers`` and ``updates_queue`` instead of its own when given."""
         sender = cls(
-            old.auth_key, loggers=old._loggers, retries=old._retries, delay=old._delay,
+            old.auth_key, loggers=old._loggers if loggers is None else loggers,
+            retries=old._retries, delay=old._delay,
             auto_reconnect=old._auto_reconnect, connect_timeout=old._connect_timeout,
-            auth_key_callback=old._auth_key_callback, updates_queue=old._updates_queue,
+            auth_key_callback=old._auth_key_callback,
+            updates_queue=old._updates_queue if updates_queue is None else updates_queue,
             auto_reconnect_callback=old._auto_reconnect_callback,
         )
         sender.keepalive_ping = keepalive_ping

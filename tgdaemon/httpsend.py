@@ -37,6 +37,8 @@ log = logging.getLogger("tgdaemon.http")
 LARGE_ANSWER = 64 * 1024
 #: Bytes handed to the transport at a time.
 SLICE = 32 * 1024
+#: The kernel send buffer of a socket that a client may stop reading (Linux doubles it).
+SEND_BUFFER = 64 * 1024
 
 
 class Refusals:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import stat
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -22,6 +24,7 @@ import pytest
 from tests.api.conftest import ApiDaemon, open_api_daemon, start_api_daemon
 from tests.conftest import ConfigFactory, LoginFn, wait_for_condition
 from tgdaemon.apiconfig import ApiConfig
+from tgdaemon.httpsend import SEND_BUFFER
 from tgdaemon.localdc import LocalDC
 from tgdaemon.localdc.faults import Fault
 
@@ -229,6 +232,14 @@ async def test_who_may_do_what(api_daemon: ApiDaemon) -> None:
         assert token not in d.process.log
 
 
+def _send_buffers(port: int, peer: int) -> list[int]:
+    """The kernel send buffer (``ss``'s skmem tb) of the daemon's sockets on ``port`` whose
+    peer is the local port ``peer``."""
+    out = subprocess.run(["ss", "-tmnH", "state", "established", f"( sport = :{port} and "
+                          f"dport = :{peer} )"], capture_output=True, text=True, check=True)
+    return [int(m) for m in re.findall(r"\btb(\d+)", out.stdout)]
+
+
 async def _metrics(d: ApiDaemon) -> str:
     async with aiohttp.ClientSession() as http, http.get(f"{d.url}/metrics") as r:
         return await r.text()
@@ -249,6 +260,8 @@ async def test_consumer_resumes_by_cursor_and_misses_nothing(api_daemon: ApiDaem
     async with aiohttp.ClientSession() as http:
         async with http.ws_connect(url, headers=d.headers("reader")) as ws:
             await _next_event(ws, "ready")
+            # A consumer may stop reading: the kernel keeps a fixed 128 KiB for it.
+            assert _send_buffers(d.port, ws.get_extra_info("sockname")[1]) == [2 * SEND_BUFFER]
             await send("before the gap")
             first = await _next_event(ws, "message")
             cursor = first["cursor"]

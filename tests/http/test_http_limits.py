@@ -22,10 +22,12 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from tests.conftest import wait_for_condition
 from tgdaemon.http import (
+    ACCESS_LOG_RATE,
     REGISTRY,
     SUBSCRIPTIONS,
     HttpLimits,
     HttpServer,
+    LineBudget,
     StatusEncoder,
     build_app,
 )
@@ -129,6 +131,26 @@ async def test_an_idle_keepalive_connection_is_closed(serve):
     finally:
         sock.close()
     assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_a_request_head_has_at_most_32_header_lines(serve):
+    """aiohttp allows 128 lines of up to 8 KiB: ~2 MB in the process per connection, held
+    for up to the head timeout (200 connections: +400 MB)."""
+    served = await serve(HttpLimits(request_timeout=5))
+
+    async def status(lines: int) -> bytes:
+        sock = await served.connect()
+        try:
+            extra = "".join(f"X-Filler-{i}: {'a' * 100}\r\n" for i in range(lines - 1))
+            await asyncio.get_running_loop().sock_sendall(sock, (
+                f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}Connection: close\r\n"
+                "\r\n").encode())
+            return (await closed_by_server(sock)).partition(b"\r\n")[0]
+        finally:
+            sock.close()
+
+    assert await status(31) == b"HTTP/1.1 200 OK"
+    assert (await status(33)).endswith(b" 400 Bad Request")
 
 
 async def test_connections_beyond_the_cap_get_503_and_are_closed(serve, caplog):
@@ -384,3 +406,32 @@ def requests_in_progress(served: Served) -> int:
     assert runner is not None
     assert runner.server is not None
     return sum(1 for h in runner.server.connections if h._request_in_progress)
+
+
+def test_access_log_lines_are_budgeted():
+    now = [0.0]
+    budget = LineBudget(2, lambda: now[0])
+    assert [budget.take() for _ in range(4)] == [0, 0, None, None]  # a second's worth
+    now[0] += 0.5
+    assert [budget.take(), budget.take()] == [2, None]  # one line back: it says 2 skipped
+    now[0] += 10
+    assert [budget.take(), budget.take(), budget.take()] == [1, 0, None]  # full, never more
+
+
+async def test_a_request_flood_writes_a_bounded_access_log(serve, caplog):
+    caplog.set_level(logging.INFO, "tgdaemon.http.access")
+    served = await serve()
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as http:
+        for _ in range(4 * ACCESS_LOG_RATE):
+            async with http.get(served.url + "/healthz") as resp:
+                assert resp.status == 200
+        elapsed = time.monotonic() - started
+        lines = caplog.text.count('"GET /healthz" status=200')
+        assert lines <= ACCESS_LOG_RATE * (1 + elapsed) + 1, (lines, elapsed)
+
+        async def logged() -> bool:  # the next request that gets a line says how many did not
+            async with http.get(served.url + "/healthz"):
+                return "access log: unlogged=" in caplog.text
+
+        await wait_for_condition(logged, 5, "the unlogged count")

@@ -16,17 +16,19 @@ from tgdaemon.crypto import KeyRing, record_key_id, write_key_file
 from tgdaemon.leasestore import PgLeaseStore
 from tgdaemon.store import SESSION_PURPOSE, SessionData
 
-WORKER = Path(__file__).with_name("_pg_rotation_worker.py")
+#: The store crash tests' worker: its ``online`` mode with a URL re-encrypts the fleet's records.
+WORKER = Path(__file__).parents[1] / "store" / "_store_crash_worker.py"
 N = 1500
 KILLS = 8
 SEED = int(os.environ.get("TGDAEMON_CRASH_SEED", str(random.randrange(1 << 30))))
 
 
-def spawn(*args: str) -> subprocess.Popen[str]:
+def spawn(url: str, state_dir: str, key_file: str, batch: str) -> subprocess.Popen[str]:
     root = Path(__file__).resolve().parents[2]
-    return subprocess.Popen([sys.executable, str(WORKER), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(root)})
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), "online", state_dir, key_file, batch, url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(root)})
 
 
 async def audit(url: str, ring: KeyRing) -> dict[str, str | None]:

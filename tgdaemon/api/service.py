@@ -50,7 +50,7 @@ from tgdaemon.api.sessions import list_sessions, terminate_sessions
 from tgdaemon.api.tljson import TlJsonError, build_request, to_json
 from tgdaemon.apiconfig import ApiClient, ApiMethod, authenticate
 from tgdaemon.exceptions import AccountError, ConfigError
-from tgdaemon.httpsend import OUTBOX, Outbox, bounded_answers
+from tgdaemon.httpsend import OUTBOX, SEND_BUFFER, Outbox, bounded_answers, limit_send_buffer
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
@@ -286,7 +286,7 @@ async def _serve_unix(api: AccountApi, path: Path) -> web.AppRunner:
     app[OUTBOX] = Outbox(backlog=limits.answer_backlog, timeout=limits.send_timeout,
                          socket_buffer=limits.send_buffer)
     api.register(app)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, max_headers=limits.max_headers)
     await runner.setup()
     try:
         site = web.UnixSite(runner, str(path))
@@ -603,6 +603,8 @@ async def _stream(request: web.Request, api: AccountApi, client: ApiClient,
     api._sockets.add(ws)
     try:
         await ws.prepare(request)
+        # A consumer that stops reading: the kernel keeps 128 KiB for it, not up to 4 MiB.
+        limit_send_buffer(request.transport, SEND_BUFFER)
         api.count(client, None, ApiMethod.UPDATES, Outcome.OK)
         try:
             overflowed = await _pump(ws, buffer, sub, after, upto)
