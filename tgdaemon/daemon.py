@@ -221,7 +221,8 @@ class Daemon:
     async def _join_fleet(self, config: Config, store: Store) -> Fleet:
         """Fleet mode: open the shared lease store and join (README: Scaling out)."""
         leases = await open_lease_store(config.daemon.database_url, store.path,
-                                        config.daemon.lease_ttl)
+                                        config.daemon.lease_ttl,
+                                        config.daemon.lease_renew_interval, store.lock_stats)
         self._stack.push_async_callback(leases.close)
         fleet = Fleet(config=config, leases=leases, store=store, registry=self.registry,
                       monotonic=self._monotonic, rng=self._rng)

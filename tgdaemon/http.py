@@ -8,13 +8,15 @@ accepted: they end up in access logs. Tokens are compared with ``hmac.compare_di
 never logged.
 
 ``/metrics`` is rendered in a dedicated worker thread (one scrape at a time) so a
-10,000-account scrape does not stall heartbeats, and gzip-compressed when the scraper asks.
+10,000-account scrape does not stall heartbeats, and gzip-compressed when the scraper asks;
+scrapes that arrive while one is rendered share its body.
 
 Every route first checks the Host header against an allow-list (421 otherwise): a DNS-rebinding
 page reaches 127.0.0.1 under its own host name. Everything an outsider can make the server hold
 is bounded by :class:`HttpLimits`: connections, the time to send a request, idle keep-alive,
-WebSocket subscribers, and what subscribers that stop reading may cost (their unsent data, in
-the process and in the kernel).
+WebSocket subscribers, and what clients that stop reading may cost (their unsent data, in the
+process and in the kernel), for WebSocket subscribers here and for large answers (``/metrics``,
+``/status``, ``/v1/accounts``...) in :mod:`tgdaemon.httpsend`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import operator
 import os
 import re
 import socket
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +50,14 @@ from prometheus_client.registry import CollectorRegistry
 
 from tgdaemon.exceptions import ConfigError
 from tgdaemon.fdlimit import HTTP_SPARE_FDS, FdReserve
+from tgdaemon.httpsend import (
+    OUTBOX,
+    SEND_BUFFER,
+    Outbox,
+    Refusals,
+    bounded_answers,
+    limit_send_buffer,
+)
 from tgdaemon.logvolume import FD_EXHAUSTED
 from tgdaemon.metrics import render
 from tgdaemon.status import AccountStatus, StatusBoard, Subscription
@@ -79,16 +90,25 @@ class HttpLimits:
     * ``keepalive_timeout``: an idle keep-alive connection is closed after this long (and a
       slow next request head with it).
     * ``max_subscribers``: open ``/status/ws`` connections; one more gets a 503.
-    * ``send_timeout``: a WebSocket message (the snapshot too) must leave the process this
-      soon; a subscriber that does not read is disconnected, so its unsent data (at most one
-      snapshot) is freed.
+    * ``send_timeout``: a WebSocket message (the snapshot too), and a large answer
+      (:data:`tgdaemon.httpsend.LARGE_ANSWER` bytes or more), must leave the process this
+      soon; a client that does not read is disconnected, so its unsent data is freed.
+      Prometheus gives up on a scrape after 10 s by default anyway.
     * ``subscriber_backlog``: unsent WebSocket data, in bytes, all subscribers together may
       hold in the process; a new subscriber whose snapshot does not fit gets a 503 (when
       nothing is held, one always fits). Without it 64 non-readers pin 64 snapshots (3.5 MB
       each at 10,000 accounts) for ``send_timeout``, again and again.
-    * ``subscriber_socket_buffer``: the kernel send buffer of a subscriber's socket (Linux
-      doubles it). The kernel would otherwise grow it up to ``net.ipv4.tcp_wmem``'s 4 MiB per
-      non-reader, and whether it does depends on the machine's memory pressure.
+    * ``answer_backlog``: unsent bytes all large answers being sent may hold together (a body
+      shared by several counts once); a new large answer that does not fit gets a 503 with
+      ``Retry-After`` (when nothing is held, one always fits). Without it 256 clients that
+      ask for ``/metrics`` or ``/status`` at 10,000 accounts and never read held ~1 GB.
+    * ``send_buffer``: the kernel send buffer of a subscriber's socket and of one taking a
+      large answer (Linux doubles it). The kernel would otherwise grow it up to
+      ``net.ipv4.tcp_wmem``'s 4 MiB per non-reader, and whether it does depends on the
+      machine's memory pressure.
+    * ``max_headers``: header lines in one request (aiohttp's default is 128, each up to
+      8 KiB: a head of ~1 MB, ~2 MB in the process until it is refused or its 10 s run out;
+      200 connections doing that took +400 MB). Browsers send about 20, scripts fewer.
     * ``spare_fds``: descriptors held in reserve for when the process runs out (EMFILE):
       all but one serve a request each at a time, the last turns connections away with a 503
       (see :class:`_GuardedSite`). Part of :data:`tgdaemon.fdlimit.FIXED_FDS`.
@@ -100,30 +120,59 @@ class HttpLimits:
     max_subscribers: int = 64
     send_timeout: float = 10.0
     subscriber_backlog: int = 16 * 1024 * 1024
-    subscriber_socket_buffer: int = 64 * 1024
+    answer_backlog: int = 32 * 1024 * 1024
+    send_buffer: int = SEND_BUFFER
+    max_headers: int = 32
     spare_fds: int = HTTP_SPARE_FDS
 
 
-class Refusals:
-    """Counts what a limit turned away; logs the first and every 1,000th, so a client hammering
-    a full server cannot flood the journal."""
+#: Access log lines per second at most (and a second's worth at once); requests beyond are
+#: counted, and the next line that is written says how many went unlogged.
+ACCESS_LOG_RATE = 50
 
-    def __init__(self, what: str, why: str) -> None:
-        self.what = what
-        self.why = why
-        self.count = 0
 
-    def note(self) -> None:
-        self.count += 1
-        if self.count == 1 or self.count % 1000 == 0:
-            log.warning("%s refused: %s; %d refused so far", self.what, self.why, self.count)
+class LineBudget:
+    """A token bucket of log lines: whoever can reach the port must not decide how much the
+    journal takes (journald drops a service's lines beyond its own rate limit, the daemon's
+    important ones included)."""
+
+    def __init__(self, rate: float, clock: Callable[[], float]) -> None:
+        self.rate = rate
+        self._clock = clock
+        self._tokens = rate
+        self._stamp = clock()
+        self.skipped = 0
+
+    def take(self) -> int | None:
+        """None: do not log this one (counted). Else log it, after a line for the returned
+        number of lines skipped since the last one (0: none)."""
+        now = self._clock()
+        self._tokens = min(self.rate, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens < 1.0:
+            self.skipped += 1
+            return None
+        self._tokens -= 1.0
+        skipped, self.skipped = self.skipped, 0
+        return skipped
 
 
 class AccessLogger(AbstractAccessLogger):
     """One line per request without the query string (a token pasted into a URL must not reach
-    the journal) and without Referer/User-Agent (free text from the client)."""
+    the journal) and without Referer/User-Agent (free text from the client), at most
+    :data:`ACCESS_LOG_RATE` a second. :meth:`HttpServer.start` gives each server a subclass
+    with a :class:`LineBudget` of its own (aiohttp makes one logger per connection)."""
+
+    budget: LineBudget | None = None
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if self.budget is not None:
+            skipped = self.budget.take()
+            if skipped is None:
+                return
+            if skipped:
+                self.logger.info("access log: unlogged=%d requests (more than %d a second)",
+                                 skipped, ACCESS_LOG_RATE)
         query = "?[redacted]" if request.query_string else ""
         # key=value: bare runs of numbers ("200 7540 0.001") would look like a phone number
         # to the redactor.
@@ -174,15 +223,20 @@ class LoopLagMonitor:
             self._recent.append(self.last)
 
 
+_SNAPSHOT_HEAD = b'{"type": "snapshot", "accounts": '
+
+
 class StatusEncoder:
     """Each status becomes UTF-8 JSON once, however many subscribers receive it; a snapshot is
-    the cached encodings joined, and the same snapshot object while no status changed.
+    the cached encodings joined, and the same snapshot object while no status changed (so is
+    the ``/status`` document: clients that ask at once share one body).
     Keyed by account, checked by identity: a changed status is a new object (the board
     replaces, never mutates)."""
 
     def __init__(self) -> None:
         self._cache: dict[str, tuple[AccountStatus, bytes]] = {}
         self._last: tuple[list[AccountStatus], bytes] = ([], b"")
+        self._document: tuple[list[AccountStatus], str, bytes] = ([], "", b"")
 
     def encode(self, status: AccountStatus) -> bytes:
         cached = self._cache.get(status.account)
@@ -200,8 +254,22 @@ class StatusEncoder:
         if len(self._cache) > len(statuses):  # accounts removed since: forget them
             keep = {s.account for s in statuses}
             self._cache = {k: v for k, v in self._cache.items() if k in keep}
-        data = b'{"type": "snapshot", "accounts": [' + b", ".join(texts) + b"]}"
+        data = _SNAPSHOT_HEAD + b"[" + b", ".join(texts) + b"]}"
         self._last = (statuses, data)
+        return data
+
+    def document(self, summary: str, statuses: list[AccountStatus]) -> bytes:
+        """The ``/status`` body: ``{"summary": ..., "accounts": [...]}``."""
+        last, last_summary, data = self._document
+        if (data and summary == last_summary and len(last) == len(statuses)
+                and all(map(operator.is_, last, statuses))):
+            return data
+        snapshot = self.snapshot(statuses)
+        # The snapshot's accounts, behind another head: one copy, no second encoding.
+        accounts = memoryview(snapshot)[len(_SNAPSHOT_HEAD):]
+        data = b"".join((b'{"summary": ', json.dumps(summary).encode(), b', "accounts": ',
+                         accounts))
+        self._document = (statuses, summary, data)
         return data
 
 
@@ -221,6 +289,8 @@ ALLOWED_HOSTS = web.AppKey("allowed_hosts", frozenset[str])
 LIMITS = web.AppKey("limits", HttpLimits)
 WS_REFUSALS = web.AppKey("ws_refusals", Refusals)
 BACKLOG_REFUSALS = web.AppKey("backlog_refusals", Refusals)
+#: Renders of /metrics in progress, plain (False) and gzip (True): scrapes meanwhile join them.
+RENDERS: web.AppKey[dict[bool, asyncio.Future[bytes]]] = web.AppKey("renders")
 #: The open subscribers' senders: what they hold unsent is summed against the backlog limit.
 SENDERS: web.AppKey[set[_Sender]] = web.AppKey("senders")
 ENCODER = web.AppKey("encoder", StatusEncoder)
@@ -246,7 +316,11 @@ def build_app(
     """The aiohttp application; nothing runs until a runner starts it."""
     if token is not None and not token.strip():
         raise ConfigError("the HTTP token is empty: remove it or set a real one")
-    app = web.Application(middlewares=[_guard])
+    # The outbox outermost: it sends what _guard and the routes answer.
+    app = web.Application(middlewares=[bounded_answers, _guard])
+    app[OUTBOX] = Outbox(backlog=limits.answer_backlog, timeout=limits.send_timeout,
+                         socket_buffer=limits.send_buffer)
+    app[RENDERS] = {}
     app[ALLOWED_HOSTS] = frozenset(_host_name(h) for h in allowed_hosts)
     app[LIMITS] = limits
     app[WS_REFUSALS] = Refusals("status WebSocket subscriber",
@@ -345,13 +419,31 @@ def _json(data: object, status: int = 200) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     app = request.app
+    if app[OUTBOX].full():
+        return app[OUTBOX].busy()
     gzipped = _accepts_gzip(request.headers.get("Accept-Encoding", ""))
-    loop = asyncio.get_running_loop()
-    body = await loop.run_in_executor(app[RENDER_EXECUTOR], _render, app[REGISTRY], gzipped)
+    renders = app[RENDERS]
+    render = renders.get(gzipped)
+    if render is None:
+        loop = asyncio.get_running_loop()
+        render = loop.run_in_executor(app[RENDER_EXECUTOR], _render, app[REGISTRY], gzipped)
+        renders[gzipped] = render
+        render.add_done_callback(lambda done: _rendered(renders, gzipped, done))
+    # Shielded: a scraper that leaves does not cancel the render the others wait for.
+    body = await asyncio.shield(render)
     headers = {"Content-Type": CONTENT_TYPE_PLAIN_0_0_4, "Vary": "Accept-Encoding"}
     if gzipped:
         headers["Content-Encoding"] = "gzip"
     return web.Response(body=body, headers=headers)
+
+
+def _rendered(renders: dict[bool, asyncio.Future[bytes]], gzipped: bool,
+              done: asyncio.Future[bytes]) -> None:
+    """A render ended: the next scrape starts a new one."""
+    if renders.get(gzipped) is done:
+        del renders[gzipped]
+    if not done.cancelled():
+        done.exception()  # retrieved here too: every scraper may have left meanwhile
 
 
 def _render(registry: CollectorRegistry, gzipped: bool) -> bytes:
@@ -396,10 +488,13 @@ async def _readyz(request: web.Request) -> web.Response:
 async def _status(request: web.Request) -> web.Response:
     if not _authorized(request):
         return _unauthorized()
-    board = request.app[BOARD]
-    return _json(
-        {"summary": board.summary(), "accounts": [s.to_json() for s in board.snapshot()]}
-    )
+    app = request.app
+    if app[OUTBOX].full():
+        return app[OUTBOX].busy()
+    board = app[BOARD]
+    body = app[ENCODER].document(board.summary(), board.snapshot())
+    return web.Response(body=body, content_type="application/json", charset="utf-8",
+                        headers={"Cache-Control": "no-store"})
 
 
 async def _status_ws(request: web.Request) -> web.StreamResponse:
@@ -432,7 +527,7 @@ async def _status_ws(request: web.Request) -> web.StreamResponse:
                 await ws.prepare(request)
             except ConnectionError:  # gone before the handshake's answer: for the access log
                 return web.Response(status=499, reason="Client Closed Request")
-            sender.limit_kernel_buffer(limits.subscriber_socket_buffer)
+            limit_send_buffer(request.transport, limits.send_buffer)
             if await sender.send(snapshot):
                 del snapshot  # a newer one may replace it in the encoder: do not pin this one
                 await _serve_subscriber(ws, sender, sub)
@@ -478,11 +573,6 @@ class _Sender:
         transport = self._transport
         buffered = 0 if transport is None else transport.get_write_buffer_size()
         return self._sending + buffered
-
-    def limit_kernel_buffer(self, size: int) -> None:
-        sock = None if self._transport is None else self._transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
     async def send(self, data: bytes) -> bool:
         """Send one UTF-8 JSON text message; False when the subscriber was cut off."""
@@ -833,9 +923,11 @@ class HttpServer:
         runner = web.AppRunner(
             self._app,
             access_log=logging.getLogger("tgdaemon.http.access"),
-            access_log_class=AccessLogger,
+            access_log_class=type("AccessLogger", (AccessLogger,), {
+                "budget": LineBudget(ACCESS_LOG_RATE, time.monotonic)}),
             shutdown_timeout=5.0,
             keepalive_timeout=limits.keepalive_timeout,
+            max_headers=limits.max_headers,
         )
         await runner.setup()
         reserve = self._spare_fds

@@ -26,15 +26,19 @@ import socket
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from tgdaemon.exceptions import StoreError
 from tgdaemon.migrations import PG_MIGRATIONS, unapplied
+from tgdaemon.sqlitedb import SqliteThread, TxKind, WriteLockStats, is_busy
 
 _T = TypeVar("_T")
+
+#: Seconds one renewal attempt waits for another daemon's write lock before it is tried
+#: again (SQLite's busy handler polls meanwhile; the retry re-reads the clock).
+RENEW_BUSY_TIMEOUT = 2.0
 
 #: Placeholder epoch meaning "no lease": never equal to a stored one (those start at 1).
 NO_EPOCH = -1
@@ -209,69 +213,69 @@ class SqliteLeaseStore(LeaseStore):
     daemons of one machine.  The schema is created by :class:`tgdaemon.store.Store`
     (migration 2), which must have opened it first.
 
-    Every operation is ONE call into one dedicated thread that runs the whole
-    ``BEGIN IMMEDIATE`` .. ``COMMIT``: the write lock every daemon of the machine shares is
-    held for the milliseconds of the SQL only, never across event-loop turns.  (A daemon
-    paused while it holds it — SIGSTOP mid-transaction — still blocks the others' writes
+    Every operation is ONE call into a dedicated thread that runs the whole
+    ``BEGIN IMMEDIATE`` .. ``COMMIT`` (tgdaemon/sqlitedb.py): the write lock every daemon of
+    the machine shares is held for the milliseconds of the SQL only, never across event-loop
+    turns.  Renewals have a connection and thread of their own: they never queue behind this
+    daemon's session writes, claims or reads, and each attempt waits for another daemon's
+    lock at most :data:`RENEW_BUSY_TIMEOUT`, retried until ``renew_patience`` has passed (the
+    next renewal is due then; the lease timings leave room for a second one).  (A daemon
+    paused while it holds the lock — SIGSTOP mid-transaction — still blocks the others' writes
     until it resumes; their leases then lapse safely: README, Scaling out.)"""
 
     kind = "sqlite"
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, clock: Callable[[], float],
-                 executor: ThreadPoolExecutor) -> None:
-        self._conn = conn
+    def __init__(self, db: SqliteThread, renewals: SqliteThread, path: Path,
+                 clock: Callable[[], float], renew_patience: float) -> None:
+        self._db = db
+        self._renewals = renewals
         self.path = path
         self._clock = clock
-        self._executor = executor
+        self._renew_patience = renew_patience
         #: Capacity of the instances registered through this store: a renewal registers an
         #: instance again whose row an operator removed (``forget``) while it ran.
         self._capacities: dict[str, int] = {}
+        #: Renewal attempts that found the write lock busy and were tried again.
+        self.renew_retries = 0
+
+    @property
+    def lock_stats(self) -> WriteLockStats:
+        return self._db.stats
 
     @classmethod
-    async def open(cls, db_path: Path, *, clock: Callable[[], float] = time.time
+    async def open(cls, db_path: Path, *, clock: Callable[[], float] = time.time,
+                   renew_patience: float = 10.0, lock_stats: WriteLockStats | None = None
                    ) -> SqliteLeaseStore:
-        executor = ThreadPoolExecutor(1, thread_name_prefix="tgdaemon-leases")
-
-        def connect() -> sqlite3.Connection:
-            conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
-            try:
-                conn.execute("PRAGMA busy_timeout=10000")
-                conn.execute("PRAGMA foreign_keys=ON")
-                conn.execute("PRAGMA synchronous=FULL")
-            except BaseException:
-                conn.close()
-                raise
-            return conn
-
+        """``renew_patience``: how long a renewal keeps trying while other daemons hold the
+        write lock (the renewal interval); ``lock_stats``: where write-lock times go (the
+        state database's, so one process reports them together)."""
+        stats = lock_stats if lock_stats is not None else WriteLockStats()
+        opened: list[SqliteThread] = []
         try:
-            conn = await asyncio.get_running_loop().run_in_executor(executor, connect)
+            for name, busy in (("tgdaemon-leases", 10.0), ("tgdaemon-renewals", min(
+                    RENEW_BUSY_TIMEOUT, renew_patience / 4))):
+                opened.append(await SqliteThread.open(db_path, name=name, busy_timeout=busy,
+                                                      durable=True, stats=stats))
         except sqlite3.Error as exc:
-            executor.shutdown(wait=False)
+            for db in opened:
+                await db.close()
             raise StoreError(f"cannot open lease store {db_path}: {exc}") from None
-        return cls(conn, Path(db_path), clock, executor)
+        return cls(opened[0], opened[1], Path(db_path), clock, renew_patience)
 
     async def close(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
-        self._executor.shutdown(wait=False)
-
-    async def _run(self, fn: Callable[[sqlite3.Connection], _T], *, write: bool = True) -> _T:
-        """``fn(conn)`` in the lease thread, inside one immediate transaction when ``write``."""
-        conn = self._conn
-
-        def call() -> _T:
-            if not write:
-                return fn(conn)
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return result
-
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+            await self._renewals.close()
+        finally:
+            await self._db.close()
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], _T],
+                   kind: TxKind | None = TxKind.LEASES) -> _T:
+        """``fn(conn)`` in the lease thread, inside one immediate transaction unless ``kind``
+        is None (a read)."""
+        try:
+            if kind is None:
+                return await self._db.call(fn)
+            return await self._db.write(fn, kind)
         except sqlite3.Error as exc:
             raise StoreError(f"lease store {self.path}: {exc}") from None
 
@@ -287,21 +291,22 @@ class SqliteLeaseStore(LeaseStore):
             (after,) = conn.execute(count).fetchone()
             return int(after - before)
 
-        return await self._run(tx)
+        return await self._run(tx, TxKind.ACCOUNTS)
 
     async def remove_account(self, name: str) -> bool:
         return await self._run(lambda conn: conn.execute(
-            "DELETE FROM accounts WHERE name=?", (name,)).rowcount > 0)
+            "DELETE FROM accounts WHERE name=?", (name,)).rowcount > 0, TxKind.ACCOUNTS)
 
     async def set_enabled(self, name: str, enabled: bool) -> bool:
         return await self._run(lambda conn: conn.execute(
-            "UPDATE accounts SET enabled=? WHERE name=?", (int(enabled), name)).rowcount > 0)
+            "UPDATE accounts SET enabled=? WHERE name=?", (int(enabled), name)).rowcount > 0,
+            TxKind.ACCOUNTS)
 
     async def fleet(self) -> list[FleetAccount]:
         now = self._clock()
         rows = await self._run(lambda conn: conn.execute(
             "SELECT a.name, a.enabled, l.owner, l.epoch, l.expires_at FROM accounts a "
-            "JOIN leases l ON l.account = a.name ORDER BY a.name").fetchall(), write=False)
+            "JOIN leases l ON l.account = a.name ORDER BY a.name").fetchall(), None)
         return [FleetAccount(n, bool(e), o, ep, None if o is None else x - now)
                 for n, e, o, ep, x in rows]
 
@@ -346,7 +351,7 @@ class SqliteLeaseStore(LeaseStore):
             "SELECT i.id, i.capacity, i.host, i.pid, i.started_at, i.renewed_at, "
             "(SELECT count(*) FROM leases l WHERE l.owner = i.id AND l.expires_at > ?), "
             "i.key_ids, i.write_key FROM instances i ORDER BY i.id", (now,)).fetchall(),
-            write=False)
+            None)
         return [InstanceInfo(i, c, h, p, s, now - r, o, _split_keys(k), w)
                 for i, c, h, p, s, r, o, k, w in rows]
 
@@ -358,15 +363,14 @@ class SqliteLeaseStore(LeaseStore):
             "(SELECT count(*) FROM leases l JOIN accounts a ON a.name = l.account "
             " WHERE a.enabled=1 AND (l.owner IS NULL OR l.expires_at <= ?)), "
             "(SELECT count(*) FROM instances WHERE renewed_at <= ?)",
-            (now - ttl, now, now - ttl)).fetchone(), write=False)
+            (now - ttl, now, now - ttl)).fetchone(), None)
         return FleetCounts(*row)
 
     async def renew(self, instance: str, ttl: float) -> dict[str, int]:
-        now = self._clock()
-
         capacity = self._capacities.get(instance)
 
         def tx(conn: sqlite3.Connection) -> dict[str, int]:
+            now = self._clock()  # per attempt, inside the lock: the expiry is from now on
             alive = conn.execute("UPDATE instances SET renewed_at=? WHERE id=?", (now, instance))
             if alive.rowcount == 0 and capacity is not None:  # forgotten while running
                 conn.execute(
@@ -381,7 +385,16 @@ class SqliteLeaseStore(LeaseStore):
                 "RETURNING account, epoch", (now + ttl, instance, now)).fetchall()
             return {a: e for a, e in rows}
 
-        return await self._run(tx)
+        # Another daemon's transaction is milliseconds long: a busy attempt is tried again
+        # (each waits at most RENEW_BUSY_TIMEOUT) until the patience is spent.
+        give_up = time.monotonic() + self._renew_patience
+        while True:
+            try:
+                return await self._renewals.write(tx, TxKind.RENEW)
+            except sqlite3.Error as exc:
+                if not is_busy(exc) or time.monotonic() >= give_up:
+                    raise StoreError(f"lease store {self.path}: {exc}") from None
+                self.renew_retries += 1
 
     async def claim(self, instance: str, n: int, ttl: float) -> dict[str, int]:
         if n <= 0:
@@ -430,7 +443,7 @@ class SqliteLeaseStore(LeaseStore):
                 [(n, r, now) for n, r in ok if r is not None])
             return rejected
 
-        return await self._run(tx)
+        return await self._run(tx, TxKind.SESSIONS)
 
     async def read_sessions(self, names: Sequence[str] | None = None) -> dict[str, bytes]:
         wanted = None if names is None else list(names)
@@ -446,7 +459,7 @@ class SqliteLeaseStore(LeaseStore):
                     f"({','.join('?' * len(chunk))})", chunk).fetchall())
             return out
 
-        return await self._run(read, write=False)
+        return await self._run(read, None)
 
     async def seed_sessions(self, records: Mapping[str, bytes]) -> int:
         # The sessions already live in this database: nothing to move.
@@ -480,7 +493,7 @@ class SqliteLeaseStore(LeaseStore):
                                    args).fetchone()
             return len(updates), int(left)
 
-        return await self._run(tx)
+        return await self._run(tx, TxKind.REKEY)
 
 
 # -- PostgreSQL -----------------------------------------------------------------------------
@@ -766,9 +779,11 @@ class PgLeaseStore(LeaseStore):
 
 
 async def open_lease_store(database_url: str | None, sqlite_path: Path,
-                           ttl: float = 60.0) -> LeaseStore:
+                           ttl: float = 60.0, renew_interval: float = 10.0,
+                           lock_stats: WriteLockStats | None = None) -> LeaseStore:
     """PostgreSQL when ``database_url`` is set, else the SQLite state database."""
     if database_url:
         return await PgLeaseStore.open(database_url,
                                        idle_in_transaction=max(1.0, min(5.0, ttl / 4)))
-    return await SqliteLeaseStore.open(sqlite_path)
+    return await SqliteLeaseStore.open(sqlite_path, renew_patience=renew_interval,
+                                       lock_stats=lock_stats)

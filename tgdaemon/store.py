@@ -1,7 +1,9 @@
 """The state database: accounts, encrypted Telethon sessions and the DC address cache.
 
-One aiosqlite connection does all the work, guarded by one asyncio lock, so every write is a
-``BEGIN IMMEDIATE`` transaction that never interleaves with another.  Session writes go
+Reads and migrations use one aiosqlite connection; every write transaction is ONE call into
+a second connection's thread (tgdaemon/sqlitedb.py: ``BEGIN IMMEDIATE`` .. ``COMMIT`` in one
+function), so SQLite's write lock, shared by the daemons of a fleet on one machine, is never
+held across event-loop turns.  One asyncio lock keeps writes from interleaving.  Session writes go
 through a queue drained by a single writer task: submissions for the same account coalesce,
 and up to ``_BATCH`` accounts are written per transaction, which keeps 10,000 accounts at a
 handful of fsyncs instead of one per change.  Session transactions run with
@@ -27,11 +29,11 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import aiosqlite
 
@@ -45,11 +47,13 @@ from tgdaemon.exceptions import (
     TgdaemonError,
 )
 from tgdaemon.migrations import LATEST, MIGRATIONS
+from tgdaemon.sqlitedb import SqliteThread, TxKind, WriteLockStats
 
 if TYPE_CHECKING:
     from tgdaemon.leasestore import Reencrypt
 
 log = logging.getLogger("tgdaemon.store")
+_T = TypeVar("_T")
 
 DB_NAME = "tgdaemon.sqlite3"
 LOCK_NAME = "tgdaemon.lock"
@@ -381,40 +385,6 @@ def _is_read_only(exc: BaseException) -> bool:
 # -- schema ----------------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def immediate_transaction(conn: aiosqlite.Connection,
-                                what: str) -> AsyncIterator[aiosqlite.Connection]:
-    """``BEGIN IMMEDIATE`` .. ``COMMIT`` (the write lock up front, so a transaction never
-    fails half-way on a busy database), rolled back on any error; SQLite's errors become
-    :class:`StoreError` naming ``what``."""
-    try:
-        await conn.execute("BEGIN IMMEDIATE")
-    except sqlite3.Error as exc:
-        raise StoreError(f"{what}: {exc}") from None
-    except BaseException:
-        # Cancelled while aiosqlite's thread runs the BEGIN: it may still take the write lock
-        # after we left, and a transaction nobody ends holds it for good (every other writer
-        # of the file, other daemons of a fleet included, then fails "database is locked").
-        # Queued behind the BEGIN, this ROLLBACK ends it; without one it fails harmlessly.
-        with contextlib.suppress(sqlite3.Error):
-            await asyncio.shield(conn.execute("ROLLBACK"))
-        raise
-    try:
-        yield conn
-    except BaseException as exc:
-        with contextlib.suppress(sqlite3.Error):
-            await conn.execute("ROLLBACK")
-        if isinstance(exc, sqlite3.Error):
-            raise StoreError(f"{what}: {exc}") from None
-        raise
-    try:
-        await conn.execute("COMMIT")
-    except sqlite3.Error as exc:
-        with contextlib.suppress(sqlite3.Error):
-            await conn.execute("ROLLBACK")
-        raise StoreError(f"{what}: commit failed: {exc}") from None
-
-
 # -- migrations ------------------------------------------------------------------------------
 
 
@@ -484,12 +454,19 @@ class _Plan:
     updates: dict[tuple[str, ...], list[tuple[Any, ...]]]
 
 
+def _existing_sql(names: Sequence[str]) -> str:
+    return f"SELECT name FROM accounts WHERE name IN ({','.join('?' * len(names))})"
+
+
 async def _existing(conn: aiosqlite.Connection, names: Iterable[str]) -> set[str]:
     """Which of these accounts (at most ``_BATCH``) have a row."""
     names = list(names)
-    placeholders = ",".join("?" * len(names))
-    return {r[0] for r in await conn.execute_fetchall(
-        f"SELECT name FROM accounts WHERE name IN ({placeholders})", names)}
+    return {r[0] for r in await conn.execute_fetchall(_existing_sql(names), names)}
+
+
+def _existing_now(conn: sqlite3.Connection, names: Sequence[str]) -> set[str]:
+    """:func:`_existing` inside a transaction, in the write thread."""
+    return {r[0] for r in conn.execute(_existing_sql(names), names).fetchall()}
 
 
 def _plan_batch(batch: Mapping[str, _Pending], existing: set[str], ring: KeyRing, now: float,
@@ -515,11 +492,11 @@ def _plan_batch(batch: Mapping[str, _Pending], existing: set[str], ring: KeyRing
     return plan
 
 
-async def _apply_plan(conn: aiosqlite.Connection, plan: _Plan) -> None:
+def _apply_plan(conn: sqlite3.Connection, plan: _Plan) -> None:
     if plan.deletes:
-        await conn.executemany("DELETE FROM sessions WHERE account=?", plan.deletes)
+        conn.executemany("DELETE FROM sessions WHERE account=?", plan.deletes)
     if plan.upserts:
-        await conn.executemany(
+        conn.executemany(
             "INSERT INTO sessions (account, record, updated_at) VALUES (?, ?, ?) "
             "ON CONFLICT(account) DO UPDATE SET record=excluded.record, "
             "updated_at=excluded.updated_at",
@@ -527,7 +504,7 @@ async def _apply_plan(conn: aiosqlite.Connection, plan: _Plan) -> None:
         )
     for columns, rows in plan.updates.items():
         assignments = ", ".join(f"{c}=?" for c in columns)  # whitelisted names
-        await conn.executemany(f"UPDATE accounts SET {assignments} WHERE name=?", rows)
+        conn.executemany(f"UPDATE accounts SET {assignments} WHERE name=?", rows)
 
 
 class _Pending:
@@ -559,14 +536,15 @@ class Store:
         keyring: KeyRing,
         clock: Callable[[], float],
         lock_fds: tuple[int, ...],
+        db: SqliteThread,
     ) -> None:
         self._conn = conn
+        self._db = db
         self.path = path
         self._keyring = keyring
         self._clock = clock
         self._lock_fds = lock_fds
         self._lock = asyncio.Lock()
-        self._durable = False
         self._pending: dict[str, _Pending] = {}
         self._inflight: dict[str, _Pending] = {}
         self._outstanding: set[asyncio.Future[None]] = set()
@@ -596,6 +574,11 @@ class Store:
     def keyring(self) -> KeyRing:
         return self._keyring
 
+    @property
+    def lock_stats(self) -> WriteLockStats:
+        """How long this process waited for and held the database's write lock."""
+        return self._db.stats
+
     @classmethod
     async def open(
         cls,
@@ -614,6 +597,7 @@ class Store:
         lock_fds = _acquire_lock(state_dir, lock_name) if lock else ()
         db_path = state_dir / DB_NAME
         conn: aiosqlite.Connection | None = None
+        db: SqliteThread | None = None
         try:
             _check_evidence(state_dir)
             try:
@@ -638,6 +622,8 @@ class Store:
             writable = await _probe_writable(conn) if lock else True
             if writable:
                 _write_marker(state_dir)
+            db = await SqliteThread.open(db_path, name="tgdaemon-store", busy_timeout=5.0,
+                                         durable=False, stats=WriteLockStats())
         except BaseException as exc:
             if conn is not None:
                 with contextlib.suppress(Exception):
@@ -656,7 +642,7 @@ class Store:
             if isinstance(exc, OSError):
                 raise _state_error("open the state database", db_path, exc) from None
             raise
-        store = cls(conn, db_path, keyring, clock, lock_fds)
+        store = cls(conn, db_path, keyring, clock, lock_fds, db)
         if not writable:
             store._mark_read_only("found at open")
         return store
@@ -673,7 +659,10 @@ class Store:
             if not self._closed:
                 self._closed = True
                 try:
-                    await self._conn.close()
+                    try:
+                        await self._db.close()
+                    finally:
+                        await self._conn.close()
                 finally:
                     _release_lock(self._lock_fds)
                     self._lock_fds = ()
@@ -695,24 +684,20 @@ class Store:
         if self._closed:
             raise StoreError(f"state database {self.path} is closed")
 
-    @contextlib.asynccontextmanager
-    async def _tx_locked(self, *, durable: bool) -> AsyncIterator[aiosqlite.Connection]:
-        """A write transaction; the caller holds ``self._lock``."""
+    async def _write_locked(self, fn: Callable[[sqlite3.Connection], _T], kind: TxKind, *,
+                            durable: bool = False) -> _T:
+        """``fn(conn)`` as one write transaction in the write thread; the caller holds
+        ``self._lock``.  ``durable``: ``synchronous=FULL`` (session records)."""
         self._check_open()
-        conn = self._conn
         try:
-            if durable != self._durable:
-                await conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-                self._durable = durable
+            return await self._db.write(fn, kind, durable=durable)
         except sqlite3.Error as exc:
             raise StoreError(f"state database {self.path}: {exc}") from None
-        async with immediate_transaction(conn, f"state database {self.path}"):
-            yield conn
 
-    @contextlib.asynccontextmanager
-    async def _transaction(self, *, durable: bool = False) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock, self._tx_locked(durable=durable) as conn:
-            yield conn
+    async def _write(self, fn: Callable[[sqlite3.Connection], _T], kind: TxKind, *,
+                     durable: bool = False) -> _T:
+        async with self._lock:
+            return await self._write_locked(fn, kind, durable=durable)
 
     async def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         async with self._lock:
@@ -727,17 +712,21 @@ class Store:
     async def ensure_account(self, name: str, device: DeviceInfo | None = None) -> AccountRecord:
         """Create the account if missing; a device is only set where none is stored yet."""
         _check_name(name)
-        async with self._transaction() as conn:
-            await conn.execute(
+        now = self._clock()
+
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 "INSERT INTO accounts (name, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
-                (name, self._clock()),
+                (name, now),
             )
             if device is not None:
-                await conn.execute(
+                conn.execute(
                     "UPDATE accounts SET device_model=?, system_version=?, app_version=? "
                     "WHERE name=? AND device_model IS NULL",
                     (device.device_model, device.system_version, device.app_version, name),
                 )
+
+        await self._write(tx, TxKind.ACCOUNTS)
         record = await self.get_account(name)
         assert record is not None
         return record
@@ -762,17 +751,19 @@ class Store:
             if not accounts:
                 return
         now = self._clock()
-        async with self._transaction() as conn:
-            await conn.executemany(
+        inserts = [(name, now) for name in accounts]
+        devices = [(d.device_model, d.system_version, d.app_version, n)
+                   for n, d in accounts.items() if d is not None]
+
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.executemany(
                 "INSERT INTO accounts (name, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
-                [(name, now) for name in accounts],
-            )
-            await conn.executemany(
+                inserts)
+            conn.executemany(
                 "UPDATE accounts SET device_model=?, system_version=?, app_version=? "
-                "WHERE name=? AND device_model IS NULL",
-                [(d.device_model, d.system_version, d.app_version, n)
-                 for n, d in accounts.items() if d is not None],
-            )
+                "WHERE name=? AND device_model IS NULL", devices)
+
+        await self._write(tx, TxKind.ACCOUNTS)
 
     async def get_account(self, name: str) -> AccountRecord | None:
         rows = await self._read(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE name=?", (name,))
@@ -788,12 +779,15 @@ class Store:
         if not values:
             return
         assignments = ", ".join(f"{column}=?" for column in values)  # whitelisted names only
-        async with self._transaction() as conn:
-            cur = await conn.execute(
+
+        def tx(conn: sqlite3.Connection) -> None:
+            cur = conn.execute(
                 f"UPDATE accounts SET {assignments} WHERE name=?", (*values.values(), name)
             )
             if cur.rowcount == 0:
                 raise AccountError(f"no account named {name!r}")
+
+        await self._write(tx, TxKind.METADATA)
 
     def submit_account(self, name: str, **fields: Any) -> asyncio.Future[None]:
         """Queue a metadata update without blocking (the daemon's path): it is merged with
@@ -809,8 +803,8 @@ class Store:
     async def delete_account(self, name: str) -> None:
         """Remove an account and (by cascade) its session."""
         await self.flush()
-        async with self._transaction(durable=True) as conn:
-            await conn.execute("DELETE FROM accounts WHERE name=?", (name,))
+        await self._write(lambda conn: conn.execute("DELETE FROM accounts WHERE name=?", (name,)),
+                          TxKind.ACCOUNTS, durable=True)
 
     # -- sessions ------------------------------------------------------------------------
 
@@ -943,10 +937,17 @@ class Store:
         try:
             async with self._lock:
                 if self._route is None:
-                    async with self._tx_locked(durable=True) as conn:
-                        plan = _plan_batch(batch, await _existing(conn, batch), self._keyring,
-                                           self._clock(), failed, quiet)
-                        await _apply_plan(conn, plan)
+                    ring, now, names = self._keyring, self._clock(), list(batch)
+
+                    def tx(conn: sqlite3.Connection) -> None:
+                        # Planned (records encrypted) in the write thread: off the event loop,
+                        # and against the rows as they are inside the transaction.
+                        _apply_plan(conn, _plan_batch(batch, _existing_now(conn, names), ring,
+                                                      now, failed, quiet))
+
+                    sessions = any(item.data is not _NO_SESSION for item in batch.values())
+                    await self._write_locked(
+                        tx, TxKind.SESSIONS if sessions else TxKind.METADATA, durable=sessions)
                     routed: dict[str, bytes | None] = {}
                 else:
                     # Session records go to the route; this database gets metadata only, and
@@ -958,9 +959,10 @@ class Store:
                     routed = {n: r for n, r, _at in plan.upserts} | {
                         n: None for (n,) in plan.deletes}
                     if plan.updates:
+                        meta = _Plan([], [], plan.updates)
                         try:
-                            async with self._tx_locked(durable=False) as conn:
-                                await _apply_plan(conn, _Plan([], [], plan.updates))
+                            await self._write_locked(lambda conn: _apply_plan(conn, meta),
+                                                     TxKind.METADATA)
                         except StoreError as exc:
                             meta_error = exc
             if routed:
@@ -1013,12 +1015,13 @@ class Store:
 
     async def save_dc_addresses(self, dc_id: int, addrs: Sequence[tuple[str, int]]) -> None:
         now = self._clock()
-        async with self._transaction() as conn:
-            await conn.execute("DELETE FROM dc_addresses WHERE dc_id=?", (dc_id,))
-            await conn.executemany(
-                "INSERT INTO dc_addresses VALUES (?, ?, ?, ?, ?)",
-                [(dc_id, i, a, p, now) for i, (a, p) in enumerate(addrs)],
-            )
+        rows = [(dc_id, i, a, p, now) for i, (a, p) in enumerate(addrs)]
+
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM dc_addresses WHERE dc_id=?", (dc_id,))
+            conn.executemany("INSERT INTO dc_addresses VALUES (?, ?, ?, ?, ?)", rows)
+
+        await self._write(tx, TxKind.ACCOUNTS)
 
     # -- key rotation --------------------------------------------------------------------
 
@@ -1055,30 +1058,27 @@ class Store:
 
             old = [k for k in ring.key_ids if k != target]
             return await self._route.reencrypt_records(old, limit, sorted(skip), convert)
-        async with self._lock, self._tx_locked(durable=True) as conn:
-            rows = await conn.execute_fetchall(f"SELECT account, {_RECORD_COLUMNS} FROM sessions")
+
+        def tx(conn: sqlite3.Connection) -> tuple[int, int]:
+            rows = conn.execute(f"SELECT account, {_RECORD_COLUMNS} FROM sessions").fetchall()
             stale = [(name, record) for name, record, _kind in rows
                      if record is not None and (kid := record_key_id(record)) != target
                      and kid in ring.key_ids]
+            out: list[tuple[bytes, str]] = []
+            bad = 0
+            for name, record in stale:
+                if len(out) == limit:
+                    break
+                try:
+                    plain = ring.decrypt(record, account=name, purpose=SESSION_PURPOSE)
+                except DecryptionError:  # tampered: left as it is (reported at start)
+                    bad += 1
+                    continue
+                out.append((ring.encrypt(plain, account=name, purpose=SESSION_PURPOSE), name))
+            conn.executemany("UPDATE sessions SET record=? WHERE account=?", out)
+            return len(out), len(stale) - len(out) - bad
 
-            def reencrypt() -> tuple[list[tuple[bytes, str]], int]:
-                out: list[tuple[bytes, str]] = []
-                bad = 0
-                for name, record in stale:
-                    if len(out) == limit:
-                        break
-                    try:
-                        plain = ring.decrypt(record, account=name, purpose=SESSION_PURPOSE)
-                    except DecryptionError:  # tampered: left as it is (reported at start)
-                        bad += 1
-                        continue
-                    out.append((ring.encrypt(plain, account=name, purpose=SESSION_PURPOSE),
-                                name))
-                return out, bad
-
-            updates, bad = await asyncio.to_thread(reencrypt)
-            await conn.executemany("UPDATE sessions SET record=? WHERE account=?", updates)
-        return len(updates), len(stale) - len(updates) - bad
+        return await self._write(tx, TxKind.REKEY, durable=True)
 
     async def rotate(self, new_ring: KeyRing) -> int:
         """Re-encrypt every session under ``new_ring.active`` in ONE transaction.
@@ -1088,28 +1088,24 @@ class Store:
         changed.  Write the new key file *before* calling this, or a crash after the commit
         leaves records under a key only this process knew.
         """
+        target = new_ring.active.key_id
+
+        def tx(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(f"SELECT account, {_RECORD_COLUMNS} FROM sessions").fetchall()
+            updates = []
+            for name, record, kind in rows:
+                if record is None:
+                    raise _not_blob(name, kind)
+                if record_key_id(record) == target:
+                    continue
+                plain = new_ring.decrypt(record, account=name, purpose=SESSION_PURPOSE)
+                updates.append((new_ring.encrypt(plain, account=name, purpose=SESSION_PURPOSE),
+                                name))
+            conn.executemany("UPDATE sessions SET record=? WHERE account=?", updates)
+            return len(updates)
+
         async with self._lock:
-            async with self._tx_locked(durable=True) as conn:
-                rows = await conn.execute_fetchall(
-                    f"SELECT account, {_RECORD_COLUMNS} FROM sessions")
-                target = new_ring.active.key_id
-
-                def reencrypt() -> list[tuple[bytes, str]]:
-                    out = []
-                    for name, record, kind in rows:
-                        if record is None:
-                            raise _not_blob(name, kind)
-                        if record_key_id(record) == target:
-                            continue
-                        plain = new_ring.decrypt(record, account=name, purpose=SESSION_PURPOSE)
-                        out.append((
-                            new_ring.encrypt(plain, account=name, purpose=SESSION_PURPOSE),
-                            name,
-                        ))
-                    return out
-
-                updates = await asyncio.to_thread(reencrypt)
-                await conn.executemany("UPDATE sessions SET record=? WHERE account=?", updates)
+            done = await self._write_locked(tx, TxKind.REKEY, durable=True)
             self._keyring = new_ring
-        log.info("re-encrypted %d session record(s) under key %s", len(updates), target)
-        return len(updates)
+        log.info("re-encrypted %d session record(s) under key %s", done, target)
+        return done

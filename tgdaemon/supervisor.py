@@ -95,7 +95,7 @@ class Supervisor:
             log.warning("%d workers did not stop within %.1fs; waiting for them", len(pending),
                         timeout)
             _done, pending = await asyncio.wait(pending, timeout=2 * CLOSE_TIMEOUT + 5)
-            if pending:  # pragma: no cover - a worker ignoring cancellation is a bug
+            if pending:  # a worker ignoring cancellation is a bug: one summary line
                 log.error("%d workers ignore cancellation", len(pending))
         flushes = [asyncio.ensure_future(s.worker.session.flush())
                    for s in slots if s.worker.session is not None]
@@ -178,10 +178,10 @@ class Supervisor:
             name for name, slot in self._slots.items()
             # An ended task (parked, stopped) is left alone: restarting it would be a retry loop.
             if not slot.task.done() and watchdog_restarts(
-                slot.worker.report.state, now=now, last_progress=slot.worker.last_progress,
-                waiting_until=slot.worker.waiting_until, stale_after=policy.stale_after)
+                slot.worker.report.state, now=now, last_progress=slot.worker.progress.last,
+                waiting_until=slot.worker.progress.waiting_until, stale_after=policy.stale_after)
         ]
-        ages = {name: now - self._slots[name].worker.last_progress for name in stale}
+        ages = {name: now - self._slots[name].worker.progress.last for name in stale}
         # A paused or starved process stalls every worker at once: that is one line, not one
         # per account (the names go to DEBUG; the per-account restart counter has them all).
         level = logging.WARNING if len(stale) <= RESTART_LINES else logging.DEBUG

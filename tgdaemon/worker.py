@@ -4,17 +4,17 @@ Connect, validate, heartbeat; on every failure ask :mod:`tgdaemon.lifecycle` wha
 (backoff and reconnect, a flood wait, parking, a DC migration) and do it. What the outside sees
 (status, metrics, the store's status, the transition log) is written by the account's
 :class:`~tgdaemon.reporter.AccountReporter`, never here. Parked accounts end their task and
-hold no connection: a revoked account costs nothing and sends nothing.
+hold no connection: a revoked account costs nothing and sends nothing. Its route (and
+failover), its deliberate waits and its lease are their own modules: route, progress,
+serverdeadline.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +33,10 @@ from tgdaemon.lifecycle import (
     recovery_for,
 )
 from tgdaemon.plugins import Plugins
+from tgdaemon.progress import Progress
 from tgdaemon.reachability import Reachability
-from tgdaemon.retry import backoff_delay
+from tgdaemon.route import AccountRoute
+from tgdaemon.serverdeadline import ConnectionLease
 from tgdaemon.session import StoreSession
 from tgdaemon.status import UserInfo
 from tgdaemon.store import DeviceInfo
@@ -98,20 +100,18 @@ class AccountWorker:
         self.log = reporter.log
         self.client: ManagedClient | None = None
         self.session: StoreSession | None = None
-        #: Monotonic time of the last proof of progress (a heartbeat, a finished connect).
-        self.last_progress = deps.monotonic()
-        #: Monotonic deadline of a deliberate wait (backoff, flood wait); the watchdog ignores
-        #: a worker that is waiting on purpose.
-        self.waiting_until: float | None = None
+        #: What the watchdog sees: the last progress, a deliberate wait in progress.
+        self.progress = Progress(deps.monotonic, deps.reachability)
         self._initial = session_data
-        self._network_failures = 0
         #: Consecutive failures per category; cleared by the first heartbeat of a connection,
         #: not by connecting: a server that accepts and then drops must still see backoff grow.
         self._attempts: dict[Category, int] = {}
         #: Monotonic time of the first failure of that streak (how long it has persisted).
         self._failing_since = 0.0
-        #: The route of the network failure being retried: the next attempt waits its turn.
-        self._retry_route: Hashable | None = None
+        #: Fleet mode: the lease on this account's connection.
+        self._lease = None if deps.lease is None else ConnectionLease(deps.lease, self.name)
+        #: The way to the server (created with the session: it moves the session's address).
+        self._route: AccountRoute | None = None
         self._catch_ups = 0
         self._watch = ConnectionWatch()
         self._plugins = Plugins(account, reporter)
@@ -157,6 +157,8 @@ class AccountWorker:
             return
         self.session = StoreSession(self.deps.store, self.name, initial)
         self.report.dc(initial.dc_id, persist=False)
+        self._route = AccountRoute(self.session, self.account.proxy, self.deps.directory,
+                                   self.deps.reachability, self.report)
         self._sessions = AuthorizationWatch(
             self.log, since=float(initial.date or self.deps.clock()),
             interval=self.deps.settings.current.security.check_interval,
@@ -165,14 +167,15 @@ class AccountWorker:
             self.report.transition(State.RECONNECTING if self._attempts else State.CONNECTING,
                                    "connecting")
             try:
-                async with self._connect_slot():
+                async with self.progress.slot(self.deps.limiter.in_flight):
                     await self._connect()
                     me = await self._validate()
                     # help.getConfig, once per daemon: every DC's addresses for failover.
                     await self.deps.directory.refresh(
                         lambda: self._rpc(functions.help.GetConfigRequest()))
                 self._catch_ups = 0
-                self._arm_server_disconnect()  # again: validating may have taken a while
+                if self._lease is not None:  # again: validating may have taken a while
+                    self._lease.arm(self.client)
                 a = self.account
                 self.report.connected_as(
                     UserInfo(me.id, me.username, me.first_name), self.session.dc_id,
@@ -227,7 +230,7 @@ class AccountWorker:
                 await self._close_client()
                 return False
             case Action.WAIT:  # a short flood wait: the connection stays up, nothing is sent
-                await self._deliberate_wait(rec.delay)
+                await self.progress.wait(rec.delay)
                 return True
             case Action.MIGRATE:
                 assert rec.new_dc is not None
@@ -239,17 +242,14 @@ class AccountWorker:
                     return await self._recover(again)
                 return True
             case Action.RETRY:
+                assert self._route is not None
                 route = None
                 if c.category is Category.NETWORK:
-                    self.deps.reachability.failed(self._route(), rec.delay)
-                    self._network_failures += 1
-                    if self._network_failures >= self.policy.failover_after:
-                        self._fail_over(self._network_failures)
-                    route = self._route()  # the next address after a failover
+                    route = self._route.failed(rec.delay, self.policy.failover_after)
                 await self._close_client()
                 # Another account reaching the route ends the wait (tgdaemon.reachability).
-                await self._deliberate_wait(rec.delay, route)
-                self._retry_route = route
+                await self.progress.wait(rec.delay, route)
+                self._route.retry = route
                 return True
 
     async def _migrate(self, new_dc: int) -> None:
@@ -264,56 +264,7 @@ class AccountWorker:
         self._watch.watch(self.client)
         self.report.dc(self.session.dc_id)
 
-    def _fail_over(self, failures: int) -> bool:
-        """Move to the DC's next address (after ``failures`` consecutive failures on this one,
-        ours or, waiting for a probe, the fleet's); False when it has no other address."""
-        assert self.session is not None
-        dc_id = self.session.dc_id
-        addresses = self.deps.directory.addresses(dc_id)
-        if len(addresses) < 2:
-            return False
-        current = (self.session.server_address, self.session.port)
-        index = addresses.index(current) if current in addresses else -1
-        host, port = addresses[(index + 1) % len(addresses)]
-        self.report.failover(dc_id, failures)
-        self.session.set_dc(dc_id, host, port)
-        self._network_failures = 0
-        return True
-
-    async def _deliberate_wait(self, delay: float, route: Hashable | None = None) -> None:
-        """Sleep ``delay``; with a ``route``, until another account reaches it if sooner."""
-        if delay <= 0:
-            return
-        self.waiting_until = self.deps.monotonic() + delay
-        try:
-            if route is None:
-                await asyncio.sleep(delay)
-            else:
-                await self.deps.reachability.sleep(route, delay)
-        finally:
-            self.waiting_until = None
-            self.last_progress = self.deps.monotonic()
-
     # -- connection ------------------------------------------------------------------------
-
-    @contextlib.asynccontextmanager
-    async def _connect_slot(self) -> AsyncIterator[None]:
-        """Hold one of the daemon's connects-in-flight slots; queueing for it is a deliberate
-        wait (the watchdog leaves a worker alone while thousands connect before it)."""
-        slots = self.deps.limiter.in_flight
-        if slots is None:
-            yield
-            return
-        self.waiting_until = math.inf
-        try:
-            await slots.acquire()
-        finally:
-            self.waiting_until = None
-            self.last_progress = self.deps.monotonic()
-        try:
-            yield
-        finally:
-            slots.release()
 
     async def _connect(self) -> None:
         assert self.session is not None
@@ -321,13 +272,12 @@ class AccountWorker:
             if self._watch.lost:
                 self._watch.watch(self.client)  # e.g. after a DC switch
             return
-        route, self._retry_route = self._retry_route, None
-        if route is not None:
-            await self._await_turn(route)
+        assert self._route is not None
+        await self._route.await_turn(self.policy, self.deps.rng, self.progress.wait)
         # Waiting for a connect slot is a deliberate wait, not a stuck worker.
-        await self._deliberate_wait(self.deps.limiter.reserve())
-        if self.deps.lease is not None and not self.deps.lease.holds(self.name):
-            raise LeaseLostError(self.name)
+        await self.progress.wait(self.deps.limiter.reserve())
+        if self._lease is not None:
+            self._lease.check()
         if self.client is None:
             self.client = build_client(self.deps.client_cls, self.session,
                                        self.deps.settings.current, self.account)
@@ -337,8 +287,8 @@ class AccountWorker:
             if self._sessions is not None:
                 self._sessions.attach(self.client)
         client = self.client
-        if self.deps.lease is not None:  # the server's deadline before any use of the key
-            client._sender.first_request = self._server_deadline
+        if self._lease is not None:  # the server's deadline before any use of the key
+            self._lease.install(client)
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that
             # arrives as connect() fails, and the stopped worker would reconnect forever.
@@ -351,43 +301,15 @@ class AccountWorker:
                 # an unknown state: abandon this client object, build a fresh one next time.
                 self.client = None
             raise
-        self.deps.reachability.reached(self._route())
+        self._route.reached()
         # Fleet mode: the server's deadline went first on the connection; the lease may
         # have lapsed while connecting.
-        if self.deps.lease is not None and not self.deps.lease.holds(self.name):
-            raise LeaseLostError(self.name)
+        if self._lease is not None:
+            self._lease.check()
         # A fresh auth key must be durable before anything binds it to a user.
         await self.session.flush()
         self._watch.watch(client)
-        self.last_progress = self.deps.monotonic()
-
-    async def _await_turn(self, route: Hashable) -> None:
-        """Retrying on a route that is down: attempt as its probe, or wait until an account
-        reaches it (or, should no probe ever succeed, for a backoff of our own)."""
-        policy = self.policy
-        reach = self.deps.reachability
-        waits = 0
-        moved = False
-        while not reach.claim(route, hold=policy.connect_timeout):
-            failures = reach.failures(route)
-            if not moved and failures >= policy.failover_after and self._fail_over(failures):
-                # The fleet's failures on this address count: try the DC's next one now
-                # rather than each account failing there on its own first (once per turn).
-                moved = True
-                route = self._route()
-                continue
-            fallback = backoff_delay(waits, base=policy.backoff_base, cap=policy.backoff_cap,
-                                     jitter=policy.backoff_jitter, rng=self.deps.rng)
-            waits += 1
-            await self._deliberate_wait(fallback, route)
-
-    def _route(self) -> Hashable:
-        """The way this account reaches its server: the DC's address it uses, through its
-        proxy if any."""
-        assert self.session is not None
-        proxy = self.account.proxy
-        return (self.session.server_address, self.session.port, None if proxy is None else
-                (proxy.scheme, proxy.host, proxy.port))
+        self.progress.made()
 
     async def _validate(self) -> types.User:
         """A real call (users.getUsers([self])) proves the session is logged in."""
@@ -409,12 +331,13 @@ class AccountWorker:
             # updates.getState is the heartbeat: a real encrypted round trip that proves the
             # connection works *and* tells the server's update state, in one RPC per account.
             server = await self._rpc(functions.updates.GetStateRequest())
-            self.last_progress = self.deps.monotonic()
+            beat = self.progress.made()
             if self._attempts:
                 self._attempts.clear()
-                self._network_failures = 0
+                assert self._route is not None
+                self._route.network_failures = 0
             # Telethon follows a USER_MIGRATE inside the call: the DC is read, not assumed.
-            self.report.heartbeat(self.last_progress - started, self.session.dc_id)
+            self.report.heartbeat(beat - started, self.session.dc_id)
             if self._sessions is not None:
                 await self._sessions.step(self._rpc, self.deps.settings.current, self.account,
                                           self.report)
@@ -423,29 +346,11 @@ class AccountWorker:
             if gap_streak >= self.policy.update_gap_heartbeats:
                 gap_streak = 0
                 await self._on_update_gap(server.pts, local)
-            if self.last_progress - housekept >= HOUSEKEEPING_INTERVAL:
-                housekept = self.last_progress
+            if beat - housekept >= HOUSEKEEPING_INTERVAL:
+                housekept = beat
                 await self.client.keep_house()
-            self._arm_server_disconnect()
-
-    def _arm_server_disconnect(self) -> None:
-        """Fleet mode: ask the server to close this connection when the lease's local deadline
-        passes without a newer ping (``ping_delay_disconnect``), so a paused or cut-off
-        process cannot keep using the session next to its new owner."""
-        lease = self.deps.lease
-        if lease is None:
-            return
-        if not lease.holds(self.name):
-            raise LeaseLostError(self.name)
-        assert self.client is not None
-        self.client._sender.send_unawaited(self._server_deadline())
-
-    def _server_deadline(self) -> Any:
-        """The ``ping_delay_disconnect`` for the lease's local deadline as of now."""
-        assert self.deps.lease is not None
-        return functions.PingDelayDisconnectRequest(
-            ping_id=int(time.time() * 1e6),
-            disconnect_delay=self.deps.lease.disconnect_delay(self.name))
+            if self._lease is not None:  # re-arm the server's deadline
+                self._lease.arm(self.client)
 
     async def _until_next_beat(self) -> None:
         """Sleep until the next heartbeat is due; :meth:`reschedule` re-arms the wait with

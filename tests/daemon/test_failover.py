@@ -381,7 +381,7 @@ async def test_a_fleet_wide_stall_is_one_watchdog_line(
         assert daemon.supervisor is not None
         workers = [daemon.supervisor.worker(n) for n in names]
         # One look once every worker is overdue, as a tick after a pause sees them.
-        await wait_until(lambda: all(time.monotonic() - w.last_progress > 1.6 for w in workers),
+        await wait_until(lambda: all(time.monotonic() - w.progress.last > 1.6 for w in workers),
                          15, "every worker overdue")
         caplog.clear()
         assert await daemon.check() == len(names)  # serve() does this every tick

@@ -7,19 +7,32 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import json
 import logging
 import os
 import socket
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from tests.conftest import wait_for_condition
-from tgdaemon.http import SUBSCRIPTIONS, HttpLimits, HttpServer, StatusEncoder, build_app
+from tgdaemon.http import (
+    ACCESS_LOG_RATE,
+    REGISTRY,
+    SUBSCRIPTIONS,
+    HttpLimits,
+    HttpServer,
+    LineBudget,
+    StatusEncoder,
+    build_app,
+)
+from tgdaemon.httpsend import OUTBOX
 from tgdaemon.status import State, StatusBoard
 
 FAST = HttpLimits(max_connections=16, request_timeout=0.5, keepalive_timeout=0.5,
@@ -127,6 +140,26 @@ async def test_an_idle_keepalive_connection_is_closed(serve):
     finally:
         sock.close()
     assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_a_request_head_has_at_most_32_header_lines(serve):
+    """aiohttp allows 128 lines of up to 8 KiB: ~2 MB in the process per connection, held
+    for up to the head timeout (200 connections: +400 MB)."""
+    served = await serve(HttpLimits(request_timeout=5))
+
+    async def status(lines: int) -> bytes:
+        sock = await served.connect()
+        try:
+            extra = "".join(f"X-Filler-{i}: {'a' * 100}\r\n" for i in range(lines - 1))
+            await asyncio.get_running_loop().sock_sendall(sock, (
+                f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}Connection: close\r\n"
+                "\r\n").encode())
+            return (await closed_by_server(sock)).partition(b"\r\n")[0]
+        finally:
+            sock.close()
+
+    assert await status(31) == b"HTTP/1.1 200 OK"
+    assert (await status(33)).endswith(b" 400 Bad Request")
 
 
 async def test_connections_beyond_the_cap_get_503_and_are_closed(serve, caplog):
@@ -261,6 +294,153 @@ def test_a_status_is_encoded_once_whoever_receives_it():
     assert encoder.snapshot(board.snapshot()) is snapshot
     board.update("bob", state=State.CONNECTED)
     assert b'"connected"' in encoder.snapshot(board.snapshot())
+    # The /status document: the same statuses behind a summary; one object while unchanged.
+    document = encoder.document(board.summary(), board.snapshot())
+    assert json.loads(document) == {"summary": board.summary(),
+                                    "accounts": [s.to_json() for s in board.snapshot()]}
+    assert encoder.document(board.summary(), board.snapshot()) is document
+    board.note = "a note"
+    assert json.loads(encoder.document(board.summary(), board.snapshot()))["summary"] \
+        .endswith("; a note")
     board.remove("bob")
     encoder.snapshot(board.snapshot())
     assert len(encoder._cache) == 1  # removed accounts are forgotten
+
+
+async def raw_get(served: Served, path: str) -> socket.socket:
+    """``GET path`` on a raw socket with the smallest receive buffer; the caller reads
+    nothing (or reads what it wants)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", served.server.port))
+    await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    return sock
+
+
+def answer_head(sock: socket.socket) -> bytes | None:
+    """The answer's head, peeked (the client still reads nothing), or None before it came."""
+    try:
+        data = sock.recv(4096, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
+    return data.partition(b"\r\n\r\n")[0] if b"\r\n\r\n" in data else None
+
+
+async def test_large_answers_beyond_the_backlog_get_503_until_the_deadline_frees_it(
+        serve, caplog):
+    """A client takes a 1 MB /status answer and does not read: over a 256 KiB backlog, the
+    next large answer is a 503 with Retry-After at once (a small one is served); at the send
+    deadline the first client is cut off and large answers go out again."""
+    caplog.set_level(logging.INFO, "tgdaemon.http")
+    limits = HttpLimits(send_timeout=1.0, answer_backlog=256 * 1024)
+    served = await serve(limits, accounts=3000)
+    outbox = served.app[OUTBOX]
+    stuck = await raw_get(served, "/status")
+    try:
+        await wait_for_condition(lambda: answer_head(stuck) is not None, 5, "the answer's head")
+        head = answer_head(stuck)
+        assert head is not None
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert outbox.held() > limits.answer_backlog
+        async with aiohttp.ClientSession() as http:
+            async with http.get(served.url + "/status") as resp:
+                assert resp.status == 503
+                assert resp.headers["Retry-After"] == "1"
+            async with http.get(served.url + "/healthz") as resp:
+                assert resp.status == 200
+            # The first one is cut off at the deadline (it still reads nothing), which frees
+            # the backlog.
+            await wait_for_condition(lambda: outbox.sending == 0, 5, "the non-reader cut off")
+            assert outbox.held() == 0
+            async with http.get(served.url + "/status") as resp:
+                assert resp.status == 200
+                assert len((await resp.json())["accounts"]) == 3000
+    finally:
+        stuck.close()
+    assert "large HTTP answer refused: clients that do not read hold 262144 bytes" in caplog.text
+    assert "HTTP client disconnected: did not take a large answer within 1 s" in caplog.text
+
+
+class BlockedCollector:
+    """A registry's collector whose ``collect`` waits until released: a render in progress
+    for as long as the test wants. Counts how often it was collected."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.calls = 0
+
+    def collect(self) -> Iterator[Metric]:
+        self.calls += 1
+        self.entered.set()
+        self.release.wait(10)
+        family = GaugeMetricFamily("test_series", "many series", labels=("n",))
+        for n in range(5000):
+            family.add_metric((str(n),), n)
+        yield family
+
+
+async def test_concurrent_scrapes_share_one_render(serve):
+    served = await serve()
+    collector = BlockedCollector()
+    served.app[REGISTRY].register(collector)
+    url = served.url + "/metrics"
+    headers = {"Accept-Encoding": "identity"}
+    try:
+        async with aiohttp.ClientSession() as http:
+            async def scrape() -> bytes:
+                async with http.get(url, headers=headers) as resp:
+                    assert resp.status == 200
+                    return await resp.read()
+
+            first = asyncio.ensure_future(scrape())
+            await asyncio.get_running_loop().run_in_executor(None, collector.entered.wait, 5)
+            others = [asyncio.ensure_future(scrape()) for _ in range(4)]
+            # Every request reached its handler while the first render is still running.
+            await wait_for_condition(lambda: requests_in_progress(served) == 5, 5)
+            collector.release.set()
+            bodies = await asyncio.gather(first, *others)
+    finally:
+        collector.release.set()
+    assert collector.calls == 1
+    assert len(bodies[0]) > 64 * 1024  # a large answer: sent by the outbox
+    assert all(body == bodies[0] for body in bodies)
+    assert b'test_series{n="4999"} 4999.0' in bodies[0]
+
+
+def requests_in_progress(served: Served) -> int:
+    runner = served.server._runner
+    assert runner is not None
+    assert runner.server is not None
+    return sum(1 for h in runner.server.connections if h._request_in_progress)
+
+
+def test_access_log_lines_are_budgeted():
+    now = [0.0]
+    budget = LineBudget(2, lambda: now[0])
+    assert [budget.take() for _ in range(4)] == [0, 0, None, None]  # a second's worth
+    now[0] += 0.5
+    assert [budget.take(), budget.take()] == [2, None]  # one line back: it says 2 skipped
+    now[0] += 10
+    assert [budget.take(), budget.take(), budget.take()] == [1, 0, None]  # full, never more
+
+
+async def test_a_request_flood_writes_a_bounded_access_log(serve, caplog):
+    caplog.set_level(logging.INFO, "tgdaemon.http.access")
+    served = await serve()
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as http:
+        for _ in range(4 * ACCESS_LOG_RATE):
+            async with http.get(served.url + "/healthz") as resp:
+                assert resp.status == 200
+        elapsed = time.monotonic() - started
+        lines = caplog.text.count('"GET /healthz" status=200')
+        assert lines <= ACCESS_LOG_RATE * (1 + elapsed) + 1, (lines, elapsed)
+
+        async def logged() -> bool:  # the next request that gets a line says how many did not
+            async with http.get(served.url + "/healthz"):
+                return "access log: unlogged=" in caplog.text
+
+        await wait_for_condition(logged, 5, "the unlogged count")

@@ -17,16 +17,18 @@ from tgdaemon.crypto import KeyRing, record_key_id, write_key_file
 from tgdaemon.leasestore import PgLeaseStore
 from tgdaemon.store import SESSION_PURPOSE, SessionData
 
-WORKER = Path(__file__).with_name("_pg_rotation_worker.py")
+#: The store crash tests' worker: its ``online`` mode with a URL re-encrypts the fleet's records.
+WORKER = Path(__file__).parents[1] / "store" / "_store_crash_worker.py"
 N = 1500
 KILLS = 8
 SEED = int(os.environ.get("TGDAEMON_CRASH_SEED", str(random.randrange(1 << 30))))
 
 
-def spawn(children: Spawn, *args: str) -> subprocess.Popen[str]:
+def spawn(children: Spawn, url: str, state_dir: str, key_file: str,
+          batch: str) -> subprocess.Popen[str]:
     """A worker, killed and reaped at the end of the test whatever happens to it here."""
     root = Path(__file__).resolve().parents[2]
-    return children([sys.executable, str(WORKER), *args],
+    return children([sys.executable, str(WORKER), "online", state_dir, key_file, batch, url],
                     env={**os.environ, "PYTHONPATH": str(root)})
 
 

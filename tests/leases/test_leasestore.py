@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -175,3 +177,52 @@ async def test_an_instance_that_stops_renewing_is_counted_lost(
     await wait_until(one_lost, timeout=10, message="quiet instance lost")
     await leases.unregister("quiet")  # a clean stop is not a loss: its row is gone
     assert [i.id for i in await leases.instances()] == ["busy"]
+
+
+async def _sqlite_leases(state_dir: Path, keyring: KeyRing, **kwargs: float
+                         ) -> SqliteLeaseStore:
+    async with await Store.open(state_dir, keyring, lock=False):
+        pass
+    leases = await SqliteLeaseStore.open(state_dir / DB_NAME, **kwargs)
+    await leases.sync_accounts({"a": True})
+    await leases.register("one", 10)
+    assert await leases.claim("one", 1, TTL) == {"a": 1}
+    return leases
+
+
+async def test_sqlite_renewal_does_not_queue_behind_other_lease_work(
+        state_dir: Path, keyring: KeyRing) -> None:
+    """Renewals have their own connection and thread: a slow claim, read or session write of
+    this daemon (here: the lease thread kept busy) does not delay them."""
+    leases = await _sqlite_leases(state_dir, keyring)
+    busy = threading.Event()
+    blocked = asyncio.ensure_future(leases._run(lambda conn: busy.wait(60), None))
+    try:
+        assert await asyncio.wait_for(leases.renew("one", TTL), 20) == {"a": 1}
+        assert not blocked.done()
+    finally:
+        busy.set()
+        await blocked
+        await leases.close()
+
+
+async def test_sqlite_renewal_retries_while_another_daemon_holds_the_lock(
+        state_dir: Path, keyring: KeyRing, wait_until: WaitUntil) -> None:
+    """A renewal that finds the write lock busy is tried again within its patience (each
+    attempt waits at most a quarter of it), and fails as a StoreError once it is spent."""
+    leases = await _sqlite_leases(state_dir, keyring, renew_patience=2.0)
+    other = sqlite3.connect(state_dir / DB_NAME, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another daemon's transaction
+        renewal = asyncio.ensure_future(leases.renew("one", TTL))
+        await wait_until(lambda: leases.renew_retries >= 1, timeout=20,
+                         message="renewal tried again")
+        other.execute("COMMIT")
+        assert await asyncio.wait_for(renewal, 20) == {"a": 1}
+        other.execute("BEGIN IMMEDIATE")  # now held beyond the patience
+        with pytest.raises(StoreError, match="locked"):
+            await asyncio.wait_for(leases.renew("one", TTL), 20)
+        other.execute("COMMIT")
+    finally:
+        other.close()
+        await leases.close()

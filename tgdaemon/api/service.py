@@ -18,6 +18,7 @@ import base64
 import binascii
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -49,6 +50,7 @@ from tgdaemon.api.sessions import list_sessions, terminate_sessions
 from tgdaemon.api.tljson import TlJsonError, build_request, to_json
 from tgdaemon.apiconfig import ApiClient, ApiMethod, authenticate
 from tgdaemon.exceptions import AccountError, ConfigError
+from tgdaemon.httpsend import OUTBOX, SEND_BUFFER, Outbox, bounded_answers, limit_send_buffer
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
@@ -275,9 +277,16 @@ async def _serve_unix(api: AccountApi, path: Path) -> web.AppRunner:
         else:
             writer.close()
             raise ConfigError(f"api.unix_socket {path} is in use by another process")
-    app = web.Application(client_max_size=MAX_BODY)
+    from tgdaemon.http import HttpLimits
+
+    # Large answers (the accounts list, invoke results) bounded as on the TCP listener, with
+    # a budget of their own.
+    limits = HttpLimits()
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[bounded_answers])
+    app[OUTBOX] = Outbox(backlog=limits.answer_backlog, timeout=limits.send_timeout,
+                         socket_buffer=limits.send_buffer)
     api.register(app)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, max_headers=limits.max_headers)
     await runner.setup()
     try:
         site = web.UnixSite(runner, str(path))
@@ -399,14 +408,23 @@ def _through_account(method: ApiMethod, prepare: Callable[[web.Request], Awaitab
 
 
 
+#: The OpenAPI document (23 KB) encoded once: anyone who reaches the port may ask for it.
+_OPENAPI_BODY = json.dumps(OPENAPI).encode()
+
+
 async def _openapi(request: web.Request) -> web.Response:
-    return _json(OPENAPI)
+    return web.Response(body=_OPENAPI_BODY, content_type="application/json", charset="utf-8",
+                        headers={"Cache-Control": "no-store"})
 
 
 async def _accounts(request: web.Request) -> web.StreamResponse:
     api = _api(request)
 
     async def work(client: ApiClient) -> Any:
+        outbox = request.app.get(OUTBOX)
+        if outbox is not None and outbox.full():  # ~3 MB at 10,000 that could not go out
+            raise ApiError(Outcome.OVERLOADED, "clients that do not read hold the answers' "
+                           "memory", retry_after=max(1, math.ceil(outbox.timeout)))
         # 10,000 statuses are ~3 MB of JSON and ~0.3 s of Python: a turn like a call to
         # Telegram, and encoded off the loop.
         async with api.gateway.turn(client.name, FLEET_LANE):
@@ -418,6 +436,12 @@ async def _accounts(request: web.Request) -> web.StreamResponse:
 
 
 async def _account(request: web.Request) -> web.StreamResponse:
+    """One account's status, without a turn: it reads one object the board holds in memory
+    (no store, no Telegram, no thread) and answers ~0.5 KB of JSON, so it costs the loop what
+    refusing it with a 429 would; a turn would only make it wait behind calls to Telegram.
+    What a burst of it costs is bounded like any request's: by the connection cap, one
+    request at a time per connection (tests/api: 3,000 from 40 connections as fast as they
+    go leave the other accounts' heartbeats on time)."""
     api = _api(request)
     name = request.match_info["name"]
 
@@ -579,6 +603,8 @@ async def _stream(request: web.Request, api: AccountApi, client: ApiClient,
     api._sockets.add(ws)
     try:
         await ws.prepare(request)
+        # A consumer that stops reading: the kernel keeps 128 KiB for it, not up to 4 MiB.
+        limit_send_buffer(request.transport, SEND_BUFFER)
         api.count(client, None, ApiMethod.UPDATES, Outcome.OK)
         try:
             overflowed = await _pump(ws, buffer, sub, after, upto)

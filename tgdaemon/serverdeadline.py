@@ -1,0 +1,51 @@
+"""The lease on one account's connection (fleet mode): the worker's side of tgdaemon/leases.py.
+
+Several daemons share the fleet; an account's session may be used only while this daemon
+holds its lease. The worker checks the lease before it connects and again once connected (the
+lease may lapse meanwhile), and keeps the server's ``ping_delay_disconnect`` armed to the
+lease's local deadline, sent first on every connection and re-armed after each heartbeat: a
+paused or cut-off process cannot close its own connections, so the server closes them before
+the next owner connects.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from telethon import functions
+
+from tgdaemon.leases import LeaseGate, LeaseLostError
+
+
+class ConnectionLease:
+    """One account's lease as its worker uses it (only in fleet mode: one per worker)."""
+
+    __slots__ = ("_gate", "_name")
+
+    def __init__(self, gate: LeaseGate, name: str) -> None:
+        self._gate = gate
+        self._name = name
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLostError` unless this daemon may use the session now."""
+        if not self._gate.holds(self._name):
+            raise LeaseLostError(self._name)
+
+    def install(self, client: Any) -> None:
+        """Send the server's deadline first on each connection of ``client``, before any use
+        of the key."""
+        client._sender.first_request = self.server_deadline
+
+    def arm(self, client: Any) -> None:
+        """Re-arm the server's deadline: close this connection when the lease's local deadline
+        passes without a newer ping."""
+        self.check()
+        assert client is not None
+        client._sender.send_unawaited(self.server_deadline())
+
+    def server_deadline(self) -> Any:
+        """The ``ping_delay_disconnect`` for the lease's local deadline as of now."""
+        return functions.PingDelayDisconnectRequest(
+            ping_id=int(time.time() * 1e6),
+            disconnect_delay=self._gate.disconnect_delay(self._name))
