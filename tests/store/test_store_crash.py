@@ -26,6 +26,9 @@ from tgdaemon.store import DB_NAME, SESSION_PURPOSE, SessionData, Store
 WORKER = Path(__file__).with_name("_store_crash_worker.py")
 KILLS = int(os.environ.get("TGDAEMON_CRASH_KILLS", "50"))
 SEED = int(os.environ.get("TGDAEMON_CRASH_SEED", str(random.randrange(1 << 30))))
+#: A worker process per kill (~0.4 s of CPU each to start): pytest's 60 s is too short for
+#: the loops on a loaded machine (they ran out at load 15); scales with the kills of a soak.
+SLOW = pytest.mark.timeout(120 + 4 * KILLS)
 
 
 def spawn(children: Spawn, *args: str) -> subprocess.Popen[str]:
@@ -65,6 +68,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> SessionBackend:
     return SessionBackend(tmp_path / "state", url)
 
 
+@SLOW
 def test_sigkill_while_writing_sessions(tmp_path: Path, backend: SessionBackend,
                                         children: Spawn) -> None:
     rng = random.Random(SEED)
@@ -169,6 +173,7 @@ def rotate_once(children: Spawn, work: Path, old: KeyRing, pristine: Path,
     return ids, new, elapsed, finished
 
 
+@SLOW
 def test_sigkill_during_rotation(tmp_path: Path, children: Spawn) -> None:
     """Either every record is under the old key or every record under the new one."""
     rng = random.Random(SEED)
@@ -189,6 +194,7 @@ def test_sigkill_during_rotation(tmp_path: Path, children: Spawn) -> None:
     assert outcomes, f"seed {SEED}: no kill landed inside a rotation"
 
 
+@SLOW
 def test_sigkill_loop_during_online_rotation(tmp_path: Path, children: Spawn) -> None:
     """The daemon's background re-encryption (small durable batches), SIGKILLed again and
     again: after every kill each record decrypts with the ring on disk and is under the old
