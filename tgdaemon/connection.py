@@ -29,6 +29,8 @@ from telethon.network import (
 )
 from telethon.network.connection.connection import Connection, ObfuscatedConnection
 
+from tgdaemon.leanqueue import LeanQueue
+
 if TYPE_CHECKING:
     from tgdaemon.config import Proxy
 
@@ -78,6 +80,12 @@ class _CappedRecv:
     #: sender reads the error, which then only sees "Not connected"; ``send``/``recv`` restore
     #: it so the worker's status names the cause.
     _refused: FrameTooLargeError | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Telethon's two Queue(1)s hold ~6 KB of empty deques per connection.
+        self._send_queue: LeanQueue[bytes] = LeanQueue(1)
+        self._recv_queue: LeanQueue[Any] = LeanQueue(1)
 
     async def _recv(self) -> bytes:
         source = self._obfuscation if self._obfuscation is not None else self._reader
