@@ -30,6 +30,7 @@ from tgdaemon.lifecycle import (
     Classified,
     State,
     heartbeat_delay,
+    heartbeat_tick,
     recovery_for,
 )
 from tgdaemon.plugins import Plugins
@@ -43,6 +44,7 @@ from tgdaemon.store import DeviceInfo
 from tgdaemon.telegram import ManagedClient, build_client, local_update_pts
 from tgdaemon.updates import observe_updates
 from tgdaemon.watch import AuthorizationWatch
+from tgdaemon.wheel import TimerWheel
 
 if TYPE_CHECKING:
     from tgdaemon.config import AccountConfig, ConfigHolder, PolicyConfig
@@ -81,6 +83,8 @@ class WorkerDeps:
     lease: LeaseGate | None = None
     #: One account reaching a server wakes the others backing off from it.
     reachability: Reachability = field(default_factory=Reachability)
+    #: The heartbeat waits' shared timers: accounts due in one tick beat together.
+    wheel: TimerWheel = field(default_factory=TimerWheel)
 
 
 class AccountWorker:
@@ -113,7 +117,7 @@ class AccountWorker:
         #: The way to the server (created with the session: it moves the session's address).
         self._route: AccountRoute | None = None
         self._catch_ups = 0
-        self._watch = ConnectionWatch()
+        self._watch = ConnectionWatch(deps.wheel)
         self._plugins = Plugins(account, reporter)
         #: A failure another caller (the account API) ran into on this account's client,
         #: raised at the heartbeat wait so the usual recovery applies to it.
@@ -367,9 +371,11 @@ class AccountWorker:
         began = self.deps.monotonic()
         while True:
             self._raise_reported()
-            due = began + heartbeat_delay(self.policy.heartbeat_interval, self.deps.rng)
+            interval = self.policy.heartbeat_interval
+            due = began + heartbeat_delay(interval, self.deps.rng)
             remaining = due - self.deps.monotonic()
-            if remaining <= 0 or await self._watch.sleep(remaining, self.client):
+            if remaining <= 0 or await self._watch.sleep(remaining, self.client,
+                                                         heartbeat_tick(interval)):
                 self._raise_reported()
                 return
 

@@ -143,6 +143,12 @@ async def harness(tmp_path, make_config, login_account, notify, processes) -> Ha
     return Harness(tmp_path, config, port, notify, processes, uid)
 
 
+def _differences(dc: LocalDC, uid: int) -> int:
+    """getDifference requests the local DC answered for this user (it answers each one at
+    once, in the step that counts it)."""
+    return int(dc.counters(user_id=uid)["requests"].get("updates.getDifference", 0))
+
+
 def _push(dc: LocalDC, uid: int, n: int, tag: str) -> list[int]:
     return [dc.push_update(uid, f"{tag} {i}") for i in range(n)]  # type: ignore[misc]
 
@@ -151,7 +157,13 @@ async def test_messages_sent_while_stopped_arrive_exactly_once_even_many_slices(
         harness: Harness, localdc: LocalDC):
     """(a) a clean stop, then (e) more than one difference slice's worth while stopped."""
     h = harness
+    diffs = _differences(localdc, h.uid)
     daemon = await h.start()
+    # "connected" comes before the connection's first catch-up: a message pushed before the
+    # server answered that getDifference is in it, i.e. rightly recovered (a daemon slow to
+    # send it, on a loaded machine). Pushed after the answer (written first), it is live.
+    await wait_for_condition(lambda: _differences(localdc, h.uid) > diffs, 20,
+                             "the first catch-up answered")
     live = _push(localdc, h.uid, 1, "live")
     await h.recorded.wait(live)
     await h.stop()
