@@ -25,6 +25,7 @@ not rot.  The lead's run: ``make bench-cluster`` (N = 40,000, 4 daemons, 4 local
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -32,6 +33,7 @@ import resource
 import shutil
 import signal
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -286,16 +288,20 @@ def run(args: argparse.Namespace, work: Path, out: dict[str, Any]) -> None:
     finally:
         if "write_lock" not in out:  # failed before the idle window: how the lock fared
             _write_lock(fleets, out)
-        for f in fleets.values():  # all at once: one by one, the last ones claim the rest
-            if f.proc.poll() is None:
-                os.kill(f.pid, signal.SIGTERM)
-        for i, f in fleets.items():
+        # All at once (one by one, the last ones would claim what the others release), and
+        # one SIGTERM each: a second one during the stop ends a daemon without its timeline.
+        stopping = [i for i, f in fleets.items() if f.proc.poll() is None]
+        for i in stopping:
+            os.kill(fleets[i].pid, signal.SIGTERM)
+        for i in stopping:
+            f = fleets[i]
             try:
-                if f.proc.poll() is None:
-                    timeline = f.stop()
-                    if "instances" in out and i in out["instances"]:
-                        out["instances"][i]["loop_lag_max_s"] = max(
-                            (lag for _t, lag in timeline.get("loop_lag", [])), default=0.0)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    f.proc.wait(90)
+                timeline = f.stop()  # reads the timeline (signals only one still running)
+                if "instances" in out and i in out["instances"]:
+                    out["instances"][i]["loop_lag_max_s"] = max(
+                        (lag for _t, lag in timeline.get("loop_lag", [])), default=0.0)
             except ChildError as exc:
                 progress(f"{i}: {exc}")
         for dc in dcs:
