@@ -116,19 +116,22 @@ class _DirectIO:
     themselves.
 
     Telethon's ``Connection.connect`` starts two tasks per connection, a send loop and a
-    receive loop, each passing packets through a one-item queue to or from the sender's own
-    send and receive loops: every packet each way is one more task wake-up and queue hand-off
-    (at 2,000 idle accounts on the local DC, two of the eight callbacks a heartbeat costs).
-    Here ``send`` writes and drains (the same back-pressure as the queue of one) and ``recv``
-    reads the next frame; errors reach the sender's loops as they did through the queues
-    (an I/O error or a short read: the sender reconnects or disconnects)."""
+    receive loop (here they return at once), each passing packets through a one-item queue
+    to or from the sender's own send and receive loops: every packet each way is one more
+    task wake-up and queue hand-off (at 2,000 idle accounts on the local DC, two of the eight
+    callbacks a heartbeat costs). Here ``send`` writes and drains (the same back-pressure as
+    the queue of one) and ``recv`` reads the next frame; errors reach the sender's loops as
+    they did through the queues (an I/O error or a short read: the sender reconnects or
+    disconnects)."""
 
     _connected: bool
     _writer: Any
 
-    async def connect(self, timeout: float | None = None, ssl: Any = None) -> None:
-        await self._connect(timeout=timeout, ssl=ssl)  # type: ignore[attr-defined]
-        self._connected = True
+    async def _send_loop(self) -> None:
+        """Telethon's ``connect`` still starts it: it ends at once (a connect, not a packet)."""
+
+    async def _recv_loop(self) -> None:
+        """As :meth:`_send_loop`."""
 
     def send(self, data: bytes) -> Any:
         if not self._connected:
