@@ -245,7 +245,7 @@ class AccountWorker:
                 assert self._route is not None
                 route = None
                 if c.category is Category.NETWORK:
-                    route = self._route.failed(rec.delay, self.policy.failover_after)
+                    route = self._route.failed(rec.delay, self.policy)
                 await self._close_client()
                 # Another account reaching the route ends the wait (tgdaemon.reachability).
                 await self.progress.wait(rec.delay, route)
