@@ -167,6 +167,7 @@ class AccountWorker:
             self.report.transition(State.RECONNECTING if self._attempts else State.CONNECTING,
                                    "connecting")
             try:
+                await self._take_turn()
                 async with self.progress.slot(self.deps.limiter.in_flight):
                     await self._connect()
                     me = await self._validate()
@@ -246,9 +247,9 @@ class AccountWorker:
                 route = None
                 if c.category is Category.NETWORK:
                     route = self._route.failed(rec.delay, self.policy)
-                await self._close_client()
-                # Another account reaching the route ends the wait (tgdaemon.reachability).
-                await self.progress.wait(rec.delay, route)
+                async with self.progress.slot(self.deps.limiter.in_flight):  # see ratelimit
+                    await self._close_client()
+                await self.progress.wait(rec.delay, route)  # or until the route is reached
                 self._route.retry = route
                 return True
 
@@ -266,6 +267,12 @@ class AccountWorker:
 
     # -- connection ------------------------------------------------------------------------
 
+    async def _take_turn(self) -> None:
+        """The turn on a route that is down, then the rate slot (tgdaemon.ratelimit)."""
+        if self._route is not None and not (self.client and self.client.is_connected()):
+            await self._route.await_turn(self.policy, self.deps.rng, self.progress.wait)
+            await self.progress.wait(self.deps.limiter.reserve())
+
     async def _connect(self) -> None:
         assert self.session is not None
         if self.client is not None and self.client.is_connected():
@@ -273,9 +280,6 @@ class AccountWorker:
                 self._watch.watch(self.client)  # e.g. after a DC switch
             return
         assert self._route is not None
-        await self._route.await_turn(self.policy, self.deps.rng, self.progress.wait)
-        # Waiting for a connect slot is a deliberate wait, not a stuck worker.
-        await self.progress.wait(self.deps.limiter.reserve())
         if self._lease is not None:
             self._lease.check()
         if self.client is None:

@@ -48,7 +48,7 @@ def test_a_long_backoff_does_not_delay_the_next_probe() -> None:
     assert not reach.claim("dc2", hold=15.0)
     now[0] = 1.0
     assert reach.claim("dc2", hold=15.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=">= 0"):
         probe_spacing(-1.0, 1.0)
 
 
