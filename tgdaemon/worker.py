@@ -297,7 +297,7 @@ class AccountWorker:
             # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that
             # arrives as connect() fails, and the stopped worker would reconnect forever.
             async with asyncio.timeout(self.policy.connect_timeout):
-                await client.connect()
+                await client.connect(validate=True)
         except BaseException as exc:
             await self._close_client()
             if isinstance(exc, TimeoutError):
@@ -316,8 +316,12 @@ class AccountWorker:
         self.progress.made()
 
     async def _validate(self) -> types.User:
-        """A real call (users.getUsers([self])) proves the session is logged in."""
-        users = await self._rpc(functions.users.GetUsersRequest([types.InputUserSelf()]))
+        """A real call (users.getUsers([self])) proves the session is logged in: the one the
+        connection's initConnection carried, or one of its own."""
+        assert self.client is not None
+        users = self.client.validated()
+        if users is None:
+            users = await self._rpc(functions.users.GetUsersRequest([types.InputUserSelf()]))
         me = users[0] if users else None
         if not isinstance(me, types.User):
             raise NotAuthorizedError("server returned no user for this session")
