@@ -13,7 +13,7 @@ import platform
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Set
 from pathlib import Path
 from typing import Any
 
@@ -214,9 +214,28 @@ def _phase_runs(size: dict[str, Any],
                 yield label, kind, r[key]
 
 
-def outage_rows(size: dict[str, Any]) -> list[list[str]]:
+def phase_table_rows(sizes: Sequence[dict[str, Any]], key: str) -> list[list[str]]:
+    """The rows of one cross-size table (``key``: "outage" or "flood"), sizes in order.  A
+    variant changes the main run only: the default-rate and baseline runs of every entry of one
+    N are the same configuration, so a variant merged next to the plain run (``run.py --merge``)
+    has them twice; each is shown once, the first entry's."""
+    rows_of = {"outage": outage_rows, "flood": flood_rows}[key]
+    seen: set[tuple[int, str]] = set()
+    rows = []
+    for size in sizes:
+        kinds = {kind for _label, kind, _run in _phase_runs(size, key)
+                 if kind == "fast" or (size["n"], kind) not in seen}
+        seen |= {(size["n"], kind) for kind in kinds}
+        rows += rows_of(size, kinds)
+    return rows
+
+
+def outage_rows(size: dict[str, Any], kinds: Set[str] | None = None) -> list[list[str]]:
+    """One row per run of ``size`` that measured an outage (of those ``kinds`` if given)."""
     rows = []
     for label, kind, o in _phase_runs(size, "outage"):
+        if kinds is not None and kind not in kinds:
+            continue
         rec = o.get("recovered_s")
         target = outage_target(size, kind, o)
         if target is None:
@@ -239,9 +258,11 @@ def outage_rows(size: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def flood_rows(size: dict[str, Any]) -> list[list[str]]:
+def flood_rows(size: dict[str, Any], kinds: Set[str] | None = None) -> list[list[str]]:
     rows = []
-    for label, _kind, f in _phase_runs(size, "flood"):
+    for label, kind, f in _phase_runs(size, "flood"):
+        if kinds is not None and kind not in kinds:
+            continue
         resumed = f.get("all_resumed_s")
         rows.append([
             str(size["n"]), label, f"{f['errors_served']} of {f['accounts']}",
@@ -319,7 +340,7 @@ def write_results(results: dict[str, Any], path: Path, plot: Path | None) -> Non
                   "the fixed cost of the process (HTTP server, threads, SQLite) cancels out.", ""]
         lines += _table(["between", "tgdaemon, KB", "baseline, KB", "ratio"], mrows)
         lines.append("")
-    orows = [r for s in results["sizes"] for r in outage_rows(s)]
+    orows = phase_table_rows(results["sizes"], "outage")
     if orows:
         lines += ["## Total outage recovery", "",
                   "Issue 17's target for a short outage: every account back within "
@@ -334,7 +355,7 @@ def write_results(results: dict[str, Any], path: Path, plot: Path | None) -> Non
         lines.append("")
         if plot is not None:
             lines += [f"![outage]({plot.name})", ""]
-    frows = [r for s in results["sizes"] for r in flood_rows(s)]
+    frows = phase_table_rows(results["sizes"], "flood")
     if frows:
         wait = next(r["flood"]["seconds"] for s in results["sizes"]
                     for r in s["daemon"] + s["baseline"] if r.get("flood"))

@@ -2,7 +2,7 @@
 # Debian packages the tests and the demo use as real peers: Prometheus (server + promtool),
 # systemd-analyze, systemd-nspawn (boots systemd in a container for the unit's tests),
 # PostgreSQL, Chromium for the status page test, microsocks (SOCKS5 with user/password) and
-# tinyproxy (HTTP CONNECT) for the proxy tests. Idempotent: installs only what is
+# tinyproxy (HTTP CONNECT) for the proxy tests, iproute2's ss. Idempotent: installs only what is
 # missing, so a developer machine that has them pays nothing.
 set -euo pipefail
 
@@ -14,6 +14,8 @@ command -v systemd-nspawn >/dev/null 2>&1 || need+=(systemd-container)
 # PostgreSQL for the lease store's second backend (tests start their own server as `postgres`).
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql)
 command -v microsocks >/dev/null 2>&1 || need+=(microsocks)
+# ss (iproute2): the tests read a daemon socket's kernel send buffer (skmem) with it.
+command -v ss >/dev/null 2>&1 || need+=(iproute2)
 # tinyproxy lives in /usr/bin on Debian 12 (/usr/sbin on older releases, off a user's PATH)
 command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/sbin/tinyproxy ] || need+=(tinyproxy)
 if [ "${TGDAEMON_SKIP_BROWSER:-0}" != 1 ]; then

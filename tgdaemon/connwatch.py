@@ -5,7 +5,8 @@ timed-out wait on one leaves a callback on Telethon's underlying future forever 
 callback per heartbeat per account). So the future is taken once per connection with one
 callback that wakes the sleep; the sleep itself is one future and one timer, like
 ``asyncio.sleep`` (``asyncio.wait`` cost 13 % of the idle CPU at 10,000 accounts in
-allocations and the garbage collection they trigger).
+allocations and the garbage collection they trigger). The sleep's timer is the fleet's shared
+:class:`~tgdaemon.wheel.TimerWheel`: it ends on a tick boundary shared with other accounts.
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from tgdaemon.wheel import TimerWheel
+
 
 class ConnectionWatch:
     """Watches one client's current connection for its worker."""
 
-    def __init__(self) -> None:
+    __slots__ = ("_disconnected", "_sleeper", "_wheel")
+
+    def __init__(self, wheel: TimerWheel | None = None) -> None:
+        self._wheel = TimerWheel() if wheel is None else wheel
         self._disconnected: asyncio.Future[None] | None = None
         #: The sleep in progress: its result is True when it ran out, False when woken.
         self._sleeper: asyncio.Future[bool] | None = None
@@ -49,23 +55,21 @@ class ConnectionWatch:
         if self._sleeper is not None:
             settle(self._sleeper, False)
 
-    async def sleep(self, seconds: float, client: Any) -> bool:
-        """Sleep ``seconds``: True when the time ran out, False when :meth:`wake` cut it
-        short; ConnectionError when the connection dropped first."""
+    async def sleep(self, seconds: float, client: Any, tick: float = 0.0) -> bool:
+        """Sleep ``seconds``, rounded up to a multiple of ``tick`` (loop time): True when the
+        time ran out, False when :meth:`wake` cut it short; ConnectionError when the
+        connection dropped first."""
         watched = self._disconnected
         if watched is None:
-            await asyncio.sleep(seconds)
+            await self._wheel.sleep(seconds, tick)
             return True
         ran_out = True
         if not watched.done():
-            loop = asyncio.get_running_loop()
-            sleeper: asyncio.Future[bool] = loop.create_future()
-            timer = loop.call_later(seconds, settle, sleeper, True)
+            sleeper = self._wheel.sleeper(seconds, tick)
             self._sleeper = sleeper
             try:
                 ran_out = await sleeper
             finally:
-                timer.cancel()
                 self._sleeper = None
             if not watched.done():
                 return ran_out

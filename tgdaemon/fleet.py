@@ -218,15 +218,17 @@ class Fleet:
             await cancel_and_wait(task)
         self._tasks = []
         stuck: set[str] = set()
+        # The guard's held-back accounts too: their worker may still be running.
+        names = sorted(self._epochs.keys() | self._held_back)
         if self.supervisor is not None:
-            stuck = await self.supervisor.release(sorted(self._epochs), timeout)
+            stuck = await self.supervisor.release(names, timeout)
         await self._store.flush()
         try:
             if stuck:  # those expire after the TTL, when this process is long gone
                 log.warning("%d worker(s) did not end: their leases are left to expire",
                             len(stuck))
                 await asyncio.wait_for(self.leases.release(
-                    self.instance, [n for n in self._epochs if n not in stuck]), timeout)
+                    self.instance, [n for n in names if n not in stuck]), timeout)
             else:
                 await asyncio.wait_for(self.leases.unregister(self.instance), timeout)
         except (StoreError, TimeoutError) as exc:
@@ -380,8 +382,16 @@ class Fleet:
 
     async def _adopt(self, leases: Mapping[str, int]) -> None:
         """Start workers for these leases; a lease is ours in :attr:`_epochs` only once its
-        worker can start, else it is given back (never held, renewed, and not run)."""
+        worker can start, else it is given back (never held, renewed, and not run).  An
+        account whose previous worker has not ended is not started beside it (same auth key):
+        its lease is given back once that worker has ended."""
         assert self.supervisor is not None
+        stuck = leases.keys() & self.supervisor.stuck()
+        if stuck:
+            self._held_back |= stuck
+            leases = {n: e for n, e in leases.items() if n not in stuck}
+            if not leases:
+                return
         try:
             await self._store.ensure_accounts(dict.fromkeys(leases))
         except StoreError as exc:
@@ -390,6 +400,8 @@ class Fleet:
             await self._release(list(leases))
             return
         self._epochs.update(leases)
+        # The guard may have last looked while we held nothing (it then waits for no deadline).
+        self._extended.set()
         await self.supervisor.adopt([account_spec(self.config, n) for n in sorted(leases)])
 
     async def _close(self, names: Sequence[str]) -> set[str]:
@@ -419,14 +431,18 @@ class Fleet:
         self._unreleased.difference_update(names)
 
     async def _close_all(self) -> None:
+        """The guard's close: every worker stopped (the supervisor cancels and awaits them).
+        A worker that did not end may still be connected: its account is not reopened beside
+        it, and its lease is given back only once it has ended (:meth:`_give_back_ended`)."""
         log.error("leases could not be renewed in time: closing all %d account(s) before they "
                   "expire", len(self._epochs))
         names = sorted(self._epochs)
         self._set_deadline(-1.0)  # nothing connects from here on
-        await self._close(names)
+        stuck = await self._close(names)
         for name in names:
             self._epochs.pop(name, None)
-        self._closed_by_guard.update(names)
+        self._held_back |= stuck
+        self._closed_by_guard.update(n for n in names if n not in stuck)
         self.metrics.owned.set(0)
 
 

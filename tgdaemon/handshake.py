@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from hashlib import sha1
 from typing import Any
@@ -30,6 +31,7 @@ from telethon.errors import RPCError, SecurityError
 from telethon.extensions import BinaryReader
 from telethon.network import MTProtoSender
 from telethon.network.mtprotoplainsender import MTProtoPlainSender
+from telethon.network.requeststate import RequestState
 from telethon.tl.functions import (
     InitConnectionRequest,
     InvokeWithLayerRequest,
@@ -42,6 +44,7 @@ from telethon.tl.types import (
     DhGenFail,
     DhGenOk,
     DhGenRetry,
+    MsgsAck,
     PQInnerData,
     ResPQ,
     ServerDHInnerData,
@@ -49,8 +52,12 @@ from telethon.tl.types import (
     ServerDHParamsOk,
 )
 
+from tgdaemon.flag import Flag
+
 #: An MTProto auth key is a 2048-bit number, always used as this many big-endian bytes.
 AUTH_KEY_BYTES = 256
+#: Sent acks a sender keeps to resend (Telethon: 10; see :class:`PaddedKeySender`).
+KEPT_ACKS = 2
 
 
 def padded_auth_key(key: bytes) -> bytes:
@@ -195,16 +202,6 @@ class PaddedKeySender(MTProtoSender):  # type: ignore[misc]  # Telethon is untyp
     init_query: Any = None
     init_result: asyncio.Future[Any] | None = None
 
-    def send(self, request: Any, ordered: bool = False) -> Any:
-        query = self.init_query
-        if (query is not None and isinstance(request, InvokeWithLayerRequest)
-                and isinstance(request.query, InitConnectionRequest)):
-            self.init_query = None
-            request.query.query = query
-            self.init_result = super().send(request, ordered)
-            return _unless_rpc_error(self.init_result)
-        return super().send(request, ordered)
-
     async def connect(self, connection: Any) -> bool:
         if not await super().connect(connection):
             return False
@@ -212,19 +209,51 @@ class PaddedKeySender(MTProtoSender):  # type: ignore[misc]  # Telethon is untyp
             self.send_unawaited(self.first_request())
         return True
 
+    def send(self, request: Any, ordered: bool = False) -> Any:
+        # Acknowledgements travel with the request, in one container: Telethon queues them
+        # only when its send loop comes round, i.e. *after* the next request, so every
+        # heartbeat went out as two TCP packets (request, then the ack of the previous
+        # answer), each one a write here and a read, a decryption and a wake-up at the
+        # server (issue 17: 4 packets a minute per account where 2 carry the same).
+        if self._user_connected and self._pending_ack:
+            ack = RequestState(MsgsAck(list(self._pending_ack)))
+            self._send_queue.append(ack)
+            self._last_acks.append(ack)  # Telethon resends it on a bad_msg_notification
+            self._pending_ack.clear()
+        query = self.init_query
+        if (query is not None and isinstance(request, InvokeWithLayerRequest)
+                and isinstance(request.query, InitConnectionRequest)):
+            self.init_query = None
+            request.query.query = query  # instead of help.getConfig (see init_query)
+            self.init_result = super().send(request, ordered)
+            return _unless_rpc_error(self.init_result)
+        return super().send(request, ordered)
+
     def send_unawaited(self, request: Any) -> None:
         """Queue ``request`` the way Telethon queues its own keep-alive ping: its answer is
         not awaited (awaiting it through the client would let a cancelled caller cancel the
         future the answer then resolves, an error Telethon logs)."""
         self.send(request).add_done_callback(_retrieve)
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Telethon keeps its last 10 acks (each a RequestState, a future, a message) only to
+        # resend one the server refers to by msg_id; the last two are what that ever needs.
+        self._last_acks: deque[Any] = deque(maxlen=KEPT_ACKS)
+        # Its packer's "something to send" Event holds a ~760-byte waiter deque.
+        self._send_queue._ready = Flag()
+
     @classmethod
-    def replacing(cls, old: MTProtoSender, *, keepalive_ping: bool = True) -> PaddedKeySender:
-        """A sender configured like ``old`` (the client's, before it ever connected)."""
+    def replacing(cls, old: MTProtoSender, *, loggers: Any = None, updates_queue: Any = None,
+                  keepalive_ping: bool = True) -> PaddedKeySender:
+        """A sender configured like ``old`` (the client's, before it ever connected), with
+        ``loggers`` and ``updates_queue`` instead of its own when given."""
         sender = cls(
-            old.auth_key, loggers=old._loggers, retries=old._retries, delay=old._delay,
+            old.auth_key, loggers=old._loggers if loggers is None else loggers,
+            retries=old._retries, delay=old._delay,
             auto_reconnect=old._auto_reconnect, connect_timeout=old._connect_timeout,
-            auth_key_callback=old._auth_key_callback, updates_queue=old._updates_queue,
+            auth_key_callback=old._auth_key_callback,
+            updates_queue=old._updates_queue if updates_queue is None else updates_queue,
             auto_reconnect_callback=old._auto_reconnect_callback,
         )
         sender.keepalive_ping = keepalive_ping

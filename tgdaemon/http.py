@@ -35,6 +35,7 @@ import operator
 import os
 import re
 import socket
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +50,14 @@ from prometheus_client.registry import CollectorRegistry
 
 from tgdaemon.exceptions import ConfigError
 from tgdaemon.fdlimit import HTTP_SPARE_FDS, FdReserve
-from tgdaemon.httpsend import OUTBOX, Outbox, Refusals, bounded_answers, limit_send_buffer
+from tgdaemon.httpsend import (
+    OUTBOX,
+    SEND_BUFFER,
+    Outbox,
+    Refusals,
+    bounded_answers,
+    limit_send_buffer,
+)
 from tgdaemon.logvolume import FD_EXHAUSTED
 from tgdaemon.metrics import render
 from tgdaemon.status import AccountStatus, StatusBoard, Subscription
@@ -98,6 +106,9 @@ class HttpLimits:
       large answer (Linux doubles it). The kernel would otherwise grow it up to
       ``net.ipv4.tcp_wmem``'s 4 MiB per non-reader, and whether it does depends on the
       machine's memory pressure.
+    * ``max_headers``: header lines in one request (aiohttp's default is 128, each up to
+      8 KiB: a head of ~1 MB, ~2 MB in the process until it is refused or its 10 s run out;
+      200 connections doing that took +400 MB). Browsers send about 20, scripts fewer.
     * ``spare_fds``: descriptors held in reserve for when the process runs out (EMFILE):
       all but one serve a request each at a time, the last turns connections away with a 503
       (see :class:`_GuardedSite`). Part of :data:`tgdaemon.fdlimit.FIXED_FDS`.
@@ -110,15 +121,58 @@ class HttpLimits:
     send_timeout: float = 10.0
     subscriber_backlog: int = 16 * 1024 * 1024
     answer_backlog: int = 32 * 1024 * 1024
-    send_buffer: int = 64 * 1024
+    send_buffer: int = SEND_BUFFER
+    max_headers: int = 32
     spare_fds: int = HTTP_SPARE_FDS
+
+
+#: Access log lines per second at most (and a second's worth at once); requests beyond are
+#: counted, and the next line that is written says how many went unlogged.
+ACCESS_LOG_RATE = 50
+
+
+class LineBudget:
+    """A token bucket of log lines: whoever can reach the port must not decide how much the
+    journal takes (journald drops a service's lines beyond its own rate limit, the daemon's
+    important ones included)."""
+
+    def __init__(self, rate: float, clock: Callable[[], float]) -> None:
+        self.rate = rate
+        self._clock = clock
+        self._tokens = rate
+        self._stamp = clock()
+        self.skipped = 0
+
+    def take(self) -> int | None:
+        """None: do not log this one (counted). Else log it, after a line for the returned
+        number of lines skipped since the last one (0: none)."""
+        now = self._clock()
+        self._tokens = min(self.rate, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens < 1.0:
+            self.skipped += 1
+            return None
+        self._tokens -= 1.0
+        skipped, self.skipped = self.skipped, 0
+        return skipped
 
 
 class AccessLogger(AbstractAccessLogger):
     """One line per request without the query string (a token pasted into a URL must not reach
-    the journal) and without Referer/User-Agent (free text from the client)."""
+    the journal) and without Referer/User-Agent (free text from the client), at most
+    :data:`ACCESS_LOG_RATE` a second. :meth:`HttpServer.start` gives each server a subclass
+    with a :class:`LineBudget` of its own (aiohttp makes one logger per connection)."""
+
+    budget: LineBudget | None = None
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if self.budget is not None:
+            skipped = self.budget.take()
+            if skipped is None:
+                return
+            if skipped:
+                self.logger.info("access log: unlogged=%d requests (more than %d a second)",
+                                 skipped, ACCESS_LOG_RATE)
         query = "?[redacted]" if request.query_string else ""
         # key=value: bare runs of numbers ("200 7540 0.001") would look like a phone number
         # to the redactor.
@@ -869,9 +923,11 @@ class HttpServer:
         runner = web.AppRunner(
             self._app,
             access_log=logging.getLogger("tgdaemon.http.access"),
-            access_log_class=AccessLogger,
+            access_log_class=type("AccessLogger", (AccessLogger,), {
+                "budget": LineBudget(ACCESS_LOG_RATE, time.monotonic)}),
             shutdown_timeout=5.0,
             keepalive_timeout=limits.keepalive_timeout,
+            max_headers=limits.max_headers,
         )
         await runner.setup()
         reserve = self._spare_fds

@@ -44,6 +44,7 @@ __all__ = [
     "ATTEMPT_STATES",
     "ENDED_STATES",
     "HEARTBEAT_JITTER",
+    "HEARTBEAT_TICK",
     "MAX_MIGRATIONS",
     "OWNED_STATES",
     "PARKED_STATES",
@@ -55,6 +56,7 @@ __all__ = [
     "Setup",
     "State",
     "heartbeat_delay",
+    "heartbeat_tick",
     "longest_heartbeat_gap",
     "recovery_for",
     "watchdog_restarts",
@@ -193,11 +195,21 @@ def _fail(reason: str) -> Recovery:
 #: The wait between heartbeats is ``heartbeat_interval`` times a factor drawn uniformly from
 #: ``[2 - HEARTBEAT_JITTER, HEARTBEAT_JITTER]``, so 10,000 accounts do not beat in lock-step.
 HEARTBEAT_JITTER = 1.1
+#: Heartbeat waits end on multiples of this fraction of ``heartbeat_interval`` (0.5 s at the
+#: default 30 s), shared by every account (:mod:`tgdaemon.wheel`): the accounts due in one
+#: tick wake, send and are answered together, in one loop turn rather than one each.
+HEARTBEAT_TICK = 1 / 60
 
 
 def heartbeat_delay(interval: float, rng: random.Random) -> float:
-    """Seconds from one heartbeat to the next."""
-    return interval * rng.uniform(2 - HEARTBEAT_JITTER, HEARTBEAT_JITTER)
+    """Seconds from one heartbeat to the next, before rounding up to a tick: the rounding
+    adds less than a tick, so a wait stays within ``HEARTBEAT_JITTER * interval``."""
+    return interval * rng.uniform(2 - HEARTBEAT_JITTER, HEARTBEAT_JITTER - HEARTBEAT_TICK)
+
+
+def heartbeat_tick(interval: float) -> float:
+    """The tick heartbeat waits are rounded up to (see :data:`HEARTBEAT_TICK`)."""
+    return interval * HEARTBEAT_TICK
 
 
 def longest_heartbeat_gap(policy: PolicyConfig) -> float:

@@ -95,7 +95,7 @@ class Supervisor:
             log.warning("%d workers did not stop within %.1fs; waiting for them", len(pending),
                         timeout)
             _done, pending = await asyncio.wait(pending, timeout=2 * CLOSE_TIMEOUT + 5)
-            if pending:  # pragma: no cover - a worker ignoring cancellation is a bug
+            if pending:  # a worker ignoring cancellation is a bug: one summary line
                 log.error("%d workers ignore cancellation", len(pending))
         flushes = [asyncio.ensure_future(s.worker.session.flush())
                    for s in slots if s.worker.session is not None]

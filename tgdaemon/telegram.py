@@ -19,6 +19,7 @@ from telethon.errors import TypeNotFoundError
 
 from tgdaemon.connection import connection_for
 from tgdaemon.handshake import PaddedKeySender
+from tgdaemon.leanqueue import LeanQueue
 from tgdaemon.updates import (
     DIFFERENCE_REQUESTS,
     CatchUpBox,
@@ -65,7 +66,13 @@ class ManagedClient(TelegramClient):  # type: ignore[misc]  # Telethon is untype
 
     def __init__(self, *args: Any, hold_updates: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._sender = PaddedKeySender.replacing(self._sender,
+        # What Telethon's constructor just built per client and this replaces (the originals
+        # are freed right away): its logger mapping, a class of its own per client, by one
+        # shared mapping; its update queue by a lean one (tgdaemon.leanqueue); its sender.
+        self._log = shared_loggers(kwargs.get("base_logger"))
+        self._updates_queue: LeanQueue[Any] = LeanQueue()
+        self._sender = PaddedKeySender.replacing(self._sender, loggers=self._log,
+                                                 updates_queue=self._updates_queue,
                                                  keepalive_ping=self.keepalive_ping)
         self._message_box = CatchUpBox(self._log["messagebox"])
         self._hold_updates = hold_updates
@@ -197,6 +204,35 @@ class ManagedClient(TelegramClient):  # type: ignore[misc]  # Telethon is untype
 
 def _ignore_unknown(_constructor_id: int) -> None:
     return None
+
+
+class _Loggers(dict[str, logging.Logger]):
+    """Telethon's per-client logger mapping (telegrambaseclient.py:285: module name -> child of
+    the base logger), one per base logger and process. Telethon defines a new dict subclass
+    in every client's constructor: a class object, its descriptors and its MRO, ~3 KB per
+    account for the same loggers every client gets."""
+
+    def __init__(self, base: logging.Logger) -> None:
+        super().__init__()
+        self._base = base
+
+    def __missing__(self, key: str) -> logging.Logger:
+        name = key.split(".", maxsplit=1)[1] if key.startswith("telethon.") else key
+        logger = self[key] = self._base.getChild(name)
+        return logger
+
+
+_LOGGERS: dict[str, _Loggers] = {}
+
+
+def shared_loggers(base: str | logging.Logger | None) -> _Loggers:
+    """The process's logger mapping for Telethon clients logging under ``base`` (a name or a
+    logger, as Telethon's ``base_logger``; None: Telethon's default, ``telethon``)."""
+    logger = base if isinstance(base, logging.Logger) else logging.getLogger(base or "telethon")
+    loggers = _LOGGERS.get(logger.name)
+    if loggers is None:
+        loggers = _LOGGERS[logger.name] = _Loggers(logger)
+    return loggers
 
 
 def client_class(*, keepalive_ping: bool = True) -> type[ManagedClient]:

@@ -30,6 +30,7 @@ from tgdaemon.lifecycle import (
     Classified,
     State,
     heartbeat_delay,
+    heartbeat_tick,
     recovery_for,
 )
 from tgdaemon.plugins import Plugins
@@ -43,6 +44,7 @@ from tgdaemon.store import DeviceInfo
 from tgdaemon.telegram import ManagedClient, build_client, local_update_pts
 from tgdaemon.updates import observe_updates
 from tgdaemon.watch import AuthorizationWatch
+from tgdaemon.wheel import TimerWheel
 
 if TYPE_CHECKING:
     from tgdaemon.config import AccountConfig, ConfigHolder, PolicyConfig
@@ -81,6 +83,8 @@ class WorkerDeps:
     lease: LeaseGate | None = None
     #: One account reaching a server wakes the others backing off from it.
     reachability: Reachability = field(default_factory=Reachability)
+    #: The heartbeat waits' shared timers: accounts due in one tick beat together.
+    wheel: TimerWheel = field(default_factory=TimerWheel)
 
 
 class AccountWorker:
@@ -113,7 +117,7 @@ class AccountWorker:
         #: The way to the server (created with the session: it moves the session's address).
         self._route: AccountRoute | None = None
         self._catch_ups = 0
-        self._watch = ConnectionWatch()
+        self._watch = ConnectionWatch(deps.wheel)
         self._plugins = Plugins(account, reporter)
         #: A failure another caller (the account API) ran into on this account's client,
         #: raised at the heartbeat wait so the usual recovery applies to it.
@@ -132,7 +136,8 @@ class AccountWorker:
         """The task body. Returns when the account is parked or stopped; never raises except
         CancelledError (the supervisor's stop)."""
         try:
-            await self._run()
+            if self._open_session():
+                await self._connected_loop()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug here must not take the fleet down
@@ -142,19 +147,21 @@ class AccountWorker:
             await self._close_client()
             self.client = None  # an ended worker (parked, stopped) holds no Telethon state
 
-    async def _run(self) -> None:
-        initial = self._initial
+    def _open_session(self) -> bool:
+        """The session from the stored record; False (and why, reported) when there is none.
+        The record is dropped here: the session holds what of it lives on."""
+        initial, self._initial = self._initial, None
         self.report.known_to_store = initial is not None
         if isinstance(initial, DecryptionError):
             # Never overwrite a record we cannot read: no session object is created for it.
             self.report.transition(
                 State.NEEDS_LOGIN, "stored session cannot be decrypted",
                 error=Classified(Category.AUTH, "UNDECRYPTABLE", str(initial)))
-            return
+            return False
         if initial is None or initial.auth_key is None:
             self.report.transition(State.NEEDS_LOGIN,
                                    f"no session: run `tgdaemon login {self.name}`")
-            return
+            return False
         self.session = StoreSession(self.deps.store, self.name, initial)
         self.report.dc(initial.dc_id, persist=False)
         self._route = AccountRoute(self.session, self.account.proxy, self.deps.directory,
@@ -163,6 +170,11 @@ class AccountWorker:
             self.log, since=float(initial.date or self.deps.clock()),
             interval=self.deps.settings.current.security.check_interval,
             clock=self.deps.clock, rng=self.deps.rng)
+        return True
+
+    async def _connected_loop(self) -> None:
+        """Connect, validate, serve; recover from each failure until parked or stopped."""
+        assert self.session is not None
         while True:
             self.report.transition(State.RECONNECTING if self._attempts else State.CONNECTING,
                                    "connecting")
@@ -179,7 +191,7 @@ class AccountWorker:
                     self._lease.arm(self.client)
                 a = self.account
                 self.report.connected_as(
-                    UserInfo(me.id, me.username, me.first_name), self.session.dc_id,
+                    me, self.session.dc_id,
                     DeviceInfo(a.device_model, a.system_version, a.app_version))
                 await self._plugins.run(self.client, self.policy.request_timeout)
                 if self.client is not None:
@@ -315,9 +327,10 @@ class AccountWorker:
         self._watch.watch(client)
         self.progress.made()
 
-    async def _validate(self) -> types.User:
+    async def _validate(self) -> UserInfo:
         """A real call (users.getUsers([self])) proves the session is logged in: the one the
-        connection's initConnection carried, or one of its own."""
+        connection's initConnection carried, or one of its own. Only what the status shows is
+        kept (the TL User, ~1.5 KB, would live in this task's frame)."""
         assert self.client is not None
         users = self.client.validated()
         if users is None:
@@ -325,7 +338,7 @@ class AccountWorker:
         me = users[0] if users else None
         if not isinstance(me, types.User):
             raise NotAuthorizedError("server returned no user for this session")
-        return me
+        return UserInfo(me.id, me.username, me.first_name)
 
     async def _serve(self) -> None:
         """Heartbeat until the connection fails; every exit is an exception to recover from."""
@@ -366,9 +379,11 @@ class AccountWorker:
         began = self.deps.monotonic()
         while True:
             self._raise_reported()
-            due = began + heartbeat_delay(self.policy.heartbeat_interval, self.deps.rng)
+            interval = self.policy.heartbeat_interval
+            due = began + heartbeat_delay(interval, self.deps.rng)
             remaining = due - self.deps.monotonic()
-            if remaining <= 0 or await self._watch.sleep(remaining, self.client):
+            if remaining <= 0 or await self._watch.sleep(remaining, self.client,
+                                                         heartbeat_tick(interval)):
                 self._raise_reported()
                 return
 

@@ -10,6 +10,7 @@ import pytest
 from bench.procfs import CpuMark, cpu_percent, cpu_seconds, rss_kb
 from bench.report import (
     outage_rows,
+    phase_table_rows,
     prometheus_lines,
     ratio,
     spread,
@@ -163,6 +164,37 @@ def test_short_outage_table_judges_each_tgdaemon_run_and_shows_the_baseline() ->
     assert rows["baseline"][-1] == "no limiter (contrast)"
     size["fast_rate"] = 0.0  # the limiter off: 2 s to meet, the peak not judged
     assert outage_rows(size)[0][-1] == "time MISSED; peak: limiter off, not a target"
+
+
+def test_a_merged_variant_does_not_repeat_the_default_rate_outage_row(tmp_path: Path) -> None:
+    """``run.py --merge`` of a variant run (the main run at another connect_rate) next to the
+    plain run of the same N: both entries measured the default rate, the same configuration,
+    shown once; the variant's own run and a variant-only N keep their rows."""
+    def outage(back: float) -> dict:
+        return {"seconds": 12, "recovered_s": back, "connected_at_end": 100,
+                "attempts_peak_per_s": 51, "attempts_peak_fraction": 0.51,
+                "attempts_total": 168}
+
+    def size(n: int, variant: str | None, fast_rate: float, back: float) -> dict:
+        return {"n": n, "repeats": 1, "variant": variant, "fast_rate": fast_rate,
+                "fast_burst": 6, "daemon": [_run(40, 1, outage=outage(back))],
+                "baseline": [_run(45, 1, outage=outage(1.4))] if variant is None else [],
+                "daemon_default_rate": [{"outage": outage(2.1)}]}
+
+    results = _results(100, _run(40, 1), _run(45, 1))
+    results["sizes"] = [size(100, None, 0.0, 1.0), size(100, "connect_rate 3/s, burst 6", 3.0,
+                                                         33.0),
+                        size(300, "connect_rate 3/s, burst 6", 3.0, 99.0)]
+    default = "tgdaemon, default rate (20/s, burst 50)"
+    rows = [(r[0], r[1]) for r in phase_table_rows(results["sizes"], "outage")]
+    assert rows == [("100", "tgdaemon, unlimited rate"), ("100", default), ("100", "baseline"),
+                    ("100", "tgdaemon, connect_rate 3/s, burst 6"),
+                    ("300", "tgdaemon, connect_rate 3/s, burst 6"), ("300", default)]
+    out = tmp_path / "RESULTS.md"
+    write_results(results, out, None)
+    table = out.read_text().split("## Total outage recovery")[1].split("##")[0]
+    assert table.count(f"| 100 | {default} |") == 1
+    assert table.count(f"| 300 | {default} |") == 1
 
 
 def _prom(body: float, samples: float) -> dict:

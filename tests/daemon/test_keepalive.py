@@ -94,3 +94,26 @@ async def test_no_keepalive_task_the_heartbeat_keeps_house(make_config, login_ac
         await wait_until(lambda: (local_update_pts(client) or 0) > start, 10, "update seen")
         await wait_until(lambda: session.get_update_state(0).pts == local_update_pts(client),
                          10, "the session follows the client's update state")
+
+
+async def test_a_heartbeat_is_one_packet_with_its_acknowledgement(make_config, login_account,
+                                                                   localdc, wait_until):
+    """Issue 17: Telethon queues the acknowledgement of an answer only when its send loop
+    comes round after the *next* request, so each heartbeat left as two packets (the request,
+    then the ack of the previous answer). The daemon's clients put the ack in the request's
+    container: at most one packet per request reaches the server."""
+    config = make_config([{"name": "alice", "phone": phone_for("alice")}],
+                         policy={"heartbeat_interval": 0.2})
+    uid = await login_account(config, "alice")
+
+    def sent() -> tuple[int, int]:
+        c = localdc.counters(user_id=uid)
+        return c["packets"], sum(c["requests"].values())
+
+    async with Daemon(config) as daemon:
+        await _connected_worker(daemon, wait_until)
+        packets, requests = sent()
+        await wait_until(lambda: sent()[1] >= requests + 6, 20, "six more requests")
+        now_packets, now_requests = sent()
+        assert now_packets - packets <= now_requests - requests, (
+            f"{now_packets - packets} packets for {now_requests - requests} requests")

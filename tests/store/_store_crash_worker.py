@@ -2,11 +2,13 @@
 
 Usage: _store_crash_worker.py write STATE_DIR KEY_FILE N_ACCOUNTS [POSTGRESQL_URL]
        _store_crash_worker.py rotate STATE_DIR KEY_FILE
-       _store_crash_worker.py online STATE_DIR KEY_FILE BATCH
+       _store_crash_worker.py online STATE_DIR KEY_FILE BATCH [POSTGRESQL_URL]
 
 ``write`` prints ``ok NAME SEQ`` only after the store reported the write durable, so the
 parent knows exactly which writes must survive the kill; with a URL the session records go to
 that PostgreSQL database, the way a fleet's daemon writes them (storehelpers.LeaseRoute).
+``online`` re-encrypts in small batches until nothing is left (or it is SIGKILLed); with a URL,
+a fleet's shared records (tests/keyrotation/test_pg_rotation_crash.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from pathlib import Path
 
 from storehelpers import SessionBackend
 
+from tgdaemon.cluster_cli import FleetRecords
 from tgdaemon.crypto import load_keyring
+from tgdaemon.leasestore import PgLeaseStore
 from tgdaemon.store import DeviceInfo, SessionData, Store
 
 
@@ -62,10 +66,16 @@ async def rotate(state_dir: Path, key_file: Path) -> None:
     await store.close()
 
 
-async def online(state_dir: Path, key_file: Path, batch: int) -> None:
+async def online(state_dir: Path, key_file: Path, batch: int, url: str) -> None:
     """What the daemon's key rotation does (tgdaemon.keyrotation): small batches, each one
-    durable transaction, until no record is left under an older key."""
-    store = await Store.open(state_dir, load_keyring(key_file=key_file, env={}))
+    durable transaction, until no record is left under an older key.  With a ``url``, a fleet
+    instance's re-encryption: the store routed to the shared records in that PostgreSQL
+    database, as in a daemon of the fleet."""
+    leases = await PgLeaseStore.open(url) if url else None
+    store = await Store.open(state_dir, load_keyring(key_file=key_file, env={}),
+                             lock=leases is None)
+    if leases is not None:
+        store.route_sessions(FleetRecords(leases))
     while True:
         _done, left = await store.reencrypt_some(batch)
         print(f"batch {left}", flush=True)
@@ -73,15 +83,17 @@ async def online(state_dir: Path, key_file: Path, batch: int) -> None:
             break
     print("done", flush=True)
     await store.close()
+    if leases is not None:
+        await leases.close()
 
 
 def main() -> None:
     mode, state_dir, key_file = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    url = sys.argv[5] if len(sys.argv) > 5 else ""
     if mode == "write":
-        url = sys.argv[5] if len(sys.argv) > 5 else ""
         asyncio.run(write(state_dir, key_file, int(sys.argv[4]), url))
     elif mode == "online":
-        asyncio.run(online(state_dir, key_file, int(sys.argv[4])))
+        asyncio.run(online(state_dir, key_file, int(sys.argv[4]), url))
     else:
         asyncio.run(rotate(state_dir, key_file))
 

@@ -457,7 +457,8 @@ class LocalDC:
 
     def counters(self, dc_id: int | None = None, user_id: int | None = None) -> dict[str, Any]:
         """Summed counters; method counts are under ``"requests"`` keyed by TL name
-        (``"users.getUsers"``, ``"ping"``, ``"req_pq_multi"``)."""
+        (``"users.getUsers"``, ``"ping"``, ``"req_pq_multi"``); ``"packets"`` counts the
+        encrypted packets received (a container of several messages is one)."""
         total: Counter[str] = Counter()
         for (d, u), c in self._counts.items():
             if (dc_id is None or d == dc_id) and (user_id is None or u == user_id):
@@ -466,7 +467,7 @@ class LocalDC:
             "connections_accepted", "connections_refused", "connections", "key_exchanges",
             "auth_key_not_found", "stalled", "rpc_errors_injected", "updates_pushed",
             "requests_during_flood_wait", "flood_waits_resumed",
-            "updates_muted", "auth_key_duplicated")}
+            "updates_muted", "auth_key_duplicated", "packets")}
         requests: dict[str, int] = {}
         for k, v in total.items():
             if k.startswith("req:"):
@@ -615,6 +616,9 @@ class LocalDC:
             log.warning("localdc: undecryptable message on %r, closing", conn)
             conn.abort()
             return
+        # Encrypted transport packets (frames) received: what a client's
+        # batching of requests and acknowledgements saves the server.
+        self._count(conn.dc_id, self._conn_user(conn), "packets")
         salt, session_id, msg_id, seqno, length = struct.unpack("<qqqii", plain[:32])
         body = plain[32:32 + length]
         # A stall on everything (method=None) also silences service messages; the requests

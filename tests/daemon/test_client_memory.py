@@ -1,0 +1,103 @@
+"""What one account's Telethon objects cost (issue 17: memory per account <= plain Telethon).
+
+Measured side by side with stock Telethon in the same process, so the bound is a ratio, not a
+byte count of this machine: the daemon's client and connection objects (tgdaemon.telegram,
+tgdaemon.connection) replace what Telethon builds per client and never needs (a logger class
+per client, ~760-byte deques in every empty queue) and must come out clearly smaller."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import tracemalloc
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from telethon import TelegramClient
+from telethon.network import ConnectionTcpFull
+from telethon.sessions import MemorySession
+
+from tgdaemon.connection import CappedTcpFull
+from tgdaemon.leanqueue import LeanQueue
+from tgdaemon.telegram import TELETHON_LOGGER, client_class, shared_loggers
+
+N = 50
+API_HASH = "0123456789abcdef" * 2
+
+
+def _bytes_each(build: Callable[[], Any]) -> float:
+    """Traced bytes that stay allocated per object built (kept alive while measured)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [build() for _ in range(N)]
+        gc.collect()
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(kept) == N
+    return (after - before) / N
+
+
+async def test_a_daemon_client_and_connection_cost_less_than_stock_telethons():
+    cls = client_class(keepalive_ping=False)
+    ours = _bytes_each(lambda: cls(MemorySession(), 1, API_HASH, base_logger=TELETHON_LOGGER)) \
+        + _bytes_each(lambda: CappedTcpFull("127.0.0.1", 1, 1, loggers=shared_loggers(None)))
+    stock = _bytes_each(lambda: TelegramClient(MemorySession(), 1, API_HASH)) \
+        + _bytes_each(lambda: ConnectionTcpFull("127.0.0.1", 1, 1,
+                                                loggers=shared_loggers(None)))
+    # Before tgdaemon.leanqueue and the shared loggers: 1.03x. With them: ~0.5x.
+    assert ours <= 0.85 * stock, (ours, stock)
+
+
+async def test_lean_queue_keeps_fifo_order_and_wakes_waiters():
+    q: LeanQueue[int] = LeanQueue(1)
+    getter = asyncio.ensure_future(q.get())
+    await asyncio.sleep(0)
+    q.put_nowait(1)
+    assert await getter == 1
+    q.put_nowait(2)
+    putter = asyncio.ensure_future(q.put(3))  # full: waits for room
+    await asyncio.sleep(0)
+    assert not putter.done()
+    assert q.get_nowait() == 2
+    await putter
+    assert q.get_nowait() == 3
+    assert q.empty()
+    unbounded: LeanQueue[int] = LeanQueue()
+    for i in range(5):
+        unbounded.put_nowait(i)
+    assert [unbounded.get_nowait() for _ in range(5)] == [0, 1, 2, 3, 4]
+    for _ in range(5):
+        unbounded.task_done()
+    await asyncio.wait_for(unbounded.join(), 1)
+
+
+async def test_a_dropped_connection_is_freed_without_the_collector():
+    """What tgdaemon.gcpolicy freezes must not die in a cycle: a connection that was up when
+    frozen would never be freed (one per account and outage). Telethon's packet codec and
+    asyncio's transport each made one with it."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    gc.disable()
+    try:
+        conn = CappedTcpFull("127.0.0.1", port, 1, loggers=shared_loggers(None))
+        await conn.connect(timeout=5)
+        transport = conn._writer.transport
+        await conn.disconnect()
+        refs = [weakref.ref(conn), weakref.ref(transport)]
+        del conn, transport
+        assert [r() for r in refs] == [None, None]  # freed by reference counting alone
+    finally:
+        gc.enable()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()

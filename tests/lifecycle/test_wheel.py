@@ -1,0 +1,92 @@
+"""The heartbeat waits' shared timer wheel (tgdaemon.wheel): one loop timer per tick with
+sleepers, not one per account, and waits that end on tick boundaries."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+import pytest
+
+from tgdaemon.connwatch import ConnectionWatch
+from tgdaemon.lifecycle import HEARTBEAT_JITTER, heartbeat_delay, heartbeat_tick
+from tgdaemon.wheel import TimerWheel
+
+TICK = 0.05
+
+
+def _count_timers(loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    armed: list[Any] = []
+    call_at = loop.call_at
+
+    def counting(when: float, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        armed.append(when)
+        return call_at(when, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_at", counting)
+    return armed
+
+
+async def test_sleepers_due_in_one_tick_share_one_timer_and_wake_together(monkeypatch):
+    loop = asyncio.get_running_loop()
+    armed = _count_timers(loop, monkeypatch)
+    wheel = TimerWheel()
+    woke: list[float] = []
+
+    async def sleeper(seconds: float) -> None:
+        await wheel.sleep(seconds, TICK)
+        woke.append(loop.time())
+
+    start = loop.time()
+    # 200 accounts whose waits end anywhere within the same two ticks.
+    await asyncio.gather(*(sleeper(TICK * (1 + i / 100)) for i in range(200)))
+    assert len(armed) <= 3  # 200 waits, at most one timer per boundary they end in
+    assert wheel.pending == 0
+    for t in woke:
+        assert t >= start + TICK  # never sooner than asked
+    # Each woke on a boundary (loop time a multiple of the tick), at most a tick late.
+    assert len({math.ceil(t / TICK - 1e-6) for t in woke}) <= 3
+
+
+async def test_a_woken_or_cancelled_sleep_leaves_the_others_alone():
+    wheel = TimerWheel()
+    early = ConnectionWatch(wheel)
+    other = ConnectionWatch(wheel)
+    loop = asyncio.get_running_loop()
+    disconnected = loop.create_future()  # stands in for a client's connection
+
+    class Client:
+        @property
+        def disconnected(self) -> asyncio.Future[None]:
+            return disconnected
+
+        def is_connected(self) -> bool:
+            return True
+
+    client = Client()
+    early.watch(client)
+    other.watch(client)
+    woken = asyncio.create_task(early.sleep(10 * TICK, client, TICK))
+    ran_out = asyncio.create_task(other.sleep(2 * TICK, client, TICK))
+    cancelled = asyncio.create_task(wheel.sleep(2 * TICK, TICK))
+    await asyncio.sleep(0)
+    early.wake()
+    cancelled.cancel()
+    assert await woken is False
+    assert await ran_out is True
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+
+
+def test_the_tick_keeps_a_wait_within_the_jitter_bound():
+    """Rounding up to a tick never makes a wait longer than HEARTBEAT_JITTER intervals
+    (the longest gap the watchdog and the config checks assume)."""
+    import random
+
+    rng = random.Random(7)
+    for interval in (0.2, 30.0, 300.0):
+        tick = heartbeat_tick(interval)
+        assert 0 < tick <= interval / 30
+        longest = max(heartbeat_delay(interval, rng) for _ in range(2000))
+        assert math.ceil(longest / tick) * tick <= HEARTBEAT_JITTER * interval + 1e-9
