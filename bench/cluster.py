@@ -30,10 +30,12 @@ import math
 import os
 import resource
 import shutil
+import signal
 import sqlite3
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,7 @@ PER_DC = 10_000
 #: Lines of a daemon's log worth counting in the report: the fleet's trouble, fleet-wide.
 LOG_EVENTS = {
     "closed_all": "leases could not be renewed in time",
+    "leases_lost": "lease(s) lost",
     "renewal_failed": "lease renewal failed",
     "database_locked": "database is locked",
     "fenced_writes": "session write(s) refused",
@@ -122,6 +125,58 @@ class Leases:
         return {owner: int(n) for owner, n in rows}
 
 
+#: The write-lock histograms every instance exports (tgdaemon/sqlitedb.py).
+LOCK_HOLD = "tgdaemon_store_write_lock_hold_seconds"
+LOCK_WAIT = "tgdaemon_store_write_lock_wait_seconds"
+LOCK_MAX = "tgdaemon_store_write_lock_hold_max_seconds"
+RENEWALS = "tgdaemon_lease_renewals_total"
+
+
+def scrape_fleet(port: int) -> dict[str, Any]:
+    """One instance's write-lock times (per transaction kind: count, p50/p99 as bucket upper
+    bounds, max) and its renewal counts by result, from its /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as resp:
+        text = resp.read().decode()
+    buckets: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    counts: dict[tuple[str, str], float] = {}
+    longest: dict[str, float] = {}
+    renewals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name, labels = sample.name, sample.labels
+            for base, short in ((LOCK_HOLD, "hold"), (LOCK_WAIT, "wait")):
+                if name == f"{base}_bucket":
+                    buckets.setdefault((labels["tx"], short), []).append(
+                        (float(labels["le"]), sample.value))
+                elif name == f"{base}_count":
+                    counts[(labels["tx"], short)] = sample.value
+            if name == LOCK_MAX:
+                longest[labels["tx"]] = sample.value
+            elif name == RENEWALS:
+                renewals[labels["result"]] = sample.value
+
+    def quantile(key: tuple[str, str], q: float) -> float | None:
+        total = counts.get(key, 0)
+        if not total:
+            return None
+        top = longest.get(key[0]) if key[1] == "hold" else None
+        for bound, n in sorted(buckets.get(key, [])):
+            if n >= q * total:
+                return bound if top is None else min(bound, top)
+        return top
+
+    lock = {}
+    for (tx, short), total in counts.items():
+        if short != "hold" or not total:
+            continue
+        lock[tx] = {"count": int(total), "hold_p50": quantile((tx, "hold"), 0.5),
+                    "hold_p99": quantile((tx, "hold"), 0.99), "hold_max": longest.get(tx),
+                    "wait_p99": quantile((tx, "wait"), 0.99)}
+    return {"lock": lock, "renewals": renewals}
+
+
 def _sum(dcs: Sequence[LocalDcProcess], key: str) -> int:
     return sum(int(d.overlaps()[key]) for d in dcs)
 
@@ -178,7 +233,19 @@ def run(args: argparse.Namespace, work: Path, out: dict[str, Any]) -> None:
                     first[i] = time.monotonic() - started
             return _sum(dcs, "live_keys") >= n
 
-        reached = _wait(all_connected, connect_timeout)
+        said = [time.monotonic()]
+
+        def all_connected_said() -> bool:
+            done = all_connected()
+            if not done and time.monotonic() - said[0] >= 30:  # a long wait says how it goes
+                said[0] = time.monotonic()
+                progress(f"{time.monotonic() - started:.0f}s: {_sum(dcs, 'live_keys')}/{n} "
+                         f"connected; leases {leases.owned()}; load "
+                         f"{os.getloadavg()[0]:.1f}; " + "; ".join(
+                             f"{i} {_brief(log_events(f.log_path))}" for i, f in fleets.items()))
+            return done
+
+        reached = _wait(all_connected_said, connect_timeout)
         out["first_connected_s"] = first
         if reached is None:
             out["connected_at_timeout"] = _sum(dcs, "live_keys")
@@ -189,6 +256,7 @@ def run(args: argparse.Namespace, work: Path, out: dict[str, Any]) -> None:
         progress(f"all {n} connected {out['connect_s']:.1f}s after starting {d} daemons "
                  f"(first connected per instance at {first}); leases {out['owned_at_connect']}")
         out["instances"] = _idle(args, fleets, dcs, base, leases, out)
+        _write_lock(fleets, out)
 
         victim = instances[-1]
         lost = leases.owned().get(victim, 0)
@@ -216,6 +284,11 @@ def run(args: argparse.Namespace, work: Path, out: dict[str, Any]) -> None:
         out["open_twice_at_end"] = _sum(dcs, "open_twice")
         progress(f"overlapping connections (localdc): {out['overlaps']}")
     finally:
+        if "write_lock" not in out:  # failed before the idle window: how the lock fared
+            _write_lock(fleets, out)
+        for f in fleets.values():  # all at once: one by one, the last ones claim the rest
+            if f.proc.poll() is None:
+                os.kill(f.pid, signal.SIGTERM)
         for i, f in fleets.items():
             try:
                 if f.proc.poll() is None:
@@ -228,6 +301,32 @@ def run(args: argparse.Namespace, work: Path, out: dict[str, Any]) -> None:
         for dc in dcs:
             dc.stop()
         out["log_events"] = {i: log_events(f.log_path) for i, f in fleets.items()}
+
+
+def _write_lock(fleets: dict[str, FleetProcess], out: dict[str, Any]) -> None:
+    """Every live instance's write-lock times and renewal counts into ``out``."""
+    out["write_lock"] = {}
+    for i, f in fleets.items():
+        if f.proc.poll() is not None:
+            continue
+        try:
+            out["write_lock"][i] = scrape_fleet(f.wait_event("http", 60)["port"])
+        except (OSError, ChildError) as exc:
+            progress(f"{i}: no metrics ({exc})")
+    progress("write lock held (p50/p99/max ms, transactions): " + "; ".join(
+        f"{i} " + ", ".join(f"{tx} {_ms(x['hold_p50'])}/{_ms(x['hold_p99'])}/"
+                            f"{_ms(x['hold_max'])} ({x['count']})"
+                            for tx, x in sorted(w["lock"].items()))
+        for i, w in sorted(out["write_lock"].items())))
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f}"
+
+
+def _brief(events: dict[str, int]) -> str:
+    """The log counts that are not zero, for a progress line."""
+    return ", ".join(f"{k} {v}" for k, v in events.items() if v) or "no trouble logged"
 
 
 def log_events(path: Path) -> dict[str, int]:
@@ -398,6 +497,22 @@ def write_report(results: dict[str, Any], path: Path) -> None:
             f"whole run): **{r.get('overlaps', '-')}**.",
             "",
         ]
+    write_lock = r.get("write_lock")
+    if write_lock:
+        lines += ["Write lock of the shared SQLite database, per instance and kind of "
+                  "transaction, from start to the end of the idle window "
+                  "(`tgdaemon_store_write_lock_*`; p50/p99 are histogram bucket upper bounds; "
+                  "the other instances' renewals wait for these holds):", "",
+                  "| instance | transaction | count | held p50, ms | held p99, ms | held max, "
+                  "ms | waited p99, ms |", "|---|---|---|---|---|---|---|"]
+        for i, w in sorted(write_lock.items()):
+            for tx, x in sorted(w["lock"].items()):
+                lines.append(f"| {i} | {tx} | {x['count']:,} | {_ms(x['hold_p50'])} | "
+                             f"{_ms(x['hold_p99'])} | {_ms(x['hold_max'])} | "
+                             f"{_ms(x['wait_p99'])} |")
+        lines += ["", "Lease renewals by result (same period): " + "; ".join(
+            f"{i} " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(w["renewals"].items()))
+            for i, w in sorted(write_lock.items())) + ".", ""]
     events = r.get("log_events")
     if events:
         lines += ["Counted in the daemons' logs over the run (fleet-wide trouble):", "",

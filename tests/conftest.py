@@ -7,7 +7,9 @@ Telethon; nothing here mocks Telethon.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -47,6 +49,30 @@ async def wait_for_condition(
 @pytest.fixture
 def wait_until() -> WaitUntil:
     return wait_for_condition
+
+
+Spawn = Callable[..., subprocess.Popen[str]]
+
+
+@pytest.fixture
+def children() -> Iterator[Spawn]:
+    """``Popen`` (text pipes) whose children are killed and reaped when the test ends, passed
+    or failed: a failing assertion between a spawn and its kill leaves no process behind."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def spawn(args: list[str], **kw: Any) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, **kw)
+        procs.append(proc)
+        return proc
+
+    yield spawn
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=20)  # reaps it, closes its pipes
 
 
 @pytest.fixture

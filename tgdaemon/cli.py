@@ -196,12 +196,14 @@ def _load(ns: argparse.Namespace) -> Config:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
+    # The config first: a mistake in it is reported before the daemon's imports (Telethon,
+    # aiohttp: about a second of CPU), which only a valid config needs.
+    config = _load(ns)
     from tgdaemon.daemon import serve
     from tgdaemon.fdlimit import budget, ensure_open_file_limit
     from tgdaemon.http import HttpLimits
     from tgdaemon.logs import setup_logging
 
-    config = _load(ns)
     setup_logging(config.daemon.log_level, config.daemon.log_format)
     ensure_open_file_limit(budget(config, HttpLimits().max_connections))
     return asyncio.run(serve(config))

@@ -18,6 +18,7 @@ refuses them.
 from __future__ import annotations
 
 import os
+import weakref
 from hashlib import sha256
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -75,6 +76,7 @@ class _CappedRecv:
 
     _codec: Any
     _reader: Any
+    _writer: Any
     _obfuscation: Any
     #: The refusal that ended this connection: Telethon's receive loop disconnects before the
     #: sender reads the error, which then only sees "Not connected"; ``send``/``recv`` restore
@@ -86,6 +88,23 @@ class _CappedRecv:
         # Telethon's two Queue(1)s hold ~6 KB of empty deques per connection.
         self._send_queue: LeanQueue[bytes] = LeanQueue(1)
         self._recv_queue: LeanQueue[Any] = LeanQueue(1)
+
+    async def _connect(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super()._connect(*args, **kwargs)  # type: ignore[misc]  # Telethon's
+        finally:
+            # The packet codec points back at its connection (connection.py:425): a cycle
+            # only the collector frees, and a connection frozen by tgdaemon.gcpolicy never
+            # is (one connection per account and outage, measured). A weak proxy keeps
+            # ``codec._conn`` working (only Telethon's HTTP codec reads it).
+            if self._codec is not None:
+                self._codec._conn = weakref.proxy(self)
+
+    async def disconnect(self) -> None:
+        writer = self._writer
+        await super().disconnect()  # type: ignore[misc]  # Telethon's, untyped
+        if writer is not None:
+            _release_transport(writer.transport)
 
     async def _recv(self) -> bytes:
         source = self._obfuscation if self._obfuscation is not None else self._reader
@@ -109,6 +128,16 @@ class _CappedRecv:
                 raise self._refused from None
             raise
         return data
+
+
+def _release_transport(transport: Any) -> None:
+    """Break a closed asyncio socket transport's cycle with its own bound read callback
+    (CPython 3.11 selector_events.py:947, kept after ``_call_connection_lost``), so that
+    reference counting frees it with its socket: a transport frozen by tgdaemon.gcpolicy
+    while its connection was up is otherwise never freed (one per account and outage)."""
+    if getattr(transport, "_sock", True) is None and hasattr(transport, "_read_ready_cb"):
+        transport._read_ready_cb = None
+
 
 
 class _DirectIO:

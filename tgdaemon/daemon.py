@@ -89,8 +89,8 @@ class Daemon:
         self.records = RecordsCollector(self.registry)
         self.loop_lag = LoopLag(self.registry, monotonic=monotonic)
         self.rotation: KeyRotation | None = None
-        #: Freezes the long-lived heap while the fleet connects (``tgdaemon.gcpolicy``).
-        self.gc = GcPolicy(self._first_connects_pending)
+        #: Freezes the long-lived heap during connect waves (``tgdaemon.gcpolicy``).
+        self.gc = GcPolicy(self._connecting)
         #: A fleet instance's side of a key rotation (agreement on the write key).
         self.fleet_keys: FleetKeys | None = None
         self._ready = False
@@ -193,7 +193,7 @@ class Daemon:
         self.gc.freeze()  # the sessions, the store: before any worker allocates
         await self.supervisor.start(sessions)
         self._stack.push_async_callback(self._stop_supervisor)
-        self.gc.start()  # every worker exists; freeze as they connect
+        self.gc.start()  # every worker exists; freeze as they connect (the first wave)
         if self.fleet is not None:
             self.fleet.start(self.supervisor)
             self._stack.push_async_callback(self.fleet.stop, config.daemon.drain_timeout)
@@ -214,9 +214,11 @@ class Daemon:
         self._ready = True
         log.info("daemon started: %s", self.board.summary())
 
-    def _first_connects_pending(self) -> bool:
+    def _connecting(self) -> tuple[int, int]:
+        """(accounts starting, connecting or reconnecting; all accounts) for the GC policy."""
         counts = self.board.counts()
-        return bool(counts[State.STARTING] or counts[State.CONNECTING])
+        return (counts[State.STARTING] + counts[State.CONNECTING]
+                + counts[State.RECONNECTING], sum(counts.values()))
 
     async def _join_fleet(self, config: Config, store: Store) -> Fleet:
         """Fleet mode: open the shared lease store and join (README: Scaling out)."""

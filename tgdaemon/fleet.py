@@ -400,6 +400,8 @@ class Fleet:
             await self._release(list(leases))
             return
         self._epochs.update(leases)
+        # The guard may have last looked while we held nothing (it then waits for no deadline).
+        self._extended.set()
         await self.supervisor.adopt([account_spec(self.config, n) for n in sorted(leases)])
 
     async def _close(self, names: Sequence[str]) -> set[str]:

@@ -32,7 +32,16 @@ from typing import Any, TypeVar
 
 from tgdaemon.exceptions import StoreError
 from tgdaemon.migrations import PG_MIGRATIONS, unapplied
-from tgdaemon.sqlitedb import SqliteThread, TxKind, WriteLockStats, is_busy
+from tgdaemon.sqlitedb import (
+    BUSY_TIMEOUT,
+    SqliteThread,
+    TxKind,
+    WriteLockStats,
+    delete_sessions,
+    is_busy,
+    json_list,
+    upsert_sessions,
+)
 
 _T = TypeVar("_T")
 
@@ -252,7 +261,7 @@ class SqliteLeaseStore(LeaseStore):
         stats = lock_stats if lock_stats is not None else WriteLockStats()
         opened: list[SqliteThread] = []
         try:
-            for name, busy in (("tgdaemon-leases", 10.0), ("tgdaemon-renewals", min(
+            for name, busy in (("tgdaemon-leases", BUSY_TIMEOUT), ("tgdaemon-renewals", min(
                     RENEW_BUSY_TIMEOUT, renew_patience / 4))):
                 opened.append(await SqliteThread.open(db_path, name=name, busy_timeout=busy,
                                                       durable=True, stats=stats))
@@ -282,12 +291,14 @@ class SqliteLeaseStore(LeaseStore):
     async def sync_accounts(self, accounts: Mapping[str, bool]) -> int:
         now = self._clock()
 
+        rows = json.dumps({n: int(e) for n, e in accounts.items()})
+
         def tx(conn: sqlite3.Connection) -> int:
             count = "SELECT count(*) FROM accounts"
             (before,) = conn.execute(count).fetchone()
-            conn.executemany(
-                "INSERT INTO accounts (name, created_at, enabled) VALUES (?, ?, ?) "
-                "ON CONFLICT DO NOTHING", [(n, now, int(e)) for n, e in accounts.items()])
+            conn.execute(
+                "INSERT INTO accounts (name, created_at, enabled) SELECT key, ?, value "
+                "FROM json_each(?) WHERE true ON CONFLICT DO NOTHING", (now, rows))
             (after,) = conn.execute(count).fetchone()
             return int(after - before)
 
@@ -380,10 +391,13 @@ class SqliteLeaseStore(LeaseStore):
             conn.execute(
                 "UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=? AND account IN "
                 "(SELECT name FROM accounts WHERE enabled=0)", (instance,))
-            rows = conn.execute(
-                "UPDATE leases SET expires_at=? WHERE owner=? AND expires_at > ? "
-                "RETURNING account, epoch", (now + ttl, instance, now)).fetchall()
-            return {a: e for a, e in rows}
+            conn.execute("UPDATE leases SET expires_at=? WHERE owner=? AND expires_at > ?",
+                         (now + ttl, instance, now))
+            # One row, not one per lease (RETURNING would take the GIL back per row).
+            (held,) = conn.execute(
+                "SELECT json_group_object(account, epoch) FROM leases WHERE owner=? "
+                "AND expires_at > ?", (instance, now)).fetchone()
+            return dict(json.loads(held))
 
         # Another daemon's transaction is milliseconds long: a busy attempt is tried again
         # (each waits at most RENEW_BUSY_TIMEOUT) until the patience is spent.
@@ -402,20 +416,26 @@ class SqliteLeaseStore(LeaseStore):
         now = self._clock()
 
         def tx(conn: sqlite3.Connection) -> dict[str, int]:
-            rows = conn.execute(
-                "UPDATE leases SET owner=?, epoch=epoch+1, expires_at=? WHERE account IN ("
+            # Set-wise, a few statements whatever n is (see tgdaemon/sqlitedb.py).
+            (chosen,) = conn.execute(
+                "SELECT json_group_array(account) FROM ("
                 " SELECT l.account FROM leases l JOIN accounts a ON a.name = l.account"
                 " WHERE a.enabled=1 AND (l.owner IS NULL OR l.expires_at <= ?)"
-                " ORDER BY random() LIMIT ?) RETURNING account, epoch",
-                (instance, now + ttl, now, n)).fetchall()
-            return {a: e for a, e in rows}
+                " ORDER BY random() LIMIT ?)", (now, n)).fetchone()
+            conn.execute("UPDATE leases SET owner=?, epoch=epoch+1, expires_at=? WHERE account "
+                         "IN (SELECT value FROM json_each(?))", (instance, now + ttl, chosen))
+            (claimed,) = conn.execute(
+                "SELECT json_group_object(account, epoch) FROM leases WHERE account IN "
+                "(SELECT value FROM json_each(?))", (chosen,)).fetchone()
+            return dict(json.loads(claimed))
 
         return await self._run(tx)
 
     async def release(self, instance: str, names: Iterable[str]) -> None:
-        args = [(instance, n) for n in names]
-        await self._run(lambda conn: conn.executemany(
-            "UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=? AND account=?", args))
+        args = (instance, json_list(names))
+        await self._run(lambda conn: conn.execute(
+            "UPDATE leases SET owner=NULL, expires_at=0 WHERE owner=? AND account IN "
+            "(SELECT value FROM json_each(?))", args))
 
     async def write_sessions(
         self, instance: str, writes: Mapping[str, tuple[int, bytes | None]]
@@ -423,24 +443,17 @@ class SqliteLeaseStore(LeaseStore):
         if not writes:
             return set()
         now = self._clock()
-        names = list(writes)
+        names = json_list(writes)
 
         def tx(conn: sqlite3.Connection) -> set[str]:
-            held: dict[str, int] = {}
-            for i in range(0, len(names), 500):
-                chunk = names[i:i + 500]
-                held.update(conn.execute(
-                    f"SELECT account, epoch FROM leases WHERE owner=? AND account IN "
-                    f"({','.join('?' * len(chunk))})", (instance, *chunk)).fetchall())
+            (doc,) = conn.execute(
+                "SELECT json_group_object(account, epoch) FROM leases WHERE owner=? AND "
+                "account IN (SELECT value FROM json_each(?))", (instance, names)).fetchone()
+            held = json.loads(doc)
             rejected = {n for n, (epoch, _r) in writes.items() if held.get(n) != epoch}
             ok = [(n, r) for n, (_e, r) in writes.items() if n not in rejected]
-            conn.executemany("DELETE FROM sessions WHERE account=?",
-                             [(n,) for n, r in ok if r is None])
-            conn.executemany(
-                "INSERT INTO sessions (account, record, updated_at) VALUES (?, ?, ?) "
-                "ON CONFLICT(account) DO UPDATE SET record=excluded.record, "
-                "updated_at=excluded.updated_at",
-                [(n, r, now) for n, r in ok if r is not None])
+            delete_sessions(conn, [n for n, r in ok if r is None])
+            upsert_sessions(conn, [(n, r, now) for n, r in ok if r is not None])
             return rejected
 
         return await self._run(tx, TxKind.SESSIONS)

@@ -8,6 +8,12 @@ close).  Here ``BEGIN IMMEDIATE`` .. ``COMMIT`` runs inside one function in the 
 thread: the lock is held for the statements and the commit's fsync only, whatever the event
 loop does meanwhile, and a cancelled caller cannot leave a transaction open.
 
+Inside the transaction, statements work on whole sets (rows passed as one JSON text, session
+records as one packed blob), never row by row: sqlite3 gives up the GIL around each step of
+a statement and must take it back from the event loop's thread for the next row, which, while
+that thread is busy, comes after Python's switch interval (5 ms).  An ``executemany`` of 500
+rows, or a ``RETURNING`` of 10,000, held the lock for seconds that way.
+
 How long the lock was held, and waited for, is recorded per kind of transaction
 (:class:`WriteLockStats`, exported as metrics by tgdaemon/fleet.py).
 """
@@ -17,19 +23,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
 _T = TypeVar("_T")
+
+#: Seconds a write waits for another connection's transaction before "database is locked":
+#: far beyond any transaction here (under a second on a loaded machine), so reaching it
+#: means a paused daemon holds the lock (lease renewals wait less: tgdaemon/leasestore.py).
+BUSY_TIMEOUT = 10.0
 
 #: Upper bounds (seconds) of the lock-time histograms: from one fsync to a busy timeout.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -68,15 +80,15 @@ def _count(buckets: list[int], value: float) -> None:
 
 
 def quantile(times: LockTimes, q: float, *, hold: bool = True) -> float | None:
-    """Upper bound of the bucket holding the ``q`` quantile (the maximum beyond the last)."""
+    """Upper bound of the bucket holding the ``q`` quantile, at most the maximum."""
     if not times.count:
         return None
     buckets = times.hold_buckets if hold else times.wait_buckets
-    rank = q * times.count
+    top = times.hold_max if hold else times.wait_max
     for bound, n in zip(BUCKETS, buckets, strict=True):
-        if n >= rank:
-            return bound
-    return times.hold_max if hold else times.wait_max
+        if n >= q * times.count:
+            return min(bound, top)
+    return top
 
 
 class WriteLockStats:
@@ -143,6 +155,38 @@ class WriteLockCollector:
         yield hold
         yield wait
         yield longest
+
+
+def json_list(values: Iterable[Any]) -> str:
+    """Values for ``... IN (SELECT value FROM json_each(?))``: one parameter, any count."""
+    return json.dumps(list(values))
+
+
+#: Upserts session records packed by :func:`upsert_sessions`: one statement, one step.
+_UPSERT_PACKED = (
+    "INSERT INTO sessions (account, record, updated_at) "
+    "SELECT json_extract(j.value, '$[0]'), "
+    "substr(?1, json_extract(j.value, '$[1]'), json_extract(j.value, '$[2]')), "
+    "json_extract(j.value, '$[3]') FROM json_each(?2) AS j WHERE true "
+    "ON CONFLICT(account) DO UPDATE SET record=excluded.record, updated_at=excluded.updated_at")
+
+
+def upsert_sessions(conn: sqlite3.Connection, rows: Sequence[tuple[str, bytes, float]]) -> None:
+    """Insert or replace (account, encrypted record, time) rows in one statement: the records
+    travel as one blob, cut by SQLite (``substr`` counts bytes in a blob, from 1)."""
+    if not rows:
+        return
+    index, offset = [], 1
+    for name, record, at in rows:
+        index.append((name, offset, len(record), at))
+        offset += len(record)
+    conn.execute(_UPSERT_PACKED, (b"".join(r for _n, r, _a in rows), json.dumps(index)))
+
+
+def delete_sessions(conn: sqlite3.Connection, names: Sequence[str]) -> None:
+    if names:
+        conn.execute("DELETE FROM sessions WHERE account IN (SELECT value FROM json_each(?))",
+                     (json_list(names),))
 
 
 def is_busy(exc: BaseException) -> bool:

@@ -47,7 +47,15 @@ from tgdaemon.exceptions import (
     TgdaemonError,
 )
 from tgdaemon.migrations import LATEST, MIGRATIONS
-from tgdaemon.sqlitedb import SqliteThread, TxKind, WriteLockStats
+from tgdaemon.sqlitedb import (
+    BUSY_TIMEOUT,
+    SqliteThread,
+    TxKind,
+    WriteLockStats,
+    delete_sessions,
+    json_list,
+    upsert_sessions,
+)
 
 if TYPE_CHECKING:
     from tgdaemon.leasestore import Reencrypt
@@ -465,8 +473,12 @@ async def _existing(conn: aiosqlite.Connection, names: Iterable[str]) -> set[str
 
 
 def _existing_now(conn: sqlite3.Connection, names: Sequence[str]) -> set[str]:
-    """:func:`_existing` inside a transaction, in the write thread."""
-    return {r[0] for r in conn.execute(_existing_sql(names), names).fetchall()}
+    """:func:`_existing` inside a transaction, in the write thread: one row, not one per
+    account (see tgdaemon/sqlitedb.py)."""
+    (found,) = conn.execute(
+        "SELECT json_group_array(name) FROM accounts WHERE name IN "
+        "(SELECT value FROM json_each(?))", (json_list(names),)).fetchone()
+    return set(json.loads(found))
 
 
 def _plan_batch(batch: Mapping[str, _Pending], existing: set[str], ring: KeyRing, now: float,
@@ -493,18 +505,15 @@ def _plan_batch(batch: Mapping[str, _Pending], existing: set[str], ring: KeyRing
 
 
 def _apply_plan(conn: sqlite3.Connection, plan: _Plan) -> None:
-    if plan.deletes:
-        conn.executemany("DELETE FROM sessions WHERE account=?", plan.deletes)
-    if plan.upserts:
-        conn.executemany(
-            "INSERT INTO sessions (account, record, updated_at) VALUES (?, ?, ?) "
-            "ON CONFLICT(account) DO UPDATE SET record=excluded.record, "
-            "updated_at=excluded.updated_at",
-            plan.upserts,
-        )
+    """The plan in a few set-wise statements, whatever its size (tgdaemon/sqlitedb.py)."""
+    delete_sessions(conn, [n for (n,) in plan.deletes])
+    upsert_sessions(conn, plan.upserts)
     for columns, rows in plan.updates.items():
-        assignments = ", ".join(f"{c}=?" for c in columns)  # whitelisted names
-        conn.executemany(f"UPDATE accounts SET {assignments} WHERE name=?", rows)
+        assignments = ", ".join(  # whitelisted names
+            f"{c}=json_extract(j.value, '$[{i}]')" for i, c in enumerate(columns))
+        conn.execute(f"UPDATE accounts SET {assignments} FROM json_each(?) AS j "
+                     "WHERE accounts.name = j.key",
+                     (json.dumps({row[-1]: row[:-1] for row in rows}),))
 
 
 class _Pending:
@@ -622,7 +631,7 @@ class Store:
             writable = await _probe_writable(conn) if lock else True
             if writable:
                 _write_marker(state_dir)
-            db = await SqliteThread.open(db_path, name="tgdaemon-store", busy_timeout=5.0,
+            db = await SqliteThread.open(db_path, name="tgdaemon-store", busy_timeout=BUSY_TIMEOUT,
                                          durable=False, stats=WriteLockStats())
         except BaseException as exc:
             if conn is not None:

@@ -306,19 +306,23 @@ async def test_consumer_resumes_by_cursor_and_misses_nothing(api_daemon: ApiDaem
 #: are part of every heartbeat's round trip) does not share its loop with it. Plain sockets
 #: rather than an HTTP client library, at the lowest CPU priority: it stands for the other
 #: programs, and on a 2-core machine its own CPU would otherwise be taken from the daemon.
-#: Prints one [status, Retry-After or null, seconds] per call.
+#: Prints one [status, Retry-After or null, seconds] per call. With a duration, each connection
+#: calls until it is over instead of ``per`` times.
 LOAD_SCRIPT = """
 import asyncio, json, os, sys, time
 from urllib.parse import urlsplit
 
-async def main(url, token, conns, per):
+async def main(url, token, conns, per, duration):
+    end = time.monotonic() + duration
     u = urlsplit(url)
     req = (f"GET {u.path}?{u.query} HTTP/1.1\\r\\nHost: {u.netloc}\\r\\n"
            f"Authorization: Bearer {token}\\r\\n\\r\\n").encode()
     out = []
     async def caller():
         reader, writer = await asyncio.open_connection(u.hostname, u.port)
-        for _ in range(per):
+        n = 0
+        while n < per if not duration else time.monotonic() < end:
+            n += 1
             t0 = time.monotonic()
             writer.write(req)
             head = (await reader.readuntil(b"\\r\\n\\r\\n")).decode().split("\\r\\n")
@@ -331,14 +335,16 @@ async def main(url, token, conns, per):
     print(json.dumps(out))
 
 os.nice(19)
-asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
+                 float(sys.argv[5])))
 """
 
 
-async def _load(d: ApiDaemon, path: str, conns: int, per: int
+async def _load(d: ApiDaemon, path: str, conns: int, per: int, duration: float = 0.0
                 ) -> tuple[asyncio.subprocess.Process, asyncio.Task[tuple[bytes, bytes]]]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", LOAD_SCRIPT, d.url + path, d.tokens["ops"], str(conns), str(per),
+        str(duration),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     return proc, asyncio.create_task(proc.communicate())
 
@@ -434,9 +440,10 @@ async def test_burst_of_1000_calls_leaves_other_heartbeats_alone(
     heartbeats come back as fast as in a quiet baseline taken just before, within the
     slack above. Alice's own heartbeats are measured too: they do not queue behind her
     calls either (at most account_concurrency of them are ahead on her connection).
-    Then 3,000 reads of alice's status (``GET /v1/accounts/alice``, which takes no turn: it
-    costs the loop what a refusal would) as fast as 40 connections go: far faster than
-    max_rate, and the heartbeats still within the same slack."""
+    Then 5 s of reads of alice's status (``GET /v1/accounts/alice``) as fast as 40
+    connections go: they take turns like calls (at most max_rate a second, none refused),
+    and the heartbeats stay within the same slack (without turns: hundreds a second, bob's
+    p90 177 ms late)."""
     d = burst_daemon
     bob = d.user_ids["bob"]
     async with aiohttp.ClientSession() as http:
@@ -452,7 +459,7 @@ async def test_burst_of_1000_calls_leaves_other_heartbeats_alone(
         # share of any rise (the loop cannot run a heartbeat's callbacks then).
         host = (_cpu_wait(d) - waited0) / elapsed
         t1 = time.monotonic()
-        proc, task = await _load(d, "/v1/accounts/alice", 40, 75)
+        proc, task = await _load(d, "/v1/accounts/alice", 40, 0, duration=5.0)
         reading = await beats.window(task.done, 120)
         reads = await _outcomes(proc, task)
         read_elapsed = time.monotonic() - t1
@@ -469,8 +476,8 @@ async def test_burst_of_1000_calls_leaves_other_heartbeats_alone(
     print(f"status reads: {len(reads)} in {read_elapsed:.1f}s, outcomes {dict(read_counts)}")
     for name in ("bob", "alice"):
         print(f"{name} heartbeats during the reads: {_ms(reading[name])}")
-    assert read_counts == {200: 3000}, read_counts
-    assert read_elapsed < (3000 - rate) / rate, "the reads waited for turns"
+    assert set(read_counts) == {200}, read_counts
+    assert len(reads) <= rate * (read_elapsed + 1), "the reads took no turn"
     for name in ("bob", "alice"):
         q = quiet[name]
         for b in (busy[name], reading[name]):

@@ -14,6 +14,7 @@ import pytest
 from telethon.tl import types as tl
 
 from tgdaemon.api.events import (
+    BACKLOG_PAGE,
     CursorError,
     EventKind,
     UpdateBuffer,
@@ -330,16 +331,33 @@ async def test_buffer_keeps_the_newest_per_account_across_restarts(tmp_path: Pat
     again = UpdateBuffer(tmp_path, ring, size=3)
     await again.open()
     try:
-        held = await again.backlog(None, 0, again.last_seq)
+        held = [e async for e in again.backlog(None, 0, again.last_seq)]
         assert [(e.kind, e.account, e.body.get("n")) for e in held] == [
             (EventKind.GAP, "a", None), (EventKind.MESSAGE, "a", 2),
             (EventKind.MESSAGE, "a", 3), (EventKind.MESSAGE, "a", 4),
             (EventKind.MESSAGE, "b", 100)]
-        after = await again.backlog(frozenset({"a"}), held[1].seq, again.last_seq)
+        after = [e async for e in again.backlog(frozenset({"a"}), held[1].seq, again.last_seq)]
         assert [e.body["n"] for e in after] == [3, 4]
         assert again.append("a", EventKind.EDIT, {}).seq == 7  # numbering continues
     finally:
         await again.close()
+
+
+async def test_a_backlog_is_read_a_page_at_a_time(tmp_path: Path) -> None:
+    """2.5 pages of two accounts' events, read page by page: all of them, in order, once,
+    filtered."""
+    buf = UpdateBuffer(tmp_path, generate_keyring(), size=1000)
+    await buf.open()
+    try:
+        for i in range(BACKLOG_PAGE * 5 // 2):
+            buf.append("a" if i % 3 else "b", EventKind.MESSAGE, {"n": i})
+        await buf.flush()
+        every = [e.body["n"] async for e in buf.backlog(None, 0, buf.last_seq)]
+        assert every == list(range(BACKLOG_PAGE * 5 // 2))
+        b_only = [e.body["n"] async for e in buf.backlog(frozenset({"b"}), 10, buf.last_seq)]
+        assert b_only == [n for n in range(10, BACKLOG_PAGE * 5 // 2) if n % 3 == 0]
+    finally:
+        await buf.close()
 
 
 async def test_a_subscriber_that_falls_behind_is_closed_and_marked() -> None:

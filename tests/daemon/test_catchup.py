@@ -35,6 +35,11 @@ from tgdaemon.config import Config, load_config
 from tgdaemon.localdc import Fault, LocalDC
 from tgdaemon.session import UPDATE_STATE_INTERVAL
 
+#: A daemon process start (imports: ~1.3 s of CPU) up to its first connection: 10-20 s of wall
+#: time on a loaded 2-core machine. Each test starts it two or three times: over pytest's 60 s.
+START_TIMEOUT = 60.0
+pytestmark = pytest.mark.timeout(240)
+
 RECORDER = textwrap.dedent('''
     """Test plugin: appends the chat and id of every new message to $CATCHUP_RECORD."""
     import json
@@ -75,7 +80,7 @@ class Recorded:
         seen = self.counts()
         return all(seen[i] >= 1 for i in ids)
 
-    async def wait(self, ids: Iterable[int], timeout: float = 20.0, what: str = "") -> None:
+    async def wait(self, ids: Iterable[int], timeout: float = 60.0, what: str = "") -> None:
         wanted = list(ids)
         await wait_for_condition(lambda: self.has(wanted), timeout,
                                  f"plugin received {what or wanted}")
@@ -102,7 +107,8 @@ class Harness:
         env = daemon_env(NOTIFY_SOCKET=str(self.notify.path), **self.env)
         self.daemon = await DaemonProcess.start(self.config.path, env)
         self.processes.append(self.daemon)
-        await wait_for_condition(lambda: states_are(self.port, {"alice": "connected"}), 20,
+        await wait_for_condition(lambda: states_are(self.port, {"alice": "connected"}),
+                                 START_TIMEOUT,
                                  "alice connected")
         return self.daemon
 
@@ -143,6 +149,12 @@ async def harness(tmp_path, make_config, login_account, notify, processes) -> Ha
     return Harness(tmp_path, config, port, notify, processes, uid)
 
 
+def _differences(dc: LocalDC, uid: int) -> int:
+    """getDifference requests the local DC answered for this user (it answers each one at
+    once, in the step that counts it)."""
+    return int(dc.counters(user_id=uid)["requests"].get("updates.getDifference", 0))
+
+
 def _push(dc: LocalDC, uid: int, n: int, tag: str) -> list[int]:
     return [dc.push_update(uid, f"{tag} {i}") for i in range(n)]  # type: ignore[misc]
 
@@ -151,7 +163,13 @@ async def test_messages_sent_while_stopped_arrive_exactly_once_even_many_slices(
         harness: Harness, localdc: LocalDC):
     """(a) a clean stop, then (e) more than one difference slice's worth while stopped."""
     h = harness
+    diffs = _differences(localdc, h.uid)
     daemon = await h.start()
+    # "connected" comes before the connection's first catch-up: a message pushed before the
+    # server answered that getDifference is in it, i.e. rightly recovered (a daemon slow to
+    # send it, on a loaded machine). Pushed after the answer (written first), it is live.
+    await wait_for_condition(lambda: _differences(localdc, h.uid) > diffs, START_TIMEOUT,
+                             "the first catch-up answered")
     live = _push(localdc, h.uid, 1, "live")
     await h.recorded.wait(live)
     await h.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import tracemalloc
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -72,3 +73,31 @@ async def test_lean_queue_keeps_fifo_order_and_wakes_waiters():
     for _ in range(5):
         unbounded.task_done()
     await asyncio.wait_for(unbounded.join(), 1)
+
+
+async def test_a_dropped_connection_is_freed_without_the_collector():
+    """What tgdaemon.gcpolicy freezes must not die in a cycle: a connection that was up when
+    frozen would never be freed (one per account and outage). Telethon's packet codec and
+    asyncio's transport each made one with it."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    gc.disable()
+    try:
+        conn = CappedTcpFull("127.0.0.1", port, 1, loggers=shared_loggers(None))
+        await conn.connect(timeout=5)
+        transport = conn._writer.transport
+        await conn.disconnect()
+        refs = [weakref.ref(conn), weakref.ref(transport)]
+        del conn, transport
+        assert [r() for r in refs] == [None, None]  # freed by reference counting alone
+    finally:
+        gc.enable()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()

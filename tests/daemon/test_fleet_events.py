@@ -36,6 +36,14 @@ notify_dir = test_process.notify_dir
 processes = test_process.processes
 
 
+#: 20-50 logins through the CLI flow and a daemon start: over pytest's 60 s on a loaded
+#: machine. pytest-timeout's SIGALRM then lands wherever the loop is, often in the in-process
+#: localdc, whose connection callback swallows it (asyncio logs "Unhandled exception in
+#: client_connected_cb"): one account's connection handler gone, the test went on with an
+#: event missing instead of stopping.
+FLEET_TIMEOUT = pytest.mark.timeout(240)
+
+
 def fleet(n: int) -> list[dict[str, Any]]:
     return [{"name": f"acc{i:03d}", "phone": phone_for(f"acc{i:03d}")} for i in range(n)]
 
@@ -60,16 +68,22 @@ def error_lines(daemon: DaemonProcess, start: int = 0) -> list[str]:
             if line.startswith(("ERROR", "CRITICAL")) or "Traceback" in line]
 
 
+@FLEET_TIMEOUT
 async def test_a_server_drop_at_50_accounts_is_not_50_error_lines(
         make_config, login_account, localdc, processes, notify):
     daemon, port, names = await start_fleet(make_config, login_account, processes, notify, 50)
     mark = len(daemon.lines)
+    accepted = localdc.counters()["connections_accepted"]
     assert localdc.drop_connections() >= 50
-    await wait_for_condition(lambda: states_are(port, dict.fromkeys(names, "connected")),
-                             60, "50 accounts reconnected")
+
+    async def reconnected() -> bool:  # "connected" alone holds before the drop is noticed
+        return (localdc.counters()["connections_accepted"] >= accepted + 50
+                and await states_are(port, dict.fromkeys(names, "connected")))
+
+    await wait_for_condition(reconnected, 60, "50 accounts reconnected")
+    await daemon.wait_log(r"WARNING tgdaemon.logvolume: 50 Telethon connections ended", 20)
     # Measured before the filter: 50 ERROR lines "Automatic reconnection failed 0 time(s)".
     assert error_lines(daemon, mark) == []
-    await daemon.wait_log(r"WARNING tgdaemon.logvolume: 50 Telethon connections ended", 20)
     summaries = [line for line in daemon.lines[mark:] if "tgdaemon.logvolume" in line]
     assert len(summaries) == 1, summaries
     telethon = [line for line in daemon.lines[mark:] if "telethon" in line]
@@ -95,6 +109,7 @@ def set_nofile(pid: int, soft: int, hard: int) -> None:
     subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={soft}:{hard}"], check=True)
 
 
+@FLEET_TIMEOUT
 async def test_running_out_of_file_descriptors_is_one_error_and_a_metric(
         make_config, login_account, localdc, processes, notify):
     daemon, port, names = await start_fleet(make_config, login_account, processes, notify, 20)

@@ -1,14 +1,17 @@
-"""The start phase's gc.freeze() (tgdaemon.gcpolicy): frozen while accounts connect, the
-phase ends once none is connecting, and stop hands everything back to the collector."""
+"""gc.freeze() during connect waves (tgdaemon.gcpolicy): frozen while a wave of accounts
+(re)connects and once as it ends, and stop hands everything back to the collector."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import weakref
 
+import pytest
+
 from tests.conftest import phone_for
 from tgdaemon.daemon import Daemon
-from tgdaemon.gcpolicy import GcPolicy
+from tgdaemon.gcpolicy import GcPolicy, should_freeze
 from tgdaemon.status import State
 
 
@@ -19,9 +22,22 @@ class _Node:
         self.me = self
 
 
+@pytest.mark.parametrize(("in_wave", "connecting", "accounts", "expected"), [
+    (False, 0, 10_000, (False, False)),  # idle
+    (False, 99, 10_000, (False, False)),  # a few reconnecting on their own: no freezes
+    (False, 100, 10_000, (True, True)),  # 1 %: a wave (an outage's reconnects) starts
+    (True, 5_000, 10_000, (True, True)),  # and freezes every tick
+    (True, 99, 10_000, (True, False)),  # the tick that finds it over freezes once more
+    (False, 1, 1, (True, True)),  # one account is a wave of a one-account daemon
+    (True, 0, 0, (True, False)),  # no accounts at all
+])
+def test_when_to_freeze(in_wave, connecting, accounts, expected):
+    assert should_freeze(in_wave=in_wave, connecting=connecting, accounts=accounts) == expected
+
+
 async def test_freezes_while_connecting_until_none_is(wait_until):
     connecting = True
-    policy = GcPolicy(lambda: connecting, interval=0.01)
+    policy = GcPolicy(lambda: (int(connecting), 1), interval=0.01)
     assert gc.get_freeze_count() == 0
     policy.start()
     try:
@@ -36,13 +52,22 @@ async def test_freezes_while_connecting_until_none_is(wait_until):
         await wait_until(lambda: policy.settled, 5, "start phase over")
         assert policy.freezes == before + 1  # one last freeze as the phase ends
         assert not any(o is node for o in gc.get_objects())  # frozen now
+        # An outage's reconnect wave: frozen again while it lasts and once as it ends.
+        later = _Node()
+        await asyncio.sleep(0.05)
+        assert policy.freezes == before + 1  # nothing frozen between waves
+        connecting = True
+        await wait_until(lambda: policy.freezes >= before + 3, 5, "freezes in the next wave")
+        connecting = False
+        await wait_until(lambda: policy.waves == 2, 5, "second wave over")
+        assert not any(o is later for o in gc.get_objects())
     finally:
         await policy.stop()
     assert gc.get_freeze_count() == 0
 
 
 async def test_young_garbage_is_collected_rather_than_frozen():
-    policy = GcPolicy(lambda: False)
+    policy = GcPolicy(lambda: (0, 1))
     node = _Node()
     ref = weakref.ref(node)
     del node
@@ -55,7 +80,7 @@ async def test_young_garbage_is_collected_rather_than_frozen():
 
 async def test_frozen_garbage_is_reclaimed_after_stop():
     """The documented price: what was frozen alive and dies in a cycle waits for stop."""
-    policy = GcPolicy(lambda: False)
+    policy = GcPolicy(lambda: (0, 1))
     node = _Node()
     ref = weakref.ref(node)
     policy.freeze()

@@ -267,8 +267,8 @@ async def test_fleet_of_processes(fleet: Fleet, wait_until: WaitUntil) -> None:
 
 
 async def _pause(fleet: Fleet, wait_until: WaitUntil, timings: dict[str, float]) -> None:
-    """SIGSTOP for 2 x TTL then SIGCONT: it reconnects nothing it lost and its writes are
-    refused."""
+    """SIGSTOP until d1 holds everything (d2's leases expired: past the TTL), then SIGCONT:
+    it reconnects nothing it lost and its writes are refused."""
     d2 = fleet.daemons["d2"]
     mine = await fleet.owned_by("d2")
     # Updates move the update state of d2's sessions in memory (written at the latest on
@@ -285,12 +285,12 @@ async def _pause(fleet: Fleet, wait_until: WaitUntil, timings: dict[str, float])
     t = time.monotonic()
 
     async def d1_holds_all() -> bool:
-        return time.monotonic() - t >= 2 * TTL and await fleet.connected_once()
+        return "d2" not in await fleet.owners() and await fleet.connected_once()
 
     await wait_until(d1_holds_all, 2 * TTL + TAKEOVER, "d1 holds everything while d2 is paused",
                      POLL)
+    timings["taken over from paused d2"] = time.monotonic() - t
     assert await fleet.overlaps() == 0
-    assert "d2" not in await fleet.owners()
     d2.proc.send_signal(signal.SIGCONT)
 
     async def fenced() -> bool:
@@ -314,8 +314,9 @@ async def _join(fleet: Fleet, wait_until: WaitUntil, timings: dict[str, float]) 
 
 async def _database_outage(fleet: Fleet, wait_until: WaitUntil,
                            timings: dict[str, float]) -> None:
-    """PostgreSQL stopped for 2 x TTL: every account closed before its lease expires (no
-    renewal), all back once it returns."""
+    """PostgreSQL stopped past the TTL (every lease in it expired: what returns is a claim,
+    not a renewal): every account closed before its lease expires (no renewal), none opened
+    while it is down, all back once it returns."""
     server = fleet.postgres  # type: ignore[attr-defined]
     server.stop()
     t = time.monotonic()
@@ -325,7 +326,9 @@ async def _database_outage(fleet: Fleet, wait_until: WaitUntil,
 
         await wait_until(none_open, TTL, "all connections closed before the TTL", POLL)
         timings["closed after database stop"] = time.monotonic() - t
-        await asyncio.sleep(max(0.0, 2 * TTL - (time.monotonic() - t)))  # the outage itself
+        # The outage itself: until every lease has expired, then one renewal round more.
+        await asyncio.sleep(max(0.0, TTL + 2 * RENEW - (time.monotonic() - t)))
+        assert await none_open(), "a connection opened while the database was down"
     finally:
         server.start()
     t = time.monotonic()

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import Spawn
 from tgdaemon.crypto import KeyRing, record_key_id, write_key_file
 from tgdaemon.leasestore import PgLeaseStore
 from tgdaemon.store import SESSION_PURPOSE, SessionData
@@ -23,12 +24,12 @@ KILLS = 8
 SEED = int(os.environ.get("TGDAEMON_CRASH_SEED", str(random.randrange(1 << 30))))
 
 
-def spawn(url: str, state_dir: str, key_file: str, batch: str) -> subprocess.Popen[str]:
+def spawn(children: Spawn, url: str, state_dir: str, key_file: str,
+          batch: str) -> subprocess.Popen[str]:
+    """A worker, killed and reaped at the end of the test whatever happens to it here."""
     root = Path(__file__).resolve().parents[2]
-    return subprocess.Popen(
-        [sys.executable, str(WORKER), "online", state_dir, key_file, batch, url],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(root)})
+    return children([sys.executable, str(WORKER), "online", state_dir, key_file, batch, url],
+                    env={**os.environ, "PYTHONPATH": str(root)})
 
 
 async def audit(url: str, ring: KeyRing) -> dict[str, str | None]:
@@ -46,7 +47,7 @@ async def audit(url: str, ring: KeyRing) -> dict[str, str | None]:
 
 
 async def test_sigkill_loop_during_fleet_rotation(pg_url: str, tmp_path: Path,
-                                                  keyring: KeyRing) -> None:
+                                                  keyring: KeyRing, children: Spawn) -> None:
     rng = random.Random(SEED)
     old = keyring
     names = [f"a{i:04d}" for i in range(N)]
@@ -64,7 +65,7 @@ async def test_sigkill_loop_during_fleet_rotation(pg_url: str, tmp_path: Path,
     args = (pg_url, str(tmp_path / "state"), str(key_file))
     under_new = 0
     for _ in range(KILLS):
-        proc = spawn(*args, "20")
+        proc = spawn(children, *args, "20")
         assert proc.stdout is not None
         for _ in range(rng.randint(1, 3)):  # kill after a few batches, mid-batch or not
             line = proc.stdout.readline()
@@ -80,7 +81,7 @@ async def test_sigkill_loop_during_fleet_rotation(pg_url: str, tmp_path: Path,
         assert count >= under_new, f"seed {SEED}: progress lost"
         under_new = count
     assert 0 < under_new < N, f"seed {SEED}: kills did not land mid-rotation"
-    proc = spawn(*args, "500")
+    proc = spawn(children, *args, "500")
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-2000:]
     assert out.endswith("done\n")

@@ -7,7 +7,7 @@ Usage: _write_lock_worker.py writer STATE_DIR KEY_FILE ACCOUNTS CYCLES LAG
 Both print ``ready`` once their leases are claimed and start on a ``go`` line on stdin.
 
 ``writer`` is a daemon with many accounts and a lagging event loop (each loop turn blocked for
-LAG seconds, as 10,000 connecting accounts do): CYCLES rounds of a metadata update and a
+LAG seconds of computing, as 10,000 accounts do): CYCLES rounds of a metadata update and a
 session write for every account, through the store's writer (session records fenced in the
 lease store, as a fleet routes them); then it prints its write-lock times as JSON and exits.
 
@@ -41,14 +41,17 @@ async def line() -> str:
 
 
 class LaggingLoop:
-    """A load generator, not a wait: every turn of the loop is blocked for ``lag`` seconds."""
+    """A load generator, not a wait: every turn of the loop is busy for ``lag`` seconds,
+    computing (holding the GIL, as 10,000 accounts' callbacks do), not sleeping."""
 
     def __init__(self, lag: float) -> None:
         self.lag = lag
         self.handle = asyncio.get_running_loop().call_soon(self._block)
 
     def _block(self) -> None:
-        time.sleep(self.lag)
+        until = time.monotonic() + self.lag
+        while time.monotonic() < until:
+            pass
         self.handle = asyncio.get_running_loop().call_soon(self._block)
 
     def stop(self) -> None:

@@ -75,4 +75,4 @@ def test_write_lock_metrics_per_transaction_kind() -> None:
     assert samples[(f"{hold}_count", "metadata", None)] == 0
     times = stats.snapshot()[TxKind.RENEW]
     assert quantile(times, 0.5) == 0.005
-    assert quantile(times, 0.99) == 0.25
+    assert quantile(times, 0.99) == 0.2  # the maximum, below its bucket bound

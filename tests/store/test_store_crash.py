@@ -19,19 +19,21 @@ from pathlib import Path
 import pytest
 from storehelpers import SessionBackend
 
+from tests.conftest import Spawn
 from tgdaemon.crypto import KeyRing, generate_keyring, record_key_id, write_key_file
 from tgdaemon.store import DB_NAME, SESSION_PURPOSE, SessionData, Store
 
 WORKER = Path(__file__).with_name("_store_crash_worker.py")
 KILLS = int(os.environ.get("TGDAEMON_CRASH_KILLS", "50"))
 SEED = int(os.environ.get("TGDAEMON_CRASH_SEED", str(random.randrange(1 << 30))))
+#: A worker process per kill (~0.4 s of CPU each to start): pytest's 60 s is too short for
+#: the loops on a loaded machine (they ran out at load 15); scales with the kills of a soak.
+SLOW = pytest.mark.timeout(120 + 4 * KILLS)
 
 
-def spawn(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, str(WORKER), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+def spawn(children: Spawn, *args: str) -> subprocess.Popen[str]:
+    """A worker, killed and reaped at the end of the test whatever happens to it here."""
+    return children([sys.executable, str(WORKER), *args])
 
 
 def kill(proc: subprocess.Popen[str]) -> tuple[str, str]:
@@ -66,7 +68,9 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> SessionBackend:
     return SessionBackend(tmp_path / "state", url)
 
 
-def test_sigkill_while_writing_sessions(tmp_path: Path, backend: SessionBackend) -> None:
+@SLOW
+def test_sigkill_while_writing_sessions(tmp_path: Path, backend: SessionBackend,
+                                        children: Spawn) -> None:
     rng = random.Random(SEED)
     state, key_file = backend.state_dir, tmp_path / "tgdaemon.key"
     ring = generate_keyring()
@@ -76,7 +80,7 @@ def test_sigkill_while_writing_sessions(tmp_path: Path, backend: SessionBackend)
     # A PostgreSQL worker starts slower (a connection pool, the lease claims): fewer kills.
     kills = KILLS if backend.kind == "sqlite" else max(5, KILLS // 5)
     for i in range(kills):
-        proc = spawn("write", str(state), str(key_file), "20", backend.url)
+        proc = spawn(children, "write", str(state), str(key_file), "20", backend.url)
         assert proc.stdout is not None
         if i == 0 or rng.random() < 0.7:
             # kill in the middle of the write stream
@@ -135,15 +139,15 @@ def populate(state: Path, ring: KeyRing, n: int) -> None:
     db.close()
 
 
-def rotate_once(work: Path, old: KeyRing, pristine: Path, delay: float | None) -> tuple[
-        set[str | None], KeyRing, float, bool]:
+def rotate_once(children: Spawn, work: Path, old: KeyRing, pristine: Path,
+                delay: float | None) -> tuple[set[str | None], KeyRing, float, bool]:
     """Run one rotation on a fresh copy; kill it ``delay`` s after it started (None: never)."""
     if work.exists():
         shutil.rmtree(work)
     shutil.copytree(pristine, work / "state")
     new = old.with_new_active()
     write_key_file(work / "new.key", new)  # the key file first, as rotate-key must do
-    proc = spawn("rotate", str(work / "state"), str(work / "new.key"))
+    proc = spawn(children, "rotate", str(work / "state"), str(work / "new.key"))
     assert proc.stdout is not None
     assert proc.stdout.readline() == "ready\n"
     t0 = time.monotonic()
@@ -169,19 +173,20 @@ def rotate_once(work: Path, old: KeyRing, pristine: Path, delay: float | None) -
     return ids, new, elapsed, finished
 
 
-def test_sigkill_during_rotation(tmp_path: Path) -> None:
+@SLOW
+def test_sigkill_during_rotation(tmp_path: Path, children: Spawn) -> None:
     """Either every record is under the old key or every record under the new one."""
     rng = random.Random(SEED)
     old = generate_keyring()
     pristine = tmp_path / "pristine"
     populate(pristine, old, 4000)
     # control run: measures how long a rotation takes, and must end all-new
-    ids, new, duration, _ = rotate_once(tmp_path / "work", old, pristine, None)
+    ids, new, duration, _ = rotate_once(children, tmp_path / "work", old, pristine, None)
     assert ids == {new.active.key_id}
     outcomes = []
     for _ in range(8):
         ids, new, _, finished = rotate_once(
-            tmp_path / "work", old, pristine, rng.uniform(0, duration * 1.2)
+            children, tmp_path / "work", old, pristine, rng.uniform(0, duration * 1.2)
         )
         assert ids in ({old.active.key_id}, {new.active.key_id}), f"seed {SEED}: mixed {ids}"
         if not finished:
@@ -189,7 +194,8 @@ def test_sigkill_during_rotation(tmp_path: Path) -> None:
     assert outcomes, f"seed {SEED}: no kill landed inside a rotation"
 
 
-def test_sigkill_loop_during_online_rotation(tmp_path: Path) -> None:
+@SLOW
+def test_sigkill_loop_during_online_rotation(tmp_path: Path, children: Spawn) -> None:
     """The daemon's background re-encryption (small durable batches), SIGKILLed again and
     again: after every kill each record decrypts with the ring on disk and is under the old
     or the new key, progress never goes back, and a last run finishes the job."""
@@ -203,7 +209,7 @@ def test_sigkill_loop_during_online_rotation(tmp_path: Path) -> None:
     kills = 0
     partial = False  # some kill left the rotation half done
     while kills < 20:
-        proc = spawn("online", str(state), str(tmp_path / "new.key"), "25")
+        proc = spawn(children, "online", str(state), str(tmp_path / "new.key"), "25")
         assert proc.stdout is not None
         for _ in range(rng.randint(1, 3)):  # kill after a few batches, mid-transaction or not
             line = proc.stdout.readline()
@@ -229,7 +235,7 @@ def test_sigkill_loop_during_online_rotation(tmp_path: Path) -> None:
         if count == 1500:  # the kills' batches finished the job (a seed with long runs)
             break
     assert partial, f"seed {SEED}: kills did not land mid-rotation"
-    proc = spawn("online", str(state), str(tmp_path / "new.key"), "500")
+    proc = spawn(children, "online", str(state), str(tmp_path / "new.key"), "500")
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-2000:]
     assert out.endswith("done\n")

@@ -48,6 +48,10 @@ FLUSH_INTERVAL = 0.1
 FLUSH_BATCH = 1000
 #: Events a live subscriber may fall behind before it is closed (it resumes by cursor).
 SUBSCRIBER_QUEUE = 4096
+#: Held events a resuming consumer's backlog reads (and decrypts, in the buffer's thread) at a
+#: time: what it costs does not grow with what is held (up to ``updates_buffer`` per account,
+#: 10 million at 10,000 accounts), and the loop only forwards them.
+BACKLOG_PAGE = 256
 
 
 class EventKind(StrEnum):
@@ -315,32 +319,40 @@ class UpdateBuffer:
         self._subscribers.discard(sub)
 
     async def backlog(self, accounts: frozenset[str] | None, after: int,
-                      upto: int) -> list[Event]:
-        """Held events with ``after < seq <= upto``, gap events first. Bounded by what is
-        held: at most ``updates_buffer`` per account."""
+                      upto: int) -> AsyncIterator[Event]:
+        """Held events with ``after < seq <= upto``, gap events first, read
+        :data:`BACKLOG_PAGE` at a time as the consumer takes them."""
         await self.flush(upto)
-        gaps = [Event(after, account, EventKind.GAP, {"droppedThrough": seq})
-                for account, seq in sorted(self._dropped.items())
-                if seq > after and (accounts is None or account in accounts)]
-        rows: list[tuple[int, str, str, bytes]] = await self._in_thread(self._read, after, upto)
-        out = list(gaps)
+        for account, seq in sorted(self._dropped.items()):
+            if seq > after and (accounts is None or account in accounts):
+                yield Event(after, account, EventKind.GAP, {"droppedThrough": seq})
+        while after < upto:
+            page: tuple[int, list[Event]] = await self._in_thread(self._read, accounts, after,
+                                                                  upto)
+            after, events = page
+            for event in events:
+                yield event
+
+    def _read(self, accounts: frozenset[str] | None, after: int, upto: int
+              ) -> tuple[int, list[Event]]:
+        """In the buffer's thread: the next page after ``after``, decrypted; returns the last
+        sequence number read (``upto`` when nothing is left) and the page's events."""
+        assert self._db is not None
+        rows = self._db.execute(
+            "SELECT seq, account, kind, body FROM events WHERE seq > ? AND seq <= ? "
+            "ORDER BY seq LIMIT ?", (after, upto, BACKLOG_PAGE)).fetchall()
+        events = []
         for seq, account, kind, blob in rows:
             if accounts is not None and account not in accounts:
                 continue
             try:
-                body = json.loads(self._keyring.decrypt(blob, account=account,
+                body = json.loads(self._keyring.decrypt(bytes(blob), account=str(account),
                                                         purpose=f"{PURPOSE}:{seq}"))
             except Exception as exc:  # a key removed from the ring: the event is lost
                 log.warning("an update event could not be decrypted (%s)", type(exc).__name__)
                 continue
-            out.append(Event(seq, account, EventKind(kind), body))
-        return out
-
-    def _read(self, after: int, upto: int) -> list[tuple[int, str, str, bytes]]:
-        assert self._db is not None
-        return [(int(s), str(a), str(k), bytes(b)) for s, a, k, b in self._db.execute(
-            "SELECT seq, account, kind, body FROM events WHERE seq > ? AND seq <= ? "
-            "ORDER BY seq", (after, upto))]
+            events.append(Event(int(seq), str(account), EventKind(kind), body))
+        return (int(rows[-1][0]) if len(rows) == BACKLOG_PAGE else upto), events
 
     # -- writer ----------------------------------------------------------------------------
 

@@ -436,20 +436,22 @@ async def _accounts(request: web.Request) -> web.StreamResponse:
 
 
 async def _account(request: web.Request) -> web.StreamResponse:
-    """One account's status, without a turn: it reads one object the board holds in memory
-    (no store, no Telegram, no thread) and answers ~0.5 KB of JSON, so it costs the loop what
-    refusing it with a 429 would; a turn would only make it wait behind calls to Telegram.
-    What a burst of it costs is bounded like any request's: by the connection cap, one
-    request at a time per connection (tests/api: 3,000 from 40 connections as fast as they
-    go leave the other accounts' heartbeats on time)."""
+    """One account's status, in a turn on the account's lane like a call to Telegram. The
+    read itself is cheap (one object in memory, ~0.5 KB of JSON), but what a client asking
+    for it as fast as it can costs the loop is HTTP: without a turn, 40 connections made
+    hundreds a second and other accounts' heartbeats came back up to ~170 ms late (p90, a
+    loaded 2-core machine; tests/api). With one, a client waits for its turn instead (the
+    connection cap, 256, is below the daemon's places, 544), so its rate is ``max_rate``; it
+    is refused at once only beyond the places, like any call."""
     api = _api(request)
     name = request.match_info["name"]
 
     async def work(client: ApiClient) -> Any:
-        status = api.board.get(name)
-        if status is None:
-            raise ApiError(Outcome.NOT_FOUND, "no such account")
-        return status.to_json()
+        async with api.gateway.turn(client.name, name):
+            status = api.board.get(name)
+            if status is None:
+                raise ApiError(Outcome.NOT_FOUND, "no such account")
+            return status.to_json()
 
     return await api.serve(request, ApiMethod.ACCOUNTS, name, work)
 
@@ -628,7 +630,7 @@ async def _pump(ws: web.WebSocketResponse, buffer: UpdateBuffer, sub: Subscriber
     or the subscription ends; True when it ended because the consumer fell behind."""
     last = upto if after is None else after
     if after is not None:
-        for event in await buffer.backlog(sub.accounts, after, upto):
+        async for event in buffer.backlog(sub.accounts, after, upto):
             await _emit(ws, event.to_json(buffer.epoch))
         last = upto
     await _emit(ws, {"type": "ready", "cursor": _cursor(buffer, last)})

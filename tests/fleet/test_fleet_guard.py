@@ -1,11 +1,11 @@
-"""The lease guard's close (``Fleet._close_all``) with a worker that ignores its stop: the
-account is not reopened beside it (same auth key), its lease is given back once it has ended,
-and it is one summary line in the log, not one per account."""
+"""The lease guard: it closes every worker when the leases' deadline passes unrenewed, also
+right after a claim; a worker that ignores its stop is not reopened beside itself."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 
 import pytest
 
@@ -15,6 +15,29 @@ from tgdaemon.daemon import Daemon
 from tgdaemon.exceptions import AccountError
 
 NAMES = ["alice", "bob"]
+
+
+async def test_leases_claimed_after_the_guard_last_looked_are_closed_in_time(
+        make_config, login_account, localdc, wait_until, caplog) -> None:
+    """The first renewal after start finds no lease, so the guard waits without a deadline;
+    the leases claimed next must still be closed when their deadline passes unrenewed (here:
+    another writer takes SQLite's write lock at the claim, before the next renewal)."""
+    config = await logged_in_fleet(make_config, login_account, NAMES,
+                                   {**FLEET, "instance_id": "one"})
+    async with Daemon(config) as daemon:
+        fleet = daemon.fleet
+        assert fleet is not None
+        await wait_until(lambda: bool(fleet.owned), 30, "leases claimed", 0.005)
+        locker = sqlite3.connect(fleet.leases.path,  # type: ignore[attr-defined]
+                                 isolation_level=None)
+        try:
+            locker.execute("BEGIN IMMEDIATE")
+            await wait_until(lambda: any("could not be renewed" in r.getMessage()
+                                         for r in caplog.records), fleet.timing.ttl,
+                             "the guard closes before the TTL")
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
 
 
 async def test_a_worker_ignoring_its_stop_is_not_reopened_beside_itself(
