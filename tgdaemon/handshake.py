@@ -27,12 +27,18 @@ from typing import Any
 
 from telethon import helpers
 from telethon.crypto import AES, AuthKey, Factorization, rsa
-from telethon.errors import SecurityError
+from telethon.errors import RPCError, SecurityError
 from telethon.extensions import BinaryReader
 from telethon.network import MTProtoSender
 from telethon.network.mtprotoplainsender import MTProtoPlainSender
 from telethon.network.requeststate import RequestState
-from telethon.tl.functions import ReqDHParamsRequest, ReqPqMultiRequest, SetClientDHParamsRequest
+from telethon.tl.functions import (
+    InitConnectionRequest,
+    InvokeWithLayerRequest,
+    ReqDHParamsRequest,
+    ReqPqMultiRequest,
+    SetClientDHParamsRequest,
+)
 from telethon.tl.types import (
     ClientDHInnerData,
     DhGenFail,
@@ -190,6 +196,11 @@ class PaddedKeySender(MTProtoSender):  # type: ignore[misc]  # Telethon is untyp
     #: the auth key is used for anything else: a process paused mid-connect cannot leave a
     #: connection open past its lease).
     first_request: Callable[[], Any] | None = None
+    #: Set by the client for one connect: the query the connection's initConnection carries
+    #: instead of Telethon's help.getConfig (whose answer Telethon's connect() discards);
+    #: ``init_result`` is then the future of that request.
+    init_query: Any = None
+    init_result: asyncio.Future[Any] | None = None
 
     async def connect(self, connection: Any) -> bool:
         if not await super().connect(connection):
@@ -209,6 +220,13 @@ class PaddedKeySender(MTProtoSender):  # type: ignore[misc]  # Telethon is untyp
             self._send_queue.append(ack)
             self._last_acks.append(ack)  # Telethon resends it on a bad_msg_notification
             self._pending_ack.clear()
+        query = self.init_query
+        if (query is not None and isinstance(request, InvokeWithLayerRequest)
+                and isinstance(request.query, InitConnectionRequest)):
+            self.init_query = None
+            request.query.query = query  # instead of help.getConfig (see init_query)
+            self.init_result = super().send(request, ordered)
+            return _unless_rpc_error(self.init_result)
         return super().send(request, ordered)
 
     def send_unawaited(self, request: Any) -> None:
@@ -259,6 +277,30 @@ class PaddedKeySender(MTProtoSender):  # type: ignore[misc]  # Telethon is untyp
             self._log.warning("Attempt %d at new auth_key failed: %s", attempt, e)
             await asyncio.sleep(self._delay)
             return False
+
+
+def _unless_rpc_error(fut: asyncio.Future[Any]) -> asyncio.Future[Any]:
+    """What Telethon's connect() awaits for an init that carries a query of the caller's: its
+    answer, or None when the server answered it with an RPC error (the caller reads that from
+    ``fut``: raised inside connect(), it would stop Telethon's connect half-way). A failed
+    connection still fails the connect."""
+    out: asyncio.Future[Any] = fut.get_loop().create_future()
+
+    def done(f: asyncio.Future[Any]) -> None:
+        exc = None if f.cancelled() else f.exception()  # retrieved, whatever happens to out
+        if out.done():
+            return
+        if f.cancelled():
+            out.cancel()
+        elif isinstance(exc, RPCError):
+            out.set_result(None)
+        elif exc is not None:
+            out.set_exception(exc)
+        else:
+            out.set_result(f.result())
+
+    fut.add_done_callback(done)
+    return out
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

@@ -8,7 +8,8 @@ connect-rate budget on attempts that cannot succeed: 10,000 accounts retrying wi
 each keep the limiter saturated for the whole outage, and when the server returns they are
 still queued behind one another at ``connect_rate``, with no burst left. So, as a circuit
 breaker's half-open state does, a route that failed lets one account at a time try (the
-probe, paced by the failing probes' own backoff); the others wait. The first account that
+probe, paced by the failing probe's own backoff but never further apart than ``probe_every``,
+see :func:`probe_spacing`); the others wait. The first account that
 reaches the route wakes every account waiting on it: they queue for the connect-rate limiter,
 which then still has its burst, instead of sleeping out backoffs that grew during the outage.
 
@@ -20,6 +21,7 @@ futures of its route.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -38,6 +40,17 @@ class _Route:
     sleepers: set[asyncio.Future[bool]] = field(default_factory=set)
 
 
+def probe_spacing(retry_in: float, probe_every: float) -> float:
+    """Seconds from a failed probe to the next one: the failing account's own backoff, but at
+    most ``probe_every``. A probe is one connection attempt for the whole route, never a herd,
+    while a backoff grows with the outage: paced by it alone, after a 12 s outage the next
+    probe (and so the whole fleet's return) came up to ``backoff_cap`` seconds after the server
+    did (issue 17, "Short outages")."""
+    if retry_in < 0 or probe_every < 0:
+        raise ValueError("retry_in and probe_every must be >= 0")
+    return min(retry_in, probe_every)
+
+
 def may_probe(down: bool, next_probe: float, now: float) -> bool:
     """Whether an account retrying on a route may attempt now: always when the route is not
     known to be down, else when no probe is running or due later."""
@@ -51,13 +64,13 @@ class Reachability:
         self._clock = clock
         self._routes: dict[Hashable, _Route] = {}
 
-    def failed(self, route: Hashable, retry_in: float) -> None:
+    def failed(self, route: Hashable, retry_in: float, probe_every: float = math.inf) -> None:
         """A network failure on ``route``: it is down; the next probe may start in
-        ``retry_in`` seconds (the failing account's own backoff)."""
+        ``retry_in`` seconds (the failing account's own backoff), ``probe_every`` at most."""
         r = self._routes.setdefault(route, _Route())
         r.down = True
         r.failures += 1
-        r.next_probe = self._clock() + retry_in
+        r.next_probe = self._clock() + probe_spacing(retry_in, probe_every)
 
     def claim(self, route: Hashable, hold: float) -> bool:
         """May an account that failed on ``route`` attempt now? When the route is down, this

@@ -18,7 +18,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tgdaemon.flag import Flag
-from tgdaemon.lifecycle import ENDED_STATES, Action, Category, Classified, Recovery, State
+from tgdaemon.lifecycle import (
+    ATTEMPT_STATES,
+    ENDED_STATES,
+    Action,
+    Category,
+    Classified,
+    Recovery,
+    State,
+)
 from tgdaemon.logs import account_logger
 from tgdaemon.redact import redact
 from tgdaemon.status import NewLogin
@@ -92,7 +100,8 @@ class AccountReporter:
         previous, self.state = self.state, state
         self._board.update(self.name, **changes)
         if state is not previous:
-            self.log.info("state %s -> %s (%s)", previous.value, state.value, reason)
+            self.log.log(logging.DEBUG if state in ATTEMPT_STATES else logging.INFO,
+                         "state %s -> %s (%s)", previous.value, state.value, reason)
             stored["status"] = state.value  # the CLI reads it to refuse touching an active account
         if stored:
             self._submit(**stored)

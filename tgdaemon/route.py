@@ -55,13 +55,14 @@ class AccountRoute:
         """A connection succeeded: the accounts waiting on this route may go."""
         self._reach.reached(self.key)
 
-    def failed(self, retry_in: float, failover_after: int) -> Hashable:
+    def failed(self, retry_in: float, policy: PolicyConfig) -> Hashable:
         """A network failure, retried in ``retry_in`` seconds: count it (failing over after
         ``failover_after`` in a row); return the route to retry on (the next address after a
-        failover)."""
-        self._reach.failed(self.key, retry_in)
+        failover). The route is probed again within ``backoff_base`` at most
+        (:func:`~tgdaemon.reachability.probe_spacing`)."""
+        self._reach.failed(self.key, retry_in, policy.backoff_base)
         self.network_failures += 1
-        if self.network_failures >= failover_after:
+        if self.network_failures >= policy.failover_after:
             self.fail_over(self.network_failures)
         return self.key
 

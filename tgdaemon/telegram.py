@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from telethon import TelegramClient, functions
+from telethon import TelegramClient, functions, types
 from telethon.crypto import rsa
 from telethon.errors import TypeNotFoundError
 
@@ -85,10 +85,35 @@ class ManagedClient(TelegramClient):  # type: ignore[misc]  # Telethon is untype
         box: CatchUpBox = self._message_box
         return box
 
-    async def connect(self) -> None:
+    async def connect(self, *, validate: bool = False) -> None:
+        """Telethon's connect; ``validate``: the initConnection that opens the connection
+        carries users.getUsers([self]) instead of help.getConfig (Telethon discards that
+        answer), so the first round trip also proves the login (:meth:`validated`): one round
+        trip and one Config parse less per connect, in the daemon and in the server. An RPC
+        error answered to it is raised by :meth:`validated`, not here: Telethon's connect
+        would stop half-way (no update loop)."""
         if self._hold_updates and not self.is_connected():
             self.update_gate.close()
-        await super().connect()
+        sender = self._sender
+        sender.init_result = None
+        if validate:
+            sender.init_query = functions.users.GetUsersRequest([types.InputUserSelf()])
+        try:
+            await super().connect()
+        finally:
+            sender.init_query = None
+
+    def validated(self) -> list[Any] | None:
+        """The users.getUsers([self]) answer of the last ``connect(validate=True)``, taken
+        once, or the RPC error the server answered instead raised (an auth error, a
+        USER_MIGRATE for the worker to follow); None when that connect sent none (the client
+        was connected already)."""
+        fut, self._sender.init_result = self._sender.init_result, None
+        if fut is None or not fut.done() or fut.cancelled():
+            return None
+        users: list[Any] = fut.result()
+        self.session.process_entities(users)  # as Telethon does after every call
+        return users
 
     async def _call(self, sender: Any, request: Any, ordered: bool = False,
                     flood_sleep_threshold: int | None = None) -> Any:

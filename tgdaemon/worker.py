@@ -179,6 +179,7 @@ class AccountWorker:
             self.report.transition(State.RECONNECTING if self._attempts else State.CONNECTING,
                                    "connecting")
             try:
+                await self._take_turn()
                 async with self.progress.slot(self.deps.limiter.in_flight):
                     await self._connect()
                     me = await self._validate()
@@ -257,10 +258,10 @@ class AccountWorker:
                 assert self._route is not None
                 route = None
                 if c.category is Category.NETWORK:
-                    route = self._route.failed(rec.delay, self.policy.failover_after)
-                await self._close_client()
-                # Another account reaching the route ends the wait (tgdaemon.reachability).
-                await self.progress.wait(rec.delay, route)
+                    route = self._route.failed(rec.delay, self.policy)
+                async with self.progress.slot(self.deps.limiter.in_flight):  # see ratelimit
+                    await self._close_client()
+                await self.progress.wait(rec.delay, route)  # or until the route is reached
                 self._route.retry = route
                 return True
 
@@ -278,6 +279,12 @@ class AccountWorker:
 
     # -- connection ------------------------------------------------------------------------
 
+    async def _take_turn(self) -> None:
+        """The turn on a route that is down, then the rate slot (tgdaemon.ratelimit)."""
+        if self._route is not None and not (self.client and self.client.is_connected()):
+            await self._route.await_turn(self.policy, self.deps.rng, self.progress.wait)
+            await self.progress.wait(self.deps.limiter.reserve())
+
     async def _connect(self) -> None:
         assert self.session is not None
         if self.client is not None and self.client.is_connected():
@@ -285,9 +292,6 @@ class AccountWorker:
                 self._watch.watch(self.client)  # e.g. after a DC switch
             return
         assert self._route is not None
-        await self._route.await_turn(self.policy, self.deps.rng, self.progress.wait)
-        # Waiting for a connect slot is a deliberate wait, not a stuck worker.
-        await self.progress.wait(self.deps.limiter.reserve())
         if self._lease is not None:
             self._lease.check()
         if self.client is None:
@@ -305,7 +309,7 @@ class AccountWorker:
             # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that
             # arrives as connect() fails, and the stopped worker would reconnect forever.
             async with asyncio.timeout(self.policy.connect_timeout):
-                await client.connect()
+                await client.connect(validate=True)
         except BaseException as exc:
             await self._close_client()
             if isinstance(exc, TimeoutError):
@@ -324,9 +328,13 @@ class AccountWorker:
         self.progress.made()
 
     async def _validate(self) -> UserInfo:
-        """A real call (users.getUsers([self])) proves the session is logged in. Only what
-        the status shows is kept (the TL User, ~1.5 KB, would live in this task's frame)."""
-        users = await self._rpc(functions.users.GetUsersRequest([types.InputUserSelf()]))
+        """A real call (users.getUsers([self])) proves the session is logged in: the one the
+        connection's initConnection carried, or one of its own. Only what the status shows is
+        kept (the TL User, ~1.5 KB, would live in this task's frame)."""
+        assert self.client is not None
+        users = self.client.validated()
+        if users is None:
+            users = await self._rpc(functions.users.GetUsersRequest([types.InputUserSelf()]))
         me = users[0] if users else None
         if not isinstance(me, types.User):
             raise NotAuthorizedError("server returned no user for this session")

@@ -28,9 +28,16 @@ async def test_connect_validate_heartbeat(make_config, login_account, localdc, w
     alice_id = await login_account(config, "alice")
     await login_account(config, "bob")
 
+    before = localdc.counters()["requests"]
     async with Daemon(config) as daemon:
         await wait_until(lambda: daemon.board.counts()[State.CONNECTED] == 2, 15,
                          "both accounts connected")
+        served = localdc.counters()["requests"]
+        # Each connect's initConnection carried the validating users.getUsers: one call per
+        # account, and help.getConfig once for the daemon (its DC list), not once per connect.
+        assert {m: served.get(m, 0) - before.get(m, 0)
+                for m in ("users.getUsers", "help.getConfig")} == {
+            "users.getUsers": 2, "help.getConfig": 1}
         alice = daemon.board.get("alice")
         assert alice is not None
         assert alice.user is not None

@@ -8,6 +8,7 @@ The dead-peer detection the heartbeat keeps is covered by tests/daemon/test_fail
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 from telethon.tl.functions.updates import GetStateRequest
@@ -117,3 +118,24 @@ async def test_a_heartbeat_is_one_packet_with_its_acknowledgement(make_config, l
         now_packets, now_requests = sent()
         assert now_packets - packets <= now_requests - requests, (
             f"{now_packets - packets} packets for {now_requests - requests} requests")
+
+
+async def test_a_daemon_connection_runs_no_io_tasks_of_its_own(make_config, login_account,
+                                                               localdc, wait_until):
+    """Telethon's Connection starts a send task and a receive task per connection that only
+    hand packets through one-item queues to the sender's loops (two more wake-ups per
+    heartbeat). The daemon's connections are written and read by the sender's loops: no
+    ``Connection`` task runs, and requests still go through."""
+    config = make_config([{"name": "alice", "phone": phone_for("alice")}],
+                         policy={"heartbeat_interval": 0.2})
+    uid = await login_account(config, "alice")
+    async with Daemon(config) as daemon:
+        client = (await _connected_worker(daemon, wait_until)).client
+        assert client is not None
+        io_tasks = [t for t in asyncio.all_tasks()
+                    if getattr(t.get_coro(), "__qualname__", "").startswith("Connection.")]
+        assert io_tasks == []
+        before = sum(localdc.counters(user_id=uid)["requests"].values())
+        await wait_until(lambda: sum(localdc.counters(user_id=uid)["requests"].values())
+                         >= before + 3, 10, "heartbeats answered")
+        assert (await client(GetStateRequest())).pts >= 0

@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 
-from tgdaemon.reachability import WAKE_BATCH, Reachability, may_probe
+from tgdaemon.reachability import WAKE_BATCH, Reachability, may_probe, probe_spacing
 
 # (route down, next probe at, now) -> may this account attempt?
 MAY_PROBE = [
@@ -22,6 +22,34 @@ MAY_PROBE = [
 @pytest.mark.parametrize(("down", "next_probe", "now", "ok"), MAY_PROBE)
 def test_may_probe_table(down: bool, next_probe: float, now: float, ok: bool) -> None:
     assert may_probe(down, next_probe, now) is ok
+
+
+# (the failed probe's own backoff, probe_every) -> seconds until the next probe
+PROBE_SPACING = [
+    (0.3, 1.0, 0.3),  # a young failure retries within backoff_base anyway
+    (27.0, 1.0, 1.0),  # a backoff grown during the outage does not space the probes
+    (5.0, 10.0, 5.0),
+    (0.0, 1.0, 0.0),
+    (4.0, 0.0, 0.0),
+]
+
+
+@pytest.mark.parametrize(("retry_in", "every", "spacing"), PROBE_SPACING)
+def test_probe_spacing_table(retry_in: float, every: float, spacing: float) -> None:
+    assert probe_spacing(retry_in, every) == spacing
+
+
+def test_a_long_backoff_does_not_delay_the_next_probe() -> None:
+    """After a long outage the failing probe's own backoff is up to backoff_cap: the route is
+    still probed every probe_every, so the fleet is back within that of the server."""
+    now = [0.0]
+    reach = Reachability(clock=lambda: now[0])
+    reach.failed("dc2", retry_in=27.0, probe_every=1.0)
+    assert not reach.claim("dc2", hold=15.0)
+    now[0] = 1.0
+    assert reach.claim("dc2", hold=15.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        probe_spacing(-1.0, 1.0)
 
 
 def test_one_probe_at_a_time_while_a_route_is_down() -> None:
