@@ -41,6 +41,7 @@ from tgdaemon.serverdeadline import ConnectionLease
 from tgdaemon.session import StoreSession
 from tgdaemon.status import UserInfo
 from tgdaemon.store import DeviceInfo
+from tgdaemon.tasks import raise_if_cancelled
 from tgdaemon.telegram import ManagedClient, build_client, local_update_pts
 from tgdaemon.updates import observe_updates
 from tgdaemon.watch import AuthorizationWatch
@@ -186,6 +187,7 @@ class AccountWorker:
                     # help.getConfig, once per daemon: every DC's addresses for failover.
                     await self.deps.directory.refresh(
                         lambda: self._rpc(functions.help.GetConfigRequest()))
+                raise_if_cancelled()  # a stop that Telethon's connect swallowed (tasks.py)
                 self._catch_ups = 0
                 if self._lease is not None:  # again: validating may have taken a while
                     self._lease.arm(self.client)
@@ -221,6 +223,7 @@ class AccountWorker:
         self._watch.wake()
 
     def _raise_reported(self) -> None:
+        raise_if_cancelled()  # checked at every wait: a stop is never slept through
         exc, self._reported = self._reported, None
         if exc is not None:
             raise exc
