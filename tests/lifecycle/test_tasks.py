@@ -25,7 +25,8 @@ async def test_a_cancellation_swallowed_by_wait_for_still_ends_the_task() -> Non
     connected.set_result(1)  # the connection opens ...
     task.cancel()  # ... in the same turn as the supervisor's stop
     done, _ = await asyncio.wait([task], timeout=5)
-    assert done and task.cancelled(), "the stopped worker went on"
+    assert done
+    assert task.cancelled(), "the stopped worker went on"
 
 
 async def test_cancel_and_wait_does_not_eat_the_owners_own_cancellation() -> None:
@@ -49,7 +50,8 @@ async def test_cancel_and_wait_does_not_eat_the_owners_own_cancellation() -> Non
     outer.cancel()  # the owner's owner stops it meanwhile
     release.set()
     done, _ = await asyncio.wait([outer], timeout=5)
-    assert done and outer.cancelled()
+    assert done
+    assert outer.cancelled()
     assert not after.is_set()
     assert inner.cancelled()
 
