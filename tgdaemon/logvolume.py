@@ -41,6 +41,7 @@ class Noise(StrEnum):
     MALFORMED_HTTP = "malformed_http"
     UNRETRIEVED = "unretrieved_exception"
     FD_EXHAUSTED = "fd_exhausted"
+    CLOSE_TIMEOUT = "close_timeout"  # a worker replaced a client that did not close in time
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +73,9 @@ NOISE: tuple[Rule, ...] = (
     *(Rule(Noise.CONNECT_FAILED, name, "Attempt ",
            "Telethon connect attempts failed (the workers retry with backoff)")
       for name in _TELETHON),
+    Rule(Noise.CLOSE_TIMEOUT, "tgdaemon.worker.close", "client did not close cleanly",
+         "clients did not close in time and were replaced (a fleet-wide drop or a starved "
+         "event loop)"),
     Rule(Noise.MALFORMED_HTTP, "aiohttp.server", "Error handling request",
          "malformed HTTP requests answered with 400", logging.INFO),
     Rule(Noise.UNRETRIEVED, "asyncio", "Future exception was never retrieved",

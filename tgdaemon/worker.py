@@ -12,6 +12,7 @@ serverdeadline.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
 
 #: Bound on tearing down a client: a wedged one is abandoned and replaced.
 CLOSE_TIMEOUT = 5.0
+_close_log = logging.getLogger("tgdaemon.worker.close")
 #: Seconds between two runs of the client's housekeeping (``ManagedClient.keep_house``), the
 #: period of the Telethon keep-alive loop it replaces.
 HOUSEKEEPING_INTERVAL = 60.0
@@ -416,7 +418,9 @@ class AccountWorker:
             async with asyncio.timeout(CLOSE_TIMEOUT):  # not wait_for: see _connect
                 await client.disconnect()
         except Exception as exc:  # a wedged client is dropped, not awaited forever
-            self.log.warning("client did not close cleanly (%s); replacing it",
-                             type(exc).__name__)
+            # Not through the account's logger: a fleet-wide drop makes this one summary line
+            # (logvolume.Noise.CLOSE_TIMEOUT), not one WARNING per account.
+            _close_log.warning("client did not close cleanly (%s); replacing it: %s",
+                               type(exc).__name__, self.name, extra={"account": self.name})
             self.client = None
 
