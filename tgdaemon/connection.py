@@ -30,8 +30,6 @@ from telethon.network import (
 )
 from telethon.network.connection.connection import Connection, ObfuscatedConnection
 
-from tgdaemon.leanqueue import LeanQueue
-
 if TYPE_CHECKING:
     from tgdaemon.config import Proxy
 
@@ -82,12 +80,6 @@ class _CappedRecv:
     #: sender reads the error, which then only sees "Not connected"; ``send``/``recv`` restore
     #: it so the worker's status names the cause.
     _refused: FrameTooLargeError | None = None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # Telethon's two Queue(1)s hold ~6 KB of empty deques per connection.
-        self._send_queue: LeanQueue[bytes] = LeanQueue(1)
-        self._recv_queue: LeanQueue[Any] = LeanQueue(1)
 
     async def _connect(self, *args: Any, **kwargs: Any) -> None:
         try:
@@ -155,6 +147,12 @@ class _DirectIO:
 
     _connected: bool
     _writer: Any
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Telethon's two Queue(1)s between those tasks and the sender (~6 KB of empty deques
+        # per connection) have no user here: dropped, not replaced.
+        self._send_queue = self._recv_queue = None
 
     async def _send_loop(self) -> None:
         """Telethon's ``connect`` still starts it: it ends at once (a connect, not a packet)."""

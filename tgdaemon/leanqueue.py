@@ -5,7 +5,9 @@ allocates three (getters, putters, items) plus an ``asyncio.Event`` with a fourt
 queue. Each Telethon client holds three queues (its update queue and its connection's send and
 receive queues, ``Queue(1)`` each) that are empty nearly all the time: ~9 KB of the ~55 KB an
 account cost (gc census at 1,000 and 2,000 accounts), more than the daemon adds over plain
-Telethon. :class:`LeanQueue` is the standard queue (same methods, same code) holding its
+Telethon. The connection's two have no user in the daemon's connections
+(``tgdaemon.connection._DirectIO`` drops them); the update queue is this one.
+:class:`LeanQueue` is the standard queue (same methods, same code) holding its
 waiters and items in lists and its "all done" flag in a :class:`~tgdaemon.flag.Flag`.
 """
 
