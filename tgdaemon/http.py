@@ -783,7 +783,10 @@ class _GuardedSite(web.TCPSite):
         for bound in self._server.sockets:
             listener = socket.socket(fileno=os.dup(bound.fileno()))
             listener.setblocking(False)
-            listener.listen(self._backlog)
+            # A burst up to the connection cap waits in the kernel, not in SYN retries: with
+            # aiohttp's 128 a burst of 150 into a busy loop left some handshakes unfinished
+            # (the final ACK dropped on a full queue) until SYN-ACK retransmits, 15 s later.
+            listener.listen(max(self._backlog, self._limits.max_connections))
             self._listeners.append(listener)
             loop.add_reader(listener, self._accept, listener)
 

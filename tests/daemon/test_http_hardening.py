@@ -348,7 +348,11 @@ async def test_non_reading_metrics_and_status_clients_do_not_grow_memory(
         async with aiohttp.ClientSession() as http, http.get(url + "/metrics",
                                                              headers=plain) as resp:
             assert resp.status == 200
-            assert len(await resp.read()) >= metrics_size
+            body = await resp.read()
+            # The whole exposition (gauge values may change a digit or two meanwhile).
+            assert len(body) >= 0.98 * metrics_size, (len(body), metrics_size)
+            assert body.endswith(b"\n")
+            assert body.count(b"# TYPE ") >= 10
         served_in = asyncio.get_running_loop().time() - t0
         held.sample()
         statuses = held.statuses
