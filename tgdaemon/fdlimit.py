@@ -70,7 +70,7 @@ def budget(config: Config, http_connections: int) -> FdBudget:
 def fd_shortfall(config: Config, *, getrlimit: GetLimit = resource.getrlimit) -> str | None:
     """For a reload: the new fleet's needs against the running soft limit (which cannot be
     raised further: it was raised to the hard limit at start). None when it fits."""
-    from tgdaemon.http import HttpLimits  # http imports aiohttp: only when asked
+    from tgdaemon.httpsite import HttpLimits  # imports aiohttp: only when asked
 
     need = budget(config, HttpLimits().max_connections)
     soft = getrlimit(resource.RLIMIT_NOFILE)[0]

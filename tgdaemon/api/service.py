@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import StreamReader, WSCloseCode, WSMsgType, web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from telethon import functions
 from telethon.tl import types as tl
@@ -50,7 +50,22 @@ from tgdaemon.api.sessions import list_sessions, terminate_sessions
 from tgdaemon.api.tljson import TlJsonError, build_request, to_json
 from tgdaemon.apiconfig import ApiClient, ApiMethod, authenticate
 from tgdaemon.exceptions import AccountError, ConfigError
-from tgdaemon.httpsend import OUTBOX, SEND_BUFFER, Outbox, bounded_answers, limit_send_buffer
+from tgdaemon.fdlimit import FdReserve
+from tgdaemon.httpsend import (
+    OUTBOX,
+    SEND_BUFFER,
+    Refusals,
+    bounded_answers,
+    limit_send_buffer,
+)
+from tgdaemon.httpsite import (
+    LIMITS,
+    GuardedUnixSite,
+    HttpLimits,
+    connection_guard,
+    guard_app,
+    make_runner,
+)
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
@@ -73,6 +88,8 @@ MAX_STREAMS = 64
 #: Seconds one event may take to leave; a consumer that stops reading is disconnected.
 SEND_TIMEOUT = 10.0
 NO_CLIENT = "-"
+#: The Unix socket's bounds: the HTTP listener's defaults (README "Account API").
+UNIX_LIMITS = HttpLimits()
 
 
 @dataclass(frozen=True)
@@ -88,8 +105,11 @@ class AccountApi:
 
     def __init__(self, settings: ConfigHolder, board: StatusBoard, keyring: KeyRing,
                  registry: CollectorRegistry, *, clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 limits: HttpLimits = UNIX_LIMITS) -> None:
         self.settings = settings
+        #: What a client of the Unix socket may hold (the TCP listener has the HTTP server's).
+        self.limits = limits
         self.board = board
         config = settings.current
         self.buffer = UpdateBuffer(config.daemon.state_dir, keyring, config.api.updates_buffer)
@@ -99,6 +119,9 @@ class AccountApi:
         self._sockets: set[web.WebSocketResponse] = set()
         self._unix: web.AppRunner | None = None
         self.requests = RequestCounter(self.gateway)
+        #: Summarised log lines for what the bounds turn away (one per thousand).
+        self.slow_bodies = Refusals("account API request", "its body did not arrive within "
+                                    "the request deadline", verb="cut off", level=logging.INFO)
         #: One thread turns large TL results into JSON (see :meth:`encode`).
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-encode")
         registry.register(self.requests)
@@ -110,7 +133,7 @@ class AccountApi:
         path = self.config.api.unix_socket
         if path is not None:
             try:
-                self._unix = await _serve_unix(self, path)
+                self._unix = await _serve_unix(self, path, self.limits)
             except BaseException:
                 await self.buffer.close()
                 raise
@@ -266,7 +289,7 @@ class RequestCounter:
 API = web.AppKey("account_api", AccountApi)
 
 
-async def _serve_unix(api: AccountApi, path: Path) -> web.AppRunner:
+async def _serve_unix(api: AccountApi, path: Path, limits: HttpLimits) -> web.AppRunner:
     """The /v1 routes alone on a Unix socket, mode 0660. A stale socket left by a crash is
     replaced; one another process still answers on is not (ConfigError)."""
     if await asyncio.to_thread(path.is_socket):
@@ -277,19 +300,17 @@ async def _serve_unix(api: AccountApi, path: Path) -> web.AppRunner:
         else:
             writer.close()
             raise ConfigError(f"api.unix_socket {path} is in use by another process")
-    from tgdaemon.http import HttpLimits
-
-    # Large answers (the accounts list, invoke results) bounded as on the TCP listener, with
-    # a budget of their own.
-    limits = HttpLimits()
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[bounded_answers])
-    app[OUTBOX] = Outbox(backlog=limits.answer_backlog, timeout=limits.send_timeout,
-                         socket_buffer=limits.send_buffer)
+    # Bounded as the TCP listener is (a connection cap of its own: a local program that
+    # exhausts it leaves /metrics and /healthz on the TCP listener alone).
+    app = web.Application(client_max_size=MAX_BODY,
+                          middlewares=[bounded_answers, connection_guard])
+    guard_app(app, limits)
     api.register(app)
-    runner = web.AppRunner(app, access_log=None, max_headers=limits.max_headers)
+    runner = make_runner(app, access_log=None)
     await runner.setup()
     try:
-        site = web.UnixSite(runner, str(path))
+        # No spare descriptors: out of them, the socket pauses accepting for a second.
+        site = GuardedUnixSite(runner, path, FdReserve(0), what="API socket connection")
         await site.start()
         await asyncio.to_thread(os.chmod, path, 0o660)
     except BaseException:
@@ -320,6 +341,8 @@ def _error(err: ApiError) -> web.Response:
         response.headers["Retry-After"] = str(err.retry_after)
     if err.outcome is Outcome.UNAUTHORIZED:
         response.headers["WWW-Authenticate"] = 'Bearer realm="tgdaemon"'
+    if err.close:
+        response.force_close()
     return response
 
 
@@ -345,11 +368,22 @@ def _same_origin(request: web.Request) -> bool:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
+    """The JSON object in the request body: at most MAX_BODY bytes, all of it within the
+    listener's ``request_timeout`` (a client that sends the head and then trickles or stops
+    would otherwise hold the handler for as long as it likes: nothing else times it)."""
+    too_large = ApiError(Outcome.BAD_REQUEST, f"body larger than {MAX_BODY} bytes", close=True)
     if request.content_length is not None and request.content_length > MAX_BODY:
-        raise ApiError(Outcome.BAD_REQUEST, f"body larger than {MAX_BODY} bytes")
-    raw = await request.content.read(MAX_BODY + 1)
+        raise too_large
+    deadline = request.app[LIMITS].request_timeout
+    try:
+        async with asyncio.timeout(deadline):
+            raw = await _read_at_most(request.content, MAX_BODY + 1)
+    except TimeoutError:
+        _api(request).slow_bodies.note()
+        raise ApiError(Outcome.BAD_REQUEST, f"the body did not arrive within {deadline:g} s",
+                       close=True) from None
     if len(raw) > MAX_BODY:
-        raise ApiError(Outcome.BAD_REQUEST, f"body larger than {MAX_BODY} bytes")
+        raise too_large
     try:
         data = json.loads(raw or b"{}")
     except ValueError:
@@ -357,6 +391,17 @@ async def _body(request: web.Request) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ApiError(Outcome.BAD_REQUEST, "body must be a JSON object")
     return data
+
+
+async def _read_at_most(content: StreamReader, limit: int) -> bytes:
+    """Up to ``limit`` bytes of ``content``, however many pieces they arrive in (one
+    ``read(n)`` returns what has arrived so far, not ``n`` bytes)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit and (chunk := await content.read(limit - size)):
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _int(value: Any, name: str, default: int, lo: int, hi: int) -> int:

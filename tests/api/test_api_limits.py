@@ -1,0 +1,229 @@
+"""What a local client of the account API can make the daemon hold is bounded, on the Unix
+socket as on the TCP listener: connections, the time to send a request head and a body,
+idle keep-alive; refusals are summarised in the log, tokens stay out of it.
+
+The real :class:`AccountApi` (its aiohttp app on a real Unix socket, no workers: calls through
+an account answer from its status), raw sockets for clients that misbehave."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from tests.conftest import wait_for_condition
+from tgdaemon.api.service import WS_PROTOCOL, AccountApi
+from tgdaemon.config import ConfigHolder, load_config
+from tgdaemon.crypto import generate_keyring
+from tgdaemon.httpsite import HttpLimits
+from tgdaemon.lifecycle import State
+from tgdaemon.status import StatusBoard
+
+HASH = "0123456789abcdef0123456789abcdef"
+TOKEN = "api-limits-Token-0123456789"
+FAST = HttpLimits(max_connections=4, request_timeout=0.5, keepalive_timeout=0.5,
+                  send_timeout=1.0)
+
+
+@dataclasses.dataclass
+class Served:
+    api: AccountApi
+    path: Path
+
+    async def connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, str(self.path))
+        return sock
+
+    def session(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(connector=aiohttp.UnixConnector(str(self.path)))
+
+    def connections(self) -> int:
+        runner = self.api._unix
+        assert runner is not None and runner.server is not None
+        return len(runner.server.connections)
+
+
+Serve = Callable[..., Awaitable[Served]]
+
+
+@pytest.fixture
+async def serve(tmp_path: Path) -> AsyncIterator[Serve]:
+    """Start the API on a Unix socket with the given limits; alice is parked (409)."""
+    # AF_UNIX paths are limited to 108 bytes: pytest's tmp_path can be longer.
+    sock_dir = Path(tempfile.mkdtemp(prefix="tgdlim-"))
+    started: list[AccountApi] = []
+
+    async def start(limits: HttpLimits = FAST) -> Served:
+        token = tmp_path / "t.token"
+        token.write_text(TOKEN + "\n")
+        os.chmod(token, 0o600)
+        path = sock_dir / "api.sock"
+        cfg = tmp_path / "t.toml"
+        cfg.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n'
+                       f'[telegram]\napi_id = 1\napi_hash = "{HASH}"\n'
+                       '[[accounts]]\nname = "alice"\n'
+                       f'[api]\nunix_socket = "{path}"\n'
+                       f'[[api.clients]]\nname = "ops"\ntoken_file = "{token}"\n'
+                       'accounts = ["*"]\nmethods = "all"\n')
+        board = StatusBoard()
+        board.update("alice", state=State.NEEDS_LOGIN, reason="no session")
+        api = AccountApi(ConfigHolder(load_config(cfg, env={})), board, generate_keyring(),
+                         CollectorRegistry(), limits=limits)
+        await api.start()
+        started.append(api)
+        return Served(api, path)
+
+    yield start
+    for api in started:
+        await api.stop()
+    shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+REQUEST = b"GET /v1/accounts/alice HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer " \
+    + TOKEN.encode() + b"\r\n\r\n"
+
+
+async def closed_by_server(sock: socket.socket, timeout: float = 10.0, *,
+                           sending: bool = False) -> bytes:
+    """Read until the server closes the connection; what it sent. ``sending``: the client is
+    still sending, so the close may come as a reset."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    async with asyncio.timeout(timeout):
+        try:
+            while chunk := await loop.sock_recv(sock, 65536):
+                data += chunk
+        except ConnectionResetError:
+            if not sending:
+                raise
+    return data
+
+
+async def test_unix_socket_connections_beyond_the_cap_get_503(serve: Serve, caplog) -> None:
+    caplog.set_level(logging.WARNING, "tgdaemon.http")
+    served = await serve(dataclasses.replace(FAST, max_connections=3, request_timeout=30))
+    held = [await served.connect() for _ in range(3)]
+    try:
+        await wait_for_condition(lambda: served.connections() == 3, 5, "three connections")
+        async with served.session() as http:
+            async with http.get("http://localhost/v1/accounts/alice", headers=AUTH) as r:
+                assert r.status == 503
+            assert "API socket connection refused: 3 open (the limit); 1 refused so far" \
+                in caplog.text
+            held.pop().close()
+            await wait_for_condition(lambda: served.connections() < 3, 5, "one closed")
+            async with http.get("http://localhost/v1/accounts/alice", headers=AUTH) as r:
+                assert r.status == 200
+                assert (await r.json())["state"] == "needs_login"
+    finally:
+        for sock in held:
+            sock.close()
+
+
+async def test_unix_socket_idle_and_slow_request_heads_are_cut_off(serve: Serve) -> None:
+    # Only the head timer may cut these off (the keep-alive timer would too, at 0.5 s).
+    served = await serve(dataclasses.replace(FAST, keepalive_timeout=30))
+    loop = asyncio.get_running_loop()
+    idle, slow = await served.connect(), await served.connect()
+    started = time.monotonic()
+    try:
+        await loop.sock_sendall(slow, b"GET /v1/accounts HTTP/1.1\r\nHost: localhost\r\n")
+        reader = asyncio.ensure_future(closed_by_server(slow, sending=True))
+        while not reader.done():  # one header byte every 50 ms: pacing the attacker
+            try:
+                await loop.sock_sendall(slow, b"X")
+            except OSError:
+                break
+            await asyncio.sleep(0.05)
+        assert await reader == b""
+        assert await closed_by_server(idle) == b""
+    finally:
+        idle.close()
+        slow.close()
+    assert FAST.request_timeout <= time.monotonic() - started < 5
+
+
+async def test_unix_socket_idle_keepalive_is_closed(serve: Serve) -> None:
+    served = await serve(dataclasses.replace(FAST, request_timeout=30))
+    sock = await served.connect()
+    started = time.monotonic()
+    try:
+        await asyncio.get_running_loop().sock_sendall(sock, REQUEST)
+        answer = await closed_by_server(sock)
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert time.monotonic() - started < 5
+
+
+async def post_head(served: Served, length: int) -> socket.socket:
+    sock = await served.connect()
+    await asyncio.get_running_loop().sock_sendall(sock, (
+        "POST /v1/accounts/alice/messages HTTP/1.1\r\nHost: localhost\r\n"
+        f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n\r\n").encode())
+    return sock
+
+
+async def test_a_request_body_must_arrive_within_the_deadline(serve: Serve, caplog) -> None:
+    """A client that sends a head and part of the body held a handler for ever."""
+    caplog.set_level(logging.INFO, "tgdaemon.http")
+    served = await serve(dataclasses.replace(FAST, keepalive_timeout=30))
+    sock = await post_head(served, 100)
+    started = time.monotonic()
+    try:
+        await asyncio.get_running_loop().sock_sendall(sock, b'{"peer": "me", ')
+        answer = await closed_by_server(sock)
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert b"did not arrive within 0.5 s" in answer
+    assert FAST.request_timeout <= time.monotonic() - started < 5
+    assert "account API request cut off: its body did not arrive within the request " \
+        "deadline; 1 cut off so far" in caplog.text
+
+
+async def test_a_body_in_pieces_is_read_whole(serve: Serve) -> None:
+    """One read of the body returned what had arrived: a body in two pieces was "not JSON"."""
+    served = await serve(dataclasses.replace(FAST, request_timeout=30, keepalive_timeout=30))
+    body = b'{"peer": "me", "text": "' + b"x" * 3000 + b'"}'
+    sock = await post_head(served, len(body))
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_sendall(sock, body[:10])
+        await asyncio.sleep(0.2)  # pacing the client: the first piece is read alone
+        await loop.sock_sendall(sock, body[10:])
+        head = await loop.sock_recv(sock, 65536)
+    finally:
+        sock.close()
+    assert head.startswith(b"HTTP/1.1 409 "), head  # parsed, validated, alice is parked
+
+
+async def test_a_body_beyond_the_limit_is_refused_and_the_connection_closed(
+        serve: Serve) -> None:
+    served = await serve(dataclasses.replace(FAST, request_timeout=1, keepalive_timeout=30))
+    sock = await post_head(served, 10 * 1024 * 1024)
+    started = time.monotonic()
+    try:
+        answer = await closed_by_server(sock)
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert b"body larger than 65536 bytes" in answer
+    assert time.monotonic() - started < 5  # what is left of it is dropped for 1 s at most
