@@ -42,7 +42,7 @@ class FdBudget:
 
     accounts: int  # one MTProto connection each
     connects: int  # connects in flight (a reconnect may overlap the socket it replaces)
-    http: int  # the HTTP server's connection cap (0 when HTTP is off)
+    http: int  # the connection caps of the HTTP listener and the API's Unix socket (if on)
     fixed: int = FIXED_FDS
 
     @property
@@ -63,7 +63,9 @@ def budget(config: Config, http_connections: int) -> FdBudget:
     return FdBudget(
         accounts=enabled,
         connects=min(enabled, config.daemon.connect_concurrency),
-        http=http_connections if config.daemon.http_listen is not None else 0,
+        # Each listener has its own connection cap: the HTTP one and the API's Unix socket.
+        http=http_connections * ((config.daemon.http_listen is not None)
+                                 + (config.api.enabled and config.api.unix_socket is not None)),
     )
 
 

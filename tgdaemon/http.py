@@ -54,6 +54,7 @@ from tgdaemon.httpsite import (
     connection_guard,
     guard_app,
     make_runner,
+    offers_protocol,
 )
 from tgdaemon.metrics import render
 from tgdaemon.status import AccountStatus, StatusBoard, Subscription
@@ -432,6 +433,8 @@ async def _status_ws(request: web.Request) -> web.StreamResponse:
     if not _same_origin(request):
         # Browsers let any page open a WebSocket to 127.0.0.1: only our own page may.
         return _json({"error": "cross-origin WebSocket refused"}, 403)
+    if not offers_protocol(request, WS_PROTOCOL):
+        return _json({"error": f"offer the WebSocket subprotocol {WS_PROTOCOL}"}, 400)
     app = request.app
     limits = app[LIMITS]
     if len(app[SUBSCRIPTIONS]) >= limits.max_subscribers:

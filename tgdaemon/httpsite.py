@@ -122,6 +122,15 @@ async def connection_guard(request: web.Request,
     return response
 
 
+def offers_protocol(request: web.BaseRequest, protocol: str) -> bool:
+    """Whether a WebSocket handshake may go ahead: the client offers ``protocol``, or no
+    subprotocol at all. When none offered is the server's, aiohttp logs a WARNING naming each
+    of them, and a browser's carries its token (``bearer.<base64>``): a secret in the journal
+    and a line per request, so such a handshake is refused before it gets there."""
+    offered = request.headers.get("Sec-WebSocket-Protocol")
+    return offered is None or protocol in (p.strip() for p in offered.split(","))
+
+
 def make_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
     """An AppRunner with the per-connection bounds of ``app``'s limits (see
     :func:`guard_app`): idle keep-alive, header lines, and how long the rest of a body that

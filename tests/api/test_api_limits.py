@@ -21,13 +21,14 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from tests.conftest import wait_for_condition
+from tgdaemon.api.events import EventKind
 from tgdaemon.api.service import WS_PROTOCOL, AccountApi
 from tgdaemon.config import ConfigHolder, load_config
 from tgdaemon.crypto import generate_keyring
+from tgdaemon.http import HttpServer, build_app
 from tgdaemon.httpsite import HttpLimits
 from tgdaemon.lifecycle import State
 from tgdaemon.status import StatusBoard
@@ -54,7 +55,8 @@ class Served:
 
     def connections(self) -> int:
         runner = self.api._unix
-        assert runner is not None and runner.server is not None
+        assert runner is not None
+        assert runner.server is not None
         return len(runner.server.connections)
 
 
@@ -227,3 +229,121 @@ async def test_a_body_beyond_the_limit_is_refused_and_the_connection_closed(
     assert answer.startswith(b"HTTP/1.1 400 "), answer
     assert b"body larger than 65536 bytes" in answer
     assert time.monotonic() - started < 5  # what is left of it is dropped for 1 s at most
+
+
+def ws_headers(protocols: str | None = None) -> bytes:
+    extra = f"Sec-WebSocket-Protocol: {protocols}\r\n" if protocols else ""
+    return ("GET /v1/updates HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {TOKEN}\r\n{extra}\r\n"
+            ).encode()
+
+
+async def test_update_streams_are_capped_with_one_summarised_line(serve: Serve, caplog) -> None:
+    caplog.set_level(logging.WARNING, "tgdaemon.http")
+    served = await serve(dataclasses.replace(FAST, max_subscribers=2, request_timeout=30,
+                                             keepalive_timeout=30))
+    async with served.session() as http:
+        streams = [await http.ws_connect("http://localhost/v1/updates", headers=AUTH)
+                   for _ in range(2)]
+        try:
+            for _ in range(3):
+                async with http.get("http://localhost/v1/updates", headers={
+                        **AUTH, "Upgrade": "websocket", "Connection": "Upgrade",
+                        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                        "Sec-WebSocket-Version": "13"}) as r:
+                    assert r.status == 429
+                    assert r.headers["Retry-After"] == "5"
+            assert caplog.text.count("account API update stream refused: 2 open (the limit)"
+                                     ) == 1
+            await streams.pop().close()
+            await wait_for_condition(lambda: len(served.api._sockets) == 1, 5, "one closed")
+            streams.append(await http.ws_connect("http://localhost/v1/updates", headers=AUTH))
+        finally:
+            for ws in streams:
+                await ws.close()
+
+
+async def test_a_stream_consumer_that_stops_reading_is_disconnected(serve: Serve,
+                                                                    caplog) -> None:
+    caplog.set_level(logging.INFO, "tgdaemon.http")
+    served = await serve(dataclasses.replace(FAST, send_timeout=1.0, request_timeout=30,
+                                             keepalive_timeout=30))
+    sock = await served.connect()
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_sendall(sock, ws_headers())
+        data = b""
+        while b'"ready"' not in data:  # the 101 and the ready event; then it stops reading
+            data += await loop.sock_recv(sock, 65536)
+        assert data.startswith(b"HTTP/1.1 101 ")
+        buffer = served.api.buffer
+        text = "y" * 4000
+        for i in range(300):  # ~1.2 MB: past every buffer on the way
+            buffer.append("alice", EventKind.MESSAGE, {"message": {"id": i, "text": text}})
+        await wait_for_condition(lambda: not served.api._sockets, 10, "the stream closed")
+        assert "account API update stream disconnected: the consumer did not take an " \
+            "event within 1 s; 1 disconnected so far" in caplog.text
+    finally:
+        sock.close()
+
+
+async def test_a_stream_offering_another_subprotocol_is_refused_and_its_token_not_logged(
+        serve: Serve, caplog) -> None:
+    """aiohttp logs every offered subprotocol when none is ours: the browser's token too."""
+    caplog.set_level(logging.DEBUG)
+    served = await serve()
+    b64 = base64.urlsafe_b64encode(TOKEN.encode()).decode().rstrip("=")
+    async with served.session() as http:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect("http://localhost/v1/updates", protocols=(f"bearer.{b64}",))
+        assert refused.value.status == 400
+        ws = await http.ws_connect("http://localhost/v1/updates",
+                                   protocols=(WS_PROTOCOL, f"bearer.{b64}"))
+        assert ws.protocol == WS_PROTOCOL
+        await ws.close()
+    assert b64 not in caplog.text
+    assert TOKEN not in caplog.text
+    assert "overlap" not in caplog.text
+
+
+async def test_the_status_websocket_refuses_other_subprotocols_too(caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    token = "status-Token-0123456789abc"
+    app = build_app(board=StatusBoard(), registry=CollectorRegistry(), ready=lambda: True,
+                    token=token)
+    server = HttpServer(app, "127.0.0.1", 0)
+    await server.start()
+    b64 = base64.urlsafe_b64encode(token.encode()).decode().rstrip("=")
+    try:
+        async with aiohttp.ClientSession() as http:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(f"http://127.0.0.1:{server.port}/status/ws",
+                                      protocols=(f"bearer.{b64}",))
+            assert refused.value.status == 400
+    finally:
+        await server.stop()
+    assert b64 not in caplog.text
+    assert token not in caplog.text
+
+
+async def test_every_route_but_the_openapi_document_needs_a_token(serve: Serve,
+                                                                  caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    served = await serve(dataclasses.replace(FAST, request_timeout=30, keepalive_timeout=30))
+    runner = served.api._unix
+    assert runner is not None
+    routes = {(r.method, r.resource.canonical) for r in runner.app.router.routes()
+              if r.resource is not None and r.method != "HEAD"}
+    assert len(routes) == 11, routes
+    async with served.session() as http:
+        for method, path in sorted(routes):
+            url = "http://localhost" + path.replace("{name}", "alice")
+            for headers in ({}, {"Authorization": "Bearer not-" + TOKEN}):
+                async with http.request(method, url, headers=headers, json={}) as r:
+                    if path == "/v1/openapi.json":
+                        assert r.status == 200
+                    else:
+                        assert r.status == 401, (method, path, r.status)
+                        assert r.headers["WWW-Authenticate"] == 'Bearer realm="tgdaemon"'
+    assert TOKEN not in caplog.text

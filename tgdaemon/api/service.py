@@ -65,6 +65,7 @@ from tgdaemon.httpsite import (
     connection_guard,
     guard_app,
     make_runner,
+    offers_protocol,
 )
 
 if TYPE_CHECKING:
@@ -83,13 +84,13 @@ WS_TOKEN_PREFIX = "bearer."
 MAX_BODY = 64 * 1024
 MAX_LIMIT = 100
 CLOSE_OVERFLOW = WSCloseCode.TRY_AGAIN_LATER  # 1013: resume with the last cursor
-#: Open update streams, daemon-wide; one more is refused with 503.
-MAX_STREAMS = 64
-#: Seconds one event may take to leave; a consumer that stops reading is disconnected.
-SEND_TIMEOUT = 10.0
 NO_CLIENT = "-"
-#: The Unix socket's bounds: the HTTP listener's defaults (README "Account API").
-UNIX_LIMITS = HttpLimits()
+#: The account API's own bounds (README "Account API"), the HTTP listener's defaults: those of
+#: its Unix socket (connections, request heads, keep-alive, large answers), and of its update
+#: streams on both listeners: ``max_subscribers`` open at once (one more gets 429),
+#: ``send_timeout`` seconds for each event to leave (a consumer that stops reading is
+#: disconnected).
+API_LIMITS = HttpLimits()
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,9 @@ class AccountApi:
     def __init__(self, settings: ConfigHolder, board: StatusBoard, keyring: KeyRing,
                  registry: CollectorRegistry, *, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic,
-                 limits: HttpLimits = UNIX_LIMITS) -> None:
+                 limits: HttpLimits = API_LIMITS) -> None:
         self.settings = settings
-        #: What a client of the Unix socket may hold (the TCP listener has the HTTP server's).
+        #: What a client may hold: see API_LIMITS.
         self.limits = limits
         self.board = board
         config = settings.current
@@ -122,6 +123,11 @@ class AccountApi:
         #: Summarised log lines for what the bounds turn away (one per thousand).
         self.slow_bodies = Refusals("account API request", "its body did not arrive within "
                                     "the request deadline", verb="cut off", level=logging.INFO)
+        self.stream_refusals = Refusals("account API update stream",
+                                        f"{limits.max_subscribers} open (the limit)")
+        self.slow_consumers = Refusals(
+            "account API update stream", f"the consumer did not take an event within "
+            f"{limits.send_timeout:g} s", verb="disconnected", level=logging.INFO)
         #: One thread turns large TL results into JSON (see :meth:`encode`).
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-encode")
         registry.register(self.requests)
@@ -625,6 +631,8 @@ async def _updates(request: web.Request) -> web.StreamResponse:
             accounts = None
         else:
             accounts = frozenset(a.name for a in api.config.accounts if client.may_use(a.name))
+        if not offers_protocol(request, WS_PROTOCOL):
+            raise ApiError(Outcome.BAD_REQUEST, f"offer the WebSocket subprotocol {WS_PROTOCOL}")
         cursor = request.query.get("cursor")
         after: int | None = None
         if cursor:
@@ -638,52 +646,72 @@ async def _updates(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream(request: web.Request, api: AccountApi, client: ApiClient,
-                  accounts: frozenset[str] | None, after: int | None) -> web.WebSocketResponse:
+                  accounts: frozenset[str] | None, after: int | None) -> web.StreamResponse:
     buffer = api.buffer
-    if len(api._sockets) >= MAX_STREAMS:
-        raise ApiError(Outcome.BUSY, f"{MAX_STREAMS} update streams already open", retry_after=5)
+    if len(api._sockets) >= api.limits.max_subscribers:
+        api.stream_refusals.note()
+        raise ApiError(Outcome.BUSY, f"{api.limits.max_subscribers} update streams already "
+                       "open", retry_after=5)
     ws = web.WebSocketResponse(protocols=(WS_PROTOCOL,), heartbeat=30.0, max_msg_size=4096)
     # Subscribe first, then read what is held up to that point: nothing falls in between;
     # live events already sent from the backlog are skipped by sequence number.
     sub = buffer.subscribe(accounts)
     upto = buffer.last_seq
     api._sockets.add(ws)
+    timeout = api.limits.send_timeout
     try:
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except ConnectionError:  # gone before the handshake's answer: nothing to log
+            return web.Response(status=499, reason="Client Closed Request")
         # A consumer that stops reading: the kernel keeps 128 KiB for it, not up to 4 MiB.
         limit_send_buffer(request.transport, SEND_BUFFER)
         api.count(client, None, ApiMethod.UPDATES, Outcome.OK)
         try:
-            overflowed = await _pump(ws, buffer, sub, after, upto)
-        except (TimeoutError, ConnectionError) as exc:  # the consumer stopped reading
-            log.info("update stream closed: the consumer did not read (%s)", type(exc).__name__)
-            await ws.close(code=CLOSE_OVERFLOW, message=b"too slow: resume with your cursor")
+            overflowed = await _pump(ws, buffer, sub, after, upto, timeout)
+        except TimeoutError:  # the consumer stopped reading
+            api.slow_consumers.note()
+            overflowed = True
+        except ConnectionError:  # the consumer went away
             return ws
         if overflowed:
-            await ws.close(code=CLOSE_OVERFLOW, message=b"too slow: resume with your cursor")
+            await _close(ws, request, timeout, CLOSE_OVERFLOW,
+                         b"too slow: resume with your cursor")
         else:
-            await ws.close()
+            await _close(ws, request, timeout)
     finally:
         buffer.unsubscribe(sub)
         api._sockets.discard(ws)
     return ws
 
 
+async def _close(ws: web.WebSocketResponse, request: web.Request, timeout: float,
+                 code: int = WSCloseCode.OK, message: bytes = b"") -> None:
+    """Close politely within ``timeout``, else drop the connection: the close frame waits
+    behind what a consumer that stopped reading did not take."""
+    try:
+        async with asyncio.timeout(timeout):
+            await ws.close(code=code, message=message)
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+
+
 async def _pump(ws: web.WebSocketResponse, buffer: UpdateBuffer, sub: Subscriber,
-                after: int | None, upto: int) -> bool:
+                after: int | None, upto: int, timeout: float) -> bool:
     """The backlog after the cursor, ``ready``, then live events until the consumer leaves
     or the subscription ends; True when it ended because the consumer fell behind."""
     last = upto if after is None else after
     if after is not None:
         async for event in buffer.backlog(sub.accounts, after, upto):
-            await _emit(ws, event.to_json(buffer.epoch))
+            await _emit(ws, event.to_json(buffer.epoch), timeout)
         last = upto
-    await _emit(ws, {"type": "ready", "cursor": _cursor(buffer, last)})
+    await _emit(ws, {"type": "ready", "cursor": _cursor(buffer, last)}, timeout)
     reader = asyncio.create_task(_drain(ws), name="api-updates-reader")
     try:
         async for event in _until(sub, reader):
             if event.seq > last:
-                await _emit(ws, event.to_json(buffer.epoch))
+                await _emit(ws, event.to_json(buffer.epoch), timeout)
                 last = event.seq
     finally:
         reader.cancel()
@@ -691,10 +719,10 @@ async def _pump(ws: web.WebSocketResponse, buffer: UpdateBuffer, sub: Subscriber
     return sub.overflowed
 
 
-async def _emit(ws: web.WebSocketResponse, data: dict[str, Any]) -> None:
-    """One event out, within SEND_TIMEOUT: a consumer that stopped reading holds no handler
+async def _emit(ws: web.WebSocketResponse, data: dict[str, Any], timeout: float) -> None:
+    """One event out, within ``timeout``: a consumer that stopped reading holds no handler
     (it resumes with its last cursor and misses nothing)."""
-    async with asyncio.timeout(SEND_TIMEOUT):
+    async with asyncio.timeout(timeout):
         await ws.send_str(json.dumps(data))
 
 
