@@ -8,7 +8,7 @@ asyncio's server) so that it counts every socket from ``accept()`` to its close 
 the process is out of file descriptors. :func:`connection_guard` is the middleware that stops
 a connection's head timer and serves spare-descriptor connections one request each.
 :class:`HttpLimits` holds the bounds; :func:`make_runner` applies the per-connection ones
-(keep-alive, header lines) the same way for every site.
+(keep-alive, header lines, lingering) the same way for every site.
 """
 
 from __future__ import annotations
@@ -39,12 +39,16 @@ class HttpLimits:
     """Bounds on what clients can make the server hold. The defaults fit Prometheus, a few
     status pages and scripts with room to spare; they are not config keys (nobody tunes them).
 
-    * ``max_connections``: open connections at once; one more gets a 503 and is closed.
+    * ``max_connections``: open connections at once, per site; one more gets a 503 and is
+      closed.
     * ``request_timeout``: a connection must deliver a complete request head this soon after
-      it opens (slowloris, idle sockets).
+      it opens (slowloris, idle sockets); an account API request body must arrive within as
+      long; the rest of a body that was refused is read and dropped for at most as long
+      before the close (aiohttp's lingering time).
     * ``keepalive_timeout``: an idle keep-alive connection is closed after this long (and a
       slow next request head with it).
-    * ``max_subscribers``: open ``/status/ws`` connections; one more gets a 503.
+    * ``max_subscribers``: open ``/status/ws`` connections (one more gets a 503); of the
+      account API's limits: its open update streams (one more gets a 429).
     * ``send_timeout``: a WebSocket message (the snapshot too), and a large answer
       (:data:`tgdaemon.httpsend.LARGE_ANSWER` bytes or more), must leave the process this
       soon; a client that does not read is disconnected, so its unsent data is freed.
@@ -66,7 +70,7 @@ class HttpLimits:
       200 connections doing that took +400 MB). Browsers send about 20, scripts fewer.
     * ``spare_fds``: descriptors held in reserve for when the process runs out (EMFILE):
       all but one serve a request each at a time, the last turns connections away with a 503
-      (see :class:`_GuardedSite`). Part of :data:`tgdaemon.fdlimit.FIXED_FDS`.
+      (see :class:`GuardedSite`). Part of :data:`tgdaemon.fdlimit.FIXED_FDS`.
     """
 
     max_connections: int = 256
@@ -79,7 +83,6 @@ class HttpLimits:
     send_buffer: int = SEND_BUFFER
     max_headers: int = 32
     spare_fds: int = HTTP_SPARE_FDS
-
 
 
 #: Connections (by id) that have not yet sent a complete request head: the head timer closes
@@ -152,8 +155,10 @@ _NO_FDS = _answer(b"503 Service Unavailable", b"the daemon is out of file descri
 _ACCEPT_BATCH = 100
 #: How long a listening socket rests when not even a spare descriptor is left (asyncio's).
 _ACCEPT_RETRY_DELAY = 1.0
-#: Seconds a refused Unix-socket connection is kept for its request (:meth:`GuardedSite._refuse`).
+#: Seconds a refused Unix-socket connection is kept for its request, and how many are kept at
+#: once (:meth:`GuardedSite._refuse`; from the margin of :data:`tgdaemon.fdlimit.FIXED_FDS`).
 _LINGER = 1.0
+_MAX_LINGERING = 16
 _OUT_OF_RESOURCES = FD_EXHAUSTED | {errno.ENOBUFS, errno.ENOMEM}
 
 
@@ -300,10 +305,11 @@ class GuardedSite(web.BaseSite):
     def _refuse(self, conn: socket.socket) -> None:
         """The 503 for a connection beyond the cap. On a Unix socket a client's write to a
         peer that closed fails (EPIPE) before it can read the answer, so the socket is kept
-        until its request arrives (or :data:`_LINGER` passes), at most ``max_connections``
-        of them; over TCP the kernel takes the request after the close."""
+        until its request arrives (or :data:`_LINGER` passes), at most :data:`_MAX_LINGERING`
+        of them (beyond, such a client sees its write fail); over TCP the kernel takes the
+        request after the close."""
         self.refusals.note()
-        if conn.family != socket.AF_UNIX or len(self._lingering) >= self._limits.max_connections:
+        if conn.family != socket.AF_UNIX or len(self._lingering) >= _MAX_LINGERING:
             _turn_away(conn, _BUSY)
             return
         try:

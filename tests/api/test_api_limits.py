@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import fnmatch
 import logging
 import os
 import shutil
@@ -26,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from tests.conftest import wait_for_condition
 from tgdaemon.api.events import EventKind
 from tgdaemon.api.service import WS_PROTOCOL, AccountApi
+from tgdaemon.apiconfig import ApiClient
 from tgdaemon.config import ConfigHolder, load_config
 from tgdaemon.crypto import generate_keyring
 from tgdaemon.http import HttpServer, build_app
@@ -347,3 +349,39 @@ async def test_every_route_but_the_openapi_document_needs_a_token(serve: Serve,
                         assert r.status == 401, (method, path, r.status)
                         assert r.headers["WWW-Authenticate"] == 'Bearer realm="tgdaemon"'
     assert TOKEN not in caplog.text
+
+
+async def test_a_plain_get_of_the_stream_is_a_400_not_a_logged_error(serve: Serve,
+                                                                     caplog) -> None:
+    """The failed handshake was an 'internal error': a 500 and an ERROR with a traceback,
+    as often as a client liked."""
+    caplog.set_level(logging.DEBUG)
+    served = await serve()
+    async with served.session() as http:
+        for _ in range(3):
+            async with http.get("http://localhost/v1/updates", headers=AUTH) as r:
+                assert r.status == 400
+                assert (await r.json())["message"] == "not a WebSocket handshake"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert not served.api._sockets
+
+
+@pytest.mark.parametrize("patterns", [("*",), ("alice",), ("shop-*", "a?ice"),
+                                      ("[ab]*", "x"), ("shop-[!0-4]*",)])
+def test_client_globs_match_like_fnmatchcase(patterns: tuple[str, ...]) -> None:
+    client = ApiClient(name="c", token="t" * 16, token_file=Path("/t"), accounts=patterns)
+    for name in ("alice", "Alice", "bob", "shop-1", "shop-7x", "x", "xx", "a.ice", "ali"):
+        assert client.may_use(name) == any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+async def test_a_stream_frame_from_the_consumer_is_at_most_4_kib(serve: Serve) -> None:
+    served = await serve(dataclasses.replace(FAST, request_timeout=30, keepalive_timeout=30))
+    async with served.session() as http:
+        ws = await http.ws_connect("http://localhost/v1/updates", headers=AUTH)
+        assert (await ws.receive_json())["type"] == "ready"
+        await ws.send_str("x" * 5000)
+        msg = await ws.receive(timeout=10)
+        assert msg.type is aiohttp.WSMsgType.CLOSE
+        assert msg.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+        await ws.close()
+    await wait_for_condition(lambda: not served.api._sockets, 5, "the stream ended")

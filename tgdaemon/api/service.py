@@ -34,6 +34,7 @@ from telethon import functions
 from telethon.tl import types as tl
 
 from tgdaemon.api.events import (
+    Accounts,
     CursorError,
     Event,
     Subscriber,
@@ -626,11 +627,11 @@ async def _updates(request: web.Request) -> web.StreamResponse:
             if not _has_account(api.config, n):
                 raise ApiError(Outcome.NOT_FOUND, "no such account")
         if names:
-            accounts: frozenset[str] | None = frozenset(names)
+            accounts: Accounts = frozenset(names)
         elif client.accounts == ("*",):
             accounts = None
-        else:
-            accounts = frozenset(a.name for a in api.config.accounts if client.may_use(a.name))
+        else:  # matched as events come: no set of the whole fleet per stream
+            accounts = _Usable(client, api)
         if not offers_protocol(request, WS_PROTOCOL):
             raise ApiError(Outcome.BAD_REQUEST, f"offer the WebSocket subprotocol {WS_PROTOCOL}")
         cursor = request.query.get("cursor")
@@ -645,8 +646,20 @@ async def _updates(request: web.Request) -> web.StreamResponse:
     return await api.serve(request, ApiMethod.UPDATES, None, work)
 
 
+@dataclass(frozen=True)
+class _Usable:
+    """The configured accounts ``client`` may use, as a container (see :data:`Accounts`)."""
+
+    client: ApiClient
+    api: AccountApi
+
+    def __contains__(self, account: object) -> bool:
+        return (isinstance(account, str) and self.client.may_use(account)
+                and _has_account(self.api.config, account))
+
+
 async def _stream(request: web.Request, api: AccountApi, client: ApiClient,
-                  accounts: frozenset[str] | None, after: int | None) -> web.StreamResponse:
+                  accounts: Accounts, after: int | None) -> web.StreamResponse:
     buffer = api.buffer
     if len(api._sockets) >= api.limits.max_subscribers:
         api.stream_refusals.note()
@@ -664,6 +677,8 @@ async def _stream(request: web.Request, api: AccountApi, client: ApiClient,
             await ws.prepare(request)
         except ConnectionError:  # gone before the handshake's answer: nothing to log
             return web.Response(status=499, reason="Client Closed Request")
+        except web.HTTPException:  # not a WebSocket handshake: the client's mistake, no bug
+            raise ApiError(Outcome.BAD_REQUEST, "not a WebSocket handshake") from None
         # A consumer that stops reading: the kernel keeps 128 KiB for it, not up to 4 MiB.
         limit_send_buffer(request.transport, SEND_BUFFER)
         api.count(client, None, ApiMethod.UPDATES, Outcome.OK)
