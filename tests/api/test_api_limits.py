@@ -25,6 +25,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.conftest import wait_for_condition
+from tests.rawsock import closed_by_server, trickled_until_closed
 from tgdaemon.api.events import EventKind
 from tgdaemon.api.service import WS_PROTOCOL, AccountApi
 from tgdaemon.apiconfig import ApiClient
@@ -103,22 +104,6 @@ REQUEST = b"GET /v1/accounts/alice HTTP/1.1\r\nHost: localhost\r\nAuthorization:
     + TOKEN.encode() + b"\r\n\r\n"
 
 
-async def closed_by_server(sock: socket.socket, timeout: float = 10.0, *,
-                           sending: bool = False) -> bytes:
-    """Read until the server closes the connection; what it sent. ``sending``: the client is
-    still sending, so the close may come as a reset."""
-    loop = asyncio.get_running_loop()
-    data = b""
-    async with asyncio.timeout(timeout):
-        try:
-            while chunk := await loop.sock_recv(sock, 65536):
-                data += chunk
-        except ConnectionResetError:
-            if not sending:
-                raise
-    return data
-
-
 async def test_unix_socket_connections_beyond_the_cap_get_503(serve: Serve, caplog) -> None:
     caplog.set_level(logging.WARNING, "tgdaemon.http")
     served = await serve(dataclasses.replace(FAST, max_connections=3, request_timeout=30))
@@ -143,19 +128,11 @@ async def test_unix_socket_connections_beyond_the_cap_get_503(serve: Serve, capl
 async def test_unix_socket_idle_and_slow_request_heads_are_cut_off(serve: Serve) -> None:
     # Only the head timer may cut these off (the keep-alive timer would too, at 0.5 s).
     served = await serve(dataclasses.replace(FAST, keepalive_timeout=30))
-    loop = asyncio.get_running_loop()
     idle, slow = await served.connect(), await served.connect()
     started = time.monotonic()
     try:
-        await loop.sock_sendall(slow, b"GET /v1/accounts HTTP/1.1\r\nHost: localhost\r\n")
-        reader = asyncio.ensure_future(closed_by_server(slow, sending=True))
-        while not reader.done():  # one header byte every 50 ms: pacing the attacker
-            try:
-                await loop.sock_sendall(slow, b"X")
-            except OSError:
-                break
-            await asyncio.sleep(0.05)
-        assert await reader == b""
+        assert await trickled_until_closed(
+            slow, b"GET /v1/accounts HTTP/1.1\r\nHost: localhost\r\n") == b""
         assert await closed_by_server(idle) == b""
     finally:
         idle.close()
