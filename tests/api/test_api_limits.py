@@ -392,3 +392,26 @@ async def test_a_resuming_consumer_of_one_account_reads_only_its_rows(tmp_path: 
         assert [e.seq for e in everything] == list(range(1, 3002))
     finally:
         await buffer.close()
+
+
+async def test_undecryptable_held_events_are_one_summarised_line(tmp_path: Path,
+                                                                 caplog) -> None:
+    """Every resume reads the held events again: one WARNING per event that cannot be
+    decrypted (its key left the ring) let a consumer write lines at will."""
+    caplog.set_level(logging.WARNING, "tgdaemon.api.events")
+    buffer = UpdateBuffer(tmp_path, generate_keyring(), 100)
+    await buffer.open()
+    for i in range(50):
+        buffer.append("alice", EventKind.MESSAGE, {"message": {"id": i}})
+    await buffer.close()
+    buffer = UpdateBuffer(tmp_path, generate_keyring(), 100)  # another key: none decrypts
+    await buffer.open()
+    try:
+        for _ in range(3):  # three resumes
+            assert [e async for e in buffer.backlog(None, 0, buffer.last_seq)] == []
+    finally:
+        await buffer.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "tgdaemon.api.events"]
+    assert lines == ["held update event skipped: it could not be decrypted (its key left the "
+                     "ring); 1 skipped so far"], lines
+    assert buffer.undecryptable.count == 150

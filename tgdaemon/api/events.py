@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 from telethon import events as tevents
 from telethon.tl import types as tl
 
+from tgdaemon.httpsend import Refusals
+
 if TYPE_CHECKING:
     from tgdaemon.crypto import KeyRing
     from tgdaemon.telegram import ManagedClient
@@ -236,6 +238,8 @@ class UpdateBuffer:
         self._flushed = asyncio.Condition()
         self._written_seq = 0
         self._attached: dict[int, str] = {}
+        self.undecryptable = Refusals("held update event", "it could not be decrypted (its "
+                                      "key left the ring)", verb="skipped", logger=log)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -367,8 +371,8 @@ class UpdateBuffer:
             try:
                 body = json.loads(self._keyring.decrypt(bytes(blob), account=str(account),
                                                         purpose=f"{PURPOSE}:{seq}"))
-            except Exception as exc:  # a key removed from the ring: the event is lost
-                log.warning("an update event could not be decrypted (%s)", type(exc).__name__)
+            except Exception:  # a key removed from the ring: the event is lost
+                self.undecryptable.note()  # every resume reads them again: summarised
                 continue
             events.append(Event(int(seq), str(account), EventKind(kind), body))
         return (int(rows[-1][0]) if len(rows) == BACKLOG_PAGE else upto), events
