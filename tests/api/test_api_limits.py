@@ -11,6 +11,7 @@ import asyncio
 import base64
 import dataclasses
 import fnmatch
+import json
 import logging
 import os
 import shutil
@@ -415,3 +416,23 @@ async def test_undecryptable_held_events_are_one_summarised_line(tmp_path: Path,
     assert lines == ["held update event skipped: it could not be decrypted (its key left the "
                      "ring); 1 skipped so far"], lines
     assert buffer.undecryptable.count == 150
+
+
+async def test_a_live_event_is_encoded_once_for_every_stream(serve: Serve) -> None:
+    """64 streams of every account encoded each event 64 times on the loop."""
+    served = await serve(dataclasses.replace(FAST, request_timeout=30, keepalive_timeout=30))
+    buffer = served.api.buffer
+    async with served.session() as http:
+        streams = [await http.ws_connect("http://localhost/v1/updates", headers=AUTH)
+                   for _ in range(3)]
+        try:
+            for ws in streams:
+                assert (await ws.receive_json())["type"] == "ready"
+            event = buffer.append("alice", EventKind.MESSAGE, {"message": {"id": 7}})
+            texts = [(await ws.receive(timeout=10)).data for ws in streams]
+        finally:
+            for ws in streams:
+                await ws.close()
+    assert texts == [texts[0]] * 3
+    assert json.loads(texts[0])["message"] == {"id": 7}
+    assert buffer.encoder.encode(event, buffer.epoch) is buffer.encoder.encode(event, buffer.epoch)

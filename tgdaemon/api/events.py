@@ -24,6 +24,7 @@ import logging
 import os
 import secrets
 import sqlite3
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Container, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -175,6 +176,24 @@ class Event:
                 "type": self.kind.value, **self.body}
 
 
+class EventEncoder:
+    """Each live event becomes its JSON text once, however many streams send it (64 streams
+    of every account encoded every event 64 times on the loop). The newest ``size``
+    encodings are kept: a stream further behind than that is closed anyway."""
+
+    def __init__(self, size: int = SUBSCRIBER_QUEUE) -> None:
+        self._size = size
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+
+    def encode(self, event: Event, epoch: str) -> bytes:
+        text = self._cache.get(event.seq)
+        if text is None:
+            text = self._cache[event.seq] = json.dumps(event.to_json(epoch)).encode()
+            if len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        return text
+
+
 class Subscriber:
     """A live consumer's queue; closed (``overflowed``) when it falls too far behind. What it
     got is always a prefix of what it was offered (no hole), so resuming from the last cursor
@@ -238,6 +257,8 @@ class UpdateBuffer:
         self._flushed = asyncio.Condition()
         self._written_seq = 0
         self._attached: dict[int, str] = {}
+        #: Live events' JSON, shared by the streams (backlogs are encoded per stream).
+        self.encoder = EventEncoder()
         self.undecryptable = Refusals("held update event", "it could not be decrypted (its "
                                       "key left the ring)", verb="skipped", logger=log)
 
