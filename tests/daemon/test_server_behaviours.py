@@ -25,11 +25,13 @@ from telethon.tl.functions.updates import GetStateRequest
 from tests.conftest import phone_for
 from tgdaemon.connection import CappedMTProxyIntermediate, CappedMTProxyPadded, CappedTcpFull
 from tgdaemon.crypto import load_keyring
+from tgdaemon.daemon import Daemon
 from tgdaemon.errors import classify
 from tgdaemon.lifecycle import Category
 from tgdaemon.localdc import transport
 from tgdaemon.localdc.faults import Fault
 from tgdaemon.rekey import memory_session
+from tgdaemon.status import State
 from tgdaemon.store import Store
 from tgdaemon.telegram import (
     ManagedClient,
@@ -265,3 +267,33 @@ async def test_frames_split_at_every_byte_boundary(kind):
                 assert not recv.done(), f"{kind}: a frame returned after {i + 1} bytes"
         async with asyncio.timeout(ANSWER):
             assert await recv == payload
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+async def test_connection_not_inited_reconnects_with_a_fresh_init(make_config, login_account,
+                                                                   localdc, wait_until):
+    """A server that lost the connection's initConnection (a session it restarted; an
+    independent server that keeps it per session) answers 400 CONNECTION_NOT_INITED. That is
+    no bug of the request: a new connection, which sends initConnection first, cures it. The
+    account must come back, not be stopped as a client error."""
+    config = make_config([{"name": "alice", "phone": phone_for("alice")}],
+                         daemon={"http_listen": ""})
+    uid = await login_account(config, "alice")
+
+    def state() -> State | None:
+        status = daemon.board.get("alice")
+        return None if status is None else status.state
+
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: state() is State.CONNECTED, ANSWER, "connected")
+        connections = localdc.counters(user_id=uid)["connections"]
+        localdc.inject(Fault("rpc_error", user_id=uid, method="updates.getState",
+                             error="CONNECTION_NOT_INITED", code=400, times=1))
+        await wait_until(lambda: localdc.counters(user_id=uid)["connections"] > connections,
+                         ANSWER, "a new connection")
+        await wait_until(lambda: state() is State.CONNECTED, ANSWER, "connected again")
+        errors = daemon.registry.get_sample_value(
+            "tgdaemon_errors_total", {"account": "alice", "category": "server"})
+        assert errors == 1  # retried as a server-side condition, not stopped as a client bug
