@@ -297,3 +297,37 @@ async def test_connection_not_inited_reconnects_with_a_fresh_init(make_config, l
         errors = daemon.registry.get_sample_value(
             "tgdaemon_errors_total", {"account": "alice", "category": "server"})
         assert errors == 1  # retried as a server-side condition, not stopped as a client bug
+
+
+@pytest.mark.parametrize("skew", [60, -400])
+async def test_host_clock_behind_or_ahead_of_the_server(alice, localdc, skew):
+    """The host's clock is off from the server's beyond Telethon's window for server msg_ids
+    (30 s ahead, 300 s behind), and a stored key means no key exchange to learn the server's
+    time from. A new client starts with salt 0, so the server's first answer is a
+    bad_server_salt, exempt from the window: Telethon takes the server's time from it, and
+    the connection works."""
+    client, uid = alice
+    localdc.inject(Fault("clock_skew", seconds=skew))
+    await _connect(client, uid)
+    assert abs(client._sender._state.time_offset - skew) <= 2
+    assert isinstance(await _call(client, GetStateRequest()), types.updates.State)
+
+
+async def test_updates_too_long_fetches_the_difference(alice, localdc, wait_until):
+    """Telegram sends updatesTooLong when there are too many updates to push: the client
+    must fetch them with getDifference (nothing else tells it they exist)."""
+    client, uid = alice
+    await _connect(client, uid)
+    first = _requests(localdc, uid, "updates.getDifference")
+    client.release_updates()  # the update loop starts with a catch-up: let it finish
+    await wait_until(lambda: _requests(localdc, uid, "updates.getDifference") > first
+                     and local_update_pts(client) is not None, ANSWER, "first catch-up")
+    pts = local_update_pts(client) or 0
+    muted = localdc.inject(Fault("mute_updates", user_id=uid))
+    for i in range(3):
+        localdc.push_update(uid, f"not pushed {i}")
+    localdc.clear(muted)
+    diffs = _requests(localdc, uid, "updates.getDifference")
+    localdc.push_raw(uid, bytes(types.UpdatesTooLong()))
+    await wait_until(lambda: (local_update_pts(client) or 0) >= pts + 3, ANSWER, "caught up")
+    assert _requests(localdc, uid, "updates.getDifference") > diffs
