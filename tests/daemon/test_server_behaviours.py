@@ -129,6 +129,23 @@ async def test_salt_change_or_new_session_mid_session(alice, localdc, wait_until
     await wait_until(lambda: (local_update_pts(client) or 0) > pts, ANSWER, "update seen")
 
 
+async def test_acks_in_a_rejected_container_are_sent_again(alice, localdc):
+    """The daemon's acknowledgements always ride in a request's container, so a
+    bad_server_salt (salts expire: every salt change) rejects them with the request. MTProto
+    asks the client to acknowledge every content-related message: the acks go out again
+    with the request, and the server is left holding only the latest answer."""
+    client, uid = alice
+    await _connect(client, uid)
+    for _ in range(2):
+        await _call(client, GetStateRequest())
+    assert localdc.unacked(uid) == 1  # the last answer: its ack waits for the next request
+    localdc.inject(Fault("salt_change", user_id=uid, times=1))
+    for _ in range(2):
+        await _call(client, GetStateRequest())
+    assert localdc.counters(user_id=uid)["emulated"] == {"salt_change": 1}
+    assert localdc.unacked(uid) == 1
+
+
 async def test_salt_change_on_the_first_packet_in_fleet_mode(alice, localdc):
     """Fleet mode sends ping_delay_disconnect first, in the same container as the validating
     initConnection: a stale salt rejects both, both are resent, the connect validates."""
