@@ -25,11 +25,13 @@ from telethon.tl.functions.updates import GetStateRequest
 from tests.conftest import phone_for
 from tgdaemon.connection import CappedMTProxyIntermediate, CappedMTProxyPadded, CappedTcpFull
 from tgdaemon.crypto import load_keyring
+from tgdaemon.daemon import Daemon
 from tgdaemon.errors import classify
 from tgdaemon.lifecycle import Category
 from tgdaemon.localdc import transport
 from tgdaemon.localdc.faults import Fault
 from tgdaemon.rekey import memory_session
+from tgdaemon.status import State
 from tgdaemon.store import Store
 from tgdaemon.telegram import (
     ManagedClient,
@@ -125,6 +127,23 @@ async def test_salt_change_or_new_session_mid_session(alice, localdc, wait_until
     pts = local_update_pts(client) or 0
     localdc.push_update(uid, "after the " + kind)
     await wait_until(lambda: (local_update_pts(client) or 0) > pts, ANSWER, "update seen")
+
+
+async def test_acks_in_a_rejected_container_are_sent_again(alice, localdc):
+    """The daemon's acknowledgements always ride in a request's container, so a
+    bad_server_salt (salts expire: every salt change) rejects them with the request. MTProto
+    asks the client to acknowledge every content-related message: the acks go out again
+    with the request, and the server is left holding only the latest answer."""
+    client, uid = alice
+    await _connect(client, uid)
+    for _ in range(2):
+        await _call(client, GetStateRequest())
+    assert localdc.unacked(uid) == 1  # the last answer: its ack waits for the next request
+    localdc.inject(Fault("salt_change", user_id=uid, times=1))
+    for _ in range(2):
+        await _call(client, GetStateRequest())
+    assert localdc.counters(user_id=uid)["emulated"] == {"salt_change": 1}
+    assert localdc.unacked(uid) == 1
 
 
 async def test_salt_change_on_the_first_packet_in_fleet_mode(alice, localdc):
@@ -265,3 +284,67 @@ async def test_frames_split_at_every_byte_boundary(kind):
                 assert not recv.done(), f"{kind}: a frame returned after {i + 1} bytes"
         async with asyncio.timeout(ANSWER):
             assert await recv == payload
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+async def test_connection_not_inited_reconnects_with_a_fresh_init(make_config, login_account,
+                                                                   localdc, wait_until):
+    """A server that lost the connection's initConnection (a session it restarted; an
+    independent server that keeps it per session) answers 400 CONNECTION_NOT_INITED. That is
+    no bug of the request: a new connection, which sends initConnection first, cures it. The
+    account must come back, not be stopped as a client error."""
+    config = make_config([{"name": "alice", "phone": phone_for("alice")}],
+                         daemon={"http_listen": ""})
+    uid = await login_account(config, "alice")
+
+    def state() -> State | None:
+        status = daemon.board.get("alice")
+        return None if status is None else status.state
+
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: state() is State.CONNECTED, ANSWER, "connected")
+        connections = localdc.counters(user_id=uid)["connections"]
+        localdc.inject(Fault("rpc_error", user_id=uid, method="updates.getState",
+                             error="CONNECTION_NOT_INITED", code=400, times=1))
+        await wait_until(lambda: localdc.counters(user_id=uid)["connections"] > connections,
+                         ANSWER, "a new connection")
+        await wait_until(lambda: state() is State.CONNECTED, ANSWER, "connected again")
+        errors = daemon.registry.get_sample_value(
+            "tgdaemon_errors_total", {"account": "alice", "category": "server"})
+        assert errors == 1  # retried as a server-side condition, not stopped as a client bug
+
+
+@pytest.mark.parametrize("skew", [60, -400])
+async def test_host_clock_behind_or_ahead_of_the_server(alice, localdc, skew):
+    """The host's clock is off from the server's beyond Telethon's window for server msg_ids
+    (30 s ahead, 300 s behind), and a stored key means no key exchange to learn the server's
+    time from. A new client starts with salt 0, so the server's first answer is a
+    bad_server_salt, exempt from the window: Telethon takes the server's time from it, and
+    the connection works."""
+    client, uid = alice
+    localdc.inject(Fault("clock_skew", seconds=skew))
+    await _connect(client, uid)
+    assert abs(client._sender._state.time_offset - skew) <= 2
+    assert isinstance(await _call(client, GetStateRequest()), types.updates.State)
+
+
+async def test_updates_too_long_fetches_the_difference(alice, localdc, wait_until):
+    """Telegram sends updatesTooLong when there are too many updates to push: the client
+    must fetch them with getDifference (nothing else tells it they exist)."""
+    client, uid = alice
+    await _connect(client, uid)
+    first = _requests(localdc, uid, "updates.getDifference")
+    client.release_updates()  # the update loop starts with a catch-up: let it finish
+    await wait_until(lambda: _requests(localdc, uid, "updates.getDifference") > first
+                     and local_update_pts(client) is not None, ANSWER, "first catch-up")
+    pts = local_update_pts(client) or 0
+    muted = localdc.inject(Fault("mute_updates", user_id=uid))
+    for i in range(3):
+        localdc.push_update(uid, f"not pushed {i}")
+    localdc.clear(muted)
+    diffs = _requests(localdc, uid, "updates.getDifference")
+    localdc.push_raw(uid, bytes(types.UpdatesTooLong()))
+    await wait_until(lambda: (local_update_pts(client) or 0) >= pts + 3, ANSWER, "caught up")
+    assert _requests(localdc, uid, "updates.getDifference") > diffs
