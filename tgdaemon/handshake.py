@@ -240,6 +240,20 @@ class PaddedKeySender(MTProtoSender):  # type: ignore[misc]  # Telethon is untyp
             return _unless_rpc_error(self.init_result)
         return super().send(request, ordered)
 
+    def _pop_states(self, msg_id: int) -> list[Any]:
+        """The messages a bad_server_salt / bad_msg_notification about ``msg_id`` rejected,
+        to send again: Telethon's (the request, or every request of that container), plus
+        the acks that travelled in that container. Telethon finds an ack only by its own
+        msg_id; here every ack rides in a request's container, and a salt change would
+        otherwise lose it (MTProto: every content-related message is acknowledged)."""
+        states: list[Any] = super()._pop_states(msg_id)
+        for ack in self._last_acks:
+            if ack.container_id == msg_id and ack.msg_id != msg_id:
+                # Nobody awaits an ack: an unrecoverable notification's error is dropped.
+                ack.future.add_done_callback(_retrieve)
+                states.append(ack)
+        return states
+
     def send_unawaited(self, request: Any) -> None:
         """Queue ``request`` the way Telethon queues its own keep-alive ping: its answer is
         not awaited (awaiting it through the client would let a cancelled caller cancel the

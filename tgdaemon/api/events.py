@@ -24,7 +24,7 @@ import logging
 import os
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Container, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -52,6 +52,12 @@ SUBSCRIBER_QUEUE = 4096
 #: time: what it costs does not grow with what is held (up to ``updates_buffer`` per account,
 #: 10 million at 10,000 accounts), and the loop only forwards them.
 BACKLOG_PAGE = 256
+
+
+#: The accounts a consumer gets events of (``name in accounts``; None: every account): a set
+#: of names, or a client's patterns matched as events come (no set of the whole fleet per
+#: stream).
+Accounts = Container[str] | None
 
 
 class EventKind(StrEnum):
@@ -169,7 +175,7 @@ class Subscriber:
     got is always a prefix of what it was offered (no hole), so resuming from the last cursor
     it received loses nothing."""
 
-    def __init__(self, accounts: frozenset[str] | None, maxsize: int = SUBSCRIBER_QUEUE) -> None:
+    def __init__(self, accounts: Accounts, maxsize: int = SUBSCRIBER_QUEUE) -> None:
         self.accounts = accounts
         self.overflowed = False
         self.closed = False
@@ -309,7 +315,7 @@ class UpdateBuffer:
     def last_seq(self) -> int:
         return self._next_seq - 1
 
-    def subscribe(self, accounts: frozenset[str] | None) -> Subscriber:
+    def subscribe(self, accounts: Accounts) -> Subscriber:
         sub = Subscriber(accounts)
         self._subscribers.add(sub)
         return sub
@@ -318,7 +324,7 @@ class UpdateBuffer:
         sub.close()
         self._subscribers.discard(sub)
 
-    async def backlog(self, accounts: frozenset[str] | None, after: int,
+    async def backlog(self, accounts: Accounts, after: int,
                       upto: int) -> AsyncIterator[Event]:
         """Held events with ``after < seq <= upto``, gap events first, read
         :data:`BACKLOG_PAGE` at a time as the consumer takes them."""
@@ -333,7 +339,7 @@ class UpdateBuffer:
             for event in events:
                 yield event
 
-    def _read(self, accounts: frozenset[str] | None, after: int, upto: int
+    def _read(self, accounts: Accounts, after: int, upto: int
               ) -> tuple[int, list[Event]]:
         """In the buffer's thread: the next page after ``after``, decrypted; returns the last
         sequence number read (``upto`` when nothing is left) and the page's events."""
