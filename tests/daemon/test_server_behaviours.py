@@ -14,7 +14,9 @@ bad_msg_notification (#notice-of-ignored-error-message), transport errors
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -30,7 +32,7 @@ from tgdaemon.errors import classify
 from tgdaemon.lifecycle import Category
 from tgdaemon.localdc import transport
 from tgdaemon.localdc.faults import Fault
-from tgdaemon.rekey import memory_session
+from tgdaemon.session import StoreSession
 from tgdaemon.status import State
 from tgdaemon.store import Store
 from tgdaemon.telegram import (
@@ -48,18 +50,25 @@ TRANSPORT_ERRORS = (te.AuthKeyNotFound, te.InvalidBufferError)
 ANSWER = 15.0
 
 
-async def _daemon_client(make_config, login_account) -> tuple[ManagedClient, int]:
-    """A logged-in account's client built as the daemon builds it (no keep-alive ping)."""
+@contextlib.asynccontextmanager
+async def _daemon_client(make_config, login_account) -> AsyncIterator[tuple[ManagedClient, int]]:
+    """A logged-in account's client built as the worker builds it: the daemon's client
+    class (no keep-alive ping) on the account's stored session (its update state loaded, so
+    connect() makes no extra round trip)."""
     config = make_config([{"name": "alice", "phone": phone_for("alice")}])
     uid = await login_account(config, "alice")
     ring = load_keyring(key_file=config.daemon.master_key_file)
     async with await Store.open(config.daemon.state_dir, ring) as store:
         data = await store.load_session("alice")
-    assert data is not None
-    trust_server_keys(config)
-    client = build_client(client_class(keepalive_ping=False),
-                          memory_session(data, with_key=True), config, config.account("alice"))
-    return client, uid
+        assert data is not None
+        trust_server_keys(config)
+        client = build_client(client_class(keepalive_ping=False),
+                              StoreSession(store, "alice", data), config,
+                              config.account("alice"))
+        try:
+            yield client, uid
+        finally:
+            await client.disconnect()
 
 
 async def _call(client: ManagedClient, request: Any) -> Any:
@@ -81,11 +90,8 @@ def _requests(localdc, uid: int, method: str) -> int:
 
 @pytest.fixture
 async def alice(make_config, login_account):
-    client, uid = await _daemon_client(make_config, login_account)
-    try:
-        yield client, uid
-    finally:
-        await client.disconnect()
+    async with _daemon_client(make_config, login_account) as pair:
+        yield pair
 
 
 async def test_answers_in_containers_with_acks_and_gzip(alice, localdc, wait_until):
@@ -197,6 +203,31 @@ async def test_update_while_a_request_is_in_flight(alice, localdc, wait_until):
     await wait_until(lambda: (local_update_pts(client) or 0) > pts, ANSWER, "update seen")
     assert not call.done()  # the update came first
     assert isinstance(await call, types.updates.State)
+
+
+@pytest.mark.parametrize(("error", "code", "category"), [
+    ("RPC_CALL_FAIL", 500, Category.SERVER),
+    ("Timeout", -503, Category.SERVER),
+    ("FLOOD_WAIT_5", 420, Category.FLOOD_WAIT),
+])
+async def test_rpc_error_answering_the_validating_init(alice, localdc, error, code, category):
+    """The initConnection that opens a connection carries users.getUsers([self]); an
+    rpc_error answered to it leaves the connection up and initialised (Telethon's connect
+    completes, its update loop runs) and reaches the worker from ``validated()``."""
+    client, uid = alice
+    localdc.inject(Fault("rpc_error", user_id=uid, method="users.getUsers", error=error,
+                         code=code, times=1))
+    before = _requests(localdc, uid, "users.getUsers")
+    async with asyncio.timeout(ANSWER):
+        await client.connect(validate=True)
+    assert _requests(localdc, uid, "users.getUsers") == before + 1  # no second try inside
+    with pytest.raises(te.RPCError) as info:
+        client.validated()
+    assert classify(info.value).category is category
+    assert client.is_connected()
+    assert client._updates_handle is not None  # connect() ran to its end
+    # The connection serves requests (another method: a flood wait is per method).
+    assert isinstance(await _call(client, GetStateRequest()), types.updates.State)
 
 
 @pytest.mark.parametrize(("code", "category", "expected"), [
