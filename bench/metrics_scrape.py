@@ -227,7 +227,8 @@ def scrape_with_prometheus(target: str, duration: float, interval: float,
                   interval + 30, "a first scrape")
         t0 = time.monotonic()
         start = cpu_mark(prom.pid, t0)
-        rss_max, loads = 0, []
+        rss_start = rss_max = rss_kb(prom.pid)
+        loads: list[float] = []
         while (now := time.monotonic()) < t0 + duration:  # the measurement window itself
             rss_max = max(rss_max, rss_kb(prom.pid))
             loads.append(os.getloadavg()[0])
@@ -251,6 +252,7 @@ def scrape_with_prometheus(target: str, duration: float, interval: float,
             "samples_per_scrape": over("max_over_time", "scrape_samples_scraped"),
             "body_bytes": over("max_over_time", "scrape_body_size_bytes"),
             "head_series": head["numSeries"],
+            "rss_start_kb": rss_start,
             "rss_end_kb": rss_end,
             "rss_max_kb": max(rss_max, rss_end),
             "cpu_pct": cpu_percent(start, end),

@@ -515,7 +515,8 @@ def prometheus_lines(p: dict[str, Any]) -> list[str]:
                 "{:.1f}"),
             num(None if r["body_bytes"] is None else r["body_bytes"] / 1048576, "{:.2f}"),
             f"{r['head_series']:,}",
-            f"{r['rss_end_kb'] / 1024:.0f} / {r['rss_max_kb'] / 1024:.0f}",
+            num(None if "rss_start_kb" not in r else r["rss_start_kb"] / 1024, "{:.0f}")
+            + f" → {r['rss_end_kb'] / 1024:.0f} / {r['rss_max_kb'] / 1024:.0f}",
             f"{r['cpu_pct']:.1f}",
             num(r.get("connected"), "{:,}"),
             f"{r['sessions_gauges']:,}" if "sessions_gauges" in r else "-",
@@ -523,7 +524,7 @@ def prometheus_lines(p: dict[str, Any]) -> list[str]:
         ])
     lines += _table(["metrics_histograms", "scrapes", "scrape s (median / max)",
                      "samples per scrape", "per account", "body MB", "series in head",
-                     "Prometheus RSS MB (end / max)", "Prometheus CPU %", "connected",
+                     "Prometheus RSS MB (start → end / max)", "Prometheus CPU %", "connected",
                      "sessions gauges", "load (median / max)"], rows)
     default = p["settings"].get(DaemonConfig.metrics_histograms)
     if default and default["body_bytes"] is not None and default["samples_per_scrape"]:
