@@ -379,3 +379,26 @@ async def test_updates_too_long_fetches_the_difference(alice, localdc, wait_unti
     localdc.push_raw(uid, bytes(types.UpdatesTooLong()))
     await wait_until(lambda: (local_update_pts(client) or 0) >= pts + 3, ANSWER, "caught up")
     assert _requests(localdc, uid, "updates.getDifference") > diffs
+
+
+async def test_user_migrate_skips_options_not_for_api_calls(make_config, login_account,
+                                                            localdc, wait_until):
+    """A real help.getConfig also lists media-only, CDN, obfuscated-only and IPv6 options
+    for a DC. Following a USER_MIGRATE, the account must land on an option for API calls
+    (Telethon's own choice is the first option with the DC's id)."""
+    localdc.world.config_decoys = True
+    config = make_config([{"name": "alice", "phone": phone_for("alice")}],
+                         daemon={"http_listen": ""})
+    uid = await login_account(config, "alice")
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: (s := daemon.board.get("alice")) is not None
+                         and s.state is State.CONNECTED, ANSWER, "connected")
+        localdc.inject(Fault("rpc_error", user_id=uid, method="users.getUsers",
+                             error="USER_MIGRATE_2", times=1))
+        localdc.drop_connections(user_id=uid)
+        await wait_until(lambda: (s := daemon.board.get("alice")) is not None
+                         and s.dc_id == 2 and s.state is State.CONNECTED, ANSWER, "on DC 2")
+        assert daemon.store is not None
+        stored = await daemon.store.load_session("alice")
+        assert stored is not None
+        assert (stored.dc_id, stored.port) == (2, localdc.addresses[2][1])
