@@ -209,6 +209,17 @@ class PaddedKeySender(MTProtoSender):  # type: ignore[misc]  # Telethon is untyp
             self.send_unawaited(self.first_request())
         return True
 
+    async def _disconnect(self, error: BaseException | None = None) -> None:
+        # A connection that dies on its own (the receive loop's error, a refused frame) ends
+        # with that error set on the future behind ``client.disconnected``, which only a
+        # ConnectionWatch awaits while one is watching. Unretrieved, asyncio reports it with
+        # a traceback whenever the cyclic collector frees the sender: an ERROR per dropped
+        # connection, and in a test session a CPython 3.11 SystemError (the report's
+        # traceback formatting re-enters ast.parse inside the parse the collection
+        # interrupted: "AST constructor recursion depth mismatch").
+        await super()._disconnect(error)
+        _retrieve(self._disconnected)
+
     def send(self, request: Any, ordered: bool = False) -> Any:
         # Acknowledgements travel with the request, in one container: Telethon queues them
         # only when its send loop comes round, i.e. *after* the next request, so every
