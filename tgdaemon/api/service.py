@@ -719,14 +719,14 @@ async def _pump(ws: web.WebSocketResponse, buffer: UpdateBuffer, sub: Subscriber
     last = upto if after is None else after
     if after is not None:
         async for event in buffer.backlog(sub.accounts, after, upto):
-            await _emit(ws, event.to_json(buffer.epoch), timeout)
+            await _emit(ws, _encode(event.to_json(buffer.epoch)), timeout)
         last = upto
-    await _emit(ws, {"type": "ready", "cursor": _cursor(buffer, last)}, timeout)
+    await _emit(ws, _encode({"type": "ready", "cursor": _cursor(buffer, last)}), timeout)
     reader = asyncio.create_task(_drain(ws), name="api-updates-reader")
     try:
         async for event in _until(sub, reader):
             if event.seq > last:
-                await _emit(ws, event.to_json(buffer.epoch), timeout)
+                await _emit(ws, buffer.encoder.encode(event, buffer.epoch), timeout)
                 last = event.seq
     finally:
         reader.cancel()
@@ -734,11 +734,15 @@ async def _pump(ws: web.WebSocketResponse, buffer: UpdateBuffer, sub: Subscriber
     return sub.overflowed
 
 
-async def _emit(ws: web.WebSocketResponse, data: dict[str, Any], timeout: float) -> None:
-    """One event out, within ``timeout``: a consumer that stopped reading holds no handler
-    (it resumes with its last cursor and misses nothing)."""
+def _encode(data: dict[str, Any]) -> bytes:
+    return json.dumps(data).encode()
+
+
+async def _emit(ws: web.WebSocketResponse, text: bytes, timeout: float) -> None:
+    """One event (UTF-8 JSON) out, within ``timeout``: a consumer that stopped reading holds
+    no handler (it resumes with its last cursor and misses nothing)."""
     async with asyncio.timeout(timeout):
-        await ws.send_str(json.dumps(data))
+        await ws.send_frame(text, WSMsgType.TEXT)
 
 
 def _cursor(buffer: UpdateBuffer, seq: int) -> str:
