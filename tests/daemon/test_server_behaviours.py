@@ -424,3 +424,38 @@ async def test_user_migrate_skips_options_not_for_api_calls(make_config, login_a
         stored = await daemon.store.load_session("alice")
         assert stored is not None
         assert (stored.dc_id, stored.port) == (2, localdc.addresses[2][1])
+
+
+async def test_difference_too_long_settles_and_keeps_heartbeating(make_config, login_account,
+                                                                  localdc, wait_until, caplog):
+    """More updates were missed than the server keeps: getDifference answers
+    differenceTooLong with only the new pts. The account takes that state (reporting what
+    was skipped), its heartbeats find no gap any more, and it stays on its connection
+    instead of reconnecting over an "update stall"."""
+    localdc.world.history.account._limit = 3  # the server keeps the last 3 account updates
+    config = make_config([{"name": "alice", "phone": phone_for("alice")}],
+                         daemon={"http_listen": ""}, policy={"heartbeat_interval": 0.3})
+    uid = await login_account(config, "alice")
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: (s := daemon.board.get("alice")) is not None
+                         and s.state is State.CONNECTED, ANSWER, "connected")
+        worker = daemon.supervisor.worker("alice") if daemon.supervisor else None
+        assert worker is not None
+        assert worker.client is not None
+        client = worker.client
+        await wait_until(lambda: local_update_pts(client) is not None, ANSWER, "state known")
+        muted = localdc.inject(Fault("mute_updates", user_id=uid))
+        for i in range(8):
+            localdc.push_update(uid, f"missed {i}")
+        localdc.clear(muted)
+        server_pts = localdc.store.users[uid].pts
+        await wait_until(lambda: local_update_pts(client) == server_pts, ANSWER, "settled")
+        assert "difference too long" in caplog.text
+        beats = _requests(localdc, uid, "updates.getState")
+        await wait_until(lambda: _requests(localdc, uid, "updates.getState") >= beats + 4,
+                         ANSWER, "four more heartbeats")
+        assert worker.client is client
+        assert client.is_connected()
+        reconnects = daemon.registry.get_sample_value("tgdaemon_reconnects_total",
+                                                      {"account": "alice"})
+        assert not reconnects
