@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -43,6 +44,7 @@ from tgdaemon.telegram import (
     shared_loggers,
     trust_server_keys,
 )
+from tgdaemon.updates import guard_unknown_objects
 
 #: What Telethon raises for a transport error frame (-404: the key is unknown).
 TRANSPORT_ERRORS = (te.AuthKeyNotFound, te.InvalidBufferError)
@@ -459,3 +461,33 @@ async def test_difference_too_long_settles_and_keeps_heartbeating(make_config, l
         reconnects = daemon.registry.get_sample_value("tgdaemon_reconnects_total",
                                                       {"account": "alice"})
         assert not reconnects
+
+
+# --------------------------------------------------------------------------- unknown objects
+
+SECRET_DIGITS = "99966123454321"
+
+
+def _unknown_updates() -> bytes:
+    """An ``updates`` whose one update has a constructor no layer knows, followed by digits
+    standing for what must never reach a log (a phone number, message text)."""
+    return (struct.pack("<IIi", 0x74AE4240, 0x1CB5C415, 1)
+            + struct.pack("<I", 0x0DDBA11) + SECRET_DIGITS.encode() + b"\x00" * 16)
+
+
+async def test_unknown_object_in_a_gzip_packed_message_is_skipped_quietly(
+        alice, localdc, wait_until, caplog):
+    """Telegram gzips larger messages. An object this Telethon cannot parse inside a
+    gzip_packed one is skipped and reported by constructor id only, as at the top level:
+    Telethon would log an ERROR with a traceback and the raw remainder (secrets)."""
+    client, uid = alice
+    seen: list[int] = []
+    guard_unknown_objects(client, seen.append)
+    await _connect(client, uid)
+    localdc.inject(Fault("gzip", user_id=uid, method=None))
+    localdc.push_raw(uid, _unknown_updates())
+    await wait_until(lambda: seen == [0x0DDBA11], ANSWER, "skipped and reported")
+    assert isinstance(await _call(client, GetStateRequest()), types.updates.State)
+    assert localdc.counters(user_id=uid)["emulated"]["gzip_update"] == 1
+    assert SECRET_DIGITS not in caplog.text
+    assert "Traceback" not in caplog.text
