@@ -50,6 +50,7 @@ from telethon.tl.types import (
     ServerDHInnerData,
     ServerDHParamsFail,
     ServerDHParamsOk,
+    UpdatesTooLong,
 )
 
 from tgdaemon.flag import Flag
@@ -201,8 +202,11 @@ class PaddedKeySender(MTProtoSender):  # type: ignore[misc]  # Telethon is untyp
     #: ``init_result`` is then the future of that request.
     init_query: Any = None
     init_result: asyncio.Future[Any] | None = None
+    #: new_session_created notices on the current connection (the first one is expected).
+    _new_sessions = 0
 
     async def connect(self, connection: Any) -> bool:
+        self._new_sessions = 0
         if not await super().connect(connection):
             return False
         if self.first_request is not None:  # queued ahead of the client's initConnection
@@ -253,6 +257,17 @@ class PaddedKeySender(MTProtoSender):  # type: ignore[misc]  # Telethon is untyp
                 ack.future.add_done_callback(_retrieve)
                 states.append(ack)
         return states
+
+    async def _handle_new_session_created(self, message: Any) -> None:
+        """Every connection opens a new session (Telethon picks a new session id) and the
+        connect catches up anyway. A second notice on the same connection means the server
+        lost the session, and the updates it held for it ("a gap in the stream of long poll
+        notifications", core.telegram.org/mtproto/service_messages): fetch the difference now,
+        as TDLib does, rather than when a later update or heartbeat reveals the gap."""
+        await super()._handle_new_session_created(message)
+        self._new_sessions += 1
+        if self._new_sessions > 1 and self._updates_queue is not None:
+            self._updates_queue.put_nowait(UpdatesTooLong())
 
     def send_unawaited(self, request: Any) -> None:
         """Queue ``request`` the way Telethon queues its own keep-alive ping: its answer is

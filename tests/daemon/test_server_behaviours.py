@@ -152,6 +152,28 @@ async def test_acks_in_a_rejected_container_are_sent_again(alice, localdc):
     assert localdc.unacked(uid) == 1
 
 
+async def test_new_session_mid_connection_fetches_what_the_lost_session_missed(
+        alice, localdc, wait_until):
+    """new_session_created in the middle of a connection means the server lost the session
+    and with it the updates it was to push ("a gap in the stream of long poll notifications",
+    core.telegram.org/mtproto/service_messages): the client fetches the difference then,
+    not only when a later update or heartbeat happens to reveal the gap."""
+    client, uid = alice
+    await _connect(client, uid)
+    first = _requests(localdc, uid, "updates.getDifference")
+    client.release_updates()
+    await wait_until(lambda: _requests(localdc, uid, "updates.getDifference") > first
+                     and local_update_pts(client) is not None, ANSWER, "first catch-up")
+    pts = local_update_pts(client) or 0
+    muted = localdc.inject(Fault("mute_updates", user_id=uid))  # lost with the old session
+    for i in range(2):
+        localdc.push_update(uid, f"lost {i}")
+    localdc.clear(muted)
+    localdc.inject(Fault("new_session", user_id=uid, times=1))
+    await _call(client, GetStateRequest())
+    await wait_until(lambda: (local_update_pts(client) or 0) >= pts + 2, ANSWER, "caught up")
+
+
 async def test_salt_change_on_the_first_packet_in_fleet_mode(alice, localdc):
     """Fleet mode sends ping_delay_disconnect first, in the same container as the validating
     initConnection: a stale salt rejects both, both are resent, the connect validates."""
@@ -379,3 +401,26 @@ async def test_updates_too_long_fetches_the_difference(alice, localdc, wait_unti
     localdc.push_raw(uid, bytes(types.UpdatesTooLong()))
     await wait_until(lambda: (local_update_pts(client) or 0) >= pts + 3, ANSWER, "caught up")
     assert _requests(localdc, uid, "updates.getDifference") > diffs
+
+
+async def test_user_migrate_skips_options_not_for_api_calls(make_config, login_account,
+                                                            localdc, wait_until):
+    """A real help.getConfig also lists media-only, CDN, obfuscated-only and IPv6 options
+    for a DC. Following a USER_MIGRATE, the account must land on an option for API calls
+    (Telethon's own choice is the first option with the DC's id)."""
+    localdc.world.config_decoys = True
+    config = make_config([{"name": "alice", "phone": phone_for("alice")}],
+                         daemon={"http_listen": ""})
+    uid = await login_account(config, "alice")
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: (s := daemon.board.get("alice")) is not None
+                         and s.state is State.CONNECTED, ANSWER, "connected")
+        localdc.inject(Fault("rpc_error", user_id=uid, method="users.getUsers",
+                             error="USER_MIGRATE_2", times=1))
+        localdc.drop_connections(user_id=uid)
+        await wait_until(lambda: (s := daemon.board.get("alice")) is not None
+                         and s.dc_id == 2 and s.state is State.CONNECTED, ANSWER, "on DC 2")
+        assert daemon.store is not None
+        stored = await daemon.store.load_session("alice")
+        assert stored is not None
+        assert (stored.dc_id, stored.port) == (2, localdc.addresses[2][1])
