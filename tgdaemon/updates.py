@@ -19,9 +19,9 @@ channels announced by ``updateChannelTooLong`` (or whose pts jumps) get
   without that log and reports only the constructor id; the connection stays up, and the
   updates it carried are fetched again by the gap logic (``getDifference``). Inside a
   container only the unknown message is dropped (the answer and updates packed with it are
-  handled); inside a gzip_packed one, the same (:class:`tgdaemon.handshake.PaddedKeySender`). A difference
-  that itself holds such an object would make Telethon disconnect and retry on every
-  reconnect: :func:`step_past_unknown` skips exactly that update instead.
+  handled); inside a gzip_packed one, the same (:class:`tgdaemon.handshake.PaddedKeySender`).
+  A difference that itself holds such an object would make Telethon disconnect and retry on
+  every reconnect: :func:`step_past_unknown` skips exactly that update instead.
 
 Private Telethon internals read here (1.45): ``client._message_box``,
 ``MessageBox.getting_diff_for``/``map``, ``client._sender._state.decrypt_message_data``.
