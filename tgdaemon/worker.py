@@ -116,7 +116,8 @@ class AccountWorker:
         #: Monotonic time of the first failure of that streak (how long it has persisted).
         self._failing_since = 0.0
         #: Fleet mode: the lease on this account's connection.
-        self._lease = None if deps.lease is None else ConnectionLease(deps.lease, self.name)
+        self._lease = None if deps.lease is None else ConnectionLease(deps.lease, self.name,
+                                                                       deps.monotonic)
         #: The way to the server (created with the session: it moves the session's address).
         self._route: AccountRoute | None = None
         self._catch_ups = 0
@@ -386,6 +387,8 @@ class AccountWorker:
             self._raise_reported()
             interval = self.policy.heartbeat_interval
             due = began + heartbeat_delay(interval, self.deps.rng)
+            if self._lease is not None:  # soon enough to re-arm the server's deadline
+                due = self._lease.heartbeat_due(began, due, interval)
             remaining = due - self.deps.monotonic()
             if remaining <= 0 or await self._watch.sleep(remaining, self.client,
                                                          heartbeat_tick(interval)):
