@@ -458,7 +458,8 @@ class LocalDC:
     def counters(self, dc_id: int | None = None, user_id: int | None = None) -> dict[str, Any]:
         """Summed counters; method counts are under ``"requests"`` keyed by TL name
         (``"users.getUsers"``, ``"ping"``, ``"req_pq_multi"``); ``"packets"`` counts the
-        encrypted packets received (a container of several messages is one)."""
+        encrypted packets received (a container of several messages is one); ``"emulated"``
+        how often each real-server fault kind (``"salt_change"``, ``"gzip"``...) acted."""
         total: Counter[str] = Counter()
         for (d, u), c in self._counts.items():
             if (dc_id is None or d == dc_id) and (user_id is None or u == user_id):
@@ -469,13 +470,20 @@ class LocalDC:
             "requests_during_flood_wait", "flood_waits_resumed",
             "updates_muted", "auth_key_duplicated", "packets", "deadline_closes")}
         requests: dict[str, int] = {}
+        emulated: dict[str, int] = {}
         for k, v in total.items():
             if k.startswith("req:"):
                 requests[k[4:]] = v
+            elif k.startswith("emulated:"):
+                emulated[k[9:]] = v
             else:
                 out[k] = v
         out["requests"] = requests
+        out["emulated"] = emulated
         return out
+
+    def _emulated(self, conn: _Conn, kind: str) -> None:
+        self._count(conn.dc_id, self._conn_user(conn), "emulated:" + kind)
 
     def connection_count(self, dc_id: int | None = None) -> int:
         return sum(1 for c in self._conns if dc_id is None or c.dc_id == dc_id)
@@ -531,7 +539,11 @@ class LocalDC:
             assert conn.key_id is not None  # a connection with a session has a key
             rec = self.store.auth_keys[conn.key_id]
             self._count(conn.dc_id, user_id, "updates_pushed")
-            self._send_encrypted(conn, rec, body, content_related=True, response=False)
+            packed = body
+            if self.faults.match("gzip", scope, SERVICE):
+                self._emulated(conn, "gzip_update")
+                packed = bytes(GzipPacked(body))
+            self._send_encrypted(conn, rec, packed, content_related=True, response=False)
 
     def _push_key(self, key_id: int, updates: tl.TypeUpdates) -> None:
         body = bytes(updates)
@@ -610,6 +622,13 @@ class LocalDC:
                 self._count(conn.dc_id, scope.user_id, "connections_refused")
                 conn.reset()
                 return
+        error = self.faults.match("transport_error", self._scope(conn))
+        if error is not None:
+            assert error.code is not None  # Fault requires one for transport_error
+            self._emulated(conn, "transport_error")
+            conn.write(struct.pack("<i", -error.code))
+            conn.writer.close()  # graceful: the error frame goes out first
+            return
         try:
             plain = decrypt_client_message(rec.key, payload)
         except ValueError:
@@ -623,7 +642,14 @@ class LocalDC:
         body = plain[32:32 + length]
         # A stall on everything (method=None) also silences service messages; the requests
         # themselves are then stalled (and the fault's shots used up) in _on_request.
-        silent = self.faults.match("stall", self._scope(conn), SERVICE, consume=False)
+        scope = self._scope(conn)
+        silent = self.faults.match("stall", scope, SERVICE, consume=False)
+        if self.faults.match("new_session", scope) is not None:
+            self._emulated(conn, "new_session")
+            conn.session_id = None  # as if the server had restarted: a new session follows
+        if self.faults.match("salt_change", scope) is not None:
+            self._emulated(conn, "salt_change")
+            conn.salt = struct.unpack("<q", os.urandom(8))[0]  # this packet's salt is now stale
         if conn.session_id != session_id:
             conn.session_id = session_id
             conn.seq = 0
@@ -714,16 +740,26 @@ class LocalDC:
         scope = self._admit(conn, names)
         if scope is None:
             return
+        bad = self.faults.match("bad_msg", scope, names)
+        if bad is not None:
+            assert bad.code is not None  # Fault requires one for bad_msg
+            self._emulated(conn, "bad_msg")
+            self._send_encrypted(conn, rec, bytes(tl.BadMsgNotification(
+                bad_msg_id=msg_id, bad_msg_seqno=0, error_code=bad.code)),
+                content_related=False, response=True)
+            return
         delay = self._latency(scope, names)
         if rec.key_id in self.key_use.duplicated:
             # Like Telegram: the key was used concurrently and is invalidated for good.
             self._count(conn.dc_id, scope.user_id, "auth_key_duplicated")
-            self._reply(conn, rec, msg_id, bytes(tl.RpcError(406, "AUTH_KEY_DUPLICATED")), delay)
+            self._reply(conn, rec, msg_id, bytes(tl.RpcError(406, "AUTH_KEY_DUPLICATED")), delay,
+                        names)
             return
         left = 0 if scope.user_id is None else self._flooded(conn.dc_id, scope.user_id, names)
         if left:
             # Like Telegram: the method stays refused until the deadline, with the time left.
-            self._reply(conn, rec, msg_id, bytes(tl.RpcError(420, f"FLOOD_WAIT_{left}")), delay)
+            self._reply(conn, rec, msg_id, bytes(tl.RpcError(420, f"FLOOD_WAIT_{left}")), delay,
+                        names)
             return
         fault = self.faults.match("rpc_error", scope, names)
         if fault is not None:
@@ -744,7 +780,7 @@ class LocalDC:
             except Exception:
                 log.exception("localdc: handler for %s failed", names.tl)
                 result = bytes(tl.RpcError(500, "INTERNAL"))
-        self._reply(conn, rec, msg_id, result, delay)
+        self._reply(conn, rec, msg_id, result, delay, names)
 
     def _flooded(self, dc_id: int, user_id: int, names: MethodNames) -> int:
         """Seconds left of this user's flood wait if ``names`` is the refused method, else 0.
@@ -764,9 +800,31 @@ class LocalDC:
         return math.ceil(left) if method == names.tl else 0
 
     def _reply(self, conn: _Conn, rec: AuthKeyRecord, msg_id: int, result: bytes,
-               delay: float = 0.0) -> None:
+               delay: float = 0.0, names: MethodNames | None = None) -> None:
+        scope = self._scope(conn)
+        if names is not None and self.faults.match("gzip", scope, names):
+            self._emulated(conn, "gzip")
+            result = bytes(GzipPacked(result))
         body = struct.pack("<Iq", RPC_RESULT, msg_id) + result
+        if names is not None and self.faults.match("bundle", scope, names):
+            self._emulated(conn, "bundle")
+            self._send_container(conn, rec, [(bytes(tl.MsgsAck([msg_id])), False, False),
+                                             (body, True, True)], delay)
+            return
         self._send_encrypted(conn, rec, body, content_related=True, response=True, delay=delay)
+
+    def _send_container(self, conn: _Conn, rec: AuthKeyRecord,
+                        parts: list[tuple[bytes, bool, bool]], delay: float = 0.0) -> None:
+        """``parts`` (body, content related, response) in one ``msg_container``, each with
+        its own msg_id and seqno, lower than the container's."""
+        skew = self._skew(self._scope(conn))
+        inner = b"".join(
+            struct.pack("<qii", conn.next_msg_id(response, skew), conn.next_seq(related),
+                        len(part)) + part
+            for part, related, response in parts)
+        body = struct.pack("<Ii", MSG_CONTAINER, len(parts)) + inner
+        self._send_encrypted(conn, rec, body, content_related=False, response=False,
+                             delay=delay)
 
     def _latency(self, scope: Scope, names: MethodNames) -> float:
         fault = self.faults.match("latency", scope, names)
