@@ -361,6 +361,9 @@ def run(args: argparse.Namespace, work: Path, out: dict[str, Any]) -> None:
     finally:
         if "write_lock" not in out:  # failed before the idle window: how the lock fared
             _write_lock(fleets, out)
+        with contextlib.suppress(OSError):
+            out["deadline_closes_total"] = _deadline_closes(dcs)
+        out["loop_lag_max_s"] = {}
         # All at once (one by one, the last ones would claim what the others release), and
         # one SIGTERM each: a second one during the stop ends a daemon without its timeline.
         stopping = [i for i, f in fleets.items() if f.proc.poll() is None]
@@ -373,6 +376,7 @@ def run(args: argparse.Namespace, work: Path, out: dict[str, Any]) -> None:
                     f.proc.wait(90)
                 timeline = f.stop()  # reads the timeline (signals only one still running)
                 lags = timeline.get("loop_lag", [])
+                out["loop_lag_max_s"][i] = max((lag for _t, lag in lags), default=0.0)
                 if "instances" in out and i in out["instances"]:
                     out["instances"][i]["loop_lag_max_s"] = max(
                         (lag for _t, lag in lags), default=0.0)
@@ -554,6 +558,12 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         lines += [f"> {note}", ""]
     if "error" in results:
         lines += [f"**Run failed:** {results['error']}", ""]
+    if "deadline_closes_total" in r:
+        lags = r.get("loop_lag_max_s", {})
+        lines += ["Whole run: connections closed by a server's `ping_delay_disconnect` deadline "
+                  f"**{r['deadline_closes_total']:,}**; largest event-loop lag per instance "
+                  "that stopped cleanly: " + (", ".join(
+                      f"{i} {v:.2f} s" for i, v in sorted(lags.items())) or "-") + ".", ""]
     if "connect_s" in r:
         owned = r.get("owned_at_connect", {})
         first = r.get("first_connected_s")
