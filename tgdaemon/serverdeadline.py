@@ -3,7 +3,7 @@
 Several daemons share the fleet; an account's session may be used only while this daemon
 holds its lease. The worker checks the lease before it connects and again once connected (the
 lease may lapse meanwhile), and keeps the server's ``ping_delay_disconnect`` armed to the
-lease's local deadline, sent first on every connection and re-armed after each heartbeat: a
+lease's local deadline, sent first on every connection and re-armed with each heartbeat: a
 paused or cut-off process cannot close its own connections, so the server closes them before
 the next owner connects.
 
@@ -36,6 +36,12 @@ class ConnectionLease:
         #: When the server's deadline last sent passes (local clock; the server's timer starts
         #: when the ping arrives, so it passes no sooner there).
         self.armed_until = float("inf")
+
+    @classmethod
+    def of(cls, gate: LeaseGate | None, name: str, monotonic: Callable[[], float]
+           ) -> ConnectionLease | None:
+        """The account's lease in fleet mode (``gate``), None for a single daemon."""
+        return None if gate is None else cls(gate, name, monotonic)
 
     def check(self) -> None:
         """Raise :class:`LeaseLostError` unless this daemon may use the session now."""
