@@ -254,7 +254,9 @@ DIFFERENCE_REQUESTS = (functions.updates.GetDifferenceRequest,
 def guard_unknown_objects(client: Any, on_unknown: Callable[[int], None]) -> None:
     """Drop server messages whose constructor this Telethon does not know, reporting only the
     constructor id (Telethon would log the raw remainder, secrets included). The sender keeps
-    the connection: a dropped message is one Telethon would have dropped too."""
+    the connection: a dropped message is one Telethon would have dropped too. The same
+    inside a gzip_packed message (:class:`tgdaemon.handshake.PaddedKeySender`)."""
+    client._sender.on_unknown_object = on_unknown
     state = client._sender._state
     decrypt = state.decrypt_message_data
 

@@ -14,7 +14,10 @@ bad_msg_notification (#notice-of-ignored-error-message), transport errors
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import struct
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -25,11 +28,13 @@ from telethon.tl.functions.updates import GetStateRequest
 from tests.conftest import phone_for
 from tgdaemon.connection import CappedMTProxyIntermediate, CappedMTProxyPadded, CappedTcpFull
 from tgdaemon.crypto import load_keyring
+from tgdaemon.daemon import Daemon
 from tgdaemon.errors import classify
 from tgdaemon.lifecycle import Category
 from tgdaemon.localdc import transport
 from tgdaemon.localdc.faults import Fault
-from tgdaemon.rekey import memory_session
+from tgdaemon.session import StoreSession
+from tgdaemon.status import State
 from tgdaemon.store import Store
 from tgdaemon.telegram import (
     ManagedClient,
@@ -39,6 +44,7 @@ from tgdaemon.telegram import (
     shared_loggers,
     trust_server_keys,
 )
+from tgdaemon.updates import guard_unknown_objects
 
 #: What Telethon raises for a transport error frame (-404: the key is unknown).
 TRANSPORT_ERRORS = (te.AuthKeyNotFound, te.InvalidBufferError)
@@ -46,18 +52,25 @@ TRANSPORT_ERRORS = (te.AuthKeyNotFound, te.InvalidBufferError)
 ANSWER = 15.0
 
 
-async def _daemon_client(make_config, login_account) -> tuple[ManagedClient, int]:
-    """A logged-in account's client built as the daemon builds it (no keep-alive ping)."""
+@contextlib.asynccontextmanager
+async def _daemon_client(make_config, login_account) -> AsyncIterator[tuple[ManagedClient, int]]:
+    """A logged-in account's client built as the worker builds it: the daemon's client
+    class (no keep-alive ping) on the account's stored session (its update state loaded, so
+    connect() makes no extra round trip)."""
     config = make_config([{"name": "alice", "phone": phone_for("alice")}])
     uid = await login_account(config, "alice")
     ring = load_keyring(key_file=config.daemon.master_key_file)
     async with await Store.open(config.daemon.state_dir, ring) as store:
         data = await store.load_session("alice")
-    assert data is not None
-    trust_server_keys(config)
-    client = build_client(client_class(keepalive_ping=False),
-                          memory_session(data, with_key=True), config, config.account("alice"))
-    return client, uid
+        assert data is not None
+        trust_server_keys(config)
+        client = build_client(client_class(keepalive_ping=False),
+                              StoreSession(store, "alice", data), config,
+                              config.account("alice"))
+        try:
+            yield client, uid
+        finally:
+            await client.disconnect()
 
 
 async def _call(client: ManagedClient, request: Any) -> Any:
@@ -79,11 +92,8 @@ def _requests(localdc, uid: int, method: str) -> int:
 
 @pytest.fixture
 async def alice(make_config, login_account):
-    client, uid = await _daemon_client(make_config, login_account)
-    try:
-        yield client, uid
-    finally:
-        await client.disconnect()
+    async with _daemon_client(make_config, login_account) as pair:
+        yield pair
 
 
 async def test_answers_in_containers_with_acks_and_gzip(alice, localdc, wait_until):
@@ -125,6 +135,45 @@ async def test_salt_change_or_new_session_mid_session(alice, localdc, wait_until
     pts = local_update_pts(client) or 0
     localdc.push_update(uid, "after the " + kind)
     await wait_until(lambda: (local_update_pts(client) or 0) > pts, ANSWER, "update seen")
+
+
+async def test_acks_in_a_rejected_container_are_sent_again(alice, localdc):
+    """The daemon's acknowledgements always ride in a request's container, so a
+    bad_server_salt (salts expire: every salt change) rejects them with the request. MTProto
+    asks the client to acknowledge every content-related message: the acks go out again
+    with the request, and the server is left holding only the latest answer."""
+    client, uid = alice
+    await _connect(client, uid)
+    for _ in range(2):
+        await _call(client, GetStateRequest())
+    assert localdc.unacked(uid) == 1  # the last answer: its ack waits for the next request
+    localdc.inject(Fault("salt_change", user_id=uid, times=1))
+    for _ in range(2):
+        await _call(client, GetStateRequest())
+    assert localdc.counters(user_id=uid)["emulated"] == {"salt_change": 1}
+    assert localdc.unacked(uid) == 1
+
+
+async def test_new_session_mid_connection_fetches_what_the_lost_session_missed(
+        alice, localdc, wait_until):
+    """new_session_created in the middle of a connection means the server lost the session
+    and with it the updates it was to push ("a gap in the stream of long poll notifications",
+    core.telegram.org/mtproto/service_messages): the client fetches the difference then,
+    not only when a later update or heartbeat happens to reveal the gap."""
+    client, uid = alice
+    await _connect(client, uid)
+    first = _requests(localdc, uid, "updates.getDifference")
+    client.release_updates()
+    await wait_until(lambda: _requests(localdc, uid, "updates.getDifference") > first
+                     and local_update_pts(client) is not None, ANSWER, "first catch-up")
+    pts = local_update_pts(client) or 0
+    muted = localdc.inject(Fault("mute_updates", user_id=uid))  # lost with the old session
+    for i in range(2):
+        localdc.push_update(uid, f"lost {i}")
+    localdc.clear(muted)
+    localdc.inject(Fault("new_session", user_id=uid, times=1))
+    await _call(client, GetStateRequest())
+    await wait_until(lambda: (local_update_pts(client) or 0) >= pts + 2, ANSWER, "caught up")
 
 
 async def test_salt_change_on_the_first_packet_in_fleet_mode(alice, localdc):
@@ -178,6 +227,31 @@ async def test_update_while_a_request_is_in_flight(alice, localdc, wait_until):
     await wait_until(lambda: (local_update_pts(client) or 0) > pts, ANSWER, "update seen")
     assert not call.done()  # the update came first
     assert isinstance(await call, types.updates.State)
+
+
+@pytest.mark.parametrize(("error", "code", "category"), [
+    ("RPC_CALL_FAIL", 500, Category.SERVER),
+    ("Timeout", -503, Category.SERVER),
+    ("FLOOD_WAIT_5", 420, Category.FLOOD_WAIT),
+])
+async def test_rpc_error_answering_the_validating_init(alice, localdc, error, code, category):
+    """The initConnection that opens a connection carries users.getUsers([self]); an
+    rpc_error answered to it leaves the connection up and initialised (Telethon's connect
+    completes, its update loop runs) and reaches the worker from ``validated()``."""
+    client, uid = alice
+    localdc.inject(Fault("rpc_error", user_id=uid, method="users.getUsers", error=error,
+                         code=code, times=1))
+    before = _requests(localdc, uid, "users.getUsers")
+    async with asyncio.timeout(ANSWER):
+        await client.connect(validate=True)
+    assert _requests(localdc, uid, "users.getUsers") == before + 1  # no second try inside
+    with pytest.raises(te.RPCError) as info:
+        client.validated()
+    assert classify(info.value).category is category
+    assert client.is_connected()
+    assert client._updates_handle is not None  # connect() ran to its end
+    # The connection serves requests (another method: a flood wait is per method).
+    assert isinstance(await _call(client, GetStateRequest()), types.updates.State)
 
 
 @pytest.mark.parametrize(("code", "category", "expected"), [
@@ -265,3 +339,155 @@ async def test_frames_split_at_every_byte_boundary(kind):
                 assert not recv.done(), f"{kind}: a frame returned after {i + 1} bytes"
         async with asyncio.timeout(ANSWER):
             assert await recv == payload
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+async def test_connection_not_inited_reconnects_with_a_fresh_init(make_config, login_account,
+                                                                   localdc, wait_until):
+    """A server that lost the connection's initConnection (a session it restarted; an
+    independent server that keeps it per session) answers 400 CONNECTION_NOT_INITED. That is
+    no bug of the request: a new connection, which sends initConnection first, cures it. The
+    account must come back, not be stopped as a client error."""
+    config = make_config([{"name": "alice", "phone": phone_for("alice")}],
+                         daemon={"http_listen": ""})
+    uid = await login_account(config, "alice")
+
+    def state() -> State | None:
+        status = daemon.board.get("alice")
+        return None if status is None else status.state
+
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: state() is State.CONNECTED, ANSWER, "connected")
+        connections = localdc.counters(user_id=uid)["connections"]
+        localdc.inject(Fault("rpc_error", user_id=uid, method="updates.getState",
+                             error="CONNECTION_NOT_INITED", code=400, times=1))
+        await wait_until(lambda: localdc.counters(user_id=uid)["connections"] > connections,
+                         ANSWER, "a new connection")
+        await wait_until(lambda: state() is State.CONNECTED, ANSWER, "connected again")
+        errors = daemon.registry.get_sample_value(
+            "tgdaemon_errors_total", {"account": "alice", "category": "server"})
+        assert errors == 1  # retried as a server-side condition, not stopped as a client bug
+
+
+@pytest.mark.parametrize("skew", [60, -400])
+async def test_host_clock_behind_or_ahead_of_the_server(alice, localdc, skew):
+    """The host's clock is off from the server's beyond Telethon's window for server msg_ids
+    (30 s ahead, 300 s behind), and a stored key means no key exchange to learn the server's
+    time from. A new client starts with salt 0, so the server's first answer is a
+    bad_server_salt, exempt from the window: Telethon takes the server's time from it, and
+    the connection works."""
+    client, uid = alice
+    localdc.inject(Fault("clock_skew", seconds=skew))
+    await _connect(client, uid)
+    assert abs(client._sender._state.time_offset - skew) <= 2
+    assert isinstance(await _call(client, GetStateRequest()), types.updates.State)
+
+
+async def test_updates_too_long_fetches_the_difference(alice, localdc, wait_until):
+    """Telegram sends updatesTooLong when there are too many updates to push: the client
+    must fetch them with getDifference (nothing else tells it they exist)."""
+    client, uid = alice
+    await _connect(client, uid)
+    first = _requests(localdc, uid, "updates.getDifference")
+    client.release_updates()  # the update loop starts with a catch-up: let it finish
+    await wait_until(lambda: _requests(localdc, uid, "updates.getDifference") > first
+                     and local_update_pts(client) is not None, ANSWER, "first catch-up")
+    pts = local_update_pts(client) or 0
+    muted = localdc.inject(Fault("mute_updates", user_id=uid))
+    for i in range(3):
+        localdc.push_update(uid, f"not pushed {i}")
+    localdc.clear(muted)
+    diffs = _requests(localdc, uid, "updates.getDifference")
+    localdc.push_raw(uid, bytes(types.UpdatesTooLong()))
+    await wait_until(lambda: (local_update_pts(client) or 0) >= pts + 3, ANSWER, "caught up")
+    assert _requests(localdc, uid, "updates.getDifference") > diffs
+
+
+async def test_user_migrate_skips_options_not_for_api_calls(make_config, login_account,
+                                                            localdc, wait_until):
+    """A real help.getConfig also lists media-only, CDN, obfuscated-only and IPv6 options
+    for a DC. Following a USER_MIGRATE, the account must land on an option for API calls
+    (Telethon's own choice is the first option with the DC's id)."""
+    localdc.world.config_decoys = True
+    config = make_config([{"name": "alice", "phone": phone_for("alice")}],
+                         daemon={"http_listen": ""})
+    uid = await login_account(config, "alice")
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: (s := daemon.board.get("alice")) is not None
+                         and s.state is State.CONNECTED, ANSWER, "connected")
+        localdc.inject(Fault("rpc_error", user_id=uid, method="users.getUsers",
+                             error="USER_MIGRATE_2", times=1))
+        localdc.drop_connections(user_id=uid)
+        await wait_until(lambda: (s := daemon.board.get("alice")) is not None
+                         and s.dc_id == 2 and s.state is State.CONNECTED, ANSWER, "on DC 2")
+        assert daemon.store is not None
+        stored = await daemon.store.load_session("alice")
+        assert stored is not None
+        assert (stored.dc_id, stored.port) == (2, localdc.addresses[2][1])
+
+
+async def test_difference_too_long_settles_and_keeps_heartbeating(make_config, login_account,
+                                                                  localdc, wait_until, caplog):
+    """More updates were missed than the server keeps: getDifference answers
+    differenceTooLong with only the new pts. The account takes that state (reporting what
+    was skipped), its heartbeats find no gap any more, and it stays on its connection
+    instead of reconnecting over an "update stall"."""
+    localdc.world.history.account._limit = 3  # the server keeps the last 3 account updates
+    config = make_config([{"name": "alice", "phone": phone_for("alice")}],
+                         daemon={"http_listen": ""}, policy={"heartbeat_interval": 0.3})
+    uid = await login_account(config, "alice")
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: (s := daemon.board.get("alice")) is not None
+                         and s.state is State.CONNECTED, ANSWER, "connected")
+        worker = daemon.supervisor.worker("alice") if daemon.supervisor else None
+        assert worker is not None
+        assert worker.client is not None
+        client = worker.client
+        await wait_until(lambda: local_update_pts(client) is not None, ANSWER, "state known")
+        muted = localdc.inject(Fault("mute_updates", user_id=uid))
+        for i in range(8):
+            localdc.push_update(uid, f"missed {i}")
+        localdc.clear(muted)
+        server_pts = localdc.store.users[uid].pts
+        await wait_until(lambda: local_update_pts(client) == server_pts, ANSWER, "settled")
+        assert "difference too long" in caplog.text
+        beats = _requests(localdc, uid, "updates.getState")
+        await wait_until(lambda: _requests(localdc, uid, "updates.getState") >= beats + 4,
+                         ANSWER, "four more heartbeats")
+        assert worker.client is client
+        assert client.is_connected()
+        reconnects = daemon.registry.get_sample_value("tgdaemon_reconnects_total",
+                                                      {"account": "alice"})
+        assert not reconnects
+
+
+# --------------------------------------------------------------------------- unknown objects
+
+SECRET_DIGITS = "99966123454321"
+
+
+def _unknown_updates() -> bytes:
+    """An ``updates`` whose one update has a constructor no layer knows, followed by digits
+    standing for what must never reach a log (a phone number, message text)."""
+    return (struct.pack("<IIi", 0x74AE4240, 0x1CB5C415, 1)
+            + struct.pack("<I", 0x0DDBA11) + SECRET_DIGITS.encode() + b"\x00" * 16)
+
+
+async def test_unknown_object_in_a_gzip_packed_message_is_skipped_quietly(
+        alice, localdc, wait_until, caplog):
+    """Telegram gzips larger messages. An object this Telethon cannot parse inside a
+    gzip_packed one is skipped and reported by constructor id only, as at the top level:
+    Telethon would log an ERROR with a traceback and the raw remainder (secrets)."""
+    client, uid = alice
+    seen: list[int] = []
+    guard_unknown_objects(client, seen.append)
+    await _connect(client, uid)
+    localdc.inject(Fault("gzip", user_id=uid, method=None))
+    localdc.push_raw(uid, _unknown_updates())
+    await wait_until(lambda: seen == [0x0DDBA11], ANSWER, "skipped and reported")
+    assert isinstance(await _call(client, GetStateRequest()), types.updates.State)
+    assert localdc.counters(user_id=uid)["emulated"]["gzip_update"] == 1
+    assert SECRET_DIGITS not in caplog.text
+    assert "Traceback" not in caplog.text

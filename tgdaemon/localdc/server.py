@@ -82,6 +82,9 @@ _WRAPPERS = (
 _HANDSHAKE = (fn.ReqPqMultiRequest, fn.ReqPqRequest, fn.ReqDHParamsRequest,
               fn.SetClientDHParamsRequest)
 _WRITE_BUFFER_LIMIT = 8 * 1024 * 1024
+#: Content-related messages a connection remembers as sent and not yet acknowledged (oldest
+#: forgotten first): enough to see a client that loses acknowledgements.
+UNACKED_LIMIT = 256
 
 
 def _salt_for(key: bytes) -> int:
@@ -105,7 +108,7 @@ class _Conn:
     """One client TCP connection and its MTProto session state."""
 
     __slots__ = ("codec", "dc_id", "handshake", "key_id", "last_msg_id", "peer", "ping_timer",
-                 "salt", "seq", "session_id", "task", "via", "writer")
+                 "salt", "seq", "session_id", "task", "unacked", "via", "writer")
 
     def __init__(self, dc_id: int, writer: asyncio.StreamWriter, via: str = "dc") -> None:
         self.dc_id = dc_id
@@ -122,6 +125,8 @@ class _Conn:
         self.last_msg_id = 0
         self.ping_timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
+        #: msg_ids of content-related messages sent in this session, not yet acknowledged.
+        self.unacked: dict[int, None] = {}
 
     def __repr__(self) -> str:
         return f"<localdc conn dc={self.dc_id} key={self.key_id}>"
@@ -133,6 +138,11 @@ class _Conn:
             mid = (self.last_msg_id & ~3) + 4 | (1 if response else 3)
         self.last_msg_id = mid
         return mid
+
+    def sent(self, msg_id: int) -> None:
+        self.unacked[msg_id] = None
+        if len(self.unacked) > UNACKED_LIMIT:
+            del self.unacked[next(iter(self.unacked))]
 
     def next_seq(self, content_related: bool) -> int:
         if content_related:
@@ -485,6 +495,11 @@ class LocalDC:
     def _emulated(self, conn: _Conn, kind: str) -> None:
         self._count(conn.dc_id, self._conn_user(conn), "emulated:" + kind)
 
+    def unacked(self, user_id: int) -> int:
+        """Content-related messages sent to ``user_id``'s live sessions and not acknowledged
+        (MTProto asks a client to acknowledge every one; a lost ack leaves one here)."""
+        return sum(len(c.unacked) for c in list(self._conns) if self._conn_user(c) == user_id)
+
     def connection_count(self, dc_id: int | None = None) -> int:
         return sum(1 for c in self._conns if dc_id is None or c.dc_id == dc_id)
 
@@ -653,6 +668,7 @@ class LocalDC:
         if conn.session_id != session_id:
             conn.session_id = session_id
             conn.seq = 0
+            conn.unacked.clear()
             if self.key_use.session(conn, key_id, session_id) and \
                     key_id not in self._duplicate_logged:
                 self._duplicate_logged.add(key_id)
@@ -684,6 +700,8 @@ class LocalDC:
             self._on_message(conn, rec, msg_id, data)
             return
         if cid == MSGS_ACK:
+            for acked in BinaryReader(body).tgread_object().msg_ids:
+                conn.unacked.pop(acked, None)
             return
         try:
             obj = BinaryReader(body).tgread_object()
@@ -818,10 +836,12 @@ class LocalDC:
         """``parts`` (body, content related, response) in one ``msg_container``, each with
         its own msg_id and seqno, lower than the container's."""
         skew = self._skew(self._scope(conn))
-        inner = b"".join(
-            struct.pack("<qii", conn.next_msg_id(response, skew), conn.next_seq(related),
-                        len(part)) + part
-            for part, related, response in parts)
+        inner = b""
+        for part, related, response in parts:
+            inner_id = conn.next_msg_id(response, skew)
+            if related:
+                conn.sent(inner_id)
+            inner += struct.pack("<qii", inner_id, conn.next_seq(related), len(part)) + part
         body = struct.pack("<Ii", MSG_CONTAINER, len(parts)) + inner
         self._send_encrypted(conn, rec, body, content_related=False, response=False,
                              delay=delay)
@@ -837,6 +857,8 @@ class LocalDC:
     def _send_encrypted(self, conn: _Conn, rec: AuthKeyRecord, body: bytes, *,
                         content_related: bool, response: bool, delay: float = 0.0) -> None:
         msg_id = conn.next_msg_id(response, self._skew(self._scope(conn)))
+        if content_related:
+            conn.sent(msg_id)
         plain = struct.pack("<qqqii", conn.salt, conn.session_id or 0, msg_id,
                             conn.next_seq(content_related), len(body)) + body
         conn.write(encrypt_server_message(rec.key, rec.key_id, plain), delay)
