@@ -68,7 +68,7 @@ class AccountClient:
             if isinstance(exc, TimeoutError):
                 # A connect that hung leaves Telethon's sender in an unknown state: abandon
                 # this client object, build a fresh one next time.
-                self.current = None
+                self.drop()
             raise
 
     async def close(self) -> None:
@@ -84,4 +84,11 @@ class AccountClient:
             name = self._account.name
             _close_log.warning("client did not close cleanly (%s); replacing it: %s",
                                type(exc).__name__, name, extra={"account": name})
-            self.current = None
+            self.drop()
+
+    def drop(self) -> None:
+        """Let go of the current client: the reaper finishes what its close left undone and
+        frees it (tgdaemon.reaper); the next connect builds a fresh one."""
+        client, self.current = self.current, None
+        if client is not None:
+            self._deps.reaper.take(client)

@@ -6,7 +6,8 @@ Connect, validate, heartbeat; on every failure ask :mod:`tgdaemon.lifecycle` wha
 :class:`~tgdaemon.reporter.AccountReporter`, never here. Parked accounts end their task and
 hold no connection: a revoked account costs nothing and sends nothing. Its client object (build,
 bounded connect and close), its route (and failover), its deliberate waits and its lease are
-their own modules: accountclient, route, progress, serverdeadline.
+their own modules: accountclient, route, progress, serverdeadline; so is its watch over the
+connection's update stream (updategap).
 """
 
 from __future__ import annotations
@@ -37,13 +38,15 @@ from tgdaemon.lifecycle import (
 from tgdaemon.plugins import Plugins
 from tgdaemon.progress import Progress
 from tgdaemon.reachability import Reachability
+from tgdaemon.reaper import Reaper
 from tgdaemon.route import AccountRoute
 from tgdaemon.serverdeadline import ConnectionLease
 from tgdaemon.session import StoreSession
 from tgdaemon.status import UserInfo
 from tgdaemon.store import DeviceInfo
 from tgdaemon.tasks import raise_if_cancelled
-from tgdaemon.telegram import ManagedClient, local_update_pts
+from tgdaemon.telegram import ManagedClient
+from tgdaemon.updategap import UpdateGaps
 from tgdaemon.watch import AuthorizationWatch
 from tgdaemon.wheel import TimerWheel
 
@@ -57,10 +60,6 @@ if TYPE_CHECKING:
 #: Seconds between two runs of the client's housekeeping (``ManagedClient.keep_house``), the
 #: period of the Telethon keep-alive loop it replaces.
 HOUSEKEEPING_INTERVAL = 60.0
-
-
-class UpdateStallError(ConnectionError):
-    """Updates stopped arriving although the connection answers: reconnect (a NETWORK fault)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +83,8 @@ class WorkerDeps:
     reachability: Reachability = field(default_factory=Reachability)
     #: The heartbeat waits' shared timers: accounts due in one tick beat together.
     wheel: TimerWheel = field(default_factory=TimerWheel)
+    #: Where clients the workers let go of are finished and freed (tgdaemon.reaper).
+    reaper: Reaper = field(default_factory=Reaper)
 
 
 class AccountWorker:
@@ -112,11 +113,10 @@ class AccountWorker:
         self._attempts: dict[Category, int] = {}
         #: Monotonic time of the first failure of that streak (how long it has persisted).
         self._failing_since = 0.0
-        #: Fleet mode: the lease on this account's connection.
-        self._lease = None if deps.lease is None else ConnectionLease(deps.lease, self.name)
+        self._lease = ConnectionLease.of(deps.lease, self.name, deps.monotonic)  # fleet mode
         #: The way to the server (created with the session: it moves the session's address).
         self._route: AccountRoute | None = None
-        self._catch_ups = 0
+        self._gaps = UpdateGaps()
         self._watch = ConnectionWatch(deps.wheel)
         self._plugins = Plugins(account, reporter)
         #: A failure another caller (the account API) ran into on this account's client,
@@ -149,7 +149,7 @@ class AccountWorker:
             self.report.transition(State.STOPPED, f"internal error: {type(exc).__name__}")
         finally:
             await self._close_client()
-            self._client.current = None  # an ended worker (parked, stopped) holds no Telethon state
+            self._client.drop()  # an ended worker (parked, stopped) holds no Telethon state
 
     def _open_session(self) -> bool:
         """The session from the stored record; False (and why, reported) when there is none.
@@ -191,7 +191,7 @@ class AccountWorker:
                     await self.deps.directory.refresh(
                         lambda: self._rpc(functions.help.GetConfigRequest()))
                 raise_if_cancelled()  # a stop that Telethon's connect swallowed (tasks.py)
-                self._catch_ups = 0
+                self._gaps.connected()
                 if self._lease is not None:  # again: validating may have taken a while
                     self._lease.arm(self.client)
                 a = self.account
@@ -331,10 +331,11 @@ class AccountWorker:
         """Heartbeat until the connection fails; every exit is an exception to recover from."""
         assert self.client is not None
         assert self.session is not None
-        gap_streak = 0
         housekept = self.deps.monotonic()
         while True:
             await self._until_next_beat()
+            if self._lease is not None:  # re-armed first: not after a slow round trip
+                self._lease.arm(self.client)
             started = self.deps.monotonic()
             # updates.getState is the heartbeat: a real encrypted round trip that proves the
             # connection works *and* tells the server's update state, in one RPC per account.
@@ -349,16 +350,11 @@ class AccountWorker:
             if self._sessions is not None:
                 await self._sessions.step(self._rpc, self.deps.settings.current, self.account,
                                           self.report)
-            local = local_update_pts(self.client)
-            gap_streak = gap_streak + 1 if local is not None and server.pts > local else 0
-            if gap_streak >= self.policy.update_gap_heartbeats:
-                gap_streak = 0
-                await self._on_update_gap(server.pts, local)
+            await self._gaps.check(self.client, server.pts, self.policy.update_gap_heartbeats,
+                                   self.report)
             if beat - housekept >= HOUSEKEEPING_INTERVAL:
                 housekept = beat
                 await self.client.keep_house()
-            if self._lease is not None:  # re-arm the server's deadline
-                self._lease.arm(self.client)
 
     async def _until_next_beat(self) -> None:
         """Sleep until the next heartbeat is due; :meth:`reschedule` re-arms the wait with
@@ -368,21 +364,13 @@ class AccountWorker:
             self._raise_reported()
             interval = self.policy.heartbeat_interval
             due = began + heartbeat_delay(interval, self.deps.rng)
+            if self._lease is not None:  # soon enough to re-arm the server's deadline
+                due = self._lease.heartbeat_due(began, due, interval)
             remaining = due - self.deps.monotonic()
             if remaining <= 0 or await self._watch.sleep(remaining, self.client,
                                                          heartbeat_tick(interval)):
                 self._raise_reported()
                 return
-
-    async def _on_update_gap(self, server_pts: int, local_pts: int | None) -> None:
-        assert self.client is not None
-        self.report.update_gap(server_pts, local_pts)
-        if self._catch_ups == 0:
-            self._catch_ups += 1
-            await self.client.catch_up()  # getDifference fetches what was missed
-            return
-        # A second gap on the same connection: updates are not flowing; start over.
-        raise UpdateStallError("updates stopped arriving on this connection")
 
     async def _rpc(self, request: Any) -> Any:
         """One RPC bounded by ``request_timeout`` (Telethon has no request timeout of its own).

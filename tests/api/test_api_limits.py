@@ -11,6 +11,7 @@ import asyncio
 import base64
 import dataclasses
 import fnmatch
+import json
 import logging
 import os
 import shutil
@@ -19,6 +20,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -26,7 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from tests.conftest import wait_for_condition
 from tests.rawsock import closed_by_server, trickled_until_closed
-from tgdaemon.api.events import EventKind
+from tgdaemon.api.events import EventKind, UpdateBuffer
 from tgdaemon.api.service import WS_PROTOCOL, AccountApi
 from tgdaemon.apiconfig import ApiClient
 from tgdaemon.config import ConfigHolder, load_config
@@ -362,3 +364,97 @@ async def test_a_stream_frame_from_the_consumer_is_at_most_4_kib(serve: Serve) -
         assert msg.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
         await ws.close()
     await wait_for_condition(lambda: not served.api._sockets, 5, "the stream ended")
+
+
+async def test_a_resuming_consumer_of_one_account_reads_only_its_rows(tmp_path: Path) -> None:
+    """Resuming ``?accounts=alice`` scanned every account's held events (10 million at
+    10,000 accounts) for alice's; counted in SQLite VM steps (the work, not the time)."""
+    buffer = UpdateBuffer(tmp_path, generate_keyring(), 100_000)
+    await buffer.open()
+    try:
+        for i in range(3000):
+            buffer.append("bob", EventKind.MESSAGE, {"message": {"id": i}})
+        buffer.append("alice", EventKind.MESSAGE, {"message": {"id": 1}})
+        await buffer.flush()
+        steps = 0
+
+        def step() -> int:
+            nonlocal steps
+            steps += 1
+            return 0
+
+        assert buffer._db is not None
+        buffer._db.set_progress_handler(step, 100)
+        got = [e async for e in buffer.backlog(frozenset({"alice"}), 0, buffer.last_seq)]
+        buffer._db.set_progress_handler(None, 100)
+        assert [(e.account, e.body["message"]["id"]) for e in got] == [("alice", 1)]
+        assert steps < 20, steps
+        # Every account: all of them, in order.
+        everything = [e async for e in buffer.backlog(None, 0, buffer.last_seq)]
+        assert [e.seq for e in everything] == list(range(1, 3002))
+    finally:
+        await buffer.close()
+
+
+async def test_undecryptable_held_events_are_one_summarised_line(tmp_path: Path,
+                                                                 caplog) -> None:
+    """Every resume reads the held events again: one WARNING per event that cannot be
+    decrypted (its key left the ring) let a consumer write lines at will."""
+    caplog.set_level(logging.WARNING, "tgdaemon.api.events")
+    buffer = UpdateBuffer(tmp_path, generate_keyring(), 100)
+    await buffer.open()
+    for i in range(50):
+        buffer.append("alice", EventKind.MESSAGE, {"message": {"id": i}})
+    await buffer.close()
+    buffer = UpdateBuffer(tmp_path, generate_keyring(), 100)  # another key: none decrypts
+    await buffer.open()
+    try:
+        for _ in range(3):  # three resumes
+            assert [e async for e in buffer.backlog(None, 0, buffer.last_seq)] == []
+    finally:
+        await buffer.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "tgdaemon.api.events"]
+    assert lines == ["held update event skipped: it could not be decrypted (its key left the "
+                     "ring); 1 skipped so far"], lines
+    assert buffer.undecryptable.count == 150
+
+
+async def test_a_live_event_is_encoded_once_for_every_stream(serve: Serve) -> None:
+    """64 streams of every account encoded each event 64 times on the loop."""
+    served = await serve(dataclasses.replace(FAST, request_timeout=30, keepalive_timeout=30))
+    buffer = served.api.buffer
+    async with served.session() as http:
+        streams = [await http.ws_connect("http://localhost/v1/updates", headers=AUTH)
+                   for _ in range(3)]
+        try:
+            for ws in streams:
+                assert (await ws.receive_json())["type"] == "ready"
+            event = buffer.append("alice", EventKind.MESSAGE, {"message": {"id": 7}})
+            texts = [(await ws.receive(timeout=10)).data for ws in streams]
+        finally:
+            for ws in streams:
+                await ws.close()
+    assert texts == [texts[0]] * 3
+    assert json.loads(texts[0])["message"] == {"id": 7}
+    assert buffer.encoder.encode(event, buffer.epoch) is buffer.encoder.encode(event, buffer.epoch)
+
+
+async def test_an_internal_error_logs_its_traceback_once(serve: Serve, caplog) -> None:
+    """A client that found a bug wrote an ERROR with a traceback per request."""
+    caplog.set_level(logging.INFO, "tgdaemon.api")
+    served = await serve(dataclasses.replace(FAST, request_timeout=30, keepalive_timeout=30))
+    served.api.board.update("alice", state=State.CONNECTED)
+
+    def broken(name: str) -> Any:  # the supervisor's hook, failing as a bug would
+        raise RuntimeError("a bug")
+
+    served.api.bind(broken)
+    async with served.session() as http:
+        for _ in range(5):
+            async with http.get("http://localhost/v1/accounts/alice/dialogs",
+                                headers=AUTH) as r:
+                assert r.status == 500
+                assert (await r.json())["error"] == "error"
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["API dialogs failed: RuntimeError"]
+    assert errors[0].exc_info is not None

@@ -121,6 +121,8 @@ class AccountApi:
         self._sockets: set[web.WebSocketResponse] = set()
         self._unix: web.AppRunner | None = None
         self.requests = RequestCounter(self.gateway)
+        #: Internal errors by method and exception type (see :meth:`_failed`).
+        self._bugs: dict[tuple[ApiMethod, str], int] = {}
         #: Summarised log lines for what the bounds turn away (one per thousand).
         self.slow_bodies = Refusals("account API request", "its body did not arrive within "
                                     "the request deadline", verb="cut off", level=logging.INFO)
@@ -223,7 +225,7 @@ class AccountApi:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("API %s failed: %s", method.value, type(exc).__name__)
+            self._failed(method, exc)
             self.count(client, account, method, Outcome.ERROR)
             return _error(ApiError(Outcome.ERROR, "internal error"))
         if isinstance(result, web.StreamResponse):
@@ -233,6 +235,17 @@ class AccountApi:
             return web.Response(body=result.body, content_type="application/json",
                                 headers={"Cache-Control": "no-store"})
         return _json(result)
+
+    def _failed(self, method: ApiMethod, exc: Exception) -> None:
+        """A bug: its traceback once per method and exception type, then a line per 1,000
+        (a client that found it must not decide how much the journal takes)."""
+        key = (method, type(exc).__name__)
+        n = self._bugs[key] = self._bugs.get(key, 0) + 1
+        if n == 1:
+            log.error("API %s failed: %s", method.value, key[1], exc_info=exc)
+        elif n % 1000 == 0:
+            log.error("API %s failed: %s; %d times so far (the traceback is logged the first "
+                      "time)", method.value, key[1], n)
 
     async def encode(self, build: Callable[[], Any]) -> Encoded:
         """``json(build())`` in the encoder thread. A TL result can be large (a history of
@@ -719,14 +732,14 @@ async def _pump(ws: web.WebSocketResponse, buffer: UpdateBuffer, sub: Subscriber
     last = upto if after is None else after
     if after is not None:
         async for event in buffer.backlog(sub.accounts, after, upto):
-            await _emit(ws, event.to_json(buffer.epoch), timeout)
+            await _emit(ws, _encode(event.to_json(buffer.epoch)), timeout)
         last = upto
-    await _emit(ws, {"type": "ready", "cursor": _cursor(buffer, last)}, timeout)
+    await _emit(ws, _encode({"type": "ready", "cursor": _cursor(buffer, last)}), timeout)
     reader = asyncio.create_task(_drain(ws), name="api-updates-reader")
     try:
         async for event in _until(sub, reader):
             if event.seq > last:
-                await _emit(ws, event.to_json(buffer.epoch), timeout)
+                await _emit(ws, buffer.encoder.encode(event, buffer.epoch), timeout)
                 last = event.seq
     finally:
         reader.cancel()
@@ -734,11 +747,15 @@ async def _pump(ws: web.WebSocketResponse, buffer: UpdateBuffer, sub: Subscriber
     return sub.overflowed
 
 
-async def _emit(ws: web.WebSocketResponse, data: dict[str, Any], timeout: float) -> None:
-    """One event out, within ``timeout``: a consumer that stopped reading holds no handler
-    (it resumes with its last cursor and misses nothing)."""
+def _encode(data: dict[str, Any]) -> bytes:
+    return json.dumps(data).encode()
+
+
+async def _emit(ws: web.WebSocketResponse, text: bytes, timeout: float) -> None:
+    """One event (UTF-8 JSON) out, within ``timeout``: a consumer that stopped reading holds
+    no handler (it resumes with its last cursor and misses nothing)."""
     async with asyncio.timeout(timeout):
-        await ws.send_str(json.dumps(data))
+        await ws.send_frame(text, WSMsgType.TEXT)
 
 
 def _cursor(buffer: UpdateBuffer, seq: int) -> str:
