@@ -27,7 +27,7 @@ from typing import Any
 
 from telethon import helpers
 from telethon.crypto import AES, AuthKey, Factorization, rsa
-from telethon.errors import RPCError, SecurityError
+from telethon.errors import RPCError, SecurityError, TypeNotFoundError
 from telethon.extensions import BinaryReader
 from telethon.network import MTProtoSender
 from telethon.network.mtprotoplainsender import MTProtoPlainSender
@@ -50,6 +50,7 @@ from telethon.tl.types import (
     ServerDHInnerData,
     ServerDHParamsFail,
     ServerDHParamsOk,
+    UpdatesTooLong,
 )
 
 from tgdaemon.flag import Flag
@@ -201,13 +202,30 @@ class PaddedKeySender(MTProtoSender):  # type: ignore[misc]  # Telethon is untyp
     #: ``init_result`` is then the future of that request.
     init_query: Any = None
     init_result: asyncio.Future[Any] | None = None
+    #: new_session_created notices on the current connection (the first one is expected).
+    _new_sessions = 0
+    #: Told the constructor id of an object inside a gzip_packed message that this Telethon
+    #: cannot parse (set by tgdaemon.updates.guard_unknown_objects).
+    on_unknown_object: Callable[[int], None] | None = None
 
     async def connect(self, connection: Any) -> bool:
+        self._new_sessions = 0
         if not await super().connect(connection):
             return False
         if self.first_request is not None:  # queued ahead of the client's initConnection
             self.send_unawaited(self.first_request())
         return True
+
+    async def _disconnect(self, error: BaseException | None = None) -> None:
+        # A connection that dies on its own (the receive loop's error, a refused frame) ends
+        # with that error set on the future behind ``client.disconnected``, which only a
+        # ConnectionWatch awaits while one is watching. Unretrieved, asyncio reports it with
+        # a traceback whenever the cyclic collector frees the sender: an ERROR per dropped
+        # connection, and in a test session a CPython 3.11 SystemError (the report's
+        # traceback formatting re-enters ast.parse inside the parse the collection
+        # interrupted: "AST constructor recursion depth mismatch").
+        await super()._disconnect(error)
+        _retrieve(self._disconnected)
 
     def send(self, request: Any, ordered: bool = False) -> Any:
         # Acknowledgements travel with the request, in one container: Telethon queues them
@@ -228,6 +246,43 @@ class PaddedKeySender(MTProtoSender):  # type: ignore[misc]  # Telethon is untyp
             self.init_result = super().send(request, ordered)
             return _unless_rpc_error(self.init_result)
         return super().send(request, ordered)
+
+    def _pop_states(self, msg_id: int) -> list[Any]:
+        """The messages a bad_server_salt / bad_msg_notification about ``msg_id`` rejected,
+        to send again: Telethon's (the request, or every request of that container), plus
+        the acks that travelled in that container. Telethon finds an ack only by its own
+        msg_id; here every ack rides in a request's container, and a salt change would
+        otherwise lose it (MTProto: every content-related message is acknowledged)."""
+        states: list[Any] = super()._pop_states(msg_id)
+        for ack in self._last_acks:
+            if ack.container_id == msg_id and ack.msg_id != msg_id:
+                # Nobody awaits an ack: an unrecoverable notification's error is dropped.
+                ack.future.add_done_callback(_retrieve)
+                states.append(ack)
+        return states
+
+    async def _handle_gzip_packed(self, message: Any) -> None:
+        """Telegram gzips larger messages; Telethon parses the inside here, and an object it
+        does not know escapes to its receive loop, which logs an ERROR with the raw remainder
+        (message text, phone numbers). Skipped and reported by constructor id instead, as
+        the guard does for the same object unpacked (tgdaemon.updates)."""
+        try:
+            await super()._handle_gzip_packed(message)
+        except TypeNotFoundError as exc:
+            if self.on_unknown_object is None:
+                raise
+            self.on_unknown_object(int(exc.invalid_constructor_id))
+
+    async def _handle_new_session_created(self, message: Any) -> None:
+        """Every connection opens a new session (Telethon picks a new session id) and the
+        connect catches up anyway. A second notice on the same connection means the server
+        lost the session, and the updates it held for it ("a gap in the stream of long poll
+        notifications", core.telegram.org/mtproto/service_messages): fetch the difference now,
+        as TDLib does, rather than when a later update or heartbeat reveals the gap."""
+        await super()._handle_new_session_created(message)
+        self._new_sessions += 1
+        if self._new_sessions > 1 and self._updates_queue is not None:
+            self._updates_queue.put_nowait(UpdatesTooLong())
 
     def send_unawaited(self, request: Any) -> None:
         """Queue ``request`` the way Telethon queues its own keep-alive ping: its answer is
