@@ -27,7 +27,7 @@ from typing import Any
 
 from telethon import helpers
 from telethon.crypto import AES, AuthKey, Factorization, rsa
-from telethon.errors import RPCError, SecurityError
+from telethon.errors import RPCError, SecurityError, TypeNotFoundError
 from telethon.extensions import BinaryReader
 from telethon.network import MTProtoSender
 from telethon.network.mtprotoplainsender import MTProtoPlainSender
@@ -204,6 +204,9 @@ class PaddedKeySender(MTProtoSender):  # type: ignore[misc]  # Telethon is untyp
     init_result: asyncio.Future[Any] | None = None
     #: new_session_created notices on the current connection (the first one is expected).
     _new_sessions = 0
+    #: Told the constructor id of an object inside a gzip_packed message that this Telethon
+    #: cannot parse (set by tgdaemon.updates.guard_unknown_objects).
+    on_unknown_object: Callable[[int], None] | None = None
 
     async def connect(self, connection: Any) -> bool:
         self._new_sessions = 0
@@ -257,6 +260,18 @@ class PaddedKeySender(MTProtoSender):  # type: ignore[misc]  # Telethon is untyp
                 ack.future.add_done_callback(_retrieve)
                 states.append(ack)
         return states
+
+    async def _handle_gzip_packed(self, message: Any) -> None:
+        """Telegram gzips larger messages; Telethon parses the inside here, and an object it
+        does not know escapes to its receive loop, which logs an ERROR with the raw remainder
+        (message text, phone numbers). Skipped and reported by constructor id instead, as
+        the guard does for the same object unpacked (tgdaemon.updates)."""
+        try:
+            await super()._handle_gzip_packed(message)
+        except TypeNotFoundError as exc:
+            if self.on_unknown_object is None:
+                raise
+            self.on_unknown_object(int(exc.invalid_constructor_id))
 
     async def _handle_new_session_created(self, message: Any) -> None:
         """Every connection opens a new session (Telethon picks a new session id) and the
