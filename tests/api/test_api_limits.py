@@ -117,6 +117,19 @@ async def test_unix_socket_connections_beyond_the_cap_get_503(serve: Serve, capl
                 assert r.status == 503
             assert "API socket connection refused: 3 open (the limit); 1 refused so far" \
                 in caplog.text
+        # A refused client that sends its request only after the refusal still reads the 503
+        # (on a Unix socket its write would fail once the server closed).
+        runner = served.api._unix
+        assert runner is not None
+        (site,) = runner.sites
+        late = await served.connect()
+        try:
+            await wait_for_condition(lambda: site.refusals.count == 2, 5, "the refusal")
+            await asyncio.get_running_loop().sock_sendall(late, REQUEST)
+            assert (await closed_by_server(late)).startswith(b"HTTP/1.1 503 ")
+        finally:
+            late.close()
+        async with served.session() as http:
             held.pop().close()
             await wait_for_condition(lambda: served.connections() < 3, 5, "one closed")
             async with http.get("http://localhost/v1/accounts/alice", headers=AUTH) as r:
