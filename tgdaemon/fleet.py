@@ -156,6 +156,10 @@ class Fleet:
                                 self.timing.transit_allowance)
 
     @property
+    def lag_allowance(self) -> float:
+        return self.timing.lag_allowance
+
+    @property
     def owned(self) -> frozenset[str]:
         return frozenset(self._epochs)
 

@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -116,6 +117,19 @@ async def test_unix_socket_connections_beyond_the_cap_get_503(serve: Serve, capl
                 assert r.status == 503
             assert "API socket connection refused: 3 open (the limit); 1 refused so far" \
                 in caplog.text
+        # A refused client that sends its request only after the refusal still reads the 503
+        # (on a Unix socket its write would fail once the server closed).
+        runner = served.api._unix
+        assert runner is not None
+        (site,) = runner.sites
+        late = await served.connect()
+        try:
+            await wait_for_condition(lambda: site.refusals.count == 2, 5, "the refusal")
+            await asyncio.get_running_loop().sock_sendall(late, REQUEST)
+            assert (await closed_by_server(late)).startswith(b"HTTP/1.1 503 ")
+        finally:
+            late.close()
+        async with served.session() as http:
             held.pop().close()
             await wait_for_condition(lambda: served.connections() < 3, 5, "one closed")
             async with http.get("http://localhost/v1/accounts/alice", headers=AUTH) as r:
@@ -436,3 +450,24 @@ async def test_a_live_event_is_encoded_once_for_every_stream(serve: Serve) -> No
     assert texts == [texts[0]] * 3
     assert json.loads(texts[0])["message"] == {"id": 7}
     assert buffer.encoder.encode(event, buffer.epoch) is buffer.encoder.encode(event, buffer.epoch)
+
+
+async def test_an_internal_error_logs_its_traceback_once(serve: Serve, caplog) -> None:
+    """A client that found a bug wrote an ERROR with a traceback per request."""
+    caplog.set_level(logging.INFO, "tgdaemon.api")
+    served = await serve(dataclasses.replace(FAST, request_timeout=30, keepalive_timeout=30))
+    served.api.board.update("alice", state=State.CONNECTED)
+
+    def broken(name: str) -> Any:  # the supervisor's hook, failing as a bug would
+        raise RuntimeError("a bug")
+
+    served.api.bind(broken)
+    async with served.session() as http:
+        for _ in range(5):
+            async with http.get("http://localhost/v1/accounts/alice/dialogs",
+                                headers=AUTH) as r:
+                assert r.status == 500
+                assert (await r.json())["error"] == "error"
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["API dialogs failed: RuntimeError"]
+    assert errors[0].exc_info is not None

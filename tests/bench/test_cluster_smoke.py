@@ -48,6 +48,11 @@ def test_cluster_bench_smoke(tmp_path: Path) -> None:
     assert "d4" not in takeover["owned_after"]
     assert sum(takeover["owned_after"].values()) == n
     assert takeover["live_keys_at_end"] == n
+    # the takeover's own measures are there (their values depend on the machine's load)
+    assert takeover["deadline_closes"] >= 0
+    assert "settled_s" in takeover
+    assert set(takeover["errors"]) == {"d1", "d2", "d3"}
+    assert run["deadline_closes_total"] >= takeover["deadline_closes"]
     assert run["overlaps"] == 0
     assert run["open_twice_at_end"] == 0
     report = out.read_text()

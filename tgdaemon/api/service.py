@@ -121,6 +121,8 @@ class AccountApi:
         self._sockets: set[web.WebSocketResponse] = set()
         self._unix: web.AppRunner | None = None
         self.requests = RequestCounter(self.gateway)
+        #: Internal errors by method and exception type (see :meth:`_failed`).
+        self._bugs: dict[tuple[ApiMethod, str], int] = {}
         #: Summarised log lines for what the bounds turn away (one per thousand).
         self.slow_bodies = Refusals("account API request", "its body did not arrive within "
                                     "the request deadline", verb="cut off", level=logging.INFO)
@@ -223,7 +225,7 @@ class AccountApi:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("API %s failed: %s", method.value, type(exc).__name__)
+            self._failed(method, exc)
             self.count(client, account, method, Outcome.ERROR)
             return _error(ApiError(Outcome.ERROR, "internal error"))
         if isinstance(result, web.StreamResponse):
@@ -233,6 +235,17 @@ class AccountApi:
             return web.Response(body=result.body, content_type="application/json",
                                 headers={"Cache-Control": "no-store"})
         return _json(result)
+
+    def _failed(self, method: ApiMethod, exc: Exception) -> None:
+        """A bug: its traceback once per method and exception type, then a line per 1,000
+        (a client that found it must not decide how much the journal takes)."""
+        key = (method, type(exc).__name__)
+        n = self._bugs[key] = self._bugs.get(key, 0) + 1
+        if n == 1:
+            log.error("API %s failed: %s", method.value, key[1], exc_info=exc)
+        elif n % 1000 == 0:
+            log.error("API %s failed: %s; %d times so far (the traceback is logged the first "
+                      "time)", method.value, key[1], n)
 
     async def encode(self, build: Callable[[], Any]) -> Encoded:
         """``json(build())`` in the encoder thread. A TL result can be large (a history of
