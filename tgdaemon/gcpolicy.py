@@ -3,26 +3,29 @@
 CPython's full (generation 2) collection walks every tracked object, and 10,000 accounts are
 millions of long-lived ones (clients, senders, sessions, workers): each full collection held
 the event loop ~1.2 s at 10,000 accounts, 2-3 times a minute (bench/RESULTS.md), and every
-heartbeat and WebSocket push waited for it. While a fleet connects the heap grows fast, and
-each 25 % of growth starts another full collection over all of it.
+heartbeat and WebSocket push waited for it.
 
 ``gc.freeze()`` moves every tracked object into a permanent generation that collections skip
-(reference counting still frees what loses its last reference). The daemon freezes before its
-workers start (imports, configuration, the store), right after they are spawned, and then every
-:data:`FREEZE_INTERVAL` seconds during a *wave*: while at least :data:`WAVE_SHARE` of the
-accounts (at least one) are starting, connecting or reconnecting, which is the start and every
-fleet-wide reconnect after an outage. Each freeze follows a young collection
-(``gc.collect(1)`` walks only what was born since the last one), so a connect's short-lived
-garbage is collected rather than frozen, and one last freeze follows the wave's end. Between
-waves nothing is frozen: the few accounts that reconnect on their own leave little for a full
-collection to walk.
+(reference counting still frees what loses its last reference). So the collector's automatic
+full collections are switched off while the policy runs, and the policy *sweeps* instead: a
+full collection (``gc.collect(2)``: the young generations and what reached the old one since
+the last sweep, never the frozen heap) followed by a freeze of what survived. A sweep runs
+every :data:`FREEZE_INTERVAL` seconds during a *wave* (while at least :data:`WAVE_SHARE` of
+the accounts, at least one, are starting, connecting or reconnecting: the start and every
+fleet-wide reconnect after an outage), once as the wave ends, and every
+:data:`IDLE_INTERVAL` seconds between waves. A sweep walks only what survived since the last
+one: between waves, when nothing else would freeze, the objects that outlive a few young
+collections (Telethon's last acknowledged requests, status entries, the accounts that
+connected after the wave's end) piled up to a full collection of 0.4 s at 10,000 accounts
+(bench/RESULTS.md, "idle window"), collecting nothing.
 
 The price of freezing: a frozen object that later dies in a reference cycle is never
-reclaimed (until :meth:`GcPolicy.stop` unfreezes). A wave's connections die in the next
-outage, so they must not be cyclic garbage: tgdaemon.connection breaks the two cycles a dropped
-Telethon connection had (its packet codec, its asyncio transport); with that, an unfreeze and
-full collection after repeated outages finds no per-account garbage (measured), and memory
-stays flat over outages.
+reclaimed (until :meth:`GcPolicy.stop` unfreezes). Garbage that is already cyclic when a
+sweep runs is collected, not frozen. A wave's connections die in the next outage, so they
+must not be cyclic garbage: tgdaemon.connection breaks the two cycles a dropped Telethon
+connection had (its packet codec, its asyncio transport); with that, an unfreeze and full
+collection after repeated outages finds no per-account garbage (measured), and memory stays
+flat over outages.
 """
 
 from __future__ import annotations
@@ -30,16 +33,25 @@ from __future__ import annotations
 import asyncio
 import gc
 import math
+import time
 from collections.abc import Callable
 
 from tgdaemon.tasks import cancel_and_wait
 
-#: Seconds between two freezes during a wave: a second's worth of new objects is what a full
-#: collection may still have to walk (a young collection first costs a few ms).
+#: Seconds between two sweeps during a wave: a second's worth of survivors is what a sweep
+#: walks (at 10,000 accounts connecting at full speed, a few tens of ms).
 FREEZE_INTERVAL = 1.0
+#: Seconds between two sweeps between waves: what survived that long is what a sweep walks
+#: (a few ms at 10,000 idle accounts), and what was alive at a sweep is what may be frozen
+#: and later die in a cycle (rarely: an idle fleet makes almost no cyclic garbage).
+IDLE_INTERVAL = 10.0
 #: Share of the accounts (re)connecting at once that makes a wave (at least one account): at
 #: 10,000 accounts, 100. Fewer is an account or two reconnecting on their own.
 WAVE_SHARE = 0.01
+#: Generation 2's threshold while the policy runs: never reached, so the only full
+#: collections are the sweeps (a full collection after a burst of allocations otherwise
+#: walks whatever is unfrozen, at a moment nobody chose).
+NO_AUTOMATIC_FULL = 2**31 - 1
 
 
 def wave_threshold(accounts: int) -> int:
@@ -47,45 +59,61 @@ def wave_threshold(accounts: int) -> int:
     return max(1, math.ceil(accounts * WAVE_SHARE))
 
 
-def should_freeze(*, in_wave: bool, connecting: int, accounts: int) -> tuple[bool, bool]:
-    """One tick's decision: (freeze now, in a wave now). ``in_wave``: the last tick's answer;
-    ``connecting``: accounts starting, connecting or reconnecting, of ``accounts``. A wave
-    freezes every tick and once more on the tick that finds it over."""
+def should_sweep(*, in_wave: bool, connecting: int, accounts: int, since_sweep: float,
+                 idle_interval: float = IDLE_INTERVAL) -> tuple[bool, bool]:
+    """One tick's decision: (sweep now, in a wave now). ``in_wave``: the last tick's answer;
+    ``connecting``: accounts starting, connecting or reconnecting, of ``accounts``;
+    ``since_sweep``: seconds since the last sweep. A wave sweeps every tick and once more on
+    the tick that finds it over; between waves, every ``idle_interval``."""
     wave = connecting >= wave_threshold(accounts)
-    return wave or in_wave, wave
+    return wave or in_wave or since_sweep >= idle_interval, wave
 
 
 class GcPolicy:
-    """Freezes the fleet's long-lived heap during connect waves (see module docstring).
+    """Sweeps (full collection, then freeze) on the fleet's schedule (see module docstring).
 
     ``census`` tells (accounts starting, connecting or reconnecting now; all accounts)."""
 
     def __init__(self, census: Callable[[], tuple[int, int]], *,
-                 interval: float = FREEZE_INTERVAL) -> None:
+                 interval: float = FREEZE_INTERVAL, idle_interval: float = IDLE_INTERVAL,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self._census = census
         self._interval = interval
+        self._idle_interval = idle_interval
+        self._monotonic = monotonic
         self._task: asyncio.Task[None] | None = None
+        #: The collector's thresholds before :meth:`start` (restored by :meth:`stop`).
+        self._thresholds: tuple[int, int, int] | None = None
+        self._swept = 0.0
         #: Freezes done so far (the tests and the bench read it).
         self.freezes = 0
         #: Waves whose end was frozen (the first is the start).
         self.waves = 0
 
     def freeze(self) -> None:
-        """Collect the young generations, then freeze everything that is left."""
-        gc.collect(1)
+        """Collect everything unfrozen (only what was born or survived since the last
+        freeze), then freeze what is left."""
+        gc.collect(2)
         gc.freeze()
         self.freezes += 1
+        self._swept = self._monotonic()
 
     def start(self) -> None:
-        """Freeze now (every account is starting: the first wave) and follow the waves."""
+        """Freeze now (every account is starting: the first wave), switch the automatic full
+        collections off and follow the waves."""
         self.freeze()
         if self._task is None:
+            self._thresholds = gc.get_threshold()
+            gc.set_threshold(self._thresholds[0], self._thresholds[1], NO_AUTOMATIC_FULL)
             self._task = asyncio.get_running_loop().create_task(self._run(), name="gc-freeze")
 
     async def stop(self) -> None:
         """Stop following waves and hand the frozen objects back to the collector."""
         task, self._task = self._task, None
         await cancel_and_wait(task)
+        thresholds, self._thresholds = self._thresholds, None
+        if thresholds is not None:
+            gc.set_threshold(*thresholds)
         gc.unfreeze()
 
     @property
@@ -98,9 +126,10 @@ class GcPolicy:
         while True:
             await asyncio.sleep(self._interval)
             connecting, accounts = self._census()
-            freeze, wave = should_freeze(in_wave=in_wave, connecting=connecting,
-                                         accounts=accounts)
-            if freeze:
+            sweep, wave = should_sweep(
+                in_wave=in_wave, connecting=connecting, accounts=accounts,
+                since_sweep=self._monotonic() - self._swept, idle_interval=self._idle_interval)
+            if sweep:
                 self.freeze()
             if in_wave and not wave:
                 self.waves += 1
