@@ -77,7 +77,7 @@ class GcProbe:
     @property
     def full(self) -> list[tuple[float, float]]:
         """(wall clock, seconds) of the full (generation 2) collections."""
-        return [(t, d) for t, d, gen, _n in self.pauses if gen == 2]
+        return [(p[0], p[1]) for p in self.pauses if p[2] == 2]
 
     def _callback(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start" and self._census and info.get("generation") == 2:

@@ -90,17 +90,18 @@ class GcPolicy:
         #: Waves whose end was frozen (the first is the start).
         self.waves = 0
 
-    def freeze(self) -> None:
+    def freeze(self, *, full: bool = True) -> None:
         """Collect everything unfrozen (only what was born or survived since the last
-        freeze), then freeze what is left."""
-        gc.collect(2)
+        freeze), then freeze what is left. ``full=False``: the young generations only (the
+        first freeze of a process, whose old generation is the whole heap)."""
+        gc.collect(2 if full else 1)
         gc.freeze()
         self.freezes += 1
         self._swept = self._monotonic()
 
     def start(self) -> None:
-        """Freeze now (every account is starting: the first wave), switch the automatic full
-        collections off and follow the waves."""
+        """Freeze now (the accounts are about to start: the first wave), switch the automatic
+        full collections off and follow the waves."""
         self.freeze()
         if self._task is None:
             self._thresholds = gc.get_threshold()
