@@ -374,6 +374,10 @@ async def run(args: argparse.Namespace) -> int:
     samples = await sampler
     await fleet.stop()
     await lag_probe.stop()
+    # What the daemon's freezes kept from the collector and died meanwhile (stop unfreezes).
+    import gc
+
+    garbage = gc.collect()
     args.timeline.write_text(json.dumps({
         "loop_lag": lag_probe.late,
         "n": fleet.size,
@@ -383,6 +387,7 @@ async def run(args: argparse.Namespace) -> int:
         "gc_pauses": gc_probe.pauses,
         "slow_passes": pass_probe.slow,
         "gc_census": gc_probe.census,
+        "garbage_at_stop": garbage,
     }))
     emit("stopped")
     return 0
