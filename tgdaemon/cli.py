@@ -201,7 +201,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     config = _load(ns)
     from tgdaemon.daemon import serve
     from tgdaemon.fdlimit import budget, ensure_open_file_limit
-    from tgdaemon.http import HttpLimits
+    from tgdaemon.httpsite import HttpLimits
     from tgdaemon.logs import setup_logging
 
     setup_logging(config.daemon.log_level, config.daemon.log_format)

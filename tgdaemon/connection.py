@@ -17,6 +17,7 @@ refuses them.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import weakref
 from hashlib import sha256
@@ -94,7 +95,14 @@ class _CappedRecv:
 
     async def disconnect(self) -> None:
         writer = self._writer
-        await super().disconnect()  # type: ignore[misc]  # Telethon's, untyped
+        try:
+            await super().disconnect()  # type: ignore[misc]  # Telethon's, untyped
+        except BaseException:
+            # Cut short (the worker's close bound, a stop): the graceful close would go on
+            # unowned, its transport open while it had unsent bytes. Dropped at once instead.
+            if writer is not None:
+                _abort(writer.transport)
+            raise
         if writer is not None:
             _release_transport(writer.transport)
 
@@ -120,6 +128,20 @@ class _CappedRecv:
                 raise self._refused from None
             raise
         return data
+
+
+def abort_connection(connection: Any) -> None:
+    """Drop ``connection`` at once, unsent bytes and all (an abandoned client's: nothing will
+    read them); Telethon's ``disconnect`` would wait for a graceful close."""
+    connection._connected = False
+    if connection._writer is not None:
+        _abort(connection._writer.transport)
+
+
+def _abort(transport: Any) -> None:
+    transport.abort()
+    # After the connection_lost that abort() schedules: only then is the socket gone.
+    asyncio.get_running_loop().call_soon(_release_transport, transport)
 
 
 def _release_transport(transport: Any) -> None:
@@ -279,5 +301,6 @@ __all__ = [
     "CappedMTProxyPadded",
     "CappedTcpFull",
     "FrameTooLargeError",
+    "abort_connection",
     "connection_for",
 ]

@@ -189,6 +189,7 @@ class Daemon:
             lease=self.fleet,
         )
         self.supervisor = Supervisor(deps, board=self.board, metrics=self.metrics)
+        self._stack.push_async_callback(deps.reaper.stop)  # after the workers' stop
         if api is not None:
             api.bind(self.supervisor.worker)
         # The sessions, the store are frozen before any worker allocates; then the workers

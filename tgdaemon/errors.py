@@ -45,6 +45,11 @@ def _rpc_names() -> dict[type, str]:
 _RPC_NAMES = _rpc_names()
 _BASE_RPC = frozenset({te.RPCError, *te.base_errors.values()})
 _CAUSED_BY = re.compile(r"\(caused by ([\w()]+)\)$")
+#: 400s that say the *connection* lost its initConnection (a server that restarted the session,
+#: or keeps it per session), not that the request is wrong: a new connection, whose first
+#: request carries initConnection, cures them, so they are retried like a server error.
+#: (CONNECTION_LAYER_INVALID is not: a new connection sends the same layer.)
+_CONNECTION_STATE = frozenset({"CONNECTION_NOT_INITED"})
 _FS_ERRORS = (
     FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
 )
@@ -146,7 +151,8 @@ def _classify_rpc(exc: te.RPCError) -> Classified:
             return Classified(Category.MIGRATE, code, f"{code}: DC {new_dc}{_caused_by(exc)}",
                               new_dc=new_dc)
         return _make(Category.UNKNOWN, code, exc)
-    if isinstance(exc, te.ServerError | te.TimedOutError) or 500 <= http < 600:
+    if (isinstance(exc, te.ServerError | te.TimedOutError) or 500 <= http < 600
+            or code in _CONNECTION_STATE):
         return _make(Category.SERVER, code, exc)
     if 400 <= http < 500:
         return _make(Category.CLIENT, code, exc)

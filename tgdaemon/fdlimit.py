@@ -42,7 +42,7 @@ class FdBudget:
 
     accounts: int  # one MTProto connection each
     connects: int  # connects in flight (a reconnect may overlap the socket it replaces)
-    http: int  # the HTTP server's connection cap (0 when HTTP is off)
+    http: int  # the connection caps of the HTTP listener and the API's Unix socket (if on)
     fixed: int = FIXED_FDS
 
     @property
@@ -63,14 +63,16 @@ def budget(config: Config, http_connections: int) -> FdBudget:
     return FdBudget(
         accounts=enabled,
         connects=min(enabled, config.daemon.connect_concurrency),
-        http=http_connections if config.daemon.http_listen is not None else 0,
+        # Each listener has its own connection cap: the HTTP one and the API's Unix socket.
+        http=http_connections * ((config.daemon.http_listen is not None)
+                                 + (config.api.enabled and config.api.unix_socket is not None)),
     )
 
 
 def fd_shortfall(config: Config, *, getrlimit: GetLimit = resource.getrlimit) -> str | None:
     """For a reload: the new fleet's needs against the running soft limit (which cannot be
     raised further: it was raised to the hard limit at start). None when it fits."""
-    from tgdaemon.http import HttpLimits  # http imports aiohttp: only when asked
+    from tgdaemon.httpsite import HttpLimits  # imports aiohttp: only when asked
 
     need = budget(config, HttpLimits().max_connections)
     soft = getrlimit(resource.RLIMIT_NOFILE)[0]

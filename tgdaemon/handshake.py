@@ -209,6 +209,17 @@ class PaddedKeySender(MTProtoSender):  # type: ignore[misc]  # Telethon is untyp
             self.send_unawaited(self.first_request())
         return True
 
+    async def _disconnect(self, error: BaseException | None = None) -> None:
+        # A connection that dies on its own (the receive loop's error, a refused frame) ends
+        # with that error set on the future behind ``client.disconnected``, which only a
+        # ConnectionWatch awaits while one is watching. Unretrieved, asyncio reports it with
+        # a traceback whenever the cyclic collector frees the sender: an ERROR per dropped
+        # connection, and in a test session a CPython 3.11 SystemError (the report's
+        # traceback formatting re-enters ast.parse inside the parse the collection
+        # interrupted: "AST constructor recursion depth mismatch").
+        await super()._disconnect(error)
+        _retrieve(self._disconnected)
+
     def send(self, request: Any, ordered: bool = False) -> Any:
         # Acknowledgements travel with the request, in one container: Telethon queues them
         # only when its send loop comes round, i.e. *after* the next request, so every
@@ -228,6 +239,20 @@ class PaddedKeySender(MTProtoSender):  # type: ignore[misc]  # Telethon is untyp
             self.init_result = super().send(request, ordered)
             return _unless_rpc_error(self.init_result)
         return super().send(request, ordered)
+
+    def _pop_states(self, msg_id: int) -> list[Any]:
+        """The messages a bad_server_salt / bad_msg_notification about ``msg_id`` rejected,
+        to send again: Telethon's (the request, or every request of that container), plus
+        the acks that travelled in that container. Telethon finds an ack only by its own
+        msg_id; here every ack rides in a request's container, and a salt change would
+        otherwise lose it (MTProto: every content-related message is acknowledged)."""
+        states: list[Any] = super()._pop_states(msg_id)
+        for ack in self._last_acks:
+            if ack.container_id == msg_id and ack.msg_id != msg_id:
+                # Nobody awaits an ack: an unrecoverable notification's error is dropped.
+                ack.future.add_done_callback(_retrieve)
+                states.append(ack)
+        return states
 
     def send_unawaited(self, request: Any) -> None:
         """Queue ``request`` the way Telethon queues its own keep-alive ping: its answer is

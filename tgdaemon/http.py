@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import errno
 import gzip
 import hashlib
@@ -32,14 +31,11 @@ import hmac
 import json
 import logging
 import operator
-import os
 import re
-import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -49,16 +45,17 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import CollectorRegistry
 
 from tgdaemon.exceptions import ConfigError
-from tgdaemon.fdlimit import HTTP_SPARE_FDS, FdReserve
-from tgdaemon.httpsend import (
-    OUTBOX,
-    SEND_BUFFER,
-    Outbox,
-    Refusals,
-    bounded_answers,
-    limit_send_buffer,
+from tgdaemon.fdlimit import FdReserve
+from tgdaemon.httpsend import OUTBOX, Refusals, bounded_answers, limit_send_buffer
+from tgdaemon.httpsite import (
+    LIMITS,
+    GuardedTcpSite,
+    HttpLimits,
+    connection_guard,
+    guard_app,
+    make_runner,
+    offers_protocol,
 )
-from tgdaemon.logvolume import FD_EXHAUSTED
 from tgdaemon.metrics import render
 from tgdaemon.status import AccountStatus, StatusBoard, Subscription
 
@@ -77,53 +74,7 @@ CLOSE_SHUTDOWN = WSCloseCode.GOING_AWAY  # 1001
 STATUS_PAGE = Path(__file__).with_name("static") / "status.html"
 #: Host names answered when the caller gives no list (the daemon passes the config's).
 DEFAULT_ALLOWED_HOSTS = ("localhost", "127.0.0.1", "::1")
-
-
-@dataclass(frozen=True, slots=True)
-class HttpLimits:
-    """Bounds on what clients can make the server hold. The defaults fit Prometheus, a few
-    status pages and scripts with room to spare; they are not config keys (nobody tunes them).
-
-    * ``max_connections``: open connections at once; one more gets a 503 and is closed.
-    * ``request_timeout``: a connection must deliver a complete request head this soon after
-      it opens (slowloris, idle sockets).
-    * ``keepalive_timeout``: an idle keep-alive connection is closed after this long (and a
-      slow next request head with it).
-    * ``max_subscribers``: open ``/status/ws`` connections; one more gets a 503.
-    * ``send_timeout``: a WebSocket message (the snapshot too), and a large answer
-      (:data:`tgdaemon.httpsend.LARGE_ANSWER` bytes or more), must leave the process this
-      soon; a client that does not read is disconnected, so its unsent data is freed.
-      Prometheus gives up on a scrape after 10 s by default anyway.
-    * ``subscriber_backlog``: unsent WebSocket data, in bytes, all subscribers together may
-      hold in the process; a new subscriber whose snapshot does not fit gets a 503 (when
-      nothing is held, one always fits). Without it 64 non-readers pin 64 snapshots (3.5 MB
-      each at 10,000 accounts) for ``send_timeout``, again and again.
-    * ``answer_backlog``: unsent bytes all large answers being sent may hold together (a body
-      shared by several counts once); a new large answer that does not fit gets a 503 with
-      ``Retry-After`` (when nothing is held, one always fits). Without it 256 clients that
-      ask for ``/metrics`` or ``/status`` at 10,000 accounts and never read held ~1 GB.
-    * ``send_buffer``: the kernel send buffer of a subscriber's socket and of one taking a
-      large answer (Linux doubles it). The kernel would otherwise grow it up to
-      ``net.ipv4.tcp_wmem``'s 4 MiB per non-reader, and whether it does depends on the
-      machine's memory pressure.
-    * ``max_headers``: header lines in one request (aiohttp's default is 128, each up to
-      8 KiB: a head of ~1 MB, ~2 MB in the process until it is refused or its 10 s run out;
-      200 connections doing that took +400 MB). Browsers send about 20, scripts fewer.
-    * ``spare_fds``: descriptors held in reserve for when the process runs out (EMFILE):
-      all but one serve a request each at a time, the last turns connections away with a 503
-      (see :class:`_GuardedSite`). Part of :data:`tgdaemon.fdlimit.FIXED_FDS`.
-    """
-
-    max_connections: int = 256
-    request_timeout: float = 10.0
-    keepalive_timeout: float = 15.0
-    max_subscribers: int = 64
-    send_timeout: float = 10.0
-    subscriber_backlog: int = 16 * 1024 * 1024
-    answer_backlog: int = 32 * 1024 * 1024
-    send_buffer: int = SEND_BUFFER
-    max_headers: int = 32
-    spare_fds: int = HTTP_SPARE_FDS
+DEFAULT_LIMITS = HttpLimits()
 
 
 #: Access log lines per second at most (and a second's worth at once); requests beyond are
@@ -286,7 +237,6 @@ SUBSCRIPTIONS: web.AppKey[set[Subscription]] = web.AppKey("subscriptions")
 PAGE = web.AppKey("page", bytes)
 PAGE_CSP = web.AppKey("page_csp", str)
 ALLOWED_HOSTS = web.AppKey("allowed_hosts", frozenset[str])
-LIMITS = web.AppKey("limits", HttpLimits)
 WS_REFUSALS = web.AppKey("ws_refusals", Refusals)
 BACKLOG_REFUSALS = web.AppKey("backlog_refusals", Refusals)
 #: Renders of /metrics in progress, plain (False) and gzip (True): scrapes meanwhile join them.
@@ -294,12 +244,6 @@ RENDERS: web.AppKey[dict[bool, asyncio.Future[bytes]]] = web.AppKey("renders")
 #: The open subscribers' senders: what they hold unsent is summed against the backlog limit.
 SENDERS: web.AppKey[set[_Sender]] = web.AppKey("senders")
 ENCODER = web.AppKey("encoder", StatusEncoder)
-#: Connections (by id) that have not yet sent a complete request head: the head timer closes
-#: those still here when it fires; the first request takes its connection out.
-UNSTARTED = web.AppKey("unstarted", dict[int, web.RequestHandler])
-#: Connections (by handler id) accepted into a spare descriptor while the process is out of
-#: them: one request each, no WebSocket, so that the spare comes back soon.
-SPARE: web.AppKey[set[int]] = web.AppKey("spare")
 
 
 def build_app(
@@ -311,18 +255,16 @@ def build_app(
     ws_queue_size: int = 1024,
     loop_lag_interval: float = 1.0,
     allowed_hosts: Collection[str] = DEFAULT_ALLOWED_HOSTS,
-    limits: HttpLimits = HttpLimits(),
+    limits: HttpLimits = DEFAULT_LIMITS,
 ) -> web.Application:
     """The aiohttp application; nothing runs until a runner starts it."""
     if token is not None and not token.strip():
         raise ConfigError("the HTTP token is empty: remove it or set a real one")
-    # The outbox outermost: it sends what _guard and the routes answer.
-    app = web.Application(middlewares=[bounded_answers, _guard])
-    app[OUTBOX] = Outbox(backlog=limits.answer_backlog, timeout=limits.send_timeout,
-                         socket_buffer=limits.send_buffer)
+    # The outbox outermost: it sends what the guards and the routes answer.
+    app = web.Application(middlewares=[bounded_answers, connection_guard, _allowed_host])
+    guard_app(app, limits)
     app[RENDERS] = {}
     app[ALLOWED_HOSTS] = frozenset(_host_name(h) for h in allowed_hosts)
-    app[LIMITS] = limits
     app[WS_REFUSALS] = Refusals("status WebSocket subscriber",
                                 f"{limits.max_subscribers} open (the limit)")
     app[BACKLOG_REFUSALS] = Refusals(
@@ -330,8 +272,6 @@ def build_app(
         f"subscribers that do not read hold {limits.subscriber_backlog} bytes unsent (the limit)")
     app[SENDERS] = set()
     app[ENCODER] = StatusEncoder()
-    app[UNSTARTED] = {}
-    app[SPARE] = set()
     app[BOARD] = board
     app[REGISTRY] = registry
     app[READY] = ready
@@ -382,25 +322,15 @@ async def _close_subscriptions(app: web.Application) -> None:
 
 
 @web.middleware
-async def _guard(request: web.Request,
-                 handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                 ) -> web.StreamResponse:
-    """Runs before every route: the Host check, and the mark that stops the head timer."""
-    request.app[UNSTARTED].pop(id(request.protocol), None)
+async def _allowed_host(request: web.Request,
+                        handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                        ) -> web.StreamResponse:
+    """Runs before every route: the Host check (DNS rebinding)."""
     host = request.headers.get("Host")
     # No Host header: not a browser (HTTP/1.0 tools), so not a rebinding vector.
     if host is not None and _host_name(host) not in request.app[ALLOWED_HOSTS]:
         return _json({"error": "unknown Host: add it to daemon.http_allowed_hosts"}, 421)
-    if id(request.protocol) not in request.app[SPARE]:
-        return await handler(request)
-    # Out of file descriptors, on a spare one: answer this request and give it back.
-    if "Upgrade" in request.headers:
-        response: web.StreamResponse = _json(
-            {"error": "the daemon is out of file descriptors; try again later"}, 503)
-    else:
-        response = await handler(request)
-    response.force_close()
-    return response
+    return await handler(request)
 
 
 def _host_name(host: str) -> str:
@@ -503,6 +433,8 @@ async def _status_ws(request: web.Request) -> web.StreamResponse:
     if not _same_origin(request):
         # Browsers let any page open a WebSocket to 127.0.0.1: only our own page may.
         return _json({"error": "cross-origin WebSocket refused"}, 403)
+    if not offers_protocol(request, WS_PROTOCOL):
+        return _json({"error": f"offer the WebSocket subprotocol {WS_PROTOCOL}"}, 400)
     app = request.app
     limits = app[LIMITS]
     if len(app[SUBSCRIPTIONS]) >= limits.max_subscribers:
@@ -682,224 +614,6 @@ _BIND_ERRORS = {
     errno.EACCES: "permission denied (ports below 1024 need privileges)",
 }
 
-def _answer(status: bytes, text: bytes) -> bytes:
-    return (b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain\r\nContent-Length: "
-            + str(len(text)).encode() + b"\r\nConnection: close\r\n\r\n" + text)
-
-
-_BUSY = _answer(b"503 Service Unavailable", b"too many connections\n")
-_NO_FDS = _answer(b"503 Service Unavailable", b"the daemon is out of file descriptors\n")
-#: Connections taken per wake-up of a listening socket before other callbacks run (asyncio's).
-_ACCEPT_BATCH = 100
-#: How long a listening socket rests when not even a spare descriptor is left (asyncio's).
-_ACCEPT_RETRY_DELAY = 1.0
-_OUT_OF_RESOURCES = FD_EXHAUSTED | {errno.ENOBUFS, errno.ENOMEM}
-
-
-def _turn_away(conn: socket.socket, answer: bytes) -> None:
-    """Answer on a raw accepted socket and close it. The request already received is read
-    first: closing with unread data would reset the connection before the client reads."""
-    with contextlib.suppress(OSError), conn:
-        conn.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            conn.recv(65536)
-        conn.send(answer)
-        conn.shutdown(socket.SHUT_WR)
-
-
-class _Tracked(asyncio.Protocol):
-    """aiohttp's handler for one accepted socket, seen by the site from ``accept()`` to the
-    close: the connection count and the spare descriptors follow the socket itself."""
-
-    def __init__(self, handler: web.RequestHandler, conn: socket.socket,
-                 closed: Callable[[_Tracked], None]) -> None:
-        self.handler = handler
-        self._conn = conn
-        self._closed = closed
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.handler.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.handler.data_received(data)
-
-    def eof_received(self) -> None:
-        self.handler.eof_received()
-
-    def pause_writing(self) -> None:
-        self.handler.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.handler.resume_writing()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        try:
-            self.handler.connection_lost(exc)
-        finally:
-            # asyncio closes the socket only after this returns: close it first (asyncio's
-            # close then does nothing), so that its descriptor is free when the site looks.
-            self._conn.close()
-            self._closed(self)
-
-
-class _GuardedSite(web.TCPSite):
-    """A TCP site that accepts itself (instead of asyncio's server) so that it can count every
-    socket from ``accept()`` to its close (503 beyond ``max_connections``), give each a
-    deadline for its request head, and keep answering when the process is out of file
-    descriptors.
-
-    Out of descriptors, asyncio's server logs and stops accepting for a second, again and
-    again: ``/metrics`` and ``/healthz`` hang exactly when the operator needs them. Here
-    ``accept()`` failing with EMFILE releases one of :class:`FdReserve`'s spares and accepts
-    into it: while another spare is left the connection is served (one request, then closed,
-    no WebSocket), with the last one it gets a 503 and is closed at once (the backlog drains
-    instead of filling up). Whenever a connection closes the spares are taken back at once,
-    before anything else can take the freed descriptor. Only with no spare at all does a
-    listening socket rest for a second, as asyncio's does (Linux reports it readable for as
-    long as connections wait, so accepting nothing would spin).
-    """
-
-    def __init__(self, runner: web.AppRunner, host: str, port: int, limits: HttpLimits,
-                 unstarted: dict[int, web.RequestHandler], spare: set[int],
-                 reserve: FdReserve) -> None:
-        super().__init__(runner, host, port)
-        self._limits = limits
-        self._unstarted = unstarted
-        self._spare = spare  # ids of the handlers served from the reserve
-        self._reserve = reserve
-        self._open: set[_Tracked] = set()
-        self._listeners: list[socket.socket] = []
-        self._setups: set[asyncio.Task[None]] = set()
-        self._resting: list[asyncio.TimerHandle] = []
-        self.refusals = Refusals("HTTP connection", f"{limits.max_connections} open (the limit)")
-
-    async def start(self) -> None:
-        await web.BaseSite.start(self)  # registers with the runner; TCPSite's own bind below
-        loop = asyncio.get_running_loop()
-        # Binding (addresses, IPv6, SO_REUSEADDR, errors) as asyncio does; accepting is ours.
-        self._server = await loop.create_server(asyncio.Protocol, self._host, self._port,
-                                                start_serving=False)
-        self._reserve.fill()
-        for bound in self._server.sockets:
-            listener = socket.socket(fileno=os.dup(bound.fileno()))
-            listener.setblocking(False)
-            # A burst up to the connection cap waits in the kernel, not in SYN retries: with
-            # aiohttp's 128 a burst of 150 into a busy loop left some handshakes unfinished
-            # (the final ACK dropped on a full queue) until SYN-ACK retransmits, 15 s later.
-            listener.listen(max(self._backlog, self._limits.max_connections))
-            self._listeners.append(listener)
-            loop.add_reader(listener, self._accept, listener)
-
-    async def stop(self) -> None:
-        loop = asyncio.get_running_loop()
-        for handle in self._resting:
-            handle.cancel()
-        for listener in self._listeners:
-            loop.remove_reader(listener)
-            listener.close()
-        self._listeners.clear()
-        for task in self._setups:
-            task.cancel()
-        if self._setups:
-            await asyncio.wait(self._setups)
-        await super().stop()
-
-    def open_connections(self) -> int:
-        return len(self._open)
-
-    def _accept(self, listener: socket.socket) -> None:
-        for _ in range(_ACCEPT_BATCH):
-            try:
-                conn, _address = listener.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return
-            except OSError as exc:
-                if exc.errno not in _OUT_OF_RESOURCES:
-                    log.warning("HTTP accept failed: %s", exc)
-                    return
-                # Demoted and summarised (one line per burst) by logvolume, and counted in
-                # tgdaemon_fd_exhausted_total.
-                log.warning("HTTP accept: %s; answering from the spare descriptors", exc)
-                if not self._accept_spare(listener):
-                    return
-                continue
-            if len(self._open) >= self._limits.max_connections:
-                self.refusals.note()
-                _turn_away(conn, _BUSY)
-                continue
-            self._serve(conn, spare=False)
-
-    def _accept_spare(self, listener: socket.socket) -> bool:
-        """Accept one connection into a spare descriptor; False when the listener rests."""
-        if not self._reserve.release():
-            self._rest(listener)
-            return False
-        try:
-            conn, _address = listener.accept()
-        except OSError:  # gone meanwhile, or a thread took the descriptor
-            self._reserve.fill()
-            if self._reserve.held == 0:
-                self._rest(listener)
-            return False
-        if self._reserve.held == 0:  # that was the last spare: keep it for the next one
-            _turn_away(conn, _NO_FDS)
-            self._reserve.fill()
-        else:
-            self._serve(conn, spare=True)
-        return True
-
-    def _rest(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(listener)
-
-        def wake() -> None:
-            self._resting.remove(handle)
-            self._reserve.fill()
-            if listener in self._listeners:
-                loop.add_reader(listener, self._accept, listener)
-
-        handle = loop.call_later(_ACCEPT_RETRY_DELAY, wake)
-        self._resting.append(handle)
-
-    def _serve(self, conn: socket.socket, *, spare: bool) -> None:
-        server = self._runner.server
-        assert server is not None
-        handler = server()
-        tracked = _Tracked(handler, conn, self._closed)
-        self._open.add(tracked)
-        if spare:
-            self._spare.add(id(handler))
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(self._connect(conn, tracked), name="http-accept")
-        self._setups.add(task)
-        task.add_done_callback(self._setups.discard)
-        self._unstarted[id(handler)] = handler
-        # The timer holds the handler, so its id is not reused before the timer fires.
-        loop.call_later(self._limits.request_timeout, self._expire, handler)
-
-    async def _connect(self, conn: socket.socket, tracked: _Tracked) -> None:
-        try:
-            await asyncio.get_running_loop().connect_accepted_socket(lambda: tracked, conn)
-        except BaseException as exc:
-            conn.close()
-            self._closed(tracked)
-            if not isinstance(exc, Exception):
-                raise
-            log.debug("HTTP connection not set up: %s", type(exc).__name__)
-
-    def _closed(self, tracked: _Tracked) -> None:
-        self._open.discard(tracked)
-        self._spare.discard(id(tracked.handler))
-        # Nothing ran since the socket's close: its descriptor is still free to take back.
-        self._reserve.fill()
-
-    def _expire(self, handler: web.RequestHandler) -> None:
-        transport = handler.transport
-        if self._unstarted.pop(id(handler), None) is handler and transport is not None:
-            handler.force_close()
-            transport.close()
-
-
 class HttpServer:
     """Runs an app on one TCP address; binds what it is given (the config defaults to loopback).
 
@@ -923,14 +637,12 @@ class HttpServer:
         if self._runner is not None:
             raise RuntimeError("HttpServer already started")
         limits = self._app[LIMITS]
-        runner = web.AppRunner(
+        runner = make_runner(
             self._app,
             access_log=logging.getLogger("tgdaemon.http.access"),
             access_log_class=type("AccessLogger", (AccessLogger,), {
                 "budget": LineBudget(ACCESS_LOG_RATE, time.monotonic)}),
             shutdown_timeout=5.0,
-            keepalive_timeout=limits.keepalive_timeout,
-            max_headers=limits.max_headers,
         )
         await runner.setup()
         reserve = self._spare_fds
@@ -938,8 +650,7 @@ class HttpServer:
             reserve = self._own_spare_fds = FdReserve(limits.spare_fds)
         reserve.fill()
         try:
-            site = _GuardedSite(runner, self._host, self._requested_port, limits,
-                                self._app[UNSTARTED], self._app[SPARE], reserve)
+            site = GuardedTcpSite(runner, self._host, self._requested_port, reserve)
             await site.start()
         except OSError as exc:
             await runner.cleanup()  # setup started the app: undo exactly that

@@ -56,17 +56,18 @@ class Refusals:
     a full server cannot flood the journal."""
 
     def __init__(self, what: str, why: str, *, verb: str = "refused",
-                 level: int = logging.WARNING) -> None:
+                 level: int = logging.WARNING, logger: logging.Logger = log) -> None:
         self.what = what
         self.why = why
         self.verb = verb
         self.level = level
+        self.logger = logger
         self.count = 0
 
     def note(self) -> None:
         self.count += 1
         if self.count == 1 or self.count % 1000 == 0:
-            log.log(self.level, "%s %s: %s; %d %s so far", self.what, self.verb, self.why,
+            self.logger.log(self.level, "%s %s: %s; %d %s so far", self.what, self.verb, self.why,
                     self.count, self.verb)
 
 

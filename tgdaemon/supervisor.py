@@ -13,11 +13,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tgdaemon.accountclient import CLOSE_TIMEOUT
 from tgdaemon.config import diff_config
 from tgdaemon.exceptions import AccountError, DecryptionError
 from tgdaemon.lifecycle import watchdog_restarts
 from tgdaemon.reporter import AccountReporter
-from tgdaemon.worker import CLOSE_TIMEOUT, AccountWorker, WorkerDeps
+from tgdaemon.worker import AccountWorker, WorkerDeps
 
 if TYPE_CHECKING:
     from tgdaemon.config import AccountConfig, Config

@@ -164,6 +164,20 @@ class ManagedClient(TelegramClient):  # type: ignore[misc]  # Telethon is untype
         await super()._dispatch_update(update)
         self.catch_up_box.dispatched()  # not reached when a disconnect cancels the handlers
 
+    async def _get_dc(self, dc_id: int, cdn: bool = False) -> Any:
+        """The address a DC switch connects to. Telethon takes the first help.getConfig option
+        with the DC's id and IP version, which in a real config may be a media-only or an
+        obfuscated-only (tcpo_only) one, refused to this transport: here an option for API
+        calls is preferred whenever the config lists one."""
+        chosen = await super()._get_dc(dc_id, cdn)  # fetches the config once per class
+        if cdn:
+            return chosen
+        for option in type(self)._config.dc_options:
+            if (option.id == dc_id and bool(option.ipv6) == self._use_ipv6
+                    and not (option.media_only or option.tcpo_only or option.cdn)):
+                return option
+        return chosen
+
     async def _switch_dc(self, new_dc: int) -> Any:
         # A session resumed with catch_up never calls get_me(), so ``_authorized`` may still be
         # unknown: the own user id stored in the session says it is logged in.

@@ -4,15 +4,15 @@ Connect, validate, heartbeat; on every failure ask :mod:`tgdaemon.lifecycle` wha
 (backoff and reconnect, a flood wait, parking, a DC migration) and do it. What the outside sees
 (status, metrics, the store's status, the transition log) is written by the account's
 :class:`~tgdaemon.reporter.AccountReporter`, never here. Parked accounts end their task and
-hold no connection: a revoked account costs nothing and sends nothing. Its route (and
-failover), its deliberate waits and its lease are their own modules: route, progress,
-serverdeadline.
+hold no connection: a revoked account costs nothing and sends nothing. Its client object (build,
+bounded connect and close), its route (and failover), its deliberate waits and its lease are
+their own modules: accountclient, route, progress, serverdeadline; so is its watch over the
+connection's update stream (updategap).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import time
 from collections.abc import Callable
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from telethon import functions, types
 
+from tgdaemon.accountclient import AccountClient
 from tgdaemon.connwatch import ConnectionWatch
 from tgdaemon.errors import NotAuthorizedError, classify
 from tgdaemon.exceptions import DecryptionError
@@ -37,14 +38,15 @@ from tgdaemon.lifecycle import (
 from tgdaemon.plugins import Plugins
 from tgdaemon.progress import Progress
 from tgdaemon.reachability import Reachability
+from tgdaemon.reaper import Reaper
 from tgdaemon.route import AccountRoute
 from tgdaemon.serverdeadline import ConnectionLease
 from tgdaemon.session import StoreSession
 from tgdaemon.status import UserInfo
 from tgdaemon.store import DeviceInfo
 from tgdaemon.tasks import raise_if_cancelled
-from tgdaemon.telegram import ManagedClient, build_client, local_update_pts
-from tgdaemon.updates import observe_updates
+from tgdaemon.telegram import ManagedClient
+from tgdaemon.updategap import UpdateGaps
 from tgdaemon.watch import AuthorizationWatch
 from tgdaemon.wheel import TimerWheel
 
@@ -55,16 +57,9 @@ if TYPE_CHECKING:
     from tgdaemon.reporter import AccountReporter
     from tgdaemon.store import SessionData, Store
 
-#: Bound on tearing down a client: a wedged one is abandoned and replaced.
-CLOSE_TIMEOUT = 5.0
-_close_log = logging.getLogger("tgdaemon.worker.close")
 #: Seconds between two runs of the client's housekeeping (``ManagedClient.keep_house``), the
 #: period of the Telethon keep-alive loop it replaces.
 HOUSEKEEPING_INTERVAL = 60.0
-
-
-class UpdateStallError(ConnectionError):
-    """Updates stopped arriving although the connection answers: reconnect (a NETWORK fault)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +83,8 @@ class WorkerDeps:
     reachability: Reachability = field(default_factory=Reachability)
     #: The heartbeat waits' shared timers: accounts due in one tick beat together.
     wheel: TimerWheel = field(default_factory=TimerWheel)
+    #: Where clients the workers let go of are finished and freed (tgdaemon.reaper).
+    reaper: Reaper = field(default_factory=Reaper)
 
 
 class AccountWorker:
@@ -105,7 +102,8 @@ class AccountWorker:
         self.deps = deps
         self.report = reporter
         self.log = reporter.log
-        self.client: ManagedClient | None = None
+        #: The client object (built at the first connect, replaced when given up).
+        self._client = AccountClient(account, deps, reporter)
         self.session: StoreSession | None = None
         #: What the watchdog sees: the last progress, a deliberate wait in progress.
         self.progress = Progress(deps.monotonic, deps.reachability)
@@ -119,7 +117,7 @@ class AccountWorker:
         self._lease = None if deps.lease is None else ConnectionLease(deps.lease, self.name)
         #: The way to the server (created with the session: it moves the session's address).
         self._route: AccountRoute | None = None
-        self._catch_ups = 0
+        self._gaps = UpdateGaps()
         self._watch = ConnectionWatch(deps.wheel)
         self._plugins = Plugins(account, reporter)
         #: A failure another caller (the account API) ran into on this account's client,
@@ -127,6 +125,10 @@ class AccountWorker:
         self._reported: BaseException | None = None
         #: The security watch (created with the session: it needs the stored update date).
         self._sessions: AuthorizationWatch | None = None
+
+    @property
+    def client(self) -> ManagedClient | None:
+        return self._client.current
 
     @property
     def policy(self) -> PolicyConfig:
@@ -148,7 +150,7 @@ class AccountWorker:
             self.report.transition(State.STOPPED, f"internal error: {type(exc).__name__}")
         finally:
             await self._close_client()
-            self.client = None  # an ended worker (parked, stopped) holds no Telethon state
+            self._client.drop()  # an ended worker (parked, stopped) holds no Telethon state
 
     def _open_session(self) -> bool:
         """The session from the stored record; False (and why, reported) when there is none.
@@ -190,7 +192,7 @@ class AccountWorker:
                     await self.deps.directory.refresh(
                         lambda: self._rpc(functions.help.GetConfigRequest()))
                 raise_if_cancelled()  # a stop that Telethon's connect swallowed (tasks.py)
-                self._catch_ups = 0
+                self._gaps.connected()
                 if self._lease is not None:  # again: validating may have taken a while
                     self._lease.arm(self.client)
                 a = self.account
@@ -277,7 +279,7 @@ class AccountWorker:
         assert self.session is not None
         policy = self.policy
         async with asyncio.timeout(policy.connect_timeout + policy.request_timeout):
-            await self.client._switch_dc(new_dc)  # not wait_for: see _connect
+            await self.client._switch_dc(new_dc)  # not wait_for: see AccountClient.connect
         await self.session.flush()
         self._watch.watch(self.client)
         self.report.dc(self.session.dc_id)
@@ -299,29 +301,10 @@ class AccountWorker:
         assert self._route is not None
         if self._lease is not None:
             self._lease.check()
-        if self.client is None:
-            self.client = build_client(self.deps.client_cls, self.session,
-                                       self.deps.settings.current, self.account)
-            observe_updates(self.client, self.report)
-            for hook in self.deps.client_hooks:
-                hook(self.name, self.client)
-            if self._sessions is not None:
-                self._sessions.attach(self.client)
-        client = self.client
+        client = self._client.get(self.session, self._sessions)
         if self._lease is not None:  # the server's deadline before any use of the key
             self._lease.install(client)
-        try:
-            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that
-            # arrives as connect() fails, and the stopped worker would reconnect forever.
-            async with asyncio.timeout(self.policy.connect_timeout):
-                await client.connect(validate=True)
-        except BaseException as exc:
-            await self._close_client()
-            if isinstance(exc, TimeoutError):
-                # A connect that hung (a stall mid key exchange) leaves Telethon's sender in
-                # an unknown state: abandon this client object, build a fresh one next time.
-                self.client = None
-            raise
+        await self._client.connect(client, self.policy.connect_timeout)
         self._route.reached()
         # Fleet mode: the server's deadline went first on the connection; the lease may
         # have lapsed while connecting.
@@ -349,7 +332,6 @@ class AccountWorker:
         """Heartbeat until the connection fails; every exit is an exception to recover from."""
         assert self.client is not None
         assert self.session is not None
-        gap_streak = 0
         housekept = self.deps.monotonic()
         while True:
             await self._until_next_beat()
@@ -367,11 +349,8 @@ class AccountWorker:
             if self._sessions is not None:
                 await self._sessions.step(self._rpc, self.deps.settings.current, self.account,
                                           self.report)
-            local = local_update_pts(self.client)
-            gap_streak = gap_streak + 1 if local is not None and server.pts > local else 0
-            if gap_streak >= self.policy.update_gap_heartbeats:
-                gap_streak = 0
-                await self._on_update_gap(server.pts, local)
+            await self._gaps.check(self.client, server.pts, self.policy.update_gap_heartbeats,
+                                   self.report)
             if beat - housekept >= HOUSEKEEPING_INTERVAL:
                 housekept = beat
                 await self.client.keep_house()
@@ -392,16 +371,6 @@ class AccountWorker:
                 self._raise_reported()
                 return
 
-    async def _on_update_gap(self, server_pts: int, local_pts: int | None) -> None:
-        assert self.client is not None
-        self.report.update_gap(server_pts, local_pts)
-        if self._catch_ups == 0:
-            self._catch_ups += 1
-            await self.client.catch_up()  # getDifference fetches what was missed
-            return
-        # A second gap on the same connection: updates are not flowing; start over.
-        raise UpdateStallError("updates stopped arriving on this connection")
-
     async def _rpc(self, request: Any) -> Any:
         """One RPC bounded by ``request_timeout`` (Telethon has no request timeout of its own).
         ``asyncio.timeout`` rather than ``wait_for``: no extra Task per heartbeat."""
@@ -411,16 +380,5 @@ class AccountWorker:
 
     async def _close_client(self) -> None:
         self._watch.forget()
-        client = self.client
-        if client is None:
-            return
-        try:
-            async with asyncio.timeout(CLOSE_TIMEOUT):  # not wait_for: see _connect
-                await client.disconnect()
-        except Exception as exc:  # a wedged client is dropped, not awaited forever
-            # Not through the account's logger: a fleet-wide drop makes this one summary line
-            # (logvolume.Noise.CLOSE_TIMEOUT), not one WARNING per account.
-            _close_log.warning("client did not close cleanly (%s); replacing it: %s",
-                               type(exc).__name__, self.name, extra={"account": self.name})
-            self.client = None
+        await self._client.close()
 

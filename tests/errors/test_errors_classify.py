@@ -24,6 +24,10 @@ def rpc(code: int, message: str) -> te.RPCError:
 
 # (error_code, error_message) -> (expected Telethon type, category, code, extra fields)
 RPC_TABLE = [
+    (400, "CONNECTION_NOT_INITED", te.ConnectionNotInitedError, Category.SERVER,
+     "CONNECTION_NOT_INITED", {}),
+    (400, "CONNECTION_LAYER_INVALID", te.ConnectionLayerInvalidError, Category.CLIENT,
+     "CONNECTION_LAYER_INVALID", {}),
     (420, "FLOOD_WAIT_30", te.FloodWaitError, Category.FLOOD_WAIT, "FLOOD_WAIT",
      {"wait_seconds": 30}),
     (420, "FLOOD_PREMIUM_WAIT_7", te.FloodPremiumWaitError, Category.FLOOD_WAIT,

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from tests.conftest import wait_for_condition
+from tests.rawsock import closed_by_server, trickled_until_closed
 from tgdaemon.http import (
     ACCESS_LOG_RATE,
     REGISTRY,
@@ -78,23 +79,6 @@ async def serve() -> AsyncIterator[Any]:
         await server.stop()
 
 
-async def closed_by_server(sock: socket.socket, timeout: float = 10.0, *,
-                           sending: bool = False) -> bytes:
-    """Read until the server closes the connection; returns what it sent. ``sending``: the
-    client is still sending, so a close can be a reset (the kernel answers bytes the server
-    had not read when it closed with RST instead of FIN; nothing else resets on loopback)."""
-    loop = asyncio.get_running_loop()
-    data = b""
-    async with asyncio.timeout(timeout):
-        try:
-            while chunk := await loop.sock_recv(sock, 65536):
-                data += chunk
-        except ConnectionResetError:
-            if not sending:
-                raise
-    return data
-
-
 async def test_idle_connections_are_closed(serve):
     served = await serve()
     started = time.monotonic()
@@ -113,19 +97,10 @@ async def test_a_slowly_sent_request_head_is_cut_off(serve):
     # Only the head timer may cut it off (aiohttp's keep-alive timer would too, at 0.5 s).
     served = await serve(dataclasses.replace(FAST, keepalive_timeout=30))
     sock = await served.connect()
-    loop = asyncio.get_running_loop()
     started = time.monotonic()
-    await loop.sock_sendall(sock, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-    reader = asyncio.ensure_future(closed_by_server(sock, sending=True))
     try:
-        # One header byte every 50 ms (pacing the attacker, not waiting for the server).
-        while not reader.done():
-            try:
-                await loop.sock_sendall(sock, b"X")
-            except OSError:
-                break
-            await asyncio.sleep(0.05)
-        assert await reader == b""
+        assert await trickled_until_closed(
+            sock, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n") == b""
     finally:
         sock.close()
     assert FAST.request_timeout <= time.monotonic() - started < 5

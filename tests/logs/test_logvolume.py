@@ -155,6 +155,18 @@ def test_budget_counts_accounts_connects_http_and_the_process():
     assert budget(config(50, instance_id="d1", capacity=10_000), 256).accounts == 50
 
 
+def test_budget_counts_the_api_unix_socket_as_a_listener(tmp_path: Path) -> None:
+    token = tmp_path / "t.token"
+    token.write_text("budget-token-0123456789\n")
+    token.chmod(0o600)
+    data = {"telegram": {"api_id": 1, "api_hash": "0" * 32}, "accounts": [{"name": "a"}],
+            "api": {"unix_socket": str(tmp_path / "api.sock"),
+                    "clients": [{"name": "c", "token_file": str(token), "accounts": ["*"]}]}}
+    assert budget(parse_config(data, path=tmp_path / "t.toml", env={}), 256).http == 512
+    data["daemon"] = {"http_listen": ""}
+    assert budget(parse_config(data, path=tmp_path / "t.toml", env={}), 256).http == 256
+
+
 class Limits:
     def __init__(self, soft: int, hard: int, settable: bool = True) -> None:
         self.soft, self.hard, self.settable = soft, hard, settable

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
+import logging
 import struct
 from pathlib import Path
 
@@ -80,7 +82,7 @@ class HostileServer:
 
 
 async def test_huge_frame_is_refused_memory_stays_bounded_and_account_reconnects(
-        make_config, login_account, localdc, wait_until):
+        make_config, login_account, localdc, wait_until, caplog):
     config = make_config([{"name": "alice", "phone": phone_for("alice")}],
                          daemon={"http_listen": ""})
     await login_account(config, "alice")
@@ -119,3 +121,10 @@ async def test_huge_frame_is_refused_memory_stays_bounded_and_account_reconnects
     # an uncapped client reads all STREAM_LIMIT bytes.
     assert max(hostile.sent) < STREAM_LIMIT // 2, hostile.sent
     assert peak_growth_mib < (MAX_FRAME_BYTES / 2**20) + 32, peak_growth_mib
+    # The dropped connections' errors were seen: freeing their senders reports nothing
+    # (asyncio's "exception was never retrieved" ERROR, a traceback per dropped connection).
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        gc.collect()
+    unretrieved = [r.getMessage() for r in caplog.records
+                   if r.name == "asyncio" and "never retrieved" in r.getMessage()]
+    assert not unretrieved, unretrieved

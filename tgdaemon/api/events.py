@@ -24,7 +24,8 @@ import logging
 import os
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Container, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 from telethon import events as tevents
 from telethon.tl import types as tl
+
+from tgdaemon.httpsend import Refusals
 
 if TYPE_CHECKING:
     from tgdaemon.crypto import KeyRing
@@ -52,6 +55,15 @@ SUBSCRIBER_QUEUE = 4096
 #: time: what it costs does not grow with what is held (up to ``updates_buffer`` per account,
 #: 10 million at 10,000 accounts), and the loop only forwards them.
 BACKLOG_PAGE = 256
+#: Up to this many named accounts, a backlog page is read by account (SQLite's index); more
+#: (a URL holds up to ~4,000 names) are filtered while reading every account's rows.
+NAMED_QUERY = 500
+
+
+#: The accounts a consumer gets events of (``name in accounts``; None: every account): a set
+#: of names, or a client's patterns matched as events come (no set of the whole fleet per
+#: stream).
+Accounts = Container[str] | None
 
 
 class EventKind(StrEnum):
@@ -164,12 +176,30 @@ class Event:
                 "type": self.kind.value, **self.body}
 
 
+class EventEncoder:
+    """Each live event becomes its JSON text once, however many streams send it (64 streams
+    of every account encoded every event 64 times on the loop). The newest ``size``
+    encodings are kept: a stream further behind than that is closed anyway."""
+
+    def __init__(self, size: int = SUBSCRIBER_QUEUE) -> None:
+        self._size = size
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+
+    def encode(self, event: Event, epoch: str) -> bytes:
+        text = self._cache.get(event.seq)
+        if text is None:
+            text = self._cache[event.seq] = json.dumps(event.to_json(epoch)).encode()
+            if len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        return text
+
+
 class Subscriber:
     """A live consumer's queue; closed (``overflowed``) when it falls too far behind. What it
     got is always a prefix of what it was offered (no hole), so resuming from the last cursor
     it received loses nothing."""
 
-    def __init__(self, accounts: frozenset[str] | None, maxsize: int = SUBSCRIBER_QUEUE) -> None:
+    def __init__(self, accounts: Accounts, maxsize: int = SUBSCRIBER_QUEUE) -> None:
         self.accounts = accounts
         self.overflowed = False
         self.closed = False
@@ -227,6 +257,10 @@ class UpdateBuffer:
         self._flushed = asyncio.Condition()
         self._written_seq = 0
         self._attached: dict[int, str] = {}
+        #: Live events' JSON, shared by the streams (backlogs are encoded per stream).
+        self.encoder = EventEncoder()
+        self.undecryptable = Refusals("held update event", "it could not be decrypted (its "
+                                      "key left the ring)", verb="skipped", logger=log)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -309,7 +343,7 @@ class UpdateBuffer:
     def last_seq(self) -> int:
         return self._next_seq - 1
 
-    def subscribe(self, accounts: frozenset[str] | None) -> Subscriber:
+    def subscribe(self, accounts: Accounts) -> Subscriber:
         sub = Subscriber(accounts)
         self._subscribers.add(sub)
         return sub
@@ -318,7 +352,7 @@ class UpdateBuffer:
         sub.close()
         self._subscribers.discard(sub)
 
-    async def backlog(self, accounts: frozenset[str] | None, after: int,
+    async def backlog(self, accounts: Accounts, after: int,
                       upto: int) -> AsyncIterator[Event]:
         """Held events with ``after < seq <= upto``, gap events first, read
         :data:`BACKLOG_PAGE` at a time as the consumer takes them."""
@@ -333,14 +367,24 @@ class UpdateBuffer:
             for event in events:
                 yield event
 
-    def _read(self, accounts: frozenset[str] | None, after: int, upto: int
+    def _read(self, accounts: Accounts, after: int, upto: int
               ) -> tuple[int, list[Event]]:
         """In the buffer's thread: the next page after ``after``, decrypted; returns the last
         sequence number read (``upto`` when nothing is left) and the page's events."""
         assert self._db is not None
-        rows = self._db.execute(
-            "SELECT seq, account, kind, body FROM events WHERE seq > ? AND seq <= ? "
-            "ORDER BY seq LIMIT ?", (after, upto, BACKLOG_PAGE)).fetchall()
+        if isinstance(accounts, frozenset) and 0 < len(accounts) <= NAMED_QUERY:
+            # Named accounts: their rows alone, through the (account, seq) index. Filtering
+            # every account's rows here cost a consumer of one account a scan of the whole
+            # buffer (10 million rows at 10,000 accounts) for its up to updates_buffer events.
+            marks = ",".join("?" * len(accounts))
+            rows = self._db.execute(
+                f"SELECT seq, account, kind, body FROM events WHERE account IN ({marks}) "
+                "AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                (*sorted(accounts), after, upto, BACKLOG_PAGE)).fetchall()
+        else:
+            rows = self._db.execute(
+                "SELECT seq, account, kind, body FROM events WHERE seq > ? AND seq <= ? "
+                "ORDER BY seq LIMIT ?", (after, upto, BACKLOG_PAGE)).fetchall()
         events = []
         for seq, account, kind, blob in rows:
             if accounts is not None and account not in accounts:
@@ -348,8 +392,8 @@ class UpdateBuffer:
             try:
                 body = json.loads(self._keyring.decrypt(bytes(blob), account=str(account),
                                                         purpose=f"{PURPOSE}:{seq}"))
-            except Exception as exc:  # a key removed from the ring: the event is lost
-                log.warning("an update event could not be decrypted (%s)", type(exc).__name__)
+            except Exception:  # a key removed from the ring: the event is lost
+                self.undecryptable.note()  # every resume reads them again: summarised
                 continue
             events.append(Event(int(seq), str(account), EventKind(kind), body))
         return (int(rows[-1][0]) if len(rows) == BACKLOG_PAGE else upto), events

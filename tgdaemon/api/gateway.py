@@ -72,15 +72,17 @@ HTTP_STATUS: dict[Outcome, int] = {
 
 class ApiError(Exception):
     """A refused or failed call: becomes the HTTP answer (``retry_after`` -> Retry-After).
-    ``message`` is safe to show (redacted); ``rpc_error`` is Telegram's error name."""
+    ``message`` is safe to show (redacted); ``rpc_error`` is Telegram's error name; ``close``:
+    the connection is closed after the answer (what the client still sends is not read)."""
 
     def __init__(self, outcome: Outcome, message: str, retry_after: int | None = None,
-                 rpc_error: str | None = None) -> None:
+                 rpc_error: str | None = None, *, close: bool = False) -> None:
         super().__init__(message)
         self.outcome = outcome
         self.message = message
         self.retry_after = retry_after
         self.rpc_error = rpc_error
+        self.close = close
 
     @property
     def status(self) -> int:

@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import StreamReader, WSCloseCode, WSMsgType, web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from telethon import functions
 from telethon.tl import types as tl
 
 from tgdaemon.api.events import (
+    Accounts,
     CursorError,
     Event,
     Subscriber,
@@ -50,7 +51,23 @@ from tgdaemon.api.sessions import list_sessions, terminate_sessions
 from tgdaemon.api.tljson import TlJsonError, build_request, to_json
 from tgdaemon.apiconfig import ApiClient, ApiMethod, authenticate
 from tgdaemon.exceptions import AccountError, ConfigError
-from tgdaemon.httpsend import OUTBOX, SEND_BUFFER, Outbox, bounded_answers, limit_send_buffer
+from tgdaemon.fdlimit import FdReserve
+from tgdaemon.httpsend import (
+    OUTBOX,
+    SEND_BUFFER,
+    Refusals,
+    bounded_answers,
+    limit_send_buffer,
+)
+from tgdaemon.httpsite import (
+    LIMITS,
+    GuardedUnixSite,
+    HttpLimits,
+    connection_guard,
+    guard_app,
+    make_runner,
+    offers_protocol,
+)
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
@@ -68,11 +85,13 @@ WS_TOKEN_PREFIX = "bearer."
 MAX_BODY = 64 * 1024
 MAX_LIMIT = 100
 CLOSE_OVERFLOW = WSCloseCode.TRY_AGAIN_LATER  # 1013: resume with the last cursor
-#: Open update streams, daemon-wide; one more is refused with 503.
-MAX_STREAMS = 64
-#: Seconds one event may take to leave; a consumer that stops reading is disconnected.
-SEND_TIMEOUT = 10.0
 NO_CLIENT = "-"
+#: The account API's own bounds (README "Account API"), the HTTP listener's defaults: those of
+#: its Unix socket (connections, request heads, keep-alive, large answers), and of its update
+#: streams on both listeners: ``max_subscribers`` open at once (one more gets 429),
+#: ``send_timeout`` seconds for each event to leave (a consumer that stops reading is
+#: disconnected).
+API_LIMITS = HttpLimits()
 
 
 @dataclass(frozen=True)
@@ -88,8 +107,11 @@ class AccountApi:
 
     def __init__(self, settings: ConfigHolder, board: StatusBoard, keyring: KeyRing,
                  registry: CollectorRegistry, *, clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 limits: HttpLimits = API_LIMITS) -> None:
         self.settings = settings
+        #: What a client may hold: see API_LIMITS.
+        self.limits = limits
         self.board = board
         config = settings.current
         self.buffer = UpdateBuffer(config.daemon.state_dir, keyring, config.api.updates_buffer)
@@ -99,6 +121,14 @@ class AccountApi:
         self._sockets: set[web.WebSocketResponse] = set()
         self._unix: web.AppRunner | None = None
         self.requests = RequestCounter(self.gateway)
+        #: Summarised log lines for what the bounds turn away (one per thousand).
+        self.slow_bodies = Refusals("account API request", "its body did not arrive within "
+                                    "the request deadline", verb="cut off", level=logging.INFO)
+        self.stream_refusals = Refusals("account API update stream",
+                                        f"{limits.max_subscribers} open (the limit)")
+        self.slow_consumers = Refusals(
+            "account API update stream", f"the consumer did not take an event within "
+            f"{limits.send_timeout:g} s", verb="disconnected", level=logging.INFO)
         #: One thread turns large TL results into JSON (see :meth:`encode`).
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-encode")
         registry.register(self.requests)
@@ -110,7 +140,7 @@ class AccountApi:
         path = self.config.api.unix_socket
         if path is not None:
             try:
-                self._unix = await _serve_unix(self, path)
+                self._unix = await _serve_unix(self, path, self.limits)
             except BaseException:
                 await self.buffer.close()
                 raise
@@ -266,7 +296,7 @@ class RequestCounter:
 API = web.AppKey("account_api", AccountApi)
 
 
-async def _serve_unix(api: AccountApi, path: Path) -> web.AppRunner:
+async def _serve_unix(api: AccountApi, path: Path, limits: HttpLimits) -> web.AppRunner:
     """The /v1 routes alone on a Unix socket, mode 0660. A stale socket left by a crash is
     replaced; one another process still answers on is not (ConfigError)."""
     if await asyncio.to_thread(path.is_socket):
@@ -277,19 +307,17 @@ async def _serve_unix(api: AccountApi, path: Path) -> web.AppRunner:
         else:
             writer.close()
             raise ConfigError(f"api.unix_socket {path} is in use by another process")
-    from tgdaemon.http import HttpLimits
-
-    # Large answers (the accounts list, invoke results) bounded as on the TCP listener, with
-    # a budget of their own.
-    limits = HttpLimits()
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[bounded_answers])
-    app[OUTBOX] = Outbox(backlog=limits.answer_backlog, timeout=limits.send_timeout,
-                         socket_buffer=limits.send_buffer)
+    # Bounded as the TCP listener is (a connection cap of its own: a local program that
+    # exhausts it leaves /metrics and /healthz on the TCP listener alone).
+    app = web.Application(client_max_size=MAX_BODY,
+                          middlewares=[bounded_answers, connection_guard])
+    guard_app(app, limits)
     api.register(app)
-    runner = web.AppRunner(app, access_log=None, max_headers=limits.max_headers)
+    runner = make_runner(app, access_log=None)
     await runner.setup()
     try:
-        site = web.UnixSite(runner, str(path))
+        # No spare descriptors: out of them, the socket pauses accepting for a second.
+        site = GuardedUnixSite(runner, path, FdReserve(0), what="API socket connection")
         await site.start()
         await asyncio.to_thread(os.chmod, path, 0o660)
     except BaseException:
@@ -320,6 +348,8 @@ def _error(err: ApiError) -> web.Response:
         response.headers["Retry-After"] = str(err.retry_after)
     if err.outcome is Outcome.UNAUTHORIZED:
         response.headers["WWW-Authenticate"] = 'Bearer realm="tgdaemon"'
+    if err.close:
+        response.force_close()
     return response
 
 
@@ -345,11 +375,22 @@ def _same_origin(request: web.Request) -> bool:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
+    """The JSON object in the request body: at most MAX_BODY bytes, all of it within the
+    listener's ``request_timeout`` (a client that sends the head and then trickles or stops
+    would otherwise hold the handler for as long as it likes: nothing else times it)."""
+    too_large = ApiError(Outcome.BAD_REQUEST, f"body larger than {MAX_BODY} bytes", close=True)
     if request.content_length is not None and request.content_length > MAX_BODY:
-        raise ApiError(Outcome.BAD_REQUEST, f"body larger than {MAX_BODY} bytes")
-    raw = await request.content.read(MAX_BODY + 1)
+        raise too_large
+    deadline = request.app[LIMITS].request_timeout
+    try:
+        async with asyncio.timeout(deadline):
+            raw = await _read_at_most(request.content, MAX_BODY + 1)
+    except TimeoutError:
+        _api(request).slow_bodies.note()
+        raise ApiError(Outcome.BAD_REQUEST, f"the body did not arrive within {deadline:g} s",
+                       close=True) from None
     if len(raw) > MAX_BODY:
-        raise ApiError(Outcome.BAD_REQUEST, f"body larger than {MAX_BODY} bytes")
+        raise too_large
     try:
         data = json.loads(raw or b"{}")
     except ValueError:
@@ -357,6 +398,17 @@ async def _body(request: web.Request) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ApiError(Outcome.BAD_REQUEST, "body must be a JSON object")
     return data
+
+
+async def _read_at_most(content: StreamReader, limit: int) -> bytes:
+    """Up to ``limit`` bytes of ``content``, however many pieces they arrive in (one
+    ``read(n)`` returns what has arrived so far, not ``n`` bytes)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit and (chunk := await content.read(limit - size)):
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _int(value: Any, name: str, default: int, lo: int, hi: int) -> int:
@@ -575,11 +627,13 @@ async def _updates(request: web.Request) -> web.StreamResponse:
             if not _has_account(api.config, n):
                 raise ApiError(Outcome.NOT_FOUND, "no such account")
         if names:
-            accounts: frozenset[str] | None = frozenset(names)
+            accounts: Accounts = frozenset(names)
         elif client.accounts == ("*",):
             accounts = None
-        else:
-            accounts = frozenset(a.name for a in api.config.accounts if client.may_use(a.name))
+        else:  # matched as events come: no set of the whole fleet per stream
+            accounts = _Usable(client, api)
+        if not offers_protocol(request, WS_PROTOCOL):
+            raise ApiError(Outcome.BAD_REQUEST, f"offer the WebSocket subprotocol {WS_PROTOCOL}")
         cursor = request.query.get("cursor")
         after: int | None = None
         if cursor:
@@ -592,53 +646,87 @@ async def _updates(request: web.Request) -> web.StreamResponse:
     return await api.serve(request, ApiMethod.UPDATES, None, work)
 
 
+@dataclass(frozen=True)
+class _Usable:
+    """The configured accounts ``client`` may use, as a container (see :data:`Accounts`)."""
+
+    client: ApiClient
+    api: AccountApi
+
+    def __contains__(self, account: object) -> bool:
+        return (isinstance(account, str) and self.client.may_use(account)
+                and _has_account(self.api.config, account))
+
+
 async def _stream(request: web.Request, api: AccountApi, client: ApiClient,
-                  accounts: frozenset[str] | None, after: int | None) -> web.WebSocketResponse:
+                  accounts: Accounts, after: int | None) -> web.StreamResponse:
     buffer = api.buffer
-    if len(api._sockets) >= MAX_STREAMS:
-        raise ApiError(Outcome.BUSY, f"{MAX_STREAMS} update streams already open", retry_after=5)
+    if len(api._sockets) >= api.limits.max_subscribers:
+        api.stream_refusals.note()
+        raise ApiError(Outcome.BUSY, f"{api.limits.max_subscribers} update streams already "
+                       "open", retry_after=5)
     ws = web.WebSocketResponse(protocols=(WS_PROTOCOL,), heartbeat=30.0, max_msg_size=4096)
     # Subscribe first, then read what is held up to that point: nothing falls in between;
     # live events already sent from the backlog are skipped by sequence number.
     sub = buffer.subscribe(accounts)
     upto = buffer.last_seq
     api._sockets.add(ws)
+    timeout = api.limits.send_timeout
     try:
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except ConnectionError:  # gone before the handshake's answer: nothing to log
+            return web.Response(status=499, reason="Client Closed Request")
+        except web.HTTPException:  # not a WebSocket handshake: the client's mistake, no bug
+            raise ApiError(Outcome.BAD_REQUEST, "not a WebSocket handshake") from None
         # A consumer that stops reading: the kernel keeps 128 KiB for it, not up to 4 MiB.
         limit_send_buffer(request.transport, SEND_BUFFER)
         api.count(client, None, ApiMethod.UPDATES, Outcome.OK)
         try:
-            overflowed = await _pump(ws, buffer, sub, after, upto)
-        except (TimeoutError, ConnectionError) as exc:  # the consumer stopped reading
-            log.info("update stream closed: the consumer did not read (%s)", type(exc).__name__)
-            await ws.close(code=CLOSE_OVERFLOW, message=b"too slow: resume with your cursor")
+            overflowed = await _pump(ws, buffer, sub, after, upto, timeout)
+        except TimeoutError:  # the consumer stopped reading
+            api.slow_consumers.note()
+            overflowed = True
+        except ConnectionError:  # the consumer went away
             return ws
         if overflowed:
-            await ws.close(code=CLOSE_OVERFLOW, message=b"too slow: resume with your cursor")
+            await _close(ws, request, timeout, CLOSE_OVERFLOW,
+                         b"too slow: resume with your cursor")
         else:
-            await ws.close()
+            await _close(ws, request, timeout)
     finally:
         buffer.unsubscribe(sub)
         api._sockets.discard(ws)
     return ws
 
 
+async def _close(ws: web.WebSocketResponse, request: web.Request, timeout: float,
+                 code: int = WSCloseCode.OK, message: bytes = b"") -> None:
+    """Close politely within ``timeout``, else drop the connection: the close frame waits
+    behind what a consumer that stopped reading did not take."""
+    try:
+        async with asyncio.timeout(timeout):
+            await ws.close(code=code, message=message)
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+
+
 async def _pump(ws: web.WebSocketResponse, buffer: UpdateBuffer, sub: Subscriber,
-                after: int | None, upto: int) -> bool:
+                after: int | None, upto: int, timeout: float) -> bool:
     """The backlog after the cursor, ``ready``, then live events until the consumer leaves
     or the subscription ends; True when it ended because the consumer fell behind."""
     last = upto if after is None else after
     if after is not None:
         async for event in buffer.backlog(sub.accounts, after, upto):
-            await _emit(ws, event.to_json(buffer.epoch))
+            await _emit(ws, _encode(event.to_json(buffer.epoch)), timeout)
         last = upto
-    await _emit(ws, {"type": "ready", "cursor": _cursor(buffer, last)})
+    await _emit(ws, _encode({"type": "ready", "cursor": _cursor(buffer, last)}), timeout)
     reader = asyncio.create_task(_drain(ws), name="api-updates-reader")
     try:
         async for event in _until(sub, reader):
             if event.seq > last:
-                await _emit(ws, event.to_json(buffer.epoch))
+                await _emit(ws, buffer.encoder.encode(event, buffer.epoch), timeout)
                 last = event.seq
     finally:
         reader.cancel()
@@ -646,11 +734,15 @@ async def _pump(ws: web.WebSocketResponse, buffer: UpdateBuffer, sub: Subscriber
     return sub.overflowed
 
 
-async def _emit(ws: web.WebSocketResponse, data: dict[str, Any]) -> None:
-    """One event out, within SEND_TIMEOUT: a consumer that stopped reading holds no handler
-    (it resumes with its last cursor and misses nothing)."""
-    async with asyncio.timeout(SEND_TIMEOUT):
-        await ws.send_str(json.dumps(data))
+def _encode(data: dict[str, Any]) -> bytes:
+    return json.dumps(data).encode()
+
+
+async def _emit(ws: web.WebSocketResponse, text: bytes, timeout: float) -> None:
+    """One event (UTF-8 JSON) out, within ``timeout``: a consumer that stopped reading holds
+    no handler (it resumes with its last cursor and misses nothing)."""
+    async with asyncio.timeout(timeout):
+        await ws.send_frame(text, WSMsgType.TEXT)
 
 
 def _cursor(buffer: UpdateBuffer, seq: int) -> str:

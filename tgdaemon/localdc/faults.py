@@ -17,10 +17,18 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-FaultKind = Literal["refuse", "stall", "latency", "rpc_error", "mute_updates", "clock_skew"]
+FaultKind = Literal["refuse", "stall", "latency", "rpc_error", "mute_updates", "clock_skew",
+                    "salt_change", "new_session", "bundle", "gzip", "bad_msg",
+                    "transport_error"]
 KINDS: frozenset[str] = frozenset(
-    ("refuse", "stall", "latency", "rpc_error", "mute_updates", "clock_skew")
+    ("refuse", "stall", "latency", "rpc_error", "mute_updates", "clock_skew",
+     "salt_change", "new_session", "bundle", "gzip", "bad_msg", "transport_error")
 )
+#: Kinds that make localdc behave as Telegram may, where it is otherwise simpler: the
+#: MTProto service messages and packings a real server sends that a client must handle.
+#: ``code`` is the bad_msg_notification error code (``bad_msg``) or the transport error
+#: (``transport_error``: 404, 429, 444).
+NEEDS_CODE = frozenset(("bad_msg", "transport_error"))
 
 #: Methods that ``"*"`` does not match: keepalive must survive an rpc_error fault on "*".
 PING_METHODS = frozenset(("ping", "ping_delay_disconnect"))
@@ -69,6 +77,21 @@ class Fault:
         ``"USER_MIGRATE_2"``…); ``code`` defaults from the message (420, 303, 401, 406, 500…).
       * ``mute_updates``: pushed updates are silently not delivered; pings still answered.
       * ``clock_skew``: server msg_ids are shifted by ``seconds`` (may be negative).
+
+    Real-server behaviours (core.telegram.org/mtproto/service_messages and
+    /mtproto/mtproto-transports), per matching packet or request:
+      * ``salt_change``: the connection's server salt changes first, so the packet is
+        answered with ``bad_server_salt`` (a salt expiring mid-session); ``method`` ignored.
+      * ``new_session``: the server forgets the session first: ``new_session_created``
+        before the packet is served (a server restarted mid-connection); ``method`` ignored.
+      * ``bundle``: the answer goes in a ``msg_container`` with a ``msgs_ack`` of the request.
+      * ``gzip``: the result is ``gzip_packed`` inside its ``rpc_result``; a pushed update
+        (``method=None``) travels as a top-level ``gzip_packed``.
+      * ``bad_msg``: the request is answered with ``bad_msg_notification`` of error ``code``
+        (16/17 msg_id too low/high, 32/33 seqno too low/high, 64 invalid container...)
+        instead of being served.
+      * ``transport_error``: the packet is answered with transport error ``-code`` (404, 429,
+        444) and the connection closed; ``method`` ignored.
     """
 
     kind: FaultKind
@@ -86,6 +109,8 @@ class Fault:
             raise ValueError(f"unknown fault kind {self.kind!r}")
         if self.kind == "rpc_error" and not self.error:
             raise ValueError("an rpc_error fault needs an error message")
+        if self.kind in NEEDS_CODE and self.code is None:
+            raise ValueError(f"a {self.kind} fault needs a code")
         if self.times is not None and self.times < 1:
             raise ValueError("times must be >= 1 or None")
 

@@ -148,6 +148,10 @@ class World:
     push_key: Callable[[int, tl.TypeUpdates], None] | None = None
     #: auth.exportLoginToken tokens: token -> the pending login (see localdc.account).
     login_tokens: dict[bytes, LoginTokenState] = field(default_factory=dict)
+    #: help.getConfig lists, ahead of each DC's address, the kinds of option a real config
+    #: also holds and a client must not connect to for its API calls: media-only, CDN,
+    #: obfuscated-only (tcpo_only) and IPv6 options, all pointing at a closed port.
+    config_decoys: bool = False
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -260,13 +264,28 @@ def _handles(cls: type) -> Callable[[Callable[[World, Ctx, Any], Any]],
 # -- help --------------------------------------------------------------------------------------
 
 
+#: A port nothing listens on (TCP port 1, tcpmux): a connection to a decoy option is refused.
+DECOY_PORT = 1
+
+
+def _dc_options(dc_id: int, host: str, port: int, *, decoys: bool) -> list[tl.DcOption]:
+    real = tl.DcOption(id=dc_id, ip_address=host, port=port)
+    if not decoys:
+        return [real]
+    return [tl.DcOption(id=dc_id, ip_address=host, port=DECOY_PORT, media_only=True),
+            tl.DcOption(id=dc_id, ip_address=host, port=DECOY_PORT, cdn=True),
+            tl.DcOption(id=dc_id, ip_address=host, port=DECOY_PORT, tcpo_only=True),
+            tl.DcOption(id=dc_id, ip_address="::1", port=DECOY_PORT, ipv6=True),
+            real]
+
+
 @_handles(fn.help.GetConfigRequest)
 def _get_config(w: World, ctx: Ctx, req: Any) -> tl.Config:
     now = _now()
     return tl.Config(
         date=now, expires=now + timedelta(hours=1), test_mode=False, this_dc=ctx.dc_id,
-        dc_options=[tl.DcOption(id=i, ip_address=h, port=p)
-                    for i, (h, p) in sorted(w.addresses().items())],
+        dc_options=[option for i, (h, p) in sorted(w.addresses().items())
+                    for option in _dc_options(i, h, p, decoys=w.config_decoys)],
         dc_txt_domain_name="localdc.invalid", chat_size_max=200, megagroup_size_max=200000,
         forwarded_count_max=100, online_update_period_ms=210000, offline_blur_timeout_ms=5000,
         offline_idle_timeout_ms=30000, online_cloud_timeout_ms=300000,

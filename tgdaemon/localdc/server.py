@@ -82,6 +82,9 @@ _WRAPPERS = (
 _HANDSHAKE = (fn.ReqPqMultiRequest, fn.ReqPqRequest, fn.ReqDHParamsRequest,
               fn.SetClientDHParamsRequest)
 _WRITE_BUFFER_LIMIT = 8 * 1024 * 1024
+#: Content-related messages a connection remembers as sent and not yet acknowledged (oldest
+#: forgotten first): enough to see a client that loses acknowledgements.
+UNACKED_LIMIT = 256
 
 
 def _salt_for(key: bytes) -> int:
@@ -105,7 +108,7 @@ class _Conn:
     """One client TCP connection and its MTProto session state."""
 
     __slots__ = ("codec", "dc_id", "handshake", "key_id", "last_msg_id", "peer", "ping_timer",
-                 "salt", "seq", "session_id", "task", "via", "writer")
+                 "salt", "seq", "session_id", "task", "unacked", "via", "writer")
 
     def __init__(self, dc_id: int, writer: asyncio.StreamWriter, via: str = "dc") -> None:
         self.dc_id = dc_id
@@ -122,6 +125,8 @@ class _Conn:
         self.last_msg_id = 0
         self.ping_timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
+        #: msg_ids of content-related messages sent in this session, not yet acknowledged.
+        self.unacked: dict[int, None] = {}
 
     def __repr__(self) -> str:
         return f"<localdc conn dc={self.dc_id} key={self.key_id}>"
@@ -133,6 +138,11 @@ class _Conn:
             mid = (self.last_msg_id & ~3) + 4 | (1 if response else 3)
         self.last_msg_id = mid
         return mid
+
+    def sent(self, msg_id: int) -> None:
+        self.unacked[msg_id] = None
+        if len(self.unacked) > UNACKED_LIMIT:
+            del self.unacked[next(iter(self.unacked))]
 
     def next_seq(self, content_related: bool) -> int:
         if content_related:
@@ -458,7 +468,8 @@ class LocalDC:
     def counters(self, dc_id: int | None = None, user_id: int | None = None) -> dict[str, Any]:
         """Summed counters; method counts are under ``"requests"`` keyed by TL name
         (``"users.getUsers"``, ``"ping"``, ``"req_pq_multi"``); ``"packets"`` counts the
-        encrypted packets received (a container of several messages is one)."""
+        encrypted packets received (a container of several messages is one); ``"emulated"``
+        how often each real-server fault kind (``"salt_change"``, ``"gzip"``...) acted."""
         total: Counter[str] = Counter()
         for (d, u), c in self._counts.items():
             if (dc_id is None or d == dc_id) and (user_id is None or u == user_id):
@@ -469,13 +480,25 @@ class LocalDC:
             "requests_during_flood_wait", "flood_waits_resumed",
             "updates_muted", "auth_key_duplicated", "packets")}
         requests: dict[str, int] = {}
+        emulated: dict[str, int] = {}
         for k, v in total.items():
             if k.startswith("req:"):
                 requests[k[4:]] = v
+            elif k.startswith("emulated:"):
+                emulated[k[9:]] = v
             else:
                 out[k] = v
         out["requests"] = requests
+        out["emulated"] = emulated
         return out
+
+    def _emulated(self, conn: _Conn, kind: str) -> None:
+        self._count(conn.dc_id, self._conn_user(conn), "emulated:" + kind)
+
+    def unacked(self, user_id: int) -> int:
+        """Content-related messages sent to ``user_id``'s live sessions and not acknowledged
+        (MTProto asks a client to acknowledge every one; a lost ack leaves one here)."""
+        return sum(len(c.unacked) for c in list(self._conns) if self._conn_user(c) == user_id)
 
     def connection_count(self, dc_id: int | None = None) -> int:
         return sum(1 for c in self._conns if dc_id is None or c.dc_id == dc_id)
@@ -531,7 +554,11 @@ class LocalDC:
             assert conn.key_id is not None  # a connection with a session has a key
             rec = self.store.auth_keys[conn.key_id]
             self._count(conn.dc_id, user_id, "updates_pushed")
-            self._send_encrypted(conn, rec, body, content_related=True, response=False)
+            packed = body
+            if self.faults.match("gzip", scope, SERVICE):
+                self._emulated(conn, "gzip_update")
+                packed = bytes(GzipPacked(body))
+            self._send_encrypted(conn, rec, packed, content_related=True, response=False)
 
     def _push_key(self, key_id: int, updates: tl.TypeUpdates) -> None:
         body = bytes(updates)
@@ -610,6 +637,13 @@ class LocalDC:
                 self._count(conn.dc_id, scope.user_id, "connections_refused")
                 conn.reset()
                 return
+        error = self.faults.match("transport_error", self._scope(conn))
+        if error is not None:
+            assert error.code is not None  # Fault requires one for transport_error
+            self._emulated(conn, "transport_error")
+            conn.write(struct.pack("<i", -error.code))
+            conn.writer.close()  # graceful: the error frame goes out first
+            return
         try:
             plain = decrypt_client_message(rec.key, payload)
         except ValueError:
@@ -623,10 +657,18 @@ class LocalDC:
         body = plain[32:32 + length]
         # A stall on everything (method=None) also silences service messages; the requests
         # themselves are then stalled (and the fault's shots used up) in _on_request.
-        silent = self.faults.match("stall", self._scope(conn), SERVICE, consume=False)
+        scope = self._scope(conn)
+        silent = self.faults.match("stall", scope, SERVICE, consume=False)
+        if self.faults.match("new_session", scope) is not None:
+            self._emulated(conn, "new_session")
+            conn.session_id = None  # as if the server had restarted: a new session follows
+        if self.faults.match("salt_change", scope) is not None:
+            self._emulated(conn, "salt_change")
+            conn.salt = struct.unpack("<q", os.urandom(8))[0]  # this packet's salt is now stale
         if conn.session_id != session_id:
             conn.session_id = session_id
             conn.seq = 0
+            conn.unacked.clear()
             if self.key_use.session(conn, key_id, session_id) and \
                     key_id not in self._duplicate_logged:
                 self._duplicate_logged.add(key_id)
@@ -658,6 +700,8 @@ class LocalDC:
             self._on_message(conn, rec, msg_id, data)
             return
         if cid == MSGS_ACK:
+            for acked in BinaryReader(body).tgread_object().msg_ids:
+                conn.unacked.pop(acked, None)
             return
         try:
             obj = BinaryReader(body).tgread_object()
@@ -712,16 +756,26 @@ class LocalDC:
         scope = self._admit(conn, names)
         if scope is None:
             return
+        bad = self.faults.match("bad_msg", scope, names)
+        if bad is not None:
+            assert bad.code is not None  # Fault requires one for bad_msg
+            self._emulated(conn, "bad_msg")
+            self._send_encrypted(conn, rec, bytes(tl.BadMsgNotification(
+                bad_msg_id=msg_id, bad_msg_seqno=0, error_code=bad.code)),
+                content_related=False, response=True)
+            return
         delay = self._latency(scope, names)
         if rec.key_id in self.key_use.duplicated:
             # Like Telegram: the key was used concurrently and is invalidated for good.
             self._count(conn.dc_id, scope.user_id, "auth_key_duplicated")
-            self._reply(conn, rec, msg_id, bytes(tl.RpcError(406, "AUTH_KEY_DUPLICATED")), delay)
+            self._reply(conn, rec, msg_id, bytes(tl.RpcError(406, "AUTH_KEY_DUPLICATED")), delay,
+                        names)
             return
         left = 0 if scope.user_id is None else self._flooded(conn.dc_id, scope.user_id, names)
         if left:
             # Like Telegram: the method stays refused until the deadline, with the time left.
-            self._reply(conn, rec, msg_id, bytes(tl.RpcError(420, f"FLOOD_WAIT_{left}")), delay)
+            self._reply(conn, rec, msg_id, bytes(tl.RpcError(420, f"FLOOD_WAIT_{left}")), delay,
+                        names)
             return
         fault = self.faults.match("rpc_error", scope, names)
         if fault is not None:
@@ -742,7 +796,7 @@ class LocalDC:
             except Exception:
                 log.exception("localdc: handler for %s failed", names.tl)
                 result = bytes(tl.RpcError(500, "INTERNAL"))
-        self._reply(conn, rec, msg_id, result, delay)
+        self._reply(conn, rec, msg_id, result, delay, names)
 
     def _flooded(self, dc_id: int, user_id: int, names: MethodNames) -> int:
         """Seconds left of this user's flood wait if ``names`` is the refused method, else 0.
@@ -762,9 +816,33 @@ class LocalDC:
         return math.ceil(left) if method == names.tl else 0
 
     def _reply(self, conn: _Conn, rec: AuthKeyRecord, msg_id: int, result: bytes,
-               delay: float = 0.0) -> None:
+               delay: float = 0.0, names: MethodNames | None = None) -> None:
+        scope = self._scope(conn)
+        if names is not None and self.faults.match("gzip", scope, names):
+            self._emulated(conn, "gzip")
+            result = bytes(GzipPacked(result))
         body = struct.pack("<Iq", RPC_RESULT, msg_id) + result
+        if names is not None and self.faults.match("bundle", scope, names):
+            self._emulated(conn, "bundle")
+            self._send_container(conn, rec, [(bytes(tl.MsgsAck([msg_id])), False, False),
+                                             (body, True, True)], delay)
+            return
         self._send_encrypted(conn, rec, body, content_related=True, response=True, delay=delay)
+
+    def _send_container(self, conn: _Conn, rec: AuthKeyRecord,
+                        parts: list[tuple[bytes, bool, bool]], delay: float = 0.0) -> None:
+        """``parts`` (body, content related, response) in one ``msg_container``, each with
+        its own msg_id and seqno, lower than the container's."""
+        skew = self._skew(self._scope(conn))
+        inner = b""
+        for part, related, response in parts:
+            inner_id = conn.next_msg_id(response, skew)
+            if related:
+                conn.sent(inner_id)
+            inner += struct.pack("<qii", inner_id, conn.next_seq(related), len(part)) + part
+        body = struct.pack("<Ii", MSG_CONTAINER, len(parts)) + inner
+        self._send_encrypted(conn, rec, body, content_related=False, response=False,
+                             delay=delay)
 
     def _latency(self, scope: Scope, names: MethodNames) -> float:
         fault = self.faults.match("latency", scope, names)
@@ -777,6 +855,8 @@ class LocalDC:
     def _send_encrypted(self, conn: _Conn, rec: AuthKeyRecord, body: bytes, *,
                         content_related: bool, response: bool, delay: float = 0.0) -> None:
         msg_id = conn.next_msg_id(response, self._skew(self._scope(conn)))
+        if content_related:
+            conn.sent(msg_id)
         plain = struct.pack("<qqqii", conn.salt, conn.session_id or 0, msg_id,
                             conn.next_seq(content_related), len(body)) + body
         conn.write(encrypt_server_message(rec.key, rec.key_id, plain), delay)

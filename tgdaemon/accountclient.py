@@ -1,0 +1,94 @@
+"""An account's Telethon client object, from build to close.
+
+One client object serves an account across its reconnects. It is built, with its listeners
+(catch-up and unknown-object reports, the daemon's client hooks, the security watch), the
+first time its worker connects; every connect is bounded by ``connect_timeout`` and every
+close by :data:`CLOSE_TIMEOUT`. A client whose state is unknown (its connect hung, a stall mid
+key exchange that leaves Telethon's sender half-way, or its close did not finish) is given
+up, and the next connect builds a fresh one: the worker never waits on a wedged client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from tgdaemon.telegram import ManagedClient, build_client
+from tgdaemon.updates import observe_updates
+
+if TYPE_CHECKING:
+    from tgdaemon.config import AccountConfig
+    from tgdaemon.reporter import AccountReporter
+    from tgdaemon.session import StoreSession
+    from tgdaemon.watch import AuthorizationWatch
+    from tgdaemon.worker import WorkerDeps
+
+#: Bound on tearing down a client: a wedged one is abandoned and replaced.
+CLOSE_TIMEOUT = 5.0
+#: Not the account's logger: a fleet-wide drop makes this one summary line
+#: (logvolume.Noise.CLOSE_TIMEOUT), not one WARNING per account.
+_close_log = logging.getLogger("tgdaemon.worker.close")
+
+
+class AccountClient:
+    """The current client of one account, if any (see module docstring)."""
+
+    __slots__ = ("_account", "_deps", "_report", "current")
+
+    def __init__(self, account: AccountConfig, deps: WorkerDeps,
+                 report: AccountReporter) -> None:
+        self._account = account
+        self._deps = deps
+        self._report = report
+        self.current: ManagedClient | None = None
+
+    def get(self, session: StoreSession, security: AuthorizationWatch | None) -> ManagedClient:
+        """The current client, built (with its listeners) when there is none."""
+        if self.current is None:
+            client = build_client(self._deps.client_cls, session, self._deps.settings.current,
+                                  self._account)
+            observe_updates(client, self._report)
+            for hook in self._deps.client_hooks:
+                hook(self._account.name, client)
+            if security is not None:
+                security.attach(client)
+            self.current = client
+        return self.current
+
+    async def connect(self, client: ManagedClient, timeout: float) -> None:
+        """Connect ``client`` within ``timeout``; on any failure it is closed first."""
+        try:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that
+            # arrives as connect() fails, and the stopped worker would reconnect forever.
+            async with asyncio.timeout(timeout):
+                await client.connect(validate=True)
+        except BaseException as exc:
+            await self.close()
+            if isinstance(exc, TimeoutError):
+                # A connect that hung leaves Telethon's sender in an unknown state: abandon
+                # this client object, build a fresh one next time.
+                self.drop()
+            raise
+
+    async def close(self) -> None:
+        """Disconnect the current client within :data:`CLOSE_TIMEOUT`; one that does not
+        close in time is dropped, never awaited forever."""
+        client = self.current
+        if client is None:
+            return
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):  # not wait_for: see connect
+                await client.disconnect()
+        except Exception as exc:
+            name = self._account.name
+            _close_log.warning("client did not close cleanly (%s); replacing it: %s",
+                               type(exc).__name__, name, extra={"account": name})
+            self.drop()
+
+    def drop(self) -> None:
+        """Let go of the current client: the reaper finishes what its close left undone and
+        frees it (tgdaemon.reaper); the next connect builds a fresh one."""
+        client, self.current = self.current, None
+        if client is not None:
+            self._deps.reaper.take(client)
