@@ -54,6 +54,29 @@ WAVE_SHARE = 0.01
 NO_AUTOMATIC_FULL = 2**31 - 1
 
 
+class _FullCollections:
+    """The automatic full collections of the process, off while any policy runs (a process
+    may run several daemons: tests, library use); the last one to stop switches them back."""
+
+    running = 0
+    saved = 0
+
+    @classmethod
+    def off(cls) -> None:
+        t0, t1, t2 = gc.get_threshold()
+        if cls.running == 0:
+            cls.saved = t2
+        cls.running += 1
+        gc.set_threshold(t0, t1, NO_AUTOMATIC_FULL)
+
+    @classmethod
+    def on(cls) -> None:
+        cls.running -= 1
+        if cls.running == 0:
+            t0, t1, _t2 = gc.get_threshold()
+            gc.set_threshold(t0, t1, cls.saved)
+
+
 def wave_threshold(accounts: int) -> int:
     """How many accounts must be (re)connecting at once for a wave."""
     return max(1, math.ceil(accounts * WAVE_SHARE))
@@ -82,8 +105,7 @@ class GcPolicy:
         self._idle_interval = idle_interval
         self._monotonic = monotonic
         self._task: asyncio.Task[None] | None = None
-        #: The collector's thresholds before :meth:`start` (restored by :meth:`stop`).
-        self._thresholds: tuple[int, int, int] | None = None
+        self._automatic_off = False
         self._swept = 0.0
         #: Freezes done so far (the tests and the bench read it).
         self.freezes = 0
@@ -104,17 +126,17 @@ class GcPolicy:
         full collections off and follow the waves."""
         self.freeze()
         if self._task is None:
-            self._thresholds = gc.get_threshold()
-            gc.set_threshold(self._thresholds[0], self._thresholds[1], NO_AUTOMATIC_FULL)
+            _FullCollections.off()
+            self._automatic_off = True
             self._task = asyncio.get_running_loop().create_task(self._run(), name="gc-freeze")
 
     async def stop(self) -> None:
         """Stop following waves and hand the frozen objects back to the collector."""
         task, self._task = self._task, None
         await cancel_and_wait(task)
-        thresholds, self._thresholds = self._thresholds, None
-        if thresholds is not None:
-            gc.set_threshold(*thresholds)
+        if self._automatic_off:
+            self._automatic_off = False
+            _FullCollections.on()
         gc.unfreeze()
 
     @property

@@ -41,6 +41,7 @@ def test_when_to_sweep(in_wave, connecting, accounts, since, expected):
 async def test_freezes_while_connecting_until_none_is(wait_until):
     connecting = True
     policy = GcPolicy(lambda: (int(connecting), 1), interval=0.01, idle_interval=3600)
+    other = GcPolicy(lambda: (0, 1), interval=3600)  # a second daemon in the process
     assert gc.get_freeze_count() == 0
     thresholds = gc.get_threshold()
     policy.start()
@@ -66,8 +67,12 @@ async def test_freezes_while_connecting_until_none_is(wait_until):
         connecting = False
         await wait_until(lambda: policy.waves == 2, 5, "second wave over")
         assert not any(o is later for o in gc.get_objects())
+        other.start()
+        await policy.stop()
+        assert gc.get_threshold()[2] == NO_AUTOMATIC_FULL  # still off while one runs
     finally:
         await policy.stop()
+        await other.stop()
     assert gc.get_freeze_count() == 0
     assert gc.get_threshold() == thresholds
 
