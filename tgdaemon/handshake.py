@@ -225,7 +225,8 @@ class PaddedKeySender(MTProtoSender):  # type: ignore[misc]  # Telethon is untyp
         # traceback formatting re-enters ast.parse inside the parse the collection
         # interrupted: "AST constructor recursion depth mismatch").
         await super()._disconnect(error)
-        _retrieve(self._disconnected)
+        if (fut := self._disconnected).done():  # pending after an earlier, cancelled disconnect
+            _retrieve(fut)
 
     def send(self, request: Any, ordered: bool = False) -> Any:
         # Acknowledgements travel with the request, in one container: Telethon queues them
