@@ -13,6 +13,7 @@ connection's update stream (updategap).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Callable
@@ -148,7 +149,10 @@ class AccountWorker:
             self.log.exception("worker failed unexpectedly: %s", type(exc).__name__)
             self.report.transition(State.STOPPED, f"internal error: {type(exc).__name__}")
         finally:
-            await self._close_client()
+            with contextlib.suppress(TimeoutError):  # no slot in time: dropped (accountclient)
+                async with self._client.paced():
+                    await self._close_client()
+            self._watch.forget()
             self._client.drop()  # an ended worker (parked, stopped) holds no Telethon state
 
     def _open_session(self) -> bool:
