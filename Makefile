@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SYSDEPS := $(VENV)/.system-deps
 
-.PHONY: test lint demo demo-chaos bench bench-cluster soak clean
+.PHONY: test lint demo demo-chaos bench bench-prometheus bench-cluster soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ bench: $(STAMP)
 		--outage-sizes 10000 --merge
 	$(BIN)/python bench/run.py --sizes 100 --repeats 1 --fast-rate 3 --fast-burst 6 \
 		--fleets daemon --outage-sizes 100 --flood-sizes --merge
+
+# The daemon at 10,000 accounts scraped by Debian's Prometheus every 15 s for 5 minutes, once
+# per metrics_histograms setting (issue 17; about 25 minutes on a quiet 2-core machine): its
+# own section of bench/RESULTS.md and results.json's prometheus_scrape, which make bench keeps.
+bench-prometheus: $(STAMP) $(SYSDEPS)
+	$(BIN)/python bench/metrics_scrape.py --prometheus --accounts 10000 --duration 300
 
 # One fleet of 40,000 accounts over 4 daemons on one SQLite store, one daemon SIGKILLed
 # (issue 15): bench/CLUSTER.md. About 10-15 minutes on a quiet 2-core machine (seeding ~1.5,

@@ -12,8 +12,11 @@ start together as instances of one fleet (``bench/fleet.py daemon --fleet-instan
   RSS (VmRSS; incremental = after the window minus once imported, per account it holds),
   set against the single-daemon figures of ``bench/results.json``;
 * one instance SIGKILLed: time until all its accounts are connected on the survivors (the
-  takeover), and localdc's overlap counter (connections of one key open at once from two
-  client processes) over the whole run, which must stay 0.
+  takeover), then until the fleet has *settled* (every account connected, and no connection
+  closed by a server's ``ping_delay_disconnect`` deadline, for ``--stable`` seconds); over
+  the takeover: the servers' deadline closes (localdc's ``deadline_closes``), each survivor's
+  errors by category and its largest event-loop lag; localdc's overlap counter (connections
+  of one key open at once from two client processes) over the whole run, which must stay 0.
 
 The config holds no ``[[accounts]]``: the fleet's accounts live in the store (seeded there),
 so no instance sizes its file-descriptor budget for the whole fleet.
@@ -88,6 +91,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--takeover-timeout", type=float, default=None,
                    help="give up on the takeover after this long (default TTL + renew + "
                         "60 + N/200 s)")
+    p.add_argument("--stable", type=float, default=None,
+                   help="after the takeover, how long the fleet must stay whole, with no "
+                        "deadline close, to count as settled (default: the TTL)")
+    p.add_argument("--lag", type=float, default=0.0,
+                   help="block each survivor's event loop for this many seconds, once, "
+                        "--lag-at seconds after the kill (a stand-in for the loop lag of a "
+                        "takeover at a larger scale)")
+    p.add_argument("--lag-at", type=float, default=None,
+                   help="seconds after the kill (default: the TTL, when the claims begin)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--single", type=Path, default=HERE / "results.json",
                    help="bench/run.py's results: the single-daemon figures to compare with")
@@ -132,6 +144,7 @@ LOCK_HOLD = "tgdaemon_store_write_lock_hold_seconds"
 LOCK_WAIT = "tgdaemon_store_write_lock_wait_seconds"
 LOCK_MAX = "tgdaemon_store_write_lock_hold_max_seconds"
 RENEWALS = "tgdaemon_lease_renewals_total"
+ERRORS = "tgdaemon_errors_total"
 
 
 def scrape_fleet(port: int) -> dict[str, Any]:
@@ -179,8 +192,39 @@ def scrape_fleet(port: int) -> dict[str, Any]:
     return {"lock": lock, "renewals": renewals}
 
 
+def scrape_errors(port: int) -> dict[str, int]:
+    """One instance's worker errors so far, summed over its accounts, by category."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=120) as resp:
+        text = resp.read().decode()
+    errors: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == ERRORS:
+                category = sample.labels["category"]
+                errors[category] = errors.get(category, 0) + int(sample.value)
+    return errors
+
+
 def _sum(dcs: Sequence[LocalDcProcess], key: str) -> int:
     return sum(int(d.overlaps()[key]) for d in dcs)
+
+
+def _deadline_closes(dcs: Sequence[LocalDcProcess]) -> int:
+    """Connections the servers closed because a ``ping_delay_disconnect`` deadline passed."""
+    return sum(int(d.counters().get("deadline_closes", 0)) for d in dcs)
+
+
+def _errors(fleets: dict[str, FleetProcess]) -> dict[str, dict[str, int]]:
+    out = {}
+    for i, f in fleets.items():
+        if f.proc.poll() is None:
+            try:
+                out[i] = scrape_errors(f.wait_event("http", 60)["port"])
+            except (OSError, ChildError) as exc:
+                progress(f"{i}: no metrics ({exc})")
+    return out
 
 
 def _wait(done: Callable[[], bool], timeout: float, poll: float = 1.0) -> float | None:
@@ -215,14 +259,15 @@ def run(args: argparse.Namespace, work: Path, out: dict[str, Any]) -> None:
     fleets: dict[str, FleetProcess] = {}
     out.update({"n": n, "daemons": d, "dc_procs": len(specs), "lease_ttl": args.lease_ttl,
                 "renew": args.renew, "heartbeat": args.heartbeat,
-                "connect_rate": args.connect_rate})
+                "connect_rate": args.connect_rate, "injected_lag": args.lag})
     try:
         for dc in dcs:
             dc.start()
         started = time.monotonic()
         for i in instances:
             fleets[i] = FleetProcess(
-                ["daemon", "--config", str(config), "--fleet-instance"],
+                ["daemon", "--config", str(config), "--fleet-instance",
+                 "--injected-lag", str(args.lag)],
                 work / f"{i}.log", work / f"{i}.timeline.json", env={"TGDAEMON_INSTANCE": i})
         base = {i: f.wait_event("base", 300)["rss_kb"] for i, f in fleets.items()}
         connect_timeout = args.connect_timeout or 120 + n / 50
@@ -262,32 +307,63 @@ def run(args: argparse.Namespace, work: Path, out: dict[str, Any]) -> None:
 
         victim = instances[-1]
         lost = leases.owned().get(victim, 0)
-        progress(f"SIGKILL {victim} ({lost} accounts)")
+        closes_before = _deadline_closes(dcs)
+        errors_before = _errors(fleets)
+        out["deadline_closes_before_kill"] = closes_before
+        progress(f"SIGKILL {victim} ({lost} accounts); deadline closes so far {closes_before}")
         t_kill = time.monotonic()
+        out["kill_wall"] = time.time()
         fleets[victim].kill()
         takeover_timeout = args.takeover_timeout or (
             args.lease_ttl + args.renew + 60 + n / 200)
 
+        lag_at = t_kill + (args.lease_ttl if args.lag_at is None else args.lag_at)
+        lagged: list[str] = []
+
         def taken_over() -> bool:
+            if args.lag > 0 and not lagged and time.monotonic() >= lag_at:
+                lagged.extend(i for i in instances if i != victim)
+                for i in lagged:
+                    os.kill(fleets[i].pid, signal.SIGUSR2)
+                progress(f"event loops of {lagged} blocked for {args.lag:g} s "
+                         f"({time.monotonic() - t_kill:.1f} s after the kill)")
             return victim not in leases.owned() and _sum(dcs, "live_keys") >= n
 
         back = _wait(taken_over, takeover_timeout, poll=0.5)
+        stable = args.lease_ttl if args.stable is None else args.stable
+        settled = None if back is None else _settle(
+            dcs, n, stable, t_kill + takeover_timeout + stable)
+        closes_after = _deadline_closes(dcs)
+        errors_after = _errors(fleets)
         out["takeover"] = {
             "victim": victim, "accounts": lost,
             "seconds": None if back is None else back - t_kill,
             "budget_s": takeover_timeout,
             "bound_s": args.lease_ttl + args.renew + 15,
+            "settled_s": None if settled is None else settled - t_kill,
+            "stable_s": stable,
+            "deadline_closes": closes_after - closes_before,
+            "errors": {i: {c: v - errors_before.get(i, {}).get(c, 0) for c, v in e.items()
+                           if v - errors_before.get(i, {}).get(c, 0)}
+                       for i, e in errors_after.items()},
             "owned_after": leases.owned(),
             "live_keys_at_end": _sum(dcs, "live_keys"),
+            "injected_lag_s": args.lag if lagged else 0.0,
         }
         progress("takeover: " + ("NOT complete" if back is None else
-                                 f"{back - t_kill:.1f}s") + f", leases {leases.owned()}")
+                                 f"{back - t_kill:.1f}s") + ", settled: "
+                 + ("NO" if settled is None else f"{settled - t_kill:.1f}s")
+                 + f", deadline closes {closes_after - closes_before}, errors "
+                 f"{out['takeover']['errors']}, leases {leases.owned()}")
         out["overlaps"] = _sum(dcs, "total")
         out["open_twice_at_end"] = _sum(dcs, "open_twice")
         progress(f"overlapping connections (localdc): {out['overlaps']}")
     finally:
         if "write_lock" not in out:  # failed before the idle window: how the lock fared
             _write_lock(fleets, out)
+        with contextlib.suppress(OSError):
+            out["deadline_closes_total"] = _deadline_closes(dcs)
+        out["loop_lag_max_s"] = {}
         # All at once (one by one, the last ones would claim what the others release), and
         # one SIGTERM each: a second one during the stop ends a daemon without its timeline.
         stopping = [i for i, f in fleets.items() if f.proc.poll() is None]
@@ -299,14 +375,41 @@ def run(args: argparse.Namespace, work: Path, out: dict[str, Any]) -> None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     f.proc.wait(90)
                 timeline = f.stop()  # reads the timeline (signals only one still running)
+                lags = timeline.get("loop_lag", [])
+                out["loop_lag_max_s"][i] = max((lag for _t, lag in lags), default=0.0)
                 if "instances" in out and i in out["instances"]:
                     out["instances"][i]["loop_lag_max_s"] = max(
-                        (lag for _t, lag in timeline.get("loop_lag", [])), default=0.0)
+                        (lag for _t, lag in lags), default=0.0)
+                if "takeover" in out:
+                    out["takeover"].setdefault("loop_lag_max_s", {})[i] = max(
+                        (lag for t, lag in lags if t >= out["kill_wall"]), default=0.0)
             except ChildError as exc:
                 progress(f"{i}: {exc}")
         for dc in dcs:
             dc.stop()
         out["log_events"] = {i: log_events(f.log_path) for i, f in fleets.items()}
+
+
+def _settle(dcs: Sequence[LocalDcProcess], n: int, stable: float, deadline: float
+            ) -> float | None:
+    """The monotonic time from which every account stayed connected and no server closed a
+    connection on its ``ping_delay_disconnect`` deadline for ``stable`` seconds; None when
+    that did not happen by ``deadline`` (monotonic)."""
+    since: float | None = None
+    closes = _deadline_closes(dcs)
+    while True:
+        now = time.monotonic()
+        whole = _sum(dcs, "live_keys") >= n
+        now_closes = _deadline_closes(dcs)
+        if not whole or now_closes != closes:
+            since, closes = None, now_closes
+        elif since is None:
+            since = now
+        if since is not None and now - since >= stable:
+            return since
+        if now > deadline:
+            return None
+        time.sleep(0.5)
 
 
 def _write_lock(fleets: dict[str, FleetProcess], out: dict[str, Any]) -> None:
@@ -422,13 +525,29 @@ def _f(value: float | None, fmt: str = "{:.2f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
+#: What follows this line in the report is written by hand and kept when a run rewrites it.
+KEPT = "<!-- kept by bench/cluster.py when it rewrites this file -->"
+
+
+def kept_section(path: Path) -> list[str]:
+    """The hand-written tail of an existing report (from :data:`KEPT` on), if any."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    at = text.find(KEPT)
+    return [] if at < 0 else ["", *text[at:].rstrip("\n").split("\n"), ""]
+
+
 def write_report(results: dict[str, Any], path: Path) -> None:
+    kept = kept_section(path)
     r = results["run"]
     m = results["machine"]
     single = results.get("single")
     if "n" not in r:  # failed before the daemons started
-        path.write_text(f"# Benchmark: one fleet, several daemons on one SQLite store\n\n"
-                        f"**Run failed:** {results.get('error')}\n")
+        path.write_text("\n".join([
+            "# Benchmark: one fleet, several daemons on one SQLite store", "",
+            f"**Run failed:** {results.get('error')}", *kept]) + "\n")
         return
     lines = [
         "# Benchmark: one fleet, several daemons on one SQLite store",
@@ -455,6 +574,12 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         lines += [f"> {note}", ""]
     if "error" in results:
         lines += [f"**Run failed:** {results['error']}", ""]
+    if "deadline_closes_total" in r:
+        lags = r.get("loop_lag_max_s", {})
+        lines += ["Whole run: connections closed by a server's `ping_delay_disconnect` deadline "
+                  f"**{r['deadline_closes_total']:,}**; largest event-loop lag per instance "
+                  "that stopped cleanly: " + (", ".join(
+                      f"{i} {v:.2f} s" for i, v in sorted(lags.items())) or "-") + ".", ""]
     if "connect_s" in r:
         owned = r.get("owned_at_connect", {})
         first = r.get("first_connected_s")
@@ -503,6 +628,27 @@ def write_report(results: dict[str, Any], path: Path) -> None:
             f"whole run): **{r.get('overlaps', '-')}**.",
             "",
         ]
+        if "deadline_closes" in tk:
+            if tk.get("injected_lag_s"):
+                lines += [f"Injected: each survivor's event loop blocked once for "
+                          f"{tk['injected_lag_s']:g} s during the takeover (`--lag`).", ""]
+            settled = tk.get("settled_s")
+            errors = tk.get("errors", {})
+            lags = tk.get("loop_lag_max_s", {})
+            lines += [
+                "Settled (every account connected and no server deadline close for "
+                f"{tk['stable_s']:g} s): "
+                + (f"**{settled:.1f} s** after the kill" if settled is not None else "**NO**")
+                + f". Connections closed by a server's `ping_delay_disconnect` deadline: "
+                f"{r.get('deadline_closes_before_kill', '-')} before the kill, "
+                f"**{tk['deadline_closes']:,}** from the kill to the end of the takeover.", "",
+                "| survivor | errors after the kill (by category) | largest event-loop lag "
+                "after the kill, s |", "|---|---|---|"]
+            for i in sorted(set(errors) | set(lags)):
+                e = errors.get(i, {})
+                lines.append(f"| {i} | " + (", ".join(f"{c} {v:,}" for c, v in sorted(
+                    e.items())) or "none") + f" | {_f(lags.get(i))} |")
+            lines.append("")
     write_lock = r.get("write_lock")
     if write_lock:
         lines += ["Write lock of the shared SQLite database, per instance and kind of "
@@ -527,7 +673,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         lines += [f"| {i} | " + " | ".join(str(c[k]) for k in LOG_EVENTS) + " |"
                   for i, c in sorted(events.items())]
         lines.append("")
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines + kept))
 
 
 def main(argv: list[str] | None = None) -> int:

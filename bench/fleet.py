@@ -6,6 +6,10 @@ on stdout as JSON lines (``base`` once imported, ``http``, ``all_connected``, ``
 every change), samples how many accounts are connected and counts TCP connect attempts per
 wall-clock second (a wrapper around Telethon's ``Connection.connect``, the same in both
 fleets), and writes that timeline to ``--timeline`` when SIGTERM stops it.
+
+``--injected-lag S``: each SIGUSR2 blocks the event loop for S seconds (a stand-in for the
+loop lag of a busy process, e.g. a takeover wave at 13,000 accounts; bench/cluster.py
+``--lag``). Worker threads (the store's) go on meanwhile, as they would under a real lag.
 """
 
 from __future__ import annotations
@@ -367,6 +371,10 @@ async def run(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    if args.injected_lag > 0:
+        lag = args.injected_lag
+        # Blocking the loop is the point: a stand-in for a loop lag.
+        loop.add_signal_handler(signal.SIGUSR2, lambda: time.sleep(lag))
     emit("base", rss_kb=base_rss, n=fleet.size)
     sampler: Awaitable[list[tuple[float, int]]] = asyncio.create_task(
         sample(fleet, stop, args.sample_interval, share=args.fleet_instance))
@@ -404,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="info")
     p.add_argument("--sample-interval", type=float, default=1.0)
     p.add_argument("--timeline", type=Path, required=True)
+    p.add_argument("--injected-lag", type=float, default=0.0,
+                   help="each SIGUSR2 blocks the event loop for this many seconds")
     p.add_argument("--fleet-instance", action="store_true",
                    help="daemon: one instance of a fleet ($TGDAEMON_INSTANCE): holds a share")
     return asyncio.run(run(p.parse_args(argv)))

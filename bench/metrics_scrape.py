@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import http.client
 import json
 import os
 import random
@@ -226,7 +227,8 @@ def scrape_with_prometheus(target: str, duration: float, interval: float,
                   interval + 30, "a first scrape")
         t0 = time.monotonic()
         start = cpu_mark(prom.pid, t0)
-        rss_max, loads = 0, []
+        rss_start = rss_max = rss_kb(prom.pid)
+        loads: list[float] = []
         while (now := time.monotonic()) < t0 + duration:  # the measurement window itself
             rss_max = max(rss_max, rss_kb(prom.pid))
             loads.append(os.getloadavg()[0])
@@ -250,6 +252,7 @@ def scrape_with_prometheus(target: str, duration: float, interval: float,
             "samples_per_scrape": over("max_over_time", "scrape_samples_scraped"),
             "body_bytes": over("max_over_time", "scrape_body_size_bytes"),
             "head_series": head["numSeries"],
+            "rss_start_kb": rss_start,
             "rss_end_kb": rss_end,
             "rss_max_kb": max(rss_max, rss_end),
             "cpu_pct": cpu_percent(start, end),
@@ -264,10 +267,15 @@ def wait_for_sessions_gauges(port: int, n: int, timeout: float) -> int:
     """Wait (bounded) until every account exports its sessions gauge, the steady state's
     fifth series; returns how many do."""
     deadline = time.monotonic() + timeout
+    count = 0
     while True:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as r:
-            body = r.read()
-        count = body.count(b"\ntgdaemon_authorizations{")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as r:
+                count = r.read().count(b"\ntgdaemon_authorizations{")
+        except (OSError, http.client.HTTPException) as exc:
+            # A starved daemon cuts off an answer that does not leave within its send
+            # deadline (tgdaemon.http): that poll is lost, not the run.
+            progress(f"  /metrics poll failed: {exc!r}")
         if count >= n or time.monotonic() > deadline:
             return count
         time.sleep(5)  # a poll of a multi-megabyte body, not a wait for a race
@@ -375,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                            "the default (hours) and does not wait")
     real.add_argument("--connect-rate", type=float, default=None,
                       help="daemon.connect_rate, burst 2x (default N/40, README's advice for a "
-                           "large fleet; 0 = unlimited)")
+                           "large fleet, at least 50; 0 = unlimited)")
     real.add_argument("--connect-budget", type=float, default=0,
                       help="seconds to wait for all accounts before scraping what is "
                            "connected (default 120 + N/20)")
@@ -387,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.prometheus:
         if args.connect_rate is None:
-            args.connect_rate = args.accounts / 40
+            args.connect_rate = max(50.0, args.accounts / 40)
         return prometheus_main(args)
     in_process(args)
     return 0

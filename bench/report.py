@@ -477,6 +477,7 @@ def prometheus_lines(p: dict[str, Any]) -> list[str]:
     """The section of ``bench/metrics_scrape.py --prometheus``: one row per histogram setting,
     and the issue-17 target judged on the default setting at 10,000 accounts."""
     n = p["accounts"]
+    rate = p.get("connect_rate")
     lines = [f"{PROMETHEUS_HEADING}, N = {n:,} accounts", "",
              f"`bench/metrics_scrape.py --prometheus` ({p['date']}): the daemon with N accounts "
              "connected to the local DC, scraped by Debian's Prometheus with the shipped "
@@ -484,14 +485,21 @@ def prometheus_lines(p: dict[str, Any]) -> list[str]:
              f"{p['duration_s']:g} s, once per `metrics_histograms` setting. Scrape duration and "
              "samples as Prometheus records them (`scrape_duration_seconds`, "
              "`scrape_samples_scraped`, `scrape_body_size_bytes`); RSS is Prometheus' VmRSS. "
-             "An account's sessions gauge (`tgdaemon_authorizations`, the fifth series of a "
+             "Every configured account is exported whether connected or not; \"connected\" is "
+             "how many were when the window started → when it ended (of N; a starved daemon "
+             "connects slowly and loses connections to late heartbeats)"
+             + (f", at `connect_rate = {rate:g}`" if rate else "")
+             + ". An account's sessions gauge (`tgdaemon_authorizations`, the fifth series of a "
              "healthy account) appears after its first look at its sessions, spread over "
              "`security.check_interval` (default 4 h)"
              + (f"; here {p['sessions_look_s']:g} s, and the window starts once the accounts "
                 "have looked (column \"sessions gauges\")." if p.get("sessions_look_s")
                 else ": most accounts of a short run have not looked yet (4 series).")
              + (f" Load average at the start: {p['loadavg']:.1f} on "
-                f"{p.get('nproc', '?')} CPUs." if "loadavg" in p else ""),
+                f"{p.get('nproc', '?')} CPUs (column \"load\": over each window). Samples, "
+                "body size, series and Prometheus' RSS do not depend on the load; scrape "
+                "durations do (the daemon renders and sends on a starved event loop)."
+                if "loadavg" in p else ""),
              ""]
 
     def num(v: float | None, fmt: str) -> str:
@@ -508,14 +516,18 @@ def prometheus_lines(p: dict[str, Any]) -> list[str]:
                 "{:.1f}"),
             num(None if r["body_bytes"] is None else r["body_bytes"] / 1048576, "{:.2f}"),
             f"{r['head_series']:,}",
-            f"{r['rss_end_kb'] / 1024:.0f} / {r['rss_max_kb'] / 1024:.0f}",
+            num(None if "rss_start_kb" not in r else r["rss_start_kb"] / 1024, "{:.0f}")
+            + f" → {r['rss_end_kb'] / 1024:.0f} / {r['rss_max_kb'] / 1024:.0f}",
             f"{r['cpu_pct']:.1f}",
+            num(r.get("connected"), "{:,}")
+            + (f" → {r['connected_end']:,}" if "connected_end" in r else ""),
             f"{r['sessions_gauges']:,}" if "sessions_gauges" in r else "-",
+            f"{num(r.get('loadavg_median'), '{:.1f}')} / {num(r.get('loadavg_max'), '{:.1f}')}",
         ])
     lines += _table(["metrics_histograms", "scrapes", "scrape s (median / max)",
                      "samples per scrape", "per account", "body MB", "series in head",
-                     "Prometheus RSS MB (end / max)", "Prometheus CPU %", "sessions gauges"],
-                    rows)
+                     "Prometheus RSS MB (start → end / max)", "Prometheus CPU %", "connected",
+                     "sessions gauges", "load (median / max)"], rows)
     default = p["settings"].get(DaemonConfig.metrics_histograms)
     if default and default["body_bytes"] is not None and default["samples_per_scrape"]:
         size, per = default["body_bytes"], default["samples_per_scrape"] / n
@@ -525,9 +537,21 @@ def prometheus_lines(p: dict[str, Any]) -> list[str]:
             f"{size / 1048576:.2f} MB, scaled to 10,000 accounts {judged / 1048576:.2f} MB")
         scope = "" if n >= 10000 and p["duration_s"] >= 300 else (
             " (not the issue's 10,000 accounts for 5 minutes: a validation run)")
+        connected = default.get("connected", n)
+        if connected < n:
+            scope += (f" (with {connected:,} of {n:,} connected: the others' series are those "
+                      "of accounts connecting or in trouble)")
         lines += ["", f"Target (issue 17, default setting): {shown} ≤ 3 MB and "
                   f"{per:.1f} samples per account ≤ {SERIES_TARGET}{scope} "
                   f"**{'met' if ok else 'MISSED'}**"]
+    late = [f"`{mode}` {r['duration_max_s']:.1f} s" for mode, r in p["settings"].items()
+            if r["duration_max_s"] is not None and r["duration_max_s"] > p["interval_s"]]
+    failed = [f"`{mode}` {r['failed_scrapes']:.0f} of {r['scrapes']:.0f}"
+              for mode, r in p["settings"].items() if r["failed_scrapes"]]
+    if late or failed:
+        lines += ["", "Scrapes longer than the interval: " + (", ".join(late) or "none")
+                  + "; failed scrapes (Prometheus' `scrape_timeout` is 10 s): "
+                  + (", ".join(failed) or "none") + "."]
     return [*lines, ""]
 
 

@@ -11,7 +11,9 @@ up, and the next connect builds a fresh one: the worker never waits on a wedged 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from tgdaemon.telegram import ManagedClient, build_client
@@ -85,6 +87,24 @@ class AccountClient:
             _close_log.warning("client did not close cleanly (%s); replacing it: %s",
                                type(exc).__name__, name, extra={"account": name})
             self.drop()
+
+    @contextlib.asynccontextmanager
+    async def paced(self) -> AsyncIterator[None]:
+        """One of the daemon's connects-in-flight slots, for a worker's last close: a stop
+        ends every worker at once, and 5,000 closes at once each outlasted CLOSE_TIMEOUT
+        (bench/stopdrain.py). TimeoutError when none comes while the close could still end
+        within ``drain_timeout``: the worker then drops the client, connection aborted."""
+        slots = self._deps.limiter.in_flight
+        if slots is None:
+            yield
+            return
+        wait = self._deps.settings.current.daemon.drain_timeout - CLOSE_TIMEOUT
+        async with asyncio.timeout(max(0.0, wait)):
+            await slots.acquire()
+        try:
+            yield
+        finally:
+            slots.release()
 
     def drop(self) -> None:
         """Let go of the current client: the reaper finishes what its close left undone and

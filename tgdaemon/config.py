@@ -35,7 +35,12 @@ from urllib.parse import unquote, urlsplit
 
 from tgdaemon.apiconfig import ApiConfig, parse_api
 from tgdaemon.exceptions import AccountError, ConfigError
-from tgdaemon.leases import default_close_margin, heartbeat_room, timing_problems
+from tgdaemon.leases import (
+    default_close_margin,
+    heartbeat_room,
+    lag_allowance,
+    timing_problems,
+)
 from tgdaemon.lifecycle import HEARTBEAT_JITTER, longest_heartbeat_gap
 from tgdaemon.security import OnNewAuthorization
 
@@ -319,15 +324,20 @@ def config_warnings(config: Config) -> list[str]:
     d = config.daemon
     if d.clustered:
         # The worker asks the server to drop its connection when no heartbeat comes within
-        # the lease's remaining time: heartbeats must come sooner, or connections churn.
+        # the lease's remaining time, and heartbeats early enough to re-arm it with the lag
+        # allowance to spare: a room too short for the heartbeat interval costs heartbeats.
         room = heartbeat_room(d.lease_ttl, d.lease_renew_interval)
-        beat = HEARTBEAT_JITTER * p.heartbeat_interval + 5
-        if room < beat:
+        allowance = lag_allowance(d.lease_ttl, d.lease_renew_interval)
+        longest = room + d.lease_renew_interval - allowance  # armed just after a renewal
+        shortest = (2 - HEARTBEAT_JITTER) * p.heartbeat_interval
+        if longest < shortest:
             out.append(
                 f"{config.path}: daemon.lease_ttl ({d.lease_ttl:g}) leaves {room:g} s between "
-                f"renewal and close, less than a heartbeat ({beat:g} s with jitter and slack): "
-                "connections would be dropped by the server between heartbeats; raise lease_ttl "
-                "or lower policy.heartbeat_interval")
+                f"renewal and close: to re-arm the server's disconnect with {allowance:.1f} s "
+                f"to spare for a busy process, heartbeats come every {longest:.1f} s at most, "
+                f"sooner than policy.heartbeat_interval ({p.heartbeat_interval:g} s, at least "
+                f"{shortest:g} s with jitter) asks: they cost more than it says; "
+                "raise lease_ttl or lower policy.heartbeat_interval")
     return out
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from telethon import helpers
 from telethon.crypto import AES, AuthKey, Factorization, rsa
-from telethon.errors import RPCError, SecurityError
+from telethon.errors import RPCError, SecurityError, TypeNotFoundError
 from telethon.extensions import BinaryReader
 from telethon.network import MTProtoSender
 from telethon.network.mtprotoplainsender import MTProtoPlainSender
@@ -50,6 +50,7 @@ from telethon.tl.types import (
     ServerDHInnerData,
     ServerDHParamsFail,
     ServerDHParamsOk,
+    UpdatesTooLong,
 )
 
 from tgdaemon.flag import Flag
@@ -201,8 +202,14 @@ class PaddedKeySender(MTProtoSender):  # type: ignore[misc]  # Telethon is untyp
     #: ``init_result`` is then the future of that request.
     init_query: Any = None
     init_result: asyncio.Future[Any] | None = None
+    #: new_session_created notices on the current connection (the first one is expected).
+    _new_sessions = 0
+    #: Told the constructor id of an object inside a gzip_packed message that this Telethon
+    #: cannot parse (set by tgdaemon.updates.guard_unknown_objects).
+    on_unknown_object: Callable[[int], None] | None = None
 
     async def connect(self, connection: Any) -> bool:
+        self._new_sessions = 0
         if not await super().connect(connection):
             return False
         if self.first_request is not None:  # queued ahead of the client's initConnection
@@ -218,7 +225,8 @@ class PaddedKeySender(MTProtoSender):  # type: ignore[misc]  # Telethon is untyp
         # traceback formatting re-enters ast.parse inside the parse the collection
         # interrupted: "AST constructor recursion depth mismatch").
         await super()._disconnect(error)
-        _retrieve(self._disconnected)
+        if (fut := self._disconnected).done():  # pending after an earlier, cancelled disconnect
+            _retrieve(fut)
 
     def send(self, request: Any, ordered: bool = False) -> Any:
         # Acknowledgements travel with the request, in one container: Telethon queues them
@@ -253,6 +261,29 @@ class PaddedKeySender(MTProtoSender):  # type: ignore[misc]  # Telethon is untyp
                 ack.future.add_done_callback(_retrieve)
                 states.append(ack)
         return states
+
+    async def _handle_gzip_packed(self, message: Any) -> None:
+        """Telegram gzips larger messages; Telethon parses the inside here, and an object it
+        does not know escapes to its receive loop, which logs an ERROR with the raw remainder
+        (message text, phone numbers). Skipped and reported by constructor id instead, as
+        the guard does for the same object unpacked (tgdaemon.updates)."""
+        try:
+            await super()._handle_gzip_packed(message)
+        except TypeNotFoundError as exc:
+            if self.on_unknown_object is None:
+                raise
+            self.on_unknown_object(int(exc.invalid_constructor_id))
+
+    async def _handle_new_session_created(self, message: Any) -> None:
+        """Every connection opens a new session (Telethon picks a new session id) and the
+        connect catches up anyway. A second notice on the same connection means the server
+        lost the session, and the updates it held for it ("a gap in the stream of long poll
+        notifications", core.telegram.org/mtproto/service_messages): fetch the difference now,
+        as TDLib does, rather than when a later update or heartbeat reveals the gap."""
+        await super()._handle_new_session_created(message)
+        self._new_sessions += 1
+        if self._new_sessions > 1 and self._updates_queue is not None:
+            self._updates_queue.put_nowait(UpdatesTooLong())
 
     def send_unawaited(self, request: Any) -> None:
         """Queue ``request`` the way Telethon queues its own keep-alive ping: its answer is

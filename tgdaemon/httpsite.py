@@ -155,9 +155,8 @@ _NO_FDS = _answer(b"503 Service Unavailable", b"the daemon is out of file descri
 _ACCEPT_BATCH = 100
 #: How long a listening socket rests when not even a spare descriptor is left (asyncio's).
 _ACCEPT_RETRY_DELAY = 1.0
-#: Seconds a refused Unix-socket connection is kept for its request, and how many are kept at
-#: once (:meth:`GuardedSite._refuse`; from the margin of :data:`tgdaemon.fdlimit.FIXED_FDS`).
-_LINGER = 1.0
+#: Refused Unix-socket connections kept for their request at once (:meth:`GuardedSite._refuse`;
+#: from the margin of :data:`tgdaemon.fdlimit.FIXED_FDS`).
 _MAX_LINGERING = 16
 _OUT_OF_RESOURCES = FD_EXHAUSTED | {errno.ENOBUFS, errno.ENOMEM}
 
@@ -305,7 +304,7 @@ class GuardedSite(web.BaseSite):
     def _refuse(self, conn: socket.socket) -> None:
         """The 503 for a connection beyond the cap. On a Unix socket a client's write to a
         peer that closed fails (EPIPE) before it can read the answer, so the socket is kept
-        until its request arrives (or :data:`_LINGER` passes), at most :data:`_MAX_LINGERING`
+        until its request arrives (at most ``request_timeout``), :data:`_MAX_LINGERING` at most
         of them (beyond, such a client sees its write fail); over TCP the kernel takes the
         request after the close."""
         self.refusals.note()
@@ -320,7 +319,8 @@ class GuardedSite(web.BaseSite):
             conn.close()
             return
         loop = asyncio.get_running_loop()
-        self._lingering[conn] = loop.call_later(_LINGER, self._unlinger, conn)
+        self._lingering[conn] = loop.call_later(self._limits.request_timeout, self._unlinger,
+                                                conn)
         loop.add_reader(conn, self._unlinger, conn)
 
     def _unlinger(self, conn: socket.socket) -> None:

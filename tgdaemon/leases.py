@@ -29,6 +29,11 @@ class LeaseGate(Protocol):
     def disconnect_delay(self, account: str) -> int:
         """Seconds until the lease's local deadline (for ``ping_delay_disconnect``)."""
 
+    @property
+    def lag_allowance(self) -> float:
+        """Seconds before the server's deadline at which a worker re-arms it
+        (:func:`lag_allowance`)."""
+
 
 class LeaseLostError(Exception):
     """The account's lease is no longer ours: the worker must not connect (it ends)."""
@@ -59,6 +64,10 @@ class LeaseTiming:
     @property
     def transit_allowance(self) -> float:
         return transit_allowance(self.close_margin)
+
+    @property
+    def lag_allowance(self) -> float:
+        return lag_allowance(self.ttl, self.renew_interval)
 
     def valid_until(self, renewal_started: float) -> float:
         """Local monotonic time until which a lease renewed at ``renewal_started`` may be used."""
@@ -99,6 +108,34 @@ def heartbeat_room(ttl: float, renew_interval: float) -> float:
     connections between heartbeats (``check-config`` warns)."""
     margin = default_close_margin(ttl)
     return ttl - margin - renew_interval - transit_allowance(margin)
+
+
+def lag_allowance(ttl: float, renew_interval: float) -> float:
+    """How late this process may run (event-loop lag, a short pause) without the server
+    closing a healthy connection: a worker re-arms the server's deadline this long before it
+    passes.  A third of :func:`heartbeat_room` (about 12.7 s at the defaults): a takeover at
+    13,000 accounts per process lagged 9-10 s, and a larger allowance pulls in more heartbeats
+    (this one: about 5 % more of them at the defaults)."""
+    return heartbeat_room(ttl, renew_interval) / 3
+
+
+def heartbeat_due(began: float, due: float, armed_until: float, allowance: float,
+                  interval: float) -> float:
+    """When a fleet worker's next heartbeat is due: the usual (jittered) ``due``, or sooner,
+    so that it re-arms the server's deadline (``armed_until``, local clock) ``allowance``
+    before it passes.  Never sooner than half an ``interval`` after the wait ``began``: when
+    renewals fail the lease's deadline stops moving, re-arming gains nothing, and the guard
+    closes the connection; it must not turn every worker into a heartbeat loop."""
+    return min(due, max(armed_until - allowance, began + interval / 2))
+
+
+def next_renewal_in(started: float, now: float, renew_interval: float) -> float:
+    """Seconds until the next renewal: ``renew_interval`` after this one *started*, so a slow
+    statement does not stretch the period (each second it adds is a second less between a
+    heartbeat's deadline and the next; under load, renewals of 13,000 leases took seconds),
+    but at least a quarter interval, so a database that answers slowly is not asked again
+    at once."""
+    return max(renew_interval / 4, started + renew_interval - now)
 
 
 def must_close(now: float, valid_until: float) -> bool:

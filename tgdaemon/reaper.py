@@ -10,12 +10,13 @@ callbacks into it and the sender's own handler table, the tracebacks its ended t
 the collector never frees one that :mod:`tgdaemon.gcpolicy` froze during the very outage
 that made the worker drop it, one client per account and outage.
 
-So every dropped client comes here. The reaper, a task that exists only while there is work,
-tears down the clients taken meanwhile together: what they run cancelled and awaited in one
-wait bounded by :data:`REAP_TIMEOUT`, their connections aborted (nothing will read what they
-had not sent), then the cycles named above cut, so that reference counting frees them, frozen
-or not. The session is not touched: it belongs to the account's next client. A task that
-ignores even this cancellation is reported, one line per batch, and let go.
+So every dropped client comes here. Taking it aborts its connections at once (nothing will
+read what they had not sent; in a fleet, the lease may be released as soon as the worker has
+ended) and cancels what it runs. The reaper, a task that exists only while there is work,
+then awaits those tasks for all the clients taken meanwhile in one wait bounded by
+:data:`REAP_TIMEOUT`, and cuts the cycles named above, so that reference counting frees them,
+frozen or not. The session is not touched: it belongs to the account's next client. A task
+that ignores even this cancellation is reported, one line per batch, and let go.
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ log = logging.getLogger("tgdaemon.reaper")
 
 #: How long the tasks of one batch are given to end once cancelled.
 REAP_TIMEOUT = 10.0
-#: Clients torn down per event-loop turn (a fleet-wide drop hands over 10,000 at once).
-REAP_BATCH = 200
 
 
 class Reaper:
@@ -39,20 +38,26 @@ class Reaper:
 
     def __init__(self, *, timeout: float = REAP_TIMEOUT) -> None:
         self._timeout = timeout
-        self._queue: list[Any] = []
+        self._queue: list[tuple[Any, list[asyncio.Task[Any]]]] = []
         self._task: asyncio.Task[None] | None = None
-        #: Clients torn down so far; tasks of theirs that ignored their cancellation.
+        #: Clients taken, and torn down, so far; of them, those still connected when taken
+        #: (their connections aborted); tasks of theirs that ignored their cancellation.
+        self.taken = 0
         self.reaped = 0
+        self.aborted = 0
         self.stubborn = 0
 
     @property
     def pending(self) -> int:
         """Clients taken and not torn down yet."""
-        return len(self._queue) + (self._task is not None)
+        return self.taken - self.reaped
 
     def take(self, client: Any) -> None:
-        """Take over ``client`` (its worker has let go of it): torn down in the background."""
-        self._queue.append(client)
+        """Take over ``client`` (its worker has let go of it): its connections aborted now,
+        the rest torn down in the background."""
+        self.aborted += client._sender._connection is not None
+        self._queue.append((client, _stop(client)))
+        self.taken += 1
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="reaper")
 
@@ -64,26 +69,22 @@ class Reaper:
     async def _run(self) -> None:
         try:
             while self._queue:
-                batch, self._queue = self._queue[:REAP_BATCH], self._queue[REAP_BATCH:]
+                batch, self._queue = self._queue, []
                 await self._reap(batch)
         finally:
             self._task = None
 
-    async def _reap(self, clients: list[Any]) -> None:
-        tasks: list[asyncio.Task[Any]] = []
-        for client in clients:
-            tasks += _stop(client)
+    async def _reap(self, batch: list[tuple[Any, list[asyncio.Task[Any]]]]) -> None:
+        tasks = [task for _client, live in batch for task in live if not task.done()]
         if tasks:
             _done, pending = await asyncio.wait(tasks, timeout=self._timeout)
             if pending:
                 self.stubborn += len(pending)
                 log.warning("%d tasks of dropped clients ignored their cancellation for "
                             "%.0fs; letting them go", len(pending), self._timeout)
-        else:
-            await asyncio.sleep(0)  # one batch per loop turn
-        for client in clients:
+        for client, _live in batch:
             _cut(client)
-        self.reaped += len(clients)
+        self.reaped += len(batch)
 
 
 def _senders(client: Any) -> list[Any]:

@@ -17,9 +17,11 @@ channels announced by ``updateChannelTooLong`` (or whose pts jumps) get
 * **Unknown constructors**: Telethon logs an unparseable server message with its raw bytes
   (phone numbers, message text) at INFO and drops it. :func:`guard_unknown_objects` drops it
   without that log and reports only the constructor id; the connection stays up, and the
-  updates it carried are fetched again by the gap logic (``getDifference``). A difference
-  that itself holds such an object would make Telethon disconnect and retry on every
-  reconnect: :func:`step_past_unknown` skips exactly that update instead.
+  updates it carried are fetched again by the gap logic (``getDifference``). Inside a
+  container only the unknown message is dropped (the answer and updates packed with it are
+  handled); inside a gzip_packed one, the same (:class:`tgdaemon.handshake.PaddedKeySender`).
+  A difference that itself holds such an object would make Telethon disconnect and retry on
+  every reconnect: :func:`step_past_unknown` skips exactly that update instead.
 
 Private Telethon internals read here (1.45): ``client._message_box``,
 ``MessageBox.getting_diff_for``/``map``, ``client._sender._state.decrypt_message_data``.
@@ -27,13 +29,15 @@ Private Telethon internals read here (1.45): ``client._message_box``,
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from telethon._updates.messagebox import ENTRY_ACCOUNT, MessageBox
 from telethon.errors import TypeNotFoundError
 from telethon.tl import functions, types
+from telethon.tl.core import MessageContainer, TLMessage
 
 from tgdaemon.flag import Flag
 
@@ -254,7 +258,9 @@ DIFFERENCE_REQUESTS = (functions.updates.GetDifferenceRequest,
 def guard_unknown_objects(client: Any, on_unknown: Callable[[int], None]) -> None:
     """Drop server messages whose constructor this Telethon does not know, reporting only the
     constructor id (Telethon would log the raw remainder, secrets included). The sender keeps
-    the connection: a dropped message is one Telethon would have dropped too."""
+    the connection: a dropped message is one Telethon would have dropped too. The same
+    inside a gzip_packed message (:class:`tgdaemon.handshake.PaddedKeySender`)."""
+    client._sender.on_unknown_object = on_unknown
     state = client._sender._state
     decrypt = state.decrypt_message_data
 
@@ -262,10 +268,45 @@ def guard_unknown_objects(client: Any, on_unknown: Callable[[int], None]) -> Non
         try:
             return decrypt(body)
         except TypeNotFoundError as exc:
-            on_unknown(int(exc.invalid_constructor_id))
-            return None  # Telethon's "ignore this message"
+            skipped: list[int] = []
+            try:
+                with _containers_skipping_unknown(skipped):
+                    message = decrypt(body)  # again: nothing was kept of the first try
+            except TypeNotFoundError:
+                skipped, message = [int(exc.invalid_constructor_id)], None  # Telethon's "ignore"
+            for constructor_id in skipped:
+                on_unknown(constructor_id)
+            return message
 
     state.decrypt_message_data = decrypt_message_data
+
+
+@contextlib.contextmanager
+def _containers_skipping_unknown(skipped: list[int]) -> Iterator[None]:
+    """While in the block, a ``msg_container`` is parsed message by message, each by its own
+    length, and one this Telethon cannot parse is left out (its constructor id appended to
+    ``skipped``) instead of failing the whole container: an answer or the updates packed
+    with it survive. Telethon's parser (``MessageContainer.from_reader``) is swapped for the
+    block only, which is synchronous: no other parse runs meanwhile."""
+
+    def from_reader(cls: Any, reader: Any) -> MessageContainer:
+        messages = []
+        for _ in range(reader.read_int()):
+            msg_id, seq_no, length = reader.read_long(), reader.read_int(), reader.read_int()
+            start = reader.tell_position()
+            try:
+                messages.append(TLMessage(msg_id, seq_no, reader.tgread_object()))
+            except TypeNotFoundError as exc:
+                skipped.append(int(exc.invalid_constructor_id))
+            reader.set_position(start + length)
+        return MessageContainer(messages)
+
+    original = MessageContainer.__dict__["from_reader"]
+    MessageContainer.from_reader = classmethod(from_reader)
+    try:
+        yield
+    finally:
+        MessageContainer.from_reader = original
 
 
 #: Constructor ids already reported at WARNING by this process: one line per new id for the

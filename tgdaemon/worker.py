@@ -13,6 +13,7 @@ connection's update stream (updategap).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Callable
@@ -113,8 +114,7 @@ class AccountWorker:
         self._attempts: dict[Category, int] = {}
         #: Monotonic time of the first failure of that streak (how long it has persisted).
         self._failing_since = 0.0
-        #: Fleet mode: the lease on this account's connection.
-        self._lease = None if deps.lease is None else ConnectionLease(deps.lease, self.name)
+        self._lease = ConnectionLease.of(deps.lease, self.name, deps.monotonic)  # fleet mode
         #: The way to the server (created with the session: it moves the session's address).
         self._route: AccountRoute | None = None
         self._gaps = UpdateGaps()
@@ -149,7 +149,10 @@ class AccountWorker:
             self.log.exception("worker failed unexpectedly: %s", type(exc).__name__)
             self.report.transition(State.STOPPED, f"internal error: {type(exc).__name__}")
         finally:
-            await self._close_client()
+            with contextlib.suppress(TimeoutError):  # no slot in time: dropped (accountclient)
+                async with self._client.paced():
+                    await self._close_client()
+            self._watch.forget()
             self._client.drop()  # an ended worker (parked, stopped) holds no Telethon state
 
     def _open_session(self) -> bool:
@@ -335,6 +338,8 @@ class AccountWorker:
         housekept = self.deps.monotonic()
         while True:
             await self._until_next_beat()
+            if self._lease is not None:  # re-armed first: not after a slow round trip
+                self._lease.arm(self.client)
             started = self.deps.monotonic()
             # updates.getState is the heartbeat: a real encrypted round trip that proves the
             # connection works *and* tells the server's update state, in one RPC per account.
@@ -354,8 +359,6 @@ class AccountWorker:
             if beat - housekept >= HOUSEKEEPING_INTERVAL:
                 housekept = beat
                 await self.client.keep_house()
-            if self._lease is not None:  # re-arm the server's deadline
-                self._lease.arm(self.client)
 
     async def _until_next_beat(self) -> None:
         """Sleep until the next heartbeat is due; :meth:`reschedule` re-arms the wait with
@@ -365,6 +368,8 @@ class AccountWorker:
             self._raise_reported()
             interval = self.policy.heartbeat_interval
             due = began + heartbeat_delay(interval, self.deps.rng)
+            if self._lease is not None:  # soon enough to re-arm the server's deadline
+                due = self._lease.heartbeat_due(began, due, interval)
             remaining = due - self.deps.monotonic()
             if remaining <= 0 or await self._watch.sleep(remaining, self.client,
                                                          heartbeat_tick(interval)):

@@ -200,8 +200,9 @@ def test_a_merged_variant_does_not_repeat_the_default_rate_outage_row(tmp_path: 
 def _prom(body: float, samples: float) -> dict:
     return {"scrapes": 20.0, "failed_scrapes": 0.0, "duration_median_s": 0.12,
             "duration_max_s": 0.31, "samples_per_scrape": samples, "body_bytes": body,
-            "head_series": int(samples) + 300, "rss_end_kb": 200 * 1024,
-            "rss_max_kb": 210 * 1024, "cpu_pct": 3.25, "sessions_gauges": 10000}
+            "head_series": int(samples) + 300, "rss_start_kb": 150 * 1024, "rss_end_kb": 200 * 1024,
+            "rss_max_kb": 210 * 1024, "cpu_pct": 3.25, "sessions_gauges": 10000,
+            "connected": 10000, "connected_end": 9990, "loadavg_median": 1.54, "loadavg_max": 2.0}
 
 
 def test_prometheus_scrape_section(tmp_path: Path) -> None:
@@ -217,12 +218,21 @@ def test_prometheus_scrape_section(tmp_path: Path) -> None:
     text = out.read_text()
     assert "## A real Prometheus scraping /metrics, N = 10,000 accounts" in text
     assert "| `fleet` (default) | 20 (0 failed) | 0.120 / 0.310 | 50,040 | 5.0 | 2.77 | " \
-        "50,340 | 200 / 210 | 3.2 | 10,000 |" in text
+        "50,340 | 150 → 200 / 210 | 3.2 | 10,000 → 9,990 | 10,000 | 1.5 / 2.0 |" in text
+    assert "Scrapes longer than the interval" not in text
     assert "| `account` | 20 (0 failed) |" in text
     assert "2.77 MB ≤ 3 MB and 5.0 samples per account ≤ 8 **met**" in text
     measured["settings"]["fleet"] = _prom(3_300_000, 50_040)
     assert "3.15 MB ≤ 3 MB and 5.0 samples per account ≤ 8 **MISSED**" in "\n".join(
         prometheus_lines(measured))
+    measured["settings"]["fleet"] = {**_prom(2_900_000, 90_000), "connected": 4_000}
+    measured["settings"]["account"] = {**_prom(12_000_000, 180_040), "duration_max_s": 16.5,
+                                       "failed_scrapes": 3.0}
+    text = "\n".join(prometheus_lines(measured))
+    assert "9.0 samples per account ≤ 8 (with 4,000 of 10,000 connected: the others' " \
+        "series are those of accounts connecting or in trouble) **MISSED**" in text
+    assert "Scrapes longer than the interval: `account` 16.5 s; failed scrapes " \
+        "(Prometheus' `scrape_timeout` is 10 s): `account` 3 of 20." in text
     small = {**measured, "accounts": 1000, "duration_s": 60.0,
              "settings": {"fleet": _prom(250_000, 4_050)}}
     text = "\n".join(prometheus_lines(small))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.cluster import KEPT
+
 ROOT = Path(__file__).resolve().parents[2]
 #: About 30 s of wall time alone (4 daemons and a localdc start as processes); generous for a
 #: loaded machine.
@@ -22,6 +24,7 @@ pytestmark = pytest.mark.timeout(SMOKE_TIMEOUT + 60)
 
 def test_cluster_bench_smoke(tmp_path: Path) -> None:
     out, data = tmp_path / "CLUSTER.md", tmp_path / "cluster.json"
+    out.write_text(f"an older run\n{KEPT}\n## Written by hand\n")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "cluster.py"), "--smoke", "--out", str(out),
          "--json", str(data), "--workdir", str(tmp_path / "work")],
@@ -48,8 +51,15 @@ def test_cluster_bench_smoke(tmp_path: Path) -> None:
     assert "d4" not in takeover["owned_after"]
     assert sum(takeover["owned_after"].values()) == n
     assert takeover["live_keys_at_end"] == n
+    # the takeover's own measures are there (their values depend on the machine's load)
+    assert takeover["deadline_closes"] >= 0
+    assert "settled_s" in takeover
+    assert set(takeover["errors"]) == {"d1", "d2", "d3"}
+    assert run["deadline_closes_total"] >= takeover["deadline_closes"]
     assert run["overlaps"] == 0
     assert run["open_twice_at_end"] == 0
     report = out.read_text()
     assert "| all 4 | 40 |" in report
     assert "SIGKILL of d4" in report
+    assert "an older run" not in report
+    assert report.endswith(f"{KEPT}\n## Written by hand\n")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -43,6 +44,7 @@ from tgdaemon.telegram import (
     shared_loggers,
     trust_server_keys,
 )
+from tgdaemon.updates import guard_unknown_objects
 
 #: What Telethon raises for a transport error frame (-404: the key is unknown).
 TRANSPORT_ERRORS = (te.AuthKeyNotFound, te.InvalidBufferError)
@@ -150,6 +152,28 @@ async def test_acks_in_a_rejected_container_are_sent_again(alice, localdc):
         await _call(client, GetStateRequest())
     assert localdc.counters(user_id=uid)["emulated"] == {"salt_change": 1}
     assert localdc.unacked(uid) == 1
+
+
+async def test_new_session_mid_connection_fetches_what_the_lost_session_missed(
+        alice, localdc, wait_until):
+    """new_session_created in the middle of a connection means the server lost the session
+    and with it the updates it was to push ("a gap in the stream of long poll notifications",
+    core.telegram.org/mtproto/service_messages): the client fetches the difference then,
+    not only when a later update or heartbeat happens to reveal the gap."""
+    client, uid = alice
+    await _connect(client, uid)
+    first = _requests(localdc, uid, "updates.getDifference")
+    client.release_updates()
+    await wait_until(lambda: _requests(localdc, uid, "updates.getDifference") > first
+                     and local_update_pts(client) is not None, ANSWER, "first catch-up")
+    pts = local_update_pts(client) or 0
+    muted = localdc.inject(Fault("mute_updates", user_id=uid))  # lost with the old session
+    for i in range(2):
+        localdc.push_update(uid, f"lost {i}")
+    localdc.clear(muted)
+    localdc.inject(Fault("new_session", user_id=uid, times=1))
+    await _call(client, GetStateRequest())
+    await wait_until(lambda: (local_update_pts(client) or 0) >= pts + 2, ANSWER, "caught up")
 
 
 async def test_salt_change_on_the_first_packet_in_fleet_mode(alice, localdc):
@@ -402,3 +426,100 @@ async def test_user_migrate_skips_options_not_for_api_calls(make_config, login_a
         stored = await daemon.store.load_session("alice")
         assert stored is not None
         assert (stored.dc_id, stored.port) == (2, localdc.addresses[2][1])
+
+
+async def test_difference_too_long_settles_and_keeps_heartbeating(make_config, login_account,
+                                                                  localdc, wait_until, caplog):
+    """More updates were missed than the server keeps: getDifference answers
+    differenceTooLong with only the new pts. The account takes that state (reporting what
+    was skipped), its heartbeats find no gap any more, and it stays on its connection
+    instead of reconnecting over an "update stall"."""
+    localdc.world.history.account._limit = 3  # the server keeps the last 3 account updates
+    config = make_config([{"name": "alice", "phone": phone_for("alice")}],
+                         daemon={"http_listen": ""}, policy={"heartbeat_interval": 0.3})
+    uid = await login_account(config, "alice")
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: (s := daemon.board.get("alice")) is not None
+                         and s.state is State.CONNECTED, ANSWER, "connected")
+        worker = daemon.supervisor.worker("alice") if daemon.supervisor else None
+        assert worker is not None
+        assert worker.client is not None
+        client = worker.client
+        await wait_until(lambda: local_update_pts(client) is not None, ANSWER, "state known")
+        muted = localdc.inject(Fault("mute_updates", user_id=uid))
+        for i in range(8):
+            localdc.push_update(uid, f"missed {i}")
+        localdc.clear(muted)
+        server_pts = localdc.store.users[uid].pts
+        await wait_until(lambda: local_update_pts(client) == server_pts, ANSWER, "settled")
+        assert "difference too long" in caplog.text
+        beats = _requests(localdc, uid, "updates.getState")
+        await wait_until(lambda: _requests(localdc, uid, "updates.getState") >= beats + 4,
+                         ANSWER, "four more heartbeats")
+        assert worker.client is client
+        assert client.is_connected()
+        reconnects = daemon.registry.get_sample_value("tgdaemon_reconnects_total",
+                                                      {"account": "alice"})
+        assert not reconnects
+
+
+# --------------------------------------------------------------------------- unknown objects
+
+SECRET_DIGITS = "99966123454321"
+
+
+def _unknown_updates() -> bytes:
+    """An ``updates`` whose one update has a constructor no layer knows, followed by digits
+    standing for what must never reach a log (a phone number, message text)."""
+    return (struct.pack("<IIi", 0x74AE4240, 0x1CB5C415, 1)
+            + struct.pack("<I", 0x0DDBA11) + SECRET_DIGITS.encode() + b"\x00" * 16)
+
+
+async def test_unknown_object_in_a_gzip_packed_message_is_skipped_quietly(
+        alice, localdc, wait_until, caplog):
+    """Telegram gzips larger messages. An object this Telethon cannot parse inside a
+    gzip_packed one is skipped and reported by constructor id only, as at the top level:
+    Telethon would log an ERROR with a traceback and the raw remainder (secrets)."""
+    client, uid = alice
+    seen: list[int] = []
+    guard_unknown_objects(client, seen.append)
+    await _connect(client, uid)
+    localdc.inject(Fault("gzip", user_id=uid, method=None))
+    localdc.push_raw(uid, _unknown_updates())
+    await wait_until(lambda: seen == [0x0DDBA11], ANSWER, "skipped and reported")
+    assert isinstance(await _call(client, GetStateRequest()), types.updates.State)
+    assert localdc.counters(user_id=uid)["emulated"]["gzip_update"] == 1
+    assert SECRET_DIGITS not in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+async def test_unknown_object_in_a_container_costs_only_itself(alice, localdc, wait_until,
+                                                               caplog):
+    """Telegram packs several messages in one container (an answer, updates). One object
+    this Telethon cannot parse made it drop the whole container: the answer with it (the
+    request then hangs until its timeout) and the updates (fetched again only once a gap
+    shows). Only the unknown message is skipped; the others are handled at once."""
+    client, uid = alice
+    seen: list[int] = []
+    guard_unknown_objects(client, seen.append)
+    await _connect(client, uid)
+    first = _requests(localdc, uid, "updates.getDifference")
+    client.release_updates()
+    await wait_until(lambda: _requests(localdc, uid, "updates.getDifference") > first
+                     and local_update_pts(client) is not None, ANSWER, "first catch-up")
+    diffs = _requests(localdc, uid, "updates.getDifference")
+    muted = localdc.inject(Fault("mute_updates", user_id=uid))
+    localdc.push_update(uid, "travels with an unknown object")  # recorded, not delivered
+    localdc.clear(muted)
+    update = localdc.world.history.account.entries(uid)[-1]
+    known = bytes(types.Updates(updates=[update], users=[], chats=[], date=update.message.date,
+                                seq=0))
+    now = int(time.time()) << 32
+    container = struct.pack("<Ii", 0x73F1F8DC, 2) + b"".join(
+        struct.pack("<qii", now + 4 * i + 1, 2 * i + 1, len(body)) + body
+        for i, body in enumerate((_unknown_updates(), known)))
+    localdc.push_raw(uid, container)
+    await wait_until(lambda: local_update_pts(client) == update.pts, ANSWER, "update handled")
+    assert seen == [0x0DDBA11]
+    assert _requests(localdc, uid, "updates.getDifference") == diffs  # not fetched again
+    assert SECRET_DIGITS not in caplog.text

@@ -74,6 +74,10 @@ class DcControl:
     async def updates_pushed(self) -> int:
         return int((await self._call("GET", "/counters"))["updates_pushed"])
 
+    async def deadline_closes(self) -> int:
+        """Connections localdc closed because their ``ping_delay_disconnect`` deadline passed."""
+        return int((await self._call("GET", "/counters"))["deadline_closes"])
+
     async def push(self, user_id: int, text: str) -> None:
         await self._call("POST", "/push", {"user_id": user_id, "text": text})
 

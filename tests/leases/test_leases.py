@@ -14,8 +14,11 @@ from tgdaemon.leases import (
     default_close_margin,
     disconnect_delay,
     fair_share,
+    heartbeat_due,
     heartbeat_room,
+    lag_allowance,
     must_close,
+    next_renewal_in,
     renewal_result,
     timing_problems,
     transit_allowance,
@@ -111,6 +114,42 @@ def test_transit_allowance(margin: float, allowance: float) -> None:
 def test_heartbeat_room(ttl: float, renew: float, room: float) -> None:
     """ttl - close margin - renew interval - transit allowance."""
     assert heartbeat_room(ttl, renew) == room
+
+
+@pytest.mark.parametrize(("ttl", "renew", "allowance"), [
+    (60, 10, 38 / 3), (15, 1, 10.25 / 3), (12, 1, 8 / 3), (120, 10, 98 / 3)])
+def test_lag_allowance(ttl: float, renew: float, allowance: float) -> None:
+    """A third of the heartbeat room: at the defaults ~12.7 s of lag tolerated."""
+    assert lag_allowance(ttl, renew) == pytest.approx(allowance)
+    assert LeaseTiming(ttl, renew, default_close_margin(ttl)).lag_allowance == pytest.approx(
+        allowance)
+
+
+@pytest.mark.parametrize(("began", "due", "armed_until", "allowance", "interval", "at"), [
+    # the defaults, a heartbeat armed just before a renewal (38 s of room): pulled in to 25.3 s
+    (0.0, 33.0, 38.0, 38 / 3, 30.0, 38 - 38 / 3),
+    # armed just after a renewal (48 s): the usual jittered time is soon enough
+    (0.0, 33.0, 48.0, 38 / 3, 30.0, 33.0),
+    (0.0, 27.0, 42.0, 38 / 3, 30.0, 27.0),
+    # renewals failing, the lease's deadline stuck: never sooner than half an interval
+    (100.0, 130.0, 105.0, 12.0, 30.0, 115.0),
+    (100.0, 130.0, float("inf"), 12.0, 30.0, 130.0),  # nothing armed yet
+    # test timings (TTL 12, renew 1, heartbeat 6.3): room 8 s
+    (0.0, 6.9, 8.0, 8 / 3, 6.3, 8 - 8 / 3),
+])
+def test_heartbeat_due(began: float, due: float, armed_until: float, allowance: float,
+                       interval: float, at: float) -> None:
+    assert heartbeat_due(began, due, armed_until, allowance, interval) == pytest.approx(at)
+
+
+@pytest.mark.parametrize(("started", "now", "interval", "delay"), [
+    (100.0, 100.3, 10.0, 9.7),  # a 0.3 s statement: the period stays 10 s
+    (100.0, 105.0, 10.0, 5.0),
+    (100.0, 109.0, 10.0, 2.5),  # slow: a quarter interval at least
+    (100.0, 130.0, 10.0, 2.5),  # slower than the interval: not at once either
+    (100.0, 100.0, 1.0, 1.0)])
+def test_next_renewal_in(started: float, now: float, interval: float, delay: float) -> None:
+    assert next_renewal_in(started, now, interval) == pytest.approx(delay)
 
 
 @pytest.mark.parametrize(("ttl", "margin"), [(60, 10), (6, 1), (3, 1), (30, 5)])

@@ -34,10 +34,17 @@ def _connected(daemon: Daemon) -> bool:
 async def intruders(localdc):
     made = []
 
-    async def sign_in(device: str):
+    async def sign_in(device: str, *, may_be_terminated: bool = False):
         client = make_client(localdc, device_model=device, app_version="6.6")
         made.append(client)
-        await login(client, localdc, phone_for("alice"))
+        try:
+            await login(client, localdc, phone_for("alice"))
+        except errors.AuthKeyUnregisteredError as e:
+            # Telethon follows a successful auth.signIn with updates.getDifference: a daemon
+            # that terminates new logins may have logged this one out in between (CI).
+            if not (may_be_terminated
+                    and isinstance(e.request, functions.updates.GetDifferenceRequest)):
+                raise
         return client
 
     yield sign_in
@@ -93,9 +100,10 @@ async def test_terminate_logs_foreign_sessions_out_but_keeps_allowed_ones(
     async with Daemon(config) as daemon:
         await wait_until(lambda: _connected(daemon), 10, "connected")
         trusted = await intruders("Trusted Laptop")
-        evil = await intruders("Evil Phone")
+        signed_in = localdc.counters()["requests"].get("auth.signIn", 0)
+        evil = await intruders("Evil Phone", may_be_terminated=True)
+        assert localdc.counters()["requests"]["auth.signIn"] == signed_in + 1
         evil_key = localdc.store.auth_keys[evil.session.auth_key.key_id]
-        assert evil_key.user_id is not None
 
         def logged_out() -> bool:  # the server's record of the key: no user any more
             return localdc.store.auth_keys[evil_key.key_id].user_id is None

@@ -478,7 +478,7 @@ class LocalDC:
             "connections_accepted", "connections_refused", "connections", "key_exchanges",
             "auth_key_not_found", "stalled", "rpc_errors_injected", "updates_pushed",
             "requests_during_flood_wait", "flood_waits_resumed",
-            "updates_muted", "auth_key_duplicated", "packets")}
+            "updates_muted", "auth_key_duplicated", "packets", "deadline_closes")}
         requests: dict[str, int] = {}
         emulated: dict[str, int] = {}
         for k, v in total.items():
@@ -729,7 +729,9 @@ class LocalDC:
 
     def _ping_deadline(self, conn: _Conn) -> None:
         """No newer ``ping_delay_disconnect`` in time: the connection is closed, and its auth
-        key is no longer in use by it from this moment (not when its task has wound down)."""
+        key is no longer in use by it from this moment (not when its task has wound down).
+        Counted (``deadline_closes``): a fleet's heartbeats that come too late show here."""
+        self._count(conn.dc_id, self._conn_user(conn), "deadline_closes")
         self.key_use.detach(conn, conn.key_id)
         conn.abort()
 
