@@ -7,30 +7,37 @@ heartbeat and WebSocket push waited for it.
 
 ``gc.freeze()`` moves every tracked object into a permanent generation that collections skip
 (reference counting still frees what loses its last reference). So the collector's automatic
-full collections are switched off while the policy runs, and the policy *sweeps* instead: a
-full collection (``gc.collect(2)``: the young generations and what reached the old one since
-the last sweep, never the frozen heap) followed by a freeze of what survived. A sweep runs
-every :data:`FREEZE_INTERVAL` seconds during a *wave* (while at least :data:`WAVE_SHARE` of
-the accounts, at least one, are starting, connecting or reconnecting: the start and every
-fleet-wide reconnect after an outage), once as the wave ends, and every
-:data:`IDLE_INTERVAL` seconds between waves. A sweep walks only what survived since the last
-one: between waves, when nothing else would freeze, the objects that outlive a few young
-collections (Telethon's last acknowledged requests, status entries, the accounts that
-connected after the wave's end) piled up to a full collection of 0.4 s at 10,000 accounts
-(bench/RESULTS.md, "idle window"), collecting nothing.
+full collections are switched off while the policy runs, and on its ticks the policy does one
+of two things (:class:`Step`, decided by :func:`next_step`):
+
+* a *sweep* every :data:`FREEZE_INTERVAL` seconds during a *wave* (while at least
+  :data:`WAVE_SHARE` of the accounts, at least one, are starting, connecting or reconnecting:
+  the start, from before the workers are spawned, and every fleet-wide reconnect after an
+  outage) and once as the wave ends: a full collection (``gc.collect(2)``: the young
+  generations and what reached the old one since the last tick, never the frozen heap), then
+  a freeze of what survived. Waves make the cyclic garbage (failed connects' tracebacks):
+  collected, not frozen;
+* a *young freeze* every :data:`IDLE_INTERVAL` seconds between waves: a young collection, then
+  a freeze, without walking what reached the old generation since. Between waves the
+  objects that outlive a few young collections (Telethon's last acknowledged requests, status
+  entries) piled up to full collections of 0.4 s at 10,000 accounts (bench/RESULTS.md, "idle
+  window") that collected nothing; sweeping them every 10 s instead walked 20-45 thousand
+  objects each time at 3,000 accounts and again collected nothing (bench, loaded machine).
 
 The price of freezing: a frozen object that later dies in a reference cycle is never
-reclaimed (until :meth:`GcPolicy.stop` unfreezes). Garbage that is already cyclic when a
-sweep runs is collected, not frozen. A wave's connections die in the next outage, so they
-must not be cyclic garbage: tgdaemon.connection breaks the two cycles a dropped Telethon
-connection had (its packet codec, its asyncio transport); with that, an unfreeze and full
-collection after repeated outages finds no per-account garbage (measured), and memory stays
-flat over outages.
+reclaimed (until :meth:`GcPolicy.stop` unfreezes), and so is cyclic garbage that reached the
+old generation between waves (a young freeze does not look there; the idle sweeps that did
+collected nothing). A wave's connections die in the next outage, so they must not be cyclic
+garbage: tgdaemon.connection breaks the two cycles a dropped Telethon connection had (its
+packet codec, its asyncio transport); with that, an unfreeze and full collection after
+repeated outages finds no per-account garbage (measured), and memory stays flat over
+outages.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import gc
 import math
 import time
@@ -39,11 +46,10 @@ from collections.abc import Callable
 from tgdaemon.tasks import cancel_and_wait
 
 #: Seconds between two sweeps during a wave: a second's worth of survivors is what a sweep
-#: walks (at 10,000 accounts connecting at full speed, a few tens of ms).
+#: walks (at 3,000 accounts connecting at full speed, ~10,000 objects).
 FREEZE_INTERVAL = 1.0
-#: Seconds between two sweeps between waves: what survived that long is what a sweep walks
-#: (a few ms at 10,000 idle accounts), and what was alive at a sweep is what may be frozen
-#: and later die in a cycle (rarely: an idle fleet makes almost no cyclic garbage).
+#: Seconds between two young freezes between waves: the old generation holds what reached it
+#: meanwhile (never walked: there is no automatic full collection).
 IDLE_INTERVAL = 10.0
 #: Share of the accounts (re)connecting at once that makes a wave (at least one account): at
 #: 10,000 accounts, 100. Fewer is an account or two reconnecting on their own.
@@ -82,18 +88,31 @@ def wave_threshold(accounts: int) -> int:
     return max(1, math.ceil(accounts * WAVE_SHARE))
 
 
-def should_sweep(*, in_wave: bool, connecting: int, accounts: int, since_sweep: float,
-                 idle_interval: float = IDLE_INTERVAL) -> tuple[bool, bool]:
-    """One tick's decision: (sweep now, in a wave now). ``in_wave``: the last tick's answer;
+class Step(enum.Enum):
+    """What a tick of the policy does."""
+
+    NOTHING = "nothing"
+    #: Young collection, then freeze (between waves).
+    YOUNG_FREEZE = "young_freeze"
+    #: Full collection of the unfrozen, then freeze (waves and their ends).
+    SWEEP = "sweep"
+
+
+def next_step(*, in_wave: bool, connecting: int, accounts: int, since_freeze: float,
+              idle_interval: float = IDLE_INTERVAL) -> tuple[Step, bool]:
+    """One tick's decision: (what to do, in a wave now). ``in_wave``: the last tick's answer;
     ``connecting``: accounts starting, connecting or reconnecting, of ``accounts``;
-    ``since_sweep``: seconds since the last sweep. A wave sweeps every tick and once more on
-    the tick that finds it over; between waves, every ``idle_interval``."""
+    ``since_freeze``: seconds since the last freeze of any kind. A wave sweeps every tick
+    and once more on the tick that finds it over; between waves, a young freeze every
+    ``idle_interval``."""
     wave = connecting >= wave_threshold(accounts)
-    return wave or in_wave or since_sweep >= idle_interval, wave
+    if wave or in_wave:
+        return Step.SWEEP, wave
+    return (Step.YOUNG_FREEZE if since_freeze >= idle_interval else Step.NOTHING), wave
 
 
 class GcPolicy:
-    """Sweeps (full collection, then freeze) on the fleet's schedule (see module docstring).
+    """Freezes the fleet's heap on its schedule (see module docstring).
 
     ``census`` tells (accounts starting, connecting or reconnecting now; all accounts)."""
 
@@ -149,11 +168,11 @@ class GcPolicy:
         while True:
             await asyncio.sleep(self._interval)
             connecting, accounts = self._census()
-            sweep, wave = should_sweep(
+            step, wave = next_step(
                 in_wave=in_wave, connecting=connecting, accounts=accounts,
-                since_sweep=self._monotonic() - self._swept, idle_interval=self._idle_interval)
-            if sweep:
-                self.freeze()
+                since_freeze=self._monotonic() - self._swept, idle_interval=self._idle_interval)
+            if step is not Step.NOTHING:
+                self.freeze(full=step is Step.SWEEP)
             if in_wave and not wave:
                 self.waves += 1
             in_wave = wave

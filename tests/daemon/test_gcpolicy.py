@@ -1,6 +1,7 @@
-"""Sweeps (full collection + gc.freeze()) on the fleet's schedule (tgdaemon.gcpolicy): every
-tick while a wave of accounts (re)connects, once as it ends, now and then between waves; no
-automatic full collection meanwhile; stop hands everything back to the collector."""
+"""gc.freeze() on the fleet's schedule (tgdaemon.gcpolicy): after a full collection of the
+unfrozen every tick while a wave of accounts (re)connects and once as it ends, after a young
+one now and then between waves; no automatic full collection meanwhile; stop hands everything
+back to the collector."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from tests.conftest import phone_for
 from tgdaemon.daemon import Daemon
-from tgdaemon.gcpolicy import NO_AUTOMATIC_FULL, GcPolicy, should_sweep
+from tgdaemon.gcpolicy import NO_AUTOMATIC_FULL, GcPolicy, Step, next_step
 from tgdaemon.status import State
 
 
@@ -24,18 +25,18 @@ class _Node:
 
 
 @pytest.mark.parametrize(("in_wave", "connecting", "accounts", "since", "expected"), [
-    (False, 0, 10_000, 1.0, (False, False)),  # idle, swept a second ago
-    (False, 0, 10_000, 10.0, (True, False)),  # idle: a sweep every idle interval
-    (False, 99, 10_000, 2.0, (False, False)),  # a few reconnecting on their own: no wave
-    (False, 100, 10_000, 1.0, (True, True)),  # 1 %: a wave (an outage's reconnects) starts
-    (True, 5_000, 10_000, 1.0, (True, True)),  # and sweeps every tick
-    (True, 99, 10_000, 1.0, (True, False)),  # the tick that finds it over sweeps once more
-    (False, 1, 1, 1.0, (True, True)),  # one account is a wave of a one-account daemon
-    (True, 0, 0, 1.0, (True, False)),  # no accounts at all
+    (False, 0, 10_000, 1.0, (Step.NOTHING, False)),  # idle, frozen a second ago
+    (False, 0, 10_000, 10.0, (Step.YOUNG_FREEZE, False)),  # idle: every idle interval
+    (False, 99, 10_000, 2.0, (Step.NOTHING, False)),  # a few reconnecting: no wave
+    (False, 100, 10_000, 1.0, (Step.SWEEP, True)),  # 1 %: a wave (an outage's reconnects)
+    (True, 5_000, 10_000, 0.5, (Step.SWEEP, True)),  # sweeps every tick
+    (True, 99, 10_000, 1.0, (Step.SWEEP, False)),  # the tick that finds it over: once more
+    (False, 1, 1, 1.0, (Step.SWEEP, True)),  # one account is a wave of a one-account daemon
+    (True, 0, 0, 1.0, (Step.SWEEP, False)),  # no accounts at all
 ])
-def test_when_to_sweep(in_wave, connecting, accounts, since, expected):
-    assert should_sweep(in_wave=in_wave, connecting=connecting, accounts=accounts,
-                        since_sweep=since, idle_interval=10.0) == expected
+def test_what_a_tick_does(in_wave, connecting, accounts, since, expected):
+    assert next_step(in_wave=in_wave, connecting=connecting, accounts=accounts,
+                     since_freeze=since, idle_interval=10.0) == expected
 
 
 async def test_freezes_while_connecting_until_none_is(wait_until):
@@ -79,14 +80,14 @@ async def test_freezes_while_connecting_until_none_is(wait_until):
 
 async def test_between_waves_a_full_collection_walks_only_recent_survivors(wait_until):
     """What outlives the young collections between waves (at 10,000 accounts: 0.4 s full
-    collections in the idle window) is swept out of the collector's sight too."""
+    collections in the idle window) is frozen out of the collector's sight too."""
     policy = GcPolicy(lambda: (0, 1_000), interval=0.01, idle_interval=0.05)
     policy.start()
     try:
         await wait_until(lambda: policy.settled, 5, "start phase over")
         kept = [[] for _ in range(100_000)]  # long-lived, born between waves
-        swept = policy.freezes
-        await wait_until(lambda: policy.freezes > swept, 5, "a sweep between waves")
+        frozen = policy.freezes
+        await wait_until(lambda: policy.freezes > frozen, 5, "a freeze between waves")
         walked = sum(len(gc.get_objects(generation)) for generation in range(3))
         assert walked < len(kept) // 10, walked
     finally:
