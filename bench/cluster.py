@@ -525,13 +525,29 @@ def _f(value: float | None, fmt: str = "{:.2f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
+#: What follows this line in the report is written by hand and kept when a run rewrites it.
+KEPT = "<!-- kept by bench/cluster.py when it rewrites this file -->"
+
+
+def kept_section(path: Path) -> list[str]:
+    """The hand-written tail of an existing report (from :data:`KEPT` on), if any."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    at = text.find(KEPT)
+    return [] if at < 0 else ["", *text[at:].rstrip("\n").split("\n"), ""]
+
+
 def write_report(results: dict[str, Any], path: Path) -> None:
+    kept = kept_section(path)
     r = results["run"]
     m = results["machine"]
     single = results.get("single")
     if "n" not in r:  # failed before the daemons started
-        path.write_text(f"# Benchmark: one fleet, several daemons on one SQLite store\n\n"
-                        f"**Run failed:** {results.get('error')}\n")
+        path.write_text("\n".join([
+            "# Benchmark: one fleet, several daemons on one SQLite store", "",
+            f"**Run failed:** {results.get('error')}", *kept]) + "\n")
         return
     lines = [
         "# Benchmark: one fleet, several daemons on one SQLite store",
@@ -657,7 +673,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         lines += [f"| {i} | " + " | ".join(str(c[k]) for k in LOG_EVENTS) + " |"
                   for i, c in sorted(events.items())]
         lines.append("")
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines + kept))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,11 +62,16 @@ class AttemptProbe:
 
 class GcProbe:
     """Every garbage collection's pause (``gc.callbacks``): (wall clock at start, seconds,
-    generation)."""
+    generation, objects collected, CPU seconds: what the pause costs on an idle machine)."""
 
-    def __init__(self) -> None:
-        self.pauses: list[tuple[float, float, int]] = []
+    def __init__(self, census: bool = False) -> None:
+        self.pauses: list[tuple[float, float, int, int, float]] = []
         self._started = 0.0
+        self._cpu = 0.0
+        #: ``census``: before each full collection, (wall clock, objects it walks, the most
+        #: frequent types among them when many); costs a walk of its own (diagnosis only).
+        self._census = census
+        self.census: list[tuple[float, int, list[tuple[str, int]]]] = []
 
     def install(self) -> None:
         import gc
@@ -76,14 +81,76 @@ class GcProbe:
     @property
     def full(self) -> list[tuple[float, float]]:
         """(wall clock, seconds) of the full (generation 2) collections."""
-        return [(t, d) for t, d, gen in self.pauses if gen == 2]
+        return [(p[0], p[1]) for p in self.pauses if p[2] == 2]
 
     def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and self._census and info.get("generation") == 2:
+            import gc
+            from collections import Counter
+
+            objs = gc.get_objects(2)
+            kinds = Counter(type(o).__qualname__ for o in objs).most_common(12) \
+                if len(objs) > 50_000 and len(self.census) < 40 else []
+            self.census.append((time.time(), len(objs), kinds))
+            del objs
         if phase == "start":
             self._started = time.perf_counter()
+            self._cpu = time.thread_time()
         else:
             self.pauses.append((time.time(), time.perf_counter() - self._started,
-                                info.get("generation", -1)))
+                                info.get("generation", -1), info.get("collected", 0),
+                                time.thread_time() - self._cpu))
+
+
+class PassProbe:
+    """Loop passes (one ``_run_once``: the ready callbacks run back to back) whose callbacks
+    took longer than :data:`SLOW_PASS` (the select wait excluded): (wall clock, seconds,
+    callbacks run, the most frequent task-name prefixes among them, CPU seconds). Opt-in
+    (``TGDAEMON_BENCH_PASSES=1``): it wraps private methods of asyncio's loop, for finding
+    what a lag is made of."""
+
+    SLOW_PASS = 0.02
+
+    def __init__(self) -> None:
+        self.slow: list[tuple[float, float, int, list[tuple[str, int]]]] = []
+
+    def install(self) -> None:
+        base = asyncio.base_events.BaseEventLoop
+        original = base._run_once  # type: ignore[attr-defined]
+        handle_run = asyncio.events.Handle._run
+        slow = self.slow
+        ran: list[Any] = []
+
+        span = [0.0, 0.0, 0.0, 0.0]
+
+        def counting_run(handle: Any) -> None:
+            if not ran:
+                span[0] = time.perf_counter()
+                span[2] = time.thread_time()
+            ran.append(handle)
+            handle_run(handle)
+            span[1] = time.perf_counter()
+            span[3] = time.thread_time()
+
+        def run_once(loop: Any) -> None:
+            ran.clear()
+            original(loop)
+            took = span[1] - span[0] if ran else 0.0
+            if took >= PassProbe.SLOW_PASS:
+                kinds: Counter[str] = Counter()
+                for handle in ran:
+                    cb = getattr(handle, "_callback", None)
+                    owner = getattr(cb, "__self__", None)
+                    if isinstance(owner, asyncio.Task):
+                        kinds["task:" + owner.get_name().split(":")[0]] += 1
+                    else:
+                        kinds[getattr(cb, "__qualname__", repr(cb))[:60]] += 1
+                slow.append((time.time(), took, len(ran), kinds.most_common(4),
+                             span[3] - span[2]))
+            ran.clear()
+
+        asyncio.events.Handle._run = counting_run  # type: ignore[method-assign]
+        base._run_once = run_once  # type: ignore[attr-defined]
 
 
 class LagProbe:
@@ -280,8 +347,12 @@ async def sample(fleet: Fleet, stop: asyncio.Event, interval: float,
 async def run(args: argparse.Namespace) -> int:
     probe = AttemptProbe()
     probe.install()
-    gc_probe = GcProbe()
+    diagnose = os.environ.get("TGDAEMON_BENCH_PASSES") == "1"
+    gc_probe = GcProbe(census=diagnose)
     gc_probe.install()
+    pass_probe = PassProbe()
+    if diagnose:
+        pass_probe.install()
     fleet: Fleet
     if args.mode == "daemon":
         import tgdaemon.http  # noqa: F401  (imported before the base mark, like the rest)
@@ -311,6 +382,10 @@ async def run(args: argparse.Namespace) -> int:
     samples = await sampler
     await fleet.stop()
     await lag_probe.stop()
+    # What the daemon's freezes kept from the collector and died meanwhile (stop unfreezes).
+    import gc
+
+    garbage = gc.collect()
     args.timeline.write_text(json.dumps({
         "loop_lag": lag_probe.late,
         "n": fleet.size,
@@ -318,6 +393,9 @@ async def run(args: argparse.Namespace) -> int:
         "attempts": sorted(probe.per_second.items()),
         "gc_full": gc_probe.full,
         "gc_pauses": gc_probe.pauses,
+        "slow_passes": pass_probe.slow,
+        "gc_census": gc_probe.census,
+        "garbage_at_stop": garbage,
     }))
     emit("stopped")
     return 0

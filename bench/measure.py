@@ -105,8 +105,8 @@ def run_fleet(
     lags = timeline.get("loop_lag", [])
     # Every collection's pause (gc.callbacks in the fleet process), any generation.
     pauses = timeline.get("gc_pauses", [])
-    out["gc_pause_max_s"] = max((d for _t, d, _gen in pauses), default=0.0)
-    out["gc_full_total"] = sum(1 for _t, _d, gen in pauses if gen == 2)
+    out["gc_pause_max_s"] = max((p[1] for p in pauses), default=0.0)
+    out["gc_full_total"] = sum(1 for p in pauses if p[2] == 2)
     if plan.outage and "outage" in out:
         o = out["outage"]
         end = o["t_back"] + (o["recovered_s"] if o.get("recovered_s") is not None

@@ -486,7 +486,8 @@ def prometheus_lines(p: dict[str, Any]) -> list[str]:
              "samples as Prometheus records them (`scrape_duration_seconds`, "
              "`scrape_samples_scraped`, `scrape_body_size_bytes`); RSS is Prometheus' VmRSS. "
              "Every configured account is exported whether connected or not; \"connected\" is "
-             "how many were when the window started (of N; a starved daemon connects slowly)"
+             "how many were when the window started → when it ended (of N; a starved daemon "
+             "connects slowly and loses connections to late heartbeats)"
              + (f", at `connect_rate = {rate:g}`" if rate else "")
              + ". An account's sessions gauge (`tgdaemon_authorizations`, the fifth series of a "
              "healthy account) appears after its first look at its sessions, spread over "
@@ -518,7 +519,8 @@ def prometheus_lines(p: dict[str, Any]) -> list[str]:
             num(None if "rss_start_kb" not in r else r["rss_start_kb"] / 1024, "{:.0f}")
             + f" → {r['rss_end_kb'] / 1024:.0f} / {r['rss_max_kb'] / 1024:.0f}",
             f"{r['cpu_pct']:.1f}",
-            num(r.get("connected"), "{:,}"),
+            num(r.get("connected"), "{:,}")
+            + (f" → {r['connected_end']:,}" if "connected_end" in r else ""),
             f"{r['sessions_gauges']:,}" if "sessions_gauges" in r else "-",
             f"{num(r.get('loadavg_median'), '{:.1f}')} / {num(r.get('loadavg_max'), '{:.1f}')}",
         ])

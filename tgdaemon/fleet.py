@@ -40,6 +40,7 @@ from tgdaemon.leases import (
     default_close_margin,
     disconnect_delay,
     must_close,
+    next_renewal_in,
     renewal_result,
 )
 from tgdaemon.leasestore import NO_EPOCH, LeaseStore, Reencrypt
@@ -276,11 +277,13 @@ class Fleet:
 
     async def _renewer(self) -> None:
         while not self._stopping:
+            started = self._monotonic()
             try:
                 await self.renew()
             except Exception:  # e.g. a bug: no renewal, and the guard closes in time
                 log.exception("lease renewal failed unexpectedly")
-            await self._sleep(self.timing.renew_interval)
+            await self._sleep(next_renewal_in(started, self._monotonic(),
+                                              self.timing.renew_interval))
 
     async def renew(self) -> None:
         """Renew every lease we hold (one statement) and move the deadline."""

@@ -3,43 +3,84 @@
 CPython's full (generation 2) collection walks every tracked object, and 10,000 accounts are
 millions of long-lived ones (clients, senders, sessions, workers): each full collection held
 the event loop ~1.2 s at 10,000 accounts, 2-3 times a minute (bench/RESULTS.md), and every
-heartbeat and WebSocket push waited for it. While a fleet connects the heap grows fast, and
-each 25 % of growth starts another full collection over all of it.
+heartbeat and WebSocket push waited for it.
 
 ``gc.freeze()`` moves every tracked object into a permanent generation that collections skip
-(reference counting still frees what loses its last reference). The daemon freezes before its
-workers start (imports, configuration, the store), right after they are spawned, and then every
-:data:`FREEZE_INTERVAL` seconds during a *wave*: while at least :data:`WAVE_SHARE` of the
-accounts (at least one) are starting, connecting or reconnecting, which is the start and every
-fleet-wide reconnect after an outage. Each freeze follows a young collection
-(``gc.collect(1)`` walks only what was born since the last one), so a connect's short-lived
-garbage is collected rather than frozen, and one last freeze follows the wave's end. Between
-waves nothing is frozen: the few accounts that reconnect on their own leave little for a full
-collection to walk.
+(reference counting still frees what loses its last reference). So the collector's automatic
+full collections are switched off while the policy runs, and on its ticks the policy does one
+of two things (:class:`Step`, decided by :func:`next_step`):
+
+* a *sweep* every :data:`FREEZE_INTERVAL` seconds during a *wave* (while at least
+  :data:`WAVE_SHARE` of the accounts, at least one, are starting, connecting or reconnecting:
+  the start, from before the workers are spawned, and every fleet-wide reconnect after an
+  outage) and once as the wave ends: a full collection (``gc.collect(2)``: the young
+  generations and what reached the old one since the last tick, never the frozen heap), then
+  a freeze of what survived. Waves make the cyclic garbage (failed connects' tracebacks):
+  collected, not frozen;
+* a *young freeze* every :data:`IDLE_INTERVAL` seconds between waves: a young collection, then
+  a freeze, without walking what reached the old generation since. Between waves the
+  objects that outlive a few young collections (Telethon's last acknowledged requests, status
+  entries) piled up to full collections of 0.4 s at 10,000 accounts (bench/RESULTS.md, "idle
+  window") that collected nothing; sweeping them every 10 s instead walked 20-45 thousand
+  objects each time at 3,000 accounts and again collected nothing (bench, loaded machine).
 
 The price of freezing: a frozen object that later dies in a reference cycle is never
-reclaimed (until :meth:`GcPolicy.stop` unfreezes). A wave's connections die in the next
-outage, so they must not be cyclic garbage: tgdaemon.connection breaks the two cycles a dropped
-Telethon connection had (its packet codec, its asyncio transport); with that, an unfreeze and
-full collection after repeated outages finds no per-account garbage (measured), and memory
-stays flat over outages.
+reclaimed (until :meth:`GcPolicy.stop` unfreezes), and so is cyclic garbage that reached the
+old generation between waves (a young freeze does not look there; the idle sweeps that did
+collected nothing). A wave's connections die in the next outage, so they must not be cyclic
+garbage: tgdaemon.connection breaks the two cycles a dropped Telethon connection had (its
+packet codec, its asyncio transport); with that, an unfreeze and full collection after
+repeated outages finds no per-account garbage (measured), and memory stays flat over
+outages.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import gc
 import math
+import time
 from collections.abc import Callable
 
 from tgdaemon.tasks import cancel_and_wait
 
-#: Seconds between two freezes during a wave: a second's worth of new objects is what a full
-#: collection may still have to walk (a young collection first costs a few ms).
+#: Seconds between two sweeps during a wave: a second's worth of survivors is what a sweep
+#: walks (at 3,000 accounts connecting at full speed, ~10,000 objects).
 FREEZE_INTERVAL = 1.0
+#: Seconds between two young freezes between waves: the old generation holds what reached it
+#: meanwhile (never walked: there is no automatic full collection).
+IDLE_INTERVAL = 10.0
 #: Share of the accounts (re)connecting at once that makes a wave (at least one account): at
 #: 10,000 accounts, 100. Fewer is an account or two reconnecting on their own.
 WAVE_SHARE = 0.01
+#: Generation 2's threshold while the policy runs: never reached, so the only full
+#: collections are the sweeps (a full collection after a burst of allocations otherwise
+#: walks whatever is unfrozen, at a moment nobody chose).
+NO_AUTOMATIC_FULL = 2**31 - 1
+
+
+class _FullCollections:
+    """The automatic full collections of the process, off while any policy runs (a process
+    may run several daemons: tests, library use); the last one to stop switches them back."""
+
+    running = 0
+    saved = 0
+
+    @classmethod
+    def off(cls) -> None:
+        t0, t1, t2 = gc.get_threshold()
+        if cls.running == 0:
+            cls.saved = t2
+        cls.running += 1
+        gc.set_threshold(t0, t1, NO_AUTOMATIC_FULL)
+
+    @classmethod
+    def on(cls) -> None:
+        cls.running -= 1
+        if cls.running == 0:
+            t0, t1, _t2 = gc.get_threshold()
+            gc.set_threshold(t0, t1, cls.saved)
 
 
 def wave_threshold(accounts: int) -> int:
@@ -47,45 +88,74 @@ def wave_threshold(accounts: int) -> int:
     return max(1, math.ceil(accounts * WAVE_SHARE))
 
 
-def should_freeze(*, in_wave: bool, connecting: int, accounts: int) -> tuple[bool, bool]:
-    """One tick's decision: (freeze now, in a wave now). ``in_wave``: the last tick's answer;
-    ``connecting``: accounts starting, connecting or reconnecting, of ``accounts``. A wave
-    freezes every tick and once more on the tick that finds it over."""
+class Step(enum.Enum):
+    """What a tick of the policy does."""
+
+    NOTHING = "nothing"
+    #: Young collection, then freeze (between waves).
+    YOUNG_FREEZE = "young_freeze"
+    #: Full collection of the unfrozen, then freeze (waves and their ends).
+    SWEEP = "sweep"
+
+
+def next_step(*, in_wave: bool, connecting: int, accounts: int, since_freeze: float,
+              idle_interval: float = IDLE_INTERVAL) -> tuple[Step, bool]:
+    """One tick's decision: (what to do, in a wave now). ``in_wave``: the last tick's answer;
+    ``connecting``: accounts starting, connecting or reconnecting, of ``accounts``;
+    ``since_freeze``: seconds since the last freeze of any kind. A wave sweeps every tick
+    and once more on the tick that finds it over; between waves, a young freeze every
+    ``idle_interval``."""
     wave = connecting >= wave_threshold(accounts)
-    return wave or in_wave, wave
+    if wave or in_wave:
+        return Step.SWEEP, wave
+    return (Step.YOUNG_FREEZE if since_freeze >= idle_interval else Step.NOTHING), wave
 
 
 class GcPolicy:
-    """Freezes the fleet's long-lived heap during connect waves (see module docstring).
+    """Freezes the fleet's heap on its schedule (see module docstring).
 
     ``census`` tells (accounts starting, connecting or reconnecting now; all accounts)."""
 
     def __init__(self, census: Callable[[], tuple[int, int]], *,
-                 interval: float = FREEZE_INTERVAL) -> None:
+                 interval: float = FREEZE_INTERVAL, idle_interval: float = IDLE_INTERVAL,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self._census = census
         self._interval = interval
+        self._idle_interval = idle_interval
+        self._monotonic = monotonic
         self._task: asyncio.Task[None] | None = None
+        self._automatic_off = False
+        self._swept = 0.0
         #: Freezes done so far (the tests and the bench read it).
         self.freezes = 0
         #: Waves whose end was frozen (the first is the start).
         self.waves = 0
 
-    def freeze(self) -> None:
-        """Collect the young generations, then freeze everything that is left."""
-        gc.collect(1)
+    def freeze(self, *, full: bool = True) -> None:
+        """Collect everything unfrozen (only what was born or survived since the last
+        freeze), then freeze what is left. ``full=False``: the young generations only (the
+        first freeze of a process, whose old generation is the whole heap)."""
+        gc.collect(2 if full else 1)
         gc.freeze()
         self.freezes += 1
+        self._swept = self._monotonic()
 
     def start(self) -> None:
-        """Freeze now (every account is starting: the first wave) and follow the waves."""
+        """Freeze now (the accounts are about to start: the first wave), switch the automatic
+        full collections off and follow the waves."""
         self.freeze()
         if self._task is None:
+            _FullCollections.off()
+            self._automatic_off = True
             self._task = asyncio.get_running_loop().create_task(self._run(), name="gc-freeze")
 
     async def stop(self) -> None:
         """Stop following waves and hand the frozen objects back to the collector."""
         task, self._task = self._task, None
         await cancel_and_wait(task)
+        if self._automatic_off:
+            self._automatic_off = False
+            _FullCollections.on()
         gc.unfreeze()
 
     @property
@@ -98,10 +168,11 @@ class GcPolicy:
         while True:
             await asyncio.sleep(self._interval)
             connecting, accounts = self._census()
-            freeze, wave = should_freeze(in_wave=in_wave, connecting=connecting,
-                                         accounts=accounts)
-            if freeze:
-                self.freeze()
+            step, wave = next_step(
+                in_wave=in_wave, connecting=connecting, accounts=accounts,
+                since_freeze=self._monotonic() - self._swept, idle_interval=self._idle_interval)
+            if step is not Step.NOTHING:
+                self.freeze(full=step is Step.SWEEP)
             if in_wave and not wave:
                 self.waves += 1
             in_wave = wave

@@ -12,24 +12,38 @@ packets, the server's reads and the answers come in batches (30 loop turns a sec
 of 365; the daemon's idle CPU halved, the local DC's by 60 %). A wait is at most one tick
 longer than asked; a tick is a small fraction of the heartbeat interval (see
 :func:`tgdaemon.lifecycle.heartbeat_tick`).
+
+A boundary wakes at most :data:`WAKE_BATCH` sleepers per loop pass, the rest in the passes
+after (a few milliseconds later, in order): every woken account sends in the pass after, and
+when the loop falls behind (a burst of connects, a starved process) several boundaries come due
+at once, thousands of heartbeats sent in one pass (a pass of 2,136 worker steps, 4.3 s, was
+measured at 10,000 accounts on a loaded machine); every timer and read waited behind them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+from collections import deque
 
-__all__ = ["TimerWheel"]
+__all__ = ["WAKE_BATCH", "TimerWheel"]
+
+#: Sleepers woken per loop pass: 128 heartbeats are sent in a few tens of milliseconds; at
+#: 10,000 accounts and the default 30 s interval a tick has ~170 due.
+WAKE_BATCH = 128
 
 
 class TimerWheel:
     """Sleeps that end on tick boundaries, one loop timer per boundary with sleepers."""
 
-    __slots__ = ("_buckets", "_loop")
+    __slots__ = ("_batch", "_buckets", "_due", "_loop")
 
-    def __init__(self) -> None:
+    def __init__(self, batch: int = WAKE_BATCH) -> None:
         #: Loop time of a boundary -> the futures that end there (set True when it passes).
         self._buckets: dict[float, list[asyncio.Future[bool]]] = {}
+        #: Boundaries passed whose sleepers are not all woken yet (woken in later passes).
+        self._due: deque[list[asyncio.Future[bool]]] = deque()
+        self._batch = batch
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def sleeper(self, seconds: float, tick: float) -> asyncio.Future[bool]:
@@ -37,7 +51,7 @@ class TimerWheel:
         now; whoever holds it may settle it sooner (a woken sleep), or cancel it."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # boundaries (and their timers) belong to one loop
-            self._loop, self._buckets = loop, {}
+            self._loop, self._buckets, self._due = loop, {}, deque()
         fut: asyncio.Future[bool] = loop.create_future()
         when = loop.time() + max(0.0, seconds)
         if tick > 0:
@@ -54,9 +68,28 @@ class TimerWheel:
         await self.sleeper(seconds, tick)
 
     def _fire(self, when: float) -> None:
-        for fut in self._buckets.pop(when, ()):
-            if not fut.done():  # woken early or cancelled: nothing to do
-                fut.set_result(True)
+        bucket = self._buckets.pop(when, None)
+        if not bucket:
+            return
+        bucket.reverse()  # popped from the end: woken in the order they went to sleep
+        self._due.append(bucket)
+        if len(self._due) == 1:  # else a wake-up pass is already scheduled
+            self._wake()
+
+    def _wake(self) -> None:
+        """Wake up to a batch of due sleepers; schedule the next pass's batch if more are."""
+        due, budget = self._due, self._batch
+        while due and budget:
+            bucket = due[0]
+            while bucket and budget:
+                fut = bucket.pop()
+                if not fut.done():  # woken early or cancelled: nothing to do
+                    fut.set_result(True)
+                    budget -= 1
+            if not bucket:
+                due.popleft()
+        if due:
+            asyncio.get_running_loop().call_soon(self._wake)
 
     @property
     def pending(self) -> int:

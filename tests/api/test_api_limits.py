@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from tests.conftest import wait_for_condition
 from tests.rawsock import closed_by_server, trickled_until_closed
+from tgdaemon.api.admission import StreamPlace, stream_place
 from tgdaemon.api.events import EventKind, UpdateBuffer
 from tgdaemon.api.service import WS_PROTOCOL, AccountApi
 from tgdaemon.apiconfig import ApiClient
@@ -40,6 +41,7 @@ from tgdaemon.status import StatusBoard
 
 HASH = "0123456789abcdef0123456789abcdef"
 TOKEN = "api-limits-Token-0123456789"
+OTHER_TOKEN = "api-limits-Other-0123456789"
 FAST = HttpLimits(max_connections=4, request_timeout=0.5, keepalive_timeout=0.5,
                   send_timeout=1.0)
 
@@ -79,6 +81,9 @@ async def serve(tmp_path: Path) -> AsyncIterator[Serve]:
         token = tmp_path / "t.token"
         token.write_text(TOKEN + "\n")
         os.chmod(token, 0o600)
+        other = tmp_path / "other.token"
+        other.write_text(OTHER_TOKEN + "\n")
+        os.chmod(other, 0o600)
         path = sock_dir / "api.sock"
         cfg = tmp_path / "t.toml"
         cfg.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n'
@@ -86,7 +91,9 @@ async def serve(tmp_path: Path) -> AsyncIterator[Serve]:
                        '[[accounts]]\nname = "alice"\n'
                        f'[api]\nunix_socket = "{path}"\n'
                        f'[[api.clients]]\nname = "ops"\ntoken_file = "{token}"\n'
-                       'accounts = ["*"]\nmethods = "all"\n')
+                       'accounts = ["*"]\nmethods = "all"\n'
+                       f'[[api.clients]]\nname = "other"\ntoken_file = "{other}"\n'
+                       'accounts = ["*"]\nmethods = "read-only"\n')
         board = StatusBoard()
         board.update("alice", state=State.NEEDS_LOGIN, reason="no session")
         api = AccountApi(ConfigHolder(load_config(cfg, env={})), board, generate_keyring(),
@@ -251,7 +258,7 @@ async def test_update_streams_are_capped_with_one_summarised_line(serve: Serve, 
             assert caplog.text.count("account API update stream refused: 2 open (the limit)"
                                      ) == 1
             await streams.pop().close()
-            await wait_for_condition(lambda: len(served.api._sockets) == 1, 5, "one closed")
+            await wait_for_condition(lambda: len(served.api._streams) == 1, 5, "one closed")
             streams.append(await http.ws_connect("http://localhost/v1/updates", headers=AUTH))
         finally:
             for ws in streams:
@@ -275,7 +282,7 @@ async def test_a_stream_consumer_that_stops_reading_is_disconnected(serve: Serve
         text = "y" * 4000
         for i in range(300):  # ~1.2 MB: past every buffer on the way
             buffer.append("alice", EventKind.MESSAGE, {"message": {"id": i, "text": text}})
-        await wait_for_condition(lambda: not served.api._sockets, 10, "the stream closed")
+        await wait_for_condition(lambda: not served.api._streams, 10, "the stream closed")
         assert "account API update stream disconnected: the consumer did not take an " \
             "event within 1 s; 1 disconnected so far" in caplog.text
     finally:
@@ -355,7 +362,7 @@ async def test_a_plain_get_of_the_stream_is_a_400_not_a_logged_error(serve: Serv
                 assert r.status == 400
                 assert (await r.json())["message"] == "not a WebSocket handshake"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
-    assert not served.api._sockets
+    assert not served.api._streams
 
 
 @pytest.mark.parametrize("patterns", [("*",), ("alice",), ("shop-*", "a?ice"),
@@ -376,7 +383,7 @@ async def test_a_stream_frame_from_the_consumer_is_at_most_4_kib(serve: Serve) -
         assert msg.type is aiohttp.WSMsgType.CLOSE
         assert msg.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
         await ws.close()
-    await wait_for_condition(lambda: not served.api._sockets, 5, "the stream ended")
+    await wait_for_condition(lambda: not served.api._streams, 5, "the stream ended")
 
 
 async def test_a_resuming_consumer_of_one_account_reads_only_its_rows(tmp_path: Path) -> None:
@@ -471,3 +478,54 @@ async def test_an_internal_error_logs_its_traceback_once(serve: Serve, caplog) -
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert [r.getMessage() for r in errors] == ["API dialogs failed: RuntimeError"]
     assert errors[0].exc_info is not None
+
+
+@pytest.mark.parametrize(("held", "client", "place"), [
+    ({}, "a", StreamPlace(True)),
+    ({"a": 3}, "a", StreamPlace(True)),  # below the limit: anyone
+    ({"a": 4}, "a", StreamPlace(False)),  # full, and a is the biggest
+    ({"a": 4}, "b", StreamPlace(True, evict="a")),  # b holds none: a gives one up
+    ({"a": 2, "b": 2}, "c", StreamPlace(True, evict="b")),  # ties: one victim, by name
+    ({"a": 3, "b": 1}, "b", StreamPlace(True, evict="a")),  # 1 + 1 < 3
+    ({"a": 2, "b": 2}, "b", StreamPlace(False)),  # even: nobody is over
+    ({"a": 2, "b": 2}, "a", StreamPlace(False)),
+])
+def test_stream_share_table(held: dict[str, int], client: str, place: StreamPlace) -> None:
+    assert stream_place(held, client, 4) == place
+
+
+async def test_a_client_holding_every_stream_gives_one_up_for_another(serve: Serve,
+                                                                       caplog) -> None:
+    """One client could hold every stream and keep the others out (429 for as long as it
+    liked)."""
+    caplog.set_level(logging.INFO, "tgdaemon.http")
+    served = await serve(dataclasses.replace(FAST, max_subscribers=2, request_timeout=30,
+                                             keepalive_timeout=30))
+    other = {"Authorization": f"Bearer {OTHER_TOKEN}"}
+    async with served.session() as http:
+        ops = [await http.ws_connect("http://localhost/v1/updates", headers=AUTH)
+               for _ in range(2)]
+        for ws in ops:
+            assert (await ws.receive_json())["type"] == "ready"
+        mine = await http.ws_connect("http://localhost/v1/updates", headers=other)
+        try:
+            assert (await mine.receive_json())["type"] == "ready"
+            closed = await ops[1].receive(timeout=10)  # the newest of the biggest holder
+            assert closed.type is aiohttp.WSMsgType.CLOSE
+            assert closed.data == aiohttp.WSCloseCode.TRY_AGAIN_LATER
+            assert closed.extra == "another client needs a stream: resume with your cursor"
+            await wait_for_condition(lambda: len(served.api._streams) == 2, 5, "one closed")
+            # Now even: neither gets a third.
+            for headers in (AUTH, other):
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await http.ws_connect("http://localhost/v1/updates", headers=headers)
+                assert refused.value.status == 429
+            # The older stream of the first client still works.
+            served.api.buffer.append("alice", EventKind.MESSAGE, {"message": {"id": 9}})
+            assert (await ops[0].receive_json(timeout=10))["message"] == {"id": 9}
+            assert (await mine.receive_json(timeout=10))["message"] == {"id": 9}
+        finally:
+            for ws in (*ops, mine):
+                await ws.close()
+    assert "account API update stream pushed out: another client needed one and held " \
+        "fewer; 1 pushed out so far" in caplog.text

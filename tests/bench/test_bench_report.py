@@ -202,7 +202,7 @@ def _prom(body: float, samples: float) -> dict:
             "duration_max_s": 0.31, "samples_per_scrape": samples, "body_bytes": body,
             "head_series": int(samples) + 300, "rss_start_kb": 150 * 1024, "rss_end_kb": 200 * 1024,
             "rss_max_kb": 210 * 1024, "cpu_pct": 3.25, "sessions_gauges": 10000,
-            "connected": 10000, "loadavg_median": 1.54, "loadavg_max": 2.0}
+            "connected": 10000, "connected_end": 9990, "loadavg_median": 1.54, "loadavg_max": 2.0}
 
 
 def test_prometheus_scrape_section(tmp_path: Path) -> None:
@@ -218,7 +218,7 @@ def test_prometheus_scrape_section(tmp_path: Path) -> None:
     text = out.read_text()
     assert "## A real Prometheus scraping /metrics, N = 10,000 accounts" in text
     assert "| `fleet` (default) | 20 (0 failed) | 0.120 / 0.310 | 50,040 | 5.0 | 2.77 | " \
-        "50,340 | 150 → 200 / 210 | 3.2 | 10,000 | 10,000 | 1.5 / 2.0 |" in text
+        "50,340 | 150 → 200 / 210 | 3.2 | 10,000 → 9,990 | 10,000 | 1.5 / 2.0 |" in text
     assert "Scrapes longer than the interval" not in text
     assert "| `account` | 20 (0 failed) |" in text
     assert "2.77 MB ≤ 3 MB and 5.0 samples per account ≤ 8 **met**" in text

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.cluster import KEPT
+
 ROOT = Path(__file__).resolve().parents[2]
 #: About 30 s of wall time alone (4 daemons and a localdc start as processes); generous for a
 #: loaded machine.
@@ -22,6 +24,7 @@ pytestmark = pytest.mark.timeout(SMOKE_TIMEOUT + 60)
 
 def test_cluster_bench_smoke(tmp_path: Path) -> None:
     out, data = tmp_path / "CLUSTER.md", tmp_path / "cluster.json"
+    out.write_text(f"an older run\n{KEPT}\n## Written by hand\n")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "cluster.py"), "--smoke", "--out", str(out),
          "--json", str(data), "--workdir", str(tmp_path / "work")],
@@ -58,3 +61,5 @@ def test_cluster_bench_smoke(tmp_path: Path) -> None:
     report = out.read_text()
     assert "| all 4 | 40 |" in report
     assert "SIGKILL of d4" in report
+    assert "an older run" not in report
+    assert report.endswith(f"{KEPT}\n## Written by hand\n")

@@ -1,5 +1,7 @@
-"""gc.freeze() during connect waves (tgdaemon.gcpolicy): frozen while a wave of accounts
-(re)connects and once as it ends, and stop hands everything back to the collector."""
+"""gc.freeze() on the fleet's schedule (tgdaemon.gcpolicy): after a full collection of the
+unfrozen every tick while a wave of accounts (re)connects and once as it ends, after a young
+one now and then between waves; no automatic full collection meanwhile; stop hands everything
+back to the collector."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import pytest
 
 from tests.conftest import phone_for
 from tgdaemon.daemon import Daemon
-from tgdaemon.gcpolicy import GcPolicy, should_freeze
+from tgdaemon.gcpolicy import NO_AUTOMATIC_FULL, GcPolicy, Step, next_step
 from tgdaemon.status import State
 
 
@@ -22,26 +24,31 @@ class _Node:
         self.me = self
 
 
-@pytest.mark.parametrize(("in_wave", "connecting", "accounts", "expected"), [
-    (False, 0, 10_000, (False, False)),  # idle
-    (False, 99, 10_000, (False, False)),  # a few reconnecting on their own: no freezes
-    (False, 100, 10_000, (True, True)),  # 1 %: a wave (an outage's reconnects) starts
-    (True, 5_000, 10_000, (True, True)),  # and freezes every tick
-    (True, 99, 10_000, (True, False)),  # the tick that finds it over freezes once more
-    (False, 1, 1, (True, True)),  # one account is a wave of a one-account daemon
-    (True, 0, 0, (True, False)),  # no accounts at all
+@pytest.mark.parametrize(("in_wave", "connecting", "accounts", "since", "expected"), [
+    (False, 0, 10_000, 1.0, (Step.NOTHING, False)),  # idle, frozen a second ago
+    (False, 0, 10_000, 10.0, (Step.YOUNG_FREEZE, False)),  # idle: every idle interval
+    (False, 99, 10_000, 2.0, (Step.NOTHING, False)),  # a few reconnecting: no wave
+    (False, 100, 10_000, 1.0, (Step.SWEEP, True)),  # 1 %: a wave (an outage's reconnects)
+    (True, 5_000, 10_000, 0.5, (Step.SWEEP, True)),  # sweeps every tick
+    (True, 99, 10_000, 1.0, (Step.SWEEP, False)),  # the tick that finds it over: once more
+    (False, 1, 1, 1.0, (Step.SWEEP, True)),  # one account is a wave of a one-account daemon
+    (True, 0, 0, 1.0, (Step.SWEEP, False)),  # no accounts at all
 ])
-def test_when_to_freeze(in_wave, connecting, accounts, expected):
-    assert should_freeze(in_wave=in_wave, connecting=connecting, accounts=accounts) == expected
+def test_what_a_tick_does(in_wave, connecting, accounts, since, expected):
+    assert next_step(in_wave=in_wave, connecting=connecting, accounts=accounts,
+                     since_freeze=since, idle_interval=10.0) == expected
 
 
 async def test_freezes_while_connecting_until_none_is(wait_until):
     connecting = True
-    policy = GcPolicy(lambda: (int(connecting), 1), interval=0.01)
+    policy = GcPolicy(lambda: (int(connecting), 1), interval=0.01, idle_interval=3600)
+    other = GcPolicy(lambda: (0, 1), interval=3600)  # a second daemon in the process
     assert gc.get_freeze_count() == 0
+    thresholds = gc.get_threshold()
     policy.start()
     try:
         assert gc.get_freeze_count() > 0  # at once: what exists now is long-lived
+        assert gc.get_threshold()[2] == NO_AUTOMATIC_FULL  # the sweeps are the full ones
         await wait_until(lambda: policy.freezes >= 3, 5, "freezes while connecting")
         assert not policy.settled
         node = _Node()  # born after the last freeze: the collector still sees it
@@ -61,19 +68,42 @@ async def test_freezes_while_connecting_until_none_is(wait_until):
         connecting = False
         await wait_until(lambda: policy.waves == 2, 5, "second wave over")
         assert not any(o is later for o in gc.get_objects())
+        other.start()
+        await policy.stop()
+        assert gc.get_threshold()[2] == NO_AUTOMATIC_FULL  # still off while one runs
     finally:
         await policy.stop()
+        await other.stop()
     assert gc.get_freeze_count() == 0
+    assert gc.get_threshold() == thresholds
 
 
-async def test_young_garbage_is_collected_rather_than_frozen():
+async def test_between_waves_a_full_collection_walks_only_recent_survivors(wait_until):
+    """What outlives the young collections between waves (at 10,000 accounts: 0.4 s full
+    collections in the idle window) is frozen out of the collector's sight too."""
+    policy = GcPolicy(lambda: (0, 1_000), interval=0.01, idle_interval=0.05)
+    policy.start()
+    try:
+        await wait_until(lambda: policy.settled, 5, "start phase over")
+        kept = [[] for _ in range(100_000)]  # long-lived, born between waves
+        frozen = policy.freezes
+        await wait_until(lambda: policy.freezes > frozen, 5, "a freeze between waves")
+        walked = sum(len(gc.get_objects(generation)) for generation in range(3))
+        assert walked < len(kept) // 10, walked
+    finally:
+        await policy.stop()
+
+
+async def test_garbage_is_collected_rather_than_frozen():
     policy = GcPolicy(lambda: (0, 1))
-    node = _Node()
-    ref = weakref.ref(node)
-    del node
+    old = _Node()
+    gc.collect(1)  # survived the young collections: in the old generation now
+    young = _Node()
+    refs = [weakref.ref(old), weakref.ref(young)]
+    del old, young
     try:
         policy.freeze()
-        assert ref() is None
+        assert [r() for r in refs] == [None, None]
     finally:
         await policy.stop()
 

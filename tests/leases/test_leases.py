@@ -18,6 +18,7 @@ from tgdaemon.leases import (
     heartbeat_room,
     lag_allowance,
     must_close,
+    next_renewal_in,
     renewal_result,
     timing_problems,
     transit_allowance,
@@ -139,6 +140,16 @@ def test_lag_allowance(ttl: float, renew: float, allowance: float) -> None:
 def test_heartbeat_due(began: float, due: float, armed_until: float, allowance: float,
                        interval: float, at: float) -> None:
     assert heartbeat_due(began, due, armed_until, allowance, interval) == pytest.approx(at)
+
+
+@pytest.mark.parametrize(("started", "now", "interval", "delay"), [
+    (100.0, 100.3, 10.0, 9.7),  # a 0.3 s statement: the period stays 10 s
+    (100.0, 105.0, 10.0, 5.0),
+    (100.0, 109.0, 10.0, 2.5),  # slow: a quarter interval at least
+    (100.0, 130.0, 10.0, 2.5),  # slower than the interval: not at once either
+    (100.0, 100.0, 1.0, 1.0)])
+def test_next_renewal_in(started: float, now: float, interval: float, delay: float) -> None:
+    assert next_renewal_in(started, now, interval) == pytest.approx(delay)
 
 
 @pytest.mark.parametrize(("ttl", "margin"), [(60, 10), (6, 1), (3, 1), (30, 5)])

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import Counter
 from typing import Any
 
 import pytest
 
 from tgdaemon.connwatch import ConnectionWatch
 from tgdaemon.lifecycle import HEARTBEAT_JITTER, heartbeat_delay, heartbeat_tick
-from tgdaemon.wheel import TimerWheel
+from tgdaemon.wheel import WAKE_BATCH, TimerWheel
 
 TICK = 0.05
 
@@ -45,6 +46,31 @@ async def test_sleepers_due_in_one_tick_share_one_timer_and_wake_together(monkey
     for t in woke:
         assert t >= start + TICK  # never sooner than asked
     assert len(woke) == 200
+
+
+async def test_a_boundary_wakes_a_batch_per_loop_pass_in_order():
+    """Thousands due at once (a backlog of boundaries after a stall) are not all resumed in
+    one loop pass: every timer and read would wait behind them."""
+    loop = asyncio.get_running_loop()
+    passes = [0]
+
+    def count_pass() -> None:  # runs once per loop pass
+        passes[0] += 1
+        loop.call_soon(count_pass)
+
+    wheel = TimerWheel()
+    sleepers = [wheel.sleeper(TICK, TICK) for _ in range(3 * WAKE_BATCH + 5)]
+    sleepers[1].cancel()  # a cancelled one costs no wake-up
+    woke: list[tuple[int, int]] = []
+    for i, fut in enumerate(sleepers):
+        fut.add_done_callback(lambda _f, i=i: woke.append((passes[0], i)))
+    count_pass()
+    await asyncio.gather(*sleepers[2:])
+    await asyncio.sleep(0)  # the last done-callbacks run
+    per_pass = Counter(p for p, _i in woke if _i != 1)
+    assert max(per_pass.values()) == WAKE_BATCH
+    assert len(per_pass) == 4
+    assert [i for _p, i in woke if i != 1] == [i for i in range(len(sleepers)) if i != 1]
 
 
 async def test_a_woken_or_cancelled_sleep_leaves_the_others_alone():

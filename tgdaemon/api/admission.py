@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -292,3 +293,27 @@ def _decrement(counts: dict[str, int], key: str) -> None:
         counts[key] = left
     else:
         del counts[key]
+
+
+@dataclass(frozen=True)
+class StreamPlace:
+    """Whether a new update stream of a client opens, and whose newest stream makes room."""
+
+    opens: bool
+    evict: str | None = None
+
+
+def stream_place(held: Mapping[str, int], client: str, limit: int) -> StreamPlace:
+    """The streams' share, by the calls' rule: while fewer than ``limit`` are open a new one
+    opens; when full, a client holding fewer than the biggest holder minus one pushes out that
+    holder's newest stream (closed with 1013: it resumes by cursor, nothing lost) — so one
+    client cannot keep the others out by holding every stream — else it is refused. Pure:
+    ``held`` is the open streams per client (not counting those already pushed out)."""
+    if sum(held.values()) < limit:
+        return StreamPlace(True)
+    if not held:
+        return StreamPlace(False)
+    biggest = max(held, key=lambda name: (held[name], name))
+    if held.get(client, 0) + 1 < held[biggest]:
+        return StreamPlace(True, evict=biggest)
+    return StreamPlace(False)

@@ -33,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from telethon import functions
 from telethon.tl import types as tl
 
+from tgdaemon.api.admission import stream_place
 from tgdaemon.api.events import (
     Accounts,
     CursorError,
@@ -118,7 +119,10 @@ class AccountApi:
         self._handle: Callable[[str], AccountHandle] | None = None
         self.gateway = Gateway(lambda: self.settings.current.api, self._status, self._worker,
                                clock=clock, monotonic=monotonic)
-        self._sockets: set[web.WebSocketResponse] = set()
+        #: Open update streams: the client's name and subscription of each, oldest first;
+        #: and those pushed out for another client (closing).
+        self._streams: dict[web.WebSocketResponse, tuple[str, Subscriber]] = {}
+        self._evicted: set[web.WebSocketResponse] = set()
         self._unix: web.AppRunner | None = None
         self.requests = RequestCounter(self.gateway)
         #: Internal errors by method and exception type (see :meth:`_failed`).
@@ -128,6 +132,8 @@ class AccountApi:
                                     "the request deadline", verb="cut off", level=logging.INFO)
         self.stream_refusals = Refusals("account API update stream",
                                         f"{limits.max_subscribers} open (the limit)")
+        self.pushed_out = Refusals("account API update stream", "another client needed one "
+                                   "and held fewer", verb="pushed out", level=logging.INFO)
         self.slow_consumers = Refusals(
             "account API update stream", f"the consumer did not take an event within "
             f"{limits.send_timeout:g} s", verb="disconnected", level=logging.INFO)
@@ -148,7 +154,7 @@ class AccountApi:
                 raise
 
     async def stop(self) -> None:
-        for ws in tuple(self._sockets):
+        for ws in tuple(self._streams):
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"daemon shutting down")
         if self._unix is not None:
             await self._unix.cleanup()
@@ -192,8 +198,27 @@ class AccountApi:
         app.on_shutdown.append(self._close_sockets)
 
     async def _close_sockets(self, _app: web.Application) -> None:
-        for ws in tuple(self._sockets):
+        for ws in tuple(self._streams):
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"daemon shutting down")
+
+    def make_room(self, client: str) -> None:
+        """Let ``client`` open an update stream (:func:`stream_place`): at once, by pushing
+        out the biggest holder's newest stream, or not (:class:`ApiError` 429)."""
+        held: dict[str, int] = {}
+        for ws, (name, _sub) in self._streams.items():
+            if ws not in self._evicted:
+                held[name] = held.get(name, 0) + 1
+        place = stream_place(held, client, self.limits.max_subscribers)
+        if not place.opens:
+            self.stream_refusals.note()
+            raise ApiError(Outcome.BUSY, f"{self.limits.max_subscribers} update streams "
+                           "already open", retry_after=5)
+        if place.evict is not None:
+            ws, (_name, sub) = next(item for item in reversed(self._streams.items())
+                                    if item[1][0] == place.evict and item[0] not in self._evicted)
+            self._evicted.add(ws)
+            sub.close()  # its stream ends after what it was sending, with 1013
+            self.pushed_out.note()
 
     def _status(self, name: str) -> AccountStatus | None:
         return self.board.get(name) if _has_account(self.config, name) else None
@@ -674,16 +699,13 @@ class _Usable:
 async def _stream(request: web.Request, api: AccountApi, client: ApiClient,
                   accounts: Accounts, after: int | None) -> web.StreamResponse:
     buffer = api.buffer
-    if len(api._sockets) >= api.limits.max_subscribers:
-        api.stream_refusals.note()
-        raise ApiError(Outcome.BUSY, f"{api.limits.max_subscribers} update streams already "
-                       "open", retry_after=5)
+    api.make_room(client.name)
     ws = web.WebSocketResponse(protocols=(WS_PROTOCOL,), heartbeat=30.0, max_msg_size=4096)
     # Subscribe first, then read what is held up to that point: nothing falls in between;
     # live events already sent from the backlog are skipped by sequence number.
     sub = buffer.subscribe(accounts)
     upto = buffer.last_seq
-    api._sockets.add(ws)
+    api._streams[ws] = (client.name, sub)
     timeout = api.limits.send_timeout
     try:
         try:
@@ -702,14 +724,18 @@ async def _stream(request: web.Request, api: AccountApi, client: ApiClient,
             overflowed = True
         except ConnectionError:  # the consumer went away
             return ws
-        if overflowed:
+        if ws in api._evicted:
+            await _close(ws, request, timeout, CLOSE_OVERFLOW,
+                         b"another client needs a stream: resume with your cursor")
+        elif overflowed:
             await _close(ws, request, timeout, CLOSE_OVERFLOW,
                          b"too slow: resume with your cursor")
         else:
             await _close(ws, request, timeout)
     finally:
         buffer.unsubscribe(sub)
-        api._sockets.discard(ws)
+        api._streams.pop(ws, None)
+        api._evicted.discard(ws)
     return ws
 
 
