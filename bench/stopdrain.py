@@ -56,9 +56,12 @@ async def measure(config_path: Path, n: int, settle: float) -> dict[str, object]
     daemon = Daemon(config, env={})
     started = time.monotonic()
     await daemon.start()
-    while daemon.board.counts()[State.CONNECTED] < n:
-        if time.monotonic() - started > 120 + n / 20:
-            raise SystemExit(f"only {daemon.board.counts()[State.CONNECTED]} of {n} connected")
+    # Every account connected, or (a loaded machine) as many as there are by the deadline.
+    deadline = started + 120 + n / 20
+    while True:
+        up = daemon.board.counts()[State.CONNECTED]
+        if up >= n or time.monotonic() > deadline:
+            break
         await asyncio.sleep(0.5)
     connected = time.monotonic() - started
     await asyncio.sleep(settle)
@@ -70,7 +73,8 @@ async def measure(config_path: Path, n: int, settle: float) -> dict[str, object]
     t0 = time.monotonic()
     await daemon.stop()
     took = time.monotonic() - t0
-    return {"n": n, "connect_s": round(connected, 1), "stop_s": round(took, 2), **phases,
+    return {"n": n, "connected": up, "connect_s": round(connected, 1),
+            "stop_s": round(took, 2), **phases,
             "drain_timeout_s": config.daemon.drain_timeout,
             "close_timeouts": COUNTS[Noise.CLOSE_TIMEOUT] - before,
             "dropped_connected": reaper.aborted, **lines.seen}
