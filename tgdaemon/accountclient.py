@@ -5,7 +5,9 @@ One client object serves an account across its reconnects. It is built, with its
 first time its worker connects; every connect is bounded by ``connect_timeout`` and every
 close by :data:`CLOSE_TIMEOUT`. A client whose state is unknown (its connect hung, a stall mid
 key exchange that leaves Telethon's sender half-way, or its close did not finish) is given
-up, and the next connect builds a fresh one: the worker never waits on a wedged client.
+up, and the next connect builds a fresh one: the worker never waits on a wedged client. A
+client given up, or left by an ended worker, goes to the daemon's reaper (tgdaemon.reaper),
+which finishes and frees it. A worker's last close is paced (:meth:`AccountClient.paced`).
 """
 
 from __future__ import annotations

@@ -18,8 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: The smoke run needs about 10 s of CPU but took 49-60 s of wall time on a loaded machine (three
 #: fleets and their local DCs as processes): generous bounds, it is a smoke test, not a bench.
 SMOKE_TIMEOUT = 180
-#: One smoke run for the module: under pytest-xdist the module stays on one worker.
-pytestmark = [pytest.mark.timeout(SMOKE_TIMEOUT + 60), pytest.mark.xdist_group("bench_smoke")]
+pytestmark = pytest.mark.timeout(SMOKE_TIMEOUT + 60)
 
 
 @pytest.fixture(scope="module")

@@ -42,9 +42,8 @@ from tgdaemon.exceptions import ConfigError
 from tgdaemon.localdc.testing import daemon_config_toml
 from tgdaemon.store import Store
 
-# Booting, localdc and two CLI logins count towards the first test's time. One container for
-# the module: under pytest-xdist the module stays on one worker (xdist_group).
-pytestmark = [pytest.mark.timeout(180), pytest.mark.xdist_group("systemd_container")]
+# Booting, localdc and two CLI logins count towards the first test's time.
+pytestmark = pytest.mark.timeout(180)
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "tgdaemon.service"
