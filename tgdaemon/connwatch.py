@@ -80,8 +80,8 @@ class ConnectionWatch:
         raise ConnectionError("connection closed")
 
     def _on_disconnected(self, _watched: asyncio.Future[None]) -> None:
-        if self._sleeper is not None:
-            settle(self._sleeper, True)
+        if self._sleeper is not None:  # batched: an outage drops every connection at once
+            self._wheel.wake(self._sleeper)
 
 
 def settle(fut: asyncio.Future[bool], ran_out: bool) -> None:

@@ -10,28 +10,30 @@ heartbeat and WebSocket push waited for it.
 full collections are switched off while the policy runs, and on its ticks the policy does one
 of two things (:class:`Step`, decided by :func:`next_step`):
 
-* a *sweep* every :data:`FREEZE_INTERVAL` seconds during a *wave* (while at least
-  :data:`WAVE_SHARE` of the accounts, at least one, are starting, connecting or reconnecting:
-  the start, from before the workers are spawned, and every fleet-wide reconnect after an
-  outage) and once as the wave ends: a full collection (``gc.collect(2)``: the young
-  generations and what reached the old one since the last tick, never the frozen heap), then
-  a freeze of what survived. Waves make the cyclic garbage (failed connects' tracebacks):
-  collected, not frozen;
-* a *young freeze* every :data:`IDLE_INTERVAL` seconds between waves: a young collection, then
-  a freeze, without walking what reached the old generation since. Between waves the
-  objects that outlive a few young collections (Telethon's last acknowledged requests, status
-  entries) piled up to full collections of 0.4 s at 10,000 accounts (bench/RESULTS.md, "idle
-  window") that collected nothing; sweeping them every 10 s instead walked 20-45 thousand
-  objects each time at 3,000 accounts and again collected nothing (bench, loaded machine).
+* a *young freeze* (a young collection, then a freeze of everything: what reached the old
+  generation since the last tick is frozen without being walked) every
+  :data:`FREEZE_INTERVAL` seconds during a *wave* (while at least :data:`WAVE_SHARE` of the
+  accounts, at least one, are starting, connecting or reconnecting: the start, from before
+  the workers are spawned, and every fleet-wide reconnect after an outage), and every
+  :data:`IDLE_INTERVAL` seconds between waves;
+* a *sweep* on the tick that finds a wave over: a full collection (``gc.collect(2)``: the
+  young generations and what reached the old one since the last tick, never the frozen heap),
+  then a freeze.
+
+Measured at 10,000 accounts (bench, diagnosis mode): full sweeps every second of an outage's
+reconnect wave walked 30-140 thousand objects each (up to 0.25 s) and collected 0-54; between
+waves, full collections of what outlived a few young collections (Telethon's last
+acknowledged requests, status entries) took 0.4 s (bench/RESULTS.md, "idle window") and
+collected nothing, and at 3,000 accounts sweeps every 10 s walked 20-45 thousand objects each
+and collected nothing.
 
 The price of freezing: a frozen object that later dies in a reference cycle is never
 reclaimed (until :meth:`GcPolicy.stop` unfreezes), and so is cyclic garbage that reached the
-old generation between waves (a young freeze does not look there; the idle sweeps that did
-collected nothing). A wave's connections die in the next outage, so they must not be cyclic
-garbage: tgdaemon.connection breaks the two cycles a dropped Telethon connection had (its
-packet codec, its asyncio transport); with that, an unfreeze and full collection after
-repeated outages finds no per-account garbage (measured), and memory stays flat over
-outages.
+old generation before a young freeze (the full sweeps that looked there found next to none). A
+wave's connections die in the next outage, so they must not be cyclic garbage: tgdaemon.connection
+breaks the two cycles a dropped Telethon connection had (its packet codec, its asyncio transport);
+with that, an unfreeze and full collection after repeated outages finds no per-account garbage
+(measured), and memory stays flat over outages.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ from collections.abc import Callable
 
 from tgdaemon.tasks import cancel_and_wait
 
-#: Seconds between two sweeps during a wave: a second's worth of survivors is what a sweep
-#: walks (at 3,000 accounts connecting at full speed, ~10,000 objects).
+#: Seconds between two freezes during a wave: a second's worth of young survivors is what
+#: a young freeze walks.
 FREEZE_INTERVAL = 1.0
 #: Seconds between two young freezes between waves: the old generation holds what reached it
 #: meanwhile (never walked: there is no automatic full collection).
@@ -92,9 +94,9 @@ class Step(enum.Enum):
     """What a tick of the policy does."""
 
     NOTHING = "nothing"
-    #: Young collection, then freeze (between waves).
+    #: Young collection, then freeze (during waves and between them).
     YOUNG_FREEZE = "young_freeze"
-    #: Full collection of the unfrozen, then freeze (waves and their ends).
+    #: Full collection of the unfrozen, then freeze (a wave's end).
     SWEEP = "sweep"
 
 
@@ -102,11 +104,13 @@ def next_step(*, in_wave: bool, connecting: int, accounts: int, since_freeze: fl
               idle_interval: float = IDLE_INTERVAL) -> tuple[Step, bool]:
     """One tick's decision: (what to do, in a wave now). ``in_wave``: the last tick's answer;
     ``connecting``: accounts starting, connecting or reconnecting, of ``accounts``;
-    ``since_freeze``: seconds since the last freeze of any kind. A wave sweeps every tick
-    and once more on the tick that finds it over; between waves, a young freeze every
+    ``since_freeze``: seconds since the last freeze of any kind. A wave freezes every tick
+    and sweeps on the tick that finds it over; between waves, a young freeze every
     ``idle_interval``."""
     wave = connecting >= wave_threshold(accounts)
-    if wave or in_wave:
+    if wave:
+        return Step.YOUNG_FREEZE, wave
+    if in_wave:
         return Step.SWEEP, wave
     return (Step.YOUNG_FREEZE if since_freeze >= idle_interval else Step.NOTHING), wave
 

@@ -36,7 +36,7 @@ WAKE_BATCH = 128
 class TimerWheel:
     """Sleeps that end on tick boundaries, one loop timer per boundary with sleepers."""
 
-    __slots__ = ("_batch", "_buckets", "_due", "_loop")
+    __slots__ = ("_batch", "_buckets", "_due", "_loop", "_scheduled")
 
     def __init__(self, batch: int = WAKE_BATCH) -> None:
         #: Loop time of a boundary -> the futures that end there (set True when it passes).
@@ -44,6 +44,8 @@ class TimerWheel:
         #: Boundaries passed whose sleepers are not all woken yet (woken in later passes).
         self._due: deque[list[asyncio.Future[bool]]] = deque()
         self._batch = batch
+        #: A wake-up pass is scheduled (``call_soon``) for what is due.
+        self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def sleeper(self, seconds: float, tick: float) -> asyncio.Future[bool]:
@@ -51,7 +53,7 @@ class TimerWheel:
         now; whoever holds it may settle it sooner (a woken sleep), or cancel it."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # boundaries (and their timers) belong to one loop
-            self._loop, self._buckets, self._due = loop, {}, deque()
+            self._loop, self._buckets, self._due, self._scheduled = loop, {}, deque(), False
         fut: asyncio.Future[bool] = loop.create_future()
         when = loop.time() + max(0.0, seconds)
         if tick > 0:
@@ -67,17 +69,27 @@ class TimerWheel:
         """``asyncio.sleep`` rounded up to the next tick boundary."""
         await self.sleeper(seconds, tick)
 
+    def wake(self, fut: asyncio.Future[bool]) -> None:
+        """End the sleep ``fut`` now (as if it ran out), in the wake-up batches: a fleet-wide
+        connection drop ends every account's sleep in one loop pass (10,000 worker steps in
+        the next)."""
+        self._due.append([fut])
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._wake)
+
     def _fire(self, when: float) -> None:
         bucket = self._buckets.pop(when, None)
         if not bucket:
             return
         bucket.reverse()  # popped from the end: woken in the order they went to sleep
         self._due.append(bucket)
-        if len(self._due) == 1:  # else a wake-up pass is already scheduled
+        if not self._scheduled:  # else a wake-up pass is already scheduled
             self._wake()
 
     def _wake(self) -> None:
         """Wake up to a batch of due sleepers; schedule the next pass's batch if more are."""
+        self._scheduled = False
         due, budget = self._due, self._batch
         while due and budget:
             bucket = due[0]
@@ -89,6 +101,7 @@ class TimerWheel:
             if not bucket:
                 due.popleft()
         if due:
+            self._scheduled = True
             asyncio.get_running_loop().call_soon(self._wake)
 
     @property

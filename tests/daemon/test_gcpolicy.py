@@ -1,7 +1,7 @@
-"""gc.freeze() on the fleet's schedule (tgdaemon.gcpolicy): after a full collection of the
-unfrozen every tick while a wave of accounts (re)connects and once as it ends, after a young
-one now and then between waves; no automatic full collection meanwhile; stop hands everything
-back to the collector."""
+"""gc.freeze() on the fleet's schedule (tgdaemon.gcpolicy): after a young collection every
+tick while a wave of accounts (re)connects and now and then between waves, after a full one of
+the unfrozen as a wave ends; no automatic full collection meanwhile; stop hands everything back
+to the collector."""
 
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ class _Node:
     (False, 0, 10_000, 1.0, (Step.NOTHING, False)),  # idle, frozen a second ago
     (False, 0, 10_000, 10.0, (Step.YOUNG_FREEZE, False)),  # idle: every idle interval
     (False, 99, 10_000, 2.0, (Step.NOTHING, False)),  # a few reconnecting: no wave
-    (False, 100, 10_000, 1.0, (Step.SWEEP, True)),  # 1 %: a wave (an outage's reconnects)
-    (True, 5_000, 10_000, 0.5, (Step.SWEEP, True)),  # sweeps every tick
-    (True, 99, 10_000, 1.0, (Step.SWEEP, False)),  # the tick that finds it over: once more
-    (False, 1, 1, 1.0, (Step.SWEEP, True)),  # one account is a wave of a one-account daemon
+    (False, 100, 10_000, 1.0, (Step.YOUNG_FREEZE, True)),  # 1 %: a wave (an outage's)
+    (True, 5_000, 10_000, 0.5, (Step.YOUNG_FREEZE, True)),  # freezes every tick
+    (True, 99, 10_000, 1.0, (Step.SWEEP, False)),  # the tick that finds it over sweeps
+    (False, 1, 1, 1.0, (Step.YOUNG_FREEZE, True)),  # one account: a one-account daemon's wave
     (True, 0, 0, 1.0, (Step.SWEEP, False)),  # no accounts at all
 ])
 def test_what_a_tick_does(in_wave, connecting, accounts, since, expected):

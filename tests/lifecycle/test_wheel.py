@@ -48,16 +48,21 @@ async def test_sleepers_due_in_one_tick_share_one_timer_and_wake_together(monkey
     assert len(woke) == 200
 
 
-async def test_a_boundary_wakes_a_batch_per_loop_pass_in_order():
-    """Thousands due at once (a backlog of boundaries after a stall) are not all resumed in
-    one loop pass: every timer and read would wait behind them."""
-    loop = asyncio.get_running_loop()
+def _pass_counter(loop: asyncio.AbstractEventLoop) -> tuple[list[int], Any]:
     passes = [0]
 
     def count_pass() -> None:  # runs once per loop pass
         passes[0] += 1
         loop.call_soon(count_pass)
 
+    return passes, count_pass
+
+
+async def test_a_boundary_wakes_a_batch_per_loop_pass_in_order():
+    """Thousands due at once (a backlog of boundaries after a stall) are not all resumed in
+    one loop pass: every timer and read would wait behind them."""
+    loop = asyncio.get_running_loop()
+    passes, count_pass = _pass_counter(loop)
     wheel = TimerWheel()
     sleepers = [wheel.sleeper(TICK, TICK) for _ in range(3 * WAKE_BATCH + 5)]
     sleepers[1].cancel()  # a cancelled one costs no wake-up
@@ -71,6 +76,39 @@ async def test_a_boundary_wakes_a_batch_per_loop_pass_in_order():
     assert max(per_pass.values()) == WAKE_BATCH
     assert len(per_pass) == 4
     assert [i for _p, i in woke if i != 1] == [i for i in range(len(sleepers)) if i != 1]
+
+
+async def test_a_fleet_wide_drop_ends_the_sleeps_a_batch_per_loop_pass():
+    loop = asyncio.get_running_loop()
+    passes, count_pass = _pass_counter(loop)
+    wheel = TimerWheel()
+    drops = [loop.create_future() for _ in range(2 * WAKE_BATCH + 1)]  # one per connection
+
+    class Client:
+        def __init__(self, dropped: asyncio.Future[None]) -> None:
+            self.disconnected = dropped
+
+        def is_connected(self) -> bool:
+            return False
+
+    clients = [Client(d) for d in drops]
+    watches = [ConnectionWatch(wheel) for _ in clients]
+    for watch, client in zip(watches, clients, strict=True):
+        watch.watch(client)
+    sleeps = [asyncio.create_task(w.sleep(60, c, TICK))
+              for w, c in zip(watches, clients, strict=True)]
+    await asyncio.sleep(0)
+    woke: list[int] = []
+    for task in sleeps:
+        task.add_done_callback(lambda _t: woke.append(passes[0]))
+    count_pass()
+    for dropped in drops:  # the server went away: every connection ends in one pass
+        dropped.set_result(None)
+    results = await asyncio.gather(*sleeps, return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in results)
+    await asyncio.sleep(0)
+    assert max(Counter(woke).values()) <= WAKE_BATCH
+    assert len(Counter(woke)) >= 3
 
 
 async def test_a_woken_or_cancelled_sleep_leaves_the_others_alone():
