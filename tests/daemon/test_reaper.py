@@ -27,6 +27,17 @@ def _tasks() -> Counter[str]:
                    if not any(part in c.cr_code.co_filename for part in ("localdc", "asyncio")))
 
 
+def _holders(refs: list[weakref.ref[Any]]) -> list[str]:
+    """For each object still alive, its type and the types of what refers to it."""
+    out = []
+    for ref in refs:
+        obj = ref()
+        if obj is not None:
+            holders = sorted({type(r).__qualname__ for r in gc.get_referrers(obj)})
+            out.append(f"{type(obj).__qualname__} <- {', '.join(holders)}")
+    return out
+
+
 def _parts(client: Any) -> list[weakref.ref[Any]]:
     """Weak references to a connected client and what it is made of."""
     connection = client._sender._connection
@@ -77,7 +88,10 @@ async def test_abandoned_clients_are_torn_down_and_freed_without_the_collector(
             await wait_until(lambda: reaper.pending == 0 and reaper.reaped >= len(NAMES), 30,
                              "the abandoned clients reaped")
             alive = lambda: [r for refs in first for r in refs if r() is not None]  # noqa: E731
-            await wait_until(lambda: not alive(), 10, "the abandoned clients freed")
+            try:
+                await wait_until(lambda: not alive(), 30, "the abandoned clients freed")
+            except AssertionError as exc:  # say what holds them (a path the reaper misses)
+                raise AssertionError(f"{exc}; held: {_holders(alive())}") from None
             # One set of tasks per account again: the abandoned clients' all ended.
             await wait_until(lambda: _tasks() == baseline, 10, "tasks back to the baseline")
         finally:
