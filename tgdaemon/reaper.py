@@ -130,10 +130,12 @@ def _cut(client: Any) -> None:
 def _drop_frames(exc: BaseException | None) -> None:
     """Drop the tracebacks of ``exc`` and of the exceptions chained to it (kept: the types
     and messages, which is all a later reader of a torn-down client's error needs)."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        exc.__traceback__ = None
-        if exc.__cause__ is not None:
-            _drop_frames(exc.__cause__)
-        exc = exc.__context__
+    seen: set[int] = set()  # one for the whole graph: a cause may lead back to a context
+    stack = [exc]
+    while stack:
+        item = stack.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        item.__traceback__ = None
+        stack += (item.__cause__, item.__context__)
