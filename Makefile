@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SYSDEPS := $(VENV)/.system-deps
 
+# pytest-xdist workers for make test (tests/parallel.py: the suite mostly waits, and its
+# heaviest tests run on one worker, one after another).
+TEST_WORKERS ?= 3
+
 .PHONY: test lint demo demo-chaos bench bench-prometheus bench-cluster soak clean
 
 $(STAMP): pyproject.toml
@@ -25,7 +29,7 @@ lint: $(STAMP)
 test: $(STAMP) $(SYSDEPS)
 	$(BIN)/ruff check .
 	$(BIN)/mypy tgdaemon
-	$(BIN)/pytest -q -rs
+	$(BIN)/pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup
 
 # The daemon with three demo accounts on the local stand-in DC, scraped by a real Prometheus.
 demo: $(STAMP) $(SYSDEPS)

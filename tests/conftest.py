@@ -25,6 +25,18 @@ from tgdaemon.store import Store
 
 WaitUntil = Callable[..., Awaitable[None]]
 
+pytest_plugins = ["tests.timeouts"]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup`` keeps the groups of tests/parallel.py on one worker each."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from tests.parallel import make_scheduler
+
+    return make_scheduler(config, log)
+
 
 async def wait_for_condition(
     predicate: Callable[[], bool | Awaitable[bool]],
