@@ -163,6 +163,42 @@ async def test_failed_migration_keeps_the_old_login(
         assert (after.dc_id, after.auth_key) == (1, before.auth_key)
 
 
+async def test_flood_wait_during_dc_switch_is_waited_exactly(
+        make_config, login_account, localdc, wait_until):
+    """The new DC answers the import of the login with FLOOD_WAIT_2: the account waits those
+    2 s (state flood_wait, counted as one), not the network backoff (0.1 s here), and then
+    switches. localdc refuses the user's imports until the deadline, as Telegram does."""
+    config, ids = await _fleet(make_config, login_account, ["alice"],
+                               policy={"backoff_base": 0.1})
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: _connected(daemon, "alice"), 10, "connected")
+        localdc.inject(Fault("rpc_error", dc_id=2, method="auth.importAuthorization",
+                             error="FLOOD_WAIT_2", times=1))
+        localdc.inject(Fault("rpc_error", user_id=ids["alice"], method="users.getUsers",
+                             error="USER_MIGRATE_2", times=2))
+        injected_at = time.time()
+        localdc.drop_connections(user_id=ids["alice"])
+        await wait_until(lambda: _state(daemon, "alice") is State.FLOOD_WAIT, 10, "flood wait")
+        status = daemon.board.get("alice")
+        assert status is not None
+        assert status.flood_wait_until is not None
+        deadline = status.flood_wait_until
+        assert injected_at + 2 <= deadline <= time.time() + 2 + 1  # + at most 1 s of jitter
+
+        def imports() -> int:
+            return localdc.counters(dc_id=2)["requests"].get("auth.importAuthorization", 0)
+
+        assert imports() == 1
+        await wait_until(lambda: time.time() >= deadline - 0.05, 5, "deadline")
+        assert imports() == 1, "the switch was retried before the flood wait's deadline"
+        await wait_until(lambda: (s := daemon.board.get("alice")) is not None
+                         and s.dc_id == 2 and s.state is State.CONNECTED, 10, "on DC 2")
+        assert imports() == 2
+        assert localdc.counters(user_id=ids["alice"], dc_id=2)[
+            "requests_during_flood_wait"] == 0
+        assert _metric(daemon, "tgdaemon_flood_wait_seconds_total", "alice") == 2
+
+
 async def test_one_bad_session_does_not_stop_the_others(
         make_config, login_account, localdc, wait_until, keyring):
     config, _ = await _fleet(make_config, login_account, ["alice", "bob"])
