@@ -46,7 +46,7 @@ from prometheus_client.utils import floatToGoString
 
 import tgdaemon
 from tgdaemon.config import PolicyConfig
-from tgdaemon.lifecycle import Category, State
+from tgdaemon.lifecycle import STALL_WORKERS, Category, State
 from tgdaemon.status import StatusBoard
 
 log = logging.getLogger("tgdaemon.metrics")
@@ -212,6 +212,7 @@ class Metrics:
         self._fleet = None if self._per_account else _Histogram(len(self._bounds) + 1)
         #: The fleet's event counters; None when every account has its own.
         self._events = None if counters == "account" else _Events()
+        self._stall_restarts = 0
         self._slots: dict[str, _Slots] = {}
         # Guards the dict's *shape* against a scrape thread copying it. Not "atomic in C":
         # a GC pass during the copy can run finalizers and switch threads mid-iteration.
@@ -312,8 +313,16 @@ class Metrics:
             events.failovers += 1
 
     def worker_restart(self, name: str) -> None:
+        """The watchdog restarted this account's worker, alone (see :meth:`stall_restarts`)."""
         if (slot := self._slots.get(name)) is not None:
             slot.worker_restarts += 1
+
+    def stall_restarts(self, count: int) -> None:
+        """The watchdog found ``count`` workers stuck at once and restarted them: the process
+        stalled (paused, starved of CPU), a fleet-wide event counted once for the fleet, not
+        per account."""
+        if count > 0:
+            self._stall_restarts += count
 
     def update_gap(self, name: str) -> None:
         if (events := self._events_of(name)) is not None:
@@ -349,7 +358,7 @@ class Metrics:
 
     def describe(self) -> Iterator[Metric]:
         """Family names without samples, so a duplicate registration is refused."""
-        return iter(self._families(_Snapshot((), None, _NO_EVENTS, True, 0.0, 0.0)))
+        return iter(self._families(_Snapshot((), None, _NO_EVENTS, 0, True, 0.0, 0.0)))
 
     def collect(self) -> Iterator[Metric]:
         """Copy every number once, then hand out families that format lazily.
@@ -382,8 +391,8 @@ class Metrics:
         if self._fleet is not None:
             fleet = (tuple(self._fleet.buckets), self._fleet.total)
         events = _NO_EVENTS if self._events is None else self._events.snapshot()
-        snap = _Snapshot(rows, fleet, events, self._reload_ok, self._reload_ok_at,
-                         self._heartbeat_interval())
+        snap = _Snapshot(rows, fleet, events, self._stall_restarts, self._reload_ok,
+                         self._reload_ok_at, self._heartbeat_interval())
         return (f for f in self._families(snap) if _has_samples(f))
 
     def _families(self, snap: _Snapshot) -> list[Metric]:
@@ -441,7 +450,9 @@ class Metrics:
             ),
             (
                 "worker_restarts",
-                "Restarts of the account's worker task after it crashed or hung.",
+                "Restarts of the account's worker by the watchdog after it stopped making "
+                "progress on its own (restarts of many at once: "
+                "tgdaemon_watchdog_stall_restarts_total).",
                 _get_restarts,
             ),
             (
@@ -504,7 +515,14 @@ class Metrics:
                 per_state[r.state] += 1
         for st, count in per_state.items():
             accounts.add_metric([st.value], float(count))
-        fams += [accounts, reload_ok, reload_at, interval, build]
+        stalls = CounterMetricFamily(
+            p + "watchdog_stall_restarts",
+            f"Workers the watchdog restarted in a check that found more than {STALL_WORKERS} "
+            "stuck at once (the process was paused or starved of CPU), all accounts together: "
+            "a fleet-wide event costs no series per account.",
+            value=snap.stall_restarts,
+        )
+        fams += [stalls, accounts, reload_ok, reload_at, interval, build]
         return fams
 
     def _event_families(self, snap: _Snapshot) -> list[Metric]:
@@ -593,6 +611,7 @@ class _Snapshot(NamedTuple):
     rows: Sequence[_Row]
     fleet: tuple[tuple[int, ...], float] | None
     events: _EventCounts  # the fleet's event counters (counters="fleet")
+    stall_restarts: int
     reload_ok: bool
     reload_ok_at: float
     heartbeat_interval: float

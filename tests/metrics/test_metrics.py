@@ -268,6 +268,20 @@ def test_remove_account_drops_every_series_and_ignores_late_reports(metrics, reg
     assert counted(metrics, registry, "reconnects", "alice") == 1
 
 
+def test_a_stall_of_the_process_is_counted_once_for_the_fleet(metrics, registry):
+    """The watchdog restarting many workers at once (a paused process) is a fleet-wide event:
+    one daemon-wide counter, in every setting; a lone restart is the account's."""
+    for name in ("alice", "bob"):
+        metrics.add_account(name)
+    assert value(registry, "tgdaemon_watchdog_stall_restarts_total") == 0
+    metrics.stall_restarts(2)
+    metrics.stall_restarts(0)
+    assert value(registry, "tgdaemon_watchdog_stall_restarts_total") == 2
+    assert samples(registry, "tgdaemon_worker_restarts_total") == []
+    metrics.worker_restart("bob")
+    assert samples(registry, "tgdaemon_worker_restarts_total") == [1]
+
+
 def test_fleet_counters_keep_the_counts_of_accounts_that_left(registry, board):
     """A counter never decreases: the fleet's reconnects include those of a removed account."""
     metrics = Metrics(registry, board)
@@ -417,7 +431,7 @@ def test_series_per_account_within_budget(registry, board, histograms, counters,
     # The fleet-wide families do not grow with the fleet.
     fleet_wide = [s for f in scrape(registry, fast=True).values() for s in f.samples
                   if "account" not in s.labels]
-    expected = (len(State) + 4 + (len(LATENCY_BUCKETS) + 3 if histograms == "fleet" else 0)
+    expected = (len(State) + 5 + (len(LATENCY_BUCKETS) + 3 if histograms == "fleet" else 0)
                 + (len(Category) + len(FLEET_EVENT_COUNTERS) - 1 if counters == "fleet" else 0))
     assert len(fleet_wide) == expected
 
