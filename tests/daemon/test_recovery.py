@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+
+import pytest
+from telethon import errors as te
+from telethon.tl.functions.updates import GetStateRequest
 
 from tests.conftest import phone_for
 from tgdaemon.daemon import Daemon
@@ -113,6 +119,36 @@ async def test_forgotten_auth_key_parks_account(make_config, login_account, loca
         await wait_until(lambda: _connected(daemon, "alice"), 10, "connected")
         localdc.forget_auth_key(user_id=ids["alice"])
         await wait_until(lambda: _state(daemon, "alice") is State.NEEDS_LOGIN, 10, "parked")
+
+
+async def test_mid_session_transport_404_parks_at_once(
+        make_config, login_account, localdc, wait_until, caplog):
+    """The server forgets the key of an established connection: the next packet, here another
+    caller's request on the account's client (as the account API makes) while the worker waits
+    for its next heartbeat, is answered with transport -404. The worker parks the account in
+    needs_login from that connection's end, in one log line: no connect attempt more."""
+    config, ids = await _fleet(make_config, login_account, ["alice"],
+                               policy={"backoff_base": 0.1})  # heartbeats 27-33 s apart
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: _connected(daemon, "alice"), 10, "connected")
+        assert daemon.supervisor is not None
+        client = daemon.supervisor.worker("alice").client
+        assert client is not None
+        accepted = localdc.counters()["connections_accepted"]
+        caplog.set_level(logging.INFO, logger="tgdaemon.account")
+        caplog.clear()
+        localdc.inject(Fault("transport_error", user_id=ids["alice"], code=404))
+        with pytest.raises(te.AuthKeyNotFound):
+            async with asyncio.timeout(10):
+                await client(GetStateRequest())
+        await wait_until(lambda: _state(daemon, "alice") is State.NEEDS_LOGIN, 10, "parked")
+        assert localdc.counters()["connections_accepted"] == accepted, "connected once more"
+        status = daemon.board.get("alice")
+        assert status is not None
+        assert (status.last_error_category, status.reason) == ("auth", "AUTH_KEY_NOT_FOUND")
+    lines = [r.getMessage() for r in caplog.records
+             if r.name == "tgdaemon.account" and r.levelno >= logging.INFO]
+    assert lines == ["[alice] state connected -> needs_login (AUTH_KEY_NOT_FOUND)"]
 
 
 async def test_user_migrate_moves_account_and_persists_dc(

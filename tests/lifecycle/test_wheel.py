@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import math
+import struct
 from collections import Counter
 from typing import Any
 
 import pytest
+from telethon import errors as te
 
 from tgdaemon.connwatch import ConnectionWatch
 from tgdaemon.lifecycle import HEARTBEAT_JITTER, heartbeat_delay, heartbeat_tick
@@ -109,6 +111,37 @@ async def test_a_fleet_wide_drop_ends_the_sleeps_a_batch_per_loop_pass():
     await asyncio.sleep(0)
     assert max(Counter(woke).values()) <= WAKE_BATCH
     assert len(Counter(woke)) >= 3
+
+
+@pytest.mark.parametrize(("ended", "raised"), [
+    (te.AuthKeyNotFound(), te.AuthKeyNotFound),  # transport -404: the server forgot the key
+    (te.InvalidBufferError(struct.pack("<i", -429)), te.InvalidBufferError),
+    (None, ConnectionError),  # closed without an error
+])
+async def test_a_dropped_connection_ends_the_sleep_with_its_error(ended, raised):
+    """The heartbeat wait raises what the connection ended with, so the worker recovers
+    from the cause (a -404 parks at once) rather than from a bare ConnectionError."""
+    dropped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    class Client:
+        disconnected = dropped
+
+        def is_connected(self) -> bool:
+            return False
+
+    watch = ConnectionWatch(TimerWheel())
+    watch.watch(Client())
+    sleep = asyncio.create_task(watch.sleep(60, Client(), TICK))
+    await asyncio.sleep(0)
+    if ended is None:
+        dropped.set_result(None)
+    else:
+        dropped.set_exception(ended)
+    with pytest.raises(raised) as info:
+        await sleep
+    assert type(info.value) is raised
+    if ended is not None:
+        assert info.value is ended
 
 
 async def test_a_woken_or_cancelled_sleep_leaves_the_others_alone():
