@@ -18,6 +18,7 @@ from tgdaemon.config import diff_config
 from tgdaemon.exceptions import AccountError, DecryptionError
 from tgdaemon.lifecycle import watchdog_restarts
 from tgdaemon.reporter import AccountReporter
+from tgdaemon.wheel import WAKE_BATCH
 from tgdaemon.worker import AccountWorker, WorkerDeps
 
 if TYPE_CHECKING:
@@ -34,10 +35,10 @@ RESTART_LINES = 3
 #: Workers created between two yields to the event loop at start: creating them took 0.15 s
 #: per 1,000 accounts under a profiler, so 10,000 in one go held the loop for about a second.
 SPAWN_BATCH = 50
-#: Workers cancelled between two yields to the event loop at a stop: a cancelled worker runs
-#: its end (the close of its client up to its first wait) in the loop pass after its cancel,
-#: and 10,000 cancelled at once made that one pass of 3.7 s.
-CANCEL_BATCH = 100
+#: Workers cancelled between two yields to the event loop at a stop (the daemon's per-pass
+#: fan-out bound): a cancelled worker runs its end (its client's close up to its first wait)
+#: in the loop pass after its cancel, and 10,000 cancelled at once made that one pass of 3.7 s.
+CANCEL_BATCH = WAKE_BATCH
 
 
 @dataclass
