@@ -15,9 +15,10 @@ longer than asked; a tick is a small fraction of the heartbeat interval (see
 
 The boundaries and early wakes due in a loop pass wake at most :data:`WAKE_BATCH` sleepers
 in all per pass, the rest in the passes after (a few milliseconds later, in order): every
-woken account sends in the pass after, and when the loop falls behind (a burst of connects, a starved process) several boundaries come due
-at once, thousands of heartbeats sent in one pass (a pass of 2,136 worker steps, 4.3 s, was
-measured at 10,000 accounts on a loaded machine); every timer and read waited behind them.
+woken account sends in the pass after, and when the loop falls behind (a burst of connects,
+a starved process) several boundaries come due at once, thousands of heartbeats sent in one
+pass (a pass of 2,136 worker steps, 4.3 s, was measured at 10,000 accounts on a loaded
+machine); every timer and read waited behind them.
 """
 
 from __future__ import annotations
