@@ -80,6 +80,24 @@ async def test_a_boundary_wakes_a_batch_per_loop_pass_in_order():
     assert [i for _p, i in woke if i != 1] == [i for i in range(len(sleepers)) if i != 1]
 
 
+async def test_boundaries_due_in_one_pass_share_its_batch():
+    """A loop that fell behind finds many boundaries due in one pass (here each sleeper its
+    own boundary, all past by the next pass): together they wake WAKE_BATCH per pass, not a
+    batch each."""
+    loop = asyncio.get_running_loop()
+    passes, count_pass = _pass_counter(loop)
+    wheel = TimerWheel()
+    sleepers = [wheel.sleeper(0.0, 0.0) for _ in range(2 * WAKE_BATCH + 1)]
+    woke: list[int] = []
+    for fut in sleepers:
+        fut.add_done_callback(lambda _f: woke.append(passes[0]))
+    count_pass()
+    await asyncio.gather(*sleepers)
+    await asyncio.sleep(0)  # the last done-callbacks run
+    assert max(Counter(woke).values()) == WAKE_BATCH
+    assert len(Counter(woke)) == 3
+
+
 async def test_a_fleet_wide_drop_ends_the_sleeps_a_batch_per_loop_pass():
     loop = asyncio.get_running_loop()
     passes, count_pass = _pass_counter(loop)
