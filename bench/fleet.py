@@ -416,7 +416,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="each SIGUSR2 blocks the event loop for this many seconds")
     p.add_argument("--fleet-instance", action="store_true",
                    help="daemon: one instance of a fleet ($TGDAEMON_INSTANCE): holds a share")
-    return asyncio.run(run(p.parse_args(argv)))
+    args = p.parse_args(argv)
+    if args.mode == "daemon":  # the loop `tgdaemon run` serves on
+        from tgdaemon.eventloop import run as run_daemon_loop
+
+        return run_daemon_loop(run(args))
+    return asyncio.run(run(args))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ _close_log = logging.getLogger("tgdaemon.worker.close")
 class AccountClient:
     """The current client of one account, if any (see module docstring)."""
 
-    __slots__ = ("_account", "_deps", "_report", "current")
+    __slots__ = ("_account", "_deps", "_report", "current", "stop_began")
 
     def __init__(self, account: AccountConfig, deps: WorkerDeps,
                  report: AccountReporter) -> None:
@@ -46,6 +46,9 @@ class AccountClient:
         self._deps = deps
         self._report = report
         self.current: ManagedClient | None = None
+        #: Loop time at which the supervisor began the stop that ends this worker (None: no
+        #: stop): its last close is paced from then, however late its cancellation came.
+        self.stop_began: float | None = None
 
     def get(self, session: StoreSession, security: AuthorizationWatch | None) -> ManagedClient:
         """The current client, built (with its listeners) when there is none."""
@@ -95,13 +98,17 @@ class AccountClient:
         """One of the daemon's connects-in-flight slots, for a worker's last close: a stop
         ends every worker at once, and 5,000 closes at once each outlasted CLOSE_TIMEOUT
         (bench/stopdrain.py). TimeoutError when none comes while the close could still end
-        within ``drain_timeout``: the worker then drops the client, connection aborted."""
+        within ``drain_timeout`` of the stop's start (:attr:`stop_began`): the worker then
+        drops the client, connection aborted."""
         slots = self._deps.limiter.in_flight
         if slots is None:
             yield
             return
+        began = self.stop_began
+        if began is None:
+            began = asyncio.get_running_loop().time()
         wait = self._deps.settings.current.daemon.drain_timeout - CLOSE_TIMEOUT
-        async with asyncio.timeout(max(0.0, wait)):
+        async with asyncio.timeout_at(began + max(0.0, wait)):
             await slots.acquire()
         try:
             yield

@@ -200,13 +200,14 @@ def cmd_run(ns: argparse.Namespace) -> int:
     # aiohttp: about a second of CPU), which only a valid config needs.
     config = _load(ns)
     from tgdaemon.daemon import serve
+    from tgdaemon.eventloop import run
     from tgdaemon.fdlimit import budget, ensure_open_file_limit
     from tgdaemon.httpsite import HttpLimits
     from tgdaemon.logs import setup_logging
 
     setup_logging(config.daemon.log_level, config.daemon.log_format)
     ensure_open_file_limit(budget(config, HttpLimits().max_connections))
-    return asyncio.run(serve(config))
+    return run(serve(config))
 
 
 def cmd_check_config(ns: argparse.Namespace) -> int:

@@ -57,8 +57,8 @@ class ConnectionWatch:
 
     async def sleep(self, seconds: float, client: Any, tick: float = 0.0) -> bool:
         """Sleep ``seconds``, rounded up to a multiple of ``tick`` (loop time): True when the
-        time ran out, False when :meth:`wake` cut it short; ConnectionError when the
-        connection dropped first."""
+        time ran out, False when :meth:`wake` cut it short; when the connection
+        dropped first, the error it ended with (:func:`ended_with`)."""
         watched = self._disconnected
         if watched is None:
             await self._wheel.sleep(seconds, tick)
@@ -77,11 +77,22 @@ class ConnectionWatch:
             # Telethon reconnected under us (a DC switch): watch the new connection.
             self.watch(client)
             return ran_out
-        raise ConnectionError("connection closed")
+        raise ended_with(watched)
 
     def _on_disconnected(self, _watched: asyncio.Future[None]) -> None:
         if self._sleeper is not None:  # batched: an outage drops every connection at once
             self._wheel.wake(self._sleeper)
+
+
+def ended_with(watched: asyncio.Future[None]) -> Exception:
+    """What the ended connection ``watched`` ended with, to recover from: the error Telethon
+    ended it with, if any (a transport -404, the server forgot the auth key, is AuthKeyNotFound:
+    the session is dead, and a bare ConnectionError would cost one more connect to learn that),
+    else a plain ConnectionError."""
+    error = None if watched.cancelled() else watched.exception()
+    if isinstance(error, Exception):
+        return error
+    return ConnectionError("connection closed")
 
 
 def settle(fut: asyncio.Future[bool], ran_out: bool) -> None:

@@ -35,7 +35,7 @@ from tgdaemon.gcpolicy import GcPolicy
 from tgdaemon.keyrotation import FleetKeys, KeyRotation
 from tgdaemon.leasestore import open_lease_store
 from tgdaemon.lifecycle import State
-from tgdaemon.logvolume import NoiseCollector
+from tgdaemon.logvolume import NoiseCollector, flush_summaries
 from tgdaemon.looplag import LoopLag
 from tgdaemon.metrics import Metrics
 from tgdaemon.notify import Notifier
@@ -80,6 +80,7 @@ class Daemon:
         self.board = StatusBoard(clock=clock)
         self.metrics = Metrics(
             self.registry, self.board, histograms=config.daemon.metrics_histograms,
+            counters=config.daemon.metrics_counters,
             heartbeat_interval=lambda: self.settings.current.policy.heartbeat_interval)
         self.store: Store | None = None
         self.supervisor: Supervisor | None = None
@@ -115,6 +116,8 @@ class Daemon:
 
     async def _start(self) -> None:
         config = self.config
+        # The last step of a stop: the summary lines of what the stop itself logged.
+        self._stack.callback(flush_summaries)
         spare_fds = FdReserve(HTTP_SPARE_FDS)
         if config.daemon.http_listen is not None:
             # First of all, so the spares get the lowest numbers: below the limit even if it

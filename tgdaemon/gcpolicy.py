@@ -6,34 +6,40 @@ the event loop ~1.2 s at 10,000 accounts, 2-3 times a minute (bench/RESULTS.md),
 heartbeat and WebSocket push waited for it.
 
 ``gc.freeze()`` moves every tracked object into a permanent generation that collections skip
-(reference counting still frees what loses its last reference). So the collector's automatic
-full collections are switched off while the policy runs, and on its ticks the policy does one
-of two things (:class:`Step`, decided by :func:`next_step`):
+(reference counting still frees what loses its last reference), in constant time. So while
+the policy runs the collector's automatic full collections are off, its automatic young ones
+are rare (:data:`YOUNG_THRESHOLD`), and on its ticks the policy does one of two things
+(:class:`Step`, decided by :func:`next_step`):
 
-* a *young freeze* (a young collection, then a freeze of everything: what reached the old
-  generation since the last tick is frozen without being walked) every
-  :data:`FREEZE_INTERVAL` seconds during a *wave* (while at least :data:`WAVE_SHARE` of the
-  accounts, at least one, are starting, connecting or reconnecting: the start, from before
-  the workers are spawned, and every fleet-wide reconnect after an outage), and every
-  :data:`IDLE_INTERVAL` seconds between waves;
+* a *young freeze* (a young collection, then a freeze of everything: what survived since the
+  last tick is walked once and frozen) every :data:`FREEZE_INTERVAL` seconds during a *wave*
+  (while at least :data:`WAVE_SHARE` of the accounts, at least one, are starting, connecting
+  or reconnecting: the start, from before the workers are spawned, and every fleet-wide
+  reconnect after an outage), and every :data:`IDLE_INTERVAL` seconds between waves;
 * a *sweep* on the tick that finds a wave over: a full collection (``gc.collect(2)``: the
   young generations and what reached the old one since the last tick, never the frozen heap),
   then a freeze.
 
-Measured at 10,000 accounts (bench, diagnosis mode): full sweeps every second of an outage's
-reconnect wave walked 30-140 thousand objects each (up to 0.25 s) and collected 0-54; between
-waves, full collections of what outlived a few young collections (Telethon's last
-acknowledged requests, status entries) took 0.4 s (bench/RESULTS.md, "idle window") and
-collected nothing, and at 3,000 accounts sweeps every 10 s walked 20-45 thousand objects each
-and collected nothing.
+Why the young collections are the policy's too: what a fleet allocates mostly lives on (a
+reconnect builds a connection that lasts until the next outage), and every object the
+collector walks costs a cache miss per reference into a heap of gigabytes. With CPython's
+thresholds (a young collection every 700 allocations, a middle one every tenth) each survivor
+was walked twice; measured at 10,000 accounts (bench, diagnosis mode), an outage's reconnect
+wave spent 6.3 s of its 32.6 s in 1,900 young collections (middle ones of 15-80 ms) that
+collected nothing, and the idle window 3 % of a core the same way. On the policy's ticks a
+survivor is walked once, and what dies within a tick (most temporaries) never.
+
+Earlier measurements: full sweeps every second of a reconnect wave walked 30-140 thousand
+objects each (up to 0.25 s) and collected 0-54; between waves, full collections of what
+outlived a few young collections took 0.4 s and collected nothing.
 
 The price of freezing: a frozen object that later dies in a reference cycle is never
-reclaimed (until :meth:`GcPolicy.stop` unfreezes), and so is cyclic garbage that reached the
-old generation before a young freeze (the full sweeps that looked there found next to none). A
-wave's connections die in the next outage, so they must not be cyclic garbage: tgdaemon.connection
-breaks the two cycles a dropped Telethon connection had (its packet codec, its asyncio transport);
-with that, an unfreeze and full collection after repeated outages finds no per-account garbage
-(measured), and memory stays flat over outages.
+reclaimed (until :meth:`GcPolicy.stop` unfreezes), and so is a cycle that straddles a tick (a
+part born before, frozen). A wave's connections die in the next outage, so they must not be
+cyclic garbage: tgdaemon.connection breaks the two cycles a dropped Telethon connection had
+(its packet codec, its asyncio transport) and tgdaemon.reaper those of an abandoned client;
+with that, an unfreeze and full collection after repeated outages finds no per-account
+garbage (measured), and memory stays flat over outages.
 """
 
 from __future__ import annotations
@@ -47,12 +53,14 @@ from collections.abc import Callable
 
 from tgdaemon.tasks import cancel_and_wait
 
-#: Seconds between two freezes during a wave: a second's worth of young survivors is what
-#: a young freeze walks.
-FREEZE_INTERVAL = 1.0
-#: Seconds between two young freezes between waves: the old generation holds what reached it
-#: meanwhile (never walked: there is no automatic full collection).
-IDLE_INTERVAL = 10.0
+#: Seconds between two young freezes during a wave: a tenth of a second of a 10,000-account
+#: reconnect wave's survivors is a walk of a few milliseconds.
+FREEZE_INTERVAL = 0.1
+#: Seconds between two young freezes between waves (an idle second's survivors).
+IDLE_INTERVAL = 1.0
+#: The collector's own young threshold while the policy runs (CPython: 700): only a burst of
+#: this many net allocations within a tick (a large API answer) collects before the tick.
+YOUNG_THRESHOLD = 10_000
 #: Share of the accounts (re)connecting at once that makes a wave (at least one account): at
 #: 10,000 accounts, 100. Fewer is an account or two reconnecting on their own.
 WAVE_SHARE = 0.01
@@ -62,27 +70,28 @@ WAVE_SHARE = 0.01
 NO_AUTOMATIC_FULL = 2**31 - 1
 
 
-class _FullCollections:
-    """The automatic full collections of the process, off while any policy runs (a process
-    may run several daemons: tests, library use); the last one to stop switches them back."""
+class _Automatic:
+    """The collector's automatic collections of the process: full ones off and young ones
+    rare while any policy runs (a process may run several daemons: tests, library use); the
+    last one to stop puts the thresholds back."""
 
     running = 0
-    saved = 0
+    saved = (0, 0)
 
     @classmethod
     def off(cls) -> None:
         t0, t1, t2 = gc.get_threshold()
         if cls.running == 0:
-            cls.saved = t2
+            cls.saved = (t0, t2)
         cls.running += 1
-        gc.set_threshold(t0, t1, NO_AUTOMATIC_FULL)
+        gc.set_threshold(max(t0, YOUNG_THRESHOLD), t1, NO_AUTOMATIC_FULL)
 
     @classmethod
     def on(cls) -> None:
         cls.running -= 1
         if cls.running == 0:
-            t0, t1, _t2 = gc.get_threshold()
-            gc.set_threshold(t0, t1, cls.saved)
+            _t0, t1, _t2 = gc.get_threshold()
+            gc.set_threshold(cls.saved[0], t1, cls.saved[1])
 
 
 def wave_threshold(accounts: int) -> int:
@@ -145,11 +154,11 @@ class GcPolicy:
         self._swept = self._monotonic()
 
     def start(self) -> None:
-        """Freeze now (the accounts are about to start: the first wave), switch the automatic
-        full collections off and follow the waves."""
+        """Freeze now (the accounts are about to start: the first wave), take the collector's
+        automatic collections over (full ones off, young ones rare) and follow the waves."""
         self.freeze()
         if self._task is None:
-            _FullCollections.off()
+            _Automatic.off()
             self._automatic_off = True
             self._task = asyncio.get_running_loop().create_task(self._run(), name="gc-freeze")
 
@@ -159,7 +168,7 @@ class GcPolicy:
         await cancel_and_wait(task)
         if self._automatic_off:
             self._automatic_off = False
-            _FullCollections.on()
+            _Automatic.on()
         gc.unfreeze()
 
     @property

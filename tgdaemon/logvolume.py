@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -145,6 +146,8 @@ class NoiseFilter(logging.Filter):
         self._pending: Counter[Noise] = Counter()
         self._rules: dict[Noise, Rule] = {}
         self._scheduled: set[Noise] = set()
+        self._timers: dict[Noise, asyncio.TimerHandle] = {}
+        _FILTERS.add(self)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == log.name:
@@ -162,17 +165,36 @@ class NoiseFilter(logging.Filter):
             except RuntimeError:  # no loop in this thread: report at once
                 self.flush(rule.kind)
             else:
-                loop.call_later(self.window, self.flush, rule.kind)
+                self._timers[rule.kind] = loop.call_later(self.window, self.flush, rule.kind)
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
     def flush(self, kind: Noise) -> None:
         self._scheduled.discard(kind)
+        if (timer := self._timers.pop(kind, None)) is not None:
+            timer.cancel()  # flushed early (a stop): the next burst gets a window of its own
         n = self._pending.pop(kind, 0)
         if n:
             rule = self._rules[kind]
             log.log(rule.level, "%d %s in the last %g s (per-account detail at debug level)",
                     n, rule.summary, self.window)
+
+
+    def flush_all(self) -> None:
+        for kind in list(self._scheduled):
+            self.flush(kind)
+
+
+#: Every live :class:`NoiseFilter` (the one on the handler of ``logs.setup_logging``).
+_FILTERS: weakref.WeakSet[NoiseFilter] = weakref.WeakSet()
+
+
+def flush_summaries() -> None:
+    """Write every pending summary now. The daemon's stop calls it last: a summary is due a
+    window after its burst, and a stop often is that burst (every connection closing), so the
+    timer would otherwise die with the event loop and the lines it stands for go unreported."""
+    for noise in list(_FILTERS):
+        noise.flush_all()
 
 
 class NoiseCollector(Collector):

@@ -23,10 +23,12 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from tgdaemon.connwatch import settle
+from tgdaemon.wheel import WAKE_BATCH
 
 
 @dataclass(slots=True)
@@ -63,6 +65,10 @@ class Reachability:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._routes: dict[Hashable, _Route] = {}
+        #: Sleepers of routes that came back, not all woken yet: :data:`WAKE_BATCH` a loop
+        #: pass across every route (an outage of several DCs ends with several at once).
+        self._due: deque[list[asyncio.Future[bool]]] = deque()
+        self._waking = False
 
     def failed(self, route: Hashable, retry_in: float, probe_every: float = math.inf) -> None:
         """A network failure on ``route``: it is down; the next probe may start in
@@ -91,8 +97,28 @@ class Reachability:
         r = self._routes.pop(route, None)
         if r is None or not r.sleepers:
             return 0
-        _wake_in_batches(list(r.sleepers), 0)
+        self._due.append(list(r.sleepers))
+        if not self._waking:
+            self._waking = True
+            asyncio.get_running_loop().call_soon(self._wake)
         return len(r.sleepers)
+
+    def _wake(self) -> None:
+        """Wake up to a batch of the due sleepers; the next pass takes the next batch."""
+        due, budget = self._due, WAKE_BATCH
+        while due and budget:
+            bucket = due[0]
+            while bucket and budget:
+                sleeper = bucket.pop()
+                if not sleeper.done():
+                    settle(sleeper, False)
+                    budget -= 1
+            if not bucket:
+                due.popleft()
+        if due:
+            asyncio.get_running_loop().call_soon(self._wake)
+        else:
+            self._waking = False
 
     async def sleep(self, route: Hashable, seconds: float) -> bool:
         """Sleep ``seconds``: True when the time ran out, False when :meth:`reached`
@@ -124,15 +150,3 @@ class Reachability:
     def is_down(self, route: Hashable) -> bool:
         r = self._routes.get(route)
         return r is not None and r.down
-
-
-#: Sleepers woken per event-loop iteration: 10,000 tasks resumed in one iteration would
-#: stall the loop for a few hundred milliseconds (every heartbeat and timer waits behind them).
-WAKE_BATCH = 256
-
-
-def _wake_in_batches(sleepers: list[asyncio.Future[bool]], start: int) -> None:
-    for sleeper in sleepers[start:start + WAKE_BATCH]:
-        settle(sleeper, False)
-    if start + WAKE_BATCH < len(sleepers):
-        asyncio.get_running_loop().call_soon(_wake_in_batches, sleepers, start + WAKE_BATCH)

@@ -110,8 +110,10 @@ class AccountReporter:
         """A classified failure and the recovery chosen for it (``attempt`` 0-based)."""
         self._metrics.error(self.name, c.category)
         # The first failure of a streak at INFO, the rest at DEBUG: during an outage 10,000
-        # accounts retrying must not write thousands of lines a second.
-        self.log.log(logging.INFO if attempt == 0 else logging.DEBUG,
+        # accounts retrying must not write thousands of lines a second. A failure that ends
+        # the worker (parked, failed) is told by its state line, with its code: one line.
+        first = attempt == 0 and rec.next_state not in ENDED_STATES
+        self.log.log(logging.INFO if first else logging.DEBUG,
                      "%s error (%s), recovery: %s (attempt %d)", c.category.value, c.code,
                      rec.action.value, attempt + 1)
         if c.category is Category.FLOOD_WAIT:

@@ -56,6 +56,7 @@ from tgdaemon.sqlitedb import (
     json_list,
     upsert_sessions,
 )
+from tgdaemon.wheel import WAKE_BATCH
 
 if TYPE_CHECKING:
     from tgdaemon.leasestore import Reencrypt
@@ -529,6 +530,34 @@ class _Pending:
         self.meta = meta
 
 
+async def _settle(outcomes: Iterable[tuple[asyncio.Future[None], BaseException | None]]) -> None:
+    """Resolve a batch's futures, at most :data:`~tgdaemon.wheel.WAKE_BATCH` per loop pass: a
+    batch is up to ``_BATCH`` accounts, and every future resolved wakes its worker (and its
+    callbacks) in the next pass; 500 at once made one pass of a few thousand callbacks in a
+    reconnect wave, which every other account's heartbeat waited behind."""
+    pending = iter(outcomes)
+    settled = 0
+    try:
+        for fut, exc in pending:
+            if _resolve(fut, exc):
+                settled += 1
+                if settled % WAKE_BATCH == 0:
+                    await asyncio.sleep(0)
+    finally:  # cancelled between slices (the store closing): the rest at once, none left
+        for fut, exc in pending:
+            _resolve(fut, exc)
+
+
+def _resolve(fut: asyncio.Future[None], exc: BaseException | None) -> bool:
+    if fut.done():
+        return False
+    if exc is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(exc)
+    return True
+
+
 def _consume(fut: asyncio.Future[None]) -> None:
     # Failures are logged by the writer; nobody may be awaiting a fire-and-forget submit.
     if not fut.cancelled():
@@ -984,27 +1013,25 @@ class Store:
                 f"writing sessions to {self.path} failed: {type(exc).__name__}: {exc}"
             )
             self._write_failed(len(batch), err)
-            for item in batch.values():
-                if not item.future.done():
-                    item.future.set_exception(err)
+            await _settle((item.future, err) for item in batch.values())
             return
         if meta_error is not None:  # metadata is best effort: said once, sessions written
             self._write_failed(len(batch), meta_error)
-        for name, item in batch.items():
-            if item.future.done():
-                continue
+
+        def outcome(name: str, item: _Pending) -> BaseException | None:
             if name in failed:
                 if name in refused:
                     log.debug("session write refused: %s", failed[name])
                 else:
                     log.error("session write refused: %s", failed[name])
-                item.future.set_exception(failed[name])
-            elif name in quiet:
-                item.future.set_exception(quiet[name])
-            elif meta_error is not None and item.data is _NO_SESSION:
-                item.future.set_exception(meta_error)
-            else:
-                item.future.set_result(None)
+                return failed[name]
+            if name in quiet:
+                return quiet[name]
+            if meta_error is not None and item.data is _NO_SESSION:
+                return meta_error
+            return None
+
+        await _settle((item.future, outcome(name, item)) for name, item in batch.items())
 
     def _write_failed(self, accounts: int, err: BaseException) -> None:
         if _is_read_only(err) or "readonly" in str(err).replace("read-only", "readonly"):

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 from tgdaemon.accountclient import CLOSE_TIMEOUT
 from tgdaemon.config import diff_config
 from tgdaemon.exceptions import AccountError, DecryptionError
-from tgdaemon.lifecycle import watchdog_restarts
+from tgdaemon.lifecycle import STALL_WORKERS, watchdog_restarts
 from tgdaemon.reporter import AccountReporter
+from tgdaemon.wheel import WAKE_BATCH
 from tgdaemon.worker import AccountWorker, WorkerDeps
 
 if TYPE_CHECKING:
@@ -28,12 +29,14 @@ if TYPE_CHECKING:
     from tgdaemon.telegram import ManagedClient
 
 log = logging.getLogger("tgdaemon.supervisor")
-#: More watchdog restarts than this in one check are logged as one summary line.
-RESTART_LINES = 3
 
 #: Workers created between two yields to the event loop at start: creating them took 0.15 s
 #: per 1,000 accounts under a profiler, so 10,000 in one go held the loop for about a second.
 SPAWN_BATCH = 50
+#: Workers cancelled between two yields to the event loop at a stop (the daemon's per-pass
+#: fan-out bound): a cancelled worker runs its end (its client's close up to its first wait)
+#: in the loop pass after its cancel, and 10,000 cancelled at once made that one pass of 3.7 s.
+CANCEL_BATCH = WAKE_BATCH
 
 
 @dataclass
@@ -88,10 +91,12 @@ class Supervisor:
         slots = [self._slots.pop(name) for name in names if name in self._slots]
         if not slots:
             return set()
-        for slot in slots:
-            slot.task.cancel()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await _cancel_in_batches(slots, began)
         tasks = [s.task for s in slots]
-        _done, pending = await asyncio.wait(tasks, timeout=timeout)
+        _done, pending = await asyncio.wait(
+            tasks, timeout=max(0.0, began + timeout - loop.time()))
         if pending:
             log.warning("%d workers did not stop within %.1fs; waiting for them", len(pending),
                         timeout)
@@ -184,12 +189,16 @@ class Supervisor:
         ]
         ages = {name: now - self._slots[name].worker.progress.last for name in stale}
         # A paused or starved process stalls every worker at once: that is one line, not one
-        # per account (the names go to DEBUG; the per-account restart counter has them all).
-        level = logging.WARNING if len(stale) <= RESTART_LINES else logging.DEBUG
+        # per account (the names go to DEBUG), and one fleet-wide count, not a series per
+        # account (issue 17: a fleet-wide event costs no series per account).
+        stall = len(stale) > STALL_WORKERS
+        level = logging.DEBUG if stall else logging.WARNING
         for name, age in ages.items():
             log.log(level, "worker %s made no progress for %.0fs: restarting", name, age)
-            self._reporters[name].worker_restart()
-        if len(stale) > RESTART_LINES:
+            if not stall:
+                self._reporters[name].worker_restart()
+        if stall:
+            self._metrics.stall_restarts(len(stale))
             log.warning("%d workers made no progress for %.0fs or more (was the process paused "
                         "or starved of CPU?): restarting them", len(stale), min(ages.values()))
         # One stop for all of them: stuck workers are awaited together, not one by one.
@@ -249,3 +258,20 @@ class Supervisor:
         await asyncio.wait_for(worker.report.connected.wait(), timeout)
         assert worker.client is not None
         return worker.client
+
+
+async def _cancel_in_batches(slots: list[_Slot], began: float) -> None:
+    """Cancel the workers, :data:`CANCEL_BATCH` per loop pass. Should this be cancelled
+    itself, the rest are cancelled at once: no worker is left running unowned."""
+    cancelled = 0
+    try:
+        for slot in slots:
+            slot.worker.stopping(began)
+            slot.task.cancel()
+            cancelled += 1
+            if cancelled % CANCEL_BATCH == 0 and cancelled < len(slots):
+                await asyncio.sleep(0)
+    except BaseException:
+        for slot in slots[cancelled:]:
+            slot.task.cancel()
+        raise

@@ -18,6 +18,7 @@ from telethon.crypto import rsa
 from telethon.errors import TypeNotFoundError
 
 from tgdaemon.connection import connection_for
+from tgdaemon.errors import Category, classify
 from tgdaemon.handshake import PaddedKeySender
 from tgdaemon.leanqueue import LeanQueue
 from tgdaemon.updates import (
@@ -204,16 +205,31 @@ class ManagedClient(TelegramClient):  # type: ignore[misc]  # Telethon is untype
                 self._sender.auth_key.key = old_key
                 session.set_dc(*old_dc)
                 session.auth_key = self._sender.auth_key
-                if isinstance(exc, Exception):
-                    # Whatever the import's error, the account is intact on its old DC: a
-                    # connection-level failure, retried with backoff, not a client bug.
-                    raise MigrationFailedError(
-                        f"could not carry the login to DC {new_dc}: {type(exc).__name__}"
-                    ) from exc
-                raise
+                if not isinstance(exc, Exception):
+                    raise
+                # The connection may be on the new DC, now with the old key: never kept,
+                # whatever the recovery (a short flood wait keeps the connection it has).
+                await self._disconnect()
+                failure = switch_failure(exc, new_dc)
+                if failure is exc:
+                    raise
+                raise failure from exc
         if released:
             self.release_updates()
         return result
+
+
+def switch_failure(exc: Exception, new_dc: int) -> Exception:
+    """What a DC switch that failed and was rolled back raises for ``exc``, its cause.
+
+    A flood wait is itself: the server said when the switch may be tried again, and the
+    worker waits exactly that (an earlier try only earns another flood wait). Anything else
+    leaves the account intact on its old DC: a connection-level failure, retried with backoff.
+    """
+    if classify(exc).category is Category.FLOOD_WAIT:
+        return exc
+    return MigrationFailedError(
+        f"could not carry the login to DC {new_dc}: {type(exc).__name__}")
 
 
 def _ignore_unknown(_constructor_id: int) -> None:

@@ -13,11 +13,12 @@ of 365; the daemon's idle CPU halved, the local DC's by 60 %). A wait is at most
 longer than asked; a tick is a small fraction of the heartbeat interval (see
 :func:`tgdaemon.lifecycle.heartbeat_tick`).
 
-A boundary wakes at most :data:`WAKE_BATCH` sleepers per loop pass, the rest in the passes
-after (a few milliseconds later, in order): every woken account sends in the pass after, and
-when the loop falls behind (a burst of connects, a starved process) several boundaries come due
-at once, thousands of heartbeats sent in one pass (a pass of 2,136 worker steps, 4.3 s, was
-measured at 10,000 accounts on a loaded machine); every timer and read waited behind them.
+The boundaries and early wakes due in a loop pass wake at most :data:`WAKE_BATCH` sleepers
+in all per pass, the rest in the passes after (a few milliseconds later, in order): every
+woken account sends in the pass after, and when the loop falls behind (a burst of connects,
+a starved process) several boundaries come due at once, thousands of heartbeats sent in one
+pass (a pass of 2,136 worker steps, 4.3 s, was measured at 10,000 accounts on a loaded
+machine); every timer and read waited behind them.
 """
 
 from __future__ import annotations
@@ -73,19 +74,23 @@ class TimerWheel:
         """End the sleep ``fut`` now (as if it ran out), in the wake-up batches: a fleet-wide
         connection drop ends every account's sleep in one loop pass (10,000 worker steps in
         the next)."""
-        self._due.append([fut])
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._wake)
+        self._enqueue([fut])
 
     def _fire(self, when: float) -> None:
         bucket = self._buckets.pop(when, None)
-        if not bucket:
-            return
-        bucket.reverse()  # popped from the end: woken in the order they went to sleep
+        if bucket:
+            bucket.reverse()  # popped from the end: woken in the order they went to sleep
+            self._enqueue(bucket)
+
+    def _enqueue(self, bucket: list[asyncio.Future[bool]]) -> None:
+        """Queue ``bucket`` for the wake-up passes, scheduling one unless one is: what comes
+        due in one loop pass (several boundaries when the loop fell behind, a fleet's drops)
+        shares that pass's batch. (A boundary that woke its sleepers at once would give each
+        boundary due in the pass a batch of its own.)"""
         self._due.append(bucket)
-        if not self._scheduled:  # else a wake-up pass is already scheduled
-            self._wake()
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._wake)
 
     def _wake(self) -> None:
         """Wake up to a batch of due sleepers; schedule the next pass's batch if more are."""

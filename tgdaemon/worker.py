@@ -217,6 +217,11 @@ class AccountWorker:
                 if not await self._recover(exc):
                     return
 
+    def stopping(self, began: float) -> None:
+        """The supervisor is about to cancel this worker, in a stop that began at loop time
+        ``began`` (workers are cancelled in batches: the last close is paced from then)."""
+        self._client.stop_began = began
+
     def reschedule(self) -> None:
         """The policy changed: re-arm the heartbeat wait with the new interval now, rather
         than after a wait of the old length."""

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import phone_for
 from tgdaemon.daemon import Daemon
-from tgdaemon.gcpolicy import NO_AUTOMATIC_FULL, GcPolicy, Step, next_step
+from tgdaemon.gcpolicy import NO_AUTOMATIC_FULL, YOUNG_THRESHOLD, GcPolicy, Step, next_step
 from tgdaemon.status import State
 
 
@@ -49,6 +49,7 @@ async def test_freezes_while_connecting_until_none_is(wait_until):
     try:
         assert gc.get_freeze_count() > 0  # at once: what exists now is long-lived
         assert gc.get_threshold()[2] == NO_AUTOMATIC_FULL  # the sweeps are the full ones
+        assert gc.get_threshold()[0] == YOUNG_THRESHOLD  # the ticks are the young ones
         await wait_until(lambda: policy.freezes >= 3, 5, "freezes while connecting")
         assert not policy.settled
         node = _Node()  # born after the last freeze: the collector still sees it
@@ -90,6 +91,40 @@ async def test_between_waves_a_full_collection_walks_only_recent_survivors(wait_
         await wait_until(lambda: policy.freezes > frozen, 5, "a freeze between waves")
         walked = sum(len(gc.get_objects(generation)) for generation in range(3))
         assert walked < len(kept) // 10, walked
+    finally:
+        await policy.stop()
+
+
+def _collections_while_allocating(kept: list[object], count: int) -> int:
+    """Collections (any generation) while ``count`` long-lived objects are born."""
+    runs: list[int] = []
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            runs.append(info["generation"])
+
+    gc.callbacks.append(seen)
+    try:
+        kept.extend([] for _ in range(count))
+    finally:
+        gc.callbacks.remove(seen)
+    return len(runs)
+
+
+async def test_survivors_are_walked_on_the_ticks_not_every_700_allocations():
+    """A fleet's allocations mostly live on: CPython's collector walked each survivor in a
+    young and a middle collection (at 10,000 accounts, 6.3 s of an outage's 32.6 s reconnect
+    wave, collecting nothing); under the policy the tick's young freeze walks it once."""
+    kept: list[object] = []
+    without = _collections_while_allocating(kept, 5_000)
+    assert without >= 5  # the contrast: CPython's thresholds (700) walk them on the way
+    policy = GcPolicy(lambda: (1, 1), interval=3600)  # a wave; no tick during the test
+    policy.start()
+    try:
+        during = _collections_while_allocating(kept, 5_000)
+        assert during == 0
+        policy.freeze(full=False)  # what a tick does: one walk, then out of sight
+        assert not any(o is kept[-1] for o in gc.get_objects())
     finally:
         await policy.stop()
 

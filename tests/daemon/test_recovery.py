@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+
+import pytest
+from telethon import errors as te
+from telethon.tl.functions.updates import GetStateRequest
 
 from tests.conftest import phone_for
 from tgdaemon.daemon import Daemon
@@ -50,7 +56,8 @@ async def test_stall_detected_within_two_heartbeats_and_recovered(
         assert 1 <= heartbeats() - before <= 2
         localdc.clear(fault)
         await wait_until(lambda: _connected(daemon, "alice"), 10, "reconnected")
-        assert _metric(daemon, "tgdaemon_reconnects_total", "alice") >= 1
+        # alice is the fleet: reconnects are counted once for it (metrics_counters).
+        assert daemon.registry.get_sample_value("tgdaemon_reconnects_total") >= 1
 
 
 async def test_flood_wait_is_honoured_exactly(make_config, login_account, localdc, wait_until):
@@ -115,6 +122,36 @@ async def test_forgotten_auth_key_parks_account(make_config, login_account, loca
         await wait_until(lambda: _state(daemon, "alice") is State.NEEDS_LOGIN, 10, "parked")
 
 
+async def test_mid_session_transport_404_parks_at_once(
+        make_config, login_account, localdc, wait_until, caplog):
+    """The server forgets the key of an established connection: the next packet, here another
+    caller's request on the account's client (as the account API makes) while the worker waits
+    for its next heartbeat, is answered with transport -404. The worker parks the account in
+    needs_login from that connection's end, in one log line: no connect attempt more."""
+    config, ids = await _fleet(make_config, login_account, ["alice"],
+                               policy={"backoff_base": 0.1})  # heartbeats 27-33 s apart
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: _connected(daemon, "alice"), 10, "connected")
+        assert daemon.supervisor is not None
+        client = daemon.supervisor.worker("alice").client
+        assert client is not None
+        accepted = localdc.counters()["connections_accepted"]
+        caplog.set_level(logging.INFO, logger="tgdaemon.account")
+        caplog.clear()
+        localdc.inject(Fault("transport_error", user_id=ids["alice"], code=404))
+        with pytest.raises(te.AuthKeyNotFound):
+            async with asyncio.timeout(10):
+                await client(GetStateRequest())
+        await wait_until(lambda: _state(daemon, "alice") is State.NEEDS_LOGIN, 10, "parked")
+        assert localdc.counters()["connections_accepted"] == accepted, "connected once more"
+        status = daemon.board.get("alice")
+        assert status is not None
+        assert (status.last_error_category, status.reason) == ("auth", "AUTH_KEY_NOT_FOUND")
+    lines = [r.getMessage() for r in caplog.records
+             if r.name == "tgdaemon.account" and r.levelno >= logging.INFO]
+    assert lines == ["[alice] state connected -> needs_login (AUTH_KEY_NOT_FOUND)"]
+
+
 async def test_user_migrate_moves_account_and_persists_dc(
         make_config, login_account, localdc, wait_until):
     config, ids = await _fleet(make_config, login_account, ["alice"])
@@ -134,7 +171,7 @@ async def test_user_migrate_moves_account_and_persists_dc(
         # go on over DC 2, and no extra reconnect is made (only the one the drop caused).
         await wait_until(lambda: localdc.counters(dc_id=2)["requests"].get(
             "updates.getState", 0) >= 3, 10, "heartbeats on DC 2")
-        assert _metric(daemon, "tgdaemon_reconnects_total", "alice") == 1
+        assert daemon.registry.get_sample_value("tgdaemon_reconnects_total") == 1  # the fleet's
 
 
 async def test_failed_migration_keeps_the_old_login(
@@ -161,6 +198,42 @@ async def test_failed_migration_keeps_the_old_login(
         after = await daemon.store.load_session("alice")
         assert after is not None
         assert (after.dc_id, after.auth_key) == (1, before.auth_key)
+
+
+async def test_flood_wait_during_dc_switch_is_waited_exactly(
+        make_config, login_account, localdc, wait_until):
+    """The new DC answers the import of the login with FLOOD_WAIT_2: the account waits those
+    2 s (state flood_wait, counted as one), not the network backoff (0.1 s here), and then
+    switches. localdc refuses the user's imports until the deadline, as Telegram does."""
+    config, ids = await _fleet(make_config, login_account, ["alice"],
+                               policy={"backoff_base": 0.1})
+    async with Daemon(config) as daemon:
+        await wait_until(lambda: _connected(daemon, "alice"), 10, "connected")
+        localdc.inject(Fault("rpc_error", dc_id=2, method="auth.importAuthorization",
+                             error="FLOOD_WAIT_2", times=1))
+        localdc.inject(Fault("rpc_error", user_id=ids["alice"], method="users.getUsers",
+                             error="USER_MIGRATE_2", times=2))
+        injected_at = time.time()
+        localdc.drop_connections(user_id=ids["alice"])
+        await wait_until(lambda: _state(daemon, "alice") is State.FLOOD_WAIT, 10, "flood wait")
+        status = daemon.board.get("alice")
+        assert status is not None
+        assert status.flood_wait_until is not None
+        deadline = status.flood_wait_until
+        assert injected_at + 2 <= deadline <= time.time() + 2 + 1  # + at most 1 s of jitter
+
+        def imports() -> int:
+            return localdc.counters(dc_id=2)["requests"].get("auth.importAuthorization", 0)
+
+        assert imports() == 1
+        await wait_until(lambda: time.time() >= deadline - 0.05, 5, "deadline")
+        assert imports() == 1, "the switch was retried before the flood wait's deadline"
+        await wait_until(lambda: (s := daemon.board.get("alice")) is not None
+                         and s.dc_id == 2 and s.state is State.CONNECTED, 10, "on DC 2")
+        assert imports() == 2
+        assert localdc.counters(user_id=ids["alice"], dc_id=2)[
+            "requests_during_flood_wait"] == 0
+        assert _metric(daemon, "tgdaemon_flood_wait_seconds_total", "alice") == 2
 
 
 async def test_one_bad_session_does_not_stop_the_others(

@@ -7,6 +7,7 @@ import asyncio
 import time
 
 from tests.conftest import phone_for
+from tgdaemon import supervisor as supervisor_module
 from tgdaemon.accountclient import CLOSE_TIMEOUT, AccountClient
 from tgdaemon.daemon import Daemon
 from tgdaemon.status import State
@@ -87,3 +88,43 @@ async def test_a_close_that_gets_no_slot_in_time_drops_its_connection(
         finally:
             released.set()
             await stopping
+
+
+async def test_a_stop_cancels_the_workers_a_batch_per_loop_pass(
+        make_config, login_account, localdc, wait_until, monkeypatch) -> None:
+    """10,000 workers cancelled in one loop pass held the loop for 3.7 s (each runs its end in
+    the pass after its cancel): counted in loop passes, not seconds, a stop cancels at most
+    CANCEL_BATCH per pass, and still drains within drain_timeout."""
+    names = [f"batch{i}" for i in range(10)]
+    monkeypatch.setattr(supervisor_module, "CANCEL_BATCH", 3)
+    config = make_config([{"name": n, "phone": phone_for(n)} for n in names],
+                         daemon={"http_listen": "", "drain_timeout": 30.0})
+    for name in names:
+        await login_account(config, name)
+    loop = asyncio.get_running_loop()
+    cancelled: set[asyncio.Task[None]] = set()
+    per_pass: list[int] = []
+
+    def count_pass(tasks: list[asyncio.Task[None]]) -> None:  # once per loop pass
+        before = len(cancelled)
+        cancelled.update(t for t in tasks if t.cancelling() or t.cancelled())
+        per_pass.append(len(cancelled) - before)
+        if len(cancelled) < len(tasks):
+            loop.call_soon(count_pass, tasks)
+
+    daemon = Daemon(config)
+    await daemon.start()
+    try:
+        await wait_until(lambda: daemon.board.counts()[State.CONNECTED] == len(names), 30,
+                         "all connected")
+        assert daemon.supervisor is not None
+        tasks = [slot.task for slot in daemon.supervisor._slots.values()]
+        count_pass(tasks)
+    finally:
+        started = time.monotonic()
+        await daemon.stop()
+    assert len(cancelled) == len(names)
+    assert max(per_pass) <= 3, per_pass
+    assert sum(1 for n in per_pass if n) >= 4  # 10 in batches of 3
+    assert time.monotonic() - started < config.daemon.drain_timeout
+    assert all(t.done() for t in tasks)

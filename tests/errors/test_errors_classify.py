@@ -8,11 +8,13 @@ import struct
 
 import pytest
 from telethon import errors as te
+from telethon.tl.functions.auth import ImportAuthorizationRequest
 from telethon.tl.functions.users import GetUsersRequest
 from telethon.tl.types import RpcError
 
 from tgdaemon.errors import Category, Classified, classify
 from tgdaemon.redact import redact
+from tgdaemon.telegram import switch_failure
 
 REQUEST = GetUsersRequest([])
 
@@ -95,6 +97,33 @@ def test_flood_message_keeps_seconds_and_request_name() -> None:
     c = classify(rpc(420, "FLOOD_WAIT_86400"))
     assert c.wait_seconds == 86400
     assert c.message == "FLOOD_WAIT: wait of 86400 s required (caused by GetUsersRequest)"
+
+
+IMPORT = ImportAuthorizationRequest(id=1, bytes=b"x")
+# What a DC switch that failed on the import raises (telegram.switch_failure), classified:
+# a flood wait stays one (waited exactly), anything else is retried on the network backoff.
+SWITCH_TABLE: list[tuple[Exception, Category, str, int | None]] = [
+    (te.rpc_message_to_error(RpcError(420, "FLOOD_WAIT_7"), IMPORT), Category.FLOOD_WAIT,
+     "FLOOD_WAIT", 7),
+    (te.rpc_message_to_error(RpcError(420, "FLOOD_PREMIUM_WAIT_3"), IMPORT),
+     Category.FLOOD_WAIT, "FLOOD_PREMIUM_WAIT", 3),
+    (te.rpc_message_to_error(RpcError(400, "AUTH_BYTES_INVALID"), IMPORT), Category.NETWORK,
+     "MigrationFailedError", None),
+    (te.rpc_message_to_error(RpcError(500, "INTERNAL"), IMPORT), Category.NETWORK,
+     "MigrationFailedError", None),
+    (ConnectionResetError(104, "reset"), Category.NETWORK, "MigrationFailedError", None),
+    (TimeoutError(), Category.NETWORK, "MigrationFailedError", None),
+]
+
+
+@pytest.mark.parametrize(("cause", "category", "reason", "wait"), SWITCH_TABLE,
+                         ids=[f"{type(r[0]).__name__}-{r[2]}" for r in SWITCH_TABLE])
+def test_failed_dc_switch(cause: Exception, category: Category, reason: str,
+                          wait: int | None) -> None:
+    raised = switch_failure(cause, 2)
+    assert (raised is cause) == (category is Category.FLOOD_WAIT)
+    c = classify(raised)
+    assert (c.category, c.code, c.wait_seconds) == (category, reason, wait)
 
 
 def test_hand_built_base_error_resolves_by_message() -> None:

@@ -8,7 +8,8 @@ import itertools
 
 import pytest
 
-from tgdaemon.reachability import WAKE_BATCH, Reachability, may_probe, probe_spacing
+from tgdaemon.reachability import Reachability, may_probe, probe_spacing
+from tgdaemon.wheel import WAKE_BATCH
 
 # (route down, next probe at, now) -> may this account attempt?
 MAY_PROBE = [
@@ -98,16 +99,20 @@ async def test_a_sleep_runs_out_by_itself() -> None:
     assert reach.sleeping("r") == 0
 
 
-async def test_a_big_route_is_woken_a_batch_per_loop_iteration(wait_until) -> None:
-    """A success on a route with thousands waiting does not resume them all in one
-    event-loop iteration (the loop would stall for every other account)."""
+async def test_routes_back_at_once_are_woken_a_batch_per_loop_iteration(wait_until) -> None:
+    """A success on routes with thousands waiting does not resume them all in one
+    event-loop iteration (the loop would stall for every other account), however many
+    routes (DCs) come back together: the batch is shared."""
     reach = Reachability()
     n = 2 * WAKE_BATCH + 10
-    sleepers = [asyncio.create_task(reach.sleep("dc", 60.0)) for _ in range(n)]
-    await wait_until(lambda: reach.sleeping("dc") == n, 5, "all asleep")
-    assert reach.reached("dc") == n
+    sleepers = [asyncio.create_task(reach.sleep(dc, 60.0)) for dc in ("dc1", "dc2")
+                for _ in range(n)]
+    await wait_until(lambda: reach.sleeping("dc1") == reach.sleeping("dc2") == n, 5,
+                     "all asleep")
+    assert reach.reached("dc1") == n
+    assert reach.reached("dc2") == n
     woken = [sum(1 for t in sleepers if t.done())]
-    while woken[-1] < n:
+    while woken[-1] < 2 * n:
         await asyncio.sleep(0)  # one event-loop iteration
         woken.append(sum(1 for t in sleepers if t.done()))
     assert max(b - a for a, b in itertools.pairwise([0, *woken])) <= WAKE_BATCH

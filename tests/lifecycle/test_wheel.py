@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import math
+import struct
 from collections import Counter
 from typing import Any
 
 import pytest
+from telethon import errors as te
 
 from tgdaemon.connwatch import ConnectionWatch
 from tgdaemon.lifecycle import HEARTBEAT_JITTER, heartbeat_delay, heartbeat_tick
@@ -78,6 +80,24 @@ async def test_a_boundary_wakes_a_batch_per_loop_pass_in_order():
     assert [i for _p, i in woke if i != 1] == [i for i in range(len(sleepers)) if i != 1]
 
 
+async def test_boundaries_due_in_one_pass_share_its_batch():
+    """A loop that fell behind finds many boundaries due in one pass (here each sleeper its
+    own boundary, all past by the next pass): together they wake WAKE_BATCH per pass, not a
+    batch each."""
+    loop = asyncio.get_running_loop()
+    passes, count_pass = _pass_counter(loop)
+    wheel = TimerWheel()
+    sleepers = [wheel.sleeper(0.0, 0.0) for _ in range(2 * WAKE_BATCH + 1)]
+    woke: list[int] = []
+    for fut in sleepers:
+        fut.add_done_callback(lambda _f: woke.append(passes[0]))
+    count_pass()
+    await asyncio.gather(*sleepers)
+    await asyncio.sleep(0)  # the last done-callbacks run
+    assert max(Counter(woke).values()) == WAKE_BATCH
+    assert len(Counter(woke)) == 3
+
+
 async def test_a_fleet_wide_drop_ends_the_sleeps_a_batch_per_loop_pass():
     loop = asyncio.get_running_loop()
     passes, count_pass = _pass_counter(loop)
@@ -109,6 +129,37 @@ async def test_a_fleet_wide_drop_ends_the_sleeps_a_batch_per_loop_pass():
     await asyncio.sleep(0)
     assert max(Counter(woke).values()) <= WAKE_BATCH
     assert len(Counter(woke)) >= 3
+
+
+@pytest.mark.parametrize(("ended", "raised"), [
+    (te.AuthKeyNotFound(), te.AuthKeyNotFound),  # transport -404: the server forgot the key
+    (te.InvalidBufferError(struct.pack("<i", -429)), te.InvalidBufferError),
+    (None, ConnectionError),  # closed without an error
+])
+async def test_a_dropped_connection_ends_the_sleep_with_its_error(ended, raised):
+    """The heartbeat wait raises what the connection ended with, so the worker recovers
+    from the cause (a -404 parks at once) rather than from a bare ConnectionError."""
+    dropped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    class Client:
+        disconnected = dropped
+
+        def is_connected(self) -> bool:
+            return False
+
+    watch = ConnectionWatch(TimerWheel())
+    watch.watch(Client())
+    sleep = asyncio.create_task(watch.sleep(60, Client(), TICK))
+    await asyncio.sleep(0)
+    if ended is None:
+        dropped.set_result(None)
+    else:
+        dropped.set_exception(ended)
+    with pytest.raises(raised) as info:
+        await sleep
+    assert type(info.value) is raised
+    if ended is not None:
+        assert info.value is ended
 
 
 async def test_a_woken_or_cancelled_sleep_leaves_the_others_alone():

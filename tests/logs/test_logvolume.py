@@ -14,10 +14,13 @@ import pytest
 from aiohttp.http_exceptions import BadHttpMessage
 from prometheus_client import CollectorRegistry
 
+from tests.conftest import phone_for
 from tgdaemon.config import parse_config
+from tgdaemon.daemon import Daemon
 from tgdaemon.exceptions import ConfigError
 from tgdaemon.fdlimit import FIXED_FDS, FdBudget, FdReserve, budget, ensure_open_file_limit
 from tgdaemon.logvolume import COUNTS, Noise, NoiseCollector, NoiseFilter, classify
+from tgdaemon.status import State
 
 
 def record(name: str, msg: str, level: int = logging.WARNING,
@@ -124,6 +127,38 @@ async def test_a_burst_is_demoted_and_summarised_in_one_line():
             logger.removeHandler(handler)
             logger.propagate = True
         telethon.setLevel(logging.NOTSET)
+
+
+async def test_a_pending_summary_is_written_when_the_daemon_stops(
+        make_config, login_account, localdc, wait_until):
+    """A burst's summary is due a window (here 600 s) after it: the daemon's stop writes it
+    rather than losing it with the event loop."""
+    config = make_config([{"name": "alice", "phone": phone_for("alice")}],
+                         daemon={"http_listen": ""})
+    await login_account(config, "alice")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(NoiseFilter(window=600))
+    loggers = [logging.getLogger(n) for n in ("tgdaemon.telethon", "tgdaemon.logvolume")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    before = COUNTS[Noise.CONNECTION_LOST]
+    try:
+        async with Daemon(config) as daemon:
+            await wait_until(lambda: daemon.board.counts()[State.CONNECTED] == 1, 10,
+                             "connected")
+            localdc.drop_connections()  # Telethon: "Automatic reconnection failed" (ERROR)
+            await wait_until(lambda: COUNTS[Noise.CONNECTION_LOST] > before, 10, "noise")
+            assert "logvolume" not in stream.getvalue()  # due in 600 s
+        lines = [line for line in stream.getvalue().splitlines() if "logvolume" in line]
+        n = COUNTS[Noise.CONNECTION_LOST] - before
+        assert lines == [f"WARNING tgdaemon.logvolume: {n} Telethon connections ended (the "
+                         "workers reconnect them) in the last 600 s (per-account detail at "
+                         "debug level)"]
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
 
 
 def test_counts_are_exported_for_every_kind():

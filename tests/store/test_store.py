@@ -311,6 +311,40 @@ async def test_writes_are_batched(backend: SessionBackend, ring, monkeypatch) ->
     assert len(await backend.raw()) == 1200
 
 
+async def test_a_batch_wakes_its_writers_a_slice_per_loop_pass(store: Store) -> None:
+    """A batch of 500 written at once must not wake 500 waiters in one loop pass (every
+    other account's heartbeat waits behind a pass): at most WAKE_BATCH per pass. A pass is
+    counted by a marker that re-schedules itself with call_soon (once per pass)."""
+    from tgdaemon.store import _BATCH
+    from tgdaemon.wheel import WAKE_BATCH
+
+    names = [f"acct{i:05d}" for i in range(_BATCH)]
+    await store.ensure_accounts(dict.fromkeys(names))
+    loop = asyncio.get_running_loop()
+    passes = [0]
+    woken: dict[int, int] = {}
+    stop = False
+
+    def mark() -> None:
+        passes[0] += 1
+        if not stop:
+            loop.call_soon(mark)
+
+    def count(_fut: asyncio.Future[None]) -> None:
+        woken[passes[0]] = woken.get(passes[0], 0) + 1
+
+    futs = [store.submit_session(n, make_session(i)) for i, n in enumerate(names)]
+    for fut in futs:
+        fut.add_done_callback(count)
+    loop.call_soon(mark)
+    try:
+        await asyncio.wait_for(asyncio.gather(*futs), 30)
+    finally:
+        stop = True
+    assert sum(woken.values()) == _BATCH
+    assert max(woken.values()) <= WAKE_BATCH, woken
+
+
 async def test_submit_for_unknown_account_fails_only_that_account(backend: SessionBackend,
                                                                  ring) -> None:
     async with backend.open(ring) as store:

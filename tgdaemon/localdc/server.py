@@ -87,6 +87,11 @@ _WRITE_BUFFER_LIMIT = 8 * 1024 * 1024
 UNACKED_LIMIT = 256
 
 
+def _importing_user(req: Any) -> int | None:
+    """The user an auth.importAuthorization logs in, else None."""
+    return req.id if isinstance(req, fn.auth.ImportAuthorizationRequest) else None
+
+
 def _salt_for(key: bytes) -> int:
     """Server salt of a key: stable across restarts, so a restart costs no extra round trip."""
     salt: int = struct.unpack("<q", sha256(b"localdc-salt" + key[:32]).digest()[:8])[0]
@@ -773,7 +778,11 @@ class LocalDC:
             self._reply(conn, rec, msg_id, bytes(tl.RpcError(406, "AUTH_KEY_DUPLICATED")), delay,
                         names)
             return
-        left = 0 if scope.user_id is None else self._flooded(conn.dc_id, scope.user_id, names)
+        # Whose flood wait it is: the connection's user, or the user an import of an exported
+        # login logs in (the key on the new DC is unauthorised and new at every try: Telegram
+        # limits the account, not the key).
+        flooder = scope.user_id if scope.user_id is not None else _importing_user(req)
+        left = 0 if flooder is None else self._flooded(conn.dc_id, flooder, names)
         if left:
             # Like Telegram: the method stays refused until the deadline, with the time left.
             self._reply(conn, rec, msg_id, bytes(tl.RpcError(420, f"FLOOD_WAIT_{left}")), delay,
@@ -785,8 +794,8 @@ class LocalDC:
             result = bytes(tl.RpcError(fault.error_code, fault.error))
             assert fault.error is not None  # Fault requires one for rpc_error
             wait = flood_wait_seconds(fault.error)
-            if wait and scope.user_id is not None:
-                self._flood_until[(conn.dc_id, scope.user_id)] = (
+            if wait and flooder is not None:
+                self._flood_until[(conn.dc_id, flooder)] = (
                     time.monotonic() + wait, names.tl)
         else:
             ctx = Ctx(dc_id=conn.dc_id, key_id=rec.key_id, user_id=scope.user_id)
