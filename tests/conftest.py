@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -217,6 +218,38 @@ def login_account(localdc: LocalDC) -> LoginFn:
         return await login(config, name, prompt=lambda _p: phone, secret=secret)
 
     return do_login
+
+
+SeedFn = Callable[[Config], Awaitable[None]]
+
+
+@pytest.fixture
+def seed_accounts(localdc: LocalDC, keyring: KeyRing) -> SeedFn:
+    """Every account of a config as a login leaves it (a user on ``localdc`` with an auth key
+    bound to it, the session in the daemon's store), without the login flow: for tests about
+    something else than logging in, that need many accounts (``login_account`` tests the
+    flow; 50 logins took ~10 s on a loaded machine)."""
+    from bench.seed import seed_sessions
+    from tgdaemon.localdc.crypto import key_id_of
+    from tgdaemon.localdc.store import AuthKeyRecord
+    from tgdaemon.store import SessionData
+
+    async def seed(config: Config) -> None:
+        dc_id = 1
+        host, port = localdc.addresses[dc_id]
+        now = int(time.time())
+        sessions = []
+        for account in config.accounts:
+            user = localdc.store.get_or_create_user(account.phone or phone_for(account.name),
+                                                    dc_id)
+            key = os.urandom(256)
+            localdc.store.put_auth_key(AuthKeyRecord(key_id_of(key), dc_id, key, user.id))
+            sessions.append((account.name, SessionData(
+                dc_id, host, port, auth_key=key, user_id=user.id, pts=user.pts, qts=0,
+                date=now, seq=0)))
+        await seed_sessions(config.daemon.state_dir, keyring, sessions)
+
+    return seed
 
 
 @pytest.fixture(scope="session")

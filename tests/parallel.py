@@ -25,6 +25,9 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "tests/bench/test_cluster_smoke.py",
         "tests/bench/test_metrics_scrape_smoke.py",
         "tests/api/test_api_process.py::test_burst_of_1000_calls",
+        # bounds on lag and pacing, measured in real processes
+        "tests/store/test_shared_write_lock.py",
+        "tests/daemon/test_failover.py::test_short_outage_every_account_back_within",
     ),
     "systemd-container": ("tests/systemd/test_systemd_container.py",),
     "systemd-unit": ("tests/systemd/test_unit.py",),

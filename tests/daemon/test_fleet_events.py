@@ -36,10 +36,10 @@ notify_dir = test_process.notify_dir
 processes = test_process.processes
 
 
-#: 20-50 logins through the CLI flow and a daemon start: over pytest's 60 s on a loaded
-#: machine. pytest-timeout's SIGALRM then lands wherever the loop is, often in the in-process
-#: localdc, whose connection callback swallows it (asyncio logs "Unhandled exception in
-#: client_connected_cb"): one account's connection handler gone, the test went on with an
+#: A 50-account daemon start, its reconnect wave and the summary window: past pytest's 60 s on
+#: a loaded machine. pytest-timeout's SIGALRM then lands wherever the loop is, often in the
+#: in-process localdc, whose connection callback swallows it (asyncio logs "Unhandled exception
+#: in client_connected_cb"): one account's connection handler gone, the test went on with an
 #: event missing instead of stopping.
 FLEET_TIMEOUT = pytest.mark.timeout(240)
 
@@ -48,14 +48,13 @@ def fleet(n: int) -> list[dict[str, Any]]:
     return [{"name": f"acc{i:03d}", "phone": phone_for(f"acc{i:03d}")} for i in range(n)]
 
 
-async def start_fleet(make_config: Any, login_account: Any, processes: Any, notify: Any,
+async def start_fleet(make_config: Any, seed_accounts: Any, processes: Any, notify: Any,
                       n: int, **daemon: Any) -> tuple[DaemonProcess, int, list[str]]:
     port = free_port()
     config = make_config(fleet(n), daemon={"http_listen": f"127.0.0.1:{port}",
                                            "log_level": "info", **daemon})
     names = [a.name for a in config.accounts]
-    for name in names:
-        await login_account(config, name)
+    await seed_accounts(config)
     proc = await start_daemon(processes, config.path, notify)
     await notify.wait("READY", "1")
     await wait_for_condition(lambda: states_are(port, dict.fromkeys(names, "connected")),
@@ -70,8 +69,8 @@ def error_lines(daemon: DaemonProcess, start: int = 0) -> list[str]:
 
 @FLEET_TIMEOUT
 async def test_a_server_drop_at_50_accounts_is_not_50_error_lines(
-        make_config, login_account, localdc, processes, notify):
-    daemon, port, names = await start_fleet(make_config, login_account, processes, notify, 50)
+        make_config, seed_accounts, localdc, processes, notify):
+    daemon, port, names = await start_fleet(make_config, seed_accounts, processes, notify, 50)
     mark = len(daemon.lines)
     accepted = localdc.counters()["connections_accepted"]
     assert localdc.drop_connections() >= 50
@@ -111,8 +110,8 @@ def set_nofile(pid: int, soft: int, hard: int) -> None:
 
 @FLEET_TIMEOUT
 async def test_running_out_of_file_descriptors_is_one_error_and_a_metric(
-        make_config, login_account, localdc, processes, notify):
-    daemon, port, names = await start_fleet(make_config, login_account, processes, notify, 20)
+        make_config, seed_accounts, localdc, processes, notify):
+    daemon, port, names = await start_fleet(make_config, seed_accounts, processes, notify, 20)
     pid = daemon.proc.pid
     soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
     mark = len(daemon.lines)
