@@ -146,6 +146,7 @@ class DaemonConfig:
     connect_concurrency: int = 100  # connects (handshake + validation) in flight at once
     drain_timeout: float = 10.0
     metrics_histograms: str = "fleet"
+    metrics_counters: str = "fleet"
     # -- a fleet shared by several daemons (tgdaemon/fleet.py); "" = a single daemon
     instance_id: str = ""
     capacity: int = 10_000
@@ -515,7 +516,7 @@ class _Parser:
         t = self.table(value, "daemon", (
             "state_dir", "master_key_file", "http_listen", "http_token_file", "log_level",
             "log_format", "connect_rate", "connect_burst", "connect_concurrency", "drain_timeout",
-            "metrics_histograms", "http_allowed_hosts", *_CLUSTER_KEYS,
+            "metrics_histograms", "metrics_counters", "http_allowed_hosts", *_CLUSTER_KEYS,
         ))
         state_dir: Path | None = d.state_dir
         raw_state = self.get(t, "daemon", "state_dir", str, "")
@@ -555,6 +556,8 @@ class _Parser:
                                       minimum=0, exclusive=True),
             metrics_histograms=self.choice(t, "daemon", "metrics_histograms",
                                            ("account", "fleet"), d.metrics_histograms),
+            metrics_counters=self.choice(t, "daemon", "metrics_counters", ("account", "fleet"),
+                                         d.metrics_counters),
             **self._cluster(t, d),
         )
 

@@ -80,6 +80,7 @@ class Daemon:
         self.board = StatusBoard(clock=clock)
         self.metrics = Metrics(
             self.registry, self.board, histograms=config.daemon.metrics_histograms,
+            counters=config.daemon.metrics_counters,
             heartbeat_interval=lambda: self.settings.current.policy.heartbeat_interval)
         self.store: Store | None = None
         self.supervisor: Supervisor | None = None

@@ -220,6 +220,11 @@ def longest_heartbeat_gap(policy: PolicyConfig) -> float:
 
 # --------------------------------------------------------------------------- watchdog
 
+#: More workers than this stuck in one watchdog check are a stall of the process (paused,
+#: starved of CPU), not of their accounts: one log line for them all, and counted once for the
+#: fleet (``tgdaemon_watchdog_stall_restarts_total``), not per account.
+STALL_WORKERS = 3
+
 
 def watchdog_restarts(
     state: State,

@@ -34,6 +34,7 @@ from importlib import metadata
 from typing import NamedTuple
 
 from prometheus_client.core import (
+    CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
@@ -45,7 +46,7 @@ from prometheus_client.utils import floatToGoString
 
 import tgdaemon
 from tgdaemon.config import PolicyConfig
-from tgdaemon.lifecycle import Category, State
+from tgdaemon.lifecycle import STALL_WORKERS, Category, State
 from tgdaemon.status import StatusBoard
 
 log = logging.getLogger("tgdaemon.metrics")
@@ -60,6 +61,8 @@ _CATEGORY_INDEX: dict[str, int] = {c.value: i for i, c in enumerate(_CATEGORIES)
 LATENCY_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 HISTOGRAM_MODES = ("account", "fleet")
+#: Where the fleet-event counters (:class:`_Events`) go: one set for the fleet, or per account.
+COUNTER_MODES = ("account", "fleet")
 
 _STATES = tuple(State)
 # A label that is only digits (optionally with +, spaces, dashes) is a phone number, not a name.
@@ -80,13 +83,36 @@ class _Histogram:
         self.total += value
 
 
+class _Events:
+    """The counters that a fleet-wide event (an outage, a DC that moves, a new server layer, a
+    broken plugin) increments for every account at once. With ``counters="fleet"`` (the
+    default) there is ONE of these for the whole fleet, so such an event costs no series per
+    account; with ``counters="account"`` one per account."""
+
+    __slots__ = ("errors", "failovers", "plugin_errors", "reconnects", "unknown_objects",
+                 "update_gaps", "updates_recovered")
+
+    def __init__(self) -> None:
+        self.errors = [0] * len(_CATEGORIES)
+        self.reconnects = 0
+        self.failovers = 0
+        self.update_gaps = 0
+        self.plugin_errors = 0
+        self.updates_recovered = 0
+        self.unknown_objects = 0
+
+    def snapshot(self) -> _EventCounts:
+        return _EventCounts(tuple(self.errors), self.reconnects, self.failovers,
+                            self.update_gaps, self.plugin_errors, self.updates_recovered,
+                            self.unknown_objects)
+
+
 class _Slots:
     """Everything one account costs: plain numbers, no locks, no metric objects."""
 
     __slots__ = (
         "authorizations",
-        "errors",
-        "failovers",
+        "events",
         "flood_wait_seconds",
         "fragment",
         "heartbeat",
@@ -94,26 +120,16 @@ class _Slots:
         "labels",
         "last_latency",
         "new_authorizations",
-        "plugin_errors",
-        "reconnects",
-        "unknown_objects",
-        "update_gaps",
-        "updates_recovered",
         "worker_restarts",
     )
 
-    def __init__(self, name: str, histogram: _Histogram | None) -> None:
+    def __init__(self, name: str, histogram: _Histogram | None, events: _Events | None) -> None:
         self.labels = {"account": name}  # shared by every sample of this account
         self.fragment = f'account="{_escape_label(name)}"'  # escaped once, not per scrape
-        self.errors = [0] * len(_CATEGORIES)
-        self.reconnects = 0
+        #: None: the fleet's counters take this account's events (``counters="fleet"``).
+        self.events = events
         self.flood_wait_seconds = 0.0
-        self.failovers = 0
         self.worker_restarts = 0
-        self.update_gaps = 0
-        self.plugin_errors = 0
-        self.updates_recovered = 0
-        self.unknown_objects = 0
         self.new_authorizations = 0
         self.authorizations: int | None = None
         self.heartbeat: int | None = None
@@ -138,13 +154,26 @@ class Metrics:
     the ``tgdaemon_rpc_last_latency_seconds`` gauge (1 series). The status page shows every
     account's last latency in both modes.
 
+    ``counters="fleet"`` (the default, as in the config) exports the counters that a
+    fleet-wide event increments for every account at once (errors by category, reconnects, DC
+    failovers, update gaps, recovered updates, unknown objects, plugin errors: :class:`_Events`)
+    ONCE for the fleet, without the ``account`` label and under the same names, every one
+    from 0 (``tgdaemon_errors_total{category}`` has every category), so an outage of the whole
+    fleet costs no series per account and ``sum by (category) (rate(tgdaemon_errors_total
+    [5m]))`` reads the same in both modes. They keep the counts of accounts that left (they
+    are counters). ``counters="account"`` (opt-in) exports them per account instead, each
+    from its first increment on (see below). Which account is in trouble is on the status
+    page either way (state, reason, last error).
+
     Cardinality (issue 17: /metrics at 10,000 accounts <= 3 MB and <= 8 series per account by
-    default): a healthy account is 5 series (up, state, last heartbeat, sessions, new
-    sessions), ~290 bytes with a 10-character name. ``account_state`` is ONE series per
-    account whose ``state`` label is the current state (value 1) and whose ``dc`` label is the
-    session's DC (absent before it is known): one series says what the account does and
-    where. The heartbeat timestamp is in whole seconds (alerts look minutes back).
-    Per-account counters are exported from their first increment on (except
+    default, also after a fleet-wide outage): a healthy account is 5 series (up, state, last
+    heartbeat, sessions, new sessions), ~290 bytes with a 10-character name, and an outage
+    adds none. ``account_state`` is ONE series per account whose ``state`` label is the
+    current state (value 1) and whose ``dc`` label is the session's DC (absent before it is
+    known): one series says what the account does and where. The heartbeat timestamp is in
+    whole seconds (alerts look minutes back). The per-account counters an alert acts on per
+    account (``flood_wait_seconds``, ``worker_restarts``), and with ``counters="account"``
+    the fleet-event counters, are exported from their first increment on (except
     ``new_authorizations``, always there: its alert must see 0 -> 1 across a restart): a
     counter that has only ever been 0 is not a series (its ``# HELP`` and ``# TYPE`` are
     always there, so its name is declared). Once exported, a counter stays until the account
@@ -164,6 +193,7 @@ class Metrics:
         board: StatusBoard,
         *,
         histograms: str = "fleet",
+        counters: str = "fleet",
         version: str = tgdaemon.__version__,
         buckets: tuple[float, ...] = LATENCY_BUCKETS,
         clock: Callable[[], float] = time.time,
@@ -171,6 +201,8 @@ class Metrics:
     ) -> None:
         if histograms not in HISTOGRAM_MODES:
             raise ValueError(f"histograms must be one of {HISTOGRAM_MODES}, not {histograms!r}")
+        if counters not in COUNTER_MODES:
+            raise ValueError(f"counters must be one of {COUNTER_MODES}, not {counters!r}")
         if list(buckets) != sorted(set(buckets)) or not buckets or math.inf in buckets:
             raise ValueError("buckets must be finite, strictly increasing and not empty")
         self._board = board
@@ -178,6 +210,9 @@ class Metrics:
         self._bounds = tuple(float(b) for b in buckets)
         self._le = [*(_fmt_le(b) for b in self._bounds), "+Inf"]
         self._fleet = None if self._per_account else _Histogram(len(self._bounds) + 1)
+        #: The fleet's event counters; None when every account has its own.
+        self._events = None if counters == "account" else _Events()
+        self._stall_restarts = 0
         self._slots: dict[str, _Slots] = {}
         # Guards the dict's *shape* against a scrape thread copying it. Not "atomic in C":
         # a GC pass during the copy can run finalizers and switch threads mid-iteration.
@@ -195,6 +230,10 @@ class Metrics:
     def histograms(self) -> str:
         return "account" if self._per_account else "fleet"
 
+    @property
+    def counters(self) -> str:
+        return "fleet" if self._events is not None else "account"
+
     # -- account lifecycle ----------------------------------------------------------------
 
     def add_account(self, name: str) -> None:
@@ -205,7 +244,7 @@ class Metrics:
             # The name itself is not repeated: it may be exactly what must not leak.
             raise ValueError("account label must be a config name, not empty or a phone number")
         hist = _Histogram(len(self._bounds) + 1) if self._per_account else None
-        slot = _Slots(name, hist)
+        slot = _Slots(name, hist, _Events() if self._events is None else None)
         with self._slots_lock:
             self._slots[name] = slot
 
@@ -215,6 +254,13 @@ class Metrics:
 
     def accounts(self) -> list[str]:
         return sorted(self._slots)
+
+    def _events_of(self, name: str) -> _Events | None:
+        """Where an event of ``name`` is counted: its own counters or the fleet's; None for
+        an account that is not (or no longer) added."""
+        if (slot := self._slots.get(name)) is None:
+            return None
+        return slot.events if slot.events is not None else self._events
 
     # -- observations (event loop only) ---------------------------------------------------
 
@@ -245,17 +291,17 @@ class Metrics:
 
     def error(self, name: str, category: Category | str) -> None:
         """Count one error; an unknown category is counted as ``unknown``."""
-        if (slot := self._slots.get(name)) is None:
+        if (events := self._events_of(name)) is None:
             return
         index = _CATEGORY_INDEX.get(category)
         if index is None:
             log.debug("unknown error category %r counted as 'unknown'", category)
             index = _CATEGORY_INDEX["unknown"]
-        slot.errors[index] += 1
+        events.errors[index] += 1
 
     def reconnect(self, name: str) -> None:
-        if (slot := self._slots.get(name)) is not None:
-            slot.reconnects += 1
+        if (events := self._events_of(name)) is not None:
+            events.reconnects += 1
 
     def flood_wait(self, name: str, seconds: float) -> None:
         """Add a FloodWait's duration; counters never decrease: <= 0, inf and NaN are dropped."""
@@ -263,31 +309,39 @@ class Metrics:
             slot.flood_wait_seconds += seconds
 
     def failover(self, name: str) -> None:
-        if (slot := self._slots.get(name)) is not None:
-            slot.failovers += 1
+        if (events := self._events_of(name)) is not None:
+            events.failovers += 1
 
     def worker_restart(self, name: str) -> None:
+        """The watchdog restarted this account's worker, alone (see :meth:`stall_restarts`)."""
         if (slot := self._slots.get(name)) is not None:
             slot.worker_restarts += 1
 
+    def stall_restarts(self, count: int) -> None:
+        """The watchdog found ``count`` workers stuck at once and restarted them: the process
+        stalled (paused, starved of CPU), a fleet-wide event counted once for the fleet, not
+        per account."""
+        if count > 0:
+            self._stall_restarts += count
+
     def update_gap(self, name: str) -> None:
-        if (slot := self._slots.get(name)) is not None:
-            slot.update_gaps += 1
+        if (events := self._events_of(name)) is not None:
+            events.update_gaps += 1
 
     def updates_recovered(self, name: str, count: int) -> None:
         """Updates a catch-up (getDifference) handed to the account's handlers."""
-        if (slot := self._slots.get(name)) is not None and count > 0:
-            slot.updates_recovered += count
+        if (events := self._events_of(name)) is not None and count > 0:
+            events.updates_recovered += count
 
     def unknown_object(self, name: str) -> None:
         """A server object the pinned Telethon cannot parse, skipped."""
-        if (slot := self._slots.get(name)) is not None:
-            slot.unknown_objects += 1
+        if (events := self._events_of(name)) is not None:
+            events.unknown_objects += 1
 
     def plugin_error(self, name: str) -> None:
         """A user plugin failed to load or run (the worker logs it and carries on)."""
-        if (slot := self._slots.get(name)) is not None:
-            slot.plugin_errors += 1
+        if (events := self._events_of(name)) is not None:
+            events.plugin_errors += 1
 
     def sessions(self, name: str, count: int, new: int) -> None:
         """A look at the account's sessions found ``count``, ``new`` of them not seen before."""
@@ -304,7 +358,7 @@ class Metrics:
 
     def describe(self) -> Iterator[Metric]:
         """Family names without samples, so a duplicate registration is refused."""
-        return iter(self._families(_Snapshot((), None, True, 0.0, 0.0)))
+        return iter(self._families(_Snapshot((), None, _NO_EVENTS, 0, True, 0.0, 0.0)))
 
     def collect(self) -> Iterator[Metric]:
         """Copy every number once, then hand out families that format lazily.
@@ -321,15 +375,9 @@ class Metrics:
                 slot.labels,
                 None if (status := self._board.get(name)) is None else status.state,
                 None if status is None else status.dc_id,
-                tuple(slot.errors),
-                slot.reconnects,
+                None if slot.events is None else slot.events.snapshot(),
                 slot.flood_wait_seconds,
-                slot.failovers,
                 slot.worker_restarts,
-                slot.update_gaps,
-                slot.plugin_errors,
-                slot.updates_recovered,
-                slot.unknown_objects,
                 slot.new_authorizations,
                 slot.authorizations,
                 slot.heartbeat,
@@ -342,8 +390,9 @@ class Metrics:
         fleet = None
         if self._fleet is not None:
             fleet = (tuple(self._fleet.buckets), self._fleet.total)
-        snap = _Snapshot(rows, fleet, self._reload_ok, self._reload_ok_at,
-                         self._heartbeat_interval())
+        events = _NO_EVENTS if self._events is None else self._events.snapshot()
+        snap = _Snapshot(rows, fleet, events, self._stall_restarts, self._reload_ok,
+                         self._reload_ok_at, self._heartbeat_interval())
         return (f for f in self._families(snap) if _has_samples(f))
 
     def _families(self, snap: _Snapshot) -> list[Metric]:
@@ -392,44 +441,19 @@ class Metrics:
             if snap.fleet is not None:
                 fleet.samples.extend(_histogram_samples(snap.fleet, le, {}))
             fams.append(fleet)
-        fams.append(_ErrorFamily(p + "errors", "Errors seen by the account's worker, by "
-                                 "recovery category.", rows))  # fmt: skip
+        fams += self._event_families(snap)
         for name, doc, get in (
-            ("reconnects", "Reconnections of the account's client.", _get_reconnects),
             (
                 "flood_wait_seconds",
                 "Seconds the account was told to wait by Telegram FloodWait errors.",
                 _get_flood,
             ),
             (
-                "dc_failovers",
-                "Switches of the account to another data-centre address.",
-                _get_failovers,
-            ),
-            (
                 "worker_restarts",
-                "Restarts of the account's worker task after it crashed.",
+                "Restarts of the account's worker by the watchdog after it stopped making "
+                "progress on its own (restarts of many at once: "
+                "tgdaemon_watchdog_stall_restarts_total).",
                 _get_restarts,
-            ),
-            (
-                "update_gaps",
-                "Gaps detected in the account's update sequence (updates were re-fetched).",
-                _get_gaps,
-            ),
-            (
-                "plugin_errors",
-                "Failures of the account's user plugins to load or run.",
-                _get_plugin_errors,
-            ),
-            (
-                "updates_recovered",
-                "Updates the account missed and got back by catching up (getDifference).",
-                _get_recovered,
-            ),
-            (
-                "unknown_objects",
-                "Server objects the pinned Telethon could not parse, skipped.",
-                _get_unknown,
             ),
             (
                 "new_authorizations",
@@ -491,11 +515,79 @@ class Metrics:
                 per_state[r.state] += 1
         for st, count in per_state.items():
             accounts.add_metric([st.value], float(count))
-        fams += [accounts, reload_ok, reload_at, interval, build]
+        stalls = CounterMetricFamily(
+            p + "watchdog_stall_restarts",
+            f"Workers the watchdog restarted in a check that found more than {STALL_WORKERS} "
+            "stuck at once (the process was paused or starved of CPU), all accounts together: "
+            "a fleet-wide event costs no series per account.",
+            value=snap.stall_restarts,
+        )
+        fams += [stalls, accounts, reload_ok, reload_at, interval, build]
+        return fams
+
+    def _event_families(self, snap: _Snapshot) -> list[Metric]:
+        """The fleet-event counters: once for the fleet, no ``account`` label, every one
+        from 0 (``counters="fleet"``), or per account from the first increment on."""
+        p = PREFIX
+        errors_doc = "Errors seen by the account workers, by recovery category"
+        if self._events is None:
+            rows = snap.rows
+            fams: list[Metric] = [_ErrorFamily(p + "errors", errors_doc + _PER_ACCOUNT, rows)]
+            for name, doc, get in _EVENT_COUNTERS:
+                fams.append(_AccountFamily(p + name, doc + _PER_ACCOUNT, "counter", rows,
+                                           _per_account(get), sparse=True))
+            return fams
+        totals = snap.events
+        errors = CounterMetricFamily(p + "errors", errors_doc + _FLEET_WIDE, labels=["category"])
+        for category, count in zip(_CATEGORIES, totals.errors, strict=True):
+            errors.add_metric([category.value], count)
+        fams = [errors]
+        for name, doc, get in _EVENT_COUNTERS:
+            fams.append(CounterMetricFamily(p + name, doc + _FLEET_WIDE, value=get(totals)))
         return fams
 
 
 # -- scrape-time snapshot and families ------------------------------------------------------
+
+
+class _EventCounts(NamedTuple):
+    """A copy of :class:`_Events` taken by a scrape."""
+
+    errors: tuple[int, ...]
+    reconnects: int
+    failovers: int
+    update_gaps: int
+    plugin_errors: int
+    updates_recovered: int
+    unknown_objects: int
+
+
+_NO_EVENTS = _Events().snapshot()
+
+#: The end of a fleet-event counter's help text, per setting.
+_FLEET_WIDE = ', all accounts together (per account with daemon.metrics_counters = "account").'
+_PER_ACCOUNT = ", per account."
+
+#: The fleet-event counters after ``errors``: name, help (without its end) and the value.
+_EVENT_COUNTERS: tuple[tuple[str, str, Callable[[_EventCounts], int]], ...] = (
+    ("reconnects", "Reconnections to Telegram", lambda e: e.reconnects),
+    ("dc_failovers", "Switches to another address of the session's data centre",
+     lambda e: e.failovers),
+    ("update_gaps", "Gaps detected in the update sequence (updates were re-fetched)",
+     lambda e: e.update_gaps),
+    ("plugin_errors", "Failures of user plugins to load or run", lambda e: e.plugin_errors),
+    ("updates_recovered", "Updates missed and got back by catching up (getDifference)",
+     lambda e: e.updates_recovered),
+    ("unknown_objects", "Server objects the pinned Telethon could not parse, skipped",
+     lambda e: e.unknown_objects),
+)
+
+
+def _per_account(get: Callable[[_EventCounts], int]) -> Callable[[_Row], int | None]:
+    def read(r: _Row) -> int | None:
+        return None if r.events is None else get(r.events)
+
+    return read
 
 
 class _Row(NamedTuple):
@@ -504,15 +596,9 @@ class _Row(NamedTuple):
     labels: dict[str, str]
     state: State | None
     dc_id: int | None
-    errors: tuple[int, ...]
-    reconnects: int
+    events: _EventCounts | None  # None: counted for the fleet
     flood_wait_seconds: float
-    failovers: int
     worker_restarts: int
-    update_gaps: int
-    plugin_errors: int
-    updates_recovered: int
-    unknown_objects: int
     new_authorizations: int
     authorizations: int | None
     heartbeat: int | None
@@ -524,41 +610,21 @@ class _Row(NamedTuple):
 class _Snapshot(NamedTuple):
     rows: Sequence[_Row]
     fleet: tuple[tuple[int, ...], float] | None
+    events: _EventCounts  # the fleet's event counters (counters="fleet")
+    stall_restarts: int
     reload_ok: bool
     reload_ok_at: float
     heartbeat_interval: float
-
-
-def _get_reconnects(r: _Row) -> int:
-    return r.reconnects
 
 
 def _get_flood(r: _Row) -> float:
     return r.flood_wait_seconds
 
 
-def _get_failovers(r: _Row) -> int:
-    return r.failovers
-
-
 def _get_restarts(r: _Row) -> int:
     return r.worker_restarts
 
 
-def _get_gaps(r: _Row) -> int:
-    return r.update_gaps
-
-
-def _get_plugin_errors(r: _Row) -> int:
-    return r.plugin_errors
-
-
-def _get_recovered(r: _Row) -> int:
-    return r.updates_recovered
-
-
-def _get_unknown(r: _Row) -> int:
-    return r.unknown_objects
 def _get_new_authorizations(r: _Row) -> int:
     return r.new_authorizations
 
@@ -671,6 +737,8 @@ class _StateFamily(_LazyFamily):
 
 
 class _ErrorFamily(_LazyFamily):
+    """``errors_total{account, category}`` (``counters="account"``), nonzero ones only."""
+
     def __init__(self, name: str, documentation: str, rows: Sequence[_Row]) -> None:
         super().__init__(name, documentation, "counter", rows)
 
@@ -680,7 +748,9 @@ class _ErrorFamily(_LazyFamily):
     def _samples(self) -> Iterator[Sample]:
         n = self.exposed_name
         for r in self.rows:
-            for category, count in zip(_CATEGORIES, r.errors, strict=True):
+            if r.events is None:
+                continue
+            for category, count in zip(_CATEGORIES, r.events.errors, strict=True):
                 if count:
                     yield Sample(n, {"account": r.name, "category": category.value},
                                  float(count))
@@ -688,7 +758,9 @@ class _ErrorFamily(_LazyFamily):
     def lines(self) -> Iterator[str]:
         n = self.exposed_name
         for r in self.rows:
-            for category, count in zip(_CATEGORIES, r.errors, strict=True):
+            if r.events is None:
+                continue
+            for category, count in zip(_CATEGORIES, r.events.errors, strict=True):
                 if count:
                     yield f'{n}{{{r.fragment},category="{category.value}"}} {count}\n'
 
@@ -741,9 +813,13 @@ def _has_samples(family: Metric) -> bool:
 
 
 def _num(value: float | bool) -> str:
-    """A sample value in the text format: ints and finite floats as Python prints them."""
-    if type(value) is float and not math.isfinite(value):
-        return go_float(value)
+    """A sample value in the text format: ints and finite floats as Python prints them, a
+    float that is a whole number without its ``.0`` (``30`` seconds of FLOOD_WAIT)."""
+    if type(value) is float:
+        if not math.isfinite(value):
+            return go_float(value)
+        if value.is_integer() and abs(value) < 1e15:
+            return repr(int(value))
     return repr(int(value)) if type(value) is bool else repr(value)
 
 

@@ -28,19 +28,39 @@ _SEPARATED_PHONE = re.compile(r"\d[\d\s()-]{7,}\d")
 _LONG_NUMBER = re.compile(r"\d{7,}")
 
 
+#: Texts the rules left as they were (nothing in them to hide): a fleet repeats its reasons
+#: ("connection closed" for 10,000 accounts in an outage), and a lookup is cheaper than seven
+#: scans (profiled: ~7 regex substitutions per transition). Only unchanged texts are kept, so
+#: the cache never holds what the rules remove; bounded, emptied when full.
+_CLEAN: dict[str, None] = {}
+_CLEAN_MAX = 4096
+_CLEAN_TEXT_MAX = 512
+
+
 def redact(text: str, limit: int | None = None) -> str:
     """``text`` without what might be a secret or personal data (see the module docstring),
     cut to ``limit`` characters when given."""
+    if text not in _CLEAN:
+        clean = _apply_rules(text)
+        if clean != text or len(text) > _CLEAN_TEXT_MAX:
+            text = clean
+        else:
+            if len(_CLEAN) >= _CLEAN_MAX:
+                _CLEAN.clear()
+            _CLEAN[text] = None
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text
+
+
+def _apply_rules(text: str) -> str:
     text = _FIELD.sub(r"\1=<redacted>", text)
     text = _CODE.sub(r"\1\2<code>", text)
     text = _HEX.sub("<hex>", text)
     text = _B64ISH.sub(lambda m: "<blob>" if _looks_random(m[0]) else m[0], text)
     text = _PLUS_PHONE.sub(lambda m: "<phone>" if _digits(m[0]) >= 7 else m[0], text)
     text = _SEPARATED_PHONE.sub(lambda m: "<phone>" if _digits(m[0]) >= 9 else m[0], text)
-    text = _LONG_NUMBER.sub("<num>", text)
-    if limit is not None and len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return text
+    return _LONG_NUMBER.sub("<num>", text)
 
 
 def _digits(text: str) -> int:

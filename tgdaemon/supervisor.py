@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from tgdaemon.accountclient import CLOSE_TIMEOUT
 from tgdaemon.config import diff_config
 from tgdaemon.exceptions import AccountError, DecryptionError
-from tgdaemon.lifecycle import watchdog_restarts
+from tgdaemon.lifecycle import STALL_WORKERS, watchdog_restarts
 from tgdaemon.reporter import AccountReporter
 from tgdaemon.wheel import WAKE_BATCH
 from tgdaemon.worker import AccountWorker, WorkerDeps
@@ -29,8 +29,6 @@ if TYPE_CHECKING:
     from tgdaemon.telegram import ManagedClient
 
 log = logging.getLogger("tgdaemon.supervisor")
-#: More watchdog restarts than this in one check are logged as one summary line.
-RESTART_LINES = 3
 
 #: Workers created between two yields to the event loop at start: creating them took 0.15 s
 #: per 1,000 accounts under a profiler, so 10,000 in one go held the loop for about a second.
@@ -191,12 +189,16 @@ class Supervisor:
         ]
         ages = {name: now - self._slots[name].worker.progress.last for name in stale}
         # A paused or starved process stalls every worker at once: that is one line, not one
-        # per account (the names go to DEBUG; the per-account restart counter has them all).
-        level = logging.WARNING if len(stale) <= RESTART_LINES else logging.DEBUG
+        # per account (the names go to DEBUG), and one fleet-wide count, not a series per
+        # account (issue 17: a fleet-wide event costs no series per account).
+        stall = len(stale) > STALL_WORKERS
+        level = logging.DEBUG if stall else logging.WARNING
         for name, age in ages.items():
             log.log(level, "worker %s made no progress for %.0fs: restarting", name, age)
-            self._reporters[name].worker_restart()
-        if len(stale) > RESTART_LINES:
+            if not stall:
+                self._reporters[name].worker_restart()
+        if stall:
+            self._metrics.stall_restarts(len(stale))
             log.warning("%d workers made no progress for %.0fs or more (was the process paused "
                         "or starved of CPU?): restarting them", len(stale), min(ages.values()))
         # One stop for all of them: stuck workers are awaited together, not one by one.

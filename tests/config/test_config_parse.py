@@ -216,7 +216,8 @@ def test_unknown_keys_at_every_level_with_suggestions() -> None:
 def test_all_problems_reported_together() -> None:
     data = minimal(
         daemon={"log_level": "loud", "connect_burst": 0, "drain_timeout": "10",
-                "http_listen": "localhost", "metrics_histograms": "none"},
+                "http_listen": "localhost", "metrics_histograms": "none",
+                "metrics_counters": "per-dc"},
         telegram={"api_id": True, "servers": {"x": ["a:1"], "3": [], "4": ["[::1]:0"]}},
         policy={"heartbeat_interval": 60, "stale_after": 60.0, "backoff_cap": 0.5,
                 "backoff_jitter": "half", "flood_sleep_max": 1.5, "failover_after": 0},
@@ -230,6 +231,7 @@ def test_all_problems_reported_together() -> None:
         f"{CFG}: daemon.connect_burst: must be >= 1, not 0",
         f"{CFG}: daemon.drain_timeout: must be a number, not a string",
         f"{CFG}: daemon.metrics_histograms: must be one of account|fleet, not 'none'",
+        f"{CFG}: daemon.metrics_counters: must be one of account|fleet, not 'per-dc'",
         f"{CFG}: telegram.api_id: must be an integer, not a boolean",
         f"{CFG}: telegram.servers.x: keys must be DC ids (integers 1-9999)",
         f"{CFG}: telegram.servers.3: must be a non-empty array of \"host:port\" strings",

@@ -126,9 +126,10 @@ class Harness:
         async with aiohttp.ClientSession() as http, http.get(
                 f"http://127.0.0.1:{self.port}/metrics") as r:
             text = await r.text()
-        m = re.search(rf'^{name}{{account="alice"}} (\S+)$', text, re.M)
-        # A per-account counter is a series from its first increment (issue 17); before,
-        # it is declared only.
+        # alice is the fleet: a counter a fleet-wide event increments for every account is one
+        # series without the account label (metrics_counters = "fleet"); a per-account one
+        # is a series from its first increment (issue 17), before that declared only.
+        m = re.search(rf'^{name}(?:{{account="alice"}})? (\S+)$', text, re.M)
         assert m is not None or f"# TYPE {name} counter" in text, (
             f"{name} not in /metrics")
         return 0.0 if m is None else float(m[1])

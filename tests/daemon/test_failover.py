@@ -31,8 +31,8 @@ def _accounts(names):
     return [{"name": n, "phone": phone_for(n)} for n in names]
 
 
-async def _fleet(make_config, login_account, names, **kw):
-    config = make_config(_accounts(names), daemon={"http_listen": ""}, **kw)
+async def _fleet(make_config, login_account, names, daemon=None, **kw):
+    config = make_config(_accounts(names), daemon={"http_listen": "", **(daemon or {})}, **kw)
     ids = {n: await login_account(config, n) for n in names}
     return config, ids
 
@@ -55,6 +55,14 @@ def _metric(daemon: Daemon, name: str, account: str) -> float:
 def _count(daemon: Daemon, name: str, account: str) -> float:
     """A per-account counter's value, 0 while it is not exported (never incremented)."""
     return daemon.registry.get_sample_value(name, {"account": account}) or 0.0
+
+
+def _fleet_total(daemon: Daemon, name: str) -> float:
+    """A counter a fleet-wide event increments for every account: with the default
+    metrics_counters = "fleet" one series for the whole fleet (the callers' only account)."""
+    value = daemon.registry.get_sample_value(name, {})
+    assert value is not None, f"{name} has no fleet-wide series"
+    return value
 
 
 def _never_counted(daemon: Daemon, name: str, account: str) -> bool:
@@ -149,15 +157,15 @@ async def test_address_down_fails_over_to_the_next_address_of_the_dc(
             assert stored is not None
             assert stored.port == a.port, "the session does not remember address A"
             assert b.accepted == 0
-            assert _never_counted(daemon, "tgdaemon_dc_failovers_total", "alice")
+            assert _fleet_total(daemon, "tgdaemon_dc_failovers_total") == 0
 
             await a.close()
             await wait_until(lambda: not _connected(daemon, "alice"), 10, "drop noticed")
             await wait_until(lambda: _connected(daemon, "alice"), 15, "connected through B")
             assert b.accepted >= 1
-            assert _metric(daemon, "tgdaemon_dc_failovers_total", "alice") == 1
+            assert _fleet_total(daemon, "tgdaemon_dc_failovers_total") == 1
             # failover_after consecutive network failures came first (the drop + refusals).
-            assert _metric(daemon, "tgdaemon_reconnects_total", "alice") >= 3
+            assert _fleet_total(daemon, "tgdaemon_reconnects_total") >= 3
             stored = await daemon.store.load_session("alice")
             assert stored is not None
             assert (stored.dc_id, stored.port) == (1, b.port), "failover not persisted"
@@ -165,21 +173,22 @@ async def test_address_down_fails_over_to_the_next_address_of_the_dc(
             beats = localdc.counters(user_id=_ids["alice"])["requests"].get("updates.getState", 0)
             await wait_until(lambda: localdc.counters(user_id=_ids["alice"])["requests"].get(
                 "updates.getState", 0) >= beats + 2, 10, "heartbeats through B")
-            assert _metric(daemon, "tgdaemon_dc_failovers_total", "alice") == 1
+            assert _fleet_total(daemon, "tgdaemon_dc_failovers_total") == 1
 
 
 async def test_a_fleet_fails_over_on_the_fleets_failures(
         make_config, login_account, localdc, wait_until, monkeypatch):
     """Address A of DC 1 goes away under four accounts: the failures the fleet saw there
     count, so the accounts waiting for a probe move to address B without each failing on A
-    `failover_after` times first."""
+    `failover_after` times first. Counted per account: metrics_counters = "account"."""
     names = ["alice", "bob", "carol", "dave"]
     dc1 = localdc.addresses[1]
     h2, p2 = localdc.addresses[2]
     async with TcpProxy(dc1) as a, TcpProxy(dc1) as b:
         config, _ids = await _fleet(make_config, login_account, names,
                                     servers={1: [a.address, b.address], 2: [f"{h2}:{p2}"]},
-                                    policy={"failover_after": 3})
+                                    policy={"failover_after": 3},
+                                    daemon={"metrics_counters": "account"})
         probe = AttemptProbe(monkeypatch)
         async with Daemon(config) as daemon:
             await wait_until(lambda: all(_connected(daemon, n) for n in names), 15,
@@ -365,12 +374,15 @@ async def test_stuck_worker_is_restarted_by_the_watchdog(
         await wait_until(back, 15, "alice reconnected after the fault cleared")
         assert _metric(daemon, "tgdaemon_worker_restarts_total", "alice") >= 1
         assert _never_counted(daemon, "tgdaemon_worker_restarts_total", "bob")
+        # A lone stuck worker is its account's problem, not a stall of the process.
+        assert _fleet_total(daemon, "tgdaemon_watchdog_stall_restarts_total") == 0
 
 
 async def test_a_fleet_wide_stall_is_one_watchdog_line(
         make_config, login_account, localdc, wait_until, caplog):
     """Every worker stuck at once (a paused process, a stalled server): one WARNING summary,
-    not one line per account; each account's restart is still counted."""
+    not one line per account, and the restarts counted once for the fleet, not per account
+    (issue 17: a fleet-wide event costs no series per account)."""
     names = ["alice", "bob", "carol", "dave", "erin"]
     config, _ids = await _fleet(make_config, login_account, names,
                                 policy={"request_timeout": 30, "stale_after": 1.5,
@@ -390,8 +402,9 @@ async def test_a_fleet_wide_stall_is_one_watchdog_line(
              if r.name == "tgdaemon.supervisor" and r.levelno >= logging.WARNING]
     assert lines, "no watchdog line"
     assert all(line.endswith("restarting them") for line in lines), lines
+    assert _fleet_total(daemon, "tgdaemon_watchdog_stall_restarts_total") >= len(names)
     for n in names:
-        assert _count(daemon, "tgdaemon_worker_restarts_total", n) >= 1
+        assert _never_counted(daemon, "tgdaemon_worker_restarts_total", n)
 
 
 # -- update-stream stall -----------------------------------------------------------------------
@@ -424,7 +437,7 @@ async def test_update_gap_is_detected_and_caught_up(
         for i in range(3):
             localdc.push_update(uid, f"muted {i}")
         assert localdc.counters(user_id=uid)["updates_muted"] >= 3
-        await wait_until(lambda: _count(daemon, "tgdaemon_update_gaps_total", "alice") >= 1,
+        await wait_until(lambda: _fleet_total(daemon, "tgdaemon_update_gaps_total") >= 1,
                          10, "update gap counted")
         # Recovery fetches the difference: the client's pts catches up with the server's and
         # the muted messages reach the handler after all.

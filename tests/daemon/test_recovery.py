@@ -56,7 +56,8 @@ async def test_stall_detected_within_two_heartbeats_and_recovered(
         assert 1 <= heartbeats() - before <= 2
         localdc.clear(fault)
         await wait_until(lambda: _connected(daemon, "alice"), 10, "reconnected")
-        assert _metric(daemon, "tgdaemon_reconnects_total", "alice") >= 1
+        # alice is the fleet: reconnects are counted once for it (metrics_counters).
+        assert daemon.registry.get_sample_value("tgdaemon_reconnects_total") >= 1
 
 
 async def test_flood_wait_is_honoured_exactly(make_config, login_account, localdc, wait_until):
@@ -170,7 +171,7 @@ async def test_user_migrate_moves_account_and_persists_dc(
         # go on over DC 2, and no extra reconnect is made (only the one the drop caused).
         await wait_until(lambda: localdc.counters(dc_id=2)["requests"].get(
             "updates.getState", 0) >= 3, 10, "heartbeats on DC 2")
-        assert _metric(daemon, "tgdaemon_reconnects_total", "alice") == 1
+        assert daemon.registry.get_sample_value("tgdaemon_reconnects_total") == 1  # the fleet's
 
 
 async def test_failed_migration_keeps_the_old_login(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from tgdaemon.status import State, StatusBoard
@@ -37,3 +39,28 @@ async def test_update_pushes_only_real_changes(changes, pushed, changed_at_moves
     assert (_pushed(sub) == [new]) is pushed
     assert new.changed_at == (200.0 if changed_at_moves else 100.0)
     sub.close()
+
+
+def test_counts_follow_every_change_without_a_walk() -> None:
+    """counts() is read 10 times a second at any fleet size (the GC policy's census): it is
+    kept as statuses change, and always equals a count over every status."""
+    import random
+
+    board = StatusBoard(clock=lambda: 0.0)
+    rng = random.Random(17)
+    states = list(State)
+    names = [f"acct{i}" for i in range(40)]
+    for _ in range(2_000):
+        name = rng.choice(names)
+        roll = rng.random()
+        if roll < 0.1:
+            board.remove(name)
+        elif roll < 0.3:
+            board.update(name, latency=rng.random())  # the heartbeat path
+        else:
+            board.update(name, state=rng.choice(states), reason="r")
+        walked = Counter(s.state for s in board.snapshot())
+        assert board.counts() == walked
+    counts = board.counts()
+    counts[State.CONNECTED] += 5  # a copy: the caller's changes stay the caller's
+    assert board.counts() == Counter(s.state for s in board.snapshot())

@@ -24,6 +24,23 @@ def test_redact_removes_secrets(raw: str, leak: str) -> None:
     assert leak not in redact(raw)
 
 
+@pytest.mark.parametrize(("raw", "leak"), [
+    ("SendCodeRequest(phone_number='4915551234567', api_id=1)", "4915551234567"),
+    (f"session {SECRET_KEY}", SECRET_KEY),
+])
+def test_repeated_texts_are_redacted_every_time_and_never_cached_with_a_secret(
+        raw: str, leak: str) -> None:
+    from tgdaemon import redact as module
+
+    clean = "connection closed by the server"
+    for _ in range(3):  # the second and third come from the cache of unchanged texts
+        assert redact(clean) == clean
+        assert leak not in redact(raw)
+        assert redact(clean, limit=12) == "connectio..."
+    assert clean in module._CLEAN
+    assert not any(leak in text for text in module._CLEAN)
+
+
 def test_redact_keeps_ordinary_text() -> None:
     text = "Connecting to 127.0.0.1:12345/TcpFull; state file /var/lib/tgdaemon/x/y/z/long/path.db"
     assert redact(text) == text

@@ -1,9 +1,11 @@
-"""tgdaemon.metrics: values, labels, sparse counters, removal, both histogram modes, the
-series budget per account, fast renderer."""
+"""tgdaemon.metrics: values, labels, sparse counters, removal, both histogram modes, both
+counter modes, the series budget per account (also after a fleet-wide outage), fast
+renderer."""
 
 from __future__ import annotations
 
 import math
+import random
 import threading
 
 import pytest
@@ -13,7 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.seed import account_name
-from tgdaemon.lifecycle import Category
+from tgdaemon.config import PolicyConfig
+from tgdaemon.lifecycle import Action, Category, Classified, recovery_for
 from tgdaemon.metrics import LATENCY_BUCKETS, Metrics, render
 from tgdaemon.reporter import AccountReporter
 from tgdaemon.security import Assessment, SessionInfo
@@ -78,18 +81,38 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=["fleet", "account"])
+@pytest.fixture(params=["fleet", "account"], ids=["defaults", "opt-in"])
 def metrics(request, registry, board, clock) -> Metrics:
-    return Metrics(registry, board, histograms=request.param, version="9.9.9", clock=clock)
+    """The defaults (fleet-wide latency and event counters) and both opt-ins together."""
+    return Metrics(registry, board, histograms=request.param, counters=request.param,
+                   version="9.9.9", clock=clock)
 
 
+#: The counters a fleet-wide event increments for every account: fleet-wide by default.
+FLEET_EVENT_COUNTERS = ("errors", "reconnects", "dc_failovers", "update_gaps", "plugin_errors",
+                        "updates_recovered", "unknown_objects")
 SPARSE_COUNTERS = ("reconnects", "flood_wait_seconds", "dc_failovers", "worker_restarts",
                    "update_gaps", "plugin_errors")
 
 
+def counted(metrics: Metrics, registry: CollectorRegistry, family: str, account: str,
+            **labels: str) -> float:
+    """``account``'s count of ``tgdaemon_<family>_total``: its own series, or for a fleet-event
+    counter with ``counters="fleet"`` the fleet's (no ``account`` label, every account
+    together: the tests count for one account only)."""
+    name = f"tgdaemon_{family}_total"
+    if family in FLEET_EVENT_COUNTERS and metrics.counters == "fleet":
+        found = [s.value for f in scrape(registry).values() for s in f.samples
+                 if s.name == name and s.labels == labels]
+        assert len(found) == 1, (name, labels, found)
+        return found[0]
+    return value(registry, name, account=account, **labels)
+
+
 def test_new_account_declares_every_counter_and_exports_none_at_zero(metrics, registry):
-    """Issue 17: a counter is a series from its first increment (declared before), except
-    new_authorizations whose alert must see 0 -> 1."""
+    """Issue 17: a per-account counter is a series from its first increment (declared
+    before), except new_authorizations whose alert must see 0 -> 1; the fleet-wide ones
+    start at 0 like any daemon-wide counter."""
     metrics.add_account("alice")
     for text in (generate_latest(registry).decode(), render(registry).decode()):
         for family in ACCOUNT_FAMILIES - {"tgdaemon_account_state"}:
@@ -100,6 +123,11 @@ def test_new_account_declares_every_counter_and_exports_none_at_zero(metrics, re
     for name in SPARSE_COUNTERS:
         assert samples(registry, f"tgdaemon_{name}_total", account="alice") == [], name
     assert value(registry, "tgdaemon_new_authorizations_total", account="alice") == 0
+    if metrics.counters == "fleet":
+        for category in Category:
+            assert counted(metrics, registry, "errors", "alice", category=category) == 0
+        for family in FLEET_EVENT_COUNTERS[1:]:
+            assert counted(metrics, registry, family, "alice") == 0
     # Nothing measured yet: no heartbeat timestamp rather than "stale since 1970".
     assert samples(registry, "tgdaemon_heartbeat_timestamp_seconds", account="alice") == []
 
@@ -120,15 +148,24 @@ def test_counters_count(metrics, registry):
     metrics.plugin_error("alice")
     metrics.heartbeat("alice", 1_700_000_123.5)
 
-    assert value(registry, "tgdaemon_errors_total", account="alice", category="auth") == 2
-    assert value(registry, "tgdaemon_errors_total", account="alice", category="flood_wait") == 1
-    assert samples(registry, "tgdaemon_errors_total", account="alice", category="network") == []
-    assert value(registry, "tgdaemon_reconnects_total", account="alice") == 1
+    metrics.updates_recovered("alice", 3)
+    metrics.unknown_object("alice")
+
+    assert counted(metrics, registry, "errors", "alice", category="auth") == 2
+    assert counted(metrics, registry, "errors", "alice", category="flood_wait") == 1
+    if metrics.counters == "fleet":
+        assert counted(metrics, registry, "errors", "alice", category="network") == 0
+    else:
+        assert samples(registry, "tgdaemon_errors_total", account="alice",
+                       category="network") == []
+    assert counted(metrics, registry, "reconnects", "alice") == 1
     assert value(registry, "tgdaemon_flood_wait_seconds_total", account="alice") == 32.5
-    assert value(registry, "tgdaemon_dc_failovers_total", account="alice") == 1
+    assert counted(metrics, registry, "dc_failovers", "alice") == 1
     assert value(registry, "tgdaemon_worker_restarts_total", account="alice") == 2
-    assert value(registry, "tgdaemon_update_gaps_total", account="alice") == 1
-    assert value(registry, "tgdaemon_plugin_errors_total", account="alice") == 1
+    assert counted(metrics, registry, "update_gaps", "alice") == 1
+    assert counted(metrics, registry, "plugin_errors", "alice") == 1
+    assert counted(metrics, registry, "updates_recovered", "alice") == 3
+    assert counted(metrics, registry, "unknown_objects", "alice") == 1
     # Whole seconds (issue 17: bytes per scrape; alerts look minutes back).
     assert value(registry, "tgdaemon_heartbeat_timestamp_seconds", account="alice") == (
         1_700_000_123
@@ -141,15 +178,15 @@ def test_counters_count(metrics, registry):
 def test_unknown_category_counts_as_unknown(metrics, registry):
     metrics.add_account("alice")
     metrics.error("alice", "martian")
-    assert value(registry, "tgdaemon_errors_total", account="alice", category="unknown") == 1
+    assert counted(metrics, registry, "errors", "alice", category="unknown") == 1
     categories = {
-        s.labels["category"] for s in scrape(registry)["tgdaemon_errors"].samples
+        s.labels["category"] for s in scrape(registry)["tgdaemon_errors"].samples if s.value
     }
     assert categories == {Category.UNKNOWN}
     for category in Category:
         metrics.error("alice", category)
     categories = {
-        s.labels["category"] for s in scrape(registry)["tgdaemon_errors"].samples
+        s.labels["category"] for s in scrape(registry)["tgdaemon_errors"].samples if s.value
     }
     assert categories == set(Category)
 
@@ -220,19 +257,48 @@ def test_remove_account_drops_every_series_and_ignores_late_reports(metrics, reg
     for family in scrape(registry).values():
         for s in family.samples:
             assert s.labels.get("account") != "alice", s
+            # Nor do the late reports reach the fleet's counters.
+            if s.name.removeprefix("tgdaemon_").removesuffix("_total") in FLEET_EVENT_COUNTERS:
+                assert s.value == 0, s
     assert metrics.accounts() == ["bob"]
     # Re-adding starts again from zero.
     metrics.add_account("alice")
     assert samples(registry, "tgdaemon_reconnects_total", account="alice") == []
     metrics.reconnect("alice")
-    assert value(registry, "tgdaemon_reconnects_total", account="alice") == 1
+    assert counted(metrics, registry, "reconnects", "alice") == 1
+
+
+def test_a_stall_of_the_process_is_counted_once_for_the_fleet(metrics, registry):
+    """The watchdog restarting many workers at once (a paused process) is a fleet-wide event:
+    one daemon-wide counter, in every setting; a lone restart is the account's."""
+    for name in ("alice", "bob"):
+        metrics.add_account(name)
+    assert value(registry, "tgdaemon_watchdog_stall_restarts_total") == 0
+    metrics.stall_restarts(2)
+    metrics.stall_restarts(0)
+    assert value(registry, "tgdaemon_watchdog_stall_restarts_total") == 2
+    assert samples(registry, "tgdaemon_worker_restarts_total") == []
+    metrics.worker_restart("bob")
+    assert samples(registry, "tgdaemon_worker_restarts_total") == [1]
+
+
+def test_fleet_counters_keep_the_counts_of_accounts_that_left(registry, board):
+    """A counter never decreases: the fleet's reconnects include those of a removed account."""
+    metrics = Metrics(registry, board)
+    for name in ("alice", "bob"):
+        metrics.add_account(name)
+        metrics.reconnect(name)
+        metrics.error(name, Category.NETWORK)
+    metrics.remove_account("alice")
+    assert value(registry, "tgdaemon_reconnects_total") == 2
+    assert value(registry, "tgdaemon_errors_total", category="network") == 2
 
 
 def test_add_account_is_idempotent(metrics, registry):
     metrics.add_account("alice")
     metrics.reconnect("alice")
     metrics.add_account("alice")
-    assert value(registry, "tgdaemon_reconnects_total", account="alice") == 1
+    assert counted(metrics, registry, "reconnects", "alice") == 1
 
 
 @pytest.mark.parametrize("name", ["+15551234567", "15551234567", "+44 20 7946 0958", ""])
@@ -323,17 +389,21 @@ def test_account_histogram_mode(registry, board):
     assert samples(registry, "tgdaemon_rpc_last_latency_seconds", account="bob") == []
 
 
-def test_fleet_histogram_is_the_default(registry, board):
-    assert Metrics(registry, board).histograms == "fleet"
+def test_fleet_histogram_and_counters_are_the_default(registry, board):
+    defaults = Metrics(registry, board)
+    assert (defaults.histograms, defaults.counters) == ("fleet", "fleet")
 
 
-@pytest.mark.parametrize(("histograms", "healthy"), [("fleet", 5), ("account", 5 + 13)])
-def test_series_per_account_within_budget(registry, board, histograms, healthy):
+@pytest.mark.parametrize(("histograms", "counters", "healthy", "outage"), [
+    ("fleet", "fleet", 5, 0), ("fleet", "account", 5, 2), ("account", "account", 5 + 13, 2)])
+def test_series_per_account_within_budget(registry, board, histograms, counters, healthy,
+                                          outage):
     """Issue 17: at most 8 series per account with the defaults: a healthy account is 5 (up,
     state, heartbeat, sessions, new sessions: the state one series, not one per state; the DC
-    a label of it; no counter at 0 but new_authorizations), and each kind of trouble it has
-    had adds one. The opt-in per-account latency adds its histogram and last-value gauge."""
-    m = Metrics(registry, board, histograms=histograms)
+    a label of it; no counter at 0 but new_authorizations), and an outage adds none (its
+    errors and reconnects are the fleet's). Opt-in: per-account latency adds a histogram and
+    the last-value gauge; per-account counters add one series per kind of trouble."""
+    m = Metrics(registry, board, histograms=histograms, counters=counters)
     names = [f"acc{i}" for i in range(20)]
     for i, name in enumerate(names):
         m.add_account(name)
@@ -355,13 +425,14 @@ def test_series_per_account_within_budget(registry, board, histograms, healthy):
 
     count = per_account()
     assert {count[n] for n in names[1:]} == {healthy}
-    assert count["acc0"] == healthy + 2  # errors{category="network"}, reconnects
+    assert count["acc0"] == healthy + outage  # errors{category="network"}, reconnects
     if histograms == "fleet":
-        assert healthy <= 8
+        assert healthy + outage <= 8
     # The fleet-wide families do not grow with the fleet.
     fleet_wide = [s for f in scrape(registry, fast=True).values() for s in f.samples
                   if "account" not in s.labels]
-    expected = len(State) + 4 + (len(LATENCY_BUCKETS) + 3 if histograms == "fleet" else 0)
+    expected = (len(State) + 5 + (len(LATENCY_BUCKETS) + 3 if histograms == "fleet" else 0)
+                + (len(Category) + len(FLEET_EVENT_COUNTERS) - 1 if counters == "fleet" else 0))
     assert len(fleet_wide) == expected
 
 
@@ -371,20 +442,24 @@ BUDGET_BYTES_PER_ACCOUNT = 3_000_000 / 10_000
 BUDGET_SERIES_PER_ACCOUNT = 8
 
 
-def test_default_exposition_fits_the_per_account_budget() -> None:
-    """1,000 accounts filled the way the daemon fills them (each account's reporter: connect,
-    heartbeat, a look at its sessions), named as the bench names them: the whole /metrics body
-    stays within the 10,000-account budget scaled to 1,000. A new per-account series or a
-    longer line by default fails here."""
-    n = 1000
+def _fleet_after_an_outage(n: int, **options: str) -> tuple[CollectorRegistry, bytes]:
+    """``n`` accounts filled the way the daemon fills them (each account's reporter: connect,
+    heartbeat, a look at its sessions), named as the bench names them; then a fleet-wide
+    outage: every account fails with a network error and reconnects (the reporter counts the
+    error and the reconnect), fails over to its DC's next address, finds a gap in its updates
+    and catches up, and connects again. Returns the registry and the /metrics body."""
     now = 1_800_000_000.123456
     board = StatusBoard(clock=lambda: now)
     registry = CollectorRegistry()
-    metrics = Metrics(registry, board, clock=lambda: now)
+    metrics = Metrics(registry, board, clock=lambda: now, **options)
     device = DeviceInfo("tgdaemon", "Linux", "0.1")
     ours = SessionInfo(1, True, "tgdaemon", "Linux", "tgdaemon", "NL", now - 86400)
     phone = SessionInfo(2, False, "Pixel 8", "Android", "Telegram Android", "NL", now - 9e5)
     look = LookResult(Assessment((ours, phone), (), (), frozenset({1, 2})), (), refused=False)
+    lost = Classified(Category.NETWORK, "ConnectionError", "connection lost")
+    retry = recovery_for(lost, 0, PolicyConfig(), random.Random(0))
+    assert retry.action is Action.RETRY
+    reporters = []
     for i in range(n):
         # The store is only written for accounts it knows (known_to_store stays False).
         reporter = AccountReporter(account_name(i), board=board, metrics=metrics,
@@ -393,22 +468,68 @@ def test_default_exposition_fits_the_per_account_budget() -> None:
         reporter.connected_as(UserInfo(100_000 + i, None, "A"), 1 + i % 5, device)
         reporter.heartbeat(0.05 + (i % 97) / 1000 + 1e-9 * i, 1 + i % 5)
         reporter.sessions(look)
-    body = render(registry)
+        reporters.append(reporter)
+    for i, reporter in enumerate(reporters):  # the outage, then everyone back
+        reporter.failure(lost, retry, 0)
+        metrics.failover(reporter.name)
+        metrics.update_gap(reporter.name)
+        metrics.updates_recovered(reporter.name, 3)
+        reporter.connected_as(UserInfo(100_000 + i, None, "A"), 1 + i % 5, device)
+        reporter.heartbeat(0.05, 1 + i % 5)
+    return registry, render(registry)
+
+
+def _series_per_account(body: bytes) -> dict[str, int]:
     per_account: dict[str, int] = {}
     for family in text_string_to_metric_families(body.decode()):
         for s in family.samples:
             if "account" in s.labels:
                 per_account[s.labels["account"]] = per_account.get(s.labels["account"], 0) + 1
+    return per_account
+
+
+def test_default_exposition_fits_the_per_account_budget_after_a_fleet_wide_outage() -> None:
+    """1,000 accounts after an outage of the whole fleet (``_fleet_after_an_outage``): the
+    whole /metrics body stays within the 10,000-account budget scaled to 1,000, and no
+    account has more series than a healthy one. A new per-account series by default, a
+    longer line, or a fleet-wide event that adds series per account fails here."""
+    n = 1000
+    registry, body = _fleet_after_an_outage(n)
+    per_account = _series_per_account(body)
     assert len(per_account) == n
-    assert max(per_account.values()) <= BUDGET_SERIES_PER_ACCOUNT, max(per_account.values())
+    assert set(per_account.values()) == {5}, "a fleet-wide event added series per account"
+    assert max(per_account.values()) <= BUDGET_SERIES_PER_ACCOUNT
     assert len(body) <= n * BUDGET_BYTES_PER_ACCOUNT, (
         f"{len(body)} bytes for {n} accounts: {len(body) / n:.0f} per account, budget "
         f"{BUDGET_BYTES_PER_ACCOUNT:.0f}")
+    # The outage is counted, once for the fleet.
+    assert value(registry, "tgdaemon_errors_total", category="network") == n
+    assert value(registry, "tgdaemon_reconnects_total") == n
+    assert value(registry, "tgdaemon_dc_failovers_total") == n
+    assert value(registry, "tgdaemon_updates_recovered_total") == 3 * n
+
+
+def test_per_account_counters_opt_in_exports_the_outage_per_account() -> None:
+    """``counters="account"`` (daemon.metrics_counters): the same outage is counted per
+    account, each kind of trouble one more series (here 5 + 5)."""
+    n = 50
+    registry, body = _fleet_after_an_outage(n, counters="account")
+    assert set(_series_per_account(body).values()) == {5 + 5}
+    for i in (0, n - 1):
+        name = account_name(i)
+        assert value(registry, "tgdaemon_errors_total", account=name, category="network") == 1
+        assert value(registry, "tgdaemon_reconnects_total", account=name) == 1
+        assert value(registry, "tgdaemon_dc_failovers_total", account=name) == 1
+        assert value(registry, "tgdaemon_update_gaps_total", account=name) == 1
+        assert value(registry, "tgdaemon_updates_recovered_total", account=name) == 3
+    assert samples(registry, "tgdaemon_reconnects_total") == [1] * n  # no fleet-wide series
 
 
 def test_invalid_options_are_refused(registry, board):
     with pytest.raises(ValueError, match="histograms"):
         Metrics(registry, board, histograms="per-dc")
+    with pytest.raises(ValueError, match="counters"):
+        Metrics(registry, board, counters="per-dc")
     with pytest.raises(ValueError, match="buckets"):
         Metrics(CollectorRegistry(), board, buckets=(1.0, 0.5))
     with pytest.raises(ValueError, match="buckets"):

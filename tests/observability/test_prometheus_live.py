@@ -124,6 +124,12 @@ async def test_every_dashboard_and_alert_expression_returns_data(
                 continue  # a fleet's panels: checked live by tests/fleet/test_fleet_daemons.py
             expr = substitute(q.expr, variables)
             names = _names(expr)
+            if 'account!=""' in q.expr:
+                # The per-account breakdown of a counter that is the fleet's by default
+                # (metrics_counters = "fleet"): no series has an account label; it must
+                # evaluate.
+                await prom.query(expr)
+                continue
             if names & idle:
                 assert names <= declared, (q.panel, names - declared)
                 # A per-account counter that is still 0 is not a series (issue 17): the

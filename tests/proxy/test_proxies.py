@@ -60,6 +60,11 @@ def assert_connections_come_from(localdc: LocalDC, user_id: int, proxy: ProxyPro
 
 
 def reconnects(daemon: Daemon, account: str) -> float:
+    """The account's reconnects: with the default metrics_counters = "fleet" the fleet's one
+    series (so only in a daemon of that one account), else the account's own."""
+    if daemon.metrics.counters == "fleet":
+        assert daemon.metrics.accounts() == [account], "per account: metrics_counters"
+        return daemon.registry.get_sample_value("tgdaemon_reconnects_total") or 0.0
     text = render(daemon.registry).decode()
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -196,7 +201,7 @@ async def test_mtproxy_wrong_secret_and_dead_proxy_are_network_faults(
         {"name": "erin", "phone": phone_for("erin"), "proxy": f"mtproxy://{wrong}@{host}:{port}"},
         {"name": "frank", "phone": phone_for("frank"),
          "proxy": f"mtproxy://{wrong}@127.0.0.1:{free_port()}"},  # nothing listens there
-    ], daemon={"http_listen": ""})
+    ], daemon={"http_listen": "", "metrics_counters": "account"})
     await login_account(make_config([{"name": "frank", "phone": phone_for("frank")}]), "frank")
     async with Daemon(config) as daemon:
         for name in ("erin", "frank"):
