@@ -68,6 +68,7 @@ class AccountReporter:
         #: Whether the store has a row for this account (metadata writes need one).
         self.known_to_store = False
         self._dc_id: int | None = None
+        self._errors = 0
         self._last_store_touch = 0.0
         metrics.add_account(name)
 
@@ -87,6 +88,8 @@ class AccountReporter:
         changes: dict[str, Any] = {"state": state, "reason": redact(reason),
                                    "flood_wait_until": flood_wait_until}
         if error is not None:
+            self._errors += 1
+            changes["errors"] = self._errors
             changes["last_error_category"] = error.category.value
             changes["last_error_message"] = error.message
             stored.setdefault("last_error_category", error.category.value)

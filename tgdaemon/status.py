@@ -55,6 +55,9 @@ class AccountStatus:
     last_checked: float | None = None
     last_error_category: str | None = None
     last_error_message: str | None = None
+    #: Failures since the daemon started (any category; ``last_error_*`` is only the current
+    #: trouble): which account keeps failing, without a metric series per account.
+    errors: int = 0
     flood_wait_until: float | None = None
     authorizations: int | None = None
     last_new_authorization: NewLogin | None = None
@@ -85,6 +88,7 @@ class AccountStatus:
             "lastError": None
             if self.last_error_category is None
             else {"category": self.last_error_category, "message": self.last_error_message},
+            "errors": self.errors,
             "floodWaitUntil": _iso(self.flood_wait_until),
             "authorizations": self.authorizations,
             "lastNewAuthorization": None

@@ -111,3 +111,24 @@ async def test_a_dc_read_from_the_session_is_recorded_once(setup) -> None:
     record = await store.get_account("alice")
     assert record is not None
     assert record.dc_id == 4
+
+
+async def test_status_counts_failures_past_recovery(setup) -> None:
+    """lastError is the current trouble (cleared once validated again); errors keeps how
+    often the account failed, the per-account answer the fleet-wide error counter of
+    /metrics no longer gives by default."""
+    reporter, board, _registry, _store = setup
+    network = Classified(Category.NETWORK, "ConnectionError", "ConnectionError: reset")
+    for attempt in range(3):
+        reporter.failure(network, recovery_for(network, attempt, PolicyConfig(),
+                                               random.Random(attempt)), attempt)
+    reporter.connected_as(UserInfo(42, "al", "Al"), 2, DeviceInfo("rack", "Linux", "1"))
+    status = board.get("alice")
+    assert status is not None
+    assert status.last_error_category is None
+    assert status.to_json()["errors"] == 3
+    reporter.failure(network, recovery_for(network, 0, PolicyConfig(), random.Random()), 0)
+    status = board.get("alice")
+    assert status is not None
+    assert status.to_json()["lastError"]["category"] == "network"
+    assert status.to_json()["errors"] == 4
