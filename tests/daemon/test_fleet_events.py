@@ -240,7 +240,10 @@ async def test_http_stays_reachable_when_the_process_is_out_of_descriptors(
         assert status == 200
         assert re.search(r"^tgdaemon_fd_exhausted_total [1-9]", body, re.MULTILINE), body[:300]
         # Connections that hold their spare (here: never send a request) leave the last one,
-        # which turns the next connection away at once instead of letting it wait.
+        # which turns the next connection away at once instead of letting it wait. First
+        # every spare back from the requests above (the daemon closes their connections
+        # after answering: one still open takes a spare the last of these would need).
+        await wait_for_condition(lambda: on_dev_null(pid) == null, 10, "spares back")
         for _ in range(spares - 1):
             held.append(socket.create_connection(("127.0.0.1", port)))
         await wait_for_condition(lambda: on_dev_null(pid) == null - (spares - 1), 10,
