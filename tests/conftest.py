@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import os
 import subprocess
 import time
@@ -57,6 +58,18 @@ async def wait_for_condition(
         if time.monotonic() > deadline:
             raise AssertionError(f"{message} not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+@pytest.fixture(autouse=True)
+def root_log_level() -> Iterator[None]:
+    """An in-process daemon sets the root logger's level from its config (``log_level``, on
+    a reload too): restored after each test. Left at debug, the next tests in the process ran
+    with pytest's log capture keeping every debug record and the objects in its arguments
+    (test_reaper's abandoned connections stayed alive after test_lifecycle_live's reload)."""
+    root = logging.getLogger()
+    level = root.level
+    yield
+    root.setLevel(level)
 
 
 @pytest.fixture
