@@ -27,9 +27,10 @@ from typing import Any, TypeVar
 __all__ = ["IO_EVENTS_PER_PASS", "BoundedEpollSelector", "new_event_loop", "run"]
 
 #: Ready sockets handed to the loop per pass. One disconnect costs ~0.3 ms of callbacks over the
-#: passes after it (measured: 10,000 resets, ~2.7 s of callbacks), so 128 keep a pass's share
-#: of a storm near 40 ms, under the lag target (0.1 s) with room for the timers it delays.
-IO_EVENTS_PER_PASS = 128
+#: passes after it (measured: 10,000 resets, ~2.7 s of callbacks), so 64 keep a pass's share of
+#: a storm near 20 ms. A timer that comes due waits for the rest of the pass under way and the
+#: whole next one: at 128 the bench measured passes of 25-70 ms and lags of 0.10-0.13 s.
+IO_EVENTS_PER_PASS = 64
 
 _T = TypeVar("_T")
 
