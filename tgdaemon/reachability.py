@@ -23,12 +23,11 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from tgdaemon.connwatch import settle
-from tgdaemon.wheel import WAKE_BATCH
+from tgdaemon.wheel import WakeBatches
 
 
 @dataclass(slots=True)
@@ -65,10 +64,9 @@ class Reachability:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._routes: dict[Hashable, _Route] = {}
-        #: Sleepers of routes that came back, not all woken yet: :data:`WAKE_BATCH` a loop
-        #: pass across every route (an outage of several DCs ends with several at once).
-        self._due: deque[list[asyncio.Future[bool]]] = deque()
-        self._waking = False
+        #: Sleepers of routes that came back, not all woken yet: one batch a loop pass across
+        #: every route (an outage of several DCs ends with several at once).
+        self._wakes = WakeBatches()
 
     def failed(self, route: Hashable, retry_in: float, probe_every: float = math.inf) -> None:
         """A network failure on ``route``: it is down; the next probe may start in
@@ -97,28 +95,8 @@ class Reachability:
         r = self._routes.pop(route, None)
         if r is None or not r.sleepers:
             return 0
-        self._due.append(list(r.sleepers))
-        if not self._waking:
-            self._waking = True
-            asyncio.get_running_loop().call_soon(self._wake)
+        self._wakes.add(list(r.sleepers), False)
         return len(r.sleepers)
-
-    def _wake(self) -> None:
-        """Wake up to a batch of the due sleepers; the next pass takes the next batch."""
-        due, budget = self._due, WAKE_BATCH
-        while due and budget:
-            bucket = due[0]
-            while bucket and budget:
-                sleeper = bucket.pop()
-                if not sleeper.done():
-                    settle(sleeper, False)
-                    budget -= 1
-            if not bucket:
-                due.popleft()
-        if due:
-            asyncio.get_running_loop().call_soon(self._wake)
-        else:
-            self._waking = False
 
     async def sleep(self, route: Hashable, seconds: float) -> bool:
         """Sleep ``seconds``: True when the time ran out, False when :meth:`reached`

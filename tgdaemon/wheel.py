@@ -27,7 +27,7 @@ import asyncio
 import math
 from collections import deque
 
-__all__ = ["WAKE_BATCH", "TimerWheel"]
+__all__ = ["WAKE_BATCH", "TimerWheel", "WakeBatches"]
 
 #: Sleepers woken per loop pass: 64 heartbeats are sent in ~20 ms (a due timer waits for a pass
 #: and the next: 128 made passes of up to 70 ms in the bench's connect waves); at 10,000
@@ -38,16 +38,14 @@ WAKE_BATCH = 64
 class TimerWheel:
     """Sleeps that end on tick boundaries, one loop timer per boundary with sleepers."""
 
-    __slots__ = ("_batch", "_buckets", "_due", "_loop", "_scheduled")
+    __slots__ = ("_batch", "_buckets", "_loop", "_wakes")
 
     def __init__(self, batch: int = WAKE_BATCH) -> None:
         #: Loop time of a boundary -> the futures that end there (set True when it passes).
         self._buckets: dict[float, list[asyncio.Future[bool]]] = {}
-        #: Boundaries passed whose sleepers are not all woken yet (woken in later passes).
-        self._due: deque[list[asyncio.Future[bool]]] = deque()
         self._batch = batch
-        #: A wake-up pass is scheduled (``call_soon``) for what is due.
-        self._scheduled = False
+        #: Boundaries passed (and early wakes) whose sleepers are not all woken yet.
+        self._wakes = WakeBatches(batch)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def sleeper(self, seconds: float, tick: float) -> asyncio.Future[bool]:
@@ -55,7 +53,7 @@ class TimerWheel:
         now; whoever holds it may settle it sooner (a woken sleep), or cancel it."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # boundaries (and their timers) belong to one loop
-            self._loop, self._buckets, self._due, self._scheduled = loop, {}, deque(), False
+            self._loop, self._buckets, self._wakes = loop, {}, WakeBatches(self._batch)
         fut: asyncio.Future[bool] = loop.create_future()
         when = loop.time() + max(0.0, seconds)
         if tick > 0:
@@ -75,42 +73,56 @@ class TimerWheel:
         """End the sleep ``fut`` now (as if it ran out), in the wake-up batches: a fleet-wide
         connection drop ends every account's sleep in one loop pass (10,000 worker steps in
         the next)."""
-        self._enqueue([fut])
+        self._wakes.add([fut], True)
 
     def _fire(self, when: float) -> None:
         bucket = self._buckets.pop(when, None)
         if bucket:
             bucket.reverse()  # popped from the end: woken in the order they went to sleep
-            self._enqueue(bucket)
+            self._wakes.add(bucket, True)
 
-    def _enqueue(self, bucket: list[asyncio.Future[bool]]) -> None:
-        """Queue ``bucket`` for the wake-up passes, scheduling one unless one is: what comes
-        due in one loop pass (several boundaries when the loop fell behind, a fleet's drops)
-        shares that pass's batch. (A boundary that woke its sleepers at once would give each
-        boundary due in the pass a batch of its own.)"""
-        self._due.append(bucket)
+    @property
+    def pending(self) -> int:
+        """Boundaries with a loop timer armed (tests; at most one per tick ahead)."""
+        return len(self._buckets)
+
+
+class WakeBatches:
+    """Futures to end, at most ``batch`` per loop pass: what comes due in one pass (several
+    boundaries when the loop fell behind, a fleet's dropped connections, the sleepers of a
+    route that came back) shares that pass's batch, the rest go in the passes after. (Waking
+    each bucket at once would give every bucket due in a pass a batch of its own.)"""
+
+    __slots__ = ("_batch", "_due", "_scheduled")
+
+    def __init__(self, batch: int = WAKE_BATCH) -> None:
+        self._batch = batch
+        #: (futures, the result they end with); each list is taken from its end.
+        self._due: deque[tuple[list[asyncio.Future[bool]], bool]] = deque()
+        #: A wake-up pass is scheduled (``call_soon``) for what is due.
+        self._scheduled = False
+
+    def add(self, bucket: list[asyncio.Future[bool]], result: bool) -> None:
+        """End the futures of ``bucket`` (taken from its end) with ``result``, in the batches;
+        one already done (woken early, cancelled) is skipped and costs no batch."""
+        self._due.append((bucket, result))
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._wake)
 
     def _wake(self) -> None:
-        """Wake up to a batch of due sleepers; schedule the next pass's batch if more are."""
+        """End up to a batch of the due futures; schedule the next pass's if more are."""
         self._scheduled = False
         due, budget = self._due, self._batch
         while due and budget:
-            bucket = due[0]
+            bucket, result = due[0]
             while bucket and budget:
                 fut = bucket.pop()
-                if not fut.done():  # woken early or cancelled: nothing to do
-                    fut.set_result(True)
+                if not fut.done():
+                    fut.set_result(result)
                     budget -= 1
             if not bucket:
                 due.popleft()
         if due:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._wake)
-
-    @property
-    def pending(self) -> int:
-        """Boundaries with a loop timer armed (tests; at most one per tick ahead)."""
-        return len(self._buckets)
