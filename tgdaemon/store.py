@@ -56,6 +56,7 @@ from tgdaemon.sqlitedb import (
     json_list,
     upsert_sessions,
 )
+from tgdaemon.tasks import in_passes
 from tgdaemon.wheel import WAKE_BATCH
 
 if TYPE_CHECKING:
@@ -534,18 +535,9 @@ async def _settle(outcomes: Iterable[tuple[asyncio.Future[None], BaseException |
     """Resolve a batch's futures, at most :data:`~tgdaemon.wheel.WAKE_BATCH` per loop pass: a
     batch is up to ``_BATCH`` accounts, and every future resolved wakes its worker (and its
     callbacks) in the next pass; 500 at once made one pass of a few thousand callbacks in a
-    reconnect wave, which every other account's heartbeat waited behind."""
-    pending = iter(outcomes)
-    settled = 0
-    try:
-        for fut, exc in pending:
-            if _resolve(fut, exc):
-                settled += 1
-                if settled % WAKE_BATCH == 0:
-                    await asyncio.sleep(0)
-    finally:  # cancelled between slices (the store closing): the rest at once, none left
-        for fut, exc in pending:
-            _resolve(fut, exc)
+    reconnect wave, which every other account's heartbeat waited behind. Cancelled between
+    passes (the store closing), the rest are resolved at once."""
+    await in_passes(outcomes, lambda outcome: _resolve(*outcome), WAKE_BATCH)
 
 
 def _resolve(fut: asyncio.Future[None], exc: BaseException | None) -> bool:

@@ -18,6 +18,7 @@ from tgdaemon.config import diff_config
 from tgdaemon.exceptions import AccountError, DecryptionError
 from tgdaemon.lifecycle import STALL_WORKERS, watchdog_restarts
 from tgdaemon.reporter import AccountReporter
+from tgdaemon.tasks import in_passes
 from tgdaemon.wheel import WAKE_BATCH
 from tgdaemon.worker import AccountWorker, WorkerDeps
 
@@ -263,15 +264,10 @@ class Supervisor:
 async def _cancel_in_batches(slots: list[_Slot], began: float) -> None:
     """Cancel the workers, :data:`CANCEL_BATCH` per loop pass. Should this be cancelled
     itself, the rest are cancelled at once: no worker is left running unowned."""
-    cancelled = 0
-    try:
-        for slot in slots:
-            slot.worker.stopping(began)
-            slot.task.cancel()
-            cancelled += 1
-            if cancelled % CANCEL_BATCH == 0 and cancelled < len(slots):
-                await asyncio.sleep(0)
-    except BaseException:
-        for slot in slots[cancelled:]:
-            slot.task.cancel()
-        raise
+
+    def cancel(slot: _Slot) -> bool:
+        slot.worker.stopping(began)
+        slot.task.cancel()
+        return True
+
+    await in_passes(slots, cancel, CANCEL_BATCH)

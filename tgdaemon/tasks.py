@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
-__all__ = ["cancel_and_wait", "raise_if_cancelled"]
+__all__ = ["cancel_and_wait", "in_passes", "raise_if_cancelled"]
+
+_T = TypeVar("_T")
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
@@ -30,3 +33,21 @@ def raise_if_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+async def in_passes(items: Iterable[_T], act: Callable[[_T], bool], per_pass: int) -> None:
+    """``act`` on every item, yielding to the event loop after every ``per_pass`` items it
+    acted on (``act`` says whether it did): a fan-out to thousands (futures resolved, workers
+    cancelled) wakes them over several loop passes, not in one that every other account waits
+    behind. Cancelled between passes, it acts on the rest at once: none is left behind."""
+    rest = iter(items)
+    acted = 0
+    try:
+        for item in rest:
+            if act(item):
+                acted += 1
+                if acted % per_pass == 0:
+                    await asyncio.sleep(0)
+    finally:
+        for item in rest:
+            act(item)

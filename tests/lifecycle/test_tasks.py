@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 
-from tgdaemon.tasks import cancel_and_wait, raise_if_cancelled
+import pytest
+
+from tgdaemon.tasks import cancel_and_wait, in_passes, raise_if_cancelled
 
 
 async def test_a_cancellation_swallowed_by_wait_for_still_ends_the_task() -> None:
@@ -61,3 +63,42 @@ async def test_cancel_and_wait_ends_a_task_quietly() -> None:
     await cancel_and_wait(task)
     assert task.cancelled()
     await cancel_and_wait(None)
+
+
+async def test_in_passes_acts_per_pass_and_on_the_rest_when_cancelled() -> None:
+    """At most ``per_pass`` acted on between two yields (items ``act`` skips cost nothing);
+    cancelled between passes, every item left is acted on at once, none forgotten."""
+    loop = asyncio.get_running_loop()
+    passes = [0]
+    stop = False
+
+    def mark() -> None:
+        passes[0] += 1
+        if not stop:
+            loop.call_soon(mark)
+
+    acted: list[tuple[int, int]] = []
+
+    def act(item: int) -> bool:
+        if item % 5 == 0:
+            return False  # skipped: does not count towards the pass
+        acted.append((item, passes[0]))
+        return True
+
+    loop.call_soon(mark)
+    await asyncio.sleep(0)
+    await in_passes(range(40), act, 4)
+    per_pass: dict[int, int] = {}
+    for _item, p in acted:
+        per_pass[p] = per_pass.get(p, 0) + 1
+    assert len(acted) == 32
+    assert max(per_pass.values()) == 4
+
+    acted.clear()
+    task = asyncio.create_task(in_passes(range(40), act, 4))
+    await asyncio.sleep(0)  # the first slice, then it yields
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    stop = True
+    assert sorted(item for item, _p in acted) == [i for i in range(40) if i % 5]
