@@ -145,7 +145,7 @@ class NoiseFilter(logging.Filter):
         self.window = window
         self._pending: Counter[Noise] = Counter()
         self._rules: dict[Noise, Rule] = {}
-        self._scheduled: set[Noise] = set()
+        #: The summary timer of each kind with a burst under way.
         self._timers: dict[Noise, asyncio.TimerHandle] = {}
         _FILTERS.add(self)
 
@@ -158,8 +158,7 @@ class NoiseFilter(logging.Filter):
         COUNTS[rule.kind] += 1
         self._pending[rule.kind] += 1
         self._rules[rule.kind] = rule
-        if rule.summary and rule.kind not in self._scheduled:
-            self._scheduled.add(rule.kind)
+        if rule.summary and rule.kind not in self._timers:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # no loop in this thread: report at once
@@ -170,7 +169,6 @@ class NoiseFilter(logging.Filter):
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
     def flush(self, kind: Noise) -> None:
-        self._scheduled.discard(kind)
         if (timer := self._timers.pop(kind, None)) is not None:
             timer.cancel()  # flushed early (a stop): the next burst gets a window of its own
         n = self._pending.pop(kind, 0)
@@ -179,9 +177,8 @@ class NoiseFilter(logging.Filter):
             log.log(rule.level, "%d %s in the last %g s (per-account detail at debug level)",
                     n, rule.summary, self.window)
 
-
     def flush_all(self) -> None:
-        for kind in list(self._scheduled):
+        for kind in list(self._timers):
             self.flush(kind)
 
 
