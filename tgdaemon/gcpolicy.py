@@ -19,10 +19,10 @@ are rare (:data:`YOUNG_THRESHOLD`), and on its ticks the policy does one of two 
 * a *sweep* on the tick that finds a wave over: a full collection (``gc.collect(2)``: the
   young generations and what reached the old one since the last tick, never the frozen heap),
   then a freeze;
-* a *reclaim*, between waves, when the frozen heap has grown by :data:`RECLAIM_GROWTH` over
-  its size after the last reclaim (the first: the start's end) and the last reclaim is at
-  least :data:`RECLAIM_INTERVAL` ago: an unfreeze, a full collection of everything, a freeze.
-  The safety net for what the freezes hide (below).
+* a *check* every :data:`CHECK_INTERVAL` seconds between waves: the frozen heap is counted,
+  and when it has grown by :data:`RECLAIM_GROWTH` over its size after the last reclaim (the
+  first: the start's end), a *reclaim*: an unfreeze, a full collection of everything, a
+  freeze. The safety net for what the freezes hide (below).
 
 Why the young collections are the policy's too: what a fleet allocates mostly lives on (a
 reconnect builds a connection that lasts until the next outage), and every object the
@@ -51,8 +51,10 @@ in the frozen heap (measured, bench/gcleak.py).
 The reclaim bounds what a library (or a cycle we do not know of yet) may still leave there, at
 a bounded cost: it walks the whole heap (~1 s at 10,000 accounts), but only once the frozen
 heap has grown by a tenth, so the walk is paid at most once per tenth of the heap of growth,
-garbage or live, and at most once per :data:`RECLAIM_INTERVAL`. With nothing leaking it
+garbage or live, and at most once per :data:`CHECK_INTERVAL`. With nothing leaking it
 comes only from live growth (more accounts, caches filling): a few times in a daemon's life.
+Counting is a walk too (``gc.get_freeze_count()`` follows the frozen list: 45 ms for 5 million
+objects), hence the check's own interval rather than a count on every tick.
 """
 
 from __future__ import annotations
@@ -90,9 +92,10 @@ NO_AUTOMATIC_FULL = 2**31 - 1
 #: Growth of the frozen heap (objects, live or dead) over its size after the last reclaim that
 #: makes the next one: the whole heap is walked once per tenth of it that has accumulated.
 RECLAIM_GROWTH = 0.1
-#: Seconds at least between two reclaims (and from the start's end to the first): whatever
-#: the growth, the reclaim's pause (~1 s at 10,000 accounts) costs at most 0.2 % of the time.
-RECLAIM_INTERVAL = 600.0
+#: Seconds between two checks of the frozen heap's size between waves (the first: after the
+#: start's end), so at least between two reclaims: whatever the growth, the reclaim's pause
+#: (~1 s at 10,000 accounts) costs at most 0.2 % of the time, the count's (~50 ms) 0.01 %.
+CHECK_INTERVAL = 600.0
 
 
 class _Automatic:
@@ -132,35 +135,32 @@ class Step(enum.Enum):
     YOUNG_FREEZE = "young_freeze"
     #: Full collection of the unfrozen, then freeze (a wave's end).
     SWEEP = "sweep"
-    #: Unfreeze, full collection of everything, freeze (the safety net, between waves).
-    RECLAIM = "reclaim"
+    #: Count the frozen heap; when grown by a tenth since the last reclaim, reclaim: unfreeze,
+    #: full collection of everything, freeze (the safety net, between waves).
+    CHECK = "check"
 
 
 def reclaim_threshold(frozen: int) -> int:
-    """Frozen objects beyond which the next reclaim comes, after one that left ``frozen``."""
+    """Frozen objects beyond which a check reclaims, after a reclaim that left ``frozen``."""
     return math.ceil(frozen * (1 + RECLAIM_GROWTH))
 
 
 def next_step(*, in_wave: bool, connecting: int, accounts: int, since_freeze: float,
-              idle_interval: float = IDLE_INTERVAL, frozen: int = 0,
-              reclaim_above: int | None = None, since_reclaim: float = 0.0,
-              reclaim_interval: float = RECLAIM_INTERVAL) -> tuple[Step, bool]:
+              idle_interval: float = IDLE_INTERVAL, since_check: float | None = None,
+              check_interval: float = CHECK_INTERVAL) -> tuple[Step, bool]:
     """One tick's decision: (what to do, in a wave now). ``in_wave``: the last tick's answer;
     ``connecting``: accounts starting, connecting or reconnecting, of ``accounts``;
-    ``since_freeze``: seconds since the last freeze of any kind; ``frozen``: objects frozen
-    now; ``reclaim_above``: the frozen count that calls for a reclaim (None: not before the
-    start's end); ``since_reclaim``: seconds since the last reclaim (or the start's end). A
-    wave freezes every tick and sweeps on the tick that finds it over; between waves, a
-    reclaim when the frozen heap has grown beyond ``reclaim_above`` and the last is at least
-    ``reclaim_interval`` ago, else a young freeze every ``idle_interval``."""
+    ``since_freeze``: seconds since the last freeze of any kind; ``since_check``: since the
+    last check (None: the start is not over). A wave freezes every tick and sweeps on the
+    tick that finds it over; between waves, a check every ``check_interval``, else a young
+    freeze every ``idle_interval``."""
     wave = connecting >= wave_threshold(accounts)
     if wave:
         return Step.YOUNG_FREEZE, wave
     if in_wave:
         return Step.SWEEP, wave
-    if reclaim_above is not None and frozen > reclaim_above \
-            and since_reclaim >= reclaim_interval:
-        return Step.RECLAIM, wave
+    if since_check is not None and since_check >= check_interval:
+        return Step.CHECK, wave
     return (Step.YOUNG_FREEZE if since_freeze >= idle_interval else Step.NOTHING), wave
 
 
@@ -172,21 +172,23 @@ class GcPolicy:
 
     def __init__(self, census: Callable[[], tuple[int, int]], *,
                  interval: float = FREEZE_INTERVAL, idle_interval: float = IDLE_INTERVAL,
-                 reclaim_interval: float = RECLAIM_INTERVAL,
+                 check_interval: float = CHECK_INTERVAL,
                  registry: CollectorRegistry | None = None,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self._census = census
         self._interval = interval
         self._idle_interval = idle_interval
-        self._reclaim_interval = reclaim_interval
+        self._check_interval = check_interval
         self._monotonic = monotonic
         self._task: asyncio.Task[None] | None = None
         self._automatic_off = False
         self._swept = 0.0
-        #: The frozen count that calls for a reclaim (None until the start's end), and when
-        #: the last reclaim (or the start's end) was.
-        self._reclaim_above: int | None = None
-        self._reclaimed_at = 0.0
+        #: The frozen count that makes a check reclaim, and when the last check (or reclaim,
+        #: or the start's end) was (None until the start's end).
+        self._reclaim_above = 0
+        self._checked_at: float | None = None
+        #: Objects frozen at the last count (the start's end, a check, a reclaim).
+        self.frozen = 0
         #: Freezes done so far (the tests and the bench read it).
         self.freezes = 0
         #: Waves whose end was frozen (the first is the start).
@@ -205,6 +207,16 @@ class GcPolicy:
         gc.freeze()
         self.freezes += 1
         self._swept = self._monotonic()
+
+    def check(self) -> bool:
+        """Count the frozen heap; reclaim when it has grown by :data:`RECLAIM_GROWTH` since
+        the last reclaim. Whether it reclaimed."""
+        self.frozen = gc.get_freeze_count()
+        self._checked_at = self._monotonic()
+        if self.frozen <= self._reclaim_above:
+            return False
+        self.reclaim()
+        return True
 
     def reclaim(self) -> int:
         """Hand the frozen heap back to the collector for one full collection, then freeze
@@ -225,8 +237,9 @@ class GcPolicy:
         return found
 
     def _rearm(self, now: float) -> None:
-        self._reclaim_above = reclaim_threshold(gc.get_freeze_count())
-        self._reclaimed_at = now
+        self.frozen = gc.get_freeze_count()
+        self._reclaim_above = reclaim_threshold(self.frozen)
+        self._checked_at = now
 
     def start(self) -> None:
         """Freeze now (the accounts are about to start: the first wave), take the collector's
@@ -257,18 +270,19 @@ class GcPolicy:
             await asyncio.sleep(self._interval)
             connecting, accounts = self._census()
             now = self._monotonic()
+            checked = self._checked_at
             step, wave = next_step(
                 in_wave=in_wave, connecting=connecting, accounts=accounts,
                 since_freeze=now - self._swept, idle_interval=self._idle_interval,
-                frozen=gc.get_freeze_count(), reclaim_above=self._reclaim_above,
-                since_reclaim=now - self._reclaimed_at, reclaim_interval=self._reclaim_interval)
-            if step is Step.RECLAIM:
-                self.reclaim()
+                since_check=None if checked is None else now - checked,
+                check_interval=self._check_interval)
+            if step is Step.CHECK:
+                self.check()
             elif step is not Step.NOTHING:
                 self.freeze(full=step is Step.SWEEP)
             if in_wave and not wave:
                 self.waves += 1
-                if self._reclaim_above is None:  # the start's end: the heap's first size
+                if self._checked_at is None:  # the start's end: the heap's first size
                     self._rearm(self._swept)
             in_wave = wave
 
@@ -278,10 +292,12 @@ class GcPolicy:
         return self.collect()
 
     def collect(self) -> Iterator[Metric]:
+        # The last count, not a new one: counting walks the frozen heap (see CHECK_INTERVAL).
         yield GaugeMetricFamily(
             "tgdaemon_gc_frozen_objects",
-            "Objects in the frozen heap (live ones and the cyclic garbage a reclaim frees).",
-            value=gc.get_freeze_count())
+            "Objects in the frozen heap (live ones and the cyclic garbage a reclaim frees) at "
+            "the last count (the start's end, then every check between waves).",
+            value=self.frozen)
         yield CounterMetricFamily(
             "tgdaemon_gc_reclaims", "Reclaims of the frozen heap (unfreeze, full collection).",
             value=self.reclaims)

@@ -55,22 +55,21 @@ def test_what_a_tick_does(in_wave, connecting, accounts, since, expected):
                      since_freeze=since, idle_interval=10.0) == expected
 
 
-@pytest.mark.parametrize(("in_wave", "connecting", "frozen", "above", "since", "expected"), [
-    (False, 0, 1_101, 1_100, 600.0, (Step.RECLAIM, False)),  # grown, between waves
-    (False, 0, 1_100, 1_100, 600.0, (Step.NOTHING, False)),  # not beyond the threshold
-    (False, 0, 1_101, 1_100, 599.0, (Step.NOTHING, False)),  # the last one too recent
-    (False, 0, 1_101, None, 9e9, (Step.NOTHING, False)),  # the start is not over
-    (False, 99, 1_101, 1_100, 600.0, (Step.RECLAIM, False)),  # a few reconnecting: no wave
-    (False, 100, 1_101, 1_100, 600.0, (Step.YOUNG_FREEZE, True)),  # never in a wave
-    (True, 0, 1_101, 1_100, 600.0, (Step.SWEEP, False)),  # its end sweeps; the next tick
+@pytest.mark.parametrize(("in_wave", "connecting", "since_check", "expected"), [
+    (False, 0, 600.0, (Step.CHECK, False)),  # between waves, every check interval
+    (False, 0, 599.0, (Step.NOTHING, False)),  # the last one too recent
+    (False, 0, None, (Step.NOTHING, False)),  # the start is not over
+    (False, 99, 600.0, (Step.CHECK, False)),  # a few reconnecting: no wave
+    (False, 100, 600.0, (Step.YOUNG_FREEZE, True)),  # never in a wave
+    (True, 0, 600.0, (Step.SWEEP, False)),  # its end sweeps; the next tick checks
 ])
-def test_when_a_tick_reclaims(in_wave, connecting, frozen, above, since, expected):
+def test_when_a_tick_checks_the_frozen_heap(in_wave, connecting, since_check, expected):
     assert next_step(in_wave=in_wave, connecting=connecting, accounts=10_000,
-                     since_freeze=0.5, idle_interval=10.0, frozen=frozen, reclaim_above=above,
-                     since_reclaim=since, reclaim_interval=600.0) == expected
+                     since_freeze=0.5, idle_interval=10.0, since_check=since_check,
+                     check_interval=600.0) == expected
 
 
-def test_a_reclaim_comes_once_the_frozen_heap_has_grown_by_a_tenth():
+def test_a_check_reclaims_once_the_frozen_heap_has_grown_by_a_tenth():
     assert reclaim_threshold(1_000_000) == 1_100_000
     assert reclaim_threshold(7) == 8
 
@@ -197,11 +196,13 @@ async def test_frozen_cyclic_garbage_is_reclaimed_between_waves(wait_until):
     """The safety net: whatever dies in a cycle after it was frozen (here a deliberate one)
     is freed once it has grown the frozen heap by a tenth, without waiting for a stop."""
     registry = CollectorRegistry()
-    policy = GcPolicy(lambda: (0, 1), interval=0.01, idle_interval=0.05, reclaim_interval=0,
+    policy = GcPolicy(lambda: (0, 1), interval=0.01, idle_interval=0.05, check_interval=0,
                       registry=registry)
     policy.start()
     try:
         await wait_until(lambda: policy.settled, 5, "start phase over")
+        assert not policy.check()  # not grown by a tenth: counted, no reclaim
+        assert policy.reclaims == 0
         nodes = [_Node() for _ in range(gc.get_freeze_count() // 5)]  # a fifth more objects
         refs = [weakref.ref(nodes[0]), weakref.ref(nodes[-1])]
         policy.freeze()  # alive: frozen
@@ -212,7 +213,7 @@ async def test_frozen_cyclic_garbage_is_reclaimed_between_waves(wait_until):
         assert registry.get_sample_value("tgdaemon_gc_reclaims_total") == policy.reclaims
         assert registry.get_sample_value("tgdaemon_gc_reclaimed_objects_total") \
             == policy.reclaimed
-        assert registry.get_sample_value("tgdaemon_gc_frozen_objects") > 0
+        assert registry.get_sample_value("tgdaemon_gc_frozen_objects") == policy.frozen > 0
     finally:
         await policy.stop()
 
