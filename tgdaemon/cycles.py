@@ -5,9 +5,9 @@ locals: the future or the object that stores the exception, the exception itself
 cycle only the garbage collector frees, and :mod:`tgdaemon.gcpolicy` freezes the heap every
 second: a cycle part of which is frozen is never collected (until the safety net's reclaim).
 Measured on a steady fleet (bench/gcleak.py): each dropped connection and each FLOOD_WAIT
-left ~15 such objects (the connection's error, stored in Telethon's ``disconnected`` future
+left ~13 such objects (the connection's error, stored in Telethon's ``disconnected`` future
 and raised through the worker's heartbeat wait), one fleet-wide outage at 10,000 accounts
-~150,000.
+~110,000.
 """
 
 from __future__ import annotations

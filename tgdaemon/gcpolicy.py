@@ -44,9 +44,11 @@ tgdaemon.connection breaks the two cycles a dropped Telethon connection had (its
 its asyncio transport), tgdaemon.reaper those of an abandoned client, and the worker drops the
 traceback of every failure it recovers from (tgdaemon.cycles: the error of a dropped
 connection or a FLOOD_WAIT, raised through frames that refer back to it, was ~13 objects per
-event, 150,000 per outage at 10,000 accounts; bench/gcleak.py). With that, a steady fleet
-with traffic, single reconnects, flood waits and fleet-wide outages leaves no cyclic garbage
-in the frozen heap (measured, bench/gcleak.py).
+event, ~110,000 per outage at 10,000 accounts; bench/gcleak.py), and tgdaemon.updates' guard
+refers to its client's MTProtoState weakly (the two were a cycle for every client replaced).
+With that, a steady fleet with traffic, single reconnects and flood waits leaves no cyclic
+garbage in the frozen heap, and an outage at 500 accounts 36 objects (an aiohttp WebSocket
+connection cut meanwhile; measured, bench/gcleak.py).
 
 The reclaim bounds what a library (or a cycle we do not know of yet) may still leave there, at
 a bounded cost: it walks the whole heap (~1 s at 10,000 accounts), but only once the frozen

@@ -246,7 +246,7 @@ async def test_a_steady_fleet_leaves_no_cyclic_garbage_in_the_frozen_heap(
         make_config, seed_accounts, localdc, wait_until):
     """Dropped connections, a FLOOD_WAIT and an outage, each recovered from: the failures'
     errors and tracebacks are freed, not left as cycles the freezes keep (before
-    tgdaemon.cycles: ~13 objects per event, ~150,000 per outage at 10,000 accounts)."""
+    tgdaemon.cycles: ~13 objects per event, ~110,000 per outage at 10,000 accounts)."""
     names = ["gc0", "gc1", "gc2"]
     config = make_config([{"name": n, "phone": phone_for(n)} for n in names],
                          daemon={"http_listen": ""}, policy={"heartbeat_interval": 0.3})
