@@ -22,7 +22,7 @@ from tests.conftest import phone_for, render_config
 from tgdaemon.cli import login
 from tgdaemon.config import Config, PolicyConfig, load_config
 from tgdaemon.daemon import Daemon
-from tgdaemon.exceptions import AccountError
+from tgdaemon.exceptions import AccountError, StoreError
 from tgdaemon.lifecycle import PARKED_STATES, State
 from tgdaemon.localdc import Fault, LocalDC
 from tgdaemon.telegram import local_update_pts
@@ -489,6 +489,35 @@ async def test_an_adoption_during_a_watchdog_restart_starts_one_worker(
         assert await restart == 1
         localdc.clear(fault)
         await wait_until(lambda: _connected(daemon, "alice"), 15, "alice restarted")
+        assert _live_tasks("alice") == 1
+
+
+async def test_a_restart_whose_session_cannot_be_read_is_retried(
+        make_config, login_account, localdc, wait_until, monkeypatch, caplog):
+    """The store does not answer when the watchdog's restart reads the session (a fleet's
+    database down): the worker is started at a later check, not lost."""
+    config, _ids = await _fleet(make_config, login_account, ["alice"],
+                                policy={"request_timeout": 30, "stale_after": 1.5,
+                                        "heartbeat_interval": 0.3})
+    async with Daemon(config) as daemon:
+        sup = daemon.supervisor
+        assert sup is not None
+        assert daemon.store is not None
+        await wait_until(lambda: _connected(daemon, "alice"), 15, "connected")
+        fault = await _overdue(daemon, localdc, ["alice"], wait_until)
+        real = daemon.store.load_sessions
+
+        async def down(*args: Any, **kwargs: Any) -> Any:
+            raise StoreError("lease store: ConnectionRefusedError")
+
+        monkeypatch.setattr(daemon.store, "load_sessions", down)
+        assert await sup.check() == 1
+        assert not _running(daemon, "alice")
+        assert "1 worker(s) not restarted yet" in caplog.text
+        localdc.clear(fault)
+        monkeypatch.setattr(daemon.store, "load_sessions", real)
+        assert await sup.check() == 0  # nothing stale: the pending restart only
+        await wait_until(lambda: _connected(daemon, "alice"), 15, "alice restarted later")
         assert _live_tasks("alice") == 1
 
 
