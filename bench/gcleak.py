@@ -24,6 +24,7 @@ import gc
 import json
 import os
 import random
+import socket
 import sys
 import tempfile
 import time
@@ -73,12 +74,26 @@ def reclaim(attribute: bool = True) -> dict[str, Any]:
     kinds = Counter(type(o).__qualname__ for o in garbage)
     where = Counter(w for w in map(_where, garbage) if w is not None)
     size = sum(sys.getsizeof(o) for o in garbage)
+    transports = [_transport(o) for o in garbage
+                  if isinstance(getattr(o, "_sock", None), socket.socket)
+                  and isinstance(o, asyncio.BaseTransport)]
     del garbage
     gc.collect()
     took = time.perf_counter() - t0
     gc.freeze()
     return {"frozen_before": frozen, "found": found, "bytes": size, "seconds": round(took, 3),
-            "types": kinds.most_common(25), "where": where.most_common(40)}
+            "types": kinds.most_common(25), "where": where.most_common(40),
+            "open_transports": transports}
+
+
+def _transport(t: Any) -> dict[str, Any]:
+    """What an unreachable transport whose socket is still open was (its socket is closed
+    only when the collector frees it: a file descriptor held meanwhile)."""
+    return {"protocol": type(getattr(t, "_protocol", None)).__qualname__,
+            "closing": getattr(t, "_closing", None), "conn_lost": getattr(t, "_conn_lost", None),
+            "paused": getattr(t, "_paused", None), "port": (t.get_extra_info("sockname")
+                                                          or ("", 0))[1],
+            "peer_port": (t.get_extra_info("peername") or ("", 0))[1]}
 
 
 # -- the traffic driver (child process) ---------------------------------------------------
