@@ -74,9 +74,9 @@ def reclaim(attribute: bool = True) -> dict[str, Any]:
     kinds = Counter(type(o).__qualname__ for o in garbage)
     where = Counter(w for w in map(_where, garbage) if w is not None)
     size = sum(sys.getsizeof(o) for o in garbage)
-    transports = [_transport(o) for o in garbage
-                  if isinstance(getattr(o, "_sock", None), socket.socket)
-                  and isinstance(o, asyncio.BaseTransport)]
+    transports = [_transport(o) for o in garbage  # type(): a dead weak proxy raises
+                  if issubclass(type(o), asyncio.BaseTransport)
+                  and isinstance(getattr(o, "_sock", None), socket.socket)]
     del garbage
     gc.collect()
     took = time.perf_counter() - t0
@@ -261,13 +261,20 @@ async def all_connected(daemon: Any, n: int) -> None:
 
 
 async def outage(control: str, daemon: Any, n: int) -> None:
-    """Every connection dropped at once (a fleet-wide reconnect wave), then all back."""
-    import aiohttp
+    """Every connection dropped at once (a fleet-wide reconnect wave), then all back. Asked
+    through urllib in a thread: an aiohttp client here would leave its own cyclic garbage."""
+    import urllib.request
 
     from tgdaemon.status import State
 
-    async with aiohttp.ClientSession() as http, http.post(f"{control}/drop", json={}) as r:
-        await r.read()
+    request = urllib.request.Request(f"{control}/drop", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+
+    def drop() -> None:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            r.read()
+
+    await asyncio.to_thread(drop)
     deadline = time.monotonic() + 10
     while daemon.board.counts()[State.CONNECTED] == n and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.01)

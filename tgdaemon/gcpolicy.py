@@ -47,8 +47,9 @@ connection or a FLOOD_WAIT, raised through frames that refer back to it, was ~13
 event, ~110,000 per outage at 10,000 accounts; bench/gcleak.py), and tgdaemon.updates' guard
 refers to its client's MTProtoState weakly (the two were a cycle for every client replaced).
 With that, a steady fleet with traffic, single reconnects and flood waits leaves no cyclic
-garbage in the frozen heap, and an outage at 500 accounts 36 objects (an aiohttp WebSocket
-connection cut meanwhile; measured, bench/gcleak.py).
+garbage in the frozen heap, and an outage at 1,000 accounts 0-110 objects (a Telethon
+connection whose send failed, status WebSocket connections aiohttp cut; ~11,000 before;
+measured, bench/gcleak.py).
 
 The reclaim bounds what a library (or a cycle we do not know of yet) may still leave there, at
 a bounded cost: it walks the whole heap (~1 s at 10,000 accounts), but only once the frozen
