@@ -182,6 +182,10 @@ class NoiseFilter(logging.Filter):
             self.flush(kind)
 
 
+#: Per-account INFO lines of one kind written as they are in a window of :class:`Waves`.
+WAVE_BURST = 20
+
+
 class Waves:
     """Our own per-account INFO lines of one kind (an account connected, lost its
     connection, stopped): the first ``burst`` of a ``window`` are written as they are, the rest
@@ -197,7 +201,7 @@ class Waves:
 
     MAX_KINDS = 64
 
-    def __init__(self, burst: int = 20, window: float = 10.0) -> None:
+    def __init__(self, burst: int = WAVE_BURST, window: float = 10.0) -> None:
         if burst < 0 or window <= 0:
             raise ValueError("burst must be >= 0 and window > 0")
         self.burst = burst
