@@ -88,12 +88,16 @@ class AccountReporter:
         *,
         error: Classified | None = None,
         flood_wait_until: float | None = None,
+        shown: dict[str, Any] | None = None,
         **stored: Any,
     ) -> None:
-        """Move to ``state``; ``error`` travels with it (one status message, not two) and
-        ``stored`` are extra store columns written in the same queued update."""
+        """Move to ``state``; ``error`` and ``shown`` (extra status fields) travel with it (one
+        status message, not two) and ``stored`` are extra store columns written in the same
+        queued update."""
         changes: dict[str, Any] = {"state": state, "reason": redact(reason),
                                    "flood_wait_until": flood_wait_until}
+        if shown:
+            changes.update(shown)
         if error is not None:
             self._errors += 1
             changes["errors"] = self._errors
@@ -144,11 +148,12 @@ class AccountReporter:
         now = self._clock()
         self._last_store_touch = now
         self._dc_id = dc_id
-        self._board.update(self.name, user=user, dc_id=dc_id, last_checked=now,
-                           last_error_category=None, last_error_message=None)
-        self.transition(State.CONNECTED, "validated", user_id=user.id, username=user.username,
-                        first_name=user.first_name, dc_id=dc_id, last_checked=now,
-                        last_used=now, last_error_category=None, device=device)
+        shown = {"user": user, "dc_id": dc_id, "last_checked": now,
+                 "last_error_category": None, "last_error_message": None}
+        self.transition(State.CONNECTED, "validated", shown=shown, user_id=user.id,
+                        username=user.username, first_name=user.first_name, dc_id=dc_id,
+                        last_checked=now, last_used=now, last_error_category=None,
+                        device=device)
 
     def heartbeat(self, latency: float, dc_id: int) -> None:
         """An answered heartbeat that took ``latency`` seconds, the session now on ``dc_id``."""
