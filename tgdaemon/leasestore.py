@@ -550,11 +550,18 @@ class PgLeaseStore(LeaseStore):
         import asyncpg
 
         settings = {"idle_in_transaction_session_timeout": str(int(idle_in_transaction * 1000))}
+        # No connection floor: the pool connects when a statement needs one (a renewal each
+        # renew interval keeps one open). With a floor, asyncpg retries it on its own while
+        # the database is down and logs a traceback per try; the renewals already notice the
+        # outage, once per round.
+        pool = asyncpg.create_pool(url, min_size=0, max_size=4, timeout=timeout,
+                                   command_timeout=timeout, server_settings=settings)
         try:
-            pool = await asyncpg.create_pool(url, min_size=1, max_size=4, timeout=timeout,
-                                             command_timeout=timeout,
-                                             server_settings=settings)
-        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+            await pool
+            async with pool.acquire():  # the first connection: reachable, credentials good
+                pass
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            await pool.close()
             raise StoreError(f"cannot connect to {redact_url(url)}: {type(exc).__name__}: "
                              f"{exc}") from None
         store = cls(pool, url)

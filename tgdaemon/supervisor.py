@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from tgdaemon.accountclient import CLOSE_TIMEOUT
 from tgdaemon.config import diff_config
-from tgdaemon.exceptions import AccountError, DecryptionError
+from tgdaemon.exceptions import AccountError, DecryptionError, StoreError
 from tgdaemon.lifecycle import STALL_WORKERS, watchdog_restarts
 from tgdaemon.logvolume import Waves
 from tgdaemon.reporter import AccountReporter
@@ -55,6 +55,13 @@ class Supervisor:
         self._slots: dict[str, _Slot] = {}
         #: Stopped workers that did not end (see _stop_many).
         self._stuck: dict[str, asyncio.Task[None]] = {}
+        #: Stops in progress (cancel, wait, flush), per account: done when the stop is. A
+        #: release of an account the watchdog is restarting waits for it, so the lease is
+        #: never given away while that worker may still be connected.
+        self._stops: dict[str, asyncio.Future[None]] = {}
+        #: Accounts the watchdog stopped and will start again, unless released, removed or
+        #: started by someone else meanwhile (their slot is empty in between).
+        self._restarting: set[str] = set()
         #: One per configured account, kept across worker restarts.
         self._reporters: dict[str, AccountReporter] = {}
         #: Their per-account INFO lines in a fleet-wide wave: a few, then one summary.
@@ -82,9 +89,13 @@ class Supervisor:
                 await asyncio.sleep(0)  # let the loop breathe (the first ones connect meanwhile)
 
     async def stop(self, timeout: float) -> None:
-        """Cancel every worker and wait up to ``timeout`` for them to close their clients."""
-        names = list(self._slots)
-        await self._stop_many(names, timeout)
+        """Cancel every worker and wait up to ``timeout`` for them to close their clients
+        (those a watchdog restart is stopping too: none is started again)."""
+        self._restarting.clear()
+        in_flight = set(self._stops.values())
+        await self._stop_many(list(self._slots), timeout)
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=timeout)
 
     async def _stop_many(self, names: list[str], timeout: float) -> set[str]:
         """Cancel the workers and wait for them: ``timeout`` is when stragglers are reported;
@@ -96,7 +107,23 @@ class Supervisor:
         if not slots:
             return set()
         loop = asyncio.get_running_loop()
-        began = loop.time()
+        stopped = loop.create_future()
+        for slot in slots:
+            self._stops[slot.worker.name] = stopped
+        try:
+            return await self._stop_slots(slots, loop.time(), timeout)
+        finally:
+            for slot in slots:
+                name = slot.worker.name
+                if self._stops.get(name) is stopped:
+                    del self._stops[name]
+                if not slot.task.done():  # also when this stop was cancelled itself
+                    self._stuck[name] = slot.task
+            stopped.set_result(None)
+
+    async def _stop_slots(self, slots: list[_Slot], began: float, timeout: float) -> set[str]:
+        """The stop itself: cancel in batches, wait, flush the sessions."""
+        loop = asyncio.get_running_loop()
         await _cancel_in_batches(slots, began)
         tasks = [s.task for s in slots]
         _done, pending = await asyncio.wait(
@@ -118,9 +145,7 @@ class Supervisor:
                 log.error("%d sessions could not be flushed on stop", failed)
         for slot in slots:
             slot.worker.report.stopped()
-        stuck = {s.worker.name: s.task for s in slots if not s.task.done()}
-        self._stuck.update(stuck)
-        return set(stuck)
+        return {s.worker.name for s in slots if not s.task.done()}
 
     def stuck(self) -> set[str]:
         """Accounts whose stopped worker has still not ended (it may hold a connection)."""
@@ -144,31 +169,38 @@ class Supervisor:
         task = asyncio.create_task(worker.run(), name=f"worker:{account.name}")
         self._slots[account.name] = _Slot(worker, task)
 
-    async def _load_session(self, name: str) -> SessionData | DecryptionError | None:
-        try:
-            return await self.deps.store.load_session(name)
-        except DecryptionError as exc:
-            return exc
-
     # -- fleet mode (tgdaemon/fleet.py): accounts come and go with their leases -------------
 
     async def adopt(self, accounts: Sequence[AccountConfig]) -> None:
         """Start workers for accounts whose leases this daemon just took (sessions read in
         one pass); they join the running config's accounts so reloads and restarts see them."""
-        new = [a for a in accounts if a.name not in self._slots]
+        for account in accounts:  # a worker left from an earlier lease: start afresh
+            slot = self._slots.get(account.name)
+            if slot is not None and slot.task.done():
+                del self._slots[account.name]
+        configured = {a.name for a in self.config.accounts}
+        self._set_accounts((*self.config.accounts,
+                            *(a for a in accounts if a.name not in configured)))
+        # An account the watchdog is restarting is started by that restart.
+        new = [a for a in accounts
+               if a.name not in self._slots and a.name not in self._restarting]
         if not new:
             return
-        self._set_accounts((*self.config.accounts, *new))
         sessions = await self.deps.store.load_sessions([a.name for a in new])
         for account in new:
-            self._spawn(account, sessions.get(account.name))
+            if account.name not in self._slots:
+                self._spawn(account, sessions.get(account.name))
 
     async def release(self, names: Sequence[str], timeout: float) -> set[str]:
         """Stop the workers (connections closed, sessions flushed) and forget the accounts:
         their leases may be given away once this returns, except those of the returned
         accounts, whose worker did not end (it may still be connected)."""
         gone = set(names)
+        self._restarting -= gone  # a watchdog restart in progress does not bring them back
+        in_flight = {self._stops[n] for n in gone if n in self._stops}
         stuck = await self._stop_many([n for n in names if n in self._slots], timeout)
+        if in_flight:  # the watchdog is stopping some of them: their stop must end first
+            await asyncio.wait(in_flight, timeout=timeout)
         self._set_accounts(tuple(a for a in self.config.accounts if a.name not in gone))
         for name in gone & self._reporters.keys():
             self._reporters.pop(name).remove()
@@ -207,10 +239,34 @@ class Supervisor:
             log.warning("%d workers made no progress for %.0fs or more (was the process paused "
                         "or starved of CPU?): restarting them", len(stale), min(ages.values()))
         # One stop for all of them: stuck workers are awaited together, not one by one.
-        await self._stop_many(stale, policy.connect_timeout)
-        for name in stale:
-            self._spawn(self.config.account(name), await self._load_session(name))
+        # While it runs the fleet may release some of them (their leases lost), a reload
+        # remove or change them: only those still configured, and not started meanwhile,
+        # start again.
+        self._restarting.update(stale)
+        if stale:
+            await self._stop_many(stale, policy.connect_timeout)
+        await self._start_restarting()
         return len(stale)
+
+    async def _start_restarting(self) -> None:
+        """Start the workers the watchdog stopped (this check's, and an earlier one's whose
+        session could not be read: the database was down), each with its stored session."""
+        names = [n for n in self._restarting if n not in self._stops]
+        if not names:
+            return
+        try:
+            sessions = await self.deps.store.load_sessions(names)
+        except StoreError as exc:  # the next check tries again
+            log.warning("%d worker(s) not restarted yet: %s", len(names), exc)
+            return
+        by_name = {a.name: a for a in self.config.accounts}
+        for name in names:
+            if name not in self._restarting:  # released or started meanwhile
+                continue
+            self._restarting.discard(name)
+            account = by_name.get(name)
+            if account is not None and account.enabled and name not in self._slots:
+                self._spawn(account, sessions.get(name))
 
     # -- reload ----------------------------------------------------------------------------
 
@@ -235,7 +291,8 @@ class Supervisor:
         if diff.policy_changed:
             for slot in self._slots.values():
                 slot.worker.reschedule()
-        to_start = (*diff.added, *changed, *ended)
+        # A restart by the watchdog in progress starts its accounts with the new settings.
+        to_start = [n for n in (*diff.added, *changed, *ended) if n not in self._restarting]
         sessions = await self.deps.store.load_sessions() if to_start else {}
         for name in to_start:
             self._spawn(new.account(name), sessions.get(name))

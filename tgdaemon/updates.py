@@ -30,6 +30,7 @@ Private Telethon internals read here (1.45): ``client._message_box``,
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -269,9 +270,13 @@ def guard_unknown_objects(client: Any, on_unknown: Callable[[int], None]) -> Non
     inside a gzip_packed message (:class:`tgdaemon.handshake.PaddedKeySender`)."""
     client._sender.on_unknown_object = on_unknown
     state = client._sender._state
-    decrypt = state.decrypt_message_data
+    # Weakly: the wrapper lives on the state, and a strong bound method would make the two a
+    # cycle that outlives the client (frozen by tgdaemon.gcpolicy, auth key and all).
+    decrypt_of = weakref.WeakMethod(state.decrypt_message_data)
 
     def decrypt_message_data(body: bytes) -> Any:
+        decrypt = decrypt_of()
+        assert decrypt is not None  # called through the state: it lives
         try:
             return decrypt(body)
         except TypeNotFoundError as exc:

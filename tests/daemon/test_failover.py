@@ -22,6 +22,7 @@ from tests.conftest import phone_for, render_config
 from tgdaemon.cli import login
 from tgdaemon.config import Config, PolicyConfig, load_config
 from tgdaemon.daemon import Daemon
+from tgdaemon.exceptions import AccountError, StoreError
 from tgdaemon.lifecycle import PARKED_STATES, State
 from tgdaemon.localdc import Fault, LocalDC
 from tgdaemon.telegram import local_update_pts
@@ -407,6 +408,117 @@ async def test_a_fleet_wide_stall_is_one_watchdog_line(
     assert _fleet_total(daemon, "tgdaemon_watchdog_stall_restarts_total") >= len(names)
     for n in names:
         assert _never_counted(daemon, "tgdaemon_worker_restarts_total", n)
+
+
+def _running(daemon: Daemon, name: str) -> bool:
+    """A worker of ``name`` is in the supervisor's slots (running or ended on its own)."""
+    assert daemon.supervisor is not None
+    try:
+        daemon.supervisor.worker(name)
+    except AccountError:
+        return False
+    return True
+
+
+def _live_tasks(name: str) -> int:
+    """Worker tasks of ``name`` not ended: more than one is two clients on one auth key."""
+    return sum(1 for t in asyncio.all_tasks()
+               if t.get_name() == f"worker:{name}" and not t.done())
+
+
+async def _overdue(daemon: Daemon, localdc: LocalDC, names: list[str], wait_until) -> Fault:
+    """Every worker's heartbeat hangs until it is overdue for the watchdog (the first tick
+    after a paused process sees this), the fault left on."""
+    assert daemon.supervisor is not None
+    fault = localdc.inject(Fault("stall", method=None))
+    workers = [daemon.supervisor.worker(n) for n in names]
+    await wait_until(lambda: all(time.monotonic() - w.progress.last > 1.6 for w in workers),
+                     15, "every worker overdue")
+    return fault
+
+
+async def test_a_release_during_a_watchdog_restart_is_not_undone(
+        make_config, login_account, localdc, wait_until):
+    """After a pause the watchdog restarts every worker while the fleet closes the leases
+    the pause lost: the release waits for the watchdog's stop of its accounts, and the
+    restart does not bring them back (it did: a worker for a lease held elsewhere, or a
+    health check failing on the account no longer configured)."""
+    names = ["alice", "bob"]
+    config, _ids = await _fleet(make_config, login_account, names,
+                                policy={"request_timeout": 30, "stale_after": 1.5,
+                                        "heartbeat_interval": 0.3})
+    async with Daemon(config) as daemon:
+        sup = daemon.supervisor
+        assert sup is not None
+        await wait_until(lambda: all(_connected(daemon, n) for n in names), 15, "connected")
+        fault = await _overdue(daemon, localdc, names, wait_until)
+        restart = asyncio.ensure_future(sup.check())
+        await wait_until(lambda: not _running(daemon, "alice"), 5, "the watchdog stopping",
+                         interval=0)
+        assert await sup.release(["alice"], 5) == set()
+        assert _live_tasks("alice") == 0, "released while its worker still ran"
+        assert await restart == 2
+        localdc.clear(fault)
+        await wait_until(lambda: _connected(daemon, "bob"), 15, "bob restarted")
+        assert not _running(daemon, "alice")
+        assert _live_tasks("alice") == 0
+        assert "alice" not in {a.name for a in sup.config.accounts}
+        # The lease comes back: one worker, connected.
+        await sup.adopt([config.account("alice")])
+        await wait_until(lambda: _connected(daemon, "alice"), 15, "alice adopted again")
+        assert _live_tasks("alice") == 1
+
+
+async def test_an_adoption_during_a_watchdog_restart_starts_one_worker(
+        make_config, login_account, localdc, wait_until):
+    """A lease claimed (again) while the watchdog restarts that account: one worker, started
+    by the restart once the old one has ended, never a second one beside it."""
+    config, _ids = await _fleet(make_config, login_account, ["alice"],
+                                policy={"request_timeout": 30, "stale_after": 1.5,
+                                        "heartbeat_interval": 0.3})
+    async with Daemon(config) as daemon:
+        sup = daemon.supervisor
+        assert sup is not None
+        await wait_until(lambda: _connected(daemon, "alice"), 15, "connected")
+        fault = await _overdue(daemon, localdc, ["alice"], wait_until)
+        restart = asyncio.ensure_future(sup.check())
+        await wait_until(lambda: not _running(daemon, "alice"), 5, "the watchdog stopping",
+                         interval=0)
+        await sup.adopt([config.account("alice")])
+        assert _live_tasks("alice") <= 1, "started beside the worker being stopped"
+        assert await restart == 1
+        localdc.clear(fault)
+        await wait_until(lambda: _connected(daemon, "alice"), 15, "alice restarted")
+        assert _live_tasks("alice") == 1
+
+
+async def test_a_restart_whose_session_cannot_be_read_is_retried(
+        make_config, login_account, localdc, wait_until, monkeypatch, caplog):
+    """The store does not answer when the watchdog's restart reads the session (a fleet's
+    database down): the worker is started at a later check, not lost."""
+    config, _ids = await _fleet(make_config, login_account, ["alice"],
+                                policy={"request_timeout": 30, "stale_after": 1.5,
+                                        "heartbeat_interval": 0.3})
+    async with Daemon(config) as daemon:
+        sup = daemon.supervisor
+        assert sup is not None
+        assert daemon.store is not None
+        await wait_until(lambda: _connected(daemon, "alice"), 15, "connected")
+        fault = await _overdue(daemon, localdc, ["alice"], wait_until)
+        real = daemon.store.load_sessions
+
+        async def down(*args: Any, **kwargs: Any) -> Any:
+            raise StoreError("lease store: ConnectionRefusedError")
+
+        monkeypatch.setattr(daemon.store, "load_sessions", down)
+        assert await sup.check() == 1
+        assert not _running(daemon, "alice")
+        assert "1 worker(s) not restarted yet" in caplog.text
+        localdc.clear(fault)
+        monkeypatch.setattr(daemon.store, "load_sessions", real)
+        assert await sup.check() == 0  # nothing stale: the pending restart only
+        await wait_until(lambda: _connected(daemon, "alice"), 15, "alice restarted later")
+        assert _live_tasks("alice") == 1
 
 
 # -- update-stream stall -----------------------------------------------------------------------
