@@ -208,13 +208,16 @@ class Waves:
         self.window = window
         #: Lines of each kind in its current window (written ones included).
         self._seen: Counter[str] = Counter()
+        #: The level of each kind's lines (its summary's).
+        self._levels: dict[str, int] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         _FILTERS.add(self)
 
-    def admit(self, kind: str) -> bool:
-        """Whether a line of ``kind`` is written at its own level now; False: counted for the
-        summary (the caller logs it at DEBUG). Every line is admitted outside an event loop
-        (no timer for the summary) and past :data:`MAX_KINDS`."""
+    def admit(self, kind: str, level: int = logging.INFO) -> bool:
+        """Whether a line of ``kind`` is written at its own ``level`` now; False: counted for
+        the summary, written at that level (the caller logs the line at DEBUG). Every line is
+        admitted outside an event loop (no timer for the summary) and past
+        :data:`MAX_KINDS`."""
         seen = self._seen[kind] = self._seen[kind] + 1
         if seen == 1:
             try:
@@ -226,15 +229,17 @@ class Waves:
                 del self._seen[kind]
                 return True
             self._timers[kind] = loop.call_later(self.window, self.flush, kind)
+            self._levels[kind] = level
         return seen <= self.burst
 
     def flush(self, kind: str) -> None:
         if (timer := self._timers.pop(kind, None)) is not None:
             timer.cancel()  # flushed early (a stop): the next wave gets a window of its own
         more = self._seen.pop(kind, 0) - self.burst
+        level = self._levels.pop(kind, logging.INFO)
         if more > 0:
-            log.info('%d more accounts logged "%s" in the last %g s (those lines at debug '
-                     'level)', more, kind, self.window)
+            log.log(level, '%d more accounts logged "%s" in the last %g s (those lines at '
+                    'debug level)', more, kind, self.window)
 
     def flush_all(self) -> None:
         for kind in list(self._timers):

@@ -114,9 +114,8 @@ class AccountReporter:
         previous, self.state = self.state, state
         self._board.update(self.name, **changes)
         if state is not previous:
-            info = state not in ATTEMPT_STATES and self._admit(_STATE_KINDS[state])
-            self.log.log(logging.INFO if info else logging.DEBUG,
-                         "state %s -> %s (%s)", previous.value, state.value, reason)
+            level = logging.DEBUG if state in ATTEMPT_STATES else self._level(_STATE_KINDS[state])
+            self.log.log(level, "state %s -> %s (%s)", previous.value, state.value, reason)
             stored["status"] = state.value  # the CLI reads it to refuse touching an active account
         if stored:
             self._submit(**stored)
@@ -127,11 +126,11 @@ class AccountReporter:
         # The first failure of a streak at INFO, the rest at DEBUG: during an outage 10,000
         # accounts retrying must not write thousands of lines a second. A failure that ends
         # the worker (parked, failed) is told by its state line, with its code: one line.
-        first = (attempt == 0 and rec.next_state not in ENDED_STATES
-                 and self._admit(f"{c.category.value} error ({c.code})"))
-        self.log.log(logging.INFO if first else logging.DEBUG,
-                     "%s error (%s), recovery: %s (attempt %d)", c.category.value, c.code,
-                     rec.action.value, attempt + 1)
+        level = logging.DEBUG
+        if attempt == 0 and rec.next_state not in ENDED_STATES:
+            level = self._level(f"{c.category.value} error ({c.code})")
+        self.log.log(level, "%s error (%s), recovery: %s (attempt %d)", c.category.value,
+                     c.code, rec.action.value, attempt + 1)
         if c.category is Category.FLOOD_WAIT:
             self._metrics.flood_wait(self.name, c.wait_seconds or 0)
         if rec.action is Action.RETRY:
@@ -139,9 +138,12 @@ class AccountReporter:
         until = self._clock() + rec.delay if rec.next_state is State.FLOOD_WAIT else None
         self.transition(rec.next_state, rec.reason, error=c, flood_wait_until=until)
 
-    def _admit(self, kind: str) -> bool:
-        """Whether an INFO line of ``kind`` is written as such (see :class:`Waves`)."""
-        return self._waves is None or self._waves.admit(kind)
+    def _level(self, kind: str, level: int = logging.INFO) -> int:
+        """The level a per-account line of ``kind`` is written at now: ``level``, or DEBUG
+        past the fleet's budget for a wave of them (see :class:`Waves`)."""
+        if self._waves is None or self._waves.admit(kind, level):
+            return level
+        return logging.DEBUG
 
     def connected_as(self, user: UserInfo, dc_id: int, device: DeviceInfo) -> None:
         """The session is proven logged in as ``user`` on ``dc_id``."""
@@ -191,14 +193,15 @@ class AccountReporter:
     # -- counters without a transition -----------------------------------------------------
 
     def failover(self, dc_id: int, failures: int) -> None:
-        self.log.warning("failing over DC %d to its next address after %d network failures",
-                         dc_id, failures)
+        self.log.log(self._level("failing over", logging.WARNING),
+                     "failing over DC %d to its next address after %d network failures",
+                     dc_id, failures)
         self._metrics.failover(self.name)
 
     def update_gap(self, server_pts: int, local_pts: int | None) -> None:
         self._metrics.update_gap(self.name)
-        self.log.warning("update stream gap: server pts %d, client pts %s", server_pts,
-                         local_pts)
+        self.log.log(self._level("update stream gap", logging.WARNING),
+                     "update stream gap: server pts %d, client pts %s", server_pts, local_pts)
 
     def sessions(self, result: LookResult) -> None:
         """A look at the account's sessions (``tgdaemon.watch``): the count, and the newest
@@ -225,8 +228,9 @@ class AccountReporter:
         if report.skipped:
             self.log.warning("%s difference too long: %d updates skipped (the server keeps no "
                              "more); %d recovered", where, report.skipped, report.recovered)
-        else:
-            self.log.log(logging.INFO if report.recovered else logging.DEBUG,
+        else:  # after an outage every account may have something: a wave
+            kind = "caught up (account)" if report.channel is None else "caught up (channel)"
+            self.log.log(self._level(kind) if report.recovered else logging.DEBUG,
                          "caught up (%s): %d updates recovered", where, report.recovered)
 
     def unknown_object(self, constructor_id: int) -> None:
