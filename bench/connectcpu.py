@@ -3,9 +3,11 @@
 Seeds N accounts (no key exchange: bench.seed), starts the localdc process(es), runs the
 daemon in this process as ``serve()`` does (its event loop, the supervisor's check tick, log
 level info to a file, /metrics on) with ``connect_rate = 0``, and measures this process's CPU
-(user + system, every thread) and wall time for three phases: connect all; the outage (every
-localdc SIGKILLed, restarted after ``--outage`` s, until they listen again); recovery (from then
-until all are connected again). Reported as one JSON line, CPU also in microseconds per account.
+(user + system, every thread) and wall time for four phases: connect all; reconnect (every
+connection reset by the localdc processes, which stay up, until all are connected again); the
+outage (every localdc SIGKILLed, restarted after ``--outage`` s, until they listen again);
+recovery (from then until all are connected again). Reported as one JSON line, CPU also in
+microseconds per account.
 
 ``--profile DIR``: each phase also runs under cProfile, timed by this thread's CPU clock (the
 event loop's; not wall time, which on a machine shared with the localdc processes counts the
@@ -92,6 +94,17 @@ async def until_connected(daemon: Daemon, n: int, timeout: float) -> int:
         await asyncio.sleep(SAMPLE)
 
 
+async def until_reconnected(daemon: Daemon, since: float, n: int, timeout: float) -> int:
+    """Accounts connected again after losing their connection at wall time ``since``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        back = sum(1 for s in daemon.board.snapshot()
+                   if s.state is State.CONNECTED and s.changed_at > since)
+        if back >= n or time.monotonic() > deadline:
+            return back
+        await asyncio.sleep(SAMPLE)
+
+
 async def measure(config_path: Path, n: int, dcs: list[LocalDcProcess], outage: float,
                   log_path: Path, phases: Phases) -> dict[str, Any]:
     config = load_config(config_path)
@@ -112,6 +125,11 @@ async def measure(config_path: Path, n: int, dcs: list[LocalDcProcess], outage: 
                 ticker = asyncio.create_task(check_loop(_tick(Notifier({}), config)))
                 connected = await until_connected(daemon, n, timeout)
             await asyncio.sleep(2.0)  # settle: the last store writes, the first heartbeats
+            async with phases.phase("reconnect"):  # every connection reset, servers up
+                since = time.time()
+                dropped = sum([await asyncio.to_thread(dc.drop) for dc in dcs])
+                reconnected = await until_reconnected(daemon, since, n, timeout)
+            await asyncio.sleep(2.0)
             async with phases.phase("outage"):  # until the localdc processes listen again
                 for dc in dcs:
                     await asyncio.to_thread(dc.kill)
@@ -125,7 +143,8 @@ async def measure(config_path: Path, n: int, dcs: list[LocalDcProcess], outage: 
                 with contextlib.suppress(asyncio.CancelledError):
                     await ticker
             await daemon.stop()
-    return {"n": n, "connected": connected, "recovered": recovered,
+    return {"n": n, "connected": connected, "dropped": dropped, "reconnected": reconnected,
+            "recovered": recovered,
             "outage_s": outage, **phases.results}
 
 
