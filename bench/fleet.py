@@ -382,10 +382,18 @@ async def run(args: argparse.Namespace) -> int:
     samples = await sampler
     await fleet.stop()
     await lag_probe.stop()
-    # What the daemon's freezes kept from the collector and died meanwhile (stop unfreezes).
+    # What the daemon's freezes kept from the collector and died meanwhile (stop unfreezes),
+    # and what the stop itself left in cycles; by type, to attribute it (bench/gcleak.py
+    # measures the frozen garbage of a running fleet, without a stop).
     import gc
 
-    garbage = gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        garbage = gc.collect()
+    finally:
+        gc.set_debug(0)
+    garbage_types = Counter(type(o).__qualname__ for o in gc.garbage).most_common(15)
+    gc.garbage.clear()
     args.timeline.write_text(json.dumps({
         "loop_lag": lag_probe.late,
         "n": fleet.size,
@@ -396,6 +404,7 @@ async def run(args: argparse.Namespace) -> int:
         "slow_passes": pass_probe.slow,
         "gc_census": gc_probe.census,
         "garbage_at_stop": garbage,
+        "garbage_at_stop_types": garbage_types,
     }))
     emit("stopped")
     return 0

@@ -91,7 +91,7 @@ class Daemon:
         self.loop_lag = LoopLag(self.registry, monotonic=monotonic)
         self.rotation: KeyRotation | None = None
         #: Freezes the long-lived heap during connect waves (``tgdaemon.gcpolicy``).
-        self.gc = GcPolicy(self._connecting)
+        self.gc = GcPolicy(self._connecting, registry=self.registry)
         #: A fleet instance's side of a key rotation (agreement on the write key).
         self.fleet_keys: FleetKeys | None = None
         self._ready = False

@@ -26,6 +26,7 @@ import logging
 from typing import Any
 
 from tgdaemon.connection import abort_connection
+from tgdaemon.cycles import drop_frames
 
 log = logging.getLogger("tgdaemon.reaper")
 
@@ -121,21 +122,8 @@ def _cut(client: Any) -> None:
         sender._send_loop_handle = sender._recv_loop_handle = sender._reconnect_task = None
         ended = getattr(sender, "_MTProtoSender__disconnected", None)
         if ended is not None and ended.done() and not ended.cancelled():
-            _drop_frames(ended.exception())
-    _drop_frames(getattr(client, "_updates_error", None))
+            drop_frames(ended.exception())
+    drop_frames(getattr(client, "_updates_error", None))
     client._updates_handle = client._keepalive_handle = None
     client._event_handler_tasks.clear()
 
-
-def _drop_frames(exc: BaseException | None) -> None:
-    """Drop the tracebacks of ``exc`` and of the exceptions chained to it (kept: the types
-    and messages, which is all a later reader of a torn-down client's error needs)."""
-    seen: set[int] = set()  # one for the whole graph: a cause may lead back to a context
-    stack = [exc]
-    while stack:
-        item = stack.pop()
-        if item is None or id(item) in seen:
-            continue
-        seen.add(id(item))
-        item.__traceback__ = None
-        stack += (item.__cause__, item.__context__)

@@ -17,6 +17,7 @@ from tgdaemon.accountclient import CLOSE_TIMEOUT
 from tgdaemon.config import diff_config
 from tgdaemon.exceptions import AccountError, DecryptionError, StoreError
 from tgdaemon.lifecycle import STALL_WORKERS, watchdog_restarts
+from tgdaemon.logvolume import Waves
 from tgdaemon.reporter import AccountReporter
 from tgdaemon.tasks import in_passes
 from tgdaemon.wheel import WAKE_BATCH
@@ -63,6 +64,8 @@ class Supervisor:
         self._restarting: set[str] = set()
         #: One per configured account, kept across worker restarts.
         self._reporters: dict[str, AccountReporter] = {}
+        #: Their per-account INFO lines in a fleet-wide wave: a few, then one summary.
+        self._waves = Waves()
 
     @property
     def config(self) -> Config:
@@ -154,7 +157,8 @@ class Supervisor:
         reporter = self._reporters.get(name)
         if reporter is None:
             reporter = AccountReporter(name, board=self._board, metrics=self._metrics,
-                                       store=self.deps.store, clock=self.deps.clock)
+                                       store=self.deps.store, clock=self.deps.clock,
+                                       waves=self._waves)
             self._reporters[name] = reporter
         return reporter
 

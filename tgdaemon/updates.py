@@ -30,11 +30,12 @@ Private Telethon internals read here (1.45): ``client._message_box``,
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from telethon._updates.messagebox import ENTRY_ACCOUNT, MessageBox
+from telethon._updates.messagebox import ENTRY_ACCOUNT, LOG_LEVEL_TRACE, MessageBox
 from telethon.errors import TypeNotFoundError
 from telethon.tl import functions, types
 from telethon.tl.core import MessageContainer, TLMessage
@@ -81,6 +82,13 @@ class CatchUpBox(MessageBox):  # type: ignore[misc]
         #: Updates accepted but not yet through the handlers, and the state from before them.
         self._undispatched = 0
         self._safe: Any = None
+
+    def _trace(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        """Telethon's trace formats the box's date before its logger looks at the level, on
+        every connect (six times: box built, loaded, difference begun and applied) and every
+        batch of updates: here nothing is done unless its level is enabled."""
+        if self._log.isEnabledFor(LOG_LEVEL_TRACE):
+            super()._trace(msg, *args, **kwargs)
 
     # -- the saved state follows the handlers -----------------------------------------------
 
@@ -262,9 +270,13 @@ def guard_unknown_objects(client: Any, on_unknown: Callable[[int], None]) -> Non
     inside a gzip_packed message (:class:`tgdaemon.handshake.PaddedKeySender`)."""
     client._sender.on_unknown_object = on_unknown
     state = client._sender._state
-    decrypt = state.decrypt_message_data
+    # Weakly: the wrapper lives on the state, and a strong bound method would make the two a
+    # cycle that outlives the client (frozen by tgdaemon.gcpolicy, auth key and all).
+    decrypt_of = weakref.WeakMethod(state.decrypt_message_data)
 
     def decrypt_message_data(body: bytes) -> Any:
+        decrypt = decrypt_of()
+        assert decrypt is not None  # called through the state: it lives
         try:
             return decrypt(body)
         except TypeNotFoundError as exc:

@@ -24,6 +24,7 @@ from telethon import functions, types
 
 from tgdaemon.accountclient import AccountClient
 from tgdaemon.connwatch import ConnectionWatch
+from tgdaemon.cycles import drop_frames
 from tgdaemon.errors import NotAuthorizedError, classify
 from tgdaemon.exceptions import DecryptionError
 from tgdaemon.leases import LeaseGate, LeaseLostError
@@ -245,6 +246,10 @@ class AccountWorker:
     async def _recover(self, exc: Exception) -> bool:
         """Apply the recovery for ``exc``; False when the worker must end (parked/stopped)."""
         c = classify(exc)
+        # Classified: its traceback is of no more use, and its frames (the heartbeat wait's
+        # holds the connection's ended future, which holds ``exc``) make a cycle that a freeze
+        # would keep for good (tgdaemon.cycles).
+        drop_frames(exc)
         now = self.deps.monotonic()
         if not self._attempts:
             self._failing_since = now
