@@ -294,12 +294,16 @@ class Supervisor:
         # A restart by the watchdog in progress starts its accounts with the new settings.
         to_start = [n for n in (*diff.added, *changed, *ended) if n not in self._restarting]
         sessions = await self.deps.store.load_sessions() if to_start else {}
+        # The running config now, not ``new``: a fleet's release or adoption during the awaits
+        # above changed its accounts (a released account is not started again).
+        current = {a.name: a for a in self.config.accounts}
         for name in to_start:
-            self._spawn(new.account(name), sessions.get(name))
-        names = {a.name for a in new.accounts}
-        for name in self._reporters.keys() - names:
+            account = current.get(name)
+            if account is not None and name not in self._slots:
+                self._spawn(account, sessions.get(name))
+        for name in self._reporters.keys() - current.keys():
             self._reporters.pop(name).remove()
-        for account in new.accounts:
+        for account in current.values():
             if not account.enabled:
                 self._reporter(account.name).disabled()
         log.info("config applied: %d added, %d removed, %d changed, %d retried, %d unchanged",

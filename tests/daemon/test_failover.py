@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import dataclasses
 import logging
 import random
 import socket
@@ -490,6 +491,29 @@ async def test_an_adoption_during_a_watchdog_restart_starts_one_worker(
         localdc.clear(fault)
         await wait_until(lambda: _connected(daemon, "alice"), 15, "alice restarted")
         assert _live_tasks("alice") == 1
+
+
+async def test_a_release_during_a_reload_is_not_undone(
+        make_config, login_account, localdc, wait_until):
+    """A reload restarting a changed account while the fleet releases it: the reload does not
+    start it again, and accounts adopted meanwhile keep their status."""
+    config, _ids = await _fleet(make_config, login_account, ["alice", "bob"])
+    async with Daemon(config) as daemon:
+        sup = daemon.supervisor
+        assert sup is not None
+        await wait_until(lambda: _connected(daemon, "alice") and _connected(daemon, "bob"), 15,
+                         "connected")
+        changed = dataclasses.replace(config.account("alice"), device_model="changed")
+        reload = asyncio.ensure_future(sup.apply(dataclasses.replace(
+            sup.config, accounts=(changed, config.account("bob")))))
+        await wait_until(lambda: not _running(daemon, "alice"), 5, "the reload stopping alice",
+                         interval=0)
+        assert await sup.release(["alice"], 5) == set()
+        await reload
+        assert not _running(daemon, "alice")
+        assert _live_tasks("alice") == 0
+        assert daemon.board.get("bob") is not None
+        assert _connected(daemon, "bob")
 
 
 async def test_a_restart_whose_session_cannot_be_read_is_retried(
