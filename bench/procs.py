@@ -83,11 +83,18 @@ class LocalDcProcess:
         return dict(self.counters()["requests"])
 
     def inject(self, fault: dict[str, Any]) -> int:
-        req = urllib.request.Request(f"{self.info['control_url']}/faults",
-                                     data=json.dumps(fault).encode(), method="POST",
+        return int(self._post("faults", fault)["id"])
+
+    def drop(self) -> int:
+        """Reset every client connection now (the server stays up); how many."""
+        return int(self._post("drop", {})["dropped"])
+
+    def _post(self, what: str, body: dict[str, Any]) -> dict[str, Any]:
+        req = urllib.request.Request(f"{self.info['control_url']}/{what}",
+                                     data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=30) as r:
-            return int(json.loads(r.read())["id"])
+            return dict(json.loads(r.read()))
 
     def kill(self) -> None:
         """The outage: SIGKILL, so the kernel resets every connection at once."""

@@ -32,7 +32,14 @@ class _Fifo(list[Any]):
 
 
 class LeanQueue(asyncio.Queue[T]):
-    """``asyncio.Queue`` (all of its logic is the standard library's) on lists."""
+    """``asyncio.Queue`` on lists, whose :meth:`get` is a future rather than a coroutine.
+
+    Telethon's update loop waits with ``asyncio.wait_for(queue.get(), deadline)``, which wraps
+    a coroutine in a Task of its own (its creation, its first step, its end: three more
+    callbacks on the loop) and takes a future as it is: three such waits a connect (the
+    catch-up's first item, the difference, the wait that lasts until the next update) and one
+    per batch of updates. An item goes straight to the oldest waiting getter; a getter that
+    timed out or was cancelled is skipped, so an item is never lost to it."""
 
     def __init__(self, maxsize: int = 0) -> None:
         super().__init__(maxsize)
@@ -50,3 +57,27 @@ class LeanQueue(asyncio.Queue[T]):
 
     def _put(self, item: T) -> None:
         self._queue.append(item)
+
+    def get(self) -> asyncio.Future[T]:  # type: ignore[override]  # awaited the same way
+        """A future of the next item (see the class docstring)."""
+        fut: asyncio.Future[T] = self._get_loop().create_future()  # type: ignore[attr-defined]
+        if self._queue:
+            fut.set_result(self._get())
+            self._wakeup_next(self._putters)  # type: ignore[attr-defined]
+        else:
+            getters = self._getters
+            if getters and getters[0].done():  # left by waits that timed out
+                getters[:] = [g for g in getters if not g.done()]
+            getters.append(fut)
+        return fut
+
+    def put_nowait(self, item: T) -> None:
+        getters = self._getters
+        while getters:
+            getter = getters.popleft()
+            if not getter.done():
+                getter.set_result(item)  # the queue itself stays empty
+                self._unfinished_tasks += 1  # type: ignore[attr-defined]
+                self._finished.clear()
+                return
+        super().put_nowait(item)

@@ -182,8 +182,73 @@ class NoiseFilter(logging.Filter):
             self.flush(kind)
 
 
-#: Every live :class:`NoiseFilter` (the one on the handler of ``logs.setup_logging``).
-_FILTERS: weakref.WeakSet[NoiseFilter] = weakref.WeakSet()
+#: Per-account INFO lines of one kind written as they are in a window of :class:`Waves`.
+WAVE_BURST = 20
+
+
+class Waves:
+    """Our own per-account INFO lines of one kind (an account connected, lost its
+    connection, stopped): the first ``burst`` of a ``window`` are written as they are, the rest
+    are not even built (the caller logs them at DEBUG, dropped before any record exists at
+    info level) and one summary line tells how many there were when the window ends.
+
+    :class:`NoiseFilter` demotes records that were already made; these are ours, so the check
+    comes before the record: a fleet-wide wave (10,000 accounts connecting at start or after
+    an outage, or stopping) cost one formatted, redacted, written line per account and event,
+    ~50 us each (bench/connectcpu.py), in the event loop's busiest seconds. A kind is a short
+    key from a closed vocabulary (a state, an error category and code); at most
+    :data:`MAX_KINDS` are tracked at once, beyond that lines pass as they are."""
+
+    MAX_KINDS = 64
+
+    def __init__(self, burst: int = WAVE_BURST, window: float = 10.0) -> None:
+        if burst < 0 or window <= 0:
+            raise ValueError("burst must be >= 0 and window > 0")
+        self.burst = burst
+        self.window = window
+        #: Lines of each kind in its current window (written ones included).
+        self._seen: Counter[str] = Counter()
+        #: The level of each kind's lines (its summary's).
+        self._levels: dict[str, int] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        _FILTERS.add(self)
+
+    def admit(self, kind: str, level: int = logging.INFO) -> bool:
+        """Whether a line of ``kind`` is written at its own ``level`` now; False: counted for
+        the summary, written at that level (the caller logs the line at DEBUG). Every line is
+        admitted outside an event loop (no timer for the summary) and past
+        :data:`MAX_KINDS`."""
+        seen = self._seen[kind] = self._seen[kind] + 1
+        if seen == 1:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                del self._seen[kind]
+                return True
+            if len(self._timers) >= self.MAX_KINDS:
+                del self._seen[kind]
+                return True
+            self._timers[kind] = loop.call_later(self.window, self.flush, kind)
+            self._levels[kind] = level
+        return seen <= self.burst
+
+    def flush(self, kind: str) -> None:
+        if (timer := self._timers.pop(kind, None)) is not None:
+            timer.cancel()  # flushed early (a stop): the next wave gets a window of its own
+        more = self._seen.pop(kind, 0) - self.burst
+        level = self._levels.pop(kind, logging.INFO)
+        if more > 0:
+            log.log(level, '%d more accounts logged "%s" in the last %g s (those lines at '
+                    'debug level)', more, kind, self.window)
+
+    def flush_all(self) -> None:
+        for kind in list(self._timers):
+            self.flush(kind)
+
+
+#: Every live :class:`NoiseFilter` (the one on the handler of ``logs.setup_logging``) and
+#: :class:`Waves` (the supervisor's).
+_FILTERS: weakref.WeakSet[NoiseFilter | Waves] = weakref.WeakSet()
 
 
 def flush_summaries() -> None:

@@ -28,6 +28,7 @@ from tgdaemon.lifecycle import (
     State,
 )
 from tgdaemon.logs import account_logger
+from tgdaemon.logvolume import Waves
 from tgdaemon.redact import redact
 from tgdaemon.status import NewLogin
 from tgdaemon.updates import CatchUp, first_sighting
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 #: How often heartbeats refresh last_used/last_checked in the store (the status board always
 #: has the live value): 10,000 accounts writing every heartbeat would be 300 writes a second.
 STORE_TOUCH_INTERVAL = 600.0
+#: The wave kind of each state's transition line (built once: the key of every line).
+_STATE_KINDS = {state: f"state -> {state.value}" for state in State}
 
 
 class AccountReporter:
@@ -55,8 +58,12 @@ class AccountReporter:
         metrics: Metrics,
         store: Store,
         clock: Callable[[], float],
+        waves: Waves | None = None,
     ) -> None:
         self.name = name
+        #: The fleet's budget of per-account INFO lines (tgdaemon.logvolume); None: every
+        #: line is written.
+        self._waves = waves
         self.log = account_logger(name)
         self._board = board
         self._metrics = metrics
@@ -81,12 +88,16 @@ class AccountReporter:
         *,
         error: Classified | None = None,
         flood_wait_until: float | None = None,
+        shown: dict[str, Any] | None = None,
         **stored: Any,
     ) -> None:
-        """Move to ``state``; ``error`` travels with it (one status message, not two) and
-        ``stored`` are extra store columns written in the same queued update."""
+        """Move to ``state``; ``error`` and ``shown`` (extra status fields) travel with it (one
+        status message, not two) and ``stored`` are extra store columns written in the same
+        queued update."""
         changes: dict[str, Any] = {"state": state, "reason": redact(reason),
                                    "flood_wait_until": flood_wait_until}
+        if shown:
+            changes.update(shown)
         if error is not None:
             self._errors += 1
             changes["errors"] = self._errors
@@ -103,8 +114,8 @@ class AccountReporter:
         previous, self.state = self.state, state
         self._board.update(self.name, **changes)
         if state is not previous:
-            self.log.log(logging.DEBUG if state in ATTEMPT_STATES else logging.INFO,
-                         "state %s -> %s (%s)", previous.value, state.value, reason)
+            level = logging.DEBUG if state in ATTEMPT_STATES else self._level(_STATE_KINDS[state])
+            self.log.log(level, "state %s -> %s (%s)", previous.value, state.value, reason)
             stored["status"] = state.value  # the CLI reads it to refuse touching an active account
         if stored:
             self._submit(**stored)
@@ -115,10 +126,11 @@ class AccountReporter:
         # The first failure of a streak at INFO, the rest at DEBUG: during an outage 10,000
         # accounts retrying must not write thousands of lines a second. A failure that ends
         # the worker (parked, failed) is told by its state line, with its code: one line.
-        first = attempt == 0 and rec.next_state not in ENDED_STATES
-        self.log.log(logging.INFO if first else logging.DEBUG,
-                     "%s error (%s), recovery: %s (attempt %d)", c.category.value, c.code,
-                     rec.action.value, attempt + 1)
+        level = logging.DEBUG
+        if attempt == 0 and rec.next_state not in ENDED_STATES:
+            level = self._level(f"{c.category.value} error ({c.code})")
+        self.log.log(level, "%s error (%s), recovery: %s (attempt %d)", c.category.value,
+                     c.code, rec.action.value, attempt + 1)
         if c.category is Category.FLOOD_WAIT:
             self._metrics.flood_wait(self.name, c.wait_seconds or 0)
         if rec.action is Action.RETRY:
@@ -126,16 +138,24 @@ class AccountReporter:
         until = self._clock() + rec.delay if rec.next_state is State.FLOOD_WAIT else None
         self.transition(rec.next_state, rec.reason, error=c, flood_wait_until=until)
 
+    def _level(self, kind: str, level: int = logging.INFO) -> int:
+        """The level a per-account line of ``kind`` is written at now: ``level``, or DEBUG
+        past the fleet's budget for a wave of them (see :class:`Waves`)."""
+        if self._waves is None or self._waves.admit(kind, level):
+            return level
+        return logging.DEBUG
+
     def connected_as(self, user: UserInfo, dc_id: int, device: DeviceInfo) -> None:
         """The session is proven logged in as ``user`` on ``dc_id``."""
         now = self._clock()
         self._last_store_touch = now
         self._dc_id = dc_id
-        self._board.update(self.name, user=user, dc_id=dc_id, last_checked=now,
-                           last_error_category=None, last_error_message=None)
-        self.transition(State.CONNECTED, "validated", user_id=user.id, username=user.username,
-                        first_name=user.first_name, dc_id=dc_id, last_checked=now,
-                        last_used=now, last_error_category=None, device=device)
+        shown = {"user": user, "dc_id": dc_id, "last_checked": now,
+                 "last_error_category": None, "last_error_message": None}
+        self.transition(State.CONNECTED, "validated", shown=shown, user_id=user.id,
+                        username=user.username, first_name=user.first_name, dc_id=dc_id,
+                        last_checked=now, last_used=now, last_error_category=None,
+                        device=device)
 
     def heartbeat(self, latency: float, dc_id: int) -> None:
         """An answered heartbeat that took ``latency`` seconds, the session now on ``dc_id``."""
@@ -173,14 +193,15 @@ class AccountReporter:
     # -- counters without a transition -----------------------------------------------------
 
     def failover(self, dc_id: int, failures: int) -> None:
-        self.log.warning("failing over DC %d to its next address after %d network failures",
-                         dc_id, failures)
+        self.log.log(self._level("failing over", logging.WARNING),
+                     "failing over DC %d to its next address after %d network failures",
+                     dc_id, failures)
         self._metrics.failover(self.name)
 
     def update_gap(self, server_pts: int, local_pts: int | None) -> None:
         self._metrics.update_gap(self.name)
-        self.log.warning("update stream gap: server pts %d, client pts %s", server_pts,
-                         local_pts)
+        self.log.log(self._level("update stream gap", logging.WARNING),
+                     "update stream gap: server pts %d, client pts %s", server_pts, local_pts)
 
     def sessions(self, result: LookResult) -> None:
         """A look at the account's sessions (``tgdaemon.watch``): the count, and the newest
@@ -207,8 +228,9 @@ class AccountReporter:
         if report.skipped:
             self.log.warning("%s difference too long: %d updates skipped (the server keeps no "
                              "more); %d recovered", where, report.skipped, report.recovered)
-        else:
-            self.log.log(logging.INFO if report.recovered else logging.DEBUG,
+        else:  # after an outage every account may have something: a wave
+            kind = "caught up (account)" if report.channel is None else "caught up (channel)"
+            self.log.log(self._level(kind) if report.recovered else logging.DEBUG,
                          "caught up (%s): %d updates recovered", where, report.recovered)
 
     def unknown_object(self, constructor_id: int) -> None:

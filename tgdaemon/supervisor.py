@@ -17,6 +17,7 @@ from tgdaemon.accountclient import CLOSE_TIMEOUT
 from tgdaemon.config import diff_config
 from tgdaemon.exceptions import AccountError, DecryptionError, StoreError
 from tgdaemon.lifecycle import STALL_WORKERS, watchdog_restarts
+from tgdaemon.logvolume import Waves
 from tgdaemon.reporter import AccountReporter
 from tgdaemon.tasks import in_passes
 from tgdaemon.wheel import WAKE_BATCH
@@ -63,6 +64,8 @@ class Supervisor:
         self._restarting: set[str] = set()
         #: One per configured account, kept across worker restarts.
         self._reporters: dict[str, AccountReporter] = {}
+        #: Their per-account INFO lines in a fleet-wide wave: a few, then one summary.
+        self._waves = Waves()
 
     @property
     def config(self) -> Config:
@@ -154,7 +157,8 @@ class Supervisor:
         reporter = self._reporters.get(name)
         if reporter is None:
             reporter = AccountReporter(name, board=self._board, metrics=self._metrics,
-                                       store=self.deps.store, clock=self.deps.clock)
+                                       store=self.deps.store, clock=self.deps.clock,
+                                       waves=self._waves)
             self._reporters[name] = reporter
         return reporter
 
@@ -290,12 +294,16 @@ class Supervisor:
         # A restart by the watchdog in progress starts its accounts with the new settings.
         to_start = [n for n in (*diff.added, *changed, *ended) if n not in self._restarting]
         sessions = await self.deps.store.load_sessions() if to_start else {}
+        # The running config now, not ``new``: a fleet's release or adoption during the awaits
+        # above changed its accounts (a released account is not started again).
+        current = {a.name: a for a in self.config.accounts}
         for name in to_start:
-            self._spawn(new.account(name), sessions.get(name))
-        names = {a.name for a in new.accounts}
-        for name in self._reporters.keys() - names:
+            account = current.get(name)
+            if account is not None and name not in self._slots:
+                self._spawn(account, sessions.get(name))
+        for name in self._reporters.keys() - current.keys():
             self._reporters.pop(name).remove()
-        for account in new.accounts:
+        for account in current.values():
             if not account.enabled:
                 self._reporter(account.name).disabled()
         log.info("config applied: %d added, %d removed, %d changed, %d retried, %d unchanged",

@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from telethon._updates.messagebox import ENTRY_ACCOUNT, MessageBox
+from telethon._updates.messagebox import ENTRY_ACCOUNT, LOG_LEVEL_TRACE, MessageBox
 from telethon.errors import TypeNotFoundError
 from telethon.tl import functions, types
 from telethon.tl.core import MessageContainer, TLMessage
@@ -82,6 +82,13 @@ class CatchUpBox(MessageBox):  # type: ignore[misc]
         #: Updates accepted but not yet through the handlers, and the state from before them.
         self._undispatched = 0
         self._safe: Any = None
+
+    def _trace(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        """Telethon's trace formats the box's date before its logger looks at the level, on
+        every connect (six times: box built, loaded, difference begun and applied) and every
+        batch of updates: here nothing is done unless its level is enabled."""
+        if self._log.isEnabledFor(LOG_LEVEL_TRACE):
+            super()._trace(msg, *args, **kwargs)
 
     # -- the saved state follows the handlers -----------------------------------------------
 

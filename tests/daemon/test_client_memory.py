@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from telethon import TelegramClient
 from telethon.network import ConnectionTcpFull
 from telethon.sessions import MemorySession
@@ -74,6 +75,25 @@ async def test_lean_queue_keeps_fifo_order_and_wakes_waiters():
     for _ in range(5):
         unbounded.task_done()
     await asyncio.wait_for(unbounded.join(), 1)
+
+
+async def test_lean_queue_get_is_a_future_and_a_wait_that_timed_out_takes_nothing():
+    """Telethon's update loop waits with ``wait_for(queue.get(), deadline)``: a future needs
+    no Task of its own, as a coroutine does; a wait that ended takes no later item."""
+    q: LeanQueue[int] = LeanQueue()
+    waiting = q.get()
+    assert isinstance(waiting, asyncio.Future)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(waiting, 0.01)
+    q.put_nowait(1)
+    q.put_nowait(2)
+    assert await asyncio.wait_for(q.get(), 1) == 1
+    assert q.get_nowait() == 2
+    gone, live = q.get(), q.get()
+    gone.cancel()
+    q.put_nowait(3)
+    assert await live == 3
+    assert q.empty()
 
 
 async def test_a_dropped_connection_is_freed_without_the_collector():

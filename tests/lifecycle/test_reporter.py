@@ -8,8 +8,10 @@ import random
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.conftest import wait_for_condition
 from tgdaemon.config import PolicyConfig
 from tgdaemon.lifecycle import Category, Classified, State, recovery_for
+from tgdaemon.logvolume import Waves
 from tgdaemon.metrics import Metrics
 from tgdaemon.reporter import AccountReporter
 from tgdaemon.status import StatusBoard, UserInfo
@@ -132,3 +134,48 @@ async def test_status_counts_failures_past_recovery(setup) -> None:
     assert status is not None
     assert status.to_json()["lastError"]["category"] == "network"
     assert status.to_json()["errors"] == 4
+
+
+async def test_a_fleet_wide_wave_is_a_few_lines_and_one_summary(store, caplog) -> None:
+    """200 accounts connecting, then losing their connection and failing over, in one window:
+    per kind the first ``burst`` lines at their level, the others never built (not even as
+    DEBUG records at info level), then one summary line each with the count, at that level."""
+    caplog.set_level(logging.INFO, logger="tgdaemon")
+    board = StatusBoard(clock=lambda: NOW)
+    metrics = Metrics(CollectorRegistry(), board, clock=lambda: NOW)
+    waves = Waves(burst=5, window=0.2)
+    reporters = [AccountReporter(f"a{i}", board=board, metrics=metrics, store=store,
+                                 clock=lambda: NOW, waves=waves) for i in range(200)]
+    network = Classified(Category.NETWORK, "IncompleteReadError", "IncompleteReadError: 0")
+    for reporter in reporters:
+        reporter.transition(State.CONNECTING, "connecting")
+        reporter.connected_as(UserInfo(42, "al", "Al"), 2, DeviceInfo("rack", "Linux", "1"))
+        reporter.failure(network, recovery_for(network, 0, PolicyConfig(), random.Random()), 0)
+        reporter.failover(2, 3)  # a WARNING line: its summary is a WARNING too
+    per_account = [r for r in caplog.records if r.name == "tgdaemon.account"]
+    assert [r.getMessage() for r in per_account[:2]] == [
+        "[a0] state connecting -> connected (validated)",
+        "[a0] network error (IncompleteReadError), recovery: retry (attempt 1)"]
+    assert len(per_account) == 15  # 5 + 5 + 5 of 600, not one DEBUG record among them
+    assert [r.levelno for r in per_account].count(logging.WARNING) == 5
+    assert all(r.state is State.RECONNECTING for r in reporters)  # the rest is unchanged
+
+    def summaries() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "tgdaemon.logvolume"]
+
+    await wait_for_condition(lambda: len(summaries()) == 3, message="three summary lines")
+    assert sorted(summaries()) == [
+        '195 more accounts logged "failing over" in the last 0.2 s (those lines at debug '
+        "level)",
+        '195 more accounts logged "network error (IncompleteReadError)" in the last 0.2 s '
+        "(those lines at debug level)",
+        '195 more accounts logged "state -> connected" in the last 0.2 s (those lines at '
+        "debug level)"]
+    levels = {r.getMessage().split('"')[1]: r.levelno for r in caplog.records
+              if r.name == "tgdaemon.logvolume"}
+    assert levels["failing over"] == logging.WARNING
+    assert levels["state -> connected"] == logging.INFO
+    # A new window: the next line is written again.
+    reporters[0].transition(State.CONNECTED, "validated")
+    assert caplog.records[-1].getMessage() == "[a0] state reconnecting -> connected (validated)"
+    waves.flush_all()

@@ -170,13 +170,13 @@ async def test_refused_connections(localdc, clients):
 async def test_latency_delays_answers(localdc, clients, phone):
     client = clients(localdc)
     await login(client, localdc, phone)
-    localdc.inject(Fault("latency", method="ping", seconds=0.3))
+    localdc.inject(Fault("latency", method="ping", seconds=1.0))
     t0 = time.monotonic()
     await client(ping())
-    assert time.monotonic() - t0 >= 0.29
+    assert time.monotonic() - t0 >= 0.99
     t0 = time.monotonic()
     await client(GET_SELF)
-    assert time.monotonic() - t0 < 0.25
+    assert time.monotonic() - t0 < 0.5  # other methods are not delayed (room for a loaded CI)
 
 
 async def test_muted_updates_while_pings_answered(localdc, clients, phone, wait_until):

@@ -21,9 +21,11 @@ from tgdaemon.store import Store
 WORKER = Path(__file__).with_name("_write_lock_worker.py")
 #: Each turn of the writer's event loop is blocked this long (a daemon at 10,000 lags more).
 LAG = 0.5
-#: A renewal must answer well within one lag: it may wait for the writer's transactions, but
-#: only for their SQL, never for the writer's event loop.
-RENEWAL_BOUND = LAG / 2
+#: A renewal must answer within one lag: it may wait for the writer's transactions, but only
+#: for their SQL (holds of ~0.1 s), never for the writer's event loop (renewals that waited
+#: for it, at least 10 of them, would reach a whole lag). Not half a lag: a loaded 2-core
+#: machine's scheduling alone reached 0.16 s (0.29 s once, beside a fleet of processes).
+RENEWAL_BOUND = 0.8 * LAG
 WRITER_ACCOUNTS, RENEWER_ACCOUNTS, CYCLES = 400, 300, 2
 
 
@@ -77,6 +79,8 @@ async def test_renewals_do_not_wait_for_a_lagging_writer(tmp_path: Path) -> None
             if proc.poll() is None:
                 proc.kill()
             proc.communicate(timeout=30)
+    print(f"\nrenewal max {[r['max'] for r in renewed]} s, lock hold max "
+          f"{max(t['hold_max'] for t in wrote['lock'].values()):.3f} s, bound {RENEWAL_BOUND} s")
     assert wrote["failures"] == 0
     # The lagging loop took whole seconds per batch: renewals ran throughout the writes.
     assert wrote["seconds"] > 2 * LAG
