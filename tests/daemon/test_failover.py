@@ -346,12 +346,15 @@ async def test_short_outage_every_account_back_within_the_rate_bound(
 
 # -- the supervisor's watchdog -----------------------------------------------------------------
 
+#: Workers the watchdog finds stale soon after a stalled heartbeat (request_timeout is longer).
+WATCHDOG_POLICY = {"request_timeout": 30, "stale_after": 1.5, "heartbeat_interval": 0.3}
+
+
 
 async def test_stuck_worker_is_restarted_by_the_watchdog(
         make_config, login_account, localdc, wait_until):
     config, ids = await _fleet(make_config, login_account, ["alice", "bob"],
-                               policy={"request_timeout": 30, "stale_after": 1.5,
-                                       "heartbeat_interval": 0.3})
+                               policy=WATCHDOG_POLICY)
     async with Daemon(config) as daemon:
         await wait_until(lambda: _connected(daemon, "alice") and _connected(daemon, "bob"), 10,
                          "both connected")
@@ -389,8 +392,7 @@ async def test_a_fleet_wide_stall_is_one_watchdog_line(
     (issue 17: a fleet-wide event costs no series per account)."""
     names = ["alice", "bob", "carol", "dave", "erin"]
     config, _ids = await _fleet(make_config, login_account, names,
-                                policy={"request_timeout": 30, "stale_after": 1.5,
-                                        "heartbeat_interval": 0.3})
+                                policy=WATCHDOG_POLICY)
     async with Daemon(config) as daemon:
         await wait_until(lambda: all(_connected(daemon, n) for n in names), 15, "all connected")
         fault = localdc.inject(Fault("stall", method=None))  # every account's heartbeat hangs
@@ -409,6 +411,15 @@ async def test_a_fleet_wide_stall_is_one_watchdog_line(
     assert _fleet_total(daemon, "tgdaemon_watchdog_stall_restarts_total") >= len(names)
     for n in names:
         assert _never_counted(daemon, "tgdaemon_worker_restarts_total", n)
+
+
+async def _restart_begun(daemon: Daemon, name: str, wait_until) -> asyncio.Future[int]:
+    """The watchdog's check, running until it has taken ``name``'s worker out to stop it."""
+    assert daemon.supervisor is not None
+    restart = asyncio.ensure_future(daemon.supervisor.check())
+    await wait_until(lambda: not _running(daemon, name), 5, "the watchdog stopping",
+                     interval=0)
+    return restart
 
 
 def _running(daemon: Daemon, name: str) -> bool:
@@ -446,16 +457,13 @@ async def test_a_release_during_a_watchdog_restart_is_not_undone(
     health check failing on the account no longer configured)."""
     names = ["alice", "bob"]
     config, _ids = await _fleet(make_config, login_account, names,
-                                policy={"request_timeout": 30, "stale_after": 1.5,
-                                        "heartbeat_interval": 0.3})
+                                policy=WATCHDOG_POLICY)
     async with Daemon(config) as daemon:
         sup = daemon.supervisor
         assert sup is not None
         await wait_until(lambda: all(_connected(daemon, n) for n in names), 15, "connected")
         fault = await _overdue(daemon, localdc, names, wait_until)
-        restart = asyncio.ensure_future(sup.check())
-        await wait_until(lambda: not _running(daemon, "alice"), 5, "the watchdog stopping",
-                         interval=0)
+        restart = await _restart_begun(daemon, "alice", wait_until)
         assert await sup.release(["alice"], 5) == set()
         assert _live_tasks("alice") == 0, "released while its worker still ran"
         assert await restart == 2
@@ -475,16 +483,13 @@ async def test_an_adoption_during_a_watchdog_restart_starts_one_worker(
     """A lease claimed (again) while the watchdog restarts that account: one worker, started
     by the restart once the old one has ended, never a second one beside it."""
     config, _ids = await _fleet(make_config, login_account, ["alice"],
-                                policy={"request_timeout": 30, "stale_after": 1.5,
-                                        "heartbeat_interval": 0.3})
+                                policy=WATCHDOG_POLICY)
     async with Daemon(config) as daemon:
         sup = daemon.supervisor
         assert sup is not None
         await wait_until(lambda: _connected(daemon, "alice"), 15, "connected")
         fault = await _overdue(daemon, localdc, ["alice"], wait_until)
-        restart = asyncio.ensure_future(sup.check())
-        await wait_until(lambda: not _running(daemon, "alice"), 5, "the watchdog stopping",
-                         interval=0)
+        restart = await _restart_begun(daemon, "alice", wait_until)
         await sup.adopt([config.account("alice")])
         assert _live_tasks("alice") <= 1, "started beside the worker being stopped"
         assert await restart == 1
@@ -521,8 +526,7 @@ async def test_a_restart_whose_session_cannot_be_read_is_retried(
     """The store does not answer when the watchdog's restart reads the session (a fleet's
     database down): the worker is started at a later check, not lost."""
     config, _ids = await _fleet(make_config, login_account, ["alice"],
-                                policy={"request_timeout": 30, "stale_after": 1.5,
-                                        "heartbeat_interval": 0.3})
+                                policy=WATCHDOG_POLICY)
     async with Daemon(config) as daemon:
         sup = daemon.supervisor
         assert sup is not None
