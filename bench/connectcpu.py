@@ -106,7 +106,7 @@ async def until_reconnected(daemon: Daemon, since: float, n: int, timeout: float
 
 
 async def measure(config_path: Path, n: int, dcs: list[LocalDcProcess], outage: float,
-                  log_path: Path, phases: Phases) -> dict[str, Any]:
+                  log_path: Path, phases: Phases, drops: int = 1) -> dict[str, Any]:
     config = load_config(config_path)
     with log_path.open("a") as log_stream:
         setup_logging(config.daemon.log_level, config.daemon.log_format, stream=log_stream)
@@ -125,11 +125,13 @@ async def measure(config_path: Path, n: int, dcs: list[LocalDcProcess], outage: 
                 ticker = asyncio.create_task(check_loop(_tick(Notifier({}), config)))
                 connected = await until_connected(daemon, n, timeout)
             await asyncio.sleep(2.0)  # settle: the last store writes, the first heartbeats
-            async with phases.phase("reconnect"):  # every connection reset, servers up
-                since = time.time()
-                dropped = sum([await asyncio.to_thread(dc.drop) for dc in dcs])
-                reconnected = await until_reconnected(daemon, since, n, timeout)
-            await asyncio.sleep(2.0)
+            for i in range(drops):
+                name = "reconnect" if i == 0 else f"reconnect{i + 1}"
+                async with phases.phase(name):  # every connection reset, the servers stay up
+                    since = time.time()
+                    dropped = sum([await asyncio.to_thread(dc.drop) for dc in dcs])
+                    reconnected = await until_reconnected(daemon, since, n, timeout)
+                await asyncio.sleep(2.0)
             async with phases.phase("outage"):  # until the localdc processes listen again
                 for dc in dcs:
                     await asyncio.to_thread(dc.kill)
@@ -170,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--dc-procs", type=int, default=2)
     p.add_argument("--outage", type=float, default=12.0)
+    p.add_argument("--drops", type=int, default=1,
+                   help="reconnect phases (reconnect, reconnect2, ...), 2 s apart")
     p.add_argument("--heartbeat", type=float, default=30.0)
     p.add_argument("--log-level", default="info")
     p.add_argument("--profile", type=Path, default=None, help="cProfile each phase into DIR")
@@ -195,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             for dc in dcs:
                 dc.start()
             result = run_daemon_loop(measure(config, args.n, dcs, args.outage,
-                                             work / "daemon.log", phases))
+                                             work / "daemon.log", phases, args.drops))
         finally:
             for dc in dcs:
                 dc.stop()

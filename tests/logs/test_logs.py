@@ -65,6 +65,26 @@ def test_formatters_redact_messages_and_tracebacks(fmt: str) -> None:
     assert SECRET_KEY not in out
 
 
+def test_records_gather_nothing_the_formats_do_not_show() -> None:
+    """No walk up the stack for the caller's line, no thread or process name per record."""
+    kept: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            kept.append(record)
+
+    setup_logging("info", "text", stream=io.StringIO())
+    log = logging.getLogger("tgdaemon.test")
+    handler = Keep()
+    log.addHandler(handler)
+    try:
+        log.info("x")
+    finally:
+        log.removeHandler(handler)
+        logging.getLogger().handlers.clear()
+    assert (kept[0].lineno, kept[0].threadName, kept[0].process) == (0, None, None)
+
+
 PHONE = "4915551234567"
 
 
