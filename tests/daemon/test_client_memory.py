@@ -12,7 +12,7 @@ import contextlib
 import gc
 import tracemalloc
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -96,26 +96,19 @@ async def test_lean_queue_get_is_a_future_and_a_wait_that_timed_out_takes_nothin
     assert q.empty()
 
 
-async def test_a_dropped_connection_is_freed_without_the_collector():
-    """What tgdaemon.gcpolicy freezes must not die in a cycle: a connection that was up when
-    frozen would never be freed (one per account and outage). Telethon's packet codec and
-    asyncio's transport each made one with it."""
+@contextlib.asynccontextmanager
+async def _loopback_server() -> AsyncIterator[int]:
+    """A loopback server that accepts and holds connections (its port), with the collector
+    off meanwhile: what is freed inside is freed by reference counting alone."""
     accepted: list[asyncio.StreamWriter] = []
 
     async def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         accepted.append(writer)
 
     server = await asyncio.start_server(accept, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
     gc.disable()
     try:
-        conn = CappedTcpFull("127.0.0.1", port, 1, loggers=shared_loggers(None))
-        await conn.connect(timeout=5)
-        transport = conn._writer.transport
-        await conn.disconnect()
-        refs = [weakref.ref(conn), weakref.ref(transport)]
-        del conn, transport
-        assert [r() for r in refs] == [None, None]  # freed by reference counting alone
+        yield server.sockets[0].getsockname()[1]
     finally:
         gc.enable()
         for writer in accepted:
@@ -123,6 +116,19 @@ async def test_a_dropped_connection_is_freed_without_the_collector():
         server.close()
         await server.wait_closed()
 
+
+async def test_a_dropped_connection_is_freed_without_the_collector():
+    """What tgdaemon.gcpolicy freezes must not die in a cycle: a connection that was up when
+    frozen would never be freed (one per account and outage). Telethon's packet codec and
+    asyncio's transport each made one with it."""
+    async with _loopback_server() as port:
+        conn = CappedTcpFull("127.0.0.1", port, 1, loggers=shared_loggers(None))
+        await conn.connect(timeout=5)
+        transport = conn._writer.transport
+        await conn.disconnect()
+        refs = [weakref.ref(conn), weakref.ref(transport)]
+        del conn, transport
+        assert [r() for r in refs] == [None, None]  # freed by reference counting alone
 
 
 class _ResetBeforeFirstWrite(CappedTcpFull):
@@ -142,24 +148,10 @@ async def test_a_connect_cut_short_after_the_tcp_connect_is_freed_without_the_co
     """Telethon leaves such a stream open and not marked connected: its disconnect skips it
     and its next attempt overwrites it, the transport a cycle with its read callback.
     Measured: one per 200 accounts and outage, left to the collector (bench/gcleak.py)."""
-    accepted: list[asyncio.StreamWriter] = []
-
-    async def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(writer)
-
-    server = await asyncio.start_server(accept, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    gc.disable()
-    try:
+    async with _loopback_server() as port:
         conn = _ResetBeforeFirstWrite("127.0.0.1", port, 1, loggers=shared_loggers(None))
         with contextlib.suppress(ConnectionError):
             await conn.connect(timeout=5)
         assert conn.transport is not None  # it got that far
         await conn.disconnect()  # what the sender does next
         await wait_until(lambda: conn.transport() is None, 5, "transport freed")
-    finally:
-        gc.enable()
-        for writer in accepted:
-            writer.close()
-        server.close()
-        await server.wait_closed()
