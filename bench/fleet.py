@@ -23,7 +23,9 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -110,9 +112,16 @@ class PassProbe:
     what a lag is made of."""
 
     SLOW_PASS = 0.02
+    #: A single callback running this long has its stack sampled (by a thread, mid-callback):
+    #: where a long pass spends its time, which the callbacks' kinds do not tell.
+    SLOW_CALLBACK = 0.1
+    MAX_STACKS = 40
 
     def __init__(self) -> None:
         self.slow: list[tuple[float, float, int, list[tuple[str, int]]]] = []
+        #: (wall clock, seconds into the callback, its innermost frames) per slow callback.
+        self.stacks: list[tuple[float, float, list[str]]] = []
+        self._running = [0.0]  # perf_counter at the current callback's start; 0: none
 
     def install(self) -> None:
         base = asyncio.base_events.BaseEventLoop
@@ -120,6 +129,7 @@ class PassProbe:
         handle_run = asyncio.events.Handle._run
         slow = self.slow
         ran: list[Any] = []
+        running = self._running
 
         span = [0.0, 0.0, 0.0, 0.0]
 
@@ -128,9 +138,14 @@ class PassProbe:
                 span[0] = time.perf_counter()
                 span[2] = time.thread_time()
             ran.append(handle)
+            running[0] = time.perf_counter()
             handle_run(handle)
+            running[0] = 0.0
             span[1] = time.perf_counter()
             span[3] = time.thread_time()
+
+        threading.Thread(target=self._sample, args=(threading.get_ident(),), daemon=True,
+                         name="bench-stack-sampler").start()
 
         def run_once(loop: Any) -> None:
             ran.clear()
@@ -151,6 +166,22 @@ class PassProbe:
 
         asyncio.events.Handle._run = counting_run  # type: ignore[method-assign]
         base._run_once = run_once  # type: ignore[attr-defined]
+
+    def _sample(self, loop_thread: int) -> None:
+        sampled = 0.0
+        while len(self.stacks) < self.MAX_STACKS:
+            time.sleep(0.02)
+            began = self._running[0]
+            if not began or began == sampled:
+                continue
+            into = time.perf_counter() - began
+            frame = sys._current_frames().get(loop_thread)
+            if into < self.SLOW_CALLBACK or frame is None or self._running[0] != began:
+                continue
+            sampled = began
+            stack = [f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}"
+                     for f in traceback.extract_stack(frame)[-14:]]
+            self.stacks.append((time.time(), into, stack))
 
 
 class LagProbe:
@@ -402,6 +433,7 @@ async def run(args: argparse.Namespace) -> int:
         "gc_full": gc_probe.full,
         "gc_pauses": gc_probe.pauses,
         "slow_passes": pass_probe.slow,
+        "slow_callback_stacks": pass_probe.stacks,
         "gc_census": gc_probe.census,
         "garbage_at_stop": garbage,
         "garbage_at_stop_types": garbage_types,
