@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any, Generic, TypeVar
 
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
@@ -53,6 +54,9 @@ class Rule:
     summary: str  # "{n} <summary> in the last {w} s"; "" = counted, no line of its own
     level: int = logging.WARNING  # of the summary line
 
+
+#: A kind of line (a :class:`Noise`, a wave's key).
+K = TypeVar("K")
 
 _TELETHON = ("telethon.network", "tgdaemon.telethon.network")
 
@@ -137,17 +141,48 @@ def _is_http_error(record: logging.LogRecord) -> bool:
     return isinstance(exc, HttpProcessingError)
 
 
-class NoiseFilter(logging.Filter):
+class _Windows(Generic[K]):
+    """Summary windows, one per kind of line: a window opens with the kind's first line and
+    when it ends (or at a stop: :func:`flush_summaries`) :meth:`flush` writes the kind's
+    summary. What :class:`NoiseFilter` and :class:`Waves` share."""
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        #: The summary timer of each kind with a window open.
+        self._timers: dict[K, asyncio.TimerHandle] = {}
+        _FILTERS.add(self)
+
+    def _open(self, kind: K) -> bool:
+        """Make sure ``kind`` has a window open; False when none can be (no event loop in
+        this thread to end it)."""
+        if kind not in self._timers:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return False
+            self._timers[kind] = loop.call_later(self.window, self.flush, kind)
+        return True
+
+    def _close(self, kind: K) -> None:
+        if (timer := self._timers.pop(kind, None)) is not None:
+            timer.cancel()  # flushed early (a stop): the next burst gets a window of its own
+
+    def flush(self, kind: K) -> None:
+        raise NotImplementedError
+
+    def flush_all(self) -> None:
+        for kind in list(self._timers):
+            self.flush(kind)
+
+
+class NoiseFilter(_Windows[Noise], logging.Filter):
     """Demotes recognised records to DEBUG and summarises each burst in one line."""
 
     def __init__(self, window: float = 10.0) -> None:
-        super().__init__()
-        self.window = window
+        logging.Filter.__init__(self)
+        _Windows.__init__(self, window)
         self._pending: Counter[Noise] = Counter()
         self._rules: dict[Noise, Rule] = {}
-        #: The summary timer of each kind with a burst under way.
-        self._timers: dict[Noise, asyncio.TimerHandle] = {}
-        _FILTERS.add(self)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == log.name:
@@ -158,35 +193,25 @@ class NoiseFilter(logging.Filter):
         COUNTS[rule.kind] += 1
         self._pending[rule.kind] += 1
         self._rules[rule.kind] = rule
-        if rule.summary and rule.kind not in self._timers:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # no loop in this thread: report at once
-                self.flush(rule.kind)
-            else:
-                self._timers[rule.kind] = loop.call_later(self.window, self.flush, rule.kind)
+        if rule.summary and not self._open(rule.kind):  # no loop in this thread: at once
+            self.flush(rule.kind)
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
     def flush(self, kind: Noise) -> None:
-        if (timer := self._timers.pop(kind, None)) is not None:
-            timer.cancel()  # flushed early (a stop): the next burst gets a window of its own
+        self._close(kind)
         n = self._pending.pop(kind, 0)
         if n:
             rule = self._rules[kind]
             log.log(rule.level, "%d %s in the last %g s (per-account detail at debug level)",
                     n, rule.summary, self.window)
 
-    def flush_all(self) -> None:
-        for kind in list(self._timers):
-            self.flush(kind)
-
 
 #: Per-account INFO lines of one kind written as they are in a window of :class:`Waves`.
 WAVE_BURST = 20
 
 
-class Waves:
+class Waves(_Windows[str]):
     """Our own per-account INFO lines of one kind (an account connected, lost its
     connection, stopped): the first ``burst`` of a ``window`` are written as they are, the rest
     are not even built (the caller logs them at DEBUG, dropped before any record exists at
@@ -204,14 +229,12 @@ class Waves:
     def __init__(self, burst: int = WAVE_BURST, window: float = 10.0) -> None:
         if burst < 0 or window <= 0:
             raise ValueError("burst must be >= 0 and window > 0")
+        super().__init__(window)
         self.burst = burst
-        self.window = window
         #: Lines of each kind in its current window (written ones included).
         self._seen: Counter[str] = Counter()
         #: The level of each kind's lines (its summary's).
         self._levels: dict[str, int] = {}
-        self._timers: dict[str, asyncio.TimerHandle] = {}
-        _FILTERS.add(self)
 
     def admit(self, kind: str, level: int = logging.INFO) -> bool:
         """Whether a line of ``kind`` is written at its own ``level`` now; False: counted for
@@ -220,35 +243,24 @@ class Waves:
         :data:`MAX_KINDS`."""
         seen = self._seen[kind] = self._seen[kind] + 1
         if seen == 1:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
+            if len(self._timers) >= self.MAX_KINDS or not self._open(kind):
                 del self._seen[kind]
                 return True
-            if len(self._timers) >= self.MAX_KINDS:
-                del self._seen[kind]
-                return True
-            self._timers[kind] = loop.call_later(self.window, self.flush, kind)
             self._levels[kind] = level
         return seen <= self.burst
 
     def flush(self, kind: str) -> None:
-        if (timer := self._timers.pop(kind, None)) is not None:
-            timer.cancel()  # flushed early (a stop): the next wave gets a window of its own
+        self._close(kind)
         more = self._seen.pop(kind, 0) - self.burst
         level = self._levels.pop(kind, logging.INFO)
         if more > 0:
             log.log(level, '%d more accounts logged "%s" in the last %g s (those lines at '
                     'debug level)', more, kind, self.window)
 
-    def flush_all(self) -> None:
-        for kind in list(self._timers):
-            self.flush(kind)
-
 
 #: Every live :class:`NoiseFilter` (the one on the handler of ``logs.setup_logging``) and
 #: :class:`Waves` (the supervisor's).
-_FILTERS: weakref.WeakSet[NoiseFilter | Waves] = weakref.WeakSet()
+_FILTERS: weakref.WeakSet[_Windows[Any]] = weakref.WeakSet()
 
 
 def flush_summaries() -> None:
